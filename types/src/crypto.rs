@@ -1,0 +1,264 @@
+//! Keys, signatures and hashes: ed25519 for authority, SHA-256 for commitments.
+//!
+//! Every signature Hoard checks is made over `domain || payload`, where the domain names
+//! what is being signed (a transaction, a session token, a consensus message), so that a
+//! signature made for one purpose can never be replayed as another.
+
+use std::fmt;
+
+use ed25519_dalek::{Signer, Verifier};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// A 32-byte SHA-256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Hash(#[serde(with = "serde_bytes_array32")] pub [u8; 32]);
+
+impl Hash {
+    pub const ZERO: Hash = Hash([0; 32]);
+
+    /// SHA-256 of `data`.
+    pub fn of(data: &[u8]) -> Hash {
+        Hash(Sha256::digest(data).into())
+    }
+
+    /// SHA-256 over several parts, without concatenating them first.
+    pub fn of_parts(parts: &[&[u8]]) -> Hash {
+        let mut hasher = Sha256::new();
+        for part in parts {
+            hasher.update(part);
+        }
+        Hash(hasher.finalize().into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// An ed25519 public key. Accounts, studios, the operator and replicas are all named by one.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublicKey(#[serde(with = "serde_bytes_array32")] pub [u8; 32]);
+
+impl PublicKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Result<PublicKey> {
+        let bytes = hex::decode(text.trim()).map_err(|_| Error::Malformed("public key is not hex"))?;
+        let array: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Error::Malformed("public key is not 32 bytes"))?;
+        Ok(PublicKey(array))
+    }
+
+    /// Checks `signature` over `domain || message`. Uses strict verification (no malleable
+    /// signatures, no small-order keys), so that one message has one valid signature per key.
+    pub fn verify(&self, domain: &[u8], message: &[u8], signature: &Signature) -> Result<()> {
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).map_err(|_| Error::BadSignature)?;
+        let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
+        let mut signed = Vec::with_capacity(domain.len() + message.len());
+        signed.extend_from_slice(domain);
+        signed.extend_from_slice(message);
+        key.verify_strict(&signed, &signature)
+            .map_err(|_| Error::BadSignature)
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "pk:{}", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// An ed25519 signature.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Signature(#[serde(with = "serde_bytes_array64")] pub [u8; 64]);
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sig:{}", &hex::encode(self.0)[..12])
+    }
+}
+
+/// An ed25519 signing key. Its `Debug` never prints the secret.
+#[derive(Clone)]
+pub struct Keypair {
+    signing: ed25519_dalek::SigningKey,
+}
+
+impl Keypair {
+    /// A fresh key from the operating system's randomness.
+    pub fn generate() -> Keypair {
+        let mut seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut seed);
+        Keypair::from_seed(seed)
+    }
+
+    /// A key from a 32-byte seed (deterministic: tests and the simulator use it).
+    pub fn from_seed(seed: [u8; 32]) -> Keypair {
+        Keypair {
+            signing: ed25519_dalek::SigningKey::from_bytes(&seed),
+        }
+    }
+
+    pub fn seed(&self) -> [u8; 32] {
+        self.signing.to_bytes()
+    }
+
+    pub fn seed_hex(&self) -> String {
+        hex::encode(self.seed())
+    }
+
+    pub fn from_seed_hex(text: &str) -> Result<Keypair> {
+        let bytes = hex::decode(text.trim()).map_err(|_| Error::Malformed("secret key is not hex"))?;
+        let seed: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| Error::Malformed("secret key is not 32 bytes"))?;
+        Ok(Keypair::from_seed(seed))
+    }
+
+    pub fn public(&self) -> PublicKey {
+        PublicKey(self.signing.verifying_key().to_bytes())
+    }
+
+    /// Signs `domain || message`.
+    pub fn sign(&self, domain: &[u8], message: &[u8]) -> Signature {
+        let mut signed = Vec::with_capacity(domain.len() + message.len());
+        signed.extend_from_slice(domain);
+        signed.extend_from_slice(message);
+        Signature(self.signing.sign(&signed).to_bytes())
+    }
+}
+
+impl fmt::Debug for Keypair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Keypair({:?})", self.public())
+    }
+}
+
+/// One signature to check in a batch: `(key, domain || message, signature)`.
+pub struct SignedMessage<'a> {
+    pub key: &'a PublicKey,
+    pub message: &'a [u8],
+    pub signature: &'a Signature,
+}
+
+/// Checks many signatures at once with ed25519 batch verification (about 2.5x the rate of
+/// one-by-one verification on this kind of machine). The `message`s must already include
+/// their domain. On failure the caller falls back to checking one by one to find the culprit.
+pub fn verify_batch(items: &[SignedMessage<'_>]) -> Result<()> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut keys = Vec::with_capacity(items.len());
+    let mut signatures = Vec::with_capacity(items.len());
+    let mut messages: Vec<&[u8]> = Vec::with_capacity(items.len());
+    for item in items {
+        keys.push(ed25519_dalek::VerifyingKey::from_bytes(&item.key.0).map_err(|_| Error::BadSignature)?);
+        signatures.push(ed25519_dalek::Signature::from_bytes(&item.signature.0));
+        messages.push(item.message);
+    }
+    ed25519_dalek::verify_batch(&messages, &signatures, &keys).map_err(|_| Error::BadSignature)
+}
+
+/// Checks one signature over a message that already includes its domain.
+pub fn verify_one(item: &SignedMessage<'_>) -> Result<()> {
+    item.key.verify(&[], item.message, item.signature)
+}
+
+macro_rules! bytes_array {
+    ($module:ident, $n:expr) => {
+        pub mod $module {
+            use serde::{Deserialize, Deserializer, Serializer};
+
+            pub fn serialize<S: Serializer>(value: &[u8; $n], serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_bytes(value)
+            }
+
+            pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; $n], D::Error> {
+                let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(deserializer)?;
+                let len = bytes.len();
+                bytes
+                    .into_vec()
+                    .try_into()
+                    .map_err(|_| serde::de::Error::invalid_length(len, &concat!(stringify!($n), " bytes")))
+            }
+        }
+    };
+}
+
+bytes_array!(serde_bytes_array32, 32);
+bytes_array!(serde_bytes_array64, 64);
+bytes_array!(serde_bytes_array16, 16);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_and_verify_with_domain_separation() {
+        let key = Keypair::from_seed([7; 32]);
+        let signature = key.sign(b"hoard/a", b"hello");
+        key.public().verify(b"hoard/a", b"hello", &signature).unwrap();
+        assert_eq!(key.public().verify(b"hoard/b", b"hello", &signature), Err(Error::BadSignature));
+        assert_eq!(key.public().verify(b"hoard/a", b"hellO", &signature), Err(Error::BadSignature));
+    }
+
+    #[test]
+    fn batch_verification_finds_a_bad_signature() {
+        let keys: Vec<Keypair> = (0..8u8).map(|i| Keypair::from_seed([i; 32])).collect();
+        let publics: Vec<PublicKey> = keys.iter().map(Keypair::public).collect();
+        let messages: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 40]).collect();
+        let mut signatures: Vec<Signature> = keys.iter().zip(&messages).map(|(k, m)| k.sign(&[], m)).collect();
+        let batch = |signatures: &[Signature]| {
+            let items: Vec<SignedMessage<'_>> = (0..8)
+                .map(|i| SignedMessage { key: &publics[i], message: &messages[i], signature: &signatures[i] })
+                .collect();
+            verify_batch(&items)
+        };
+        batch(&signatures).unwrap();
+        signatures[3].0[0] ^= 1;
+        assert_eq!(batch(&signatures), Err(Error::BadSignature));
+    }
+
+    #[test]
+    fn keys_round_trip_through_hex_and_msgpack() {
+        let key = Keypair::generate();
+        let again = Keypair::from_seed_hex(&key.seed_hex()).unwrap();
+        assert_eq!(key.public(), again.public());
+        let bytes = rmp_serde::to_vec(&key.public()).unwrap();
+        assert_eq!(bytes.len(), 34, "a public key is a 32-byte msgpack bin");
+        let back: PublicKey = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, key.public());
+    }
+}
