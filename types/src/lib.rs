@@ -6,6 +6,7 @@
 //! - [`tx`]: transactions, their signed payload and bodies.
 //! - [`outcome`]: outcomes and typed rejection reasons.
 //! - [`constants`]: every shared limit.
+//! - [`wire`]: the gateway protocol v1 (messages, limits, session tokens, close codes).
 //!
 //! This crate is an API boundary: the SDK depends on it and on nothing of the ledger's.
 
@@ -15,6 +16,7 @@ pub mod crypto;
 pub mod error;
 pub mod outcome;
 pub mod tx;
+pub mod wire;
 
 pub use asset::{Amount, Asset, ClassId, CurrencyId, Custody, EventId, Grant, Item, ItemId, ItemKind, TenantId};
 pub use crypto::{Hash, Keypair, PublicKey, Signature};
