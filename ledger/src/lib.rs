@@ -1,1 +1,23 @@
-//! placeholder
+//! The Hoard sidechain's ledger: the asset state machine every replica runs, its Merkle
+//! commitment, blocks, and storage.
+//!
+//! Layout:
+//! - [`state`]: the deterministic asset state machine ([`Ledger`]): tenants, accounts,
+//!   currencies, item classes, items, swaps, settlements, the deduplication window. Pure: no
+//!   I/O, clock or randomness.
+//! - [`merkle`]: the incremental bucketed Merkle tree behind the state root, and proofs.
+//! - [`block`]: block headers, blocks, list roots over transactions and receipts.
+//! - [`genesis`]: the genesis file (chain id, operator key, initial tenants).
+//! - [`error`]: operating errors (business rejections are `hoard_types::Outcome`s, not errors).
+
+pub mod block;
+pub mod error;
+pub mod genesis;
+pub mod merkle;
+pub mod state;
+pub mod testing;
+
+pub use block::{Block, BlockHeader};
+pub use error::{LedgerError, Result};
+pub use genesis::{Genesis, GenesisTenant};
+pub use state::{ClassInfo, CurrencyInfo, Ledger, StateKey, TenantInfo};

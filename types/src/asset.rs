@@ -126,7 +126,10 @@ impl CurrencyId {
     pub fn is_valid(&self) -> bool {
         !self.0.is_empty()
             && self.0.len() <= CURRENCY_SYMBOL_BYTES_MAX
-            && self.0.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+            && self
+                .0
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
     }
 }
 
@@ -204,9 +207,17 @@ pub enum Grant {
     /// New units of a currency.
     Currency { currency: CurrencyId, amount: Amount },
     /// One unique item of a non-stackable class.
-    Unique { class: ClassId, item: ItemId, attributes_hash: Hash },
+    Unique {
+        class: ClassId,
+        item: ItemId,
+        attributes_hash: Hash,
+    },
     /// A new stack of a stackable class (50 arrows).
-    Stack { class: ClassId, item: ItemId, quantity: Amount },
+    Stack {
+        class: ClassId,
+        item: ItemId,
+        quantity: Amount,
+    },
 }
 
 /// An item as the state holds it.

@@ -6,7 +6,7 @@
 
 use std::fmt;
 
-use ed25519_dalek::{Signer, Verifier};
+use ed25519_dalek::Signer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -230,8 +230,14 @@ mod tests {
         let key = Keypair::from_seed([7; 32]);
         let signature = key.sign(b"hoard/a", b"hello");
         key.public().verify(b"hoard/a", b"hello", &signature).unwrap();
-        assert_eq!(key.public().verify(b"hoard/b", b"hello", &signature), Err(Error::BadSignature));
-        assert_eq!(key.public().verify(b"hoard/a", b"hellO", &signature), Err(Error::BadSignature));
+        assert_eq!(
+            key.public().verify(b"hoard/b", b"hello", &signature),
+            Err(Error::BadSignature)
+        );
+        assert_eq!(
+            key.public().verify(b"hoard/a", b"hellO", &signature),
+            Err(Error::BadSignature)
+        );
     }
 
     #[test]
@@ -239,10 +245,15 @@ mod tests {
         let keys: Vec<Keypair> = (0..8u8).map(|i| Keypair::from_seed([i; 32])).collect();
         let publics: Vec<PublicKey> = keys.iter().map(Keypair::public).collect();
         let messages: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 40]).collect();
-        let mut signatures: Vec<Signature> = keys.iter().zip(&messages).map(|(k, m)| k.sign(&[], m)).collect();
+        let mut signatures: Vec<Signature> =
+            keys.iter().zip(&messages).map(|(k, m)| k.sign(&[], m)).collect();
         let batch = |signatures: &[Signature]| {
             let items: Vec<SignedMessage<'_>> = (0..8)
-                .map(|i| SignedMessage { key: &publics[i], message: &messages[i], signature: &signatures[i] })
+                .map(|i| SignedMessage {
+                    key: &publics[i],
+                    message: &messages[i],
+                    signature: &signatures[i],
+                })
                 .collect();
             verify_batch(&items)
         };

@@ -8,7 +8,11 @@ pub enum Error {
     #[error("bad signature")]
     BadSignature,
     #[error("too large: {what} is {size} bytes, the limit is {limit}")]
-    TooLarge { what: &'static str, size: usize, limit: usize },
+    TooLarge {
+        what: &'static str,
+        size: usize,
+        limit: usize,
+    },
     #[error("decode: {0}")]
     Decode(String),
 }

@@ -18,7 +18,9 @@ pub mod outcome;
 pub mod tx;
 pub mod wire;
 
-pub use asset::{Amount, Asset, ClassId, CurrencyId, Custody, EventId, Grant, Item, ItemId, ItemKind, TenantId};
+pub use asset::{
+    Amount, Asset, ClassId, CurrencyId, Custody, EventId, Grant, Item, ItemId, ItemKind, TenantId,
+};
 pub use crypto::{Hash, Keypair, PublicKey, Signature};
 pub use error::{Error, Result};
 pub use outcome::{Outcome, Receipt, Rejection};

@@ -9,11 +9,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::asset::Amount;
 use crate::asset::{Asset, ClassId, CurrencyId, Custody, EventId, Grant, ItemId, TenantId};
 use crate::constants::{TX_PAYLOAD_BYTES_MAX, TX_SIGNATURES_MAX};
 use crate::crypto::{Hash, Keypair, PublicKey, Signature};
 use crate::error::{Error, Result};
-use crate::asset::Amount;
 
 /// The domain every transaction signature is made in.
 pub const TX_SIGNING_DOMAIN: &[u8] = b"hoard/tx/v1\0";
@@ -39,19 +39,41 @@ pub enum TxBody {
     /// Studio: open an account for a player key, self-custodied or custodial.
     RegisterAccount { account: PublicKey, custody: Custody },
     /// Studio: define a currency.
-    DefineCurrency { currency: CurrencyId, decimals: u8, max_supply: Amount },
+    DefineCurrency {
+        currency: CurrencyId,
+        decimals: u8,
+        max_supply: Amount,
+    },
     /// Studio: define an item class.
-    DefineItemClass { class: ClassId, stackable: bool, max_supply: Amount, metadata_hash: Hash },
+    DefineItemClass {
+        class: ClassId,
+        stackable: bool,
+        max_supply: Amount,
+        metadata_hash: Hash,
+    },
     /// Studio: create new units or items for an account.
     Mint { to: PublicKey, grant: Grant },
     /// Owner (or studio, for custodial accounts): give assets to another account.
-    Transfer { from: PublicKey, to: PublicKey, assets: Vec<Asset> },
+    Transfer {
+        from: PublicKey,
+        to: PublicKey,
+        assets: Vec<Asset>,
+    },
     /// Owner (or studio, for custodial accounts): destroy assets.
     Burn { from: PublicKey, assets: Vec<Asset> },
     /// Owner: take `quantity` off stack `item` into a new stack `new_item`.
-    Split { owner: PublicKey, item: ItemId, quantity: Amount, new_item: ItemId },
+    Split {
+        owner: PublicKey,
+        item: ItemId,
+        quantity: Amount,
+        new_item: ItemId,
+    },
     /// Owner: pour stack `from` into stack `into` (same class); `from` is gone afterwards.
-    Merge { owner: PublicKey, into: ItemId, from: ItemId },
+    Merge {
+        owner: PublicKey,
+        into: ItemId,
+        from: ItemId,
+    },
     /// Both parties: an atomic exchange; applies whole or not at all.
     Swap { left: SwapSide, right: SwapSide },
     /// Studio: many grants under one signature, each applied and reported on its own.
@@ -137,7 +159,9 @@ impl Transaction {
             return Err(Error::BadSignature);
         }
         for entry in &self.signatures {
-            entry.signer.verify(TX_SIGNING_DOMAIN, &self.payload, &entry.signature)?;
+            entry
+                .signer
+                .verify(TX_SIGNING_DOMAIN, &self.payload, &entry.signature)?;
         }
         Ok(())
     }
@@ -200,7 +224,10 @@ mod tests {
             body: TxBody::Transfer {
                 from: Keypair::from_seed([1; 32]).public(),
                 to: Keypair::from_seed([2; 32]).public(),
-                assets: vec![Asset::Currency { currency: CurrencyId::new("GOLD"), amount: Amount(5) }],
+                assets: vec![Asset::Currency {
+                    currency: CurrencyId::new("GOLD"),
+                    amount: Amount(5),
+                }],
             },
         }
     }
@@ -215,18 +242,27 @@ mod tests {
         let last = tampered.payload.len() - 1;
         tampered.payload[last] ^= 1;
         assert!(tampered.verify_signatures().is_err());
-        assert_eq!(verify_transactions(&[tx.clone(), tampered, tx]), vec![true, false, true]);
+        assert_eq!(
+            verify_transactions(&[tx.clone(), tampered, tx]),
+            vec![true, false, true]
+        );
     }
 
     #[test]
     fn oversized_payload_is_refused_before_decoding() {
-        let tx = Transaction { payload: vec![0; TX_PAYLOAD_BYTES_MAX + 1], signatures: vec![] };
+        let tx = Transaction {
+            payload: vec![0; TX_PAYLOAD_BYTES_MAX + 1],
+            signatures: vec![],
+        };
         assert!(matches!(tx.decode_payload(), Err(Error::TooLarge { .. })));
     }
 
     #[test]
     fn a_transaction_without_signatures_does_not_verify() {
-        let tx = Transaction { payload: payload().encode(), signatures: vec![] };
+        let tx = Transaction {
+            payload: payload().encode(),
+            signatures: vec![],
+        };
         assert!(tx.verify_signatures().is_err());
         assert_eq!(verify_transactions(&[tx]), vec![false]);
     }

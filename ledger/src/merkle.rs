@@ -1,0 +1,397 @@
+//! The state commitment: a bucketed binary Merkle tree over SHA-256, updated incrementally.
+//!
+//! Shape. Every state entry is a leaf `(key_hash, leaf_hash)` where `key_hash = SHA-256(key)`
+//! and `leaf_hash = SHA-256(0x00 || key_hash || value)`. The top `depth` bits of `key_hash` pick
+//! one of `2^depth` buckets; a bucket's hash is `SHA-256(0x01 || leaf_hash…)` over its leaves in
+//! `key_hash` order (the zero hash when empty). A dense binary tree sits over the buckets:
+//! `node = SHA-256(0x02 || left || right)`, and the zero hash when both children are zero. The
+//! root is `SHA-256(0x03 || depth || leaf_count || top_node)`.
+//!
+//! Cost. A block pays for the leaves it changed, the buckets they fall in and the paths above
+//! those buckets, each hashed once per block however often it changed (work in proportion to
+//! what changed, not to the size of the state). The tree grows by one level (a full rebuild,
+//! amortised like a hash table's doubling) when the average bucket passes
+//! [`BUCKET_LEAVES_TARGET`] leaves; it never shrinks, so its shape is a pure function of the
+//! history of the state, identical on every replica.
+//!
+//! Proofs. [`MerkleTree::prove`] returns the key's bucket and the `depth` sibling hashes above
+//! it: enough to prove that a key holds a value, or that it is absent.
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use hoard_types::crypto::Hash;
+
+/// The tree deepens when the average bucket holds more leaves than this.
+pub const BUCKET_LEAVES_TARGET: usize = 4;
+/// Depth of a new, empty tree.
+pub const DEPTH_MIN: u8 = 4;
+/// Deepest tree: 2^26 buckets, which at the target fill is about 268 million leaves.
+pub const DEPTH_MAX: u8 = 26;
+/// Below this many dirty buckets, hashing stays on one thread (rayon's overhead would dominate).
+const PARALLEL_DIRTY_MIN: usize = 2048;
+
+const TAG_LEAF: u8 = 0x00;
+const TAG_BUCKET: u8 = 0x01;
+const TAG_NODE: u8 = 0x02;
+const TAG_ROOT: u8 = 0x03;
+
+/// The hash of a state key.
+pub fn key_hash(key: &[u8]) -> Hash {
+    Hash::of(key)
+}
+
+/// The hash of a leaf: binds the key to its value.
+pub fn leaf_hash(key_hash: &Hash, value: &[u8]) -> Hash {
+    Hash::of_parts(&[&[TAG_LEAF], &key_hash.0, value])
+}
+
+fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
+    if leaves.is_empty() {
+        return Hash::ZERO;
+    }
+    let mut hasher = Sha256::new();
+    hasher.update([TAG_BUCKET]);
+    for (_, leaf) in leaves {
+        hasher.update(leaf.0);
+    }
+    Hash(hasher.finalize().into())
+}
+
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    if left == &Hash::ZERO && right == &Hash::ZERO {
+        return Hash::ZERO;
+    }
+    Hash::of_parts(&[&[TAG_NODE], &left.0, &right.0])
+}
+
+fn root_hash(depth: u8, leaf_count: u64, top: &Hash) -> Hash {
+    Hash::of_parts(&[&[TAG_ROOT, depth], &leaf_count.to_be_bytes(), &top.0])
+}
+
+fn bucket_index(key_hash: &Hash, depth: u8) -> usize {
+    let prefix = u64::from_be_bytes(key_hash.0[..8].try_into().expect("8 bytes"));
+    (prefix >> (64 - u32::from(depth))) as usize
+}
+
+/// The incremental Merkle tree. It stores hashes only; the state keeps the values.
+#[derive(Clone, Debug)]
+pub struct MerkleTree {
+    depth: u8,
+    leaf_count: u64,
+    /// `2^depth` buckets, each sorted by key hash.
+    buckets: Vec<Vec<(Hash, Hash)>>,
+    /// Heap layout: node 1 is the top, node `2^depth + b` is bucket `b`.
+    nodes: Vec<Hash>,
+    /// Buckets changed since the last [`MerkleTree::root`].
+    dirty: Vec<u32>,
+    dirty_mark: Vec<bool>,
+    root: Hash,
+}
+
+impl Default for MerkleTree {
+    fn default() -> Self {
+        MerkleTree::with_depth(DEPTH_MIN)
+    }
+}
+
+impl MerkleTree {
+    pub fn new() -> MerkleTree {
+        MerkleTree::default()
+    }
+
+    fn with_depth(depth: u8) -> MerkleTree {
+        assert!((DEPTH_MIN..=DEPTH_MAX).contains(&depth));
+        let buckets = 1usize << depth;
+        let mut tree = MerkleTree {
+            depth,
+            leaf_count: 0,
+            buckets: vec![Vec::new(); buckets],
+            nodes: vec![Hash::ZERO; buckets * 2],
+            dirty: Vec::new(),
+            dirty_mark: vec![false; buckets],
+            root: Hash::ZERO,
+        };
+        tree.root = root_hash(depth, 0, &Hash::ZERO);
+        tree
+    }
+
+    /// Rebuilds a tree from all its leaves (a snapshot's), at the depth the snapshot recorded.
+    pub fn from_leaves(depth: u8, leaves: impl IntoIterator<Item = (Hash, Hash)>) -> MerkleTree {
+        let mut tree = MerkleTree::with_depth(depth);
+        for (key, leaf) in leaves {
+            tree.set(key, Some(leaf));
+        }
+        tree.root();
+        tree
+    }
+
+    pub fn depth(&self) -> u8 {
+        self.depth
+    }
+
+    pub fn leaf_count(&self) -> u64 {
+        self.leaf_count
+    }
+
+    /// Sets (`Some`) or removes (`None`) the leaf for `key_hash`. The root is recomputed lazily.
+    pub fn set(&mut self, key_hash: Hash, leaf: Option<Hash>) {
+        let index = bucket_index(&key_hash, self.depth);
+        let bucket = &mut self.buckets[index];
+        let position = bucket.binary_search_by(|(key, _)| key.cmp(&key_hash));
+        let changed = match (position, leaf) {
+            (Ok(at), Some(leaf)) => {
+                let changed = bucket[at].1 != leaf;
+                bucket[at].1 = leaf;
+                changed
+            }
+            (Err(at), Some(leaf)) => {
+                bucket.insert(at, (key_hash, leaf));
+                self.leaf_count += 1;
+                true
+            }
+            (Ok(at), None) => {
+                bucket.remove(at);
+                self.leaf_count -= 1;
+                true
+            }
+            (Err(_), None) => false,
+        };
+        if changed && !self.dirty_mark[index] {
+            self.dirty_mark[index] = true;
+            self.dirty.push(index as u32);
+        }
+    }
+
+    /// The root over everything set so far; hashes only what changed since the last call.
+    pub fn root(&mut self) -> Hash {
+        if self.leaf_count > (BUCKET_LEAVES_TARGET << self.depth) as u64 && self.depth < DEPTH_MAX {
+            self.grow();
+        }
+        if self.dirty.is_empty() {
+            return self.root;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        for &index in &dirty {
+            self.dirty_mark[index as usize] = false;
+        }
+        let base = 1usize << self.depth;
+        let buckets = &self.buckets;
+        let hashed: Vec<(usize, Hash)> = if dirty.len() >= PARALLEL_DIRTY_MIN {
+            dirty
+                .par_iter()
+                .map(|&b| (base + b as usize, bucket_hash(&buckets[b as usize])))
+                .collect()
+        } else {
+            dirty
+                .iter()
+                .map(|&b| (base + b as usize, bucket_hash(&buckets[b as usize])))
+                .collect()
+        };
+        for (node, hash) in &hashed {
+            self.nodes[*node] = *hash;
+        }
+        // Walk up level by level; `level` holds the sorted, distinct dirty node indices.
+        let mut level: Vec<usize> = hashed.into_iter().map(|(node, _)| node / 2).collect();
+        level.dedup();
+        while !level.is_empty() {
+            let nodes = &self.nodes;
+            let computed: Vec<Hash> = if level.len() >= PARALLEL_DIRTY_MIN {
+                level
+                    .par_iter()
+                    .map(|&n| node_hash(&nodes[2 * n], &nodes[2 * n + 1]))
+                    .collect()
+            } else {
+                level
+                    .iter()
+                    .map(|&n| node_hash(&nodes[2 * n], &nodes[2 * n + 1]))
+                    .collect()
+            };
+            for (&node, hash) in level.iter().zip(computed) {
+                self.nodes[node] = hash;
+            }
+            if level[0] == 1 {
+                break;
+            }
+            for node in level.iter_mut() {
+                *node /= 2;
+            }
+            level.dedup();
+        }
+        dirty.clear();
+        self.dirty = dirty;
+        self.root = root_hash(self.depth, self.leaf_count, &self.nodes[1]);
+        self.root
+    }
+
+    /// Deepens the tree by one level: every bucket splits in two.
+    fn grow(&mut self) {
+        let leaves: Vec<(Hash, Hash)> = std::mem::take(&mut self.buckets).into_iter().flatten().collect();
+        let mut grown = MerkleTree::with_depth(self.depth + 1);
+        let base = 1usize << grown.depth;
+        for (key, leaf) in leaves {
+            // Leaves arrive in key order, so each bucket is built already sorted.
+            grown.buckets[bucket_index(&key, grown.depth)].push((key, leaf));
+            grown.leaf_count += 1;
+        }
+        let hashes: Vec<Hash> = grown
+            .buckets
+            .par_iter()
+            .map(|bucket| bucket_hash(bucket))
+            .collect();
+        grown.nodes[base..].copy_from_slice(&hashes);
+        for node in (1..base).rev() {
+            grown.nodes[node] = node_hash(&grown.nodes[2 * node], &grown.nodes[2 * node + 1]);
+        }
+        grown.root = root_hash(grown.depth, grown.leaf_count, &grown.nodes[1]);
+        *self = grown;
+    }
+
+    /// All leaves in key order (for snapshots).
+    pub fn leaves(&self) -> impl Iterator<Item = &(Hash, Hash)> {
+        self.buckets.iter().flatten()
+    }
+
+    /// A proof for `key_hash`, against the current root. Call [`MerkleTree::root`] first.
+    pub fn prove(&self, key_hash: &Hash) -> Proof {
+        assert!(self.dirty.is_empty(), "prove() needs an up-to-date root");
+        let index = bucket_index(key_hash, self.depth);
+        let mut siblings = Vec::with_capacity(self.depth as usize);
+        let mut node = (1usize << self.depth) + index;
+        while node > 1 {
+            siblings.push(self.nodes[node ^ 1]);
+            node /= 2;
+        }
+        Proof {
+            depth: self.depth,
+            leaf_count: self.leaf_count,
+            bucket: self.buckets[index].clone(),
+            siblings,
+        }
+    }
+}
+
+/// A proof that a key holds a value (or is absent) under a state root.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proof {
+    pub depth: u8,
+    pub leaf_count: u64,
+    /// The whole bucket the key falls in: `(key_hash, leaf_hash)` in key order.
+    pub bucket: Vec<(Hash, Hash)>,
+    /// Sibling hashes from the bucket up to the top node.
+    pub siblings: Vec<Hash>,
+}
+
+impl Proof {
+    /// Checks that under `root`, `key` holds `value` (`Some`) or is absent (`None`).
+    pub fn verify(&self, root: &Hash, key: &[u8], value: Option<&[u8]>) -> bool {
+        if self.siblings.len() != self.depth as usize || !(DEPTH_MIN..=DEPTH_MAX).contains(&self.depth) {
+            return false;
+        }
+        let key = key_hash(key);
+        let index = bucket_index(&key, self.depth);
+        if !self.bucket.windows(2).all(|pair| pair[0].0 < pair[1].0)
+            || !self
+                .bucket
+                .iter()
+                .all(|(other, _)| bucket_index(other, self.depth) == index)
+        {
+            return false;
+        }
+        let found = self
+            .bucket
+            .iter()
+            .find(|(other, _)| other == &key)
+            .map(|(_, leaf)| *leaf);
+        let holds = match (found, value) {
+            (Some(leaf), Some(value)) => leaf == leaf_hash(&key, value),
+            (None, None) => true,
+            _ => false,
+        };
+        if !holds {
+            return false;
+        }
+        let mut hash = bucket_hash(&self.bucket);
+        let mut node = (1usize << self.depth) + index;
+        for sibling in &self.siblings {
+            hash = if node % 2 == 0 {
+                node_hash(&hash, sibling)
+            } else {
+                node_hash(sibling, &hash)
+            };
+            node /= 2;
+        }
+        &root_hash(self.depth, self.leaf_count, &hash) == root
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn kv(i: u64, v: u64) -> (Hash, Hash) {
+        let key = key_hash(&i.to_be_bytes());
+        (key, leaf_hash(&key, &v.to_be_bytes()))
+    }
+
+    #[test]
+    fn empty_trees_agree() {
+        assert_eq!(MerkleTree::new().root(), MerkleTree::new().root());
+    }
+
+    #[test]
+    fn growth_keeps_every_leaf_and_proofs_verify() {
+        let mut tree = MerkleTree::new();
+        for i in 0..5_000u64 {
+            let (key, leaf) = kv(i, i * 3);
+            tree.set(key, Some(leaf));
+            if i % 777 == 0 {
+                tree.root();
+            }
+        }
+        let root = tree.root();
+        assert!(tree.depth() > DEPTH_MIN, "5000 leaves must have grown the tree");
+        assert_eq!(tree.leaf_count(), 5_000);
+        for i in [0u64, 1, 999, 4_999] {
+            let proof = tree.prove(&key_hash(&i.to_be_bytes()));
+            assert!(proof.verify(&root, &i.to_be_bytes(), Some(&(i * 3).to_be_bytes())));
+            assert!(!proof.verify(&root, &i.to_be_bytes(), Some(&(i * 3 + 1).to_be_bytes())));
+            assert!(!proof.verify(&root, &i.to_be_bytes(), None));
+        }
+        let absent = 1_000_000u64.to_be_bytes();
+        let proof = tree.prove(&key_hash(&absent));
+        assert!(proof.verify(&root, &absent, None));
+        assert!(!proof.verify(&root, &absent, Some(b"x")));
+        let rebuilt = MerkleTree::from_leaves(tree.depth(), tree.leaves().copied());
+        assert_eq!(rebuilt.clone().root(), root);
+    }
+
+    proptest! {
+        /// The root depends only on the final set of leaves (and the depth history), not on
+        /// the order of updates or on when roots were taken in between.
+        #[test]
+        fn root_is_a_function_of_the_contents(ops in prop::collection::vec((0u64..300, prop::option::of(0u64..5)), 1..400),
+                                              checkpoints in prop::collection::vec(any::<bool>(), 400)) {
+            let mut incremental = MerkleTree::new();
+            let mut model = BTreeMap::new();
+            for (step, (key, value)) in ops.iter().enumerate() {
+                let (k, leaf) = kv(*key, value.unwrap_or(0));
+                incremental.set(k, value.map(|_| leaf));
+                match value { Some(v) => { model.insert(*key, *v); } None => { model.remove(key); } }
+                if checkpoints[step] { incremental.root(); }
+            }
+            let root = incremental.root();
+            let mut fresh = MerkleTree::with_depth(incremental.depth());
+            for (key, value) in &model {
+                let (k, leaf) = kv(*key, *value);
+                fresh.set(k, Some(leaf));
+            }
+            prop_assert_eq!(fresh.root(), root);
+            prop_assert_eq!(incremental.leaf_count(), model.len() as u64);
+        }
+    }
+}

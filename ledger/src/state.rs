@@ -1,0 +1,1266 @@
+//! The asset state machine: tenants, accounts, currencies, item classes, items, and the
+//! deduplication window of event ids.
+//!
+//! [`Ledger::execute`] applies one block's transactions in order and returns the block (header
+//! filled in) and one [`Receipt`] per transaction. It is pure and deterministic: no I/O, no
+//! clock, no randomness, no hash-map iteration in anything hashed or applied (the Merkle tree
+//! orders by key hash; snapshots sort). Two ledgers fed the same blocks report the same roots.
+//!
+//! Rules, in the order they are checked for each transaction:
+//! 1. the payload decodes and respects the limits, else `malformed`;
+//! 2. it is for this chain, else `wrong_chain`;
+//! 3. its `(tenant, event_id)` was seen inside the window: the original outcome is returned,
+//!    marked duplicate, and nothing changes;
+//! 4. it has not expired (`expires_at >= height`) and does not reach past the window
+//!    (`expires_at <= height + EXPIRY_HORIZON_BLOCKS_MAX`);
+//! 5. the tenant exists, and the signers are exactly the authorities the body needs;
+//! 6. the body applies whole or not at all.
+//!
+//! Rejections at steps 1-5 are not remembered (the sender had no authority to claim the event
+//! id, so a forged or broken submission cannot block the real one). From step 6 on, the
+//! outcome, applied or rejected, is remembered until `expires_at` passes: resubmitting returns it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rayon::prelude::*;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+
+use hoard_types::constants::{
+    ASSETS_PER_SIDE_MAX, BLOCK_TRANSACTIONS_MAX, EXPIRY_HORIZON_BLOCKS_MAX, SETTLEMENT_ENTRIES_MAX,
+    TENANT_NAME_BYTES_MAX,
+};
+use hoard_types::{
+    Amount, Asset, ClassId, CurrencyId, Custody, EventId, Grant, Hash, Item, ItemId, ItemKind, Outcome,
+    PublicKey, Receipt, Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody, TxPayload,
+};
+
+use crate::block::{list_root, receipt_hash, Block, BlockHeader};
+use crate::error::{LedgerError, Result};
+use crate::genesis::Genesis;
+use crate::merkle::{key_hash, leaf_hash, MerkleTree, Proof};
+
+/// Below this many transactions a block is decoded and hashed on one thread.
+const PARALLEL_TRANSACTIONS_MIN: usize = 512;
+/// Largest number of decimals a currency may declare (u128 holds 38 decimal digits).
+pub const CURRENCY_DECIMALS_MAX: u8 = 36;
+
+/// A tenant (studio).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantInfo {
+    pub name: String,
+    pub studio_key: PublicKey,
+}
+
+/// A currency's definition and supply counters. Invariant: `minted == sum(balances) + burned`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrencyInfo {
+    pub decimals: u8,
+    /// Caps `minted` (everything ever issued), so that burning never makes room for more.
+    pub max_supply: Amount,
+    pub minted: Amount,
+    pub burned: Amount,
+}
+
+/// An item class's definition and supply counters, in units (a unique item is one unit, a stack
+/// its quantity). Invariant: `minted == sum(units of its items) + burned`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClassInfo {
+    pub stackable: bool,
+    pub max_supply: Amount,
+    pub metadata_hash: Hash,
+    pub minted: Amount,
+    pub burned: Amount,
+}
+
+/// What the deduplication window remembers of an event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub height: u64,
+    pub expires_at: u64,
+    pub outcome: Outcome,
+}
+
+/// A key of the committed state. Its byte form ([`StateKey::encode`]) is what the Merkle tree
+/// hashes, so a client can ask for and check a proof of any one entry.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StateKey {
+    Tenant(TenantId),
+    Account(TenantId, PublicKey),
+    Currency(TenantId, CurrencyId),
+    Class(TenantId, ClassId),
+    Balance(TenantId, CurrencyId, PublicKey),
+    Item(TenantId, ItemId),
+    Event(TenantId, EventId),
+}
+
+impl StateKey {
+    /// `kind (1 byte) || tenant (8 bytes, big-endian) || fields`, strings prefixed by their length.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        let (kind, tenant) = match self {
+            StateKey::Tenant(t) => (1u8, t),
+            StateKey::Account(t, _) => (2, t),
+            StateKey::Currency(t, _) => (3, t),
+            StateKey::Class(t, _) => (4, t),
+            StateKey::Balance(t, _, _) => (5, t),
+            StateKey::Item(t, _) => (6, t),
+            StateKey::Event(t, _) => (7, t),
+        };
+        out.push(kind);
+        out.extend_from_slice(&tenant.0.to_be_bytes());
+        let string = |out: &mut Vec<u8>, s: &str| {
+            out.push(s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        };
+        match self {
+            StateKey::Tenant(_) => {}
+            StateKey::Account(_, account) => out.extend_from_slice(&account.0),
+            StateKey::Currency(_, currency) => string(&mut out, &currency.0),
+            StateKey::Class(_, class) => string(&mut out, &class.0),
+            StateKey::Balance(_, currency, account) => {
+                string(&mut out, &currency.0);
+                out.extend_from_slice(&account.0);
+            }
+            StateKey::Item(_, item) => out.extend_from_slice(&item.0.to_be_bytes()),
+            StateKey::Event(_, event) => out.extend_from_slice(&event.0),
+        }
+        out
+    }
+}
+
+/// Internal, cheaper form of [`StateKey`] for dirty tracking (currencies by slot number).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Dirty {
+    Tenant(TenantId),
+    Account(TenantId, PublicKey),
+    Currency(u32),
+    Class(TenantId, u32),
+    Balance(u32, PublicKey),
+    Item(TenantId, ItemId),
+    Event(TenantId, EventId),
+}
+
+#[derive(Clone, Debug)]
+struct CurrencyState {
+    tenant: TenantId,
+    id: CurrencyId,
+    info: CurrencyInfo,
+}
+
+/// The ledger: the whole asset state of every tenant, and its Merkle commitment.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    chain_id: u64,
+    operator: PublicKey,
+    head: BlockHeader,
+    tenants: BTreeMap<TenantId, TenantInfo>,
+    studio_keys: FxHashMap<PublicKey, TenantId>,
+    accounts: FxHashMap<(TenantId, PublicKey), Custody>,
+    /// Currencies by slot (slots are handed out in definition order, the same on every replica).
+    currencies: Vec<CurrencyState>,
+    currency_slots: FxHashMap<(TenantId, CurrencyId), u32>,
+    classes: Vec<(TenantId, ClassId, ClassInfo)>,
+    class_slots: FxHashMap<(TenantId, ClassId), u32>,
+    balances: FxHashMap<(u32, PublicKey), Amount>,
+    items: FxHashMap<(TenantId, ItemId), Item>,
+    inventory: BTreeSet<(TenantId, PublicKey, ItemId)>,
+    events: FxHashMap<(TenantId, EventId), EventRecord>,
+    expiries: BTreeMap<u64, Vec<(TenantId, EventId)>>,
+    tree: MerkleTree,
+    dirty: FxHashSet<Dirty>,
+}
+
+type Check<T = ()> = std::result::Result<T, Rejection>;
+
+impl Ledger {
+    /// The state at height 0: the genesis tenants, nothing else.
+    pub fn new(genesis: &Genesis) -> Ledger {
+        let mut ledger = Ledger {
+            chain_id: genesis.chain_id,
+            operator: genesis.operator,
+            head: BlockHeader {
+                height: 0,
+                parent: genesis.hash(),
+                timestamp_ms: 0,
+                tx_root: Hash::ZERO,
+                outcome_root: Hash::ZERO,
+                state_root: Hash::ZERO,
+            },
+            tenants: BTreeMap::new(),
+            studio_keys: FxHashMap::default(),
+            accounts: FxHashMap::default(),
+            currencies: Vec::new(),
+            currency_slots: FxHashMap::default(),
+            classes: Vec::new(),
+            class_slots: FxHashMap::default(),
+            balances: FxHashMap::default(),
+            items: FxHashMap::default(),
+            inventory: BTreeSet::new(),
+            events: FxHashMap::default(),
+            expiries: BTreeMap::new(),
+            tree: MerkleTree::new(),
+            dirty: FxHashSet::default(),
+        };
+        for tenant in &genesis.tenants {
+            ledger.insert_tenant(
+                tenant.id,
+                TenantInfo {
+                    name: tenant.name.clone(),
+                    studio_key: tenant.studio_key,
+                },
+            );
+        }
+        ledger.head.state_root = ledger.commit_state();
+        ledger
+    }
+
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    pub fn height(&self) -> u64 {
+        self.head.height
+    }
+
+    /// The header of the last block applied (the genesis header at height 0).
+    pub fn head(&self) -> &BlockHeader {
+        &self.head
+    }
+
+    pub fn state_root(&self) -> Hash {
+        self.head.state_root
+    }
+
+    /// Applies the next block's transactions and returns the block, its header filled in, with
+    /// one receipt per transaction. Signatures must have been verified cryptographically before
+    /// (consensus does it before ordering); who must sign is checked here.
+    pub fn execute(&mut self, timestamp_ms: u64, transactions: Vec<Transaction>) -> (Block, Vec<Receipt>) {
+        assert!(
+            transactions.len() <= BLOCK_TRANSACTIONS_MAX,
+            "block over BLOCK_TRANSACTIONS_MAX"
+        );
+        let height = self.head.height + 1;
+        self.expire_events(height);
+        let decode = |tx: &Transaction| tx.decode_payload().ok();
+        let payloads: Vec<Option<TxPayload>> = if transactions.len() >= PARALLEL_TRANSACTIONS_MIN {
+            transactions.par_iter().map(decode).collect()
+        } else {
+            transactions.iter().map(decode).collect()
+        };
+        let receipts: Vec<Receipt> = transactions
+            .iter()
+            .zip(payloads)
+            .map(|(tx, payload)| self.apply_transaction(height, tx, payload))
+            .collect();
+        let state_root = self.commit_state();
+        let (tx_root, outcome_root) = rayon::join(
+            || list_root(transactions.iter().map(Transaction::id)),
+            || list_root(receipts.iter().map(receipt_hash)),
+        );
+        let header = BlockHeader {
+            height,
+            parent: self.head.hash(),
+            timestamp_ms,
+            tx_root,
+            outcome_root,
+            state_root,
+        };
+        self.head = header.clone();
+        (Block { header, transactions }, receipts)
+    }
+
+    /// The follower's path: applies a block executed elsewhere, and checks that every root
+    /// agrees. On [`LedgerError::Diverged`] this ledger must be thrown away and rebuilt.
+    pub fn apply_block(&mut self, block: &Block) -> Result<Vec<Receipt>> {
+        let expected = self.head.height + 1;
+        if block.header.height != expected {
+            return Err(LedgerError::OutOfOrder {
+                height: block.header.height,
+                expected,
+            });
+        }
+        let (ours, receipts) = self.execute(block.header.timestamp_ms, block.transactions.clone());
+        let checks = [
+            ("parent", ours.header.parent, block.header.parent),
+            ("tx_root", ours.header.tx_root, block.header.tx_root),
+            (
+                "outcome_root",
+                ours.header.outcome_root,
+                block.header.outcome_root,
+            ),
+            ("state_root", ours.header.state_root, block.header.state_root),
+        ];
+        for (what, ours, theirs) in checks {
+            if ours != theirs {
+                return Err(LedgerError::Diverged {
+                    height: block.header.height,
+                    what,
+                    ours,
+                    theirs,
+                });
+            }
+        }
+        Ok(receipts)
+    }
+
+    // ----- one transaction -----
+
+    fn apply_transaction(&mut self, height: u64, tx: &Transaction, payload: Option<TxPayload>) -> Receipt {
+        let Some(payload) = payload else {
+            return Receipt {
+                tenant: TenantId(0),
+                event_id: EventId([0; 16]),
+                height,
+                outcome: Outcome::rejected(Rejection::Malformed),
+                duplicate: false,
+            };
+        };
+        let receipt = |outcome: Outcome, at: u64, duplicate: bool| Receipt {
+            tenant: payload.tenant,
+            event_id: payload.event_id,
+            height: at,
+            outcome,
+            duplicate,
+        };
+        if payload.chain_id != self.chain_id {
+            return receipt(Outcome::rejected(Rejection::WrongChain), height, false);
+        }
+        if let Some(seen) = self.events.get(&(payload.tenant, payload.event_id)) {
+            return receipt(seen.outcome.clone(), seen.height, true);
+        }
+        if payload.expires_at < height {
+            return receipt(Outcome::rejected(Rejection::Expired), height, false);
+        }
+        if payload.expires_at > height + EXPIRY_HORIZON_BLOCKS_MAX {
+            return receipt(Outcome::rejected(Rejection::ExpiryTooFar), height, false);
+        }
+        if let Err(reason) = self.authorize(&payload, tx) {
+            return receipt(Outcome::rejected(reason), height, false);
+        }
+        let outcome = match self.apply_body(payload.tenant, &payload.body) {
+            Ok(outcome) => outcome,
+            Err(reason) => Outcome::rejected(reason),
+        };
+        self.remember_event(
+            payload.tenant,
+            payload.event_id,
+            height,
+            payload.expires_at,
+            outcome.clone(),
+        );
+        receipt(outcome, height, false)
+    }
+
+    /// Step 5: the tenant exists and the signers are exactly the authorities the body needs.
+    fn authorize(&self, payload: &TxPayload, tx: &Transaction) -> Check {
+        let tenant = payload.tenant;
+        let mut required: Vec<PublicKey> = Vec::with_capacity(2);
+        if let TxBody::RegisterTenant { .. } = payload.body {
+            required.push(self.operator);
+        } else {
+            let studio = self
+                .tenants
+                .get(&tenant)
+                .ok_or(Rejection::UnknownTenant)?
+                .studio_key;
+            match &payload.body {
+                TxBody::RegisterTenant { .. } => unreachable!(),
+                TxBody::RegisterAccount { .. }
+                | TxBody::DefineCurrency { .. }
+                | TxBody::DefineItemClass { .. }
+                | TxBody::Mint { .. }
+                | TxBody::Settle { .. } => required.push(studio),
+                TxBody::Transfer { from, .. } | TxBody::Burn { from, .. } => {
+                    required.push(self.authority(tenant, studio, from)?)
+                }
+                TxBody::Split { owner, .. } | TxBody::Merge { owner, .. } => {
+                    required.push(self.authority(tenant, studio, owner)?)
+                }
+                TxBody::Swap { left, right } => {
+                    required.push(self.authority(tenant, studio, &left.account)?);
+                    let other = self.authority(tenant, studio, &right.account)?;
+                    if !required.contains(&other) {
+                        required.push(other);
+                    }
+                }
+            }
+        }
+        let signers: Vec<&PublicKey> = tx.signers().collect();
+        let distinct = signers.iter().collect::<BTreeSet<_>>().len() == signers.len();
+        let exact =
+            distinct && signers.len() == required.len() && required.iter().all(|key| signers.contains(&key));
+        if exact {
+            return Ok(());
+        }
+        let foreign = signers
+            .iter()
+            .any(|key| self.studio_keys.get(key).is_some_and(|owner| *owner != tenant));
+        if foreign {
+            return Err(Rejection::WrongTenant);
+        }
+        if required.iter().all(|key| signers.contains(&key)) {
+            Err(Rejection::Unauthorized)
+        } else {
+            Err(Rejection::MissingSignature)
+        }
+    }
+
+    /// Who signs for `account`: the account itself, or the studio for a custodial account.
+    fn authority(&self, tenant: TenantId, studio: PublicKey, account: &PublicKey) -> Check<PublicKey> {
+        match self.accounts.get(&(tenant, *account)) {
+            Some(Custody::SelfCustody) => Ok(*account),
+            Some(Custody::Custodial) => Ok(studio),
+            None => Err(Rejection::UnknownAccount),
+        }
+    }
+
+    /// Step 6. Every branch validates everything before it changes anything.
+    fn apply_body(&mut self, tenant: TenantId, body: &TxBody) -> Check<Outcome> {
+        match body {
+            TxBody::RegisterTenant { name, studio_key } => {
+                if self.tenants.contains_key(&tenant) || self.studio_keys.contains_key(studio_key) {
+                    return Err(Rejection::TenantExists);
+                }
+                if name.is_empty() || name.len() > TENANT_NAME_BYTES_MAX || tenant.0 == 0 {
+                    return Err(Rejection::Malformed);
+                }
+                self.insert_tenant(
+                    tenant,
+                    TenantInfo {
+                        name: name.clone(),
+                        studio_key: *studio_key,
+                    },
+                );
+            }
+            TxBody::RegisterAccount { account, custody } => {
+                if self.accounts.contains_key(&(tenant, *account)) {
+                    return Err(Rejection::AccountExists);
+                }
+                if self.studio_keys.contains_key(account) || *account == self.operator {
+                    return Err(Rejection::Unauthorized);
+                }
+                self.accounts.insert((tenant, *account), *custody);
+                self.dirty.insert(Dirty::Account(tenant, *account));
+            }
+            TxBody::DefineCurrency {
+                currency,
+                decimals,
+                max_supply,
+            } => {
+                if !currency.is_valid() || *decimals > CURRENCY_DECIMALS_MAX {
+                    return Err(Rejection::Malformed);
+                }
+                if max_supply.is_zero() {
+                    return Err(Rejection::InvalidAmount);
+                }
+                if self.currency_slots.contains_key(&(tenant, currency.clone())) {
+                    return Err(Rejection::CurrencyExists);
+                }
+                let slot = self.currencies.len() as u32;
+                self.currencies.push(CurrencyState {
+                    tenant,
+                    id: currency.clone(),
+                    info: CurrencyInfo {
+                        decimals: *decimals,
+                        max_supply: *max_supply,
+                        minted: Amount::ZERO,
+                        burned: Amount::ZERO,
+                    },
+                });
+                self.currency_slots.insert((tenant, currency.clone()), slot);
+                self.dirty.insert(Dirty::Currency(slot));
+            }
+            TxBody::DefineItemClass {
+                class,
+                stackable,
+                max_supply,
+                metadata_hash,
+            } => {
+                if !class.is_valid() {
+                    return Err(Rejection::Malformed);
+                }
+                if max_supply.is_zero() {
+                    return Err(Rejection::InvalidAmount);
+                }
+                if self.class_slots.contains_key(&(tenant, class.clone())) {
+                    return Err(Rejection::ClassExists);
+                }
+                let slot = self.classes.len() as u32;
+                self.classes.push((
+                    tenant,
+                    class.clone(),
+                    ClassInfo {
+                        stackable: *stackable,
+                        max_supply: *max_supply,
+                        metadata_hash: *metadata_hash,
+                        minted: Amount::ZERO,
+                        burned: Amount::ZERO,
+                    },
+                ));
+                self.class_slots.insert((tenant, class.clone()), slot);
+                self.dirty.insert(Dirty::Class(tenant, slot));
+            }
+            TxBody::Mint { to, grant } => {
+                self.apply_grant(tenant, to, grant)?;
+            }
+            TxBody::Settle { entries } => return self.apply_settlement(tenant, entries),
+            TxBody::Transfer { from, to, assets } => {
+                if from == to {
+                    return Err(Rejection::SelfTransfer);
+                }
+                self.require_account(tenant, to)?;
+                self.check_gives(tenant, from, assets, false)?;
+                self.move_assets(tenant, from, to, assets);
+            }
+            TxBody::Burn { from, assets } => {
+                self.check_gives(tenant, from, assets, false)?;
+                self.burn_assets(tenant, from, assets);
+            }
+            TxBody::Split {
+                owner,
+                item,
+                quantity,
+                new_item,
+            } => {
+                let (class, held) = self.owned_stack(tenant, owner, *item)?;
+                if quantity.is_zero() {
+                    return Err(Rejection::InvalidAmount);
+                }
+                if *quantity >= held {
+                    return Err(Rejection::InsufficientQuantity);
+                }
+                if self.items.contains_key(&(tenant, *new_item)) {
+                    return Err(Rejection::ItemExists);
+                }
+                let rest = held.checked_sub(*quantity).expect("checked above");
+                self.set_stack_quantity(tenant, *item, rest);
+                self.put_item(
+                    tenant,
+                    *new_item,
+                    Item {
+                        class,
+                        owner: *owner,
+                        kind: ItemKind::Stack { quantity: *quantity },
+                    },
+                );
+            }
+            TxBody::Merge { owner, into, from } => {
+                if into == from {
+                    return Err(Rejection::InvalidAmount);
+                }
+                let (into_class, into_quantity) = self.owned_stack(tenant, owner, *into)?;
+                let (from_class, from_quantity) = self.owned_stack(tenant, owner, *from)?;
+                if into_class != from_class {
+                    return Err(Rejection::ClassMismatch);
+                }
+                // Both stacks count towards the class supply, which fits in u128.
+                let total = into_quantity
+                    .checked_add(from_quantity)
+                    .expect("bounded by supply");
+                self.remove_item(tenant, *from);
+                self.set_stack_quantity(tenant, *into, total);
+            }
+            TxBody::Swap { left, right } => self.apply_swap(tenant, left, right)?,
+        }
+        Ok(Outcome::Applied)
+    }
+
+    fn apply_settlement(&mut self, tenant: TenantId, entries: &[Settlement]) -> Check<Outcome> {
+        if entries.is_empty() || entries.len() > SETTLEMENT_ENTRIES_MAX {
+            return Err(Rejection::Malformed);
+        }
+        let results = entries
+            .iter()
+            .map(|entry| self.apply_grant(tenant, &entry.to, &entry.grant).err())
+            .collect();
+        Ok(Outcome::Settled { entries: results })
+    }
+
+    fn apply_swap(&mut self, tenant: TenantId, left: &SwapSide, right: &SwapSide) -> Check {
+        if left.account == right.account {
+            return Err(Rejection::SelfTransfer);
+        }
+        if left.gives.is_empty() && right.gives.is_empty() {
+            return Err(Rejection::Malformed);
+        }
+        // Both sides are checked against the state before either moves: all or nothing.
+        self.check_gives(tenant, &left.account, &left.gives, true)?;
+        self.check_gives(tenant, &right.account, &right.gives, true)?;
+        self.move_assets(tenant, &left.account, &right.account, &left.gives);
+        self.move_assets(tenant, &right.account, &left.account, &right.gives);
+        Ok(())
+    }
+
+    fn apply_grant(&mut self, tenant: TenantId, to: &PublicKey, grant: &Grant) -> Check {
+        self.require_account(tenant, to)?;
+        match grant {
+            Grant::Currency { currency, amount } => {
+                let slot = self.currency_slot(tenant, currency)?;
+                if amount.is_zero() {
+                    return Err(Rejection::InvalidAmount);
+                }
+                let info = &mut self.currencies[slot as usize].info;
+                let minted = info
+                    .minted
+                    .checked_add(*amount)
+                    .ok_or(Rejection::SupplyExceeded)?;
+                if minted > info.max_supply {
+                    return Err(Rejection::SupplyExceeded);
+                }
+                info.minted = minted;
+                self.dirty.insert(Dirty::Currency(slot));
+                self.credit(slot, to, *amount);
+            }
+            Grant::Unique {
+                class,
+                item,
+                attributes_hash,
+            } => {
+                let slot = self.class_slot(tenant, class)?;
+                if self.classes[slot as usize].2.stackable {
+                    return Err(Rejection::NotStackable);
+                }
+                if self.items.contains_key(&(tenant, *item)) {
+                    return Err(Rejection::ItemExists);
+                }
+                self.add_class_minted(tenant, slot, Amount(1))?;
+                self.put_item(
+                    tenant,
+                    *item,
+                    Item {
+                        class: class.clone(),
+                        owner: *to,
+                        kind: ItemKind::Unique {
+                            attributes_hash: *attributes_hash,
+                        },
+                    },
+                );
+            }
+            Grant::Stack {
+                class,
+                item,
+                quantity,
+            } => {
+                let slot = self.class_slot(tenant, class)?;
+                if !self.classes[slot as usize].2.stackable {
+                    return Err(Rejection::NotStackable);
+                }
+                if quantity.is_zero() {
+                    return Err(Rejection::InvalidAmount);
+                }
+                if self.items.contains_key(&(tenant, *item)) {
+                    return Err(Rejection::ItemExists);
+                }
+                self.add_class_minted(tenant, slot, *quantity)?;
+                self.put_item(
+                    tenant,
+                    *item,
+                    Item {
+                        class: class.clone(),
+                        owner: *to,
+                        kind: ItemKind::Stack { quantity: *quantity },
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `from` exists and can give every asset in `assets` (each at most once).
+    fn check_gives(&self, tenant: TenantId, from: &PublicKey, assets: &[Asset], allow_empty: bool) -> Check {
+        self.require_account(tenant, from)?;
+        if (assets.is_empty() && !allow_empty) || assets.len() > ASSETS_PER_SIDE_MAX {
+            return Err(Rejection::Malformed);
+        }
+        for (index, asset) in assets.iter().enumerate() {
+            if assets[..index].iter().any(|earlier| same_asset(earlier, asset)) {
+                return Err(Rejection::InvalidAmount);
+            }
+            match asset {
+                Asset::Currency { currency, amount } => {
+                    let slot = self.currency_slot(tenant, currency)?;
+                    if amount.is_zero() {
+                        return Err(Rejection::InvalidAmount);
+                    }
+                    if self.balance_of(slot, from) < *amount {
+                        return Err(Rejection::InsufficientFunds);
+                    }
+                }
+                Asset::Item { item } => {
+                    let held = self.items.get(&(tenant, *item)).ok_or(Rejection::UnknownItem)?;
+                    if held.owner != *from {
+                        return Err(Rejection::NotOwner);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn move_assets(&mut self, tenant: TenantId, from: &PublicKey, to: &PublicKey, assets: &[Asset]) {
+        for asset in assets {
+            match asset {
+                Asset::Currency { currency, amount } => {
+                    let slot = self.currency_slots[&(tenant, currency.clone())];
+                    self.debit(slot, from, *amount);
+                    self.credit(slot, to, *amount);
+                }
+                Asset::Item { item } => {
+                    let mut moved = self.items[&(tenant, *item)].clone();
+                    assert_eq!(moved.owner, *from, "checked by check_gives");
+                    moved.owner = *to;
+                    self.put_item(tenant, *item, moved);
+                }
+            }
+        }
+    }
+
+    fn burn_assets(&mut self, tenant: TenantId, from: &PublicKey, assets: &[Asset]) {
+        for asset in assets {
+            match asset {
+                Asset::Currency { currency, amount } => {
+                    let slot = self.currency_slots[&(tenant, currency.clone())];
+                    self.debit(slot, from, *amount);
+                    let info = &mut self.currencies[slot as usize].info;
+                    info.burned = info.burned.checked_add(*amount).expect("burned <= minted");
+                    self.dirty.insert(Dirty::Currency(slot));
+                }
+                Asset::Item { item } => {
+                    let gone = self.remove_item(tenant, *item);
+                    let slot = self.class_slots[&(tenant, gone.class.clone())];
+                    let info = &mut self.classes[slot as usize].2;
+                    info.burned = info.burned.checked_add(gone.units()).expect("burned <= minted");
+                    self.dirty.insert(Dirty::Class(tenant, slot));
+                }
+            }
+        }
+    }
+
+    // ----- primitive state changes: each marks what it touched as dirty -----
+
+    fn insert_tenant(&mut self, tenant: TenantId, info: TenantInfo) {
+        self.studio_keys.insert(info.studio_key, tenant);
+        self.tenants.insert(tenant, info);
+        self.dirty.insert(Dirty::Tenant(tenant));
+    }
+
+    fn credit(&mut self, slot: u32, account: &PublicKey, amount: Amount) {
+        let balance = self.balances.entry((slot, *account)).or_default();
+        *balance = balance
+            .checked_add(amount)
+            .expect("balances are bounded by max_supply");
+        self.dirty.insert(Dirty::Balance(slot, *account));
+    }
+
+    fn debit(&mut self, slot: u32, account: &PublicKey, amount: Amount) {
+        let balance = self
+            .balances
+            .get_mut(&(slot, *account))
+            .expect("debit of a checked balance");
+        *balance = balance.checked_sub(amount).expect("debit of a checked balance");
+        if balance.is_zero() {
+            self.balances.remove(&(slot, *account));
+        }
+        self.dirty.insert(Dirty::Balance(slot, *account));
+    }
+
+    fn add_class_minted(&mut self, tenant: TenantId, slot: u32, units: Amount) -> Check {
+        let info = &mut self.classes[slot as usize].2;
+        let minted = info.minted.checked_add(units).ok_or(Rejection::SupplyExceeded)?;
+        if minted > info.max_supply {
+            return Err(Rejection::SupplyExceeded);
+        }
+        info.minted = minted;
+        self.dirty.insert(Dirty::Class(tenant, slot));
+        Ok(())
+    }
+
+    fn put_item(&mut self, tenant: TenantId, id: ItemId, item: Item) {
+        if let Some(previous) = self.items.get(&(tenant, id)) {
+            self.inventory.remove(&(tenant, previous.owner, id));
+        }
+        self.inventory.insert((tenant, item.owner, id));
+        self.items.insert((tenant, id), item);
+        self.dirty.insert(Dirty::Item(tenant, id));
+    }
+
+    fn remove_item(&mut self, tenant: TenantId, id: ItemId) -> Item {
+        let item = self
+            .items
+            .remove(&(tenant, id))
+            .expect("removal of a checked item");
+        self.inventory.remove(&(tenant, item.owner, id));
+        self.dirty.insert(Dirty::Item(tenant, id));
+        item
+    }
+
+    fn set_stack_quantity(&mut self, tenant: TenantId, id: ItemId, quantity: Amount) {
+        let item = self.items.get_mut(&(tenant, id)).expect("checked stack");
+        item.kind = ItemKind::Stack { quantity };
+        self.dirty.insert(Dirty::Item(tenant, id));
+    }
+
+    fn remember_event(
+        &mut self,
+        tenant: TenantId,
+        event: EventId,
+        height: u64,
+        expires_at: u64,
+        outcome: Outcome,
+    ) {
+        self.events.insert(
+            (tenant, event),
+            EventRecord {
+                height,
+                expires_at,
+                outcome,
+            },
+        );
+        self.expiries.entry(expires_at).or_default().push((tenant, event));
+        self.dirty.insert(Dirty::Event(tenant, event));
+    }
+
+    /// Forgets events whose expiry height is below `height`: they can no longer be submitted
+    /// (step 4 rejects them), so remembering them is no longer needed.
+    fn expire_events(&mut self, height: u64) {
+        while let Some(entry) = self.expiries.first_entry() {
+            if *entry.key() >= height {
+                break;
+            }
+            for (tenant, event) in entry.remove() {
+                self.events.remove(&(tenant, event));
+                self.dirty.insert(Dirty::Event(tenant, event));
+            }
+        }
+    }
+
+    // ----- lookups -----
+
+    fn require_account(&self, tenant: TenantId, account: &PublicKey) -> Check {
+        if self.accounts.contains_key(&(tenant, *account)) {
+            Ok(())
+        } else {
+            Err(Rejection::UnknownAccount)
+        }
+    }
+
+    fn currency_slot(&self, tenant: TenantId, currency: &CurrencyId) -> Check<u32> {
+        self.currency_slots
+            .get(&(tenant, currency.clone()))
+            .copied()
+            .ok_or(Rejection::UnknownCurrency)
+    }
+
+    fn class_slot(&self, tenant: TenantId, class: &ClassId) -> Check<u32> {
+        self.class_slots
+            .get(&(tenant, class.clone()))
+            .copied()
+            .ok_or(Rejection::UnknownClass)
+    }
+
+    fn balance_of(&self, slot: u32, account: &PublicKey) -> Amount {
+        self.balances.get(&(slot, *account)).copied().unwrap_or_default()
+    }
+
+    fn owned_stack(&self, tenant: TenantId, owner: &PublicKey, id: ItemId) -> Check<(ClassId, Amount)> {
+        let item = self.items.get(&(tenant, id)).ok_or(Rejection::UnknownItem)?;
+        if item.owner != *owner {
+            return Err(Rejection::NotOwner);
+        }
+        match item.kind {
+            ItemKind::Stack { quantity } => Ok((item.class.clone(), quantity)),
+            ItemKind::Unique { .. } => Err(Rejection::NotStackable),
+        }
+    }
+
+    // ----- the commitment -----
+
+    fn state_key(&self, dirty: &Dirty) -> StateKey {
+        match *dirty {
+            Dirty::Tenant(t) => StateKey::Tenant(t),
+            Dirty::Account(t, a) => StateKey::Account(t, a),
+            Dirty::Currency(slot) => {
+                let c = &self.currencies[slot as usize];
+                StateKey::Currency(c.tenant, c.id.clone())
+            }
+            Dirty::Class(t, slot) => StateKey::Class(t, self.classes[slot as usize].1.clone()),
+            Dirty::Balance(slot, a) => {
+                let c = &self.currencies[slot as usize];
+                StateKey::Balance(c.tenant, c.id.clone(), a)
+            }
+            Dirty::Item(t, i) => StateKey::Item(t, i),
+            Dirty::Event(t, e) => StateKey::Event(t, e),
+        }
+    }
+
+    /// The committed value of an entry, in the byte form its leaf hashes; `None` when absent.
+    fn value_bytes(&self, dirty: &Dirty) -> Option<Vec<u8>> {
+        let encode = |value: &dyn erased::Encode| Some(value.encode());
+        match dirty {
+            Dirty::Tenant(t) => self.tenants.get(t).and_then(|v| encode(v)),
+            Dirty::Account(t, a) => self.accounts.get(&(*t, *a)).and_then(|v| encode(v)),
+            Dirty::Currency(slot) => encode(&self.currencies[*slot as usize].info),
+            Dirty::Class(_, slot) => encode(&self.classes[*slot as usize].2),
+            Dirty::Balance(slot, a) => self
+                .balances
+                .get(&(*slot, *a))
+                .map(|b| b.0.to_be_bytes().to_vec()),
+            Dirty::Item(t, i) => self.items.get(&(*t, *i)).and_then(|v| encode(v)),
+            Dirty::Event(t, e) => self.events.get(&(*t, *e)).and_then(|v| encode(v)),
+        }
+    }
+
+    /// Hashes what changed since the last block into the tree and returns the new root.
+    fn commit_state(&mut self) -> Hash {
+        let dirty: Vec<Dirty> = self.dirty.drain().collect();
+        let this = &*self;
+        let leaf = |d: &Dirty| {
+            let key = key_hash(&this.state_key(d).encode());
+            (key, this.value_bytes(d).map(|value| leaf_hash(&key, &value)))
+        };
+        let leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
+            dirty.par_iter().map(leaf).collect()
+        } else {
+            dirty.iter().map(leaf).collect()
+        };
+        for (key, leaf) in leaves {
+            self.tree.set(key, leaf);
+        }
+        self.tree.root()
+    }
+
+    // ----- reads (committed state only: between blocks nothing is uncommitted) -----
+
+    pub fn tenant(&self, tenant: TenantId) -> Option<&TenantInfo> {
+        self.tenants.get(&tenant)
+    }
+
+    /// The tenant whose studio key this is, if any.
+    pub fn tenant_of_studio(&self, key: &PublicKey) -> Option<TenantId> {
+        self.studio_keys.get(key).copied()
+    }
+
+    pub fn account(&self, tenant: TenantId, account: &PublicKey) -> Option<Custody> {
+        self.accounts.get(&(tenant, *account)).copied()
+    }
+
+    pub fn currency(&self, tenant: TenantId, currency: &CurrencyId) -> Option<&CurrencyInfo> {
+        let slot = self.currency_slot(tenant, currency).ok()?;
+        Some(&self.currencies[slot as usize].info)
+    }
+
+    /// The tenant's currencies, in definition order.
+    pub fn currencies(&self, tenant: TenantId) -> Vec<(CurrencyId, CurrencyInfo)> {
+        self.currencies
+            .iter()
+            .filter(|c| c.tenant == tenant)
+            .map(|c| (c.id.clone(), c.info.clone()))
+            .collect()
+    }
+
+    pub fn class(&self, tenant: TenantId, class: &ClassId) -> Option<&ClassInfo> {
+        let slot = self.class_slot(tenant, class).ok()?;
+        Some(&self.classes[slot as usize].2)
+    }
+
+    /// The tenant's item classes, in definition order.
+    pub fn classes(&self, tenant: TenantId) -> Vec<(ClassId, ClassInfo)> {
+        self.classes
+            .iter()
+            .filter(|c| c.0 == tenant)
+            .map(|c| (c.1.clone(), c.2.clone()))
+            .collect()
+    }
+
+    pub fn balance(&self, tenant: TenantId, currency: &CurrencyId, account: &PublicKey) -> Amount {
+        self.currency_slot(tenant, currency)
+            .map(|slot| self.balance_of(slot, account))
+            .unwrap_or_default()
+    }
+
+    /// Every non-zero balance of `account`, in currency definition order.
+    pub fn balances(&self, tenant: TenantId, account: &PublicKey) -> Vec<(CurrencyId, Amount)> {
+        self.currencies
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.tenant == tenant)
+            .filter_map(|(slot, c)| {
+                let amount = self.balance_of(slot as u32, account);
+                (!amount.is_zero()).then(|| (c.id.clone(), amount))
+            })
+            .collect()
+    }
+
+    /// The items `account` owns, by id.
+    pub fn inventory(&self, tenant: TenantId, account: &PublicKey) -> Vec<(ItemId, Item)> {
+        let low = (tenant, *account, ItemId(0));
+        let high = (tenant, *account, ItemId(u64::MAX));
+        self.inventory
+            .range(low..=high)
+            .map(|(_, _, id)| (*id, self.items[&(tenant, *id)].clone()))
+            .collect()
+    }
+
+    pub fn item(&self, tenant: TenantId, item: ItemId) -> Option<&Item> {
+        self.items.get(&(tenant, item))
+    }
+
+    /// The outcome of an event, while it is inside the deduplication window.
+    pub fn event(&self, tenant: TenantId, event: &EventId) -> Option<(u64, &Outcome)> {
+        self.events
+            .get(&(tenant, *event))
+            .map(|record| (record.height, &record.outcome))
+    }
+
+    /// How many events the deduplication window holds now.
+    pub fn events_remembered(&self) -> usize {
+        self.events.len()
+    }
+
+    /// A proof of one entry against [`Ledger::state_root`]: the entry's committed value bytes
+    /// (`None` when absent) and the Merkle proof. Check with `proof.verify(&root, &key.encode(), value)`.
+    pub fn prove(&self, key: &StateKey) -> (Option<Vec<u8>>, Proof) {
+        let dirty = self.to_dirty(key);
+        let value = dirty.and_then(|d| self.value_bytes(&d));
+        (value, self.tree.prove(&key_hash(&key.encode())))
+    }
+
+    fn to_dirty(&self, key: &StateKey) -> Option<Dirty> {
+        Some(match key {
+            StateKey::Tenant(t) => Dirty::Tenant(*t),
+            StateKey::Account(t, a) => Dirty::Account(*t, *a),
+            StateKey::Currency(t, c) => Dirty::Currency(self.currency_slot(*t, c).ok()?),
+            StateKey::Class(t, c) => Dirty::Class(*t, self.class_slot(*t, c).ok()?),
+            StateKey::Balance(t, c, a) => Dirty::Balance(self.currency_slot(*t, c).ok()?, *a),
+            StateKey::Item(t, i) => Dirty::Item(*t, *i),
+            StateKey::Event(t, e) => Dirty::Event(*t, *e),
+        })
+    }
+
+    /// Checks the conservation laws over the whole state (O(state); for tests and the simulator):
+    /// for every currency and class, `minted == held + burned`, and `minted <= max_supply`.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let mut held = vec![0u128; self.currencies.len()];
+        for ((slot, _), amount) in &self.balances {
+            if amount.is_zero() {
+                return Err("a zero balance is stored".into());
+            }
+            held[*slot as usize] += amount.0;
+        }
+        for (slot, currency) in self.currencies.iter().enumerate() {
+            let info = &currency.info;
+            if info.minted.0 != held[slot] + info.burned.0 || info.minted > info.max_supply {
+                return Err(format!(
+                    "supply of {} broken: {info:?}, held {}",
+                    currency.id, held[slot]
+                ));
+            }
+        }
+        let mut units = vec![0u128; self.classes.len()];
+        for ((tenant, _), item) in &self.items {
+            units[self.class_slots[&(*tenant, item.class.clone())] as usize] += item.units().0;
+        }
+        for (slot, (_, class, info)) in self.classes.iter().enumerate() {
+            if info.minted.0 != units[slot] + info.burned.0 || info.minted > info.max_supply {
+                return Err(format!(
+                    "supply of class {class} broken: {info:?}, held {}",
+                    units[slot]
+                ));
+            }
+        }
+        if self.inventory.len() != self.items.len() {
+            return Err("inventory index out of step with items".into());
+        }
+        Ok(())
+    }
+}
+
+fn same_asset(a: &Asset, b: &Asset) -> bool {
+    match (a, b) {
+        (Asset::Currency { currency: x, .. }, Asset::Currency { currency: y, .. }) => x == y,
+        (Asset::Item { item: x }, Asset::Item { item: y }) => x == y,
+        _ => false,
+    }
+}
+
+/// Value encodings for leaves: MessagePack, structs as arrays (deterministic).
+mod erased {
+    pub trait Encode {
+        fn encode(&self) -> Vec<u8>;
+    }
+
+    impl<T: serde::Serialize> Encode for T {
+        fn encode(&self) -> Vec<u8> {
+            rmp_serde::to_vec(self).expect("state values serialise")
+        }
+    }
+}
+
+// ----- snapshots -----
+
+/// The whole state at one height, sorted, so that equal states give equal bytes.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    chain_id: u64,
+    operator: PublicKey,
+    head: BlockHeader,
+    tree_depth: u8,
+    tenants: Vec<(TenantId, TenantInfo)>,
+    accounts: Vec<(TenantId, PublicKey, Custody)>,
+    /// In slot order.
+    currencies: Vec<(TenantId, CurrencyId, CurrencyInfo)>,
+    /// In slot order.
+    classes: Vec<(TenantId, ClassId, ClassInfo)>,
+    balances: Vec<(u32, PublicKey, Amount)>,
+    items: Vec<(TenantId, ItemId, Item)>,
+    events: Vec<(TenantId, EventId, EventRecord)>,
+}
+
+impl Ledger {
+    /// The whole state, as bytes that [`Ledger::restore`] verifies against the state root.
+    pub fn snapshot(&self) -> Vec<u8> {
+        assert!(self.dirty.is_empty(), "snapshots are taken between blocks");
+        let mut accounts: Vec<_> = self.accounts.iter().map(|((t, a), c)| (*t, *a, *c)).collect();
+        accounts.sort_unstable_by_key(|(t, a, _)| (*t, *a));
+        let mut balances: Vec<_> = self.balances.iter().map(|((s, a), b)| (*s, *a, *b)).collect();
+        balances.sort_unstable_by_key(|(s, a, _)| (*s, *a));
+        let mut items: Vec<_> = self
+            .items
+            .iter()
+            .map(|((t, i), item)| (*t, *i, item.clone()))
+            .collect();
+        items.sort_unstable_by_key(|(t, i, _)| (*t, *i));
+        let mut events: Vec<_> = self
+            .events
+            .iter()
+            .map(|((t, e), r)| (*t, *e, r.clone()))
+            .collect();
+        events.sort_unstable_by_key(|(t, e, _)| (*t, *e));
+        let snapshot = Snapshot {
+            chain_id: self.chain_id,
+            operator: self.operator,
+            head: self.head.clone(),
+            tree_depth: self.tree.depth(),
+            tenants: self.tenants.iter().map(|(t, i)| (*t, i.clone())).collect(),
+            accounts,
+            currencies: self
+                .currencies
+                .iter()
+                .map(|c| (c.tenant, c.id.clone(), c.info.clone()))
+                .collect(),
+            classes: self.classes.clone(),
+            balances,
+            items,
+            events,
+        };
+        rmp_serde::to_vec(&snapshot).expect("snapshot serialises")
+    }
+
+    /// Rebuilds a ledger from [`Ledger::snapshot`] bytes and checks them: the recomputed state
+    /// root must equal the one in the snapshot's head, and the head's hash must be `expected`
+    /// when given (state transfer passes the hash a quorum certified).
+    pub fn restore(bytes: &[u8], expected_head: Option<Hash>) -> Result<Ledger> {
+        let snapshot: Snapshot =
+            rmp_serde::from_slice(bytes).map_err(|e| LedgerError::Snapshot(e.to_string()))?;
+        if let Some(expected) = expected_head {
+            if snapshot.head.hash() != expected {
+                return Err(LedgerError::Snapshot(
+                    "head hash does not match the certified one".into(),
+                ));
+            }
+        }
+        if !(crate::merkle::DEPTH_MIN..=crate::merkle::DEPTH_MAX).contains(&snapshot.tree_depth) {
+            return Err(LedgerError::Snapshot("tree depth out of range".into()));
+        }
+        let mut ledger = Ledger {
+            chain_id: snapshot.chain_id,
+            operator: snapshot.operator,
+            head: snapshot.head,
+            tenants: BTreeMap::new(),
+            studio_keys: FxHashMap::default(),
+            accounts: FxHashMap::default(),
+            currencies: Vec::new(),
+            currency_slots: FxHashMap::default(),
+            classes: Vec::new(),
+            class_slots: FxHashMap::default(),
+            balances: FxHashMap::default(),
+            items: FxHashMap::default(),
+            inventory: BTreeSet::new(),
+            events: FxHashMap::default(),
+            expiries: BTreeMap::new(),
+            tree: MerkleTree::new(),
+            dirty: FxHashSet::default(),
+        };
+        let mut dirty = Vec::new();
+        for (tenant, info) in snapshot.tenants {
+            ledger.studio_keys.insert(info.studio_key, tenant);
+            ledger.tenants.insert(tenant, info);
+            dirty.push(Dirty::Tenant(tenant));
+        }
+        for (tenant, account, custody) in snapshot.accounts {
+            ledger.accounts.insert((tenant, account), custody);
+            dirty.push(Dirty::Account(tenant, account));
+        }
+        for (tenant, id, info) in snapshot.currencies {
+            let slot = ledger.currencies.len() as u32;
+            ledger.currency_slots.insert((tenant, id.clone()), slot);
+            ledger.currencies.push(CurrencyState { tenant, id, info });
+            dirty.push(Dirty::Currency(slot));
+        }
+        for (tenant, id, info) in snapshot.classes {
+            let slot = ledger.classes.len() as u32;
+            ledger.class_slots.insert((tenant, id.clone()), slot);
+            ledger.classes.push((tenant, id, info));
+            dirty.push(Dirty::Class(tenant, slot));
+        }
+        for (slot, account, amount) in snapshot.balances {
+            if slot as usize >= ledger.currencies.len() || amount.is_zero() {
+                return Err(LedgerError::Snapshot(
+                    "balance of an unknown currency, or zero".into(),
+                ));
+            }
+            ledger.balances.insert((slot, account), amount);
+            dirty.push(Dirty::Balance(slot, account));
+        }
+        for (tenant, id, item) in snapshot.items {
+            if !ledger.class_slots.contains_key(&(tenant, item.class.clone())) {
+                return Err(LedgerError::Snapshot("item of an unknown class".into()));
+            }
+            ledger.inventory.insert((tenant, item.owner, id));
+            ledger.items.insert((tenant, id), item);
+            dirty.push(Dirty::Item(tenant, id));
+        }
+        for (tenant, event, record) in snapshot.events {
+            ledger
+                .expiries
+                .entry(record.expires_at)
+                .or_default()
+                .push((tenant, event));
+            ledger.events.insert((tenant, event), record);
+            dirty.push(Dirty::Event(tenant, event));
+        }
+        let this = &ledger;
+        let mut leaves: Vec<(Hash, Hash)> = dirty
+            .par_iter()
+            .map(|d| {
+                let key = key_hash(&this.state_key(d).encode());
+                (
+                    key,
+                    leaf_hash(&key, &this.value_bytes(d).expect("restored entries exist")),
+                )
+            })
+            .collect();
+        leaves.par_sort_unstable_by_key(|(key, _)| *key);
+        ledger.tree = MerkleTree::from_leaves(snapshot.tree_depth, leaves);
+        let root = ledger.tree.root();
+        if root != ledger.head.state_root {
+            return Err(LedgerError::Snapshot(format!(
+                "recomputed state root {root} differs from the head's {}",
+                ledger.head.state_root
+            )));
+        }
+        ledger.check_invariants().map_err(LedgerError::Snapshot)?;
+        Ok(ledger)
+    }
+}
