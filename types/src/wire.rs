@@ -921,6 +921,34 @@ mod tests {
     }
 
     #[test]
+    fn documented_payload_example_is_exact() {
+        let payload = TxPayload {
+            chain_id: 1,
+            tenant: TenantId(1),
+            event_id: EventId([0x11; 16]),
+            expires_at: 1000,
+            body: TxBody::Mint {
+                to: PublicKey([0x22; 32]),
+                grant: Grant::Currency {
+                    currency: CurrencyId::new("GOLD"),
+                    amount: Amount(5),
+                },
+            },
+        };
+        let expected = format!(
+            "950101c410{}cd03e881a46d696e7492c420{}81a863757272656e637992a4474f4c44c410{}",
+            "11".repeat(16),
+            "22".repeat(32),
+            format!("{:032x}", 5)
+        );
+        assert_eq!(hex::encode(payload.encode()), expected);
+        assert_eq!(
+            hex::encode(crate::tx::TX_SIGNING_DOMAIN),
+            "686f6172642f74782f763100"
+        );
+    }
+
+    #[test]
     fn unknown_and_malformed_are_told_apart_and_request_ids_recovered() {
         #[derive(Serialize)]
         struct Body {
