@@ -1,0 +1,242 @@
+//! [`SledStore`]: the production engine, one `sled::Db` with three trees (`blocks`, `snapshots`,
+//! `records`). Keys of blocks and snapshots are big-endian heights; every value is a checksummed frame.
+//!
+//! Atomicity: one block or record is one `insert`, a batch of blocks or a snapshot with its evictions is
+//! one `apply_batch` on one tree; sled recovers a prefix of its log after a crash, so a write present
+//! after a crash implies every earlier write is present. `sync` = `Db::flush` (see the module
+//! documentation of `store` for what that survives).
+
+use std::path::Path;
+
+use super::frame::{self, Kind};
+use super::{
+    check_append_batch, check_record, check_size, prune_limit, Durability, Result, Store, StoreConfig,
+    Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
+};
+
+/// The ledger store on sled 0.34.
+pub struct SledStore {
+    db: sled::Db,
+    blocks: sled::Tree,
+    snapshots: sled::Tree,
+    records: sled::Tree,
+    config: StoreConfig,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `dir`.
+    pub fn open(dir: &Path, config: StoreConfig) -> Result<SledStore> {
+        let db = sled::Config::new().path(dir).open()?;
+        let blocks = db.open_tree("blocks")?;
+        let snapshots = db.open_tree("snapshots")?;
+        let records = db.open_tree("records")?;
+        let store = SledStore {
+            db,
+            blocks,
+            snapshots,
+            records,
+            config,
+        };
+        tracing::debug!(dir = %dir.display(), last_height = store.last_height()?, "sled store opened");
+        Ok(store)
+    }
+
+    /// The underlying database, for tests that corrupt it on purpose.
+    #[cfg(test)]
+    pub(crate) fn raw_blocks(&self) -> &sled::Tree {
+        &self.blocks
+    }
+
+    fn after_write(&mut self) -> Result<()> {
+        if self.config.sync_each_write {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn last_key(tree: &sled::Tree, what: &'static str) -> Result<u64> {
+        match tree.last()? {
+            Some((key, _)) => frame::key_height(what, &key),
+            None => Ok(0),
+        }
+    }
+
+    /// Heights of the kept snapshots, ascending.
+    fn snapshot_heights(&self) -> Result<Vec<u64>> {
+        let mut heights = Vec::with_capacity(SNAPSHOTS_KEPT_COUNT + 1);
+        for key in self.snapshots.iter().keys() {
+            heights.push(frame::key_height("snapshot", &key?)?);
+        }
+        Ok(heights)
+    }
+}
+
+impl Store for SledStore {
+    fn append_block(&mut self, height: u64, block: &[u8]) -> Result<()> {
+        let last = self.last_height()?;
+        assert_eq!(height, last + 1, "append_block: block {height} after {last}");
+        check_size("block", block.len(), BLOCK_BYTES_MAX)?;
+        let key = frame::height_key(height);
+        self.blocks.insert(key, frame::encode(Kind::Block, &key, block))?;
+        self.after_write()
+    }
+
+    fn append_blocks(&mut self, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
+        check_append_batch(self.last_height()?, blocks)?;
+        let mut batch = sled::Batch::default();
+        for (height, block) in blocks {
+            let key = frame::height_key(*height);
+            batch.insert(&key[..], frame::encode(Kind::Block, &key, block));
+        }
+        self.blocks.apply_batch(batch)?;
+        self.after_write()
+    }
+
+    fn block(&self, height: u64) -> Result<Option<Vec<u8>>> {
+        let key = frame::height_key(height);
+        match self.blocks.get(key)? {
+            Some(stored) => Ok(Some(frame::decode(Kind::Block, &key, &stored, height)?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    fn blocks(&self, from: u64, max_count: usize, max_bytes: usize) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for entry in self.blocks.range(frame::height_key(from)..) {
+            if out.len() >= max_count {
+                break;
+            }
+            let (key, stored) = entry?;
+            let height = frame::key_height("block", &key)?;
+            if height != from + out.len() as u64 {
+                break;
+            }
+            let payload = frame::decode(Kind::Block, &key, &stored, height)?;
+            if !out.is_empty() && bytes + payload.len() > max_bytes {
+                break;
+            }
+            bytes += payload.len();
+            out.push((height, payload.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn last_height(&self) -> Result<u64> {
+        Ok(Self::last_key(&self.blocks, "block")?.max(Self::last_key(&self.snapshots, "snapshot")?))
+    }
+
+    fn put_snapshot(&mut self, height: u64, snapshot: &[u8]) -> Result<()> {
+        assert!(height >= 1, "put_snapshot: height 0");
+        check_size("snapshot", snapshot.len(), SNAPSHOT_BYTES_MAX)?;
+        let mut heights = self.snapshot_heights()?;
+        let latest = heights.last().copied().unwrap_or(0);
+        assert!(
+            height >= latest,
+            "put_snapshot: snapshot {height} below the latest {latest}"
+        );
+        let key = frame::height_key(height);
+        let mut batch = sled::Batch::default();
+        batch.insert(&key[..], frame::encode(Kind::Snapshot, &key, snapshot));
+        if height != latest {
+            heights.push(height);
+        }
+        let evicted = heights.len().saturating_sub(SNAPSHOTS_KEPT_COUNT);
+        for old in &heights[..evicted] {
+            batch.remove(&frame::height_key(*old)[..]);
+        }
+        self.snapshots.apply_batch(batch)?;
+        self.after_write()?;
+        self.prune_blocks_below(u64::MAX)
+    }
+
+    fn latest_snapshot(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        match self.snapshots.last()? {
+            Some((key, stored)) => {
+                let height = frame::key_height("snapshot", &key)?;
+                Ok(Some((
+                    height,
+                    frame::decode(Kind::Snapshot, &key, &stored, height)?.to_vec(),
+                )))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn snapshot_at(&self, height: u64) -> Result<Option<Vec<u8>>> {
+        let key = frame::height_key(height);
+        match self.snapshots.get(key)? {
+            Some(stored) => Ok(Some(
+                frame::decode(Kind::Snapshot, &key, &stored, height)?.to_vec(),
+            )),
+            None => Ok(None),
+        }
+    }
+
+    fn prune_blocks_below(&mut self, height: u64) -> Result<()> {
+        let oldest_snapshot = self.snapshot_heights()?.first().copied();
+        let limit = prune_limit(
+            height,
+            self.last_height()?,
+            oldest_snapshot,
+            self.config.block_retention_blocks,
+        );
+        if limit == 0 {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut count = 0u64;
+        for key in self.blocks.range(..=frame::height_key(limit)).keys() {
+            batch.remove(key?);
+            count += 1;
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        self.blocks.apply_batch(batch)?;
+        tracing::debug!(limit, count, "sled store pruned blocks");
+        self.after_write()
+    }
+
+    fn put_record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        check_record(key, Some(value))?;
+        self.records
+            .insert(key, frame::encode(Kind::Record, key, value))?;
+        self.after_write()
+    }
+
+    fn delete_record(&mut self, key: &[u8]) -> Result<()> {
+        check_record(key, None)?;
+        self.records.remove(key)?;
+        self.after_write()
+    }
+
+    fn records(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for entry in self.records.scan_prefix(prefix) {
+            let (key, stored) = entry?;
+            out.push((
+                key.to_vec(),
+                frame::decode(Kind::Record, &key, &stored, 0)?.to_vec(),
+            ));
+        }
+        Ok(out)
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn durability(&self) -> Durability {
+        let write = if self.config.sync_each_write {
+            Survives::ProcessKill
+        } else {
+            Survives::Nothing
+        };
+        Durability {
+            write,
+            sync: Survives::ProcessKill,
+        }
+    }
+}
