@@ -939,7 +939,7 @@ mod tests {
             "950101c410{}cd03e881a46d696e7492c420{}81a863757272656e637992a4474f4c44c410{}",
             "11".repeat(16),
             "22".repeat(32),
-            format!("{:032x}", 5)
+            "00".repeat(15) + "05"
         );
         assert_eq!(hex::encode(payload.encode()), expected);
         assert_eq!(
