@@ -286,9 +286,17 @@ pub enum ClientMessage {
     },
     /// Subscribe to committed activity of one account (players: only their own) or, with
     /// `account: None`, of the whole tenant (studio only).
+    ///
+    /// `from_height` (optional, may be absent): first push, in commit order, every committed
+    /// activity of the subscription at heights `>= from_height` (the SDK uses it to resume after a
+    /// reconnect without gaps; it removes duplicates of the last height it saw itself), then live
+    /// activity. None: live activity only, from now on. A `from_height` older than the history the
+    /// gateway keeps is answered with `error {code: "not_found"}`.
     Subscribe {
         request_id: u64,
         account: Option<PublicKey>,
+        #[serde(default)]
+        from_height: Option<u64>,
     },
     /// Cancel a subscription.
     Unsubscribe { request_id: u64, subscription_id: u64 },
@@ -853,6 +861,7 @@ mod tests {
             ClientMessage::Subscribe {
                 request_id: 1,
                 account: None,
+                from_height: Some(5),
             },
             ClientMessage::Unsubscribe {
                 request_id: 1,
@@ -1008,6 +1017,28 @@ mod tests {
         };
         ok(TenantId(5)).unwrap();
         assert!(ok(TenantId(6)).is_err());
+    }
+
+    #[test]
+    fn subscribe_without_from_height_still_decodes() {
+        #[derive(Serialize)]
+        struct OldSubscribe {
+            request_id: u64,
+            account: Option<PublicKey>,
+        }
+        let mut map = std::collections::BTreeMap::new();
+        map.insert("subscribe", OldSubscribe { request_id: 4, account: None });
+        assert_eq!(
+            decode_client(&encode(&map)).unwrap(),
+            ClientMessage::Subscribe { request_id: 4, account: None, from_height: None }
+        );
+        // As an array in field order, the trailing optional field may be left out too.
+        let mut map = std::collections::BTreeMap::new();
+        map.insert("subscribe", (4u64, Option::<PublicKey>::None));
+        assert_eq!(
+            decode_client(&rmp_serde::to_vec(&map).unwrap()).unwrap(),
+            ClientMessage::Subscribe { request_id: 4, account: None, from_height: None }
+        );
     }
 
     #[test]
