@@ -1027,17 +1027,31 @@ mod tests {
             account: Option<PublicKey>,
         }
         let mut map = std::collections::BTreeMap::new();
-        map.insert("subscribe", OldSubscribe { request_id: 4, account: None });
+        map.insert(
+            "subscribe",
+            OldSubscribe {
+                request_id: 4,
+                account: None,
+            },
+        );
         assert_eq!(
             decode_client(&encode(&map)).unwrap(),
-            ClientMessage::Subscribe { request_id: 4, account: None, from_height: None }
+            ClientMessage::Subscribe {
+                request_id: 4,
+                account: None,
+                from_height: None
+            }
         );
         // As an array in field order, the trailing optional field may be left out too.
         let mut map = std::collections::BTreeMap::new();
         map.insert("subscribe", (4u64, Option::<PublicKey>::None));
         assert_eq!(
             decode_client(&rmp_serde::to_vec(&map).unwrap()).unwrap(),
-            ClientMessage::Subscribe { request_id: 4, account: None, from_height: None }
+            ClientMessage::Subscribe {
+                request_id: 4,
+                account: None,
+                from_height: None
+            }
         );
     }
 
