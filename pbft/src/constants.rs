@@ -1,0 +1,30 @@
+//! Every limit of the consensus core, with its unit in its name. Each bounds something a peer
+//! or a client could otherwise grow without end.
+
+/// Largest encoded message accepted from the network (a view change carries up to `L`
+/// prepared certificates with their batches). Configurable per deployment up to this.
+pub const MESSAGE_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Largest number of replicas (n = 3f + 1).
+pub const REPLICAS_MAX: usize = 64;
+/// Fewest replicas: one fault tolerated.
+pub const REPLICAS_MIN: usize = 4;
+/// How many views ahead of our own we keep view-change messages for.
+pub const VIEWS_AHEAD_MAX: u64 = 64;
+/// Most commit votes kept per replica per sequence number (one per view, newest views kept).
+pub const COMMIT_VIEWS_PER_REPLICA_MAX: usize = 2;
+/// Most distinct batches kept per sequence number (candidates from several views).
+pub const BATCHES_PER_SLOT_MAX: usize = 4;
+/// Most committed batches sent to a peer in one catch-up answer.
+pub const CATCHUP_BATCHES_MAX: u64 = 32;
+/// Most executed request digests remembered to drop client retransmissions.
+pub const EXECUTED_REMEMBERED_MAX: usize = 65_536;
+/// Most pending requests a backup forwards to the primary per status tick.
+pub const FORWARD_PER_TICK_MAX: usize = 16;
+/// Exponent cap of the view-change timeout's exponential backoff.
+pub const VIEW_CHANGE_BACKOFF_SHIFT_MAX: u32 = 10;
+/// The signing domain of every consensus message.
+pub const SIGNING_DOMAIN: &[u8] = b"hoard/pbft/v1\0";
+
+const _: () = assert!(REPLICAS_MIN == 3 + 1);
+const _: () = assert!(REPLICAS_MAX <= u32::MAX as usize);
+const _: () = assert!(COMMIT_VIEWS_PER_REPLICA_MAX >= 2, "a vote from an old view and the current one");

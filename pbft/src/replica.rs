@@ -1,0 +1,1669 @@
+//! The PBFT replica: a pure, deterministic state machine.
+//!
+//! Inputs: [`Replica::on_message`], [`Replica::on_request`], [`Replica::on_timer`] (time enters
+//! only through [`Replica::set_now`]). Outputs: a list of [`Output`]s the driver performs in
+//! order. Every handler drops stale messages first, then verifies signatures, then applies.
+//!
+//! Safety rules (Castro & Liskov, "Practical Byzantine Fault Tolerance", OSDI 1999, and the
+//! signature variant of the view change) appear in the code as named local variables.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use hoard_types::crypto::Hash;
+use tracing::{debug, warn};
+
+use crate::app::App;
+use crate::constants::{
+    BATCHES_PER_SLOT_MAX, CATCHUP_BATCHES_MAX, COMMIT_VIEWS_PER_REPLICA_MAX, EXECUTED_REMEMBERED_MAX,
+    FORWARD_PER_TICK_MAX, VIEWS_AHEAD_MAX, VIEW_CHANGE_BACKOFF_SHIFT_MAX,
+};
+use crate::error::{Error, Result};
+use crate::message::{
+    verify_all, Batch, CheckpointCert, Message, PreparedCert, ReplicaId, Request, SignedMessage,
+};
+use crate::types::{Committed, Config, DurableState, Output, Record, Stats, Timer};
+
+/// One sequence number's consensus state.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    /// The view the per-view fields below belong to.
+    view: u64,
+    /// The primary's pre-prepare in `view`, and its batch digest.
+    pre_prepare: Option<(SignedMessage, Hash)>,
+    /// Prepares in `view` from backups, by signer.
+    prepares: BTreeMap<ReplicaId, (Hash, SignedMessage)>,
+    my_prepare: Option<(Hash, SignedMessage)>,
+    my_commit: Option<(Hash, SignedMessage)>,
+    /// Candidate batches by digest (from pre-prepares of any view and catch-up proofs).
+    batches: Vec<(Hash, Arc<Batch>)>,
+    /// Our highest-view prepared certificate (view, digest, cert): carried into view changes.
+    prepared: Option<(u64, Hash, PreparedCert)>,
+    /// Commit votes by (signer, view).
+    commits: BTreeMap<(ReplicaId, u64), (Hash, SignedMessage)>,
+    /// Set once 2f+1 commits of one view agree and the batch is known.
+    committed: Option<(u64, Hash, Arc<Batch>)>,
+}
+
+impl Slot {
+    fn batch(&self, digest: &Hash) -> Option<Arc<Batch>> {
+        self.batches.iter().find(|(d, _)| d == digest).map(|(_, b)| b.clone())
+    }
+
+    fn add_batch(&mut self, digest: Hash, batch: Arc<Batch>) {
+        if self.batches.iter().any(|(d, _)| *d == digest) {
+            return;
+        }
+        if self.batches.len() >= BATCHES_PER_SLOT_MAX {
+            self.batches.remove(0);
+        }
+        self.batches.push((digest, batch));
+    }
+
+    /// Forget what belongs to an older view (prepared certificates and commits stay).
+    fn enter_view(&mut self, view: u64) {
+        if self.view < view {
+            self.view = view;
+            self.pre_prepare = None;
+            self.prepares.clear();
+            self.my_prepare = None;
+            self.my_commit = None;
+        }
+    }
+}
+
+/// Our checkpoint and the votes for one checkpoint sequence number.
+#[derive(Clone, Debug, Default)]
+struct CheckpointSlot {
+    /// Our digest and snapshot at this seq, once executed.
+    own: Option<(Hash, Arc<Vec<u8>>, SignedMessage)>,
+    votes: BTreeMap<ReplicaId, (Hash, SignedMessage)>,
+}
+
+/// A validated view-change message.
+#[derive(Clone, Debug)]
+struct ViewChangeInfo {
+    msg: SignedMessage,
+    stable: Option<CheckpointCert>,
+    /// (seq, view, digest, batch) of each prepared certificate.
+    prepared: Vec<(u64, u64, Hash, Batch)>,
+    certs: Vec<PreparedCert>,
+}
+
+impl ViewChangeInfo {
+    /// Every signature inside: the message's own, its checkpoint and prepared certificates.
+    fn signatures<'a>(&'a self, all: &mut Vec<&'a SignedMessage>) {
+        all.push(&self.msg);
+        if let Some(cert) = &self.stable {
+            all.extend(cert.votes.iter());
+        }
+        for cert in &self.certs {
+            all.push(&cert.pre_prepare);
+            all.extend(cert.prepares.iter());
+        }
+    }
+}
+
+/// The pre-prepares a new view must contain.
+struct NewViewPlan {
+    min_cert: Option<CheckpointCert>,
+    max_seq: u64,
+    entries: Vec<(u64, Batch)>,
+}
+
+#[derive(Clone, Debug)]
+struct Transfer {
+    cert: CheckpointCert,
+    peer: ReplicaId,
+    attempts: u32,
+}
+
+/// A PBFT replica over the app `A`.
+pub struct Replica<A: App> {
+    config: Config,
+    n: usize,
+    f: usize,
+    app: A,
+    now_ms: u64,
+    view: u64,
+    in_view_change: bool,
+    view_change_attempts: u32,
+    /// h: the last stable checkpoint.
+    low: u64,
+    last_executed: u64,
+    stable: Option<CheckpointCert>,
+    stable_snapshot: Option<Arc<Vec<u8>>>,
+    slots: BTreeMap<u64, Slot>,
+    checkpoints: BTreeMap<u64, CheckpointSlot>,
+    /// Primary: the last sequence number assigned in this view.
+    next_seq: u64,
+    last_timestamp_ms: u64,
+    pending: BTreeMap<Hash, Request>,
+    pending_order: VecDeque<Hash>,
+    /// Pending requests already in a pre-prepare of this view.
+    proposed: BTreeSet<Hash>,
+    executed_recent: BTreeSet<Hash>,
+    executed_order: VecDeque<Hash>,
+    batch_timer_armed: bool,
+    view_change_timer_armed: bool,
+    view_changes: BTreeMap<u64, BTreeMap<ReplicaId, ViewChangeInfo>>,
+    own_view_change: Option<SignedMessage>,
+    new_view: Option<SignedMessage>,
+    transfer: Option<Transfer>,
+    transfer_target: Option<CheckpointCert>,
+    /// False after a failed restore or a digest mismatch: nothing executes until a transfer.
+    app_valid: bool,
+    served_ms: Vec<u64>,
+    snapshot_served_ms: Vec<u64>,
+    executed_at_last_tick: u64,
+    stats: Stats,
+}
+
+impl<A: App> Replica<A> {
+    /// A replica starting from genesis (`app` at seq 0). Call [`Replica::start`] next.
+    pub fn new(config: Config, app: A) -> Result<Replica<A>> {
+        config.validate()?;
+        let n = config.n();
+        let f = config.f();
+        let last_executed = app.last_executed();
+        Ok(Replica {
+            n,
+            f,
+            app,
+            now_ms: 0,
+            view: 0,
+            in_view_change: false,
+            view_change_attempts: 0,
+            low: 0,
+            last_executed,
+            stable: None,
+            stable_snapshot: None,
+            slots: BTreeMap::new(),
+            checkpoints: BTreeMap::new(),
+            next_seq: last_executed,
+            last_timestamp_ms: 0,
+            pending: BTreeMap::new(),
+            pending_order: VecDeque::new(),
+            proposed: BTreeSet::new(),
+            executed_recent: BTreeSet::new(),
+            executed_order: VecDeque::new(),
+            batch_timer_armed: false,
+            view_change_timer_armed: false,
+            view_changes: BTreeMap::new(),
+            own_view_change: None,
+            new_view: None,
+            transfer: None,
+            transfer_target: None,
+            app_valid: true,
+            served_ms: vec![0; n],
+            snapshot_served_ms: vec![0; n],
+            executed_at_last_tick: last_executed,
+            stats: Stats::default(),
+            config,
+        })
+    }
+
+    /// A replica restarting from its disk. `app` was restored from its latest snapshot and
+    /// replayed from the block log by the driver; `durable` is what the Persist records left.
+    /// Call [`Replica::start`] next.
+    pub fn recover(config: Config, app: A, durable: DurableState) -> Result<Replica<A>> {
+        let mut replica = Replica::new(config, app)?;
+        replica.view = durable.view;
+        replica.in_view_change = durable.in_view_change;
+        if let (Some(cert), Some(snapshot)) = (durable.stable.clone(), durable.stable_snapshot.clone()) {
+            if replica.app.last_executed() < cert.seq {
+                let digest = replica.app.restore(&snapshot).map_err(|e| Error::App(e.to_string()))?;
+                if digest != cert.digest.0 || replica.app.last_executed() != cert.seq {
+                    return Err(Error::App("the durable snapshot does not match its certificate".into()));
+                }
+            }
+            replica.low = cert.seq;
+            replica.stable = Some(cert);
+            replica.stable_snapshot = Some(snapshot);
+        }
+        replica.last_executed = replica.app.last_executed();
+        replica.next_seq = replica.last_executed.max(replica.low);
+        let me = replica.config.id;
+        let view = replica.view;
+        if let Some(msg) = durable.new_view.clone() {
+            if let Ok(Message::NewView { view: nv_view, pre_prepares, .. }) = replica.decode(&msg) {
+                if nv_view == view {
+                    for pp in pre_prepares {
+                        if let Ok(Message::PrePrepare { seq, batch, .. }) = replica.decode(&pp) {
+                            if seq > replica.low {
+                                let digest = batch.digest();
+                                let slot = replica.slots.entry(seq).or_default();
+                                slot.enter_view(view);
+                                slot.add_batch(digest, Arc::new(batch));
+                                slot.pre_prepare = Some((pp, digest));
+                            }
+                            replica.next_seq = replica.next_seq.max(seq);
+                        }
+                    }
+                    replica.new_view = Some(msg);
+                }
+            }
+        }
+        for (seq, durable_slot) in durable.slots {
+            if seq <= replica.low {
+                continue;
+            }
+            let slot = replica.slots.entry(seq).or_default();
+            slot.enter_view(view);
+            if let Some((pp_view, msg)) = durable_slot.pre_prepare {
+                if pp_view == view {
+                    if let Ok(Message::PrePrepare { batch, .. }) = Message::decode(&msg.payload, usize::MAX) {
+                        let digest = batch.digest();
+                        slot.add_batch(digest, Arc::new(batch));
+                        slot.pre_prepare = Some((msg, digest));
+                        replica.next_seq = replica.next_seq.max(seq);
+                    }
+                }
+            }
+            if let Some((p_view, digest, pp, prepare)) = durable_slot.prepare {
+                if let Ok(Message::PrePrepare { batch, .. }) = Message::decode(&pp.payload, usize::MAX) {
+                    slot.add_batch(digest, Arc::new(batch));
+                }
+                if p_view == view {
+                    slot.pre_prepare = Some((pp, digest));
+                    slot.prepares.insert(me, (digest, prepare.clone()));
+                    slot.my_prepare = Some((digest, prepare));
+                }
+            }
+            if let Some((c_view, digest, cert, commit)) = durable_slot.commit {
+                if let Ok(Message::PrePrepare { batch, .. }) = Message::decode(&cert.pre_prepare.payload, usize::MAX)
+                {
+                    slot.add_batch(digest, Arc::new(batch));
+                }
+                if c_view == view {
+                    slot.pre_prepare = Some((cert.pre_prepare.clone(), digest));
+                    for prepare in &cert.prepares {
+                        slot.prepares.insert(prepare.signer, (digest, prepare.clone()));
+                    }
+                    slot.my_commit = Some((digest, commit.clone()));
+                }
+                slot.commits.insert((me, c_view), (digest, commit));
+                slot.prepared = Some((c_view, digest, cert));
+            }
+        }
+        if replica.in_view_change {
+            replica.own_view_change = durable.view_change.filter(|vc| {
+                matches!(Message::decode(&vc.payload, usize::MAX), Ok(Message::ViewChange { new_view, .. }) if new_view == view)
+            });
+        }
+        replica.refresh_stats();
+        Ok(replica)
+    }
+
+    /// Arms the periodic timers and re-sends what a restarted replica had in flight.
+    pub fn start(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        out.push(Output::SetTimer { timer: Timer::Status, after_ms: self.config.status_interval_ms });
+        if self.in_view_change {
+            match self.own_view_change.clone() {
+                Some(msg) => {
+                    self.store_own_view_change(msg.clone());
+                    self.broadcast(&mut out, msg);
+                    self.arm_view_change_timer(&mut out);
+                    self.try_new_view(&mut out);
+                }
+                None => {
+                    let view = self.view;
+                    self.in_view_change = false;
+                    self.start_view_change(view.max(1), &mut out);
+                }
+            }
+        }
+        self.try_execute(&mut out);
+        self.refresh_stats();
+        out
+    }
+
+    /// The driver's clock, in milliseconds. Call before each input.
+    pub fn set_now(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    pub fn id(&self) -> ReplicaId {
+        self.config.id
+    }
+
+    pub fn view(&self) -> u64 {
+        self.view
+    }
+
+    pub fn in_view_change(&self) -> bool {
+        self.in_view_change
+    }
+
+    pub fn is_primary(&self) -> bool {
+        self.primary(self.view) == self.config.id
+    }
+
+    pub fn primary_of(&self, view: u64) -> ReplicaId {
+        self.primary(view)
+    }
+
+    pub fn last_executed(&self) -> u64 {
+        self.last_executed
+    }
+
+    pub fn stable_checkpoint(&self) -> u64 {
+        self.low
+    }
+
+    pub fn app(&self) -> &A {
+        &self.app
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Log entries held (bounded by about 2L).
+    pub fn log_len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Memory-bound check: slots, checkpoints, pending and view-change entries within limits.
+    pub fn memory_bounded(&self) -> bool {
+        let window = self.config.window as usize;
+        let checkpoint_slots = window / self.config.checkpoint_interval as usize + 2;
+        self.slots.len() <= 2 * window + 1
+            && self.checkpoints.len() <= 2 * checkpoint_slots
+            && self.pending.len() <= self.config.pending_requests_max
+            && self.pending_order.len() <= 2 * self.config.pending_requests_max + 1
+            && self.executed_recent.len() <= EXECUTED_REMEMBERED_MAX
+            && self.view_changes.len() as u64 <= VIEWS_AHEAD_MAX + 1
+    }
+
+    /// Counters for the runtime to export.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A message from replica `from` (the transport's sender; the signer may differ when a
+    /// message is forwarded). Errors are counted in [`Stats`] and logged.
+    pub fn on_message(&mut self, from: ReplicaId, msg: SignedMessage) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Err(error) = self.handle_message(from, msg, &mut out) {
+            self.note_error(from, &error);
+        }
+        self.refresh_stats();
+        out
+    }
+
+    /// Like [`Replica::on_message`], from the bytes on the wire.
+    pub fn on_bytes(&mut self, from: ReplicaId, bytes: &[u8]) -> Vec<Output> {
+        match SignedMessage::from_bytes(bytes, self.config.message_bytes_max) {
+            Ok(msg) => self.on_message(from, msg),
+            Err(error) => {
+                self.note_error(from, &error);
+                Vec::new()
+            }
+        }
+    }
+
+    /// Like [`Replica::on_message`] but returns the error instead of counting it.
+    pub fn try_on_message(&mut self, from: ReplicaId, msg: SignedMessage) -> Result<Vec<Output>> {
+        let mut out = Vec::new();
+        let result = self.handle_message(from, msg, &mut out);
+        self.refresh_stats();
+        result.map(|()| out)
+    }
+
+    /// A client request (from the gateway).
+    pub fn on_request(&mut self, request: Request) -> Vec<Output> {
+        let mut out = Vec::new();
+        if let Err(error) = self.handle_request(request, true, &mut out) {
+            debug!(replica = self.config.id, %error, "request dropped");
+        }
+        self.refresh_stats();
+        out
+    }
+
+    /// A timer the replica set has fired.
+    pub fn on_timer(&mut self, timer: Timer) -> Vec<Output> {
+        let mut out = Vec::new();
+        match timer {
+            Timer::Batch => {
+                self.batch_timer_armed = false;
+                self.maybe_propose(true, &mut out);
+            }
+            Timer::ViewChange => {
+                self.view_change_timer_armed = false;
+                let suspect_primary = !self.pending.is_empty() && !self.is_primary();
+                if self.in_view_change || suspect_primary {
+                    let next = self.view + 1;
+                    self.start_view_change(next, &mut out);
+                }
+            }
+            Timer::Status => self.on_status_tick(&mut out),
+            Timer::StateTransfer => self.on_transfer_timeout(&mut out),
+        }
+        self.refresh_stats();
+        out
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Helpers
+
+    fn primary(&self, view: u64) -> ReplicaId {
+        (view % self.n as u64) as ReplicaId
+    }
+
+    fn quorum(&self) -> usize {
+        2 * self.f + 1
+    }
+
+    fn decode(&self, msg: &SignedMessage) -> Result<Message> {
+        msg.message(self.config.message_bytes_max)
+    }
+
+    fn sign(&self, message: &Message) -> SignedMessage {
+        message.sign(self.config.id, &self.config.keypair)
+    }
+
+    fn broadcast(&mut self, out: &mut Vec<Output>, msg: SignedMessage) {
+        if let Ok(m) = self.decode(&msg) {
+            self.stats.messages_sent_total[m.kind().index()] += 1;
+        }
+        out.push(Output::Broadcast { msg });
+    }
+
+    fn send(&mut self, out: &mut Vec<Output>, to: ReplicaId, msg: SignedMessage) {
+        if to == self.config.id {
+            return;
+        }
+        if let Ok(m) = self.decode(&msg) {
+            self.stats.messages_sent_total[m.kind().index()] += 1;
+        }
+        out.push(Output::Send { to, msg });
+    }
+
+    fn in_window(&self, seq: u64) -> bool {
+        seq > self.low && seq <= self.low + self.config.window
+    }
+
+    fn view_change_timeout_ms(&self) -> u64 {
+        let shift = self.view_change_attempts.min(VIEW_CHANGE_BACKOFF_SHIFT_MAX);
+        self.config
+            .view_change_timeout_ms
+            .saturating_mul(1 << shift)
+            .min(self.config.view_change_timeout_max_ms)
+    }
+
+    fn arm_view_change_timer(&mut self, out: &mut Vec<Output>) {
+        self.view_change_timer_armed = true;
+        out.push(Output::SetTimer { timer: Timer::ViewChange, after_ms: self.view_change_timeout_ms() });
+    }
+
+    fn cancel_view_change_timer(&mut self, out: &mut Vec<Output>) {
+        if self.view_change_timer_armed {
+            self.view_change_timer_armed = false;
+            out.push(Output::CancelTimer { timer: Timer::ViewChange });
+        }
+    }
+
+    fn note_error(&mut self, from: ReplicaId, error: &Error) {
+        if error.is_stale() {
+            self.stats.messages_stale_total += 1;
+            debug!(replica = self.config.id, from, %error, "stale message dropped");
+        } else {
+            self.stats.messages_invalid_total += 1;
+            warn!(replica = self.config.id, from, %error, "invalid message rejected");
+        }
+    }
+
+    fn refresh_stats(&mut self) {
+        self.stats.view = self.view;
+        self.stats.in_view_change = self.in_view_change;
+        self.stats.last_executed = self.last_executed;
+        self.stats.stable_checkpoint_seq = self.low;
+        self.stats.log_slots = self.slots.len();
+        self.stats.pending_requests = self.pending.len();
+    }
+
+    fn check_batch_shape(&self, batch: &Batch) -> Result<()> {
+        if batch.requests.len() > self.config.batch_size_max {
+            return Err(Error::Malformed("batch has too many requests".into()));
+        }
+        if batch.size_bytes() > self.config.batch_bytes_max + 8 {
+            return Err(Error::Malformed("batch too large".into()));
+        }
+        if batch.requests.iter().any(|r| r.payload.len() > self.config.request_bytes_max) {
+            return Err(Error::Malformed("request too large".into()));
+        }
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Requests
+
+    fn handle_request(&mut self, request: Request, from_client: bool, out: &mut Vec<Output>) -> Result<()> {
+        if request.payload.len() > self.config.request_bytes_max
+            || request.size_bytes() > self.config.batch_bytes_max
+        {
+            return Err(Error::Request("payload too large"));
+        }
+        let digest = request.digest();
+        if self.executed_recent.contains(&digest) {
+            return Err(Error::Stale("request already executed"));
+        }
+        let is_primary = self.is_primary() && !self.in_view_change;
+        if self.pending.contains_key(&digest) {
+            if from_client && !is_primary {
+                // A client retransmission: the primary may not have it.
+                let msg = self.sign(&Message::Request(request));
+                let primary = self.primary(self.view);
+                self.send(out, primary, msg);
+            }
+            return Ok(());
+        }
+        if !from_client && !is_primary {
+            return Err(Error::Stale("forwarded request and not the primary"));
+        }
+        if self.pending.len() >= self.config.pending_requests_max {
+            self.stats.requests_dropped_total += 1;
+            return Err(Error::Request("pending requests full"));
+        }
+        if self.app.check_requests(std::slice::from_ref(&request)) != [true] {
+            self.stats.requests_dropped_total += 1;
+            return Err(Error::Request("request failed the app's check"));
+        }
+        self.pending.insert(digest, request.clone());
+        self.pending_order.push_back(digest);
+        if is_primary {
+            self.maybe_propose(false, out);
+        } else {
+            let msg = self.sign(&Message::Request(request));
+            let primary = self.primary(self.view);
+            self.send(out, primary, msg);
+            if !self.view_change_timer_armed && !self.in_view_change {
+                self.arm_view_change_timer(out);
+            }
+        }
+        Ok(())
+    }
+
+    fn compact_pending_order(&mut self) {
+        while let Some(front) = self.pending_order.front() {
+            if self.pending.contains_key(front) {
+                break;
+            }
+            self.pending_order.pop_front();
+        }
+        if self.pending_order.len() > 2 * self.config.pending_requests_max {
+            let pending = &self.pending;
+            self.pending_order.retain(|d| pending.contains_key(d));
+        }
+    }
+
+    /// Primary: order pending requests while the window allows.
+    fn maybe_propose(&mut self, force: bool, out: &mut Vec<Output>) {
+        if !self.is_primary() || self.in_view_change {
+            return;
+        }
+        self.compact_pending_order();
+        loop {
+            if self.next_seq + 1 > self.low + self.config.window {
+                return;
+            }
+            let mut chosen = Vec::new();
+            let mut bytes = 0usize;
+            let mut full = false;
+            for digest in &self.pending_order {
+                if self.proposed.contains(digest) || chosen.contains(digest) {
+                    continue;
+                }
+                let Some(request) = self.pending.get(digest) else { continue };
+                if chosen.len() >= self.config.batch_size_max
+                    || bytes + request.size_bytes() > self.config.batch_bytes_max
+                {
+                    full = true;
+                    break;
+                }
+                bytes += request.size_bytes();
+                chosen.push(*digest);
+            }
+            if chosen.is_empty() {
+                return;
+            }
+            full |= chosen.len() >= self.config.batch_size_max;
+            if !full && !force {
+                if !self.batch_timer_armed {
+                    self.batch_timer_armed = true;
+                    out.push(Output::SetTimer { timer: Timer::Batch, after_ms: self.config.batch_timeout_ms });
+                }
+                return;
+            }
+            let requests: Vec<Request> = chosen.iter().filter_map(|d| self.pending.get(d).cloned()).collect();
+            let checks = self.app.check_requests(&requests);
+            let mut valid = Vec::with_capacity(requests.len());
+            for ((request, ok), digest) in requests.into_iter().zip(checks).zip(&chosen) {
+                if ok {
+                    self.proposed.insert(*digest);
+                    valid.push(request);
+                } else {
+                    self.pending.remove(digest);
+                    self.stats.requests_dropped_total += 1;
+                }
+            }
+            if valid.is_empty() {
+                continue;
+            }
+            self.last_timestamp_ms = self.last_timestamp_ms.max(self.now_ms);
+            let batch = Batch { timestamp_ms: self.last_timestamp_ms, requests: valid };
+            let seq = self.next_seq + 1;
+            self.next_seq = seq;
+            let view = self.view;
+            let digest = batch.digest();
+            let msg = self.sign(&Message::PrePrepare { view, seq, batch: batch.clone() });
+            let slot = self.slots.entry(seq).or_default();
+            slot.enter_view(view);
+            slot.add_batch(digest, Arc::new(batch));
+            slot.pre_prepare = Some((msg.clone(), digest));
+            out.push(Output::Persist(Record::PrePrepare { view, seq, msg: msg.clone() }));
+            self.broadcast(out, msg);
+            self.check_prepared(seq, out);
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Messages
+
+    fn handle_message(&mut self, from: ReplicaId, signed: SignedMessage, out: &mut Vec<Output>) -> Result<()> {
+        if signed.signer as usize >= self.n {
+            return Err(Error::UnknownReplica(signed.signer));
+        }
+        if (from as usize) >= self.n {
+            return Err(Error::UnknownReplica(from));
+        }
+        if signed.signer == self.config.id {
+            return Err(Error::Stale("our own message"));
+        }
+        let message = self.decode(&signed)?;
+        self.stats.messages_received_total[message.kind().index()] += 1;
+        match message {
+            Message::Request(request) => {
+                signed.verify(&self.config.keys)?;
+                self.handle_request(request, false, out)
+            }
+            Message::PrePrepare { view, seq, batch } => self.on_pre_prepare(signed, view, seq, batch, out),
+            Message::Prepare { view, seq, digest } => self.on_prepare(signed, view, seq, digest, out),
+            Message::Commit { view, seq, digest } => self.on_commit(signed, view, seq, digest, out),
+            Message::Checkpoint { seq, digest } => self.on_checkpoint(signed, seq, digest, out),
+            Message::ViewChange { new_view, .. } => self.on_view_change(signed, new_view, out),
+            Message::NewView { view, view_changes, pre_prepares } => {
+                self.on_new_view(signed, view, view_changes, pre_prepares, out)
+            }
+            Message::Status { view, in_view_change, last_executed, stable_seq } => {
+                self.on_status(signed, view, in_view_change, last_executed, stable_seq, out)
+            }
+            Message::CommitProof { seq, batch, commits } => self.on_commit_proof(signed, seq, batch, commits, out),
+            Message::StableCert { cert } => {
+                if cert.seq <= self.low && self.app_valid {
+                    return Err(Error::Stale("stable certificate not above ours"));
+                }
+                signed.verify(&self.config.keys)?;
+                self.verify_checkpoint_cert(&cert)?;
+                self.adopt_stable_cert(cert, out);
+                Ok(())
+            }
+            Message::FetchSnapshot { seq } => self.on_fetch_snapshot(signed, seq, out),
+            Message::Snapshot { cert, snapshot } => self.on_snapshot(signed, cert, snapshot, out),
+        }
+    }
+
+    fn on_pre_prepare(
+        &mut self,
+        signed: SignedMessage,
+        view: u64,
+        seq: u64,
+        batch: Batch,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        // Stale first.
+        if view != self.view || self.in_view_change {
+            return Err(Error::Stale("pre-prepare not for our current view"));
+        }
+        if !self.in_window(seq) {
+            return Err(Error::Stale("pre-prepare outside the watermarks"));
+        }
+        if signed.signer != self.primary(view) {
+            return Err(Error::Violation { replica: signed.signer, what: "pre-prepare from a backup" });
+        }
+        let digest = batch.digest();
+        if let Some((_, existing)) = self.slots.get(&seq).and_then(|s| {
+            if s.view == view {
+                s.pre_prepare.as_ref()
+            } else {
+                None
+            }
+        }) {
+            if *existing == digest {
+                return Err(Error::Stale("duplicate pre-prepare"));
+            }
+            // Verify before accusing: a forged second pre-prepare proves nothing.
+            signed.verify(&self.config.keys)?;
+            return Err(Error::Violation { replica: signed.signer, what: "two pre-prepares for one (view, seq)" });
+        }
+        // Then verify.
+        signed.verify(&self.config.keys)?;
+        self.check_batch_shape(&batch)?;
+        let unknown: Vec<Request> = batch
+            .requests
+            .iter()
+            .filter(|r| !self.pending.contains_key(&r.digest()))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() && self.app.check_requests(&unknown).iter().any(|ok| !ok) {
+            return Err(Error::Violation { replica: signed.signer, what: "pre-prepare with an invalid request" });
+        }
+        // Then apply.
+        let slot = self.slots.entry(seq).or_default();
+        slot.enter_view(view);
+        slot.add_batch(digest, Arc::new(batch));
+        slot.pre_prepare = Some((signed, digest));
+        self.send_prepare(seq, out);
+        self.check_prepared(seq, out);
+        Ok(())
+    }
+
+    /// Backup: prepare the accepted pre-prepare of `seq` in the current view.
+    fn send_prepare(&mut self, seq: u64, out: &mut Vec<Output>) {
+        if self.is_primary() {
+            return;
+        }
+        let view = self.view;
+        let me = self.config.id;
+        let Some(slot) = self.slots.get(&seq) else { return };
+        let Some((pre_prepare, digest)) = slot.pre_prepare.clone() else { return };
+        if let Some((sent, _)) = &slot.my_prepare {
+            // Safety rule: never sign two different prepares for one (view, seq).
+            let safety_rule_one_prepare_per_view_seq = *sent == digest;
+            if !safety_rule_one_prepare_per_view_seq {
+                warn!(replica = me, seq, view, "refusing to prepare a second batch");
+            }
+            return;
+        }
+        let prepare = self.sign(&Message::Prepare { view, seq, digest });
+        let slot = self.slots.get_mut(&seq).expect("slot exists");
+        slot.my_prepare = Some((digest, prepare.clone()));
+        slot.prepares.insert(me, (digest, prepare.clone()));
+        out.push(Output::Persist(Record::Prepare {
+            view,
+            seq,
+            digest,
+            pre_prepare,
+            prepare: prepare.clone(),
+        }));
+        self.broadcast(out, prepare);
+    }
+
+    fn on_prepare(
+        &mut self,
+        signed: SignedMessage,
+        view: u64,
+        seq: u64,
+        digest: Hash,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        if view != self.view || self.in_view_change {
+            return Err(Error::Stale("prepare not for our current view"));
+        }
+        if !self.in_window(seq) {
+            return Err(Error::Stale("prepare outside the watermarks"));
+        }
+        if signed.signer == self.primary(view) {
+            return Err(Error::Violation { replica: signed.signer, what: "prepare from the primary" });
+        }
+        if let Some(slot) = self.slots.get(&seq) {
+            if slot.view == view && slot.prepares.contains_key(&signed.signer) {
+                return Err(Error::Stale("duplicate prepare"));
+            }
+        }
+        signed.verify(&self.config.keys)?;
+        let slot = self.slots.entry(seq).or_default();
+        slot.enter_view(view);
+        slot.prepares.insert(signed.signer, (digest, signed));
+        self.check_prepared(seq, out);
+        Ok(())
+    }
+
+    /// prepared(m, v, n, i): a pre-prepare and 2f matching prepares from distinct backups.
+    fn check_prepared(&mut self, seq: u64, out: &mut Vec<Output>) {
+        let view = self.view;
+        let needed = 2 * self.f;
+        let Some(slot) = self.slots.get(&seq) else { return };
+        if slot.view != view || slot.my_commit.is_some() {
+            return;
+        }
+        let Some((pre_prepare, digest)) = slot.pre_prepare.clone() else { return };
+        let matching: Vec<SignedMessage> =
+            slot.prepares.values().filter(|(d, _)| *d == digest).map(|(_, m)| m.clone()).take(needed).collect();
+        let prepared = matching.len() >= needed;
+        if !prepared {
+            return;
+        }
+        let cert = PreparedCert { pre_prepare, prepares: matching };
+        let commit = self.sign(&Message::Commit { view, seq, digest });
+        let me = self.config.id;
+        let slot = self.slots.get_mut(&seq).expect("slot exists");
+        slot.prepared = Some((view, digest, cert.clone()));
+        slot.my_commit = Some((digest, commit.clone()));
+        slot.commits.insert((me, view), (digest, commit.clone()));
+        out.push(Output::Persist(Record::Commit { view, seq, digest, cert, commit: commit.clone() }));
+        self.broadcast(out, commit);
+        self.check_committed(seq, out);
+    }
+
+    fn on_commit(
+        &mut self,
+        signed: SignedMessage,
+        view: u64,
+        seq: u64,
+        digest: Hash,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        if seq <= self.last_executed || !self.in_window(seq) {
+            return Err(Error::Stale("commit for an executed or out-of-window seq"));
+        }
+        if view > self.view + VIEWS_AHEAD_MAX {
+            return Err(Error::Stale("commit too far ahead in views"));
+        }
+        if let Some(slot) = self.slots.get(&seq) {
+            if slot.committed.is_some() || slot.commits.contains_key(&(signed.signer, view)) {
+                return Err(Error::Stale("duplicate commit"));
+            }
+        }
+        signed.verify(&self.config.keys)?;
+        self.insert_commit(seq, view, digest, signed);
+        self.check_committed(seq, out);
+        Ok(())
+    }
+
+    fn insert_commit(&mut self, seq: u64, view: u64, digest: Hash, signed: SignedMessage) {
+        let signer = signed.signer;
+        let slot = self.slots.entry(seq).or_default();
+        slot.commits.insert((signer, view), (digest, signed));
+        let views: Vec<u64> = slot.commits.range((signer, 0)..=(signer, u64::MAX)).map(|((_, v), _)| *v).collect();
+        if views.len() > COMMIT_VIEWS_PER_REPLICA_MAX {
+            slot.commits.remove(&(signer, views[0]));
+        }
+    }
+
+    /// committed-local: 2f+1 matching commits of one view, and the batch with that digest.
+    fn check_committed(&mut self, seq: u64, out: &mut Vec<Output>) {
+        let quorum = self.quorum();
+        let Some(slot) = self.slots.get_mut(&seq) else { return };
+        if slot.committed.is_some() {
+            return;
+        }
+        let mut counts: BTreeMap<(u64, Hash), usize> = BTreeMap::new();
+        for ((_, view), (digest, _)) in &slot.commits {
+            *counts.entry((*view, *digest)).or_default() += 1;
+        }
+        let certified = counts.into_iter().find(|(_, count)| *count >= quorum).map(|(key, _)| key);
+        let Some((view, digest)) = certified else { return };
+        let Some(batch) = slot.batch(&digest) else { return };
+        slot.committed = Some((view, digest, batch));
+        self.try_execute(out);
+    }
+
+    /// Executes committed batches in order.
+    fn try_execute(&mut self, out: &mut Vec<Output>) {
+        if !self.app_valid {
+            return;
+        }
+        let mut progressed = false;
+        loop {
+            let seq = self.last_executed + 1;
+            let Some((view, batch_digest, batch)) = self.slots.get(&seq).and_then(|s| s.committed.clone()) else {
+                break;
+            };
+            let executed = self.app.execute(seq, batch.timestamp_ms, &batch.requests);
+            assert_eq!(self.app.last_executed(), seq, "the app executes each seq once, in order");
+            assert_eq!(executed.replies.len(), batch.requests.len(), "one reply per request");
+            self.last_executed = seq;
+            progressed = true;
+            self.stats.batches_executed_total += 1;
+            self.stats.requests_executed_total += batch.requests.len() as u64;
+            if batch.timestamp_ms != 0 {
+                self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
+            }
+            for (request, reply) in batch.requests.iter().zip(&executed.replies) {
+                let request_digest = request.digest();
+                self.pending.remove(&request_digest);
+                self.proposed.remove(&request_digest);
+                if self.executed_recent.insert(request_digest) {
+                    self.executed_order.push_back(request_digest);
+                    if self.executed_order.len() > EXECUTED_REMEMBERED_MAX {
+                        if let Some(old) = self.executed_order.pop_front() {
+                            self.executed_recent.remove(&old);
+                        }
+                    }
+                }
+                out.push(Output::Reply { client: request.client, seq, request_digest, reply: reply.clone() });
+            }
+            out.push(Output::Committed(Committed {
+                seq,
+                view,
+                timestamp_ms: batch.timestamp_ms,
+                requests: batch.requests.clone(),
+                replies: executed.replies,
+                digest: executed.digest,
+                batch_digest,
+            }));
+            if seq % self.config.checkpoint_interval == 0 {
+                self.take_checkpoint(seq, Hash(executed.digest), out);
+            }
+        }
+        if progressed {
+            self.view_change_attempts = 0;
+            self.compact_pending_order();
+            if !self.in_view_change {
+                let waiting = !self.pending.is_empty() && !self.is_primary();
+                if waiting {
+                    self.arm_view_change_timer(out);
+                } else {
+                    self.cancel_view_change_timer(out);
+                }
+            }
+            self.maybe_propose(false, out);
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Checkpoints and garbage collection
+
+    fn take_checkpoint(&mut self, seq: u64, digest: Hash, out: &mut Vec<Output>) {
+        let snapshot = Arc::new(self.app.snapshot());
+        let msg = self.sign(&Message::Checkpoint { seq, digest });
+        let me = self.config.id;
+        let entry = self.checkpoints.entry(seq).or_default();
+        entry.own = Some((digest, snapshot, msg.clone()));
+        entry.votes.insert(me, (digest, msg.clone()));
+        self.broadcast(out, msg);
+        self.check_stable(seq, out);
+    }
+
+    fn on_checkpoint(&mut self, signed: SignedMessage, seq: u64, digest: Hash, out: &mut Vec<Output>) -> Result<()> {
+        if seq <= self.low || seq > self.low + 2 * self.config.window {
+            return Err(Error::Stale("checkpoint outside the window"));
+        }
+        if seq % self.config.checkpoint_interval != 0 {
+            return Err(Error::Violation { replica: signed.signer, what: "checkpoint at a non-checkpoint seq" });
+        }
+        if self.checkpoints.get(&seq).is_some_and(|c| c.votes.contains_key(&signed.signer)) {
+            return Err(Error::Stale("duplicate checkpoint"));
+        }
+        signed.verify(&self.config.keys)?;
+        self.checkpoints.entry(seq).or_default().votes.insert(signed.signer, (digest, signed));
+        self.check_stable(seq, out);
+        Ok(())
+    }
+
+    fn check_stable(&mut self, seq: u64, out: &mut Vec<Output>) {
+        let quorum = self.quorum();
+        let Some(entry) = self.checkpoints.get(&seq) else { return };
+        let mut counts: BTreeMap<Hash, usize> = BTreeMap::new();
+        for (digest, _) in entry.votes.values() {
+            *counts.entry(*digest).or_default() += 1;
+        }
+        let Some((digest, _)) = counts.into_iter().find(|(_, c)| *c >= quorum) else { return };
+        let votes: Vec<SignedMessage> =
+            entry.votes.values().filter(|(d, _)| *d == digest).map(|(_, m)| m.clone()).take(quorum).collect();
+        let cert = CheckpointCert { seq, digest, votes };
+        self.adopt_stable_cert(cert, out);
+    }
+
+    /// A (verified) checkpoint certificate: make it stable if our state matches, or fetch the
+    /// state if we are behind or diverged.
+    fn adopt_stable_cert(&mut self, cert: CheckpointCert, out: &mut Vec<Output>) {
+        if cert.seq <= self.low && self.app_valid {
+            return;
+        }
+        if cert.seq > self.last_executed || !self.app_valid {
+            if self.transfer_target.as_ref().map_or(true, |t| t.seq < cert.seq) {
+                self.transfer_target = Some(cert.clone());
+            }
+            // Far behind (outside the window), or told by a peer: fetch now; otherwise let
+            // catch-up try first and fetch when the status tick sees no progress.
+            if cert.seq >= self.last_executed + self.config.window || !self.app_valid {
+                self.start_transfer(cert, out);
+            }
+            return;
+        }
+        let own = self.checkpoints.get(&cert.seq).and_then(|c| c.own.clone());
+        let Some((own_digest, snapshot, _)) = own else {
+            // Executed but our checkpoint is gone (restart): nothing to compare; ignore.
+            return;
+        };
+        if own_digest != cert.digest {
+            warn!(replica = self.config.id, seq = cert.seq, "our state diverged from a stable checkpoint");
+            self.app_valid = false;
+            self.transfer_target = Some(cert.clone());
+            self.start_transfer(cert, out);
+            return;
+        }
+        self.make_stable(cert, snapshot, out);
+    }
+
+    fn make_stable(&mut self, cert: CheckpointCert, snapshot: Arc<Vec<u8>>, out: &mut Vec<Output>) {
+        let seq = cert.seq;
+        let digest = cert.digest;
+        self.low = seq;
+        self.stable = Some(cert.clone());
+        self.stable_snapshot = Some(snapshot.clone());
+        out.push(Output::Persist(Record::StableCheckpoint { cert, snapshot }));
+        out.push(Output::StableCheckpoint { seq, digest });
+        // Garbage-collect everything at or below the stable checkpoint.
+        self.slots = self.slots.split_off(&(seq + 1));
+        self.checkpoints = self.checkpoints.split_off(&(seq + 1));
+        if self.transfer_target.as_ref().is_some_and(|t| t.seq <= seq) {
+            self.transfer_target = None;
+        }
+        self.next_seq = self.next_seq.max(seq);
+        self.maybe_propose(false, out);
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // View changes
+
+    fn start_view_change(&mut self, new_view: u64, out: &mut Vec<Output>) {
+        if new_view < self.view || (new_view == self.view && self.in_view_change) {
+            return;
+        }
+        self.view = new_view;
+        self.in_view_change = true;
+        self.view_change_attempts = self.view_change_attempts.saturating_add(1);
+        self.stats.view_changes_total += 1;
+        self.new_view = None;
+        self.proposed.clear();
+        if self.batch_timer_armed {
+            self.batch_timer_armed = false;
+            out.push(Output::CancelTimer { timer: Timer::Batch });
+        }
+        let prepared: Vec<PreparedCert> = self
+            .slots
+            .range(self.low + 1..)
+            .filter_map(|(_, slot)| slot.prepared.as_ref().map(|(_, _, cert)| cert.clone()))
+            .collect();
+        let msg = self.sign(&Message::ViewChange { new_view, stable: self.stable.clone(), prepared });
+        out.push(Output::Persist(Record::ViewChange { view: new_view, msg: msg.clone() }));
+        self.own_view_change = Some(msg.clone());
+        self.store_own_view_change(msg.clone());
+        self.broadcast(out, msg);
+        self.arm_view_change_timer(out);
+        self.view_changes.retain(|v, _| *v >= new_view);
+        self.try_new_view(out);
+    }
+
+    fn store_own_view_change(&mut self, msg: SignedMessage) {
+        if let Ok(info) = self.parse_view_change(&msg) {
+            let view = self.view;
+            self.view_changes.entry(view).or_default().insert(self.config.id, info);
+        }
+    }
+
+    /// Structural checks of a view change; returns the messages whose signatures to verify.
+    fn parse_view_change(&self, msg: &SignedMessage) -> Result<ViewChangeInfo> {
+        let Message::ViewChange { new_view: _, stable, prepared } = self.decode(msg)? else {
+            return Err(Error::Malformed("not a view change".into()));
+        };
+        let stable_seq = stable.as_ref().map_or(0, |c| c.seq);
+        if prepared.len() as u64 > self.config.window {
+            return Err(Error::Malformed("too many prepared certificates".into()));
+        }
+        let mut seen = BTreeSet::new();
+        let mut parsed = Vec::with_capacity(prepared.len());
+        for cert in &prepared {
+            let (seq, view, digest, batch) = self.parse_prepared_cert(cert)?;
+            if seq <= stable_seq || seq > stable_seq + self.config.window || !seen.insert(seq) {
+                return Err(Error::InvalidCertificate("prepared certificate outside the window or repeated"));
+            }
+            parsed.push((seq, view, digest, batch));
+        }
+        if let Some(cert) = &stable {
+            self.parse_checkpoint_cert(cert)?;
+        }
+        Ok(ViewChangeInfo { msg: msg.clone(), stable, prepared: parsed, certs: prepared })
+    }
+
+    fn parse_prepared_cert(&self, cert: &PreparedCert) -> Result<(u64, u64, Hash, Batch)> {
+        let Message::PrePrepare { view, seq, batch } = self.decode(&cert.pre_prepare)? else {
+            return Err(Error::InvalidCertificate("prepared certificate without a pre-prepare"));
+        };
+        if cert.pre_prepare.signer != self.primary(view) {
+            return Err(Error::InvalidCertificate("pre-prepare not from that view's primary"));
+        }
+        self.check_batch_shape(&batch)?;
+        let digest = batch.digest();
+        if cert.prepares.len() < 2 * self.f || cert.prepares.len() > self.n {
+            return Err(Error::InvalidCertificate("wrong number of prepares"));
+        }
+        let mut signers = BTreeSet::new();
+        for prepare in &cert.prepares {
+            let Message::Prepare { view: v, seq: s, digest: d } = self.decode(prepare)? else {
+                return Err(Error::InvalidCertificate("not a prepare"));
+            };
+            let matching = v == view && s == seq && d == digest;
+            if !matching || prepare.signer == self.primary(view) || !signers.insert(prepare.signer) {
+                return Err(Error::InvalidCertificate("prepare does not match or repeats"));
+            }
+        }
+        Ok((seq, view, digest, batch))
+    }
+
+    fn parse_checkpoint_cert(&self, cert: &CheckpointCert) -> Result<()> {
+        if cert.seq == 0 || cert.seq % self.config.checkpoint_interval != 0 {
+            return Err(Error::InvalidCertificate("checkpoint at a non-checkpoint seq"));
+        }
+        if cert.votes.len() < self.quorum() || cert.votes.len() > self.n {
+            return Err(Error::InvalidCertificate("wrong number of checkpoint votes"));
+        }
+        let mut signers = BTreeSet::new();
+        for vote in &cert.votes {
+            let Message::Checkpoint { seq, digest } = self.decode(vote)? else {
+                return Err(Error::InvalidCertificate("not a checkpoint"));
+            };
+            if seq != cert.seq || digest != cert.digest || !signers.insert(vote.signer) {
+                return Err(Error::InvalidCertificate("checkpoint vote does not match or repeats"));
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_checkpoint_cert(&self, cert: &CheckpointCert) -> Result<()> {
+        self.parse_checkpoint_cert(cert)?;
+        let votes: Vec<&SignedMessage> = cert.votes.iter().collect();
+        verify_all(&votes, &self.config.keys).map_err(|_| Error::InvalidCertificate("bad checkpoint signature"))
+    }
+
+    fn on_view_change(&mut self, signed: SignedMessage, new_view: u64, out: &mut Vec<Output>) -> Result<()> {
+        let joinable = new_view > self.view || (new_view == self.view && self.in_view_change);
+        if !joinable {
+            return Err(Error::Stale("view change for an old view"));
+        }
+        if new_view > self.view + VIEWS_AHEAD_MAX {
+            return Err(Error::Stale("view change too far ahead"));
+        }
+        if self.view_changes.get(&new_view).is_some_and(|m| m.contains_key(&signed.signer)) {
+            return Err(Error::Stale("duplicate view change"));
+        }
+        let info = self.parse_view_change(&signed)?;
+        let mut all: Vec<&SignedMessage> = Vec::new();
+        info.signatures(&mut all);
+        verify_all(&all, &self.config.keys)?;
+        self.view_changes.entry(new_view).or_default().insert(signed.signer, info);
+        // Liveness rule: f+1 view changes for views above ours mean at least one correct
+        // replica timed out; join the smallest such view.
+        let mut above: BTreeMap<ReplicaId, u64> = BTreeMap::new();
+        for (view, senders) in self.view_changes.range(self.view + 1..) {
+            for sender in senders.keys() {
+                above.entry(*sender).or_insert(*view);
+            }
+        }
+        above.remove(&self.config.id);
+        if above.len() > self.f {
+            let smallest = *above.values().min().expect("not empty");
+            self.start_view_change(smallest, out);
+        }
+        self.try_new_view(out);
+        Ok(())
+    }
+
+    /// Computes the new view's pre-prepares from 2f+1 view changes: min-s is the highest
+    /// stable checkpoint among them, and each seq above it gets the batch of the
+    /// highest-view prepared certificate, or a null batch.
+    fn plan_new_view(&self, infos: &[&ViewChangeInfo]) -> NewViewPlan {
+        let min_cert = infos
+            .iter()
+            .filter_map(|i| i.stable.as_ref())
+            .max_by_key(|c| c.seq)
+            .cloned();
+        let min_seq = min_cert.as_ref().map_or(0, |c| c.seq);
+        let mut best: BTreeMap<u64, (u64, &Batch)> = BTreeMap::new();
+        for info in infos {
+            for (seq, view, _, batch) in &info.prepared {
+                if *seq <= min_seq {
+                    continue;
+                }
+                let better = best.get(seq).map_or(true, |(v, _)| *view > *v);
+                if better {
+                    best.insert(*seq, (*view, batch));
+                }
+            }
+        }
+        let max_seq = best.keys().next_back().copied().unwrap_or(min_seq).max(min_seq);
+        let entries = (min_seq + 1..=max_seq)
+            .map(|seq| (seq, best.get(&seq).map_or_else(Batch::null, |(_, b)| (*b).clone())))
+            .collect();
+        NewViewPlan { min_cert, max_seq, entries }
+    }
+
+    /// New primary: with 2f+1 view changes for our view, send the new view.
+    fn try_new_view(&mut self, out: &mut Vec<Output>) {
+        let view = self.view;
+        if !self.in_view_change || self.primary(view) != self.config.id || self.new_view.is_some() {
+            return;
+        }
+        let Some(senders) = self.view_changes.get(&view) else { return };
+        if senders.len() < self.quorum() || !senders.contains_key(&self.config.id) {
+            return;
+        }
+        let mut chosen: Vec<&ViewChangeInfo> = vec![&senders[&self.config.id]];
+        chosen.extend(senders.iter().filter(|(id, _)| **id != self.config.id).map(|(_, i)| i));
+        chosen.truncate(self.quorum());
+        let plan = self.plan_new_view(&chosen);
+        let view_changes: Vec<SignedMessage> = chosen.iter().map(|i| i.msg.clone()).collect();
+        let pre_prepares: Vec<SignedMessage> = plan
+            .entries
+            .iter()
+            .map(|(seq, batch)| self.sign(&Message::PrePrepare { view, seq: *seq, batch: batch.clone() }))
+            .collect();
+        let msg = self.sign(&Message::NewView { view, view_changes, pre_prepares: pre_prepares.clone() });
+        out.push(Output::Persist(Record::NewView { view, msg: msg.clone() }));
+        self.broadcast(out, msg.clone());
+        let entries: Vec<(u64, SignedMessage, Batch)> =
+            plan.entries.into_iter().zip(pre_prepares).map(|((seq, batch), pp)| (seq, pp, batch)).collect();
+        self.enter_new_view(view, msg, plan.min_cert, plan.max_seq, entries, out);
+    }
+
+    fn on_new_view(
+        &mut self,
+        signed: SignedMessage,
+        view: u64,
+        view_changes: Vec<SignedMessage>,
+        pre_prepares: Vec<SignedMessage>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let joinable = view > self.view || (view == self.view && self.in_view_change);
+        if !joinable {
+            return Err(Error::Stale("new view for an old view"));
+        }
+        if view > self.view + VIEWS_AHEAD_MAX {
+            return Err(Error::Stale("new view too far ahead"));
+        }
+        if signed.signer != self.primary(view) {
+            return Err(Error::Violation { replica: signed.signer, what: "new view not from its primary" });
+        }
+        if view_changes.len() < self.quorum() || view_changes.len() > self.n {
+            return Err(Error::InvalidCertificate("new view needs 2f+1 view changes"));
+        }
+        if pre_prepares.len() as u64 > self.config.window {
+            return Err(Error::InvalidCertificate("new view has too many pre-prepares"));
+        }
+        let mut infos = Vec::with_capacity(view_changes.len());
+        let mut signers = BTreeSet::new();
+        for vc in &view_changes {
+            let Message::ViewChange { new_view, .. } = self.decode(vc)? else {
+                return Err(Error::InvalidCertificate("not a view change"));
+            };
+            if new_view != view || !signers.insert(vc.signer) {
+                return Err(Error::InvalidCertificate("view change for another view, or repeated"));
+            }
+            infos.push(self.parse_view_change(vc)?);
+        }
+        let info_refs: Vec<&ViewChangeInfo> = infos.iter().collect();
+        let plan = self.plan_new_view(&info_refs);
+        if plan.entries.len() != pre_prepares.len() {
+            return Err(Error::Violation { replica: signed.signer, what: "new view pre-prepares differ from O" });
+        }
+        let mut entries = Vec::with_capacity(pre_prepares.len());
+        for ((seq, batch), pp) in plan.entries.iter().zip(&pre_prepares) {
+            let Message::PrePrepare { view: v, seq: s, batch: b } = self.decode(pp)? else {
+                return Err(Error::InvalidCertificate("not a pre-prepare"));
+            };
+            let safety_rule_new_view_matches_o = v == view && s == *seq && b == *batch && pp.signer == signed.signer;
+            if !safety_rule_new_view_matches_o {
+                return Err(Error::Violation { replica: signed.signer, what: "new view pre-prepares differ from O" });
+            }
+            entries.push((s, pp.clone(), b));
+        }
+        // Verify every signature at once: the new view, its view changes and their
+        // certificates, and the pre-prepares.
+        let mut all: Vec<&SignedMessage> = vec![&signed];
+        for info in &infos {
+            info.signatures(&mut all);
+        }
+        all.extend(pre_prepares.iter());
+        verify_all(&all, &self.config.keys)?;
+        out.push(Output::Persist(Record::NewView { view, msg: signed.clone() }));
+        self.enter_new_view(view, signed, plan.min_cert, plan.max_seq, entries, out);
+        Ok(())
+    }
+
+    fn enter_new_view(
+        &mut self,
+        view: u64,
+        msg: SignedMessage,
+        min_cert: Option<CheckpointCert>,
+        max_seq: u64,
+        entries: Vec<(u64, SignedMessage, Batch)>,
+        out: &mut Vec<Output>,
+    ) {
+        self.view = view;
+        self.in_view_change = false;
+        self.own_view_change = None;
+        self.new_view = Some(msg);
+        self.stats.new_views_total += 1;
+        self.proposed.clear();
+        self.view_changes.retain(|v, _| *v > view);
+        for slot in self.slots.values_mut() {
+            slot.enter_view(view);
+        }
+        if let Some(cert) = min_cert {
+            self.adopt_stable_cert(cert, out);
+        }
+        for (seq, pp, batch) in entries {
+            if seq <= self.low {
+                continue;
+            }
+            for request in &batch.requests {
+                let digest = request.digest();
+                if self.pending.contains_key(&digest) {
+                    self.proposed.insert(digest);
+                }
+            }
+            let digest = batch.digest();
+            let slot = self.slots.entry(seq).or_default();
+            slot.enter_view(view);
+            slot.add_batch(digest, Arc::new(batch));
+            slot.pre_prepare = Some((pp, digest));
+            self.send_prepare(seq, out);
+            self.check_prepared(seq, out);
+        }
+        self.cancel_view_change_timer(out);
+        if self.is_primary() {
+            self.next_seq = max_seq.max(self.low);
+            self.maybe_propose(false, out);
+        } else if !self.pending.is_empty() {
+            self.forward_pending(self.pending.len(), out);
+            self.arm_view_change_timer(out);
+        }
+        self.check_all_committed(out);
+    }
+
+    fn check_all_committed(&mut self, out: &mut Vec<Output>) {
+        let seqs: Vec<u64> = self.slots.keys().copied().collect();
+        for seq in seqs {
+            self.check_committed(seq, out);
+        }
+    }
+
+    fn forward_pending(&mut self, limit: usize, out: &mut Vec<Output>) {
+        let primary = self.primary(self.view);
+        if primary == self.config.id {
+            return;
+        }
+        let requests: Vec<Request> = self
+            .pending_order
+            .iter()
+            .filter_map(|d| self.pending.get(d))
+            .take(limit.min(FORWARD_PER_TICK_MAX))
+            .cloned()
+            .collect();
+        for request in requests {
+            let msg = self.sign(&Message::Request(request));
+            self.send(out, primary, msg);
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Status, retransmission, catch-up
+
+    fn on_status_tick(&mut self, out: &mut Vec<Output>) {
+        out.push(Output::SetTimer { timer: Timer::Status, after_ms: self.config.status_interval_ms });
+        let status = self.sign(&Message::Status {
+            view: self.view,
+            in_view_change: self.in_view_change,
+            last_executed: self.last_executed,
+            stable_seq: self.low,
+        });
+        self.broadcast(out, status);
+        if self.in_view_change {
+            if let Some(vc) = self.own_view_change.clone() {
+                self.broadcast(out, vc);
+            }
+        } else {
+            // Retransmit our messages for sequence numbers not yet committed here.
+            let view = self.view;
+            let is_primary = self.is_primary();
+            let mut resend = Vec::new();
+            for slot in self.slots.values() {
+                if slot.view != view || slot.committed.is_some() {
+                    continue;
+                }
+                if is_primary {
+                    if let Some((pp, _)) = &slot.pre_prepare {
+                        resend.push(pp.clone());
+                    }
+                }
+                if let Some((_, prepare)) = &slot.my_prepare {
+                    resend.push(prepare.clone());
+                }
+                if let Some((_, commit)) = &slot.my_commit {
+                    resend.push(commit.clone());
+                }
+            }
+            for msg in resend {
+                self.broadcast(out, msg);
+            }
+            self.forward_pending(FORWARD_PER_TICK_MAX, out);
+        }
+        // Our checkpoint votes that are not stable yet.
+        let votes: Vec<SignedMessage> =
+            self.checkpoints.values().filter_map(|c| c.own.as_ref().map(|(_, _, m)| m.clone())).collect();
+        for vote in votes {
+            self.broadcast(out, vote);
+        }
+        // No progress since the last tick and a stable checkpoint above us: fetch the state.
+        let stalled = self.last_executed == self.executed_at_last_tick;
+        if let Some(target) = self.transfer_target.clone() {
+            if target.seq > self.last_executed && stalled && self.transfer.is_none() {
+                self.start_transfer(target, out);
+            }
+        }
+        self.executed_at_last_tick = self.last_executed;
+        self.try_execute(out);
+    }
+
+    fn on_status(
+        &mut self,
+        signed: SignedMessage,
+        view: u64,
+        in_view_change: bool,
+        last_executed: u64,
+        stable_seq: u64,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        let peer = signed.signer;
+        let served = self.served_ms[peer as usize];
+        if served != 0 && self.now_ms < served + self.config.status_interval_ms / 2 {
+            return Err(Error::Stale("status answered recently"));
+        }
+        signed.verify(&self.config.keys)?;
+        let _ = stable_seq;
+        let mut answered = false;
+        // A peer behind our view: the new view that started ours lets it join.
+        let behind_view = view < self.view || (view == self.view && in_view_change);
+        if behind_view && !self.in_view_change {
+            if let Some(nv) = self.new_view.clone() {
+                self.send(out, peer, nv);
+                answered = true;
+            }
+        }
+        // A peer behind in execution: commit proofs from our log, or our stable certificate.
+        if last_executed < self.last_executed && self.app_valid {
+            if last_executed < self.low {
+                if let Some(cert) = self.stable.clone() {
+                    let msg = self.sign(&Message::StableCert { cert });
+                    self.send(out, peer, msg);
+                    answered = true;
+                }
+            } else {
+                let end = self.last_executed.min(last_executed + CATCHUP_BATCHES_MAX);
+                for seq in last_executed + 1..=end {
+                    let Some(slot) = self.slots.get(&seq) else { continue };
+                    let Some((view, digest, batch)) = slot.committed.clone() else { continue };
+                    let commits: Vec<SignedMessage> = slot
+                        .commits
+                        .iter()
+                        .filter(|((_, v), (d, _))| *v == view && *d == digest)
+                        .map(|(_, (_, m))| m.clone())
+                        .collect();
+                    let msg = self.sign(&Message::CommitProof { seq, batch: (*batch).clone(), commits });
+                    self.send(out, peer, msg);
+                    answered = true;
+                }
+            }
+        }
+        if answered {
+            self.served_ms[peer as usize] = self.now_ms.max(1);
+        }
+        Ok(())
+    }
+
+    fn on_commit_proof(
+        &mut self,
+        signed: SignedMessage,
+        seq: u64,
+        batch: Batch,
+        commits: Vec<SignedMessage>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        if seq <= self.last_executed || !self.in_window(seq) {
+            return Err(Error::Stale("commit proof for an executed or out-of-window seq"));
+        }
+        if self.slots.get(&seq).is_some_and(|s| s.committed.is_some()) {
+            return Err(Error::Stale("already committed"));
+        }
+        if commits.is_empty() || commits.len() > self.n {
+            return Err(Error::Malformed("commit proof with a wrong number of commits".into()));
+        }
+        self.check_batch_shape(&batch)?;
+        let digest = batch.digest();
+        let mut parsed = Vec::with_capacity(commits.len());
+        let mut signers = BTreeSet::new();
+        for commit in &commits {
+            let Message::Commit { view, seq: s, digest: d } = self.decode(commit)? else {
+                return Err(Error::InvalidCertificate("not a commit"));
+            };
+            if s != seq || d != digest || !signers.insert(commit.signer) || commit.signer as usize >= self.n {
+                return Err(Error::InvalidCertificate("commit does not match the batch"));
+            }
+            if view > self.view + VIEWS_AHEAD_MAX {
+                return Err(Error::Stale("commit too far ahead in views"));
+            }
+            parsed.push(view);
+        }
+        let mut all: Vec<&SignedMessage> = vec![&signed];
+        all.extend(commits.iter());
+        verify_all(&all, &self.config.keys)?;
+        self.slots.entry(seq).or_default().add_batch(digest, Arc::new(batch));
+        for (commit, view) in commits.into_iter().zip(parsed) {
+            self.insert_commit(seq, view, digest, commit);
+        }
+        self.check_committed(seq, out);
+        Ok(())
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // State transfer
+
+    fn start_transfer(&mut self, cert: CheckpointCert, out: &mut Vec<Output>) {
+        if let Some(transfer) = &self.transfer {
+            if transfer.cert.seq >= cert.seq {
+                return;
+            }
+        }
+        let peer = cert.votes.iter().map(|v| v.signer).find(|s| *s != self.config.id).unwrap_or(0);
+        self.stats.state_transfers_started_total += 1;
+        let seq = cert.seq;
+        self.transfer = Some(Transfer { cert, peer, attempts: 0 });
+        let msg = self.sign(&Message::FetchSnapshot { seq });
+        self.send(out, peer, msg);
+        out.push(Output::SetTimer { timer: Timer::StateTransfer, after_ms: self.config.state_transfer_timeout_ms });
+    }
+
+    fn on_transfer_timeout(&mut self, out: &mut Vec<Output>) {
+        let Some(transfer) = self.transfer.as_mut() else { return };
+        transfer.attempts += 1;
+        let n = self.n as u32;
+        let mut peer = (transfer.peer + 1) % n;
+        if peer == self.config.id {
+            peer = (peer + 1) % n;
+        }
+        transfer.peer = peer;
+        let seq = transfer.cert.seq;
+        let msg = self.sign(&Message::FetchSnapshot { seq });
+        self.send(out, peer, msg);
+        out.push(Output::SetTimer { timer: Timer::StateTransfer, after_ms: self.config.state_transfer_timeout_ms });
+    }
+
+    fn on_fetch_snapshot(&mut self, signed: SignedMessage, seq: u64, out: &mut Vec<Output>) -> Result<()> {
+        let peer = signed.signer;
+        let (Some(cert), Some(snapshot)) = (self.stable.clone(), self.stable_snapshot.clone()) else {
+            return Err(Error::Stale("no stable snapshot to serve"));
+        };
+        if cert.seq < seq {
+            return Err(Error::Stale("our stable checkpoint is older than asked"));
+        }
+        let served = self.snapshot_served_ms[peer as usize];
+        if served != 0 && self.now_ms < served + self.config.state_transfer_timeout_ms / 2 {
+            return Err(Error::Stale("snapshot served recently"));
+        }
+        signed.verify(&self.config.keys)?;
+        self.snapshot_served_ms[peer as usize] = self.now_ms.max(1);
+        let msg = self.sign(&Message::Snapshot { cert, snapshot: (*snapshot).clone() });
+        self.send(out, peer, msg);
+        Ok(())
+    }
+
+    fn on_snapshot(
+        &mut self,
+        signed: SignedMessage,
+        cert: CheckpointCert,
+        snapshot: Vec<u8>,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
+        if self.app_valid && cert.seq <= self.last_executed {
+            return Err(Error::Stale("snapshot not ahead of our state"));
+        }
+        if self.transfer.is_none() && self.app_valid {
+            return Err(Error::Stale("no transfer in progress"));
+        }
+        signed.verify(&self.config.keys)?;
+        self.verify_checkpoint_cert(&cert)?;
+        let restored = self.app.restore(&snapshot);
+        let seq = cert.seq;
+        let matches = matches!(&restored, Ok(digest) if *digest == cert.digest.0) && self.app.last_executed() == seq;
+        if !matches {
+            self.app_valid = false;
+            return Err(Error::Violation { replica: signed.signer, what: "snapshot does not match its certificate" });
+        }
+        self.app_valid = true;
+        self.last_executed = seq;
+        self.executed_at_last_tick = seq;
+        self.transfer = None;
+        self.stats.state_transfers_completed_total += 1;
+        out.push(Output::CancelTimer { timer: Timer::StateTransfer });
+        // Requests we held may have executed inside the snapshot; clients retransmit.
+        self.pending.clear();
+        self.pending_order.clear();
+        self.proposed.clear();
+        self.cancel_view_change_timer(out);
+        let snapshot = Arc::new(snapshot);
+        out.push(Output::StateTransferred { seq });
+        self.low = self.low.max(seq);
+        if self.low == seq {
+            self.make_stable(cert, snapshot, out);
+        }
+        self.slots = self.slots.split_off(&(seq + 1));
+        self.checkpoints = self.checkpoints.split_off(&(seq + 1));
+        self.try_execute(out);
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! Configuration, timers, outputs, durable records and counters of a replica.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hoard_types::crypto::{Hash, Keypair, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use crate::constants::{MESSAGE_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
+use crate::error::{Error, Result};
+use crate::message::{arc_bytes, CheckpointCert, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage};
+
+/// A replica's configuration. All durations are milliseconds; the driver owns the clock.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This replica's index into `keys`.
+    pub id: ReplicaId,
+    /// Every replica's public key, by id; n = keys.len() = 3f + 1.
+    pub keys: Vec<PublicKey>,
+    /// This replica's signing key (its public key must be `keys[id]`).
+    pub keypair: Keypair,
+    /// K: a checkpoint every K sequence numbers.
+    pub checkpoint_interval: u64,
+    /// L: sequence numbers accepted are in (h, h + L], h the last stable checkpoint.
+    pub window: u64,
+    /// Most requests per pre-prepare.
+    pub batch_size_max: usize,
+    /// Most request bytes per pre-prepare.
+    pub batch_bytes_max: usize,
+    /// Largest request payload.
+    pub request_bytes_max: usize,
+    /// Most requests waiting to be ordered and executed (primary pool / backup pending set).
+    pub pending_requests_max: usize,
+    /// Largest encoded message accepted.
+    pub message_bytes_max: usize,
+    /// The primary proposes a partial batch after this long.
+    pub batch_timeout_ms: u64,
+    /// A backup with a pending request not executed within this long starts a view change;
+    /// doubled after each view change that does not complete.
+    pub view_change_timeout_ms: u64,
+    /// Cap of the view-change timeout's backoff.
+    pub view_change_timeout_max_ms: u64,
+    /// Period of status messages (retransmission, catch-up, state-transfer discovery).
+    pub status_interval_ms: u64,
+    /// How long to wait for a snapshot before asking another replica.
+    pub state_transfer_timeout_ms: u64,
+}
+
+impl Config {
+    /// A configuration with the default limits and timeouts.
+    pub fn new(id: ReplicaId, keys: Vec<PublicKey>, keypair: Keypair) -> Config {
+        Config {
+            id,
+            keys,
+            keypair,
+            checkpoint_interval: 64,
+            window: 128,
+            batch_size_max: 64,
+            batch_bytes_max: 4 * 1024 * 1024,
+            request_bytes_max: 4 * 1024 * 1024,
+            pending_requests_max: 4096,
+            message_bytes_max: 64 * 1024 * 1024,
+            batch_timeout_ms: 5,
+            view_change_timeout_ms: 2_000,
+            view_change_timeout_max_ms: 60_000,
+            status_interval_ms: 200,
+            state_transfer_timeout_ms: 2_000,
+        }
+    }
+
+    /// Number of replicas.
+    pub fn n(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Faults tolerated: n = 3f + 1.
+    pub fn f(&self) -> usize {
+        (self.keys.len() - 1) / 3
+    }
+
+    /// Checks the relations between the settings.
+    pub fn validate(&self) -> Result<()> {
+        let n = self.keys.len();
+        if !(REPLICAS_MIN..=REPLICAS_MAX).contains(&n) {
+            return Err(Error::Config("replicas must be between 4 and 64"));
+        }
+        if (self.id as usize) >= n {
+            return Err(Error::Config("id is not an index into keys"));
+        }
+        if self.keys[self.id as usize] != self.keypair.public() {
+            return Err(Error::Config("keypair does not match keys[id]"));
+        }
+        if self.checkpoint_interval == 0 || self.window < self.checkpoint_interval {
+            return Err(Error::Config("need 0 < checkpoint_interval <= window"));
+        }
+        if self.window % self.checkpoint_interval != 0 {
+            return Err(Error::Config("window must be a multiple of checkpoint_interval"));
+        }
+        if self.batch_size_max == 0 || self.pending_requests_max < self.batch_size_max {
+            return Err(Error::Config("need 0 < batch_size_max <= pending_requests_max"));
+        }
+        if self.request_bytes_max > self.batch_bytes_max {
+            return Err(Error::Config("a request must fit in a batch"));
+        }
+        if self.message_bytes_max > MESSAGE_BYTES_MAX || self.message_bytes_max < self.batch_bytes_max + 4096 {
+            return Err(Error::Config("message_bytes_max must hold a batch and stay under the hard cap"));
+        }
+        if self.view_change_timeout_max_ms < self.view_change_timeout_ms {
+            return Err(Error::Config("view_change_timeout_max_ms below view_change_timeout_ms"));
+        }
+        if self.batch_timeout_ms == 0
+            || self.view_change_timeout_ms == 0
+            || self.status_interval_ms == 0
+            || self.state_transfer_timeout_ms == 0
+        {
+            return Err(Error::Config("timeouts must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// The timers a replica asks for. At most one of each kind is pending: `SetTimer` replaces it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Timer {
+    /// Primary: propose a partial batch.
+    Batch,
+    /// Backup: a request waits too long, or a new view does not arrive.
+    ViewChange,
+    /// Periodic status and retransmission.
+    Status,
+    /// A snapshot fetch is overdue.
+    StateTransfer,
+}
+
+/// A batch this replica executed: the driver appends it to the block log and answers clients.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub seq: u64,
+    pub view: u64,
+    pub timestamp_ms: u64,
+    pub requests: Vec<Request>,
+    pub replies: Vec<Vec<u8>>,
+    /// App digest after execution.
+    pub digest: [u8; 32],
+    /// Digest of the ordered batch.
+    pub batch_digest: Hash,
+}
+
+/// What the driver must do, in order.
+#[derive(Clone, Debug)]
+pub enum Output {
+    Send { to: ReplicaId, msg: SignedMessage },
+    Broadcast { msg: SignedMessage },
+    /// (Re)arm the timer of this kind.
+    SetTimer { timer: Timer, after_ms: u64 },
+    CancelTimer { timer: Timer },
+    /// Make durable before performing any later output of the same list.
+    Persist(Record),
+    Committed(Committed),
+    Reply { client: u64, seq: u64, request_digest: Hash, reply: Vec<u8> },
+    /// A checkpoint became stable (its snapshot is in the preceding `Persist` record).
+    StableCheckpoint { seq: u64, digest: Hash },
+    /// The app was replaced by a snapshot at `seq` (the block log restarts after `seq`).
+    StateTransferred { seq: u64 },
+}
+
+/// What a replica makes durable. Fold records into a [`DurableState`] with
+/// [`DurableState::apply`] (or store them and fold on recovery).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Record {
+    /// Our pre-prepare as primary.
+    PrePrepare { view: u64, seq: u64, msg: SignedMessage },
+    /// Our prepare, with the pre-prepare it accepts.
+    Prepare { view: u64, seq: u64, digest: Hash, pre_prepare: SignedMessage, prepare: SignedMessage },
+    /// We prepared (the certificate) and our commit.
+    Commit { view: u64, seq: u64, digest: Hash, cert: PreparedCert, commit: SignedMessage },
+    /// We moved to `view` and voted for it.
+    ViewChange { view: u64, msg: SignedMessage },
+    /// We entered `view` by this new-view message (ours as primary, or accepted).
+    NewView { view: u64, msg: SignedMessage },
+    /// A checkpoint became stable; its snapshot (the app state at `cert.seq`).
+    StableCheckpoint {
+        cert: CheckpointCert,
+        #[serde(with = "arc_bytes")]
+        snapshot: Arc<Vec<u8>>,
+    },
+}
+
+/// Our signed messages for one sequence number, newest view.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableSlot {
+    pub pre_prepare: Option<(u64, SignedMessage)>,
+    pub prepare: Option<(u64, Hash, SignedMessage, SignedMessage)>,
+    pub commit: Option<(u64, Hash, PreparedCert, SignedMessage)>,
+}
+
+/// What the Persist records left on disk: bounded (slots above the stable checkpoint only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableState {
+    pub view: u64,
+    pub in_view_change: bool,
+    /// Our view-change message for `view`, if we are changing views.
+    pub view_change: Option<SignedMessage>,
+    /// The new-view message that started `view`.
+    pub new_view: Option<SignedMessage>,
+    pub stable: Option<CheckpointCert>,
+    #[serde(with = "option_arc_bytes")]
+    pub stable_snapshot: Option<Arc<Vec<u8>>>,
+    pub slots: BTreeMap<u64, DurableSlot>,
+}
+
+mod option_arc_bytes {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Arc<Vec<u8>>>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(bytes) => serializer.serialize_some(serde_bytes::Bytes::new(bytes)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Arc<Vec<u8>>>, D::Error> {
+        let bytes: Option<serde_bytes::ByteBuf> = Deserialize::deserialize(deserializer)?;
+        Ok(bytes.map(|b| Arc::new(b.into_vec())))
+    }
+}
+
+impl DurableState {
+    /// The stable checkpoint's sequence number (0 at genesis).
+    pub fn stable_seq(&self) -> u64 {
+        self.stable.as_ref().map_or(0, |c| c.seq)
+    }
+
+    /// Folds one record in. Idempotent; older information never overwrites newer.
+    pub fn apply(&mut self, record: Record) {
+        let stable_seq = self.stable_seq();
+        match record {
+            Record::PrePrepare { view, seq, msg } => {
+                if seq > stable_seq {
+                    let slot = self.slots.entry(seq).or_default();
+                    if slot.pre_prepare.as_ref().map_or(true, |(v, _)| *v <= view) {
+                        slot.pre_prepare = Some((view, msg));
+                    }
+                }
+            }
+            Record::Prepare { view, seq, digest, pre_prepare, prepare } => {
+                if seq > stable_seq {
+                    let slot = self.slots.entry(seq).or_default();
+                    if slot.prepare.as_ref().map_or(true, |(v, ..)| *v <= view) {
+                        slot.prepare = Some((view, digest, pre_prepare, prepare));
+                    }
+                }
+            }
+            Record::Commit { view, seq, digest, cert, commit } => {
+                if seq > stable_seq {
+                    let slot = self.slots.entry(seq).or_default();
+                    if slot.commit.as_ref().map_or(true, |(v, ..)| *v <= view) {
+                        slot.commit = Some((view, digest, cert, commit));
+                    }
+                }
+            }
+            Record::ViewChange { view, msg } => {
+                if view >= self.view {
+                    self.view = view;
+                    self.in_view_change = true;
+                    self.view_change = Some(msg);
+                    self.new_view = None;
+                }
+            }
+            Record::NewView { view, msg } => {
+                if view > self.view || (view == self.view && self.in_view_change) {
+                    self.view = view;
+                    self.in_view_change = false;
+                    self.view_change = None;
+                    self.new_view = Some(msg);
+                }
+            }
+            Record::StableCheckpoint { cert, snapshot } => {
+                if cert.seq > stable_seq {
+                    let seq = cert.seq;
+                    self.stable = Some(cert);
+                    self.stable_snapshot = Some(snapshot);
+                    self.slots.retain(|s, _| *s > seq);
+                }
+            }
+        }
+    }
+}
+
+/// Counters and gauges the runtime exports (no metrics crate here).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub view: u64,
+    pub in_view_change: bool,
+    pub view_changes_total: u64,
+    pub new_views_total: u64,
+    pub last_executed: u64,
+    pub stable_checkpoint_seq: u64,
+    pub batches_executed_total: u64,
+    pub requests_executed_total: u64,
+    pub state_transfers_started_total: u64,
+    pub state_transfers_completed_total: u64,
+    pub requests_dropped_total: u64,
+    /// Messages received, by [`MessageKind::index`].
+    pub messages_received_total: [u64; MessageKind::COUNT],
+    /// Messages sent or broadcast (one per output), by kind.
+    pub messages_sent_total: [u64; MessageKind::COUNT],
+    /// Late, duplicate or out-of-window messages dropped.
+    pub messages_stale_total: u64,
+    /// Messages rejected as invalid (bad signature, malformed, protocol violation).
+    pub messages_invalid_total: u64,
+    pub log_slots: usize,
+    pub pending_requests: usize,
+}
