@@ -15,6 +15,7 @@ pub mod error;
 pub mod genesis;
 pub mod merkle;
 pub mod state;
+pub mod store;
 pub mod testing;
 
 pub use block::{Block, BlockHeader};

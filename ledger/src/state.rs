@@ -98,6 +98,11 @@ impl StateKey {
     /// `kind (1 byte) || tenant (8 bytes, big-endian) || fields`, strings prefixed by their length.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
+        self.encode_into(&mut out);
+        out
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
         let (kind, tenant) = match self {
             StateKey::Tenant(t) => (1u8, t),
             StateKey::Account(t, _) => (2, t),
@@ -116,16 +121,15 @@ impl StateKey {
         match self {
             StateKey::Tenant(_) => {}
             StateKey::Account(_, account) => out.extend_from_slice(&account.0),
-            StateKey::Currency(_, currency) => string(&mut out, &currency.0),
-            StateKey::Class(_, class) => string(&mut out, &class.0),
+            StateKey::Currency(_, currency) => string(out, &currency.0),
+            StateKey::Class(_, class) => string(out, &class.0),
             StateKey::Balance(_, currency, account) => {
-                string(&mut out, &currency.0);
+                string(out, &currency.0);
                 out.extend_from_slice(&account.0);
             }
             StateKey::Item(_, item) => out.extend_from_slice(&item.0.to_be_bytes()),
             StateKey::Event(_, event) => out.extend_from_slice(&event.0),
         }
-        out
     }
 }
 
@@ -159,9 +163,9 @@ pub struct Ledger {
     accounts: FxHashMap<(TenantId, PublicKey), Custody>,
     /// Currencies by slot (slots are handed out in definition order, the same on every replica).
     currencies: Vec<CurrencyState>,
-    currency_slots: FxHashMap<(TenantId, CurrencyId), u32>,
+    currency_slots: Slots<CurrencyId>,
     classes: Vec<(TenantId, ClassId, ClassInfo)>,
-    class_slots: FxHashMap<(TenantId, ClassId), u32>,
+    class_slots: Slots<ClassId>,
     balances: FxHashMap<(u32, PublicKey), Amount>,
     items: FxHashMap<(TenantId, ItemId), Item>,
     inventory: BTreeSet<(TenantId, PublicKey, ItemId)>,
@@ -191,9 +195,9 @@ impl Ledger {
             studio_keys: FxHashMap::default(),
             accounts: FxHashMap::default(),
             currencies: Vec::new(),
-            currency_slots: FxHashMap::default(),
+            currency_slots: Slots::default(),
             classes: Vec::new(),
-            class_slots: FxHashMap::default(),
+            class_slots: Slots::default(),
             balances: FxHashMap::default(),
             items: FxHashMap::default(),
             inventory: BTreeSet::new(),
@@ -454,7 +458,7 @@ impl Ledger {
                 if max_supply.is_zero() {
                     return Err(Rejection::InvalidAmount);
                 }
-                if self.currency_slots.contains_key(&(tenant, currency.clone())) {
+                if self.currency_slots.get(tenant, currency).is_some() {
                     return Err(Rejection::CurrencyExists);
                 }
                 let slot = self.currencies.len() as u32;
@@ -468,7 +472,7 @@ impl Ledger {
                         burned: Amount::ZERO,
                     },
                 });
-                self.currency_slots.insert((tenant, currency.clone()), slot);
+                self.currency_slots.insert(tenant, currency.clone(), slot);
                 self.dirty.insert(Dirty::Currency(slot));
             }
             TxBody::DefineItemClass {
@@ -483,7 +487,7 @@ impl Ledger {
                 if max_supply.is_zero() {
                     return Err(Rejection::InvalidAmount);
                 }
-                if self.class_slots.contains_key(&(tenant, class.clone())) {
+                if self.class_slots.get(tenant, class).is_some() {
                     return Err(Rejection::ClassExists);
                 }
                 let slot = self.classes.len() as u32;
@@ -498,7 +502,7 @@ impl Ledger {
                         burned: Amount::ZERO,
                     },
                 ));
-                self.class_slots.insert((tenant, class.clone()), slot);
+                self.class_slots.insert(tenant, class.clone(), slot);
                 self.dirty.insert(Dirty::Class(tenant, slot));
             }
             TxBody::Mint { to, grant } => {
@@ -702,7 +706,10 @@ impl Ledger {
         for asset in assets {
             match asset {
                 Asset::Currency { currency, amount } => {
-                    let slot = self.currency_slots[&(tenant, currency.clone())];
+                    let slot = self
+                        .currency_slots
+                        .get(tenant, currency)
+                        .expect("checked currency");
                     self.debit(slot, from, *amount);
                     self.credit(slot, to, *amount);
                 }
@@ -720,7 +727,10 @@ impl Ledger {
         for asset in assets {
             match asset {
                 Asset::Currency { currency, amount } => {
-                    let slot = self.currency_slots[&(tenant, currency.clone())];
+                    let slot = self
+                        .currency_slots
+                        .get(tenant, currency)
+                        .expect("checked currency");
                     self.debit(slot, from, *amount);
                     let info = &mut self.currencies[slot as usize].info;
                     info.burned = info.burned.checked_add(*amount).expect("burned <= minted");
@@ -728,7 +738,10 @@ impl Ledger {
                 }
                 Asset::Item { item } => {
                     let gone = self.remove_item(tenant, *item);
-                    let slot = self.class_slots[&(tenant, gone.class.clone())];
+                    let slot = self
+                        .class_slots
+                        .get(tenant, &gone.class)
+                        .expect("items have classes");
                     let info = &mut self.classes[slot as usize].2;
                     info.burned = info.burned.checked_add(gone.units()).expect("burned <= minted");
                     self.dirty.insert(Dirty::Class(tenant, slot));
@@ -847,16 +860,12 @@ impl Ledger {
 
     fn currency_slot(&self, tenant: TenantId, currency: &CurrencyId) -> Check<u32> {
         self.currency_slots
-            .get(&(tenant, currency.clone()))
-            .copied()
+            .get(tenant, currency)
             .ok_or(Rejection::UnknownCurrency)
     }
 
     fn class_slot(&self, tenant: TenantId, class: &ClassId) -> Check<u32> {
-        self.class_slots
-            .get(&(tenant, class.clone()))
-            .copied()
-            .ok_or(Rejection::UnknownClass)
+        self.class_slots.get(tenant, class).ok_or(Rejection::UnknownClass)
     }
 
     fn balance_of(&self, slot: u32, account: &PublicKey) -> Amount {
@@ -1013,6 +1022,12 @@ impl Ledger {
             .map(|record| (record.height, &record.outcome))
     }
 
+    /// How many entries the state commitment holds (every tenant, account, currency, class,
+    /// non-zero balance, item and remembered event).
+    pub fn state_entries(&self) -> u64 {
+        self.tree.leaf_count()
+    }
+
     /// How many events the deduplication window holds now.
     pub fn events_remembered(&self) -> usize {
         self.events.len()
@@ -1059,7 +1074,10 @@ impl Ledger {
         }
         let mut units = vec![0u128; self.classes.len()];
         for ((tenant, _), item) in &self.items {
-            units[self.class_slots[&(*tenant, item.class.clone())] as usize] += item.units().0;
+            units[self
+                .class_slots
+                .get(*tenant, &item.class)
+                .expect("items have classes") as usize] += item.units().0;
         }
         for (slot, (_, class, info)) in self.classes.iter().enumerate() {
             if info.minted.0 != units[slot] + info.burned.0 || info.minted > info.max_supply {
@@ -1073,6 +1091,26 @@ impl Ledger {
             return Err("inventory index out of step with items".into());
         }
         Ok(())
+    }
+}
+
+/// Slot numbers by tenant and name, looked up without cloning the name.
+#[derive(Clone, Debug)]
+struct Slots<K>(FxHashMap<TenantId, FxHashMap<K, u32>>);
+
+impl<K> Default for Slots<K> {
+    fn default() -> Self {
+        Slots(FxHashMap::default())
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Slots<K> {
+    fn get(&self, tenant: TenantId, name: &K) -> Option<u32> {
+        self.0.get(&tenant)?.get(name).copied()
+    }
+
+    fn insert(&mut self, tenant: TenantId, name: K, slot: u32) {
+        self.0.entry(tenant).or_default().insert(name, slot);
     }
 }
 
@@ -1181,9 +1219,9 @@ impl Ledger {
             studio_keys: FxHashMap::default(),
             accounts: FxHashMap::default(),
             currencies: Vec::new(),
-            currency_slots: FxHashMap::default(),
+            currency_slots: Slots::default(),
             classes: Vec::new(),
-            class_slots: FxHashMap::default(),
+            class_slots: Slots::default(),
             balances: FxHashMap::default(),
             items: FxHashMap::default(),
             inventory: BTreeSet::new(),
@@ -1204,13 +1242,13 @@ impl Ledger {
         }
         for (tenant, id, info) in snapshot.currencies {
             let slot = ledger.currencies.len() as u32;
-            ledger.currency_slots.insert((tenant, id.clone()), slot);
+            ledger.currency_slots.insert(tenant, id.clone(), slot);
             ledger.currencies.push(CurrencyState { tenant, id, info });
             dirty.push(Dirty::Currency(slot));
         }
         for (tenant, id, info) in snapshot.classes {
             let slot = ledger.classes.len() as u32;
-            ledger.class_slots.insert((tenant, id.clone()), slot);
+            ledger.class_slots.insert(tenant, id.clone(), slot);
             ledger.classes.push((tenant, id, info));
             dirty.push(Dirty::Class(tenant, slot));
         }
@@ -1224,7 +1262,7 @@ impl Ledger {
             dirty.push(Dirty::Balance(slot, account));
         }
         for (tenant, id, item) in snapshot.items {
-            if !ledger.class_slots.contains_key(&(tenant, item.class.clone())) {
+            if ledger.class_slots.get(tenant, &item.class).is_none() {
                 return Err(LedgerError::Snapshot("item of an unknown class".into()));
             }
             ledger.inventory.insert((tenant, item.owner, id));

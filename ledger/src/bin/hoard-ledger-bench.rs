@@ -1,0 +1,235 @@
+//! `hoard-ledger-bench`: how fast the asset state machine applies, persists and verifies events.
+//!
+//! ```text
+//! cargo run --release -p hoard-ledger --bin hoard-ledger-bench -- --json ledger-bench.json
+//! ```
+//!
+//! Prints events/s for (a) apply including each block's state root, (b) apply plus a durable
+//! block commit (sled and redb side by side), (c) player-signed transfers including signature
+//! verification, next to (d) the raw ed25519 batch-verification rate measured in the same run
+//! with the same parallelism, the ceiling for (c).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use hoard_ledger::store::{Engine, StoreConfig};
+use hoard_ledger::testing::{key, World};
+use hoard_ledger::Ledger;
+use hoard_types::crypto::{verify_batch, SignedMessage};
+use hoard_types::tx::verify_transactions;
+use hoard_types::{Custody, Keypair, TenantId, Transaction};
+
+#[derive(Parser)]
+#[command(
+    about = "Benchmark the ledger: apply, durable commit, signed transfers, against ed25519 batch verification"
+)]
+struct Args {
+    /// Events for (a) and (b).
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Events for (c), the signed path, and for the verification ceiling.
+    #[arg(long, default_value_t = 200_000)]
+    signed_events: usize,
+    /// Events per block.
+    #[arg(long, default_value_t = 5_000)]
+    block_size: usize,
+    /// Player accounts the transfers move gold between.
+    #[arg(long, default_value_t = 100_000)]
+    players: usize,
+    /// Write the results here as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Results {
+    events: usize,
+    signed_events: usize,
+    block_size: usize,
+    players: usize,
+    threads: usize,
+    apply_events_per_second: f64,
+    durable_events_per_second: f64,
+    durable_engine: &'static str,
+    durable_redb_events_per_second: f64,
+    signed_events_per_second: f64,
+    batch_verify_ceiling_per_second: f64,
+    signed_to_ceiling_ratio: f64,
+    state_entries: u64,
+}
+
+const T: TenantId = TenantId(1);
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.block_size >= 1 && args.block_size <= hoard_types::constants::BLOCK_TRANSACTIONS_MAX
+    );
+    let threads = rayon::current_num_threads();
+    eprintln!(
+        "setup: {} players, {} + {} transfers signed by their players (threads: {threads})",
+        args.players, args.events, args.signed_events
+    );
+    let mut world = World::new(1);
+    world.expires_at = 90_000;
+    let players: Vec<Keypair> = (0..args.players as u64)
+        .into_par_iter()
+        .map(|i| key("player", i))
+        .collect();
+    let mut setup = vec![world.define_currency(T, "GOLD", u128::MAX)];
+    for player in &players {
+        setup.push(world.register(T, &player.public(), Custody::SelfCustody));
+        setup.push(world.mint_currency(T, &player.public(), "GOLD", 1_000_000_000));
+    }
+    let transfers = |world: &World, count: usize, seed: u64| -> Vec<Transaction> {
+        let first_event = seed << 40;
+        (0..count)
+            .into_par_iter()
+            .map(|i| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (i as u64) << 1);
+                let from = rng.gen_range(0..players.len());
+                let mut to = rng.gen_range(0..players.len() - 1);
+                if to >= from {
+                    to += 1;
+                }
+                let body = hoard_types::TxBody::Transfer {
+                    from: players[from].public(),
+                    to: players[to].public(),
+                    assets: vec![hoard_types::Asset::Currency {
+                        currency: hoard_types::CurrencyId::new("GOLD"),
+                        amount: hoard_types::Amount(1 + (i % 7) as u128),
+                    }],
+                };
+                let event = hoard_types::EventId::from_u128((first_event + i as u64) as u128);
+                world.tx_with_id(T, event, body, &[&players[from]])
+            })
+            .collect()
+    };
+    let started = Instant::now();
+    let unsigned_path = transfers(&world, args.events, 1);
+    let signed_path = transfers(&world, args.signed_events, 2);
+    eprintln!(
+        "setup: signed {} transactions in {:.1?}",
+        args.events + args.signed_events,
+        started.elapsed()
+    );
+
+    let genesis = world.genesis();
+    let fresh_with_blocks = || {
+        let mut ledger = Ledger::new(&genesis);
+        let blocks: Vec<_> = setup
+            .chunks(args.block_size)
+            .map(|chunk| ledger.execute(0, chunk.to_vec()).0)
+            .collect();
+        (ledger, blocks)
+    };
+    let fresh = || fresh_with_blocks().0;
+
+    // (a) apply, with each block's state root.
+    let mut ledger = fresh();
+    let blocks: Vec<Vec<Transaction>> = unsigned_path.chunks(args.block_size).map(<[_]>::to_vec).collect();
+    let started = Instant::now();
+    for (n, transactions) in blocks.iter().enumerate() {
+        let (_, receipts) = ledger.execute(n as u64, transactions.clone());
+        debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
+    }
+    let apply_seconds = started.elapsed().as_secs_f64();
+    let apply = args.events as f64 / apply_seconds;
+    ledger.check_invariants().map_err(anyhow::Error::msg)?;
+    let state_entries = ledger.state_entries();
+    println!(
+        "(a) apply + state root:        {apply:>12.0} events/s  ({} events in {apply_seconds:.2} s)",
+        args.events
+    );
+
+    // (b) apply and a durable commit of every block, on each engine.
+    let mut durable = Vec::new();
+    for engine in [Engine::Sled, Engine::Redb] {
+        let dir = tempfile::tempdir()?;
+        let mut store = engine
+            .open(dir.path(), StoreConfig::default())
+            .context("open store")?;
+        let (mut ledger, setup_blocks) = fresh_with_blocks();
+        for block in &setup_blocks {
+            store.append_block(block.header.height, &block.encode())?;
+        }
+        store.sync()?;
+        let started = Instant::now();
+        for (n, transactions) in blocks.iter().enumerate() {
+            let (block, _) = ledger.execute(n as u64, transactions.clone());
+            store.append_block(block.header.height, &block.encode())?;
+            store.sync()?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let rate = args.events as f64 / seconds;
+        println!(
+            "(b) apply + durable {:<5} commit: {rate:>10.0} events/s  (one append + sync per block; sync survives {:?})",
+            engine.name(),
+            store.durability().sync
+        );
+        durable.push(rate);
+    }
+
+    // (d) the ceiling: raw batch verification of the same signatures, same chunking, all cores.
+    let signed_bytes: Vec<Vec<u8>> = signed_path.par_iter().map(Transaction::signed_bytes).collect();
+    let started = Instant::now();
+    signed_path
+        .par_chunks(64)
+        .zip(signed_bytes.par_chunks(64))
+        .for_each(|(txs, bytes)| {
+            let items: Vec<SignedMessage<'_>> = txs
+                .iter()
+                .zip(bytes)
+                .map(|(tx, message)| SignedMessage {
+                    key: &tx.signatures[0].signer,
+                    message,
+                    signature: &tx.signatures[0].signature,
+                })
+                .collect();
+            verify_batch(&items).expect("valid signatures");
+        });
+    let ceiling = args.signed_events as f64 / started.elapsed().as_secs_f64();
+
+    // (c) signed transfers: verify every signature (batched), then apply.
+    let mut ledger = fresh();
+    let started = Instant::now();
+    for (n, transactions) in signed_path.chunks(args.block_size).enumerate() {
+        let valid: Vec<bool> = transactions
+            .par_chunks(256)
+            .flat_map_iter(verify_transactions)
+            .collect();
+        assert!(valid.iter().all(|v| *v));
+        ledger.execute(n as u64, transactions.to_vec());
+    }
+    let signed = args.signed_events as f64 / started.elapsed().as_secs_f64();
+    println!("(c) verify + apply:            {signed:>12.0} events/s");
+    println!("(d) ed25519 batch verify:      {ceiling:>12.0} signatures/s (ceiling for c)");
+    println!("    (c)/(d) = {:.2}", signed / ceiling);
+
+    let results = Results {
+        events: args.events,
+        signed_events: args.signed_events,
+        block_size: args.block_size,
+        players: args.players,
+        threads,
+        apply_events_per_second: apply.round(),
+        durable_events_per_second: durable[0].round(),
+        durable_engine: "sled",
+        durable_redb_events_per_second: durable[1].round(),
+        signed_events_per_second: signed.round(),
+        batch_verify_ceiling_per_second: ceiling.round(),
+        signed_to_ceiling_ratio: (signed / ceiling * 100.0).round() / 100.0,
+        state_entries,
+    };
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,672 @@
+//! The asset state machine, rule by rule, through real signed transactions.
+
+use hoard_ledger::testing::{key, World};
+use hoard_ledger::{Ledger, StateKey};
+use hoard_types::{
+    Amount, Asset, ClassId, CurrencyId, Custody, Grant, Hash, ItemId, ItemKind, Keypair, Outcome, Receipt,
+    Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody,
+};
+
+const A: TenantId = TenantId(1);
+const B: TenantId = TenantId(2);
+
+struct Chain {
+    world: World,
+    ledger: Ledger,
+    time: u64,
+}
+
+impl Chain {
+    fn new() -> Chain {
+        let world = World::new(2);
+        let ledger = Ledger::new(&world.genesis());
+        Chain {
+            world,
+            ledger,
+            time: 0,
+        }
+    }
+
+    fn block(&mut self, transactions: Vec<Transaction>) -> Vec<Receipt> {
+        for tx in &transactions {
+            tx.verify_signatures().expect("tests sign correctly");
+        }
+        self.time += 1000;
+        let (_, receipts) = self.ledger.execute(self.time, transactions);
+        self.ledger
+            .check_invariants()
+            .expect("invariants hold after every block");
+        receipts
+    }
+
+    fn one(&mut self, tx: Transaction) -> Outcome {
+        let receipts = self.block(vec![tx]);
+        assert!(!receipts[0].duplicate);
+        receipts[0].outcome.clone()
+    }
+
+    /// Tenant A with GOLD, a unique `sword` class, a stackable `arrow` class, and two players:
+    /// alice (self-custody) and bob (custodial).
+    fn with_players() -> (Chain, Keypair, Keypair) {
+        let mut chain = Chain::new();
+        let alice = key("alice", 0);
+        let bob = key("bob", 0);
+        let w = &mut chain.world;
+        let setup = vec![
+            w.define_currency(A, "GOLD", 1_000_000),
+            w.define_class(A, "sword", false, 10),
+            w.define_class(A, "arrow", true, 1_000),
+            w.register(A, &alice.public(), Custody::SelfCustody),
+            w.register(A, &bob.public(), Custody::Custodial),
+            w.mint_currency(A, &alice.public(), "GOLD", 500),
+            w.mint_unique(A, &bob.public(), "sword", 1),
+            w.mint_stack(A, &alice.public(), "arrow", 2, 50),
+        ];
+        for receipt in chain.block(setup) {
+            assert_eq!(receipt.outcome, Outcome::Applied, "{receipt:?}");
+        }
+        (chain, alice, bob)
+    }
+}
+
+fn gold(amount: u128) -> Asset {
+    Asset::Currency {
+        currency: CurrencyId::new("GOLD"),
+        amount: Amount(amount),
+    }
+}
+
+fn rejected(reason: Rejection) -> Outcome {
+    Outcome::Rejected { reason }
+}
+
+#[test]
+fn currency_mint_transfer_burn_and_their_rejections() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let gold_id = CurrencyId::new("GOLD");
+    let w = &mut chain.world;
+    let tx = w.transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 200);
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    assert_eq!(chain.ledger.balance(A, &gold_id, &alice.public()), Amount(300));
+    assert_eq!(chain.ledger.balance(A, &gold_id, &bob.public()), Amount(200));
+
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 301);
+    assert_eq!(chain.one(tx), rejected(Rejection::InsufficientFunds));
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "SILVER", 1);
+    assert_eq!(chain.one(tx), rejected(Rejection::UnknownCurrency));
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &alice.public(), "GOLD", 1);
+    assert_eq!(chain.one(tx), rejected(Rejection::SelfTransfer));
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 0);
+    assert_eq!(chain.one(tx), rejected(Rejection::InvalidAmount));
+    let stranger = key("stranger", 0);
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &stranger.public(), "GOLD", 1);
+    assert_eq!(chain.one(tx), rejected(Rejection::UnknownAccount));
+
+    let tx = chain.world.mint_currency(A, &alice.public(), "GOLD", 1_000_000);
+    assert_eq!(chain.one(tx), rejected(Rejection::SupplyExceeded));
+
+    let tx = chain.world.tx(
+        A,
+        TxBody::Burn {
+            from: alice.public(),
+            assets: vec![gold(100)],
+        },
+        &[&alice],
+    );
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    let info = chain.ledger.currency(A, &gold_id).unwrap();
+    assert_eq!((info.minted, info.burned), (Amount(500), Amount(100)));
+    assert_eq!(
+        chain.ledger.balances(A, &alice.public()),
+        vec![(gold_id, Amount(200))]
+    );
+}
+
+#[test]
+fn who_signs_depends_on_custody() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let studio = chain.world.studio(A).clone();
+    // A custodial account's assets move only with the studio's signature…
+    let tx = chain.world.tx(
+        A,
+        TxBody::Transfer {
+            from: bob.public(),
+            to: alice.public(),
+            assets: vec![Asset::Item { item: ItemId(1) }],
+        },
+        &[&bob],
+    );
+    assert_eq!(chain.one(tx), rejected(Rejection::MissingSignature));
+    let tx = chain
+        .world
+        .transfer(A, &studio, &bob.public(), &alice.public(), "GOLD", 1);
+    assert_eq!(
+        chain.one(tx),
+        rejected(Rejection::InsufficientFunds),
+        "studio may sign for bob"
+    );
+    // …and a self-custodied one's only with the player's.
+    let tx = chain
+        .world
+        .transfer(A, &studio, &alice.public(), &bob.public(), "GOLD", 1);
+    assert_eq!(chain.one(tx), rejected(Rejection::MissingSignature));
+    // Players cannot mint; an extra signature is refused too.
+    let tx = chain.world.tx(
+        A,
+        TxBody::Mint {
+            to: alice.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(1),
+            },
+        },
+        &[&alice],
+    );
+    assert_eq!(chain.one(tx), rejected(Rejection::MissingSignature));
+    let tx = chain.world.tx(
+        A,
+        TxBody::Mint {
+            to: alice.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(1),
+            },
+        },
+        &[&studio, &alice],
+    );
+    assert_eq!(chain.one(tx), rejected(Rejection::Unauthorized));
+}
+
+#[test]
+fn items_unique_and_stacks_split_merge_burn() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let studio = chain.world.studio(A).clone();
+    // The studio moves bob's (custodial) sword to alice.
+    let tx = chain.world.tx(
+        A,
+        TxBody::Transfer {
+            from: bob.public(),
+            to: alice.public(),
+            assets: vec![Asset::Item { item: ItemId(1) }],
+        },
+        &[&studio],
+    );
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    assert_eq!(chain.ledger.item(A, ItemId(1)).unwrap().owner, alice.public());
+    let tx = chain.world.tx(
+        A,
+        TxBody::Transfer {
+            from: bob.public(),
+            to: alice.public(),
+            assets: vec![Asset::Item { item: ItemId(1) }],
+        },
+        &[&studio],
+    );
+    assert_eq!(chain.one(tx), rejected(Rejection::NotOwner));
+    let tx = chain.world.mint_unique(A, &bob.public(), "sword", 1);
+    assert_eq!(chain.one(tx), rejected(Rejection::ItemExists));
+    let tx = chain.world.mint_stack(A, &bob.public(), "sword", 9, 3);
+    assert_eq!(chain.one(tx), rejected(Rejection::NotStackable));
+    let tx = chain.world.mint_unique(A, &bob.public(), "shield", 9);
+    assert_eq!(chain.one(tx), rejected(Rejection::UnknownClass));
+
+    // Split 50 arrows into 20 + 30, then merge back.
+    let split = |chain: &mut Chain, quantity: u128, new_item: u64| {
+        let tx = chain.world.tx(
+            A,
+            TxBody::Split {
+                owner: alice.public(),
+                item: ItemId(2),
+                quantity: Amount(quantity),
+                new_item: ItemId(new_item),
+            },
+            &[&alice],
+        );
+        chain.one(tx)
+    };
+    assert_eq!(
+        split(&mut chain, 50, 3),
+        rejected(Rejection::InsufficientQuantity)
+    );
+    assert_eq!(split(&mut chain, 20, 1), rejected(Rejection::ItemExists));
+    assert_eq!(split(&mut chain, 20, 3), Outcome::Applied);
+    assert_eq!(
+        chain.ledger.item(A, ItemId(3)).unwrap().kind,
+        ItemKind::Stack { quantity: Amount(20) }
+    );
+    assert_eq!(
+        chain.ledger.item(A, ItemId(2)).unwrap().kind,
+        ItemKind::Stack { quantity: Amount(30) }
+    );
+    assert_eq!(chain.ledger.inventory(A, &alice.public()).len(), 3);
+    let merge = |chain: &mut Chain, into: u64, from: u64| {
+        let tx = chain.world.tx(
+            A,
+            TxBody::Merge {
+                owner: alice.public(),
+                into: ItemId(into),
+                from: ItemId(from),
+            },
+            &[&alice],
+        );
+        chain.one(tx)
+    };
+    assert_eq!(merge(&mut chain, 2, 1), rejected(Rejection::NotStackable));
+    assert_eq!(merge(&mut chain, 2, 3), Outcome::Applied);
+    assert_eq!(
+        chain.ledger.item(A, ItemId(2)).unwrap().kind,
+        ItemKind::Stack { quantity: Amount(50) }
+    );
+    assert!(chain.ledger.item(A, ItemId(3)).is_none());
+
+    let tx = chain.world.tx(
+        A,
+        TxBody::Burn {
+            from: alice.public(),
+            assets: vec![Asset::Item { item: ItemId(2) }],
+        },
+        &[&alice],
+    );
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    let arrows = chain.ledger.class(A, &ClassId::new("arrow")).unwrap();
+    assert_eq!((arrows.minted, arrows.burned), (Amount(50), Amount(50)));
+}
+
+#[test]
+fn a_swap_applies_whole_or_not_at_all() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let studio = chain.world.studio(A).clone();
+    let swap = |alice_gives: u128, bob_item: u64| TxBody::Swap {
+        left: SwapSide {
+            account: alice.public(),
+            gives: vec![gold(alice_gives)],
+        },
+        right: SwapSide {
+            account: bob.public(),
+            gives: vec![Asset::Item {
+                item: ItemId(bob_item),
+            }],
+        },
+    };
+    // Bob's side fails (no such item): alice keeps her gold, bob his sword.
+    let tx = chain.world.tx(A, swap(100, 99), &[&alice, &studio]);
+    assert_eq!(chain.one(tx), rejected(Rejection::UnknownItem));
+    assert_eq!(
+        chain.ledger.balance(A, &CurrencyId::new("GOLD"), &alice.public()),
+        Amount(500)
+    );
+    // Alice's side fails: same.
+    let tx = chain.world.tx(A, swap(501, 1), &[&alice, &studio]);
+    assert_eq!(chain.one(tx), rejected(Rejection::InsufficientFunds));
+    assert_eq!(chain.ledger.item(A, ItemId(1)).unwrap().owner, bob.public());
+    // Only one party signed.
+    let tx = chain.world.tx(A, swap(100, 1), &[&alice]);
+    assert_eq!(chain.one(tx), rejected(Rejection::MissingSignature));
+    // Both sign: both sides move.
+    let tx = chain.world.tx(A, swap(100, 1), &[&studio, &alice]);
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    assert_eq!(chain.ledger.item(A, ItemId(1)).unwrap().owner, alice.public());
+    assert_eq!(
+        chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
+        Amount(100)
+    );
+}
+
+#[test]
+fn settlement_reports_each_entry() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let stranger = key("stranger", 0);
+    let entries = vec![
+        Settlement {
+            to: alice.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(5),
+            },
+        },
+        Settlement {
+            to: stranger.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(5),
+            },
+        },
+        Settlement {
+            to: bob.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GEMS"),
+                amount: Amount(5),
+            },
+        },
+        Settlement {
+            to: bob.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(7),
+            },
+        },
+    ];
+    let tx = chain.world.studio_tx(A, TxBody::Settle { entries });
+    assert_eq!(
+        chain.one(tx),
+        Outcome::Settled {
+            entries: vec![
+                None,
+                Some(Rejection::UnknownAccount),
+                Some(Rejection::UnknownCurrency),
+                None
+            ]
+        }
+    );
+    assert_eq!(
+        chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
+        Amount(7)
+    );
+}
+
+#[test]
+fn an_event_applies_once_and_its_outcome_is_remembered_until_expiry() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    chain.world.expires_at = 6;
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 10);
+    let receipts = chain.block(vec![tx.clone(), tx.clone()]);
+    assert_eq!(receipts[0].outcome, Outcome::Applied);
+    assert!(receipts[1].duplicate && receipts[1].height == receipts[0].height);
+    let again = chain.block(vec![tx.clone()]);
+    assert!(again[0].duplicate);
+    assert_eq!(again[0].outcome, Outcome::Applied);
+    assert_eq!(
+        chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
+        Amount(10)
+    );
+    // A rejected event is remembered too: its first outcome is the answer.
+    let poor = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 10_000);
+    assert_eq!(chain.one(poor.clone()), rejected(Rejection::InsufficientFunds));
+    let receipt = &chain.block(vec![poor])[0];
+    assert!(receipt.duplicate);
+    // Past its expiry height, the event is forgotten and refused: it can never apply twice.
+    while chain.ledger.height() < 6 {
+        chain.block(vec![]);
+    }
+    assert_eq!(
+        chain.ledger.event(A, &receipts[0].event_id).map(|(h, _)| h),
+        Some(receipts[0].height)
+    );
+    chain.block(vec![]);
+    assert!(chain.ledger.event(A, &receipts[0].event_id).is_none());
+    assert_eq!(chain.block(vec![tx])[0].outcome, rejected(Rejection::Expired));
+    assert_eq!(
+        chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
+        Amount(10)
+    );
+    // Too far ahead is refused too.
+    chain.world.expires_at =
+        chain.ledger.height() + 1 + hoard_types::constants::EXPIRY_HORIZON_BLOCKS_MAX + 1;
+    let far = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 1);
+    assert_eq!(chain.one(far), rejected(Rejection::ExpiryTooFar));
+}
+
+#[test]
+fn replays_on_another_chain_and_forged_event_ids_do_nothing() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let mut other = World::new(2);
+    other.chain_id = 99;
+    let tx = other.transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 10);
+    assert_eq!(chain.one(tx), rejected(Rejection::WrongChain));
+    // Someone without authority submits the victim's event id first: the refusal is not
+    // remembered, so the real event still applies.
+    let event = chain.world.next_event_id();
+    let body = TxBody::Transfer {
+        from: alice.public(),
+        to: bob.public(),
+        assets: vec![gold(10)],
+    };
+    let mallory = key("mallory", 0);
+    let forged = chain.world.tx_with_id(A, event, body.clone(), &[&mallory]);
+    assert_eq!(chain.one(forged), rejected(Rejection::MissingSignature));
+    let real = chain.world.tx_with_id(A, event, body, &[&alice]);
+    assert_eq!(chain.one(real), Outcome::Applied);
+}
+
+/// Nothing signed for tenant A reaches tenant B, for every transaction kind: studio A signing a
+/// transaction in B's namespace is refused as `wrong_tenant`, and transactions in A's namespace
+/// naming B's accounts or items find nothing. B's state root entries are untouched.
+#[test]
+fn tenants_are_isolated_for_every_transaction_kind() {
+    let (mut chain, alice, _bob) = Chain::with_players();
+    let carol = key("carol", 0);
+    let w = &mut chain.world;
+    let setup = vec![
+        w.define_currency(B, "GOLD", 1_000),
+        w.define_class(B, "sword", false, 10),
+        w.define_class(B, "arrow", true, 100),
+        w.register(B, &carol.public(), Custody::Custodial),
+        w.mint_currency(B, &carol.public(), "GOLD", 100),
+        w.mint_unique(B, &carol.public(), "sword", 1),
+        w.mint_stack(B, &carol.public(), "arrow", 2, 10),
+    ];
+    assert!(chain.block(setup).iter().all(|r| r.outcome == Outcome::Applied));
+    let snapshot_b = |ledger: &Ledger| {
+        (
+            ledger.balances(B, &carol.public()),
+            ledger.inventory(B, &carol.public()),
+            ledger.currencies(B),
+            ledger.classes(B),
+            ledger.account(B, &alice.public()),
+        )
+    };
+    let before = snapshot_b(&chain.ledger);
+    let studio_a = chain.world.studio(A).clone();
+    let item = |id: u64| Asset::Item { item: ItemId(id) };
+    let bodies = vec![
+        TxBody::RegisterAccount {
+            account: alice.public(),
+            custody: Custody::Custodial,
+        },
+        TxBody::DefineCurrency {
+            currency: CurrencyId::new("GEMS"),
+            decimals: 0,
+            max_supply: Amount(5),
+        },
+        TxBody::DefineItemClass {
+            class: ClassId::new("axe"),
+            stackable: false,
+            max_supply: Amount(5),
+            metadata_hash: Hash::ZERO,
+        },
+        TxBody::Mint {
+            to: carol.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(1),
+            },
+        },
+        TxBody::Transfer {
+            from: carol.public(),
+            to: alice.public(),
+            assets: vec![gold(1)],
+        },
+        TxBody::Burn {
+            from: carol.public(),
+            assets: vec![item(1)],
+        },
+        TxBody::Split {
+            owner: carol.public(),
+            item: ItemId(2),
+            quantity: Amount(1),
+            new_item: ItemId(3),
+        },
+        TxBody::Merge {
+            owner: carol.public(),
+            into: ItemId(2),
+            from: ItemId(2),
+        },
+        TxBody::Swap {
+            left: SwapSide {
+                account: carol.public(),
+                gives: vec![item(1)],
+            },
+            right: SwapSide {
+                account: alice.public(),
+                gives: vec![gold(1)],
+            },
+        },
+        TxBody::Settle {
+            entries: vec![Settlement {
+                to: carol.public(),
+                grant: Grant::Currency {
+                    currency: CurrencyId::new("GOLD"),
+                    amount: Amount(1),
+                },
+            }],
+        },
+        TxBody::RegisterTenant {
+            name: "takeover".into(),
+            studio_key: studio_a.public(),
+        },
+    ];
+    for body in bodies {
+        let name = format!("{body:?}");
+        // Signed by studio A (and alice where a player signs), aimed at tenant B.
+        let tx = chain.world.tx(B, body.clone(), &[&studio_a]);
+        let outcome = chain.one(tx);
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Rejected {
+                    reason: Rejection::WrongTenant
+                        | Rejection::UnknownAccount
+                        | Rejection::MissingSignature
+                        | Rejection::TenantExists
+                }
+            ),
+            "{name}: {outcome:?}"
+        );
+        // In A's own namespace the same body cannot name B's things.
+        let tx = chain.world.tx(A, body, &[&studio_a]);
+        let outcome = chain.one(tx);
+        assert!(
+            !matches!(
+                outcome,
+                Outcome::Rejected {
+                    reason: Rejection::WrongTenant
+                }
+            ),
+            "{name}"
+        );
+        assert_eq!(snapshot_b(&chain.ledger), before, "{name} touched tenant B");
+    }
+    let tx = chain.world.tx(
+        B,
+        TxBody::Mint {
+            to: carol.public(),
+            grant: Grant::Currency {
+                currency: CurrencyId::new("GOLD"),
+                amount: Amount(1),
+            },
+        },
+        &[&studio_a],
+    );
+    assert_eq!(chain.one(tx), rejected(Rejection::WrongTenant));
+}
+
+#[test]
+fn the_operator_registers_tenants() {
+    let mut chain = Chain::new();
+    let studio = key("studio", 3);
+    let body = TxBody::RegisterTenant {
+        name: "third".into(),
+        studio_key: studio.public(),
+    };
+    let studio_a = chain.world.studio(A).clone();
+    let tx = chain.world.tx(TenantId(3), body.clone(), &[&studio_a]);
+    assert_eq!(chain.one(tx), rejected(Rejection::WrongTenant));
+    let tx = chain.world.tx(TenantId(3), body.clone(), &[&studio]);
+    assert_eq!(chain.one(tx), rejected(Rejection::MissingSignature));
+    let operator = chain.world.operator.clone();
+    let tx = chain.world.tx(TenantId(3), body.clone(), &[&operator]);
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    assert_eq!(
+        chain.ledger.tenant(TenantId(3)).unwrap().studio_key,
+        studio.public()
+    );
+    let tx = chain.world.tx(TenantId(3), body, &[&operator]);
+    assert_eq!(chain.one(tx), rejected(Rejection::TenantExists));
+}
+
+#[test]
+fn snapshots_restore_and_are_verified() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 10);
+    chain.block(vec![tx]);
+    let bytes = chain.ledger.snapshot();
+    let restored = Ledger::restore(&bytes, Some(chain.ledger.head().hash())).unwrap();
+    assert_eq!(restored.state_root(), chain.ledger.state_root());
+    assert_eq!(restored.snapshot(), bytes);
+    // The same blocks on both give the same roots.
+    let mut twin = restored;
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 1);
+    let (block, _) = chain.ledger.execute(99_000, vec![tx]);
+    twin.apply_block(&block).unwrap();
+    assert_eq!(twin.state_root(), chain.ledger.state_root());
+    // A snapshot with a changed balance fails the root check; a wrong certified head too.
+    assert!(Ledger::restore(&bytes, Some(Hash::of(b"other"))).is_err());
+    let mut tampered = bytes.clone();
+    let needle = Amount(490).0.to_be_bytes();
+    let at = tampered
+        .windows(16)
+        .position(|w| w == needle)
+        .expect("alice's balance is in the snapshot");
+    tampered[at + 15] = 0xff;
+    assert!(Ledger::restore(&tampered, None).is_err());
+}
+
+#[test]
+fn a_follower_detects_a_block_that_lies_about_its_state_root() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let mut follower = Ledger::restore(&chain.ledger.snapshot(), None).unwrap();
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 1);
+    let (mut block, _) = chain.ledger.execute(5, vec![tx]);
+    block.header.state_root = Hash::of(b"lie");
+    assert!(follower.apply_block(&block).is_err());
+}
+
+#[test]
+fn holdings_are_provable_against_the_state_root() {
+    let (chain, alice, _bob) = Chain::with_players();
+    let root = chain.ledger.state_root();
+    let key = StateKey::Balance(A, CurrencyId::new("GOLD"), alice.public());
+    let (value, proof) = chain.ledger.prove(&key);
+    let value = value.expect("alice holds gold");
+    assert_eq!(value, Amount(500).0.to_be_bytes());
+    assert!(proof.verify(&root, &key.encode(), Some(&value)));
+    assert!(!proof.verify(&root, &key.encode(), Some(&Amount(501).0.to_be_bytes())));
+    let key = StateKey::Item(A, ItemId(1));
+    let (value, proof) = chain.ledger.prove(&key);
+    assert!(proof.verify(&root, &key.encode(), value.as_deref()));
+    let absent = StateKey::Item(B, ItemId(1));
+    let (value, proof) = chain.ledger.prove(&absent);
+    assert!(value.is_none() && proof.verify(&root, &absent.encode(), None));
+}
