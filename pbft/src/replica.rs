@@ -132,7 +132,8 @@ pub struct Replica<A: App> {
     low: u64,
     last_executed: u64,
     stable: Option<CheckpointCert>,
-    stable_snapshot: Option<Arc<Vec<u8>>>,
+    /// The newest stable checkpoint we hold a snapshot of (what we serve to others).
+    stable_snapshot: Option<(CheckpointCert, Arc<Vec<u8>>)>,
     slots: BTreeMap<u64, Slot>,
     checkpoints: BTreeMap<u64, CheckpointSlot>,
     /// Primary: the last sequence number assigned in this view.
@@ -156,6 +157,8 @@ pub struct Replica<A: App> {
     served_ms: Vec<u64>,
     snapshot_served_ms: Vec<u64>,
     executed_at_last_tick: u64,
+    /// The last executed seq each peer reported in its status.
+    peer_executed: Vec<u64>,
     stats: Stats,
 }
 
@@ -198,6 +201,7 @@ impl<A: App> Replica<A> {
             served_ms: vec![0; n],
             snapshot_served_ms: vec![0; n],
             executed_at_last_tick: last_executed,
+            peer_executed: vec![0; n],
             stats: Stats::default(),
             config,
         })
@@ -218,8 +222,9 @@ impl<A: App> Replica<A> {
                 }
             }
             replica.low = cert.seq;
+            let cert_for_snapshot = cert.clone();
             replica.stable = Some(cert);
-            replica.stable_snapshot = Some(snapshot);
+            replica.stable_snapshot = Some((cert_for_snapshot, snapshot));
         }
         replica.last_executed = replica.app.last_executed();
         replica.next_seq = replica.last_executed.max(replica.low);
@@ -432,8 +437,13 @@ impl<A: App> Replica<A> {
             }
             Timer::ViewChange => {
                 self.view_change_timer_armed = false;
+                // f+1 peers executed past us: we are behind, not the primary; catch up first.
+                let ahead = self.peer_executed.iter().filter(|e| **e > self.last_executed).count();
+                let behind = ahead > self.f;
                 let suspect_primary = !self.pending.is_empty() && !self.is_primary();
-                if self.in_view_change || suspect_primary {
+                if !self.in_view_change && suspect_primary && behind {
+                    self.arm_view_change_timer(&mut out);
+                } else if self.in_view_change || suspect_primary {
                     let next = self.view + 1;
                     self.start_view_change(next, &mut out);
                 }
@@ -1037,7 +1047,9 @@ impl<A: App> Replica<A> {
         }
         let own = self.checkpoints.get(&cert.seq).and_then(|c| c.own.clone());
         let Some((own_digest, snapshot, _)) = own else {
-            // Executed but our checkpoint is gone (restart): nothing to compare; ignore.
+            // Executed, but our checkpoint is gone (we restarted since): we cannot compare,
+            // but 2f+1 replicas vouch for it; advance the low watermark without a snapshot.
+            self.advance_low(cert);
             return;
         };
         if own_digest != cert.digest {
@@ -1053,19 +1065,27 @@ impl<A: App> Replica<A> {
     fn make_stable(&mut self, cert: CheckpointCert, snapshot: Arc<Vec<u8>>, out: &mut Vec<Output>) {
         let seq = cert.seq;
         let digest = cert.digest;
-        self.low = seq;
-        self.stable = Some(cert.clone());
-        self.stable_snapshot = Some(snapshot.clone());
-        out.push(Output::Persist(Record::StableCheckpoint { cert, snapshot }));
+        self.stable_snapshot = Some((cert.clone(), snapshot.clone()));
+        out.push(Output::Persist(Record::StableCheckpoint { cert: cert.clone(), snapshot }));
         out.push(Output::StableCheckpoint { seq, digest });
-        // Garbage-collect everything at or below the stable checkpoint.
+        self.advance_low(cert);
+        self.maybe_propose(false, out);
+    }
+
+    /// Moves the low watermark to a stable checkpoint and garbage-collects below it.
+    fn advance_low(&mut self, cert: CheckpointCert) {
+        let seq = cert.seq;
+        if seq <= self.low {
+            return;
+        }
+        self.low = seq;
+        self.stable = Some(cert);
         self.slots = self.slots.split_off(&(seq + 1));
         self.checkpoints = self.checkpoints.split_off(&(seq + 1));
         if self.transfer_target.as_ref().is_some_and(|t| t.seq <= seq) {
             self.transfer_target = None;
         }
         self.next_seq = self.next_seq.max(seq);
-        self.maybe_propose(false, out);
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1485,7 +1505,7 @@ impl<A: App> Replica<A> {
             return Err(Error::Stale("status answered recently"));
         }
         signed.verify(&self.config.keys)?;
-        let _ = stable_seq;
+        self.peer_executed[peer as usize] = last_executed;
         let mut answered = false;
         // A peer behind our view: the new view that started ours lets it join.
         let behind_view = view < self.view || (view == self.view && in_view_change);
@@ -1496,6 +1516,15 @@ impl<A: App> Replica<A> {
             }
         }
         // A peer behind in execution: commit proofs from our log, or our stable certificate.
+        if stable_seq < self.low && last_executed >= self.low {
+            // It executed past our stable checkpoint but missed the votes: our certificate
+            // lets it garbage-collect and move its window.
+            if let Some(cert) = self.stable.clone() {
+                let msg = self.sign(&Message::StableCert { cert });
+                self.send(out, peer, msg);
+                answered = true;
+            }
+        }
         if last_executed < self.last_executed && self.app_valid {
             if last_executed < self.low {
                 if let Some(cert) = self.stable.clone() {
@@ -1605,7 +1634,7 @@ impl<A: App> Replica<A> {
 
     fn on_fetch_snapshot(&mut self, signed: SignedMessage, seq: u64, out: &mut Vec<Output>) -> Result<()> {
         let peer = signed.signer;
-        let (Some(cert), Some(snapshot)) = (self.stable.clone(), self.stable_snapshot.clone()) else {
+        let Some((cert, snapshot)) = self.stable_snapshot.clone() else {
             return Err(Error::Stale("no stable snapshot to serve"));
         };
         if cert.seq < seq {
@@ -1657,8 +1686,7 @@ impl<A: App> Replica<A> {
         self.cancel_view_change_timer(out);
         let snapshot = Arc::new(snapshot);
         out.push(Output::StateTransferred { seq });
-        self.low = self.low.max(seq);
-        if self.low == seq {
+        if seq > self.low {
             self.make_stable(cert, snapshot, out);
         }
         self.slots = self.slots.split_off(&(seq + 1));
