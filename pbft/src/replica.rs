@@ -20,7 +20,7 @@ use crate::constants::{
 };
 use crate::error::{Error, Result};
 use crate::message::{
-    verify_all, Batch, CheckpointCert, Message, PreparedCert, ReplicaId, Request, SignedMessage,
+    Batch, CheckpointCert, Message, PreparedCert, ReplicaId, Request, SignedMessage, Verifier,
 };
 use crate::types::{Committed, Config, DurableState, Output, Record, Stats, Timer};
 
@@ -121,6 +121,7 @@ struct Transfer {
 /// A PBFT replica over the app `A`.
 pub struct Replica<A: App> {
     config: Config,
+    verifier: Verifier,
     n: usize,
     f: usize,
     app: A,
@@ -170,6 +171,7 @@ impl<A: App> Replica<A> {
         let f = config.f();
         let last_executed = app.last_executed();
         Ok(Replica {
+            verifier: Verifier::new(&config.keys),
             n,
             f,
             app,
@@ -696,7 +698,7 @@ impl<A: App> Replica<A> {
         self.stats.messages_received_total[message.kind().index()] += 1;
         match message {
             Message::Request(request) => {
-                signed.verify(&self.config.keys)?;
+                self.verifier.verify(&signed)?;
                 self.handle_request(request, false, out)
             }
             Message::PrePrepare { view, seq, batch } => self.on_pre_prepare(signed, view, seq, batch, out),
@@ -715,7 +717,7 @@ impl<A: App> Replica<A> {
                 if cert.seq <= self.low && self.app_valid {
                     return Err(Error::Stale("stable certificate not above ours"));
                 }
-                signed.verify(&self.config.keys)?;
+                self.verifier.verify(&signed)?;
                 self.verify_checkpoint_cert(&cert)?;
                 self.adopt_stable_cert(cert, out);
                 Ok(())
@@ -755,11 +757,11 @@ impl<A: App> Replica<A> {
                 return Err(Error::Stale("duplicate pre-prepare"));
             }
             // Verify before accusing: a forged second pre-prepare proves nothing.
-            signed.verify(&self.config.keys)?;
+            self.verifier.verify(&signed)?;
             return Err(Error::Violation { replica: signed.signer, what: "two pre-prepares for one (view, seq)" });
         }
         // Then verify.
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         self.check_batch_shape(&batch)?;
         let unknown: Vec<Request> = batch
             .requests
@@ -833,7 +835,7 @@ impl<A: App> Replica<A> {
                 return Err(Error::Stale("duplicate prepare"));
             }
         }
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         let slot = self.slots.entry(seq).or_default();
         slot.enter_view(view);
         slot.prepares.insert(signed.signer, (digest, signed));
@@ -887,7 +889,7 @@ impl<A: App> Replica<A> {
                 return Err(Error::Stale("duplicate commit"));
             }
         }
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         self.insert_commit(seq, view, digest, signed);
         self.check_committed(seq, out);
         Ok(())
@@ -1008,7 +1010,7 @@ impl<A: App> Replica<A> {
         if self.checkpoints.get(&seq).is_some_and(|c| c.votes.contains_key(&signed.signer)) {
             return Err(Error::Stale("duplicate checkpoint"));
         }
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         self.checkpoints.entry(seq).or_default().votes.insert(signed.signer, (digest, signed));
         self.check_stable(seq, out);
         Ok(())
@@ -1198,7 +1200,7 @@ impl<A: App> Replica<A> {
     fn verify_checkpoint_cert(&self, cert: &CheckpointCert) -> Result<()> {
         self.parse_checkpoint_cert(cert)?;
         let votes: Vec<&SignedMessage> = cert.votes.iter().collect();
-        verify_all(&votes, &self.config.keys).map_err(|_| Error::InvalidCertificate("bad checkpoint signature"))
+        self.verifier.verify_all(&votes).map_err(|_| Error::InvalidCertificate("bad checkpoint signature"))
     }
 
     fn on_view_change(&mut self, signed: SignedMessage, new_view: u64, out: &mut Vec<Output>) -> Result<()> {
@@ -1215,7 +1217,7 @@ impl<A: App> Replica<A> {
         let info = self.parse_view_change(&signed)?;
         let mut all: Vec<&SignedMessage> = Vec::new();
         info.signatures(&mut all);
-        verify_all(&all, &self.config.keys)?;
+        self.verifier.verify_all(&all)?;
         self.view_changes.entry(new_view).or_default().insert(signed.signer, info);
         // Liveness rule: f+1 view changes for views above ours mean at least one correct
         // replica timed out; join the smallest such view.
@@ -1349,7 +1351,7 @@ impl<A: App> Replica<A> {
             info.signatures(&mut all);
         }
         all.extend(pre_prepares.iter());
-        verify_all(&all, &self.config.keys)?;
+        self.verifier.verify_all(&all)?;
         out.push(Output::Persist(Record::NewView { view, msg: signed.clone() }));
         self.enter_new_view(view, signed, plan.min_cert, plan.max_seq, entries, out);
         Ok(())
@@ -1504,7 +1506,7 @@ impl<A: App> Replica<A> {
         if served != 0 && self.now_ms < served + self.config.status_interval_ms / 2 {
             return Err(Error::Stale("status answered recently"));
         }
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         self.peer_executed[peer as usize] = last_executed;
         let mut answered = false;
         // A peer behind our view: the new view that started ours lets it join.
@@ -1590,7 +1592,7 @@ impl<A: App> Replica<A> {
         }
         let mut all: Vec<&SignedMessage> = vec![&signed];
         all.extend(commits.iter());
-        verify_all(&all, &self.config.keys)?;
+        self.verifier.verify_all(&all)?;
         self.slots.entry(seq).or_default().add_batch(digest, Arc::new(batch));
         for (commit, view) in commits.into_iter().zip(parsed) {
             self.insert_commit(seq, view, digest, commit);
@@ -1644,7 +1646,7 @@ impl<A: App> Replica<A> {
         if served != 0 && self.now_ms < served + self.config.state_transfer_timeout_ms / 2 {
             return Err(Error::Stale("snapshot served recently"));
         }
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         self.snapshot_served_ms[peer as usize] = self.now_ms.max(1);
         let msg = self.sign(&Message::Snapshot { cert, snapshot: (*snapshot).clone() });
         self.send(out, peer, msg);
@@ -1664,7 +1666,7 @@ impl<A: App> Replica<A> {
         if self.transfer.is_none() && self.app_valid {
             return Err(Error::Stale("no transfer in progress"));
         }
-        signed.verify(&self.config.keys)?;
+        self.verifier.verify(&signed)?;
         self.verify_checkpoint_cert(&cert)?;
         let restored = self.app.restore(&snapshot);
         let seq = cert.seq;

@@ -61,10 +61,10 @@ pub struct SimOptions<A> {
 impl<A> Default for SimOptions<A> {
     fn default() -> Self {
         SimOptions {
-            fault_phase_ms: 1_500,
+            fault_phase_ms: 1_000,
             liveness_ms: 30_000,
             clients: 3,
-            request_interval_ms: 30,
+            request_interval_ms: 40,
             faults: true,
             byzantine: true,
             verbose: false,
@@ -74,7 +74,7 @@ impl<A> Default for SimOptions<A> {
             window: 16,
             batch_size_max: 8,
             view_change_timeout_ms: 300,
-            status_interval_ms: 50,
+            status_interval_ms: 80,
             events_max: 2_000_000,
         }
     }
@@ -359,7 +359,7 @@ where
         config.request_bytes_max = 4 * 1024;
         config.pending_requests_max = 512;
         config.message_bytes_max = 4 * 1024 * 1024;
-        config.batch_timeout_ms = 3;
+        config.batch_timeout_ms = 10;
         config.view_change_timeout_ms = self.options.view_change_timeout_ms;
         config.view_change_timeout_max_ms = self.options.view_change_timeout_ms * 8;
         config.status_interval_ms = self.options.status_interval_ms;
