@@ -1,1 +1,89 @@
-//! placeholder
+//! # hoard-sdk: the Rust client for Hoard
+//!
+//! Embed it in a game server (as the studio) or a game client (as a player) to record clicks,
+//! grant and move on-chain assets exactly once, trade between players and follow activity live,
+//! without handling lost connections, retries or duplicates yourself.
+//!
+//! ## A game server in a few lines
+//!
+//! ```no_run
+//! use hoard_sdk::{keys, Amount, Client, Credentials, CurrencyId, Custody, Grant, TenantId};
+//!
+//! # async fn run() -> hoard_sdk::Result<()> {
+//! let studio_key = keys::load("studio.key")?;
+//! let client = Client::connect("ws://127.0.0.1:8080", Credentials::studio(TenantId(1), studio_key)).await?;
+//!
+//! // A new player: an account on the chain (custodial: the studio signs for it).
+//! let player = keys::generate().public();
+//! client.register_account(player, Custody::Custodial).await?.committed().await?;
+//!
+//! // Clicks: cheap, batched, non-blocking.
+//! client.click(&player, "gold", 1)?;
+//!
+//! // Loot: exactly once, even across reconnects.
+//! let grant = Grant::Currency { currency: CurrencyId::new("GOLD"), amount: Amount(10) };
+//! let committed = client.mint(player, grant).await?.committed().await?;
+//! println!("granted at height {}", committed.height);
+//!
+//! // A player's view, with a session token the studio signs offline.
+//! # let studio_key = keys::generate();
+//! let token = keys::issue_session_token(&studio_key, TenantId(1), player, std::time::Duration::from_secs(3600))?;
+//! let player_client = Client::connect("ws://127.0.0.1:8080", Credentials::player(token)).await?;
+//! println!("{:?}", player_client.balances(player).await?.balances);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Guarantees
+//!
+//! - **Exactly once.** Every asset event carries an `event_id` (random unless you give one with
+//!   [`SubmitOptions::event_id`]); the ledger applies an id at most once. The client keeps each
+//!   event's signed bytes until it is known committed and sends them again after a reconnect, so
+//!   each `committed().await` resolves and each event takes effect once.
+//! - **Reconnects** use capped exponential backoff with jitter ([`ReconnectPolicy`]), then
+//!   re-authenticate, re-subscribe and resend. [`Client::state`] shows the state.
+//! - **Bounded memory.** At most `max_in_flight_events` events are outstanding: further submits
+//!   wait for a permit. Clicks are bounded by `click_frames_buffered_max` frames. A `busy` gateway
+//!   is retried after the delay it asks for.
+//! - **Subscriptions** resume from the last height delivered, without gaps or duplicates.
+//! - **Errors** are typed: [`Error::kind`] gives a `Copy` [`ErrorKind`], [`Error::is_retryable`]
+//!   says whether trying again can help, and ledger rejections carry a [`Rejection`].
+//!
+//! ## Layout
+//! - [`client`]: [`Client`], the handle with every operation; [`SubmitOptions`].
+//! - `connection`: the background task (socket, outstanding work, reconnects, retries).
+//! - [`options`]: [`Credentials`], [`ClientOptions`], [`ReconnectPolicy`], [`ConnectionState`].
+//! - [`event`]: [`EventHandle`] (`accepted()`, `committed()`).
+//! - [`subscription`]: [`Subscription`], a `Stream` of [`Activity`].
+//! - `clicks`: click packing into frames.
+//! - [`keys`]: key files and session tokens.
+//! - [`model`]: the typed answers.
+//! - [`error`]: [`Error`], [`ErrorKind`].
+//!
+//! The SDK depends only on `hoard-types` (the wire protocol and transactions), never on the
+//! ledger's or the gateway's internals.
+
+mod clicks;
+pub mod client;
+mod connection;
+pub mod error;
+pub mod event;
+pub mod keys;
+pub mod model;
+pub mod options;
+pub mod subscription;
+
+pub use client::{Client, SubmitOptions};
+pub use error::{Error, ErrorKind, Result};
+pub use event::EventHandle;
+pub use model::{
+    Activity, Balances, Committed, CounterTotals, EventStatus, Head, Inventory, ItemInfo, OfferUpdate,
+    Session, SettlementWindow,
+};
+pub use options::{ClickDelivery, ClientOptions, ConnectionState, Credentials, ReconnectPolicy};
+pub use subscription::Subscription;
+
+pub use hoard_types::wire::{ErrorCode, EventState, OfferCloseReason, OfferInfo, Role, SessionToken};
+pub use hoard_types::{
+    Amount, Asset, ClassId, CurrencyId, Custody, EventId, Grant, Hash, Item, ItemId, ItemKind, Keypair,
+    Outcome, PublicKey, Rejection, Settlement, TenantId, TxBody,
+};

@@ -1,0 +1,1506 @@
+//! The background connection task: one per client, owning the WebSocket and every table of
+//! outstanding work. Client handles talk to it over a bounded command channel; a reader task
+//! decodes incoming frames and forwards them over a bounded channel.
+//!
+//! Reliability lives here:
+//! - every asset event stays in `events` (with its encoded, signed frame) until it committed, was
+//!   rejected, expired or was refused for good; after a reconnect each one is sent again with the
+//!   same bytes (the ledger deduplicates by event id, so it takes effect once);
+//! - accepted events not committed after `status_poll_after`, and events whose fate is unclear
+//!   (an `expired` refusal, an accept after a reconnect) are checked with `event_status`;
+//! - `busy`, `rate_limited` and `unavailable` refusals are retried after `retry_after_ms`;
+//! - subscriptions are re-established with `from_height` = the last height delivered, and
+//!   duplicates of that height are dropped;
+//! - replayable requests (reads) are sent again; the others fail with `ConnectionLost`.
+//!
+//! Nothing here blocks on a lock across an await: the only shared lock is the click buffer's,
+//! taken briefly and synchronously.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use hoard_types::wire::{
+    decode_server, encode, sign_auth, ClientMessage, ErrorCode, EventState, Limits, OfferCloseReason,
+    ServerMessage, PROTOCOL_VERSION,
+};
+use hoard_types::{EventId, Outcome, PublicKey};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tracing::{debug, info, warn};
+
+use crate::clicks::{clicks_frame, ClickBatch, ClickBuffer};
+use crate::error::{Error, Result};
+use crate::model::{Activity, Committed, OfferUpdate, Session};
+use crate::options::{ClickDelivery, ClientOptions, ConnectionState, Credentials};
+use crate::subscription::{Dedup, SubscriptionEnd};
+
+/// Capacity of the command channel from client handles to the task.
+pub(crate) const COMMAND_CHANNEL_CAPACITY: usize = 1024;
+/// Capacity of the channel of decoded frames from the reader task.
+const INCOMING_CHANNEL_CAPACITY: usize = 1024;
+/// Most messages handled before the task writes what they produced.
+const MESSAGES_PER_TURN_MAX: usize = 256;
+/// How often timers (timeouts, delayed resends, status polls, head refresh) are checked.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(25);
+/// Least time between two `event_status` checks of one event.
+const STATUS_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Most `event_status` checks sent per housekeeping turn.
+const STATUS_POLLS_PER_TURN_MAX: usize = 64;
+/// Wait before resending after a retryable refusal without `retry_after_ms`.
+const RETRY_AFTER_DEFAULT: Duration = Duration::from_millis(100);
+/// Longest wait honoured from a `retry_after_ms`.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
+/// Largest incoming message the client accepts.
+const INCOMING_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Capacity of the offer-update broadcast.
+pub(crate) const OFFER_UPDATES_CAPACITY: usize = 256;
+
+type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What client handles and the task share.
+pub(crate) struct Core {
+    pub(crate) options: ClientOptions,
+    pub(crate) credentials: Credentials,
+    pub(crate) url: String,
+    pub(crate) clicks: Mutex<ClickBuffer>,
+    pub(crate) click_notify: Notify,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) state: watch::Sender<ConnectionState>,
+    pub(crate) session: OnceLock<Session>,
+    pub(crate) head: AtomicU64,
+    pub(crate) closed: AtomicBool,
+    pub(crate) offer_updates: broadcast::Sender<OfferUpdate>,
+    next_request_id: AtomicU64,
+}
+
+impl Core {
+    pub(crate) fn new(options: ClientOptions, credentials: Credentials, url: String) -> Core {
+        let clicks = ClickBuffer::new(
+            options.click_frames_buffered_max,
+            hoard_types::wire::CLICKS_PER_FRAME_MAX,
+        );
+        let permits = Arc::new(Semaphore::new(options.max_in_flight_events));
+        Core {
+            options,
+            credentials,
+            url,
+            clicks: Mutex::new(clicks),
+            click_notify: Notify::new(),
+            permits,
+            state: watch::channel(ConnectionState::Disconnected).0,
+            session: OnceLock::new(),
+            head: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            offer_updates: broadcast::channel(OFFER_UPDATES_CAPACITY).0,
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+
+    pub(crate) fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A request from a client handle to the task.
+pub(crate) enum Command {
+    Request(Request),
+    Submit(Submission),
+    Subscribe(SubscribeCommand),
+    FlushClicks(oneshot::Sender<Result<()>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A read or control request; answered by the message carrying its request id.
+pub(crate) struct Request {
+    pub(crate) request_id: u64,
+    pub(crate) frame: Bytes,
+    /// Whether it may be sent again after a reconnect (reads, idempotent requests).
+    pub(crate) replay: bool,
+    /// For `cancel`: the answer is `offer_closed` for this offer.
+    pub(crate) offer_id: Option<EventId>,
+    pub(crate) reply: oneshot::Sender<Result<ServerMessage>>,
+}
+
+/// How an event reaches the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum EventKind {
+    /// A signed transaction in a `submit`.
+    Submit,
+    /// An `accept` of an offer: the gateway builds and submits the swap.
+    Accept,
+}
+
+/// An asset event handed to the task.
+pub(crate) struct Submission {
+    pub(crate) event_id: EventId,
+    pub(crate) request_id: u64,
+    pub(crate) frame: Bytes,
+    pub(crate) kind: EventKind,
+    pub(crate) expires_at: u64,
+    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) accepted: oneshot::Sender<Result<()>>,
+    pub(crate) committed: oneshot::Sender<Result<Committed>>,
+}
+
+pub(crate) struct SubscribeCommand {
+    pub(crate) local_id: u64,
+    pub(crate) account: Option<PublicKey>,
+    pub(crate) from_height: Option<u64>,
+    pub(crate) sender: mpsc::Sender<Activity>,
+    pub(crate) end: Arc<SubscriptionEnd>,
+    pub(crate) reply: oneshot::Sender<Result<()>>,
+}
+
+/// What a request id in flight stands for.
+enum Pending {
+    External(ExternalRequest),
+    Head,
+    EventStatus(EventId),
+    Event(EventId),
+    Subscribe(u64),
+    Unsubscribe,
+}
+
+struct ExternalRequest {
+    frame: Bytes,
+    replay: bool,
+    offer_id: Option<EventId>,
+    deadline: Instant,
+    sent: bool,
+    resend_at: Option<Instant>,
+    reply: oneshot::Sender<Result<ServerMessage>>,
+}
+
+struct EventEntry {
+    request_id: u64,
+    frame: Bytes,
+    kind: EventKind,
+    expires_at: u64,
+    accepted: Option<oneshot::Sender<Result<()>>>,
+    committed: Option<oneshot::Sender<Result<Committed>>>,
+    _permit: OwnedSemaphorePermit,
+    /// Sent on the current connection (and not refused since).
+    sent: bool,
+    /// Accepted on the current connection at this time.
+    accepted_at: Option<Instant>,
+    ever_accepted: bool,
+    resend_at: Option<Instant>,
+    needs_status: bool,
+    status_in_flight: bool,
+    last_status_query: Option<Instant>,
+    /// The gateway said `expired`.
+    expired_refusal: bool,
+    /// The gateway said `not_found` to an accept.
+    accept_refused: bool,
+}
+
+struct SubscriptionEntry {
+    account: Option<PublicKey>,
+    from_height: Option<u64>,
+    sender: mpsc::Sender<Activity>,
+    end: Arc<SubscriptionEnd>,
+    server_id: Option<u64>,
+    dedup: Dedup,
+    reply: Option<oneshot::Sender<Result<()>>>,
+}
+
+impl SubscriptionEntry {
+    fn resume_height(&self) -> Option<u64> {
+        self.dedup.last_height().or(self.from_height)
+    }
+}
+
+/// One open, authenticated connection.
+pub(crate) struct Connection {
+    sink: SplitSink<WsStream, Message>,
+    incoming: mpsc::Receiver<Incoming>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+enum Incoming {
+    Message(Box<ServerMessage>),
+    Closed(String),
+}
+
+/// The result of a successful connection attempt.
+pub(crate) struct Opened {
+    pub(crate) connection: Connection,
+    pub(crate) session: Session,
+    pub(crate) head: u64,
+    pub(crate) limits: Limits,
+}
+
+fn map_ws_error(error: tungstenite::Error, url: &str) -> Error {
+    match error {
+        tungstenite::Error::Url(tungstenite::error::UrlError::TlsFeatureNotEnabled) => Error::TlsUnsupported,
+        tungstenite::Error::Url(_) => Error::InvalidUrl {
+            url: url.to_owned(),
+            reason: "not a usable WebSocket URL",
+        },
+        other => Error::Connection(other.to_string()),
+    }
+}
+
+async fn next_message(stream: &mut SplitStream<WsStream>) -> Result<ServerMessage> {
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Binary(bytes))) => {
+                return decode_server(&bytes).map_err(|error| Error::Protocol(error.to_string()))
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Err(Error::Connection(match frame {
+                    Some(frame) => format!(
+                        "closed by the gateway: {} {}",
+                        u16::from(frame.code),
+                        frame.reason
+                    ),
+                    None => "closed by the gateway".to_owned(),
+                }))
+            }
+            Some(Ok(Message::Text(_))) => return Err(Error::Protocol("a text frame".to_owned())),
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => return Err(Error::Connection(error.to_string())),
+            None => return Err(Error::Connection("the connection ended".to_owned())),
+        }
+    }
+}
+
+/// Connects, reads `hello`, authenticates and reads the chain head. Bounded by `connect_timeout`.
+pub(crate) async fn open(core: &Core) -> Result<Opened> {
+    let timeout = core.options.connect_timeout;
+    match tokio::time::timeout(timeout, open_unbounded(core)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout(timeout)),
+    }
+}
+
+async fn open_unbounded(core: &Core) -> Result<Opened> {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(INCOMING_MESSAGE_BYTES_MAX))
+        .max_frame_size(Some(INCOMING_MESSAGE_BYTES_MAX));
+    let (socket, _response) =
+        tokio_tungstenite::connect_async_with_config(core.url.as_str(), Some(config), true)
+            .await
+            .map_err(|error| map_ws_error(error, &core.url))?;
+    let (mut sink, mut stream) = socket.split();
+    let ServerMessage::Hello {
+        protocol_version,
+        chain_id,
+        challenge,
+        limits,
+    } = next_message(&mut stream).await?
+    else {
+        return Err(Error::Protocol("the first message is not hello".to_owned()));
+    };
+    if protocol_version != PROTOCOL_VERSION {
+        return Err(Error::Protocol(format!(
+            "the gateway speaks protocol {protocol_version}, this SDK {PROTOCOL_VERSION}"
+        )));
+    }
+    let auth_id = core.next_request_id();
+    let auth = match &core.credentials {
+        Credentials::Studio { tenant, key } => ClientMessage::AuthStudio {
+            request_id: auth_id,
+            tenant: *tenant,
+            signature: sign_auth(key, &challenge.0, *tenant),
+        },
+        Credentials::Player { token, .. } => ClientMessage::AuthPlayer {
+            request_id: auth_id,
+            token: token.clone(),
+        },
+    };
+    let send = |message: &ClientMessage| Message::Binary(Bytes::from(encode(message)));
+    sink.send(send(&auth))
+        .await
+        .map_err(|error| Error::Connection(error.to_string()))?;
+    let session = match next_message(&mut stream).await? {
+        ServerMessage::Authenticated {
+            tenant,
+            role,
+            account,
+            custody,
+            ..
+        } => Session {
+            chain_id,
+            tenant,
+            role,
+            account,
+            custody,
+        },
+        ServerMessage::Error { code, message, .. } if !code.is_retryable() => {
+            return Err(Error::AuthRefused { code, message })
+        }
+        ServerMessage::Error {
+            code,
+            message,
+            retry_after_ms,
+            ..
+        } => return Err(Error::server(code, message, retry_after_ms)),
+        other => return Err(Error::Protocol(format!("expected authenticated, got {other:?}"))),
+    };
+    let head_id = core.next_request_id();
+    sink.send(send(&ClientMessage::Head { request_id: head_id }))
+        .await
+        .map_err(|error| Error::Connection(error.to_string()))?;
+    let head = loop {
+        match next_message(&mut stream).await? {
+            ServerMessage::Head {
+                request_id, height, ..
+            } if request_id == head_id => break height,
+            ServerMessage::Error {
+                request_id,
+                code,
+                message,
+                retry_after_ms,
+            } if request_id == head_id => return Err(Error::server(code, message, retry_after_ms)),
+            other => debug!(?other, "message before the head answer"),
+        }
+    };
+    let (sender, incoming) = mpsc::channel(INCOMING_CHANNEL_CAPACITY);
+    let reader = tokio::spawn(read_loop(stream, sender));
+    Ok(Opened {
+        connection: Connection {
+            sink,
+            incoming,
+            reader,
+        },
+        session,
+        head,
+        limits,
+    })
+}
+
+/// Decodes frames off the socket (in its own task, so decoding runs beside the main loop).
+async fn read_loop(mut stream: SplitStream<WsStream>, sender: mpsc::Sender<Incoming>) {
+    loop {
+        let incoming = match stream.next().await {
+            Some(Ok(Message::Binary(bytes))) => match decode_server(&bytes) {
+                Ok(message) => Incoming::Message(Box::new(message)),
+                Err(error) => {
+                    warn!(%error, "undecodable message from the gateway, skipped");
+                    continue;
+                }
+            },
+            Some(Ok(Message::Close(frame))) => Incoming::Closed(match frame {
+                Some(frame) => format!(
+                    "closed by the gateway: {} {}",
+                    u16::from(frame.code),
+                    frame.reason
+                ),
+                None => "closed by the gateway".to_owned(),
+            }),
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => Incoming::Closed(error.to_string()),
+            None => Incoming::Closed("the connection ended".to_owned()),
+        };
+        let last = matches!(incoming, Incoming::Closed(_));
+        if sender.send(incoming).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Why the connected phase ended.
+enum End {
+    Closed,
+    Broken(String),
+}
+
+/// The background task.
+pub(crate) struct Task {
+    core: Arc<Core>,
+    commands: mpsc::Receiver<Command>,
+    commands_closed: bool,
+    unsubscribes: mpsc::UnboundedReceiver<u64>,
+    pending: HashMap<u64, Pending>,
+    events: HashMap<EventId, EventEntry>,
+    subscriptions: HashMap<u64, SubscriptionEntry>,
+    server_subscriptions: HashMap<u64, u64>,
+    offer_waiters: HashMap<EventId, u64>,
+    clicks_unacked: VecDeque<(u64, ClickBatch)>,
+    click_waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
+    clicks_paused_until: Option<Instant>,
+    click_scratch: Vec<ClickBatch>,
+    outbox: Vec<Message>,
+    connected: bool,
+    closing: Option<oneshot::Sender<()>>,
+    last_head_refresh: Instant,
+    limits_applied: bool,
+}
+
+impl Task {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        commands: mpsc::Receiver<Command>,
+        unsubscribes: mpsc::UnboundedReceiver<u64>,
+    ) -> Task {
+        Task {
+            core,
+            commands,
+            commands_closed: false,
+            unsubscribes,
+            pending: HashMap::new(),
+            events: HashMap::new(),
+            subscriptions: HashMap::new(),
+            server_subscriptions: HashMap::new(),
+            offer_waiters: HashMap::new(),
+            clicks_unacked: VecDeque::new(),
+            click_waiters: Vec::new(),
+            clicks_paused_until: None,
+            click_scratch: Vec::new(),
+            outbox: Vec::new(),
+            connected: false,
+            closing: None,
+            last_head_refresh: Instant::now(),
+            limits_applied: false,
+        }
+    }
+
+    /// Runs until the client is closed or gives up reconnecting.
+    pub(crate) async fn run(mut self, first: Opened) {
+        let mut opened = Some(first);
+        let mut attempt = 0u32;
+        loop {
+            if let Some(Opened {
+                connection,
+                head,
+                limits,
+                session,
+            }) = opened.take()
+            {
+                attempt = 0;
+                if let Some(first) = self.core.session.get() {
+                    if first.chain_id != session.chain_id {
+                        warn!(
+                            first = first.chain_id,
+                            now = session.chain_id,
+                            "the gateway now serves another chain"
+                        );
+                    }
+                }
+                self.on_connected(head, &limits);
+                match self.serve(connection).await {
+                    End::Closed => break,
+                    End::Broken(reason) => {
+                        info!(%reason, "connection to the gateway lost; reconnecting");
+                        self.on_disconnected();
+                    }
+                }
+            }
+            if self.should_exit() {
+                break;
+            }
+            attempt = attempt.saturating_add(1);
+            let policy = self.core.options.reconnect;
+            if policy.max_attempts.is_some_and(|max| attempt > max) {
+                warn!(attempts = attempt - 1, "giving up reconnecting");
+                break;
+            }
+            self.core
+                .state
+                .send_replace(ConnectionState::Reconnecting { attempt });
+            let delay = policy.delay(attempt, rand::random::<f64>());
+            match self.wait_offline(delay).await {
+                None => break,
+                Some(Ok(next)) => opened = Some(next),
+                Some(Err(error)) if matches!(error, Error::AuthRefused { .. }) => {
+                    warn!(%error, "the gateway refused the credentials; closing");
+                    self.shutdown(error);
+                    return;
+                }
+                Some(Err(error)) => debug!(%error, attempt, "reconnect attempt failed"),
+            }
+        }
+        self.shutdown(Error::Closed);
+    }
+
+    fn should_exit(&self) -> bool {
+        self.closing.is_some() || (self.commands_closed && self.events.is_empty())
+    }
+
+    /// Waits `delay`, then tries to connect, while still taking commands (queued until connected).
+    async fn wait_offline(&mut self, delay: Duration) -> Option<Result<Opened>> {
+        let core = self.core.clone();
+        let attempt = async move {
+            tokio::time::sleep(delay).await;
+            open(&core).await
+        };
+        tokio::pin!(attempt);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                result = &mut attempt => return Some(result),
+                command = self.commands.recv(), if !self.commands_closed => match command {
+                    Some(command) => self.on_command(command),
+                    None => self.commands_closed = true,
+                },
+                Some(local_id) = self.unsubscribes.recv() => self.on_unsubscribe(local_id),
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+            self.outbox.clear();
+            if self.should_exit() {
+                return None;
+            }
+        }
+    }
+
+    async fn serve(&mut self, mut connection: Connection) -> End {
+        let mut click_tick = tokio::time::interval(self.core.options.click_flush_interval);
+        click_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+        housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            if !self.outbox.is_empty() {
+                if let Err(reason) = self.write(&mut connection).await {
+                    return End::Broken(reason);
+                }
+            }
+            if self.should_exit() {
+                let _ = connection
+                    .sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code: CloseCode::Normal,
+                        reason: "client closed".into(),
+                    })))
+                    .await;
+                return End::Closed;
+            }
+            tokio::select! {
+                biased;
+                incoming = connection.incoming.recv() => {
+                    let mut next = incoming;
+                    for _ in 0..MESSAGES_PER_TURN_MAX {
+                        match next {
+                            Some(Incoming::Message(message)) => self.on_message(*message),
+                            Some(Incoming::Closed(reason)) => return End::Broken(reason),
+                            None => return End::Broken("the reader stopped".to_owned()),
+                        }
+                        match connection.incoming.try_recv() {
+                            Ok(incoming) => next = Some(incoming),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                command = self.commands.recv(), if !self.commands_closed => {
+                    let mut next = command;
+                    for _ in 0..MESSAGES_PER_TURN_MAX {
+                        match next {
+                            Some(command) => self.on_command(command),
+                            None => {
+                                self.commands_closed = true;
+                                break;
+                            }
+                        }
+                        match self.commands.try_recv() {
+                            Ok(command) => next = Some(command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Some(local_id) = self.unsubscribes.recv() => self.on_unsubscribe(local_id),
+                _ = self.core.click_notify.notified() => self.send_clicks(false),
+                _ = click_tick.tick() => self.send_clicks(true),
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+        }
+    }
+
+    async fn write(&mut self, connection: &mut Connection) -> std::result::Result<(), String> {
+        let timeout = self.core.options.request_timeout;
+        let outbox = &mut self.outbox;
+        let sink = &mut connection.sink;
+        let written = tokio::time::timeout(timeout, async move {
+            for message in outbox.drain(..) {
+                sink.feed(message).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("writing to the gateway took more than {timeout:?}")),
+        }
+    }
+
+    fn push(&mut self, frame: &Bytes) {
+        self.outbox.push(Message::Binary(frame.clone()));
+    }
+
+    fn push_message(&mut self, message: &ClientMessage) {
+        self.outbox.push(Message::Binary(Bytes::from(encode(message))));
+    }
+
+    // ----- connection lifecycle -----
+
+    fn on_connected(&mut self, head: u64, limits: &Limits) {
+        self.connected = true;
+        self.core.head.fetch_max(head, Ordering::Relaxed);
+        self.last_head_refresh = Instant::now();
+        self.clicks_paused_until = None;
+        self.core
+            .clicks
+            .lock()
+            .expect("click buffer lock")
+            .set_clicks_per_frame(limits.clicks_per_frame_max as usize);
+        if !self.limits_applied {
+            self.limits_applied = true;
+            let announced = limits.events_in_flight_max as usize;
+            if announced < self.core.options.max_in_flight_events {
+                self.core
+                    .permits
+                    .forget_permits(self.core.options.max_in_flight_events - announced);
+            }
+        }
+        // Subscriptions first, resuming where each left off.
+        let subscriptions: Vec<(u64, Option<PublicKey>, Option<u64>)> = self
+            .subscriptions
+            .iter()
+            .map(|(local_id, entry)| (*local_id, entry.account, entry.resume_height()))
+            .collect();
+        for (local_id, account, from_height) in subscriptions {
+            self.send_subscribe(local_id, account, from_height);
+        }
+        // Then every event not known to be committed, in submission order, with its original bytes.
+        let mut events: Vec<(u64, EventId)> = self
+            .events
+            .iter()
+            .map(|(event_id, entry)| (entry.request_id, *event_id))
+            .collect();
+        events.sort_unstable();
+        for (_, event_id) in events {
+            let entry = self.events.get_mut(&event_id).expect("listed above");
+            if entry.kind == EventKind::Accept && entry.ever_accepted {
+                // The swap is the gateway's to resubmit: follow it by its status.
+                entry.needs_status = true;
+            } else {
+                entry.resend_at = None;
+                self.send_event(event_id);
+            }
+        }
+        // Then requests made while disconnected and replayable reads.
+        let mut requests: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(|(request_id, pending)| match pending {
+                Pending::External(request) if !request.sent => Some(*request_id),
+                _ => None,
+            })
+            .collect();
+        requests.sort_unstable();
+        for request_id in requests {
+            self.send_external(request_id);
+        }
+        self.send_clicks(true);
+        self.core.state.send_replace(ConnectionState::Connected);
+    }
+
+    fn on_disconnected(&mut self) {
+        self.connected = false;
+        self.core.state.send_replace(ConnectionState::Disconnected);
+        let request_ids: Vec<u64> = self.pending.keys().copied().collect();
+        for request_id in request_ids {
+            if let Some(Pending::External(mut request)) = self.pending.remove(&request_id) {
+                if request.sent && !request.replay {
+                    if let Some(offer_id) = request.offer_id {
+                        self.offer_waiters.remove(&offer_id);
+                    }
+                    let _ = request.reply.send(Err(Error::ConnectionLost));
+                } else {
+                    request.sent = false;
+                    self.pending.insert(request_id, Pending::External(request));
+                }
+            }
+        }
+        for entry in self.events.values_mut() {
+            entry.sent = false;
+            entry.accepted_at = None;
+            entry.status_in_flight = false;
+        }
+        self.server_subscriptions.clear();
+        for entry in self.subscriptions.values_mut() {
+            entry.server_id = None;
+        }
+        let unacked: Vec<ClickBatch> = self.clicks_unacked.drain(..).map(|(_, batch)| batch).collect();
+        {
+            let mut buffer = self.core.clicks.lock().expect("click buffer lock");
+            buffer.unacked_batches -= unacked.len();
+            if self.core.options.click_delivery == ClickDelivery::AtLeastOnce {
+                buffer.requeue_front(unacked);
+            }
+        }
+        for (_, waiter) in self.click_waiters.drain(..) {
+            let _ = waiter.send(Err(Error::ConnectionLost));
+        }
+    }
+
+    /// Fails everything outstanding and marks the client closed.
+    fn shutdown(&mut self, error: Error) {
+        self.connected = false;
+        self.core.closed.store(true, Ordering::Release);
+        self.core.state.send_replace(ConnectionState::Closed);
+        let event_ids: Vec<EventId> = self.events.keys().copied().collect();
+        for event_id in event_ids {
+            self.resolve(event_id, Err(error.clone()));
+        }
+        for (_, pending) in self.pending.drain() {
+            if let Pending::External(request) = pending {
+                let _ = request.reply.send(Err(error.clone()));
+            }
+        }
+        for (_, entry) in self.subscriptions.drain() {
+            if let Some(reply) = entry.reply {
+                let _ = reply.send(Err(error.clone()));
+            } else if error != Error::Closed {
+                *entry.end.error.lock().expect("subscription end lock") = Some(error.clone());
+            }
+        }
+        for (_, waiter) in self.click_waiters.drain(..) {
+            let _ = waiter.send(Err(error.clone()));
+        }
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            self.refuse(command, &error);
+        }
+        if let Some(closing) = self.closing.take() {
+            let _ = closing.send(());
+        }
+    }
+
+    fn refuse(&mut self, command: Command, error: &Error) {
+        match command {
+            Command::Request(request) => {
+                let _ = request.reply.send(Err(error.clone()));
+            }
+            Command::Submit(submission) => {
+                let _ = submission.accepted.send(Err(error.clone()));
+                let _ = submission.committed.send(Err(error.clone()));
+            }
+            Command::Subscribe(subscribe) => {
+                let _ = subscribe.reply.send(Err(error.clone()));
+            }
+            Command::FlushClicks(reply) => {
+                let _ = reply.send(Err(error.clone()));
+            }
+            Command::Close(reply) => {
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    // ----- commands -----
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Request(request) => {
+                if let Some(offer_id) = request.offer_id {
+                    self.offer_waiters.insert(offer_id, request.request_id);
+                }
+                let request_id = request.request_id;
+                self.pending.insert(
+                    request_id,
+                    Pending::External(ExternalRequest {
+                        frame: request.frame,
+                        replay: request.replay,
+                        offer_id: request.offer_id,
+                        deadline: Instant::now() + self.core.options.request_timeout,
+                        sent: false,
+                        resend_at: None,
+                        reply: request.reply,
+                    }),
+                );
+                if self.connected {
+                    self.send_external(request_id);
+                }
+            }
+            Command::Submit(submission) => {
+                if self.events.contains_key(&submission.event_id) {
+                    let error = Error::InvalidArgument("this event id is already in flight on this client");
+                    let _ = submission.accepted.send(Err(error.clone()));
+                    let _ = submission.committed.send(Err(error));
+                    return;
+                }
+                let event_id = submission.event_id;
+                self.events.insert(
+                    event_id,
+                    EventEntry {
+                        request_id: submission.request_id,
+                        frame: submission.frame,
+                        kind: submission.kind,
+                        expires_at: submission.expires_at,
+                        accepted: Some(submission.accepted),
+                        committed: Some(submission.committed),
+                        _permit: submission.permit,
+                        sent: false,
+                        accepted_at: None,
+                        ever_accepted: false,
+                        resend_at: None,
+                        needs_status: false,
+                        status_in_flight: false,
+                        last_status_query: None,
+                        expired_refusal: false,
+                        accept_refused: false,
+                    },
+                );
+                if self.connected {
+                    self.send_event(event_id);
+                }
+            }
+            Command::Subscribe(subscribe) => {
+                let local_id = subscribe.local_id;
+                self.subscriptions.insert(
+                    local_id,
+                    SubscriptionEntry {
+                        account: subscribe.account,
+                        from_height: subscribe.from_height,
+                        sender: subscribe.sender,
+                        end: subscribe.end,
+                        server_id: None,
+                        dedup: Dedup::default(),
+                        reply: Some(subscribe.reply),
+                    },
+                );
+                if self.connected {
+                    self.send_subscribe(local_id, subscribe.account, subscribe.from_height);
+                }
+            }
+            Command::FlushClicks(reply) => {
+                if !self.connected {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                    return;
+                }
+                self.send_clicks(true);
+                match self.clicks_unacked.back() {
+                    Some((sequence, _)) => self.click_waiters.push((*sequence, reply)),
+                    None => {
+                        let empty = self.core.clicks.lock().expect("click buffer lock").is_empty();
+                        let _ = reply.send(if empty {
+                            Ok(())
+                        } else {
+                            Err(Error::server(
+                                ErrorCode::Busy,
+                                "clicks are paused after a refusal".into(),
+                                None,
+                            ))
+                        });
+                    }
+                }
+            }
+            Command::Close(reply) => self.closing = Some(reply),
+        }
+    }
+
+    fn send_external(&mut self, request_id: u64) {
+        let Some(Pending::External(request)) = self.pending.get_mut(&request_id) else {
+            return;
+        };
+        request.sent = true;
+        request.resend_at = None;
+        let frame = request.frame.clone();
+        self.outbox.push(Message::Binary(frame));
+    }
+
+    fn send_event(&mut self, event_id: EventId) {
+        let Some(entry) = self.events.get_mut(&event_id) else {
+            return;
+        };
+        entry.sent = true;
+        entry.resend_at = None;
+        let request_id = entry.request_id;
+        let frame = entry.frame.clone();
+        self.pending.insert(request_id, Pending::Event(event_id));
+        self.push(&frame);
+    }
+
+    fn send_subscribe(&mut self, local_id: u64, account: Option<PublicKey>, from_height: Option<u64>) {
+        let request_id = self.core.next_request_id();
+        self.pending.insert(request_id, Pending::Subscribe(local_id));
+        self.push_message(&ClientMessage::Subscribe {
+            request_id,
+            account,
+            from_height,
+        });
+    }
+
+    fn on_unsubscribe(&mut self, local_id: u64) {
+        if let Some(entry) = self.subscriptions.remove(&local_id) {
+            if let Some(server_id) = entry.server_id {
+                self.server_subscriptions.remove(&server_id);
+                if self.connected {
+                    let request_id = self.core.next_request_id();
+                    self.pending.insert(request_id, Pending::Unsubscribe);
+                    self.push_message(&ClientMessage::Unsubscribe {
+                        request_id,
+                        subscription_id: server_id,
+                    });
+                }
+            }
+        }
+    }
+
+    // ----- clicks -----
+
+    fn send_clicks(&mut self, include_open: bool) {
+        if !self.connected {
+            return;
+        }
+        if let Some(until) = self.clicks_paused_until {
+            if Instant::now() < until {
+                return;
+            }
+            self.clicks_paused_until = None;
+        }
+        {
+            let mut buffer = self.core.clicks.lock().expect("click buffer lock");
+            buffer.take(include_open, &mut self.click_scratch);
+            buffer.unacked_batches += self.click_scratch.len();
+        }
+        let batches = std::mem::take(&mut self.click_scratch);
+        for batch in batches {
+            let sequence = self.core.next_request_id();
+            self.outbox
+                .push(Message::Binary(Bytes::from(clicks_frame(sequence, &batch))));
+            self.clicks_unacked.push_back((sequence, batch));
+        }
+    }
+
+    fn on_clicks_ack(&mut self, up_to: u64) {
+        let mut released = 0;
+        while self
+            .clicks_unacked
+            .front()
+            .is_some_and(|(sequence, _)| *sequence <= up_to)
+        {
+            self.clicks_unacked.pop_front();
+            released += 1;
+        }
+        if released > 0 {
+            self.core
+                .clicks
+                .lock()
+                .expect("click buffer lock")
+                .unacked_batches -= released;
+        }
+        let mut index = 0;
+        while index < self.click_waiters.len() {
+            if self.click_waiters[index].0 <= up_to {
+                let (_, waiter) = self.click_waiters.swap_remove(index);
+                let _ = waiter.send(Ok(()));
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// A `clicks` frame was refused: retry it later if the refusal is temporary, else drop it.
+    fn on_clicks_error(&mut self, position: usize, code: ErrorCode, message: &str, retry: Duration) {
+        let (sequence, batch) = self.clicks_unacked.remove(position).expect("position is valid");
+        let mut buffer = self.core.clicks.lock().expect("click buffer lock");
+        buffer.unacked_batches -= 1;
+        if code.is_retryable() {
+            buffer.requeue_front(vec![batch]);
+            self.clicks_paused_until = Some(Instant::now() + retry);
+        } else {
+            warn!(
+                sequence,
+                ?code,
+                message,
+                clicks = batch.count,
+                "the gateway refused a clicks frame"
+            );
+        }
+    }
+
+    // ----- incoming -----
+
+    fn on_message(&mut self, message: ServerMessage) {
+        match message {
+            ServerMessage::ClicksAck { up_to } => self.on_clicks_ack(up_to),
+            ServerMessage::Accepted { request_id, event_id } => {
+                if matches!(self.pending.get(&request_id), Some(Pending::Event(id)) if *id == event_id) {
+                    self.pending.remove(&request_id);
+                }
+                self.mark_accepted(event_id);
+            }
+            ServerMessage::Committed {
+                event_id,
+                height,
+                outcome,
+            } => {
+                self.core.head.fetch_max(height, Ordering::Relaxed);
+                let result = match outcome {
+                    Outcome::Rejected { reason } => Err(Error::Rejected {
+                        event_id,
+                        height,
+                        reason,
+                    }),
+                    outcome => Ok(Committed {
+                        event_id,
+                        height,
+                        outcome,
+                    }),
+                };
+                self.resolve(event_id, result);
+            }
+            ServerMessage::Rejected {
+                event_id,
+                height,
+                reason,
+            } => {
+                self.core.head.fetch_max(height, Ordering::Relaxed);
+                self.resolve(
+                    event_id,
+                    Err(Error::Rejected {
+                        event_id,
+                        height,
+                        reason,
+                    }),
+                );
+            }
+            ServerMessage::Error {
+                request_id,
+                code,
+                message,
+                retry_after_ms,
+            } => self.on_error(request_id, code, message, retry_after_ms),
+            ServerMessage::OfferReceived { offer } => {
+                let _ = self.core.offer_updates.send(OfferUpdate::Received(offer));
+            }
+            ServerMessage::OfferClosed { offer_id, reason } => {
+                let _ = self
+                    .core
+                    .offer_updates
+                    .send(OfferUpdate::Closed { offer_id, reason });
+                if let Some(request_id) = self.offer_waiters.remove(&offer_id) {
+                    if let Some(Pending::External(request)) = self.pending.remove(&request_id) {
+                        let _ = request
+                            .reply
+                            .send(Ok(ServerMessage::OfferClosed { offer_id, reason }));
+                    }
+                }
+                let refused = self.events.get(&offer_id).is_some_and(|entry| {
+                    entry.kind == EventKind::Accept
+                        && !entry.ever_accepted
+                        && reason != OfferCloseReason::Accepted
+                });
+                if refused {
+                    self.resolve(offer_id, Err(Error::OfferClosed { offer_id, reason }));
+                }
+            }
+            ServerMessage::Activity {
+                subscription_id,
+                height,
+                event_id,
+                body,
+                outcome,
+            } => self.on_activity(
+                subscription_id,
+                Activity {
+                    height,
+                    event_id,
+                    body,
+                    outcome,
+                },
+            ),
+            ServerMessage::Hello { .. } | ServerMessage::Authenticated { .. } => {
+                debug!("unexpected hello/authenticated on an open connection")
+            }
+            answer => {
+                let Some(request_id) = answer_request_id(&answer) else {
+                    return;
+                };
+                match self.pending.remove(&request_id) {
+                    Some(Pending::External(request)) => {
+                        if let Some(offer_id) = request.offer_id {
+                            self.offer_waiters.remove(&offer_id);
+                        }
+                        let _ = request.reply.send(Ok(answer));
+                    }
+                    Some(Pending::Head) => {
+                        if let ServerMessage::Head { height, .. } = answer {
+                            self.core.head.fetch_max(height, Ordering::Relaxed);
+                        }
+                    }
+                    Some(Pending::EventStatus(event_id)) => {
+                        if let ServerMessage::EventStatus {
+                            state,
+                            height,
+                            outcome,
+                            ..
+                        } = answer
+                        {
+                            self.on_event_status(event_id, state, height, outcome);
+                        }
+                    }
+                    Some(Pending::Subscribe(local_id)) => {
+                        if let ServerMessage::Subscribed { subscription_id, .. } = answer {
+                            self.on_subscribed(local_id, subscription_id);
+                        }
+                    }
+                    Some(Pending::Event(_)) | Some(Pending::Unsubscribe) | None => {
+                        debug!(request_id, "an answer nobody waits for")
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_error(&mut self, request_id: u64, code: ErrorCode, message: String, retry_after_ms: Option<u64>) {
+        let retry = retry_after_ms
+            .map(Duration::from_millis)
+            .unwrap_or(RETRY_AFTER_DEFAULT)
+            .min(RETRY_AFTER_MAX);
+        if request_id == 0 {
+            warn!(
+                ?code,
+                message, "the gateway reported an error without a request id"
+            );
+            return;
+        }
+        if let Some(position) = self
+            .clicks_unacked
+            .iter()
+            .position(|(sequence, _)| *sequence == request_id)
+        {
+            self.on_clicks_error(position, code, &message, retry);
+            return;
+        }
+        let now = Instant::now();
+        match self.pending.remove(&request_id) {
+            Some(Pending::External(mut request)) => {
+                let temporary = matches!(
+                    code,
+                    ErrorCode::Busy | ErrorCode::RateLimited | ErrorCode::Unavailable
+                );
+                if temporary && request.replay && now + retry < request.deadline {
+                    request.sent = false;
+                    request.resend_at = Some(now + retry);
+                    self.pending.insert(request_id, Pending::External(request));
+                } else {
+                    if let Some(offer_id) = request.offer_id {
+                        self.offer_waiters.remove(&offer_id);
+                    }
+                    let _ = request
+                        .reply
+                        .send(Err(Error::server(code, message, retry_after_ms)));
+                }
+            }
+            Some(Pending::Event(event_id)) => {
+                self.on_event_error(event_id, code, message, retry_after_ms, retry)
+            }
+            Some(Pending::EventStatus(event_id)) => {
+                if let Some(entry) = self.events.get_mut(&event_id) {
+                    entry.status_in_flight = false;
+                }
+            }
+            Some(Pending::Subscribe(local_id)) => {
+                if let Some(entry) = self.subscriptions.remove(&local_id) {
+                    let error = Error::server(code, message, retry_after_ms);
+                    match entry.reply {
+                        Some(reply) => {
+                            let _ = reply.send(Err(error));
+                        }
+                        None => {
+                            warn!(%error, "the gateway refused to resume a subscription");
+                            *entry.end.error.lock().expect("subscription end lock") = Some(error);
+                        }
+                    }
+                }
+            }
+            Some(Pending::Head) | Some(Pending::Unsubscribe) | None => {
+                debug!(request_id, ?code, message, "error answer");
+            }
+        }
+    }
+
+    fn on_event_error(
+        &mut self,
+        event_id: EventId,
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: Option<u64>,
+        retry: Duration,
+    ) {
+        let Some(entry) = self.events.get_mut(&event_id) else {
+            return;
+        };
+        entry.sent = false;
+        match code {
+            ErrorCode::Busy | ErrorCode::RateLimited | ErrorCode::Unavailable => {
+                entry.resend_at = Some(Instant::now() + retry);
+            }
+            // Sent again after the reconnect that follows.
+            ErrorCode::ShuttingDown => {}
+            ErrorCode::Expired => {
+                entry.expired_refusal = true;
+                entry.needs_status = true;
+            }
+            ErrorCode::NotFound if entry.kind == EventKind::Accept => {
+                entry.accept_refused = true;
+                entry.needs_status = true;
+            }
+            _ => self.resolve(event_id, Err(Error::server(code, message, retry_after_ms))),
+        }
+    }
+
+    fn mark_accepted(&mut self, event_id: EventId) {
+        if let Some(entry) = self.events.get_mut(&event_id) {
+            entry.ever_accepted = true;
+            if entry.accepted_at.is_none() {
+                entry.accepted_at = Some(Instant::now());
+            }
+            if let Some(accepted) = entry.accepted.take() {
+                let _ = accepted.send(Ok(()));
+            }
+        }
+    }
+
+    fn on_event_status(
+        &mut self,
+        event_id: EventId,
+        state: EventState,
+        height: Option<u64>,
+        outcome: Option<Outcome>,
+    ) {
+        let head = self.core.head.load(Ordering::Relaxed);
+        let Some(entry) = self.events.get_mut(&event_id) else {
+            return;
+        };
+        entry.status_in_flight = false;
+        entry.last_status_query = Some(Instant::now());
+        match state {
+            EventState::Committed => {
+                let height = height.unwrap_or(0);
+                let result = match outcome.unwrap_or(Outcome::Applied) {
+                    Outcome::Rejected { reason } => Err(Error::Rejected {
+                        event_id,
+                        height,
+                        reason,
+                    }),
+                    outcome => Ok(Committed {
+                        event_id,
+                        height,
+                        outcome,
+                    }),
+                };
+                self.resolve(event_id, result);
+            }
+            EventState::Pending => {
+                entry.needs_status = false;
+                self.mark_accepted(event_id);
+            }
+            EventState::Unknown => {
+                if entry.expired_refusal || head > entry.expires_at {
+                    self.resolve(event_id, Err(Error::Expired { event_id }));
+                } else if entry.accept_refused {
+                    self.resolve(
+                        event_id,
+                        Err(Error::server(
+                            ErrorCode::NotFound,
+                            "the offer is gone".into(),
+                            None,
+                        )),
+                    );
+                } else if entry.kind == EventKind::Accept && entry.ever_accepted {
+                    // Accepted as a swap earlier but unknown now: keep watching until expiry.
+                } else if self.connected {
+                    entry.needs_status = false;
+                    self.send_event(event_id);
+                }
+            }
+        }
+    }
+
+    fn resolve(&mut self, event_id: EventId, result: Result<Committed>) {
+        let Some(mut entry) = self.events.remove(&event_id) else {
+            return;
+        };
+        if let Some(accepted) = entry.accepted.take() {
+            let accepted_result = match &result {
+                Ok(_) | Err(Error::Rejected { .. }) => Ok(()),
+                Err(error) => Err(error.clone()),
+            };
+            let _ = accepted.send(accepted_result);
+        }
+        if let Some(committed) = entry.committed.take() {
+            let _ = committed.send(result);
+        }
+        // The permit goes back with the entry.
+    }
+
+    fn on_subscribed(&mut self, local_id: u64, server_id: u64) {
+        let Some(entry) = self.subscriptions.get_mut(&local_id) else {
+            // Dropped while subscribing: cancel it at the gateway.
+            let request_id = self.core.next_request_id();
+            self.pending.insert(request_id, Pending::Unsubscribe);
+            self.push_message(&ClientMessage::Unsubscribe {
+                request_id,
+                subscription_id: server_id,
+            });
+            return;
+        };
+        entry.server_id = Some(server_id);
+        if let Some(reply) = entry.reply.take() {
+            let _ = reply.send(Ok(()));
+        }
+        self.server_subscriptions.insert(server_id, local_id);
+    }
+
+    fn on_activity(&mut self, server_id: u64, activity: Activity) {
+        let Some(&local_id) = self.server_subscriptions.get(&server_id) else {
+            return;
+        };
+        let Some(entry) = self.subscriptions.get_mut(&local_id) else {
+            return;
+        };
+        if !entry.dedup.is_new(activity.height, &activity.event_id) {
+            return;
+        }
+        let (height, event_id) = (activity.height, activity.event_id);
+        match entry.sender.try_send(activity) {
+            Ok(()) => entry.dedup.record(height, event_id),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let last_height = entry.dedup.last_height();
+                *entry.end.error.lock().expect("subscription end lock") = Some(Error::Lagged { last_height });
+                warn!(?last_height, "a subscription's consumer lagged; ending it");
+                self.on_unsubscribe(local_id);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => self.on_unsubscribe(local_id),
+        }
+    }
+
+    // ----- timers -----
+
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        // Request deadlines (also while disconnected).
+        let timeout = self.core.options.request_timeout;
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(|(request_id, pending)| match pending {
+                Pending::External(request) if request.deadline <= now => Some(*request_id),
+                _ => None,
+            })
+            .collect();
+        for request_id in expired {
+            if let Some(Pending::External(request)) = self.pending.remove(&request_id) {
+                if let Some(offer_id) = request.offer_id {
+                    self.offer_waiters.remove(&offer_id);
+                }
+                let _ = request.reply.send(Err(Error::Timeout(timeout)));
+            }
+        }
+        if !self.connected {
+            return;
+        }
+        // Delayed resends of requests.
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(|(request_id, pending)| match pending {
+                Pending::External(request)
+                    if !request.sent && request.resend_at.is_some_and(|at| at <= now) =>
+                {
+                    Some(*request_id)
+                }
+                _ => None,
+            })
+            .collect();
+        for request_id in due {
+            self.send_external(request_id);
+        }
+        // The chain head, for expiry heights.
+        if now.duration_since(self.last_head_refresh) >= self.core.options.head_refresh_interval {
+            self.last_head_refresh = now;
+            let request_id = self.core.next_request_id();
+            self.pending.insert(request_id, Pending::Head);
+            self.push_message(&ClientMessage::Head { request_id });
+        }
+        // Events: delayed resends and status checks.
+        let poll_after = self.core.options.status_poll_after;
+        let mut resend = Vec::new();
+        let mut poll = Vec::new();
+        for (event_id, entry) in &self.events {
+            if !entry.sent && !entry.needs_status && entry.resend_at.is_some_and(|at| at <= now) {
+                resend.push(*event_id);
+            }
+            let stale = entry
+                .accepted_at
+                .is_some_and(|at| now.duration_since(at) >= poll_after);
+            let rested = match entry.last_status_query {
+                Some(at) => now.duration_since(at) >= STATUS_POLL_INTERVAL,
+                None => true,
+            };
+            if (entry.needs_status || stale)
+                && !entry.status_in_flight
+                && rested
+                && poll.len() < STATUS_POLLS_PER_TURN_MAX
+            {
+                poll.push(*event_id);
+            }
+        }
+        for event_id in resend {
+            self.send_event(event_id);
+        }
+        for event_id in poll {
+            let request_id = self.core.next_request_id();
+            if let Some(entry) = self.events.get_mut(&event_id) {
+                entry.status_in_flight = true;
+                entry.last_status_query = Some(now);
+            }
+            self.pending.insert(request_id, Pending::EventStatus(event_id));
+            self.push_message(&ClientMessage::EventStatus { request_id, event_id });
+        }
+        self.send_clicks(false);
+    }
+}
+
+/// The request id an answer carries, if it is an answer.
+fn answer_request_id(message: &ServerMessage) -> Option<u64> {
+    match message {
+        ServerMessage::Authenticated { request_id, .. }
+        | ServerMessage::Pong { request_id, .. }
+        | ServerMessage::Accepted { request_id, .. }
+        | ServerMessage::Error { request_id, .. }
+        | ServerMessage::Token { request_id, .. }
+        | ServerMessage::Settlement { request_id, .. }
+        | ServerMessage::OfferOpened { request_id, .. }
+        | ServerMessage::Offers { request_id, .. }
+        | ServerMessage::Head { request_id, .. }
+        | ServerMessage::Balances { request_id, .. }
+        | ServerMessage::Inventory { request_id, .. }
+        | ServerMessage::Item { request_id, .. }
+        | ServerMessage::EventStatus { request_id, .. }
+        | ServerMessage::Counter { request_id, .. }
+        | ServerMessage::PlayerTotals { request_id, .. }
+        | ServerMessage::Leaderboard { request_id, .. }
+        | ServerMessage::Subscribed { request_id, .. }
+        | ServerMessage::Unsubscribed { request_id, .. } => Some(*request_id),
+        ServerMessage::Hello { .. }
+        | ServerMessage::ClicksAck { .. }
+        | ServerMessage::Committed { .. }
+        | ServerMessage::Rejected { .. }
+        | ServerMessage::OfferReceived { .. }
+        | ServerMessage::OfferClosed { .. }
+        | ServerMessage::Activity { .. } => None,
+    }
+}

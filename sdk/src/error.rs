@@ -1,0 +1,206 @@
+//! The SDK's errors: one enum with structured fields, a small `Copy` [`ErrorKind`] to match on, and
+//! [`Error::is_retryable`] telling whether trying the same thing again later can help.
+//!
+//! Ledger rejections (insufficient funds, not owner, ...) arrive as [`Error::Rejected`] carrying a
+//! [`Rejection`], so a game can `match` on the reason. They are final: the event committed as a
+//! rejection and will never apply.
+
+use std::time::Duration;
+
+use hoard_types::wire::{ErrorCode, OfferCloseReason};
+use hoard_types::{EventId, Rejection};
+
+/// The SDK's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong when talking to Hoard.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The URL is not a `ws://` or `wss://` URL (or a `host:port`).
+    #[error("invalid gateway url `{url}`: {reason}")]
+    InvalidUrl { url: String, reason: &'static str },
+    /// A `wss://` URL, but this build has no TLS support (terminate TLS in front of the client, or
+    /// build tokio-tungstenite with a TLS feature).
+    #[error("wss:// needs TLS support, which this build does not include")]
+    TlsUnsupported,
+    /// An argument is out of range (counter name, click count, limits); nothing was sent.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    /// The operation must be signed by a key this client does not hold.
+    #[error("no signing key: {0}")]
+    MissingKey(&'static str),
+    /// The gateway could not be reached, or the connection broke. Retryable.
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// The connection broke while this request (which cannot be replayed safely) was outstanding:
+    /// its effect is unknown. Retryable after checking (for example `offers()` after `offer`).
+    #[error("the connection was lost while the request was outstanding")]
+    ConnectionLost,
+    /// No answer within the request timeout. Retryable.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The gateway refused the credentials (bad signature, expired token, unknown tenant). Final.
+    #[error("authentication refused ({code:?}): {message}")]
+    AuthRefused { code: ErrorCode, message: String },
+    /// The gateway refused a request with an error code.
+    #[error("the gateway refused the request ({code:?}): {message}")]
+    Server {
+        code: ErrorCode,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The ledger committed the event as a rejection at `height`: nothing changed. Final.
+    #[error("event {event_id} was rejected at height {height}: {reason}")]
+    Rejected {
+        event_id: EventId,
+        height: u64,
+        reason: Rejection,
+    },
+    /// The event's expiry height passed before it committed: it will never apply. Final.
+    #[error("event {event_id} expired before it committed")]
+    Expired { event_id: EventId },
+    /// The offer closed (cancelled, declined or expired) before it was accepted.
+    #[error("offer {offer_id} closed: {reason:?}")]
+    OfferClosed {
+        offer_id: EventId,
+        reason: OfferCloseReason,
+    },
+    /// The client was closed (or gave up reconnecting); nothing more can be sent. Final.
+    #[error("the client is closed")]
+    Closed,
+    /// The click buffer is full (the gateway is not acknowledging fast enough, or the connection is
+    /// down). The click was not recorded. Retryable.
+    #[error("the click buffer is full")]
+    ClicksBackpressure,
+    /// A subscription's consumer fell too far behind; the stream ended. Subscribe again with
+    /// `from_height` = the last height you processed to continue without a gap.
+    #[error("the subscription's consumer fell behind; last height delivered: {last_height:?}")]
+    Lagged { last_height: Option<u64> },
+    /// The gateway answered something the protocol does not allow here.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// Reading or writing a key file failed.
+    #[error("key file: {0}")]
+    Io(String),
+}
+
+/// What kind of failure an [`Error`] is: small and `Copy`, for `match`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A bad URL, argument or missing TLS support: fix the call.
+    InvalidArgument,
+    /// A key needed to sign is missing.
+    MissingKey,
+    /// The network: cannot connect, or the connection broke.
+    Connection,
+    /// No answer in time.
+    Timeout,
+    /// Credentials refused.
+    Auth,
+    /// The gateway refused the request with this code.
+    Server(ErrorCode),
+    /// The ledger rejected the event for this reason.
+    Rejected(Rejection),
+    /// The event can never apply: its expiry height passed.
+    Expired,
+    /// The offer is closed.
+    OfferClosed,
+    /// The client is closed.
+    Closed,
+    /// A bounded buffer is full.
+    Backpressure,
+    /// A subscription fell behind.
+    Lagged,
+    /// The gateway broke the protocol.
+    Protocol,
+    /// File I/O (key files).
+    Io,
+}
+
+impl Error {
+    /// The error's kind, to `match` on.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidUrl { .. } | Error::TlsUnsupported | Error::InvalidArgument(_) => {
+                ErrorKind::InvalidArgument
+            }
+            Error::MissingKey(_) => ErrorKind::MissingKey,
+            Error::Connection(_) | Error::ConnectionLost => ErrorKind::Connection,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            Error::AuthRefused { .. } => ErrorKind::Auth,
+            Error::Server { code, .. } => ErrorKind::Server(*code),
+            Error::Rejected { reason, .. } => ErrorKind::Rejected(*reason),
+            Error::Expired { .. } => ErrorKind::Expired,
+            Error::OfferClosed { .. } => ErrorKind::OfferClosed,
+            Error::Closed => ErrorKind::Closed,
+            Error::ClicksBackpressure => ErrorKind::Backpressure,
+            Error::Lagged { .. } => ErrorKind::Lagged,
+            Error::Protocol(_) => ErrorKind::Protocol,
+            Error::Io(_) => ErrorKind::Io,
+        }
+    }
+
+    /// Whether doing the same thing again later can succeed (network trouble, timeouts, a busy or
+    /// rate-limiting gateway, a full buffer). Ledger rejections, bad arguments, refused
+    /// credentials and expired events are final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Connection(_) | Error::ConnectionLost | Error::Timeout(_) | Error::ClicksBackpressure => {
+                true
+            }
+            Error::Server { code, .. } => code.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The ledger's rejection reason, if this is a rejection.
+    pub fn rejection(&self) -> Option<Rejection> {
+        match self {
+            Error::Rejected { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+
+    /// How long the gateway asked to wait before retrying, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    pub(crate) fn server(code: ErrorCode, message: String, retry_after_ms: Option<u64>) -> Error {
+        Error::Server {
+            code,
+            message,
+            retry_after: retry_after_ms.map(Duration::from_millis),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_and_final_errors_are_told_apart() {
+        assert!(Error::Connection("reset".into()).is_retryable());
+        assert!(Error::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(Error::server(ErrorCode::Busy, "x".into(), Some(5)).is_retryable());
+        assert!(!Error::server(ErrorCode::Forbidden, "x".into(), None).is_retryable());
+        let rejected = Error::Rejected {
+            event_id: EventId::from_u128(1),
+            height: 3,
+            reason: Rejection::InsufficientFunds,
+        };
+        assert!(!rejected.is_retryable());
+        assert_eq!(rejected.kind(), ErrorKind::Rejected(Rejection::InsufficientFunds));
+        assert_eq!(rejected.rejection(), Some(Rejection::InsufficientFunds));
+        assert_eq!(
+            Error::server(ErrorCode::Busy, "x".into(), Some(5)).retry_after(),
+            Some(Duration::from_millis(5))
+        );
+        assert!(!Error::Closed.is_retryable());
+        assert_eq!(Error::TlsUnsupported.kind(), ErrorKind::InvalidArgument);
+    }
+}
