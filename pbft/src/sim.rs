@@ -962,6 +962,18 @@ where
         reports.push(report);
     }
     let failures = reports.iter().filter(|r| !r.ok()).count();
+    let sum = |f: fn(&SeedReport) -> u64| reports.iter().map(f).sum::<u64>();
+    println!(
+        "replicas={replicas} requests_executed={}/{} view_changes={} state_transfers={} crashes={} messages={} \
+         simulated_ms={}",
+        sum(|r| r.requests_executed),
+        sum(|r| r.requests_submitted),
+        sum(|r| r.view_changes),
+        sum(|r| r.state_transfers),
+        sum(|r| r.crashes),
+        sum(|r| r.messages_delivered),
+        sum(|r| r.simulated_ms),
+    );
     println!("seeds={} failures={}", reports.len(), failures);
     reports
 }

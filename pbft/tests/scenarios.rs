@@ -1,0 +1,278 @@
+//! Hand-written scenarios for the tricky cases of PBFT.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::Cluster;
+use hoard_pbft::{App, Batch, Message, Request, Timer};
+
+fn req(nonce: u64) -> Request {
+    let mut payload = vec![(nonce % 200) as u8];
+    payload.extend_from_slice(&nonce.to_le_bytes());
+    Request { client: 7, payload }
+}
+
+#[test]
+fn normal_case_orders_and_checkpoints() {
+    let mut cluster = Cluster::new(4);
+    for nonce in 0..40 {
+        cluster.submit_all(req(nonce));
+        cluster.run(10);
+    }
+    cluster.run(200);
+    cluster.assert_agreement();
+    assert!(cluster.converged());
+    for id in 0..4 {
+        for nonce in 0..40 {
+            assert!(cluster.executed_request(id, &req(nonce)), "replica {id} executed request {nonce}");
+        }
+        let replica = cluster.replica(id);
+        assert!(replica.stable_checkpoint() >= 4, "checkpoints became stable");
+        assert!(replica.log_len() as u64 <= 2 * cluster.window + 1);
+        assert_eq!(replica.stats().view_changes_total, 0);
+    }
+    // Each request executed once.
+    let total: usize = cluster.executed[1].iter().map(|c| c.requests.len()).sum();
+    assert_eq!(total, 40);
+}
+
+#[test]
+fn view_change_carries_a_prepared_but_uncommitted_batch() {
+    let mut cluster = Cluster::new(4);
+    // Every commit is lost: replicas prepare seq 1 but nobody commits it.
+    cluster.drop = Box::new(|_, _, m| matches!(m, Message::Commit { view: 0, .. }));
+    let request = req(1);
+    cluster.submit(0, request.clone());
+    cluster.run(20);
+    for id in 0..4 {
+        assert_eq!(cluster.last_executed(id), 0, "nothing committed yet");
+    }
+    // The primary goes silent; backups hold the request and time out.
+    cluster.crash(0);
+    for id in 1..4 {
+        cluster.submit(id, request.clone());
+    }
+    cluster.run(1_000);
+    for id in 1..4 {
+        let replica = cluster.replica(id);
+        assert!(replica.view() >= 1, "replica {id} moved to a new view");
+        assert!(!replica.in_view_change());
+        let first = &cluster.executed[id as usize][0];
+        assert_eq!(first.seq, 1);
+        assert_eq!(first.requests, vec![request.clone()], "seq 1 keeps the prepared batch");
+    }
+    cluster.assert_agreement();
+    let executions: usize = cluster.executed[1].iter().filter(|c| c.requests.contains(&request)).count();
+    assert_eq!(executions, 1, "the request executes once");
+}
+
+#[test]
+fn primary_crash_triggers_view_change_and_progress() {
+    let mut cluster = Cluster::new(4);
+    for nonce in 0..5 {
+        cluster.submit_all(req(nonce));
+    }
+    cluster.run(100);
+    let before = cluster.last_executed(1);
+    assert!(before > 0);
+    cluster.crash(0);
+    for nonce in 5..10 {
+        cluster.submit_all(req(nonce));
+    }
+    cluster.run(2_000);
+    for id in 1..4 {
+        assert_eq!(cluster.replica(id).view(), 1);
+        for nonce in 0..10 {
+            assert!(cluster.executed_request(id, &req(nonce)));
+        }
+        assert!(cluster.replica(id).stats().view_changes_total >= 1);
+    }
+    cluster.assert_agreement();
+    // The old primary comes back and catches up in the new view.
+    cluster.restart(0);
+    cluster.submit_all(req(10));
+    cluster.run(2_000);
+    assert_eq!(cluster.replica(0).view(), 1);
+    assert!(cluster.converged(), "the restarted primary caught up");
+    cluster.assert_agreement();
+}
+
+#[test]
+fn replica_with_an_old_disk_catches_up_by_state_transfer() {
+    let mut cluster = Cluster::new(4);
+    for nonce in 0..8 {
+        cluster.submit_all(req(nonce));
+        cluster.run(10);
+    }
+    cluster.run(100);
+    let old_disk = cluster.disks[3].clone();
+    let old_seq = cluster.last_executed(3);
+    // Replica 3 is cut off while the others run far ahead (many checkpoints).
+    cluster.crash(3);
+    for nonce in 8..80 {
+        for id in 0..3 {
+            cluster.submit(id, req(nonce));
+        }
+        cluster.run(10);
+    }
+    cluster.run(200);
+    let ahead = cluster.last_executed(0);
+    assert!(ahead > old_seq + 2 * cluster.window, "the others moved past the old disk's window");
+    cluster.restart_from(3, old_disk);
+    cluster.run(3_000);
+    assert!(!cluster.transferred[3].is_empty(), "replica 3 fetched a snapshot");
+    assert!(cluster.replica(3).stats().state_transfers_completed_total >= 1);
+    assert!(cluster.converged(), "replica 3 reached the same seq and digest");
+    cluster.assert_agreement();
+    // It takes part again: new requests execute everywhere.
+    cluster.submit_all(req(1000));
+    cluster.run(500);
+    for id in 0..4 {
+        assert!(cluster.executed_request(id, &req(1000)));
+    }
+}
+
+#[test]
+fn all_replicas_crash_and_restart_from_their_disks() {
+    let mut cluster = Cluster::new(4);
+    for nonce in 0..15 {
+        cluster.submit_all(req(nonce));
+        cluster.run(5);
+    }
+    // Crash everyone mid-flight (messages in the queue are lost).
+    for id in 0..4 {
+        cluster.crash(id);
+    }
+    for id in 0..4 {
+        cluster.restart(id);
+    }
+    for nonce in 0..25 {
+        cluster.submit_all(req(nonce));
+        cluster.run(10);
+    }
+    cluster.run(3_000);
+    cluster.assert_agreement();
+    assert!(cluster.converged());
+    for id in 0..4 {
+        for nonce in 0..25 {
+            assert!(cluster.executed_request(id, &req(nonce)), "replica {id} executed request {nonce}");
+        }
+    }
+}
+
+#[test]
+fn byzantine_primary_equivocation_does_not_split_the_replicas() {
+    let mut cluster = Cluster::new(4);
+    let keypair = cluster.keypairs[0].clone();
+    // The primary sends a different batch for the same (view, seq) to replica 1.
+    cluster.rewrite = Some((
+        0,
+        Box::new(move |_, to, msg| match msg.message(usize::MAX) {
+            Ok(Message::PrePrepare { view, seq, batch }) if to == 1 => {
+                let mut other = batch.clone();
+                other.timestamp_ms += 1;
+                Message::PrePrepare { view, seq, batch: other }.sign(0, &keypair)
+            }
+            _ => msg,
+        }),
+    ));
+    for nonce in 0..6 {
+        cluster.submit_all(req(nonce));
+        cluster.run(20);
+    }
+    cluster.run(500);
+    cluster.assert_agreement();
+    // Then the primary goes silent: a view change must keep whatever was prepared.
+    cluster.crash(0);
+    for nonce in 6..10 {
+        for id in 1..4 {
+            cluster.submit(id, req(nonce));
+        }
+    }
+    cluster.run(3_000);
+    cluster.assert_agreement();
+    let honest: Vec<u32> = vec![1, 2, 3];
+    let states: Vec<(u64, [u8; 32])> =
+        honest.iter().map(|id| (cluster.last_executed(*id), cluster.replica(*id).app().digest())).collect();
+    assert!(states.windows(2).all(|w| w[0] == w[1]), "honest replicas converge: {states:?}");
+    for nonce in 0..10 {
+        // A replica that fetched a snapshot executed some requests inside it.
+        let executed = honest
+            .iter()
+            .filter(|id| cluster.transferred[**id as usize].is_empty())
+            .all(|id| cluster.executed_request(*id, &req(nonce)));
+        assert!(executed, "request {nonce} executed");
+    }
+}
+
+#[test]
+fn garbage_and_forgeries_are_rejected_with_typed_errors() {
+    let mut cluster = Cluster::new(4);
+    let replica = cluster.nodes[1].as_mut().unwrap();
+    let before = replica.stats().messages_invalid_total;
+    for bytes in [vec![], vec![0xc1, 0x00], vec![0x93, 0x00, 0xc4, 0x02, 1, 2], vec![0xff; 100]] {
+        let outputs = replica.on_bytes(2, &bytes);
+        assert!(outputs.is_empty());
+    }
+    assert_eq!(replica.stats().messages_invalid_total, before + 4);
+    // A pre-prepare signed by a backup, and one with a broken signature.
+    let batch = Batch { timestamp_ms: 1, requests: vec![req(1)] };
+    let forged = Message::PrePrepare { view: 0, seq: 1, batch: batch.clone() }.sign(2, &cluster.keypairs[2]);
+    let replica = cluster.nodes[1].as_mut().unwrap();
+    assert!(matches!(replica.try_on_message(2, forged), Err(hoard_pbft::Error::Violation { .. })));
+    let mut bad = Message::PrePrepare { view: 0, seq: 1, batch }.sign(0, &cluster.keypairs[0]);
+    bad.signature.0[3] ^= 1;
+    assert!(matches!(replica.try_on_message(0, bad), Err(hoard_pbft::Error::BadSignature(0))));
+    // A garbage payload correctly signed.
+    let payload = vec![0xde, 0xad, 0xbe, 0xef];
+    let signature = cluster.keypairs[2].sign(hoard_pbft::constants::SIGNING_DOMAIN, &payload);
+    let envelope = hoard_pbft::SignedMessage { signer: 2, payload: Arc::new(payload), signature };
+    let replica = cluster.nodes[1].as_mut().unwrap();
+    assert!(matches!(replica.try_on_message(2, envelope), Err(hoard_pbft::Error::Malformed(_))));
+    // A stale message (an old view) is dropped as stale.
+    let stale = Message::Prepare { view: 0, seq: 999, digest: hoard_types::crypto::Hash::ZERO }
+        .sign(2, &cluster.keypairs[2]);
+    let replica = cluster.nodes[1].as_mut().unwrap();
+    assert!(matches!(replica.try_on_message(2, stale), Err(e) if e.is_stale()));
+}
+
+#[test]
+fn restarted_replica_never_signs_two_prepares_for_one_view_and_seq() {
+    let mut cluster = Cluster::new(4);
+    // Only prepares from replica 1 get out; nothing commits.
+    cluster.drop = Box::new(|_, _, m| matches!(m, Message::Commit { .. } | Message::Status { .. }));
+    cluster.submit(0, req(1));
+    cluster.run(20);
+    let signed_before = cluster.disks[1].durable.slots.get(&1).and_then(|s| s.prepare.clone()).expect("persisted");
+    cluster.crash(1);
+    cluster.restart(1);
+    // A conflicting pre-prepare for (0, 1) from the primary's key must not get a new prepare.
+    let conflicting = Message::PrePrepare { view: 0, seq: 1, batch: Batch { timestamp_ms: 99, requests: vec![] } }
+        .sign(0, &cluster.keypairs[0]);
+    let replica = cluster.nodes[1].as_mut().unwrap();
+    let result = replica.try_on_message(0, conflicting);
+    assert!(result.is_err(), "the conflicting pre-prepare is refused");
+    let signed_after = cluster.disks[1].durable.slots.get(&1).and_then(|s| s.prepare.clone()).unwrap();
+    assert_eq!(signed_before, signed_after);
+    let _ = Timer::Status;
+}
+
+#[test]
+fn durable_state_stays_bounded_over_a_long_run() {
+    let mut cluster = Cluster::new(4);
+    for nonce in 0..300 {
+        cluster.submit_all(req(nonce));
+        cluster.run(5);
+        for id in 0..4 {
+            let replica = cluster.replica(id);
+            assert!(replica.memory_bounded());
+            assert!(replica.log_len() as u64 <= 2 * cluster.window + 1);
+            assert!(cluster.disks[id as usize].durable.slots.len() as u64 <= 2 * cluster.window + 1);
+            assert!(cluster.disks[id as usize].blocks.len() as u64 <= 2 * cluster.window + 1);
+        }
+    }
+    cluster.run(200);
+    assert!(cluster.last_executed(0) >= 60);
+    cluster.assert_agreement();
+}
