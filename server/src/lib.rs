@@ -1,1 +1,404 @@
-//! placeholder
+//! Hoard's gateway: the WebSocket game endpoint (`/v1`, protocol in `hoard_types::wire` and
+//! `docs/PROTOCOL.md`). Clicks are absorbed in memory and flushed to Redis in pipelines; asset
+//! events are made durable in a Redis stream, batched to the chain, and reported exactly once.
+//!
+//! Layout:
+//! - [`config`]: the TOML configuration, environment overrides, demo defaults.
+//! - [`connection`]: one WebSocket connection: handshake, authentication, permissions, handlers.
+//! - [`hub`]: registry of connections, their bounded outgoing queues, subscriptions.
+//! - [`clicks`]: the click aggregator, its Redis flusher and the counter/leaderboard reads.
+//! - [`events`]: the event pipeline: stream writer (XADD), batcher (XREADGROUP/XAUTOCLAIM), acker.
+//! - [`chain`]: the narrow [`chain::Chain`] trait and the in-process [`chain::LocalChain`].
+//! - [`view`]: the follower: the gateway's own committed `Ledger` copy, item history, dispatch.
+//! - [`settlement`]: click points → one batched `settle` transaction per window, exactly once.
+//! - [`offers`]: open trade offers between players.
+//! - [`ratelimit`]: token buckets. [`store`]: Redis handle and key layout.
+//! - [`metrics`]: every metric name, the Prometheus recorder, `/metrics` `/healthz` `/readyz`.
+//! - [`testing`]: the shared test harness (real redis-server, a gateway on free ports, a client).
+//!
+//! Invariants: nothing answers `accepted` before the event is in the Redis stream; nothing is
+//! removed from the stream before its receipt is seen; every queue is bounded and a full one
+//! answers `busy` (or closes a slow reader with 1013); no request reaches another tenant's data.
+
+pub mod chain;
+pub mod clicks;
+pub mod config;
+pub mod connection;
+pub mod constants;
+pub mod error;
+pub mod events;
+pub mod hub;
+pub mod metrics;
+pub mod offers;
+pub mod ratelimit;
+pub mod settlement;
+pub mod store;
+pub mod testing;
+pub mod view;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use hoard_ledger::Genesis;
+use hoard_types::wire::OfferCloseReason;
+use hoard_types::{Keypair, TenantId};
+
+pub use chain::{Chain, ChainError, LocalChain};
+pub use config::GatewayConfig;
+pub use error::{Result, ServerError};
+
+/// What every connection and task of one gateway shares.
+pub struct Shared {
+    pub config: GatewayConfig,
+    pub chain_id: u64,
+    pub hub: Arc<hub::Hub>,
+    pub view: Arc<view::ChainView>,
+    pub clicks: Arc<clicks::Clicks>,
+    pub events: Arc<events::Events>,
+    pub offers: offers::Offers,
+    pub redis: Arc<store::RedisHandle>,
+    /// Studio signing keys the gateway holds (settlement, tokens, custodial trades).
+    pub studio_keys: HashMap<TenantId, Keypair>,
+    pub tenant_messages: ratelimit::TenantBuckets,
+    pub tenant_clicks: ratelimit::TenantBuckets,
+    pub health: Arc<metrics::Health>,
+    /// Becomes true when connections must close (1001).
+    pub stop_connections: watch::Receiver<bool>,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    ws_addr: SocketAddr,
+    http_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop_connections: watch::Sender<bool>,
+    stop_background: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+    flusher: JoinHandle<()>,
+    batcher: Option<JoinHandle<()>>,
+    others: Vec<JoinHandle<()>>,
+}
+
+/// Runs the gateway with the chain backend its config names until `shutdown` completes, then
+/// shuts down gracefully. The `hoard gateway --config gateway.toml` command calls this.
+pub async fn run(config: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let genesis = config.genesis()?;
+    let chain: Arc<dyn Chain> = Arc::new(LocalChain::new(&genesis));
+    run_with_chain(config, chain, genesis, shutdown).await
+}
+
+/// Runs the gateway on a given chain backend (the PBFT cluster client plugs in here).
+pub async fn run_with_chain(
+    config: GatewayConfig,
+    chain: Arc<dyn Chain>,
+    genesis: Genesis,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let gateway = Gateway::start(config, chain, &genesis).await?;
+    tracing::info!(ws = %gateway.ws_url(), http = %gateway.http_addr(), "gateway running");
+    shutdown.await;
+    gateway.shutdown().await;
+    Ok(())
+}
+
+impl Gateway {
+    /// Binds the listeners, connects to Redis and starts every task.
+    pub async fn start(config: GatewayConfig, chain: Arc<dyn Chain>, genesis: &Genesis) -> Result<Gateway> {
+        config.validate()?;
+        if chain.chain_id() != genesis.chain_id {
+            return Err(ServerError::Config(
+                "the chain's id differs from the genesis".into(),
+            ));
+        }
+        let prometheus = metrics::install()?;
+        let redis = Arc::new(store::RedisHandle::new(&config.redis.url)?);
+        events::ensure_group(&redis, &config.redis.stream, &config.redis.group).await?;
+        let consumer = if config.instance.is_empty() {
+            format!("gateway-{:016x}", rand::random::<u64>())
+        } else {
+            config.instance.clone()
+        };
+        let mut studio_keys = HashMap::new();
+        for tenant in &config.tenants {
+            if let Some(key) = tenant.studio_key()? {
+                studio_keys.insert(TenantId(tenant.id), key);
+            }
+        }
+        let health = Arc::new(metrics::Health::default());
+        let hub = Arc::new(hub::Hub::default());
+        let view = Arc::new(view::ChainView::new(genesis));
+        let (events, queues) = events::Events::new(&config, consumer, hub.clone(), view.clone());
+        let clicks = Arc::new(clicks::Clicks::new(redis.clone()));
+        let (stop_connections, stop_connections_rx) = watch::channel(false);
+        let (stop_background, stop_background_rx) = watch::channel(false);
+        let listener = TcpListener::bind(config.listen).await?;
+        let ws_addr = listener.local_addr()?;
+        let http_listener = metrics::bind_http(config.http_listen).await?;
+        let http_addr = http_listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            chain_id: genesis.chain_id,
+            hub: hub.clone(),
+            view: view.clone(),
+            clicks: clicks.clone(),
+            events: events.clone(),
+            offers: offers::Offers::default(),
+            redis: redis.clone(),
+            studio_keys,
+            tenant_messages: ratelimit::TenantBuckets::new(config.limits.tenant_messages_per_second),
+            tenant_clicks: ratelimit::TenantBuckets::new(config.limits.tenant_clicks_per_second),
+            health: health.clone(),
+            stop_connections: stop_connections_rx.clone(),
+            config,
+        });
+        let mut others = Vec::new();
+        others.push(tokio::spawn(view::follow(
+            view.clone(),
+            chain.clone(),
+            events.clone(),
+            hub.clone(),
+            health.clone(),
+            stop_background_rx.clone(),
+        )));
+        others.push(tokio::spawn(events::run_writer(
+            events.clone(),
+            redis.clone(),
+            queues.writer,
+        )));
+        others.push(tokio::spawn(events::run_acker(
+            events.clone(),
+            redis.clone(),
+            queues.acks,
+        )));
+        let batcher = shared.config.events.batcher.then(|| {
+            tokio::spawn(events::run_batcher(
+                events.clone(),
+                redis.clone(),
+                chain.clone(),
+                events::BatcherSettings {
+                    batch_max: shared.config.events.batch_max,
+                    wait_ms: shared.config.events.batch_wait_ms,
+                    claim_idle_ms: shared.config.events.claim_idle_ms,
+                },
+                stop_background_rx.clone(),
+            ))
+        });
+        let flusher = tokio::spawn(clicks.clone().run_flusher(
+            Duration::from_millis(shared.config.clicks.flush_interval_ms),
+            stop_background_rx.clone(),
+        ));
+        others.push(tokio::spawn(sweep_offers(
+            shared.clone(),
+            stop_background_rx.clone(),
+        )));
+        others.push(tokio::spawn(watch_redis(
+            shared.clone(),
+            stop_background_rx.clone(),
+        )));
+        for tenant in &shared.config.tenants {
+            if tenant.settle_interval_ms > 0 && !tenant.rules.is_empty() {
+                others.push(tokio::spawn(settle_periodically(
+                    shared.clone(),
+                    TenantId(tenant.id),
+                    Duration::from_millis(tenant.settle_interval_ms),
+                    stop_background_rx.clone(),
+                )));
+            }
+        }
+        others.push(tokio::spawn(metrics::serve_http(
+            http_listener,
+            prometheus,
+            health.clone(),
+            stop_background_rx.clone(),
+        )));
+        let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_connections_rx));
+        Ok(Gateway {
+            ws_addr,
+            http_addr,
+            shared,
+            stop_connections,
+            stop_background,
+            accept_task,
+            flusher,
+            batcher,
+            others,
+        })
+    }
+
+    pub fn ws_addr(&self) -> SocketAddr {
+        self.ws_addr
+    }
+
+    /// `ws://host:port/v1`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}{}", self.ws_addr, hoard_types::wire::WS_PATH)
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Graceful shutdown: stop accepting, close connections with 1001, flush clicks, wait (up
+    /// to `drain_timeout_ms`) for accepted events to commit, then stop every task.
+    pub async fn shutdown(self) {
+        self.shared.health.shutting_down.store(true, Ordering::Relaxed);
+        self.stop_connections.send_replace(true);
+        let _ = self.accept_task.await;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.shared.config.drain_timeout_ms);
+        if self.batcher.is_some() {
+            while self.shared.events.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if self.shared.events.in_flight() > 0 {
+                tracing::warn!(
+                    events = self.shared.events.in_flight(),
+                    "shutdown: events still in flight stay in the stream for the next gateway"
+                );
+            }
+        }
+        // Give the acker a moment for the last XACKs.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.stop_background.send_replace(true);
+        let _ = self.flusher.await;
+        if let Some(batcher) = self.batcher {
+            let _ = tokio::time::timeout(Duration::from_secs(2), batcher).await;
+        }
+        for task in self.others {
+            task.abort();
+        }
+    }
+
+    /// Stops everything at once without flushing or draining: what a crash looks like to Redis
+    /// and to the chain (for crash-recovery tests).
+    pub fn abort(self) {
+        self.accept_task.abort();
+        self.flusher.abort();
+        if let Some(batcher) = self.batcher {
+            batcher.abort();
+        }
+        for task in self.others {
+            task.abort();
+        }
+        self.stop_connections.send_replace(true);
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(shared.config.connections_max));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let permit = permits.clone().try_acquire_owned();
+                let shared = shared.clone();
+                connections.spawn(async move {
+                    let refuse = permit.is_err();
+                    connection::serve(shared, stream, refuse).await;
+                    drop(permit);
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = crate::stopped(&mut stop) => break,
+        }
+    }
+    drop(listener);
+    // Connections see the same signal and close with 1001; give them a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+}
+
+async fn sweep_offers(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = crate::stopped(&mut stop) => return,
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for (tenant, offer) in shared.offers.expire(now) {
+            connection::close_offer_everywhere(&shared, tenant, &offer, OfferCloseReason::Expired);
+        }
+    }
+}
+
+async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = crate::stopped(&mut stop) => return,
+        }
+        let ok = match shared.redis.get().await {
+            Ok(mut connection) => {
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
+                if let Err(error) = &pong {
+                    shared.redis.reset_if_broken(error).await;
+                }
+                pong.is_ok()
+            }
+            Err(_) => false,
+        };
+        shared.health.redis_ok.store(ok, Ordering::Relaxed);
+    }
+}
+
+async fn settle_periodically(
+    shared: Arc<Shared>,
+    tenant: TenantId,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(studio) = shared.studio_keys.get(&tenant).cloned() else {
+        tracing::warn!(%tenant, "settle_interval_ms set but no studio key: automatic settlement off");
+        return;
+    };
+    let rules = shared
+        .config
+        .tenant(tenant)
+        .map(|t| t.rules.clone())
+        .unwrap_or_default();
+    let mut ticker = tokio::time::interval(every);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = crate::stopped(&mut stop) => return,
+        }
+        let result = settlement::settle(
+            &shared.redis,
+            &shared.events,
+            &shared.view,
+            shared.chain_id,
+            tenant,
+            &studio,
+            &rules,
+        )
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(%tenant, %error, "automatic settlement failed; retrying next interval");
+        }
+    }
+}
+
+/// Resolves when a stop signal becomes true (or its sender is gone).
+pub(crate) async fn stopped(signal: &mut watch::Receiver<bool>) {
+    let _ = signal.wait_for(|stop| *stop).await;
+}

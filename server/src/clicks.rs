@@ -1,0 +1,293 @@
+//! Clicks: summed in memory per (tenant, counter, player) and written to Redis in one pipeline
+//! per flush interval (never one round trip per click). Each flush, per key:
+//! `HINCRBY counter_key player n`, `ZINCRBY leaderboard_key n player`,
+//! `HINCRBY unsettled_key player n`, and per (tenant, counter) `HINCRBY totals_key counter sum`,
+//! all in one MULTI/EXEC so that a flush applies whole or not at all.
+//!
+//! Flush generations make strict acknowledgement possible: a click absorbed while
+//! [`Clicks::generation`] was `g` is in Redis once [`Clicks::flushed`] reaches `g + 1`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use redis::AsyncCommands;
+
+use hoard_types::wire::{Click, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
+use hoard_types::{PublicKey, TenantId};
+
+use crate::constants::{CLICK_FLUSH_COMMANDS_MAX, CLICK_KEYS_PENDING_MAX, COUNTERS_PER_TENANT_MAX};
+use crate::metrics as m;
+use crate::store::{self, RedisHandle};
+
+type Key = (TenantId, Arc<str>, PublicKey);
+
+/// The click aggregator.
+pub struct Clicks {
+    pending: DashMap<Key, u64>,
+    /// Interned counter names per tenant (bounded by [`COUNTERS_PER_TENANT_MAX`]).
+    counters: DashMap<TenantId, HashSet<Arc<str>>>,
+    generation: AtomicU64,
+    flushed: tokio::sync::watch::Sender<u64>,
+    redis: Arc<RedisHandle>,
+}
+
+/// A refused `clicks` message.
+pub struct ClickError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Clicks {
+    pub fn new(redis: Arc<RedisHandle>) -> Clicks {
+        Clicks {
+            pending: DashMap::new(),
+            counters: DashMap::new(),
+            generation: AtomicU64::new(0),
+            flushed: tokio::sync::watch::channel(0).0,
+            redis,
+        }
+    }
+
+    /// The current flush generation (see the module docs).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The last generation written to Redis.
+    pub fn flushed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.flushed.subscribe()
+    }
+
+    fn intern(&self, tenant: TenantId, counter: &str) -> Result<Arc<str>, ClickError> {
+        if let Some(set) = self.counters.get(&tenant) {
+            if let Some(name) = set.get(counter) {
+                return Ok(name.clone());
+            }
+        }
+        let mut set = self.counters.entry(tenant).or_default();
+        if let Some(name) = set.get(counter) {
+            return Ok(name.clone());
+        }
+        if set.len() >= COUNTERS_PER_TENANT_MAX {
+            return Err(ClickError {
+                code: ErrorCode::Invalid,
+                message: format!("a tenant may have at most {COUNTERS_PER_TENANT_MAX} counters"),
+            });
+        }
+        let name: Arc<str> = Arc::from(counter);
+        set.insert(name.clone());
+        Ok(name)
+    }
+
+    /// Checks a whole `clicks` message; `player` restricts it to one player (player connections).
+    pub fn validate(clicks: &[Click], player: Option<&PublicKey>) -> Result<u64, ClickError> {
+        if clicks.is_empty() {
+            return Err(ClickError {
+                code: ErrorCode::Invalid,
+                message: "no clicks".into(),
+            });
+        }
+        if clicks.len() > CLICKS_PER_FRAME_MAX {
+            return Err(ClickError {
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "{} clicks, at most {CLICKS_PER_FRAME_MAX} per message",
+                    clicks.len()
+                ),
+            });
+        }
+        let mut total = 0u64;
+        for Click(who, counter, count) in clicks {
+            if let Some(player) = player {
+                if who != player {
+                    return Err(ClickError {
+                        code: ErrorCode::Forbidden,
+                        message: "a player may only click for itself".into(),
+                    });
+                }
+            }
+            if !hoard_types::wire::counter_name_is_valid(counter) {
+                return Err(ClickError {
+                    code: ErrorCode::Invalid,
+                    message: format!("bad counter name {counter:?}"),
+                });
+            }
+            if *count == 0 || *count > CLICK_COUNT_MAX {
+                return Err(ClickError {
+                    code: ErrorCode::Invalid,
+                    message: format!("count must be 1..={CLICK_COUNT_MAX}"),
+                });
+            }
+            total += u64::from(*count);
+        }
+        Ok(total)
+    }
+
+    /// Adds validated clicks to the buffer. Refuses (`busy`) when too many keys are buffered
+    /// (Redis is not keeping up).
+    pub fn absorb(&self, tenant: TenantId, clicks: &[Click]) -> Result<(), ClickError> {
+        if self.pending.len() >= CLICK_KEYS_PENDING_MAX {
+            metrics::counter!(m::BUSY_TOTAL, "reason" => "clicks_pending").increment(1);
+            return Err(ClickError {
+                code: ErrorCode::Busy,
+                message: "click buffer full: Redis is behind".into(),
+            });
+        }
+        for Click(player, counter, count) in clicks {
+            let counter = self.intern(tenant, counter)?;
+            *self.pending.entry((tenant, counter, *player)).or_insert(0) += u64::from(*count);
+        }
+        Ok(())
+    }
+
+    /// Writes everything buffered to Redis. On failure the clicks go back into the buffer.
+    pub async fn flush(&self) -> redis::RedisResult<()> {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut drained: Vec<(Key, u64)> = Vec::new();
+        self.pending.retain(|key, count| {
+            drained.push((key.clone(), *count));
+            false
+        });
+        metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
+        if drained.is_empty() {
+            self.flushed.send_replace(generation);
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = self.write(&drained).await;
+        metrics::histogram!(m::CLICK_FLUSH_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                let clicks: u64 = drained.iter().map(|(_, n)| n).sum();
+                metrics::counter!(m::CLICKS_FLUSHED_TOTAL).increment(clicks);
+                self.flushed.send_replace(generation);
+                Ok(())
+            }
+            Err(error) => {
+                metrics::counter!(m::CLICK_FLUSH_FAILURES_TOTAL).increment(1);
+                for (key, count) in drained {
+                    *self.pending.entry(key).or_insert(0) += count;
+                }
+                self.redis.reset_if_broken(&error).await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn write(&self, drained: &[(Key, u64)]) -> redis::RedisResult<()> {
+        let mut connection = self.redis.get().await?;
+        // Split very large flushes so that one pipeline stays bounded; each part is atomic.
+        for part in drained.chunks(CLICK_FLUSH_COMMANDS_MAX / 4) {
+            let mut totals: HashMap<(TenantId, &str), u64> = HashMap::new();
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for ((tenant, counter, player), count) in part {
+                let player = player.to_hex();
+                pipe.hincr(store::counter_key(*tenant, counter), &player, *count)
+                    .ignore();
+                pipe.zincr(store::leaderboard_key(*tenant, counter), &player, *count)
+                    .ignore();
+                pipe.hincr(store::unsettled_key(*tenant, counter), &player, *count)
+                    .ignore();
+                *totals.entry((*tenant, counter)).or_insert(0) += count;
+            }
+            for ((tenant, counter), sum) in totals {
+                pipe.hincr(store::totals_key(tenant), counter, sum).ignore();
+            }
+            pipe.query_async::<()>(&mut connection).await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes every `interval` until `shutdown`, then once more.
+    pub async fn run_flusher(
+        self: Arc<Clicks>,
+        interval: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = crate::stopped(&mut shutdown) => break,
+            }
+            if let Err(error) = self.flush().await {
+                tracing::warn!(%error, "click flush failed; retrying next interval");
+            }
+        }
+        for _ in 0..3 {
+            match self.flush().await {
+                Ok(()) => return,
+                Err(error) => tracing::warn!(%error, "final click flush failed"),
+            }
+        }
+        tracing::error!(
+            keys = self.pending.len(),
+            "clicks lost at shutdown: Redis unavailable"
+        );
+    }
+
+    // ----- reads (from Redis: what has been flushed) -----
+
+    pub async fn counter_total(&self, tenant: TenantId, counter: &str) -> redis::RedisResult<u64> {
+        let mut connection = self.redis.get().await?;
+        let total: Option<u64> = connection.hget(store::totals_key(tenant), counter).await?;
+        Ok(total.unwrap_or(0))
+    }
+
+    pub async fn player_total(
+        &self,
+        tenant: TenantId,
+        counter: &str,
+        player: &PublicKey,
+    ) -> redis::RedisResult<u64> {
+        let mut connection = self.redis.get().await?;
+        let total: Option<u64> = connection
+            .hget(store::counter_key(tenant, counter), player.to_hex())
+            .await?;
+        Ok(total.unwrap_or(0))
+    }
+
+    /// Every counter total of one player (counters with a zero total are left out).
+    pub async fn player_totals(
+        &self,
+        tenant: TenantId,
+        player: &PublicKey,
+    ) -> redis::RedisResult<Vec<(String, u64)>> {
+        let mut connection = self.redis.get().await?;
+        let mut counters: Vec<String> = connection.hkeys(store::totals_key(tenant)).await?;
+        counters.sort();
+        counters.truncate(COUNTERS_PER_TENANT_MAX);
+        let mut pipe = redis::pipe();
+        for counter in &counters {
+            pipe.hget(store::counter_key(tenant, counter), player.to_hex());
+        }
+        let values: Vec<Option<u64>> = pipe.query_async(&mut connection).await?;
+        Ok(counters
+            .into_iter()
+            .zip(values)
+            .filter_map(|(counter, value)| value.filter(|v| *v > 0).map(|v| (counter, v)))
+            .collect())
+    }
+
+    /// The top `limit` players of a counter, highest first.
+    pub async fn leaderboard(
+        &self,
+        tenant: TenantId,
+        counter: &str,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<(PublicKey, u64)>> {
+        let mut connection = self.redis.get().await?;
+        let entries: Vec<(String, f64)> = connection
+            .zrevrange_withscores(store::leaderboard_key(tenant, counter), 0, limit as isize - 1)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(player, score)| PublicKey::from_hex(&player).ok().map(|p| (p, score as u64)))
+            .collect())
+    }
+}

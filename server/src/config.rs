@@ -1,0 +1,376 @@
+//! The gateway's configuration: a TOML file, then environment overrides, then defaults good
+//! enough for a demo (no file at all: a local Redis, an in-process chain with one demo tenant).
+//!
+//! Environment overrides: `HOARD_GATEWAY_LISTEN`, `HOARD_GATEWAY_HTTP_LISTEN`,
+//! `HOARD_GATEWAY_REDIS_URL`, `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_STRICT_CLICKS`,
+//! `HOARD_GATEWAY_GENESIS`, `HOARD_GATEWAY_INSTANCE`, and per tenant
+//! `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED` (the studio key's 32-byte seed in hex).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use hoard_ledger::{Genesis, GenesisTenant};
+use hoard_types::{CurrencyId, Keypair, TenantId};
+
+use crate::error::{Result, ServerError};
+
+/// Seed of the demo tenant's studio key. PUBLIC: for demos and tests only.
+pub const DEMO_STUDIO_SEED: [u8; 32] = [0x5d; 32];
+/// Seed of the demo chain's operator key. PUBLIC: for demos and tests only.
+pub const DEMO_OPERATOR_SEED: [u8; 32] = [0x0e; 32];
+/// The demo chain's id.
+pub const DEMO_CHAIN_ID: u64 = 1;
+
+/// Everything the gateway needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// WebSocket listen address (`/v1`).
+    pub listen: SocketAddr,
+    /// HTTP listen address for `/metrics`, `/healthz`, `/readyz`.
+    pub http_listen: SocketAddr,
+    /// This gateway's name in the Redis consumer group (empty: random per start). Give each
+    /// gateway of a cluster a stable name so that a restarted one finds its own pending entries.
+    pub instance: String,
+    /// Most simultaneous WebSocket connections.
+    pub connections_max: usize,
+    /// How long graceful shutdown waits for accepted events to commit.
+    pub drain_timeout_ms: u64,
+    pub redis: RedisConfig,
+    pub clicks: ClicksConfig,
+    pub events: EventsConfig,
+    pub limits: RateLimits,
+    pub chain: ChainConfig,
+    /// Per-tenant settings (studio key for settlement and tokens, conversion rules).
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: String,
+    /// The durable stream of accepted asset events (one per gateway cluster).
+    pub stream: String,
+    /// The consumer group the gateways' batchers share.
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClicksConfig {
+    /// How often buffered clicks are written to Redis (one pipeline per flush).
+    pub flush_interval_ms: u64,
+    /// Acknowledge clicks only after the flush that holds them succeeded.
+    pub strict: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Most transactions the batcher sends to the chain at once.
+    pub batch_max: usize,
+    /// How long XREADGROUP blocks waiting for entries.
+    pub batch_wait_ms: u64,
+    /// Accepted-but-uncommitted events the gateway allows before answering `busy`.
+    pub pending_max: usize,
+    /// A stream entry pending this long (its gateway died, or the chain lost it) is claimed and
+    /// resubmitted by any gateway.
+    pub claim_idle_ms: u64,
+    /// Run the batcher (a gateway that only accepts, for tests and special deployments: false).
+    pub batcher: bool,
+    /// `retry_after_ms` in `busy` answers.
+    pub busy_retry_after_ms: u64,
+}
+
+/// Token buckets: `*_per_second` is the refill rate, the burst is one second's worth.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimits {
+    pub connection_messages_per_second: u32,
+    pub connection_clicks_per_second: u32,
+    pub tenant_messages_per_second: u32,
+    pub tenant_clicks_per_second: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChainConfig {
+    /// `local`: an in-process single ledger (no consensus; for development, demos and tests).
+    /// The PBFT cluster client plugs in through `run_with_chain`.
+    pub backend: String,
+    /// The genesis file (TOML). None: the demo genesis (one tenant, [`DEMO_STUDIO_SEED`]).
+    pub genesis: Option<PathBuf>,
+}
+
+/// One tenant's gateway-side settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: u64,
+    /// The studio key's seed (hex). Needed for `settle`, `issue_token` and custodial trades;
+    /// prefer the environment variable `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED`.
+    #[serde(default)]
+    pub studio_seed_hex: Option<String>,
+    /// Settle automatically this often (0: only on the studio's `settle`).
+    #[serde(default)]
+    pub settle_interval_ms: u64,
+    /// Conversion rules from click counters to currencies.
+    #[serde(default)]
+    pub rules: Vec<ConversionRule>,
+}
+
+/// "Every `points_per_unit` points on `counter` mint 1 unit of `currency`" (units in the
+/// currency's smallest denomination).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConversionRule {
+    pub counter: String,
+    pub currency: String,
+    pub points_per_unit: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> GatewayConfig {
+        GatewayConfig {
+            listen: "127.0.0.1:8080".parse().expect("literal"),
+            http_listen: "127.0.0.1:9100".parse().expect("literal"),
+            instance: String::new(),
+            connections_max: 10_000,
+            drain_timeout_ms: 5_000,
+            redis: RedisConfig::default(),
+            clicks: ClicksConfig::default(),
+            events: EventsConfig::default(),
+            limits: RateLimits::default(),
+            chain: ChainConfig::default(),
+            tenants: vec![TenantConfig {
+                id: 1,
+                studio_seed_hex: Some(hex::encode(DEMO_STUDIO_SEED)),
+                settle_interval_ms: 0,
+                rules: vec![ConversionRule {
+                    counter: "gold".into(),
+                    currency: "GOLD".into(),
+                    points_per_unit: 100,
+                }],
+            }],
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> RedisConfig {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            stream: "hoard:events".into(),
+            group: "hoard-gateways".into(),
+        }
+    }
+}
+
+impl Default for ClicksConfig {
+    fn default() -> ClicksConfig {
+        ClicksConfig {
+            flush_interval_ms: 20,
+            strict: false,
+        }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> EventsConfig {
+        EventsConfig {
+            batch_max: 2048,
+            batch_wait_ms: 5,
+            pending_max: 50_000,
+            claim_idle_ms: 10_000,
+            batcher: true,
+            busy_retry_after_ms: 100,
+        }
+    }
+}
+
+impl Default for RateLimits {
+    fn default() -> RateLimits {
+        RateLimits {
+            connection_messages_per_second: 5_000,
+            connection_clicks_per_second: 1_000_000,
+            tenant_messages_per_second: 200_000,
+            tenant_clicks_per_second: 10_000_000,
+        }
+    }
+}
+
+impl Default for ChainConfig {
+    fn default() -> ChainConfig {
+        ChainConfig {
+            backend: "local".into(),
+            genesis: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Reads a TOML file and applies the environment overrides.
+    pub fn load(path: &Path) -> Result<GatewayConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let mut config = GatewayConfig::from_toml(&text)?;
+        config.apply_env(|name| std::env::var(name).ok())?;
+        Ok(config)
+    }
+
+    pub fn from_toml(text: &str) -> Result<GatewayConfig> {
+        let config: GatewayConfig = toml::from_str(text).map_err(|e| ServerError::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies overrides from `lookup` (the process environment in production).
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let parse_err = |name: &str, e: &dyn std::fmt::Display| ServerError::Config(format!("{name}: {e}"));
+        if let Some(v) = lookup("HOARD_GATEWAY_LISTEN") {
+            self.listen = v.parse().map_err(|e| parse_err("HOARD_GATEWAY_LISTEN", &e))?;
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_HTTP_LISTEN") {
+            self.http_listen = v
+                .parse()
+                .map_err(|e| parse_err("HOARD_GATEWAY_HTTP_LISTEN", &e))?;
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_REDIS_URL") {
+            self.redis.url = v;
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_FLUSH_INTERVAL_MS") {
+            self.clicks.flush_interval_ms = v
+                .parse()
+                .map_err(|e| parse_err("HOARD_GATEWAY_FLUSH_INTERVAL_MS", &e))?;
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_STRICT_CLICKS") {
+            self.clicks.strict = matches!(v.as_str(), "1" | "true" | "yes");
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_GENESIS") {
+            self.chain.genesis = Some(PathBuf::from(v));
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_INSTANCE") {
+            self.instance = v;
+        }
+        for tenant in &mut self.tenants {
+            if let Some(v) = lookup(&format!("HOARD_GATEWAY_TENANT_{}_STUDIO_SEED", tenant.id)) {
+                tenant.studio_seed_hex = Some(v);
+            }
+        }
+        self.validate()
+    }
+
+    /// Checks ranges and that keys and rules parse.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(ServerError::Config(what));
+        if self.clicks.flush_interval_ms == 0 || self.clicks.flush_interval_ms > 1_000 {
+            return bad("clicks.flush_interval_ms must be 1..=1000".into());
+        }
+        if self.events.batch_max == 0
+            || self.events.batch_max > hoard_types::constants::BLOCK_TRANSACTIONS_MAX
+        {
+            return bad("events.batch_max must be 1..=BLOCK_TRANSACTIONS_MAX".into());
+        }
+        if self.events.pending_max == 0 || self.connections_max == 0 {
+            return bad("events.pending_max and connections_max must be positive".into());
+        }
+        if self.chain.backend != "local" {
+            return bad(format!(
+                "chain.backend `{}`: only `local` is built in; a cluster client plugs in via run_with_chain",
+                self.chain.backend
+            ));
+        }
+        for tenant in &self.tenants {
+            tenant.studio_key()?;
+            for rule in &tenant.rules {
+                if !hoard_types::wire::counter_name_is_valid(&rule.counter)
+                    || !CurrencyId::new(&rule.currency).is_valid()
+                    || rule.points_per_unit == 0
+                {
+                    return bad(format!("tenant {}: bad conversion rule {rule:?}", tenant.id));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The genesis: from the file, or the demo genesis.
+    pub fn genesis(&self) -> Result<Genesis> {
+        match &self.chain.genesis {
+            Some(path) => Ok(Genesis::load(path)?),
+            None => Ok(demo_genesis()),
+        }
+    }
+
+    pub fn tenant(&self, id: TenantId) -> Option<&TenantConfig> {
+        self.tenants.iter().find(|t| t.id == id.0)
+    }
+}
+
+impl TenantConfig {
+    /// The studio signing key, if configured.
+    pub fn studio_key(&self) -> Result<Option<Keypair>> {
+        match &self.studio_seed_hex {
+            None => Ok(None),
+            Some(hex) => Keypair::from_seed_hex(hex)
+                .map(Some)
+                .map_err(|e| ServerError::Config(format!("tenant {}: studio seed: {e}", self.id))),
+        }
+    }
+}
+
+/// The demo chain: one tenant (id 1, "demo") whose studio key is [`DEMO_STUDIO_SEED`].
+pub fn demo_genesis() -> Genesis {
+    Genesis {
+        chain_id: DEMO_CHAIN_ID,
+        operator: Keypair::from_seed(DEMO_OPERATOR_SEED).public(),
+        tenants: vec![GenesisTenant {
+            id: TenantId(1),
+            name: "demo".into(),
+            studio_key: Keypair::from_seed(DEMO_STUDIO_SEED).public(),
+        }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_the_example_files_parse() {
+        GatewayConfig::default().validate().unwrap();
+        let text = include_str!("../config/gateway.toml");
+        let config = GatewayConfig::from_toml(text).unwrap();
+        assert_eq!(config.tenants[0].rules[0].points_per_unit, 100);
+        assert!(config.clicks.flush_interval_ms <= 50);
+    }
+
+    #[test]
+    fn environment_overrides_win() {
+        let mut config = GatewayConfig::default();
+        config
+            .apply_env(|name| match name {
+                "HOARD_GATEWAY_REDIS_URL" => Some("redis://10.0.0.1:7000".into()),
+                "HOARD_GATEWAY_STRICT_CLICKS" => Some("true".into()),
+                "HOARD_GATEWAY_TENANT_1_STUDIO_SEED" => Some(hex::encode([9u8; 32])),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.redis.url, "redis://10.0.0.1:7000");
+        assert!(config.clicks.strict);
+        assert_eq!(
+            config.tenants[0].studio_key().unwrap().unwrap().public(),
+            Keypair::from_seed([9; 32]).public()
+        );
+        assert!(config
+            .apply_env(|n| (n == "HOARD_GATEWAY_FLUSH_INTERVAL_MS").then(|| "0".into()))
+            .is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(GatewayConfig::from_toml("listen = \"127.0.0.1:1\"\nflush = 3\n").is_err());
+    }
+}

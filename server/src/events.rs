@@ -1,0 +1,606 @@
+//! The durable path of asset events: accepted → Redis stream → batcher → chain → committed.
+//!
+//! - [`Events::submit`] registers an event in the in-flight tracker and queues it for the stream
+//!   writer (bounded; full → `busy`). The writer XADDs many events per pipeline and only then
+//!   answers `accepted`.
+//! - The batcher reads the stream through a consumer group (XREADGROUP), claims entries that stayed
+//!   pending too long (XAUTOCLAIM: a crashed gateway's, or ones the chain lost), skips events the
+//!   committed ledger already knows, and submits the rest in batches.
+//! - The follower calls [`Events::on_receipt`] for every committed transaction: the entry is
+//!   XACKed and XDELed, and `committed`/`rejected` goes to the connections that submitted it.
+//!
+//! Exactly once: an event is in the stream until its receipt is seen; resubmitting it is always
+//! safe because the ledger deduplicates event ids (a duplicate's receipt carries the original
+//! outcome).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use tokio::sync::{mpsc, oneshot};
+
+use hoard_types::wire::{ErrorCode, ServerMessage};
+use hoard_types::{EventId, Hash, Outcome, Receipt, TenantId, Transaction};
+
+use crate::chain::Chain;
+use crate::config::GatewayConfig;
+use crate::constants::{ACK_QUEUE_MAX, STREAM_WRITER_PIPELINE_MAX, STREAM_WRITER_QUEUE_MAX, XACK_IDS_MAX};
+use crate::hub::{ConnId, Hub};
+use crate::metrics as m;
+use crate::store::RedisHandle;
+use crate::view::ChainView;
+
+/// Stream entry field holding the MessagePack of the [`Transaction`].
+const FIELD_TX: &str = "tx";
+
+/// Who wants to hear that an event was accepted.
+pub enum Origin {
+    /// A connection's request.
+    Connection { conn: ConnId, request_id: u64 },
+    /// An internal caller (settlement) that waits for durability.
+    Internal(oneshot::Sender<Result<(), ErrorCode>>),
+}
+
+/// What [`Events::submit`] did.
+pub enum Submitted {
+    /// Queued for the stream; `accepted` follows when it is durable.
+    Queued,
+    /// The same event is already in flight (durable): `accepted` now, `committed` later.
+    AlreadyInFlight,
+    /// The event already committed: `accepted`, then the original outcome at once.
+    AlreadyCommitted { height: u64, outcome: Outcome },
+}
+
+/// Why a submission was refused before the stream.
+pub struct Refused {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+struct InFlight {
+    tx_id: Hash,
+    /// Stream entries holding this event (several after resubmissions).
+    stream_ids: Vec<String>,
+    /// Connections to notify on commit.
+    conns: Vec<ConnId>,
+    /// Connections waiting for `accepted` (the write is not durable yet).
+    waiting: Vec<(ConnId, u64)>,
+    durable: bool,
+    accepted_at: Option<Instant>,
+}
+
+pub(crate) struct WriteRequest {
+    key: (TenantId, EventId),
+    bytes: Vec<u8>,
+    kind: &'static str,
+    origin: Origin,
+}
+
+/// The event pipeline's shared state.
+pub struct Events {
+    stream: String,
+    group: String,
+    consumer: String,
+    pending_max: usize,
+    busy_retry_after_ms: u64,
+    tracker: DashMap<(TenantId, EventId), InFlight>,
+    writer: mpsc::Sender<WriteRequest>,
+    acks: mpsc::Sender<String>,
+    hub: Arc<Hub>,
+    view: Arc<ChainView>,
+}
+
+/// The receiving ends of the pipeline's queues, consumed by its tasks.
+pub struct EventQueues {
+    pub(crate) writer: mpsc::Receiver<WriteRequest>,
+    pub acks: mpsc::Receiver<String>,
+}
+
+impl Events {
+    pub fn new(
+        config: &GatewayConfig,
+        consumer: String,
+        hub: Arc<Hub>,
+        view: Arc<ChainView>,
+    ) -> (Arc<Events>, EventQueues) {
+        let (writer, writer_rx) = mpsc::channel(STREAM_WRITER_QUEUE_MAX);
+        let (acks, acks_rx) = mpsc::channel(ACK_QUEUE_MAX);
+        let events = Arc::new(Events {
+            stream: config.redis.stream.clone(),
+            group: config.redis.group.clone(),
+            consumer,
+            pending_max: config.events.pending_max,
+            busy_retry_after_ms: config.events.busy_retry_after_ms,
+            tracker: DashMap::new(),
+            writer,
+            acks,
+            hub,
+            view,
+        });
+        (
+            events,
+            EventQueues {
+                writer: writer_rx,
+                acks: acks_rx,
+            },
+        )
+    }
+
+    /// Events in flight (accepted or claimed, not committed).
+    pub fn in_flight(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Status of an event in flight: Some(durable).
+    pub fn status(&self, tenant: TenantId, event_id: &EventId) -> Option<bool> {
+        self.tracker.get(&(tenant, *event_id)).map(|e| e.durable)
+    }
+
+    fn busy(&self, reason: &'static str, message: &str) -> Refused {
+        metrics::counter!(m::BUSY_TOTAL, "reason" => reason).increment(1);
+        Refused {
+            code: ErrorCode::Busy,
+            message: message.into(),
+            retry_after_ms: Some(self.busy_retry_after_ms),
+        }
+    }
+
+    /// Submits a validated transaction (the caller checked decoding, tenant, permission and
+    /// signatures). `conn` is the connection to notify of the commit, if any.
+    pub fn submit(
+        &self,
+        tenant: TenantId,
+        event_id: EventId,
+        tx: &Transaction,
+        kind: &'static str,
+        origin: Origin,
+    ) -> Result<Submitted, Refused> {
+        let key = (tenant, event_id);
+        if let Some((height, outcome)) = self
+            .view
+            .read(|l| l.event(tenant, &event_id).map(|(h, o)| (h, o.clone())))
+        {
+            if let Origin::Internal(reply) = origin {
+                let _ = reply.send(Ok(()));
+            }
+            return Ok(Submitted::AlreadyCommitted { height, outcome });
+        }
+        let tx_id = tx.id();
+        let conn = match &origin {
+            Origin::Connection { conn, .. } => Some(*conn),
+            Origin::Internal(_) => None,
+        };
+        if let Some(mut entry) = self.tracker.get_mut(&key) {
+            if entry.tx_id != tx_id {
+                return Err(Refused {
+                    code: ErrorCode::Replay,
+                    message: "this event id is in flight with a different transaction".into(),
+                    retry_after_ms: None,
+                });
+            }
+            if let Some(conn) = conn {
+                if !entry.conns.contains(&conn) {
+                    entry.conns.push(conn);
+                    self.count_in_flight(conn);
+                }
+            }
+            return match origin {
+                Origin::Connection { conn, request_id } if !entry.durable => {
+                    entry.waiting.push((conn, request_id));
+                    Ok(Submitted::Queued)
+                }
+                Origin::Internal(reply) => {
+                    let _ = reply.send(Ok(()));
+                    Ok(Submitted::AlreadyInFlight)
+                }
+                Origin::Connection { .. } => Ok(Submitted::AlreadyInFlight),
+            };
+        }
+        if self.tracker.len() >= self.pending_max {
+            return Err(self.busy("events_pending", "the chain is behind: too many events in flight"));
+        }
+        self.tracker.insert(
+            key,
+            InFlight {
+                tx_id,
+                stream_ids: Vec::new(),
+                conns: conn.into_iter().collect(),
+                waiting: Vec::new(),
+                durable: false,
+                accepted_at: Some(Instant::now()),
+            },
+        );
+        if let Some(conn) = conn {
+            self.count_in_flight(conn);
+        }
+        let bytes = rmp_serde::to_vec(tx).expect("transactions encode");
+        match self.writer.try_send(WriteRequest {
+            key,
+            bytes,
+            kind,
+            origin,
+        }) {
+            Ok(()) => {
+                metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
+                Ok(Submitted::Queued)
+            }
+            Err(_) => {
+                self.tracker.remove(&key);
+                if let Some(handle) = conn.and_then(|c| self.hub.get(c)) {
+                    handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(self.busy("writer_queue", "the event stream writer is saturated"))
+            }
+        }
+    }
+
+    fn count_in_flight(&self, conn: ConnId) {
+        if let Some(handle) = self.hub.get(conn) {
+            handle.in_flight.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Called by the follower for every committed transaction, in commit order.
+    pub fn on_receipt(&self, receipt: &Receipt, kind: &'static str) {
+        let outcome_label = match &receipt.outcome {
+            Outcome::Applied => "applied",
+            Outcome::Settled { .. } => "settled",
+            Outcome::Rejected { .. } => "rejected",
+        };
+        let Some((_, in_flight)) = self.tracker.remove(&(receipt.tenant, receipt.event_id)) else {
+            return;
+        };
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
+        if !receipt.duplicate {
+            metrics::counter!(m::EVENTS_COMMITTED_TOTAL, "kind" => kind, "outcome" => outcome_label)
+                .increment(1);
+            if let Outcome::Rejected { reason } = &receipt.outcome {
+                metrics::counter!(m::REJECTIONS_TOTAL, "reason" => rejection_label(*reason)).increment(1);
+            }
+        }
+        if let Some(at) = in_flight.accepted_at {
+            metrics::histogram!(m::COMMIT_LATENCY_SECONDS).record(at.elapsed().as_secs_f64());
+        }
+        for id in in_flight.stream_ids {
+            // A full ack queue only delays the ack: the entry is reclaimed, resubmitted, and
+            // its duplicate receipt acks it.
+            let _ = self.acks.try_send(id);
+        }
+        let message = commit_message(receipt.event_id, receipt.height, &receipt.outcome);
+        for (conn, request_id) in in_flight.waiting {
+            self.hub.push(
+                conn,
+                ServerMessage::Accepted {
+                    request_id,
+                    event_id: receipt.event_id,
+                },
+            );
+        }
+        for conn in in_flight.conns {
+            if let Some(handle) = self.hub.get(conn) {
+                handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+                crate::hub::push_to(&handle, message.clone());
+            }
+        }
+    }
+}
+
+/// `committed` or `rejected`, as the protocol pushes it.
+pub fn commit_message(event_id: EventId, height: u64, outcome: &Outcome) -> ServerMessage {
+    match outcome {
+        Outcome::Rejected { reason } => ServerMessage::Rejected {
+            event_id,
+            height,
+            reason: *reason,
+        },
+        outcome => ServerMessage::Committed {
+            event_id,
+            height,
+            outcome: outcome.clone(),
+        },
+    }
+}
+
+/// A rejection's wire name (bounded: one per enum variant).
+pub fn rejection_label(reason: hoard_types::Rejection) -> &'static str {
+    use hoard_types::Rejection as R;
+    match reason {
+        R::Malformed => "malformed",
+        R::WrongChain => "wrong_chain",
+        R::BadSignature => "bad_signature",
+        R::MissingSignature => "missing_signature",
+        R::WrongTenant => "wrong_tenant",
+        R::Unauthorized => "unauthorized",
+        R::Expired => "expired",
+        R::ExpiryTooFar => "expiry_too_far",
+        R::UnknownTenant => "unknown_tenant",
+        R::TenantExists => "tenant_exists",
+        R::UnknownAccount => "unknown_account",
+        R::AccountExists => "account_exists",
+        R::UnknownCurrency => "unknown_currency",
+        R::CurrencyExists => "currency_exists",
+        R::UnknownClass => "unknown_class",
+        R::ClassExists => "class_exists",
+        R::UnknownItem => "unknown_item",
+        R::ItemExists => "item_exists",
+        R::NotOwner => "not_owner",
+        R::InsufficientFunds => "insufficient_funds",
+        R::InsufficientQuantity => "insufficient_quantity",
+        R::SupplyExceeded => "supply_exceeded",
+        R::NotStackable => "not_stackable",
+        R::ClassMismatch => "class_mismatch",
+        R::InvalidAmount => "invalid_amount",
+        R::SelfTransfer => "self_transfer",
+    }
+}
+
+/// Creates the consumer group (from the stream's start, so nothing written before is missed).
+pub async fn ensure_group(redis: &RedisHandle, stream: &str, group: &str) -> redis::RedisResult<()> {
+    let mut connection = redis.get().await?;
+    let created: redis::RedisResult<()> = connection.xgroup_create_mkstream(stream, group, "0").await;
+    match created {
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
+
+/// The stream writer: XADDs queued submissions, many per pipeline, then answers `accepted`.
+pub(crate) async fn run_writer(
+    events: Arc<Events>,
+    redis: Arc<RedisHandle>,
+    mut writer: mpsc::Receiver<WriteRequest>,
+) {
+    let mut requests = Vec::with_capacity(STREAM_WRITER_PIPELINE_MAX);
+    loop {
+        requests.clear();
+        if writer.recv_many(&mut requests, STREAM_WRITER_PIPELINE_MAX).await == 0 {
+            return;
+        }
+        metrics::gauge!(m::STREAM_WRITER_QUEUE_DEPTH).set(writer.len() as f64);
+        let started = Instant::now();
+        let mut pipe = redis::pipe();
+        for request in &requests {
+            pipe.xadd(&events.stream, "*", &[(FIELD_TX, request.bytes.as_slice())]);
+        }
+        let result: redis::RedisResult<Vec<String>> = match redis.get().await {
+            Ok(mut connection) => pipe.query_async(&mut connection).await,
+            Err(error) => Err(error),
+        };
+        metrics::histogram!(m::STREAM_WRITE_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            tracing::warn!(%error, "XADD pipeline failed");
+            redis.reset_if_broken(error).await;
+        }
+        let ok = result.is_ok();
+        for request in requests.drain(..) {
+            let (tenant, event_id) = request.key;
+            if ok {
+                metrics::counter!(m::EVENTS_ACCEPTED_TOTAL, "kind" => request.kind).increment(1);
+                let waiting = match events.tracker.get_mut(&request.key) {
+                    Some(mut entry) => {
+                        entry.durable = true;
+                        std::mem::take(&mut entry.waiting)
+                    }
+                    None => Vec::new(),
+                };
+                for (conn, request_id) in waiting {
+                    events
+                        .hub
+                        .push(conn, ServerMessage::Accepted { request_id, event_id });
+                }
+                match request.origin {
+                    Origin::Connection { conn, request_id } => {
+                        events
+                            .hub
+                            .push(conn, ServerMessage::Accepted { request_id, event_id });
+                    }
+                    Origin::Internal(reply) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            } else {
+                let removed = events.tracker.remove(&(tenant, event_id));
+                let error = |request_id| ServerMessage::Error {
+                    request_id,
+                    code: ErrorCode::Unavailable,
+                    message: "the event stream is unavailable; retry".into(),
+                    retry_after_ms: Some(events.busy_retry_after_ms),
+                };
+                if let Some((_, entry)) = removed {
+                    for (conn, request_id) in entry.waiting {
+                        events.hub.push(conn, error(request_id));
+                    }
+                    for conn in entry.conns {
+                        if let Some(handle) = events.hub.get(conn) {
+                            handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                match request.origin {
+                    Origin::Connection { conn, request_id } => {
+                        events.hub.push(conn, error(request_id));
+                    }
+                    Origin::Internal(reply) => {
+                        let _ = reply.send(Err(ErrorCode::Unavailable));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Acknowledges (XACK) and deletes (XDEL) committed entries, many per round trip.
+pub async fn run_acker(events: Arc<Events>, redis: Arc<RedisHandle>, mut acks: mpsc::Receiver<String>) {
+    let mut ids = Vec::with_capacity(XACK_IDS_MAX);
+    loop {
+        ids.clear();
+        if acks.recv_many(&mut ids, XACK_IDS_MAX).await == 0 {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        pipe.xack(&events.stream, &events.group, &ids).ignore();
+        pipe.xdel(&events.stream, &ids).ignore();
+        let result: redis::RedisResult<()> = match redis.get().await {
+            Ok(mut connection) => pipe.query_async(&mut connection).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = result {
+            // Unacked entries are reclaimed later; their duplicate receipts ack them then.
+            tracing::warn!(%error, "XACK failed");
+            redis.reset_if_broken(&error).await;
+        }
+    }
+}
+
+/// Settings of the batcher.
+pub struct BatcherSettings {
+    pub batch_max: usize,
+    pub wait_ms: u64,
+    pub claim_idle_ms: u64,
+}
+
+/// The batcher: reads the stream (new entries and long-pending ones) and submits batches.
+pub async fn run_batcher(
+    events: Arc<Events>,
+    redis: Arc<RedisHandle>,
+    chain: Arc<dyn Chain>,
+    settings: BatcherSettings,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut connection = None;
+    let mut last_claim = Instant::now();
+    let mut claim_cursor = "0-0".to_string();
+    while !*stop.borrow() {
+        if connection.is_none() {
+            match redis.dedicated().await {
+                Ok(c) => connection = Some(c),
+                Err(error) => {
+                    tracing::warn!(%error, "batcher cannot reach Redis");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        let conn = connection.as_mut().expect("connected");
+        let mut entries: Vec<redis::streams::StreamId> = Vec::new();
+        // Reclaim entries idle for too long (a dead gateway's, or ones the chain lost).
+        if last_claim.elapsed() >= Duration::from_millis(settings.claim_idle_ms / 2 + 1) {
+            last_claim = Instant::now();
+            let claimed: redis::RedisResult<StreamAutoClaimReply> = conn
+                .xautoclaim_options(
+                    &events.stream,
+                    &events.group,
+                    &events.consumer,
+                    settings.claim_idle_ms,
+                    &claim_cursor,
+                    StreamAutoClaimOptions::default().count(settings.batch_max),
+                )
+                .await;
+            match claimed {
+                Ok(reply) => {
+                    claim_cursor = reply.next_stream_id;
+                    if !reply.claimed.is_empty() {
+                        metrics::counter!(m::EVENTS_CLAIMED_TOTAL).increment(reply.claimed.len() as u64);
+                        tracing::info!(entries = reply.claimed.len(), "claimed idle stream entries");
+                    }
+                    entries.extend(reply.claimed);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "XAUTOCLAIM failed");
+                    connection = None;
+                    continue;
+                }
+            }
+        }
+        if entries.is_empty() {
+            let options = StreamReadOptions::default()
+                .group(&events.group, &events.consumer)
+                .count(settings.batch_max)
+                .block(settings.wait_ms as usize);
+            let keys = [events.stream.as_str()];
+            let ids = [">"];
+            let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
+                read = conn.xread_options(&keys, &ids, &options) => read,
+                _ = stop.changed() => continue,
+            };
+            match read {
+                Ok(Some(reply)) => entries.extend(reply.keys.into_iter().flat_map(|k| k.ids)),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "XREADGROUP failed");
+                    connection = None;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        if entries.is_empty() {
+            continue;
+        }
+        let mut batch = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let bytes: Option<Vec<u8>> = entry.get(FIELD_TX);
+            let decoded = bytes
+                .and_then(|b| rmp_serde::from_slice::<Transaction>(&b).ok())
+                .and_then(|tx| tx.decode_payload().ok().map(|p| (tx, p)));
+            let Some((tx, payload)) = decoded else {
+                tracing::error!(id = %entry.id, "undecodable stream entry dropped");
+                let _ = events.acks.try_send(entry.id);
+                continue;
+            };
+            let key = (payload.tenant, payload.event_id);
+            if events
+                .view
+                .read(|l| l.event(payload.tenant, &payload.event_id).is_some())
+            {
+                // Already committed (a crash between commit and XACK): nothing to resubmit.
+                let _ = events.acks.try_send(entry.id.clone());
+                if let Some(receipt) = events.view.read(|l| {
+                    l.event(payload.tenant, &payload.event_id)
+                        .map(|(height, outcome)| Receipt {
+                            tenant: payload.tenant,
+                            event_id: payload.event_id,
+                            height,
+                            outcome: outcome.clone(),
+                            duplicate: true,
+                        })
+                }) {
+                    events.on_receipt(&receipt, crate::view::kind_of(&payload.body));
+                }
+                continue;
+            }
+            let mut in_flight = events.tracker.entry(key).or_insert_with(|| InFlight {
+                tx_id: tx.id(),
+                stream_ids: Vec::new(),
+                conns: Vec::new(),
+                waiting: Vec::new(),
+                durable: true,
+                accepted_at: None,
+            });
+            if !in_flight.stream_ids.contains(&entry.id) {
+                in_flight.stream_ids.push(entry.id.clone());
+            }
+            drop(in_flight);
+            batch.push(tx);
+        }
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(events.tracker.len() as f64);
+        if batch.is_empty() {
+            continue;
+        }
+        metrics::histogram!(m::BATCH_SIZE_TRANSACTIONS).record(batch.len() as f64);
+        let submitted = tokio::select! {
+            submitted = chain.submit(batch) => submitted,
+            _ = crate::stopped(&mut stop) => break,
+        };
+        if let Err(error) = submitted {
+            // The entries stay pending and are reclaimed after claim_idle_ms.
+            metrics::counter!(m::BATCH_SUBMIT_FAILURES_TOTAL).increment(1);
+            tracing::warn!(%error, "chain did not take a batch");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Every metric the gateway exports (Prometheus, `hoard_gateway_*`, base units, bounded labels:
+//! never a player, account or event id), and the HTTP endpoint that serves them with the health
+//! checks: `GET /metrics`, `GET /healthz` (the process is up), `GET /readyz` (Redis answers and
+//! the chain follower is running).
+//!
+//! [`METRICS`] is the list dashboards are built from: (name, type, labels, help).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::constants::HTTP_REQUEST_BYTES_MAX;
+use crate::error::{Result, ServerError};
+
+pub const CONNECTIONS_OPEN: &str = "hoard_gateway_connections_open";
+pub const CONNECTIONS_TOTAL: &str = "hoard_gateway_connections_total";
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "hoard_gateway_connections_refused_total";
+pub const MESSAGES_RECEIVED_TOTAL: &str = "hoard_gateway_messages_received_total";
+pub const ERRORS_TOTAL: &str = "hoard_gateway_errors_total";
+pub const CLOSES_TOTAL: &str = "hoard_gateway_closes_total";
+pub const CLICKS_RECEIVED_TOTAL: &str = "hoard_gateway_clicks_received_total";
+pub const CLICKS_FLUSHED_TOTAL: &str = "hoard_gateway_clicks_flushed_total";
+pub const CLICK_FLUSH_DURATION_SECONDS: &str = "hoard_gateway_click_flush_duration_seconds";
+pub const CLICK_FLUSH_FAILURES_TOTAL: &str = "hoard_gateway_click_flush_failures_total";
+pub const CLICK_KEYS_PENDING: &str = "hoard_gateway_click_keys_pending";
+pub const EVENTS_ACCEPTED_TOTAL: &str = "hoard_gateway_events_accepted_total";
+pub const EVENTS_COMMITTED_TOTAL: &str = "hoard_gateway_events_committed_total";
+pub const REJECTIONS_TOTAL: &str = "hoard_gateway_rejections_total";
+pub const EVENTS_IN_FLIGHT: &str = "hoard_gateway_events_in_flight";
+pub const EVENTS_CLAIMED_TOTAL: &str = "hoard_gateway_events_claimed_total";
+pub const BATCH_SIZE_TRANSACTIONS: &str = "hoard_gateway_batch_size_transactions";
+pub const BATCH_SUBMIT_FAILURES_TOTAL: &str = "hoard_gateway_batch_submit_failures_total";
+pub const COMMIT_LATENCY_SECONDS: &str = "hoard_gateway_commit_latency_seconds";
+pub const STREAM_WRITER_QUEUE_DEPTH: &str = "hoard_gateway_stream_writer_queue_depth";
+pub const STREAM_WRITE_DURATION_SECONDS: &str = "hoard_gateway_stream_write_duration_seconds";
+pub const RATE_LIMITED_TOTAL: &str = "hoard_gateway_rate_limited_total";
+pub const BUSY_TOTAL: &str = "hoard_gateway_busy_total";
+pub const SLOW_CONSUMERS_TOTAL: &str = "hoard_gateway_slow_consumers_total";
+pub const CHAIN_HEIGHT: &str = "hoard_gateway_chain_height";
+pub const SETTLEMENTS_TOTAL: &str = "hoard_gateway_settlements_total";
+pub const SETTLEMENT_ENTRIES_TOTAL: &str = "hoard_gateway_settlement_entries_total";
+pub const OFFERS_OPEN: &str = "hoard_gateway_offers_open";
+pub const OFFERS_CLOSED_TOTAL: &str = "hoard_gateway_offers_closed_total";
+pub const SUBSCRIPTIONS_OPEN: &str = "hoard_gateway_subscriptions_open";
+
+/// (name, type, labels, help) of every metric.
+pub const METRICS: &[(&str, &str, &str, &str)] = &[
+    (
+        CONNECTIONS_OPEN,
+        "gauge",
+        "",
+        "WebSocket connections currently open",
+    ),
+    (
+        CONNECTIONS_TOTAL,
+        "counter",
+        "role",
+        "Connections authenticated, by role (studio, player)",
+    ),
+    (
+        CONNECTIONS_REFUSED_TOTAL,
+        "counter",
+        "",
+        "Connections refused at the connection limit",
+    ),
+    (
+        MESSAGES_RECEIVED_TOTAL,
+        "counter",
+        "kind",
+        "Client messages decoded, by message name",
+    ),
+    (
+        ERRORS_TOTAL,
+        "counter",
+        "code",
+        "Error answers sent, by error code",
+    ),
+    (
+        CLOSES_TOTAL,
+        "counter",
+        "code",
+        "Connections closed by the gateway, by WebSocket close code",
+    ),
+    (
+        CLICKS_RECEIVED_TOTAL,
+        "counter",
+        "",
+        "Clicks absorbed (sum of counts)",
+    ),
+    (
+        CLICKS_FLUSHED_TOTAL,
+        "counter",
+        "",
+        "Clicks written to Redis (sum of counts)",
+    ),
+    (
+        CLICK_FLUSH_DURATION_SECONDS,
+        "histogram",
+        "",
+        "Duration of one Redis click flush pipeline",
+    ),
+    (
+        CLICK_FLUSH_FAILURES_TOTAL,
+        "counter",
+        "",
+        "Click flushes that failed (retried next interval)",
+    ),
+    (
+        CLICK_KEYS_PENDING,
+        "gauge",
+        "",
+        "Distinct (tenant, counter, player) keys buffered for the next flush",
+    ),
+    (
+        EVENTS_ACCEPTED_TOTAL,
+        "counter",
+        "kind",
+        "Asset events made durable in the stream, by transaction kind",
+    ),
+    (
+        EVENTS_COMMITTED_TOTAL,
+        "counter",
+        "kind,outcome",
+        "Asset events committed, by kind and outcome (applied, settled, rejected)",
+    ),
+    (
+        REJECTIONS_TOTAL,
+        "counter",
+        "reason",
+        "Ledger rejections of committed events, by reason",
+    ),
+    (
+        EVENTS_IN_FLIGHT,
+        "gauge",
+        "",
+        "Events accepted or claimed by this gateway and not yet committed",
+    ),
+    (
+        EVENTS_CLAIMED_TOTAL,
+        "counter",
+        "",
+        "Stream entries claimed from idle consumers (crash recovery, resubmission)",
+    ),
+    (
+        BATCH_SIZE_TRANSACTIONS,
+        "histogram",
+        "",
+        "Transactions per batch submitted to the chain",
+    ),
+    (
+        BATCH_SUBMIT_FAILURES_TOTAL,
+        "counter",
+        "",
+        "Batches the chain did not take (retried after claim_idle_ms)",
+    ),
+    (
+        COMMIT_LATENCY_SECONDS,
+        "histogram",
+        "",
+        "From accepted to committed, for events accepted by this gateway",
+    ),
+    (
+        STREAM_WRITER_QUEUE_DEPTH,
+        "gauge",
+        "",
+        "Submissions waiting to be written to the Redis stream",
+    ),
+    (
+        STREAM_WRITE_DURATION_SECONDS,
+        "histogram",
+        "",
+        "Duration of one XADD pipeline",
+    ),
+    (
+        RATE_LIMITED_TOTAL,
+        "counter",
+        "scope",
+        "Requests refused by a rate limit (connection, tenant)",
+    ),
+    (
+        BUSY_TOTAL,
+        "counter",
+        "reason",
+        "Requests answered busy (events_pending, writer_queue, clicks_pending, offers)",
+    ),
+    (
+        SLOW_CONSUMERS_TOTAL,
+        "counter",
+        "",
+        "Connections closed because their outgoing queue was full",
+    ),
+    (
+        CHAIN_HEIGHT,
+        "gauge",
+        "",
+        "Height of the gateway's committed ledger copy",
+    ),
+    (SETTLEMENTS_TOTAL, "counter", "", "Settlement windows cut"),
+    (
+        SETTLEMENT_ENTRIES_TOTAL,
+        "counter",
+        "",
+        "Entries in settle transactions submitted",
+    ),
+    (OFFERS_OPEN, "gauge", "", "Open trade offers"),
+    (
+        OFFERS_CLOSED_TOTAL,
+        "counter",
+        "reason",
+        "Offers closed (accepted, cancelled, expired)",
+    ),
+    (SUBSCRIPTIONS_OPEN, "gauge", "", "Live subscriptions"),
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process; later calls reuse it) and describes
+/// every metric.
+pub fn install() -> Result<PrometheusHandle> {
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let seconds = [
+        0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+    ];
+    let sizes = [
+        1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 16384.0,
+    ];
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_transactions".into()), &sizes))
+        .map_err(|e| ServerError::Metrics(e.to_string()))?
+        .build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        // Someone else installed a recorder (another component in the same process).
+        tracing::warn!("a metrics recorder was already installed; /metrics shows only this gateway's handle");
+    }
+    for (name, kind, _labels, help) in METRICS {
+        match *kind {
+            "counter" => metrics::describe_counter!(*name, *help),
+            "gauge" => metrics::describe_gauge!(*name, *help),
+            _ => metrics::describe_histogram!(*name, *help),
+        }
+    }
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Readiness inputs, set by the gateway's tasks.
+#[derive(Default)]
+pub struct Health {
+    pub redis_ok: AtomicBool,
+    pub chain_ok: AtomicBool,
+    pub shutting_down: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.redis_ok.load(Ordering::Relaxed)
+            && self.chain_ok.load(Ordering::Relaxed)
+            && !self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` fires.
+pub async fn serve_http(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((mut stream, _)) = accepted else { continue };
+        let handle = handle.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; HTTP_REQUEST_BYTES_MAX];
+            let mut filled = 0;
+            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while filled < buffer.len() {
+                    let n = stream.read(&mut buffer[filled..]).await.ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                    if buffer[..filled].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Some(())
+            })
+            .await;
+            if !matches!(read, Ok(Some(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buffer[..filled]);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let (status, content_type, body) = match path {
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                "/readyz" if health.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+                "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Binds the HTTP listener (so that the caller learns the port before serving).
+pub async fn bind_http(address: SocketAddr) -> Result<TcpListener> {
+    Ok(TcpListener::bind(address).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for (name, kind, labels, help) in METRICS {
+            assert!(name.starts_with("hoard_gateway_"), "{name}");
+            assert!(seen.insert(*name), "duplicate {name}");
+            assert!(!help.is_empty());
+            match *kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                "histogram" => assert!(
+                    name.ends_with("_seconds") || name.ends_with("_transactions"),
+                    "{name}"
+                ),
+                "gauge" => assert!(!name.ends_with("_total"), "{name}"),
+                other => panic!("unknown kind {other}"),
+            }
+            for label in labels.split(',').filter(|l| !l.is_empty()) {
+                assert!(
+                    ["role", "kind", "code", "outcome", "reason", "scope"].contains(&label),
+                    "{label}"
+                );
+            }
+        }
+    }
+}
