@@ -447,3 +447,24 @@ fn mem_crash_drops_exactly_the_unsynced_writes() {
     disk.crash();
     assert_eq!(store.last_height().unwrap(), 11);
 }
+
+/// sled 0.34.7 picks a leftover `snap.*.generating` file (a process killed while sled wrote its
+/// snapshot at open) as its snapshot and refuses to open; `SledStore::open` removes it and retries.
+#[test]
+fn sled_opens_despite_an_unfinished_snapshot_file() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut store = SledStore::open(dir.path(), StoreConfig::default()).unwrap();
+        append_range(&mut store, 1..=5);
+        store.sync().unwrap();
+    }
+    let sled_dir = dir.path().join(sled_store::SLED_DIR_NAME);
+    std::fs::write(sled_dir.join("snap.FFFFFFFFFFFFFFF0.generating"), b"").unwrap();
+    // Reopens at once, while the dropped store's threads may still hold sled's lock.
+    let store = SledStore::open(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(store.last_height().unwrap(), 5);
+    assert_eq!(store.block(5).unwrap(), Some(block_content(5)));
+    drop(store);
+    let store = SledStore::open(dir.path(), StoreConfig::default()).unwrap();
+    assert_eq!(store.last_height().unwrap(), 5);
+}

@@ -7,7 +7,8 @@
 //! - [`sled_store`]: [`SledStore`], the production engine (one `sled::Db`, three trees).
 //! - [`redb_store`]: [`RedbStore`], redb 4 for comparison (one file, three tables).
 //! - [`mem`]: [`MemStore`], in memory for the simulator, with [`MemStore::crash`] dropping unsynced writes.
-//! - [`bench`]: durable append throughput of any engine, for the ledger benchmark.
+//! - [`bench`](mod@bench): durable append throughput of any engine, for the ledger benchmark.
+//! - [`testkit`]: deterministic block, snapshot and record content for the crash test.
 //!
 //! # What is stored
 //!
@@ -21,33 +22,41 @@
 //! is the first 8 bytes of SHA-256 over a domain, the kind, the key and the payload. A value read under
 //! the wrong key, a torn value or a flipped bit is a [`StoreError::Corrupt`], never a wrong value.
 //!
-//! # What a returned write survives (measured on this machine, 2026-11-24, strace 6.x)
+//! # What a returned write survives (strace on this machine, 2026-11-24)
 //!
 //! [`Store::durability`] returns this per engine. `ProcessKill` = the process is killed (kill -9, panic,
 //! OOM) but the kernel keeps running; `PowerLoss` = the machine loses power or the kernel crashes.
+//! Observed with `strace -f -e trace=fsync,fdatasync,sync_file_range,msync,pwrite64,write` on
+//! `hoard-store-crash-child` appending 3 blocks, each followed by `sync()`:
 //!
-//! - **sled 0.34.7** (`SledStore`): a write that returned sits in sled's in-memory log buffer; sled's
-//!   background flusher writes it within `flush_every_ms` (500 ms default), so a kill -9 can lose the
-//!   writes of the last ~0.5 s, but never half a write (the crash test checks this). `sync()` =
-//!   `Db::flush()`, which `pwrite`s the log buffer and calls
-//!   `sync_file_range(fd, off, len, WAIT_BEFORE|WRITE|WAIT_AFTER)` on the `db` file, not `fsync`:
-//!   strace of 3 appends + flushes showed `sync_file_range` calls only, and `fsync` only from sled's
-//!   background flusher thread (every `flush_every_ms`) and at open. `sync_file_range` pushes the data
-//!   pages to the device but neither the file's metadata (size of a growing file) nor the device's write
-//!   cache, so a synced write survives a killed process, and survives power loss only once the
-//!   background `fsync` (at most ~0.5 s later) has run. Values larger than ~128 KiB (sled's blob
-//!   threshold with the default 512 KiB segments) go to separate files under `blobs/` that sled writes
-//!   with `write(2)` and never syncs at all: for them a synced write survives a killed process (the data
-//!   is in the page cache) and nothing stronger. → `Durability { write: Nothing, sync: ProcessKill }`.
-//! - **redb 4.6** (`RedbStore`): each write is one redb transaction; with
-//!   [`StoreConfig::sync_each_write`] it commits with `redb::Durability::Immediate`, which calls
-//!   `fdatasync` on the database file (strace: 2 `fdatasync` per commit, before and after the header
-//!   flip), so a returned write survives power loss (if the disk honours flushes). Without it, writes
-//!   commit with `redb::Durability::None` (atomic, lost on kill -9 until the next durable commit) and
-//!   `sync()` commits an empty transaction with `Immediate`.
+//! - **sled 0.34.7** (`SledStore`): a write that returned sits in sled's in-memory log buffer (nothing
+//!   reached the kernel); sled's background flusher writes it within `flush_every_ms` (500 ms default),
+//!   so a kill -9 can lose the writes of the last ~0.5 s, but never half a write. `sync()` =
+//!   `Db::flush()`, which was seen doing exactly one `pwrite64` + one
+//!   `sync_file_range(fd, off, len, SYNC_FILE_RANGE_WAIT_BEFORE|SYNC_FILE_RANGE_WRITE|SYNC_FILE_RANGE_WAIT_AFTER)`
+//!   on the `db` file per block, and no `fsync`/`fdatasync`. `fsync` on `db` came only at open, from
+//!   sled's flusher thread (once per `flush_every_ms` at most) and at drop. `sync_file_range` starts and
+//!   waits for the write-back of those pages but neither writes the file's metadata (the size of a
+//!   growing file) nor flushes the device's cache: a synced write survives a killed process, and power
+//!   loss only once the flusher's next `fsync` ran (about 0.5 s later). Values over ~128 KiB (sled's
+//!   blob threshold: 512 KiB segments / 4) go to files under `sled/blobs/` written with plain `write(2)`
+//!   at insert time and never synced by sled at all (strace: `write(4, ..., 290902)`, no sync on fd 4):
+//!   they survive a killed process (the page cache has them) and nothing stronger, even after the
+//!   flusher's `fsync` of `db`. → `Durability { write: Nothing, sync: ProcessKill }`.
+//! - **redb 4.6** (`RedbStore`): each write is one redb transaction. With
+//!   [`StoreConfig::sync_each_write`] it commits with `redb::Durability::Immediate`: strace showed one
+//!   `fdatasync` per commit (two for the very first commit of a file), after the page writes and the
+//!   320-byte header write. Without it, writes commit with `redb::Durability::None` (atomic, not
+//!   durable) and `sync()` commits an empty `Immediate` transaction: again one `fdatasync` per block. A
+//!   returned `Immediate` commit survives power loss if the disk honours flushes.
 //!   → `{ write: PowerLoss, sync: PowerLoss }` or `{ write: Nothing, sync: PowerLoss }`.
 //! - **MemStore**: nothing survives a real crash; [`MemStore::crash`] simulates one and keeps exactly
 //!   what was synced. → `{ write: Nothing, sync: ProcessKill }` (in the simulator's sense).
+//!
+//! Engine files are created atomically (built under `<name>.creating`, then renamed), so a process
+//! killed while creating a store leaves nothing half-made (redb otherwise fails with "magic number
+//! mismatch"). `SledStore::open` also works around two sled 0.34.7 crash behaviours found by the crash
+//! test (see `open_sled` in `sled_store.rs`): a leftover `snap.*.generating` file made sled refuse to open.
 //!
 //! In every engine each single call (`append_block`, `append_blocks`, `put_snapshot`, `put_record`,
 //! `delete_record`) is atomic: after a crash it is either entirely there or entirely absent, and the
@@ -59,6 +68,7 @@ mod frame;
 pub mod mem;
 pub mod redb_store;
 pub mod sled_store;
+pub mod testkit;
 
 #[cfg(test)]
 mod conformance;
@@ -254,6 +264,32 @@ impl Engine {
             Engine::Mem => Box::new(MemStore::new(config)),
         })
     }
+}
+
+/// Creates an engine's files atomically: if `path` (a file or directory inside the store's directory)
+/// does not exist, `create` builds it at `path` + `.creating` (removing a leftover of an earlier
+/// attempt), then it is renamed into place and the parent directory synced. A process killed during
+/// creation thus leaves either nothing or a complete, initialised store, never a half-written header
+/// (redb refuses to open a file killed before its header was written: "magic number mismatch").
+fn create_atomically(path: &Path, create: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let parent = path.parent().expect("store path has a parent");
+    std::fs::create_dir_all(parent)?;
+    let mut creating = path.as_os_str().to_owned();
+    creating.push(".creating");
+    let creating = std::path::PathBuf::from(creating);
+    if creating.is_dir() {
+        std::fs::remove_dir_all(&creating)?;
+    } else if creating.exists() {
+        std::fs::remove_file(&creating)?;
+    }
+    create(&creating)?;
+    std::fs::rename(&creating, path)?;
+    std::fs::File::open(parent)?.sync_all()?;
+    tracing::info!(path = %path.display(), "store created");
+    Ok(())
 }
 
 /// Checks the limits shared by every engine before anything is written.

@@ -51,22 +51,30 @@ pub struct RedbStore {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store in directory `dir` (file `ledger.redb`).
+    /// Opens (or creates, atomically) the store in directory `dir` (file `ledger.redb`).
     pub fn open(dir: &Path, config: StoreConfig) -> Result<RedbStore> {
-        std::fs::create_dir_all(dir)?;
-        let db = redb::Database::create(dir.join(REDB_FILE_NAME))?;
-        let mut store = RedbStore {
+        let path = dir.join(REDB_FILE_NAME);
+        super::create_atomically(&path, |creating| {
+            let db = redb::Database::create(creating)?;
+            let mut store = RedbStore {
+                db,
+                config,
+                unsynced: false,
+            };
+            // Create the tables so that read transactions always find them.
+            store.write(true, |transaction| {
+                transaction.open_table(BLOCKS)?;
+                transaction.open_table(SNAPSHOTS)?;
+                transaction.open_table(RECORDS)?;
+                Ok(())
+            })
+        })?;
+        let db = redb::Database::open(&path)?;
+        let store = RedbStore {
             db,
             config,
             unsynced: false,
         };
-        // Create the tables so that read transactions always find them.
-        store.write(true, |transaction| {
-            transaction.open_table(BLOCKS)?;
-            transaction.open_table(SNAPSHOTS)?;
-            transaction.open_table(RECORDS)?;
-            Ok(())
-        })?;
         tracing::debug!(dir = %dir.display(), last_height = store.last_height()?, "redb store opened");
         Ok(store)
     }

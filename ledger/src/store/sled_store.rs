@@ -14,6 +14,10 @@ use super::{
     Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
 };
 
+/// The sled database's directory inside the store's directory.
+pub const SLED_DIR_NAME: &str = "sled";
+const TREE_NAMES: [&str; 3] = ["blocks", "snapshots", "records"];
+
 /// The ledger store on sled 0.34.
 pub struct SledStore {
     db: sled::Db,
@@ -24,12 +28,20 @@ pub struct SledStore {
 }
 
 impl SledStore {
-    /// Opens (or creates) the store in directory `dir`.
+    /// Opens (or creates, atomically) the store in directory `dir` (sled's files in `dir/sled`).
     pub fn open(dir: &Path, config: StoreConfig) -> Result<SledStore> {
-        let db = sled::Config::new().path(dir).open()?;
-        let blocks = db.open_tree("blocks")?;
-        let snapshots = db.open_tree("snapshots")?;
-        let records = db.open_tree("records")?;
+        let path = dir.join(SLED_DIR_NAME);
+        super::create_atomically(&path, |creating| {
+            let db = open_sled(creating)?;
+            for tree in TREE_NAMES {
+                db.open_tree(tree)?;
+            }
+            db.flush()?;
+            Ok(())
+        })?;
+        let db = open_sled(&path)?;
+        let [blocks, snapshots, records] = TREE_NAMES.map(|name| db.open_tree(name));
+        let (blocks, snapshots, records) = (blocks?, snapshots?, records?);
         let store = SledStore {
             db,
             blocks,
@@ -69,6 +81,62 @@ impl SledStore {
         }
         Ok(heights)
     }
+}
+
+/// How long [`open_sled`] waits for a lock still held by a dropped `sled::Db` of this process.
+const SLED_LOCK_WAIT_MS_MAX: u64 = 5_000;
+const SLED_LOCK_RETRY_MS: u64 = 5;
+
+/// Opens sled at `path`, working around two sled 0.34.7 behaviours seen in the crash test:
+/// - Dropping a `sled::Db` returns before sled's background threads let go of the file lock, so an
+///   immediate reopen in the same process fails with "could not acquire lock": retry for a while.
+/// - Sled writes a snapshot of its page table at every open, as `snap.<lsn>.generating`, then fsyncs
+///   and renames it to `snap.<lsn>`; but it picks the latest `snap.*` file including `.generating`
+///   ones, so a process killed while writing one leaves a store that fails to open with "Read
+///   corrupted data at file offset None" (sled issue #1527). A `.generating` file is never the
+///   authoritative snapshot (the previous `snap.<lsn>` is removed only after the rename), so on that
+///   error, once sled held the lock, remove them and open again.
+fn open_sled(path: &Path) -> Result<sled::Db> {
+    let started = std::time::Instant::now();
+    let mut repaired = false;
+    loop {
+        match sled::Config::new().path(path).open() {
+            Ok(db) => return Ok(db),
+            Err(sled::Error::Io(error))
+                if error.to_string().contains("could not acquire lock")
+                    && started.elapsed() < std::time::Duration::from_millis(SLED_LOCK_WAIT_MS_MAX) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(SLED_LOCK_RETRY_MS));
+            }
+            Err(error @ sled::Error::Corruption { .. }) if !repaired => {
+                repaired = true;
+                let removed = remove_unfinished_snapshots(path)?;
+                if removed == 0 {
+                    return Err(error.into());
+                }
+                tracing::warn!(path = %path.display(), removed, "removed sled's unfinished snapshot files");
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Removes sled's `snap.*.generating` files in `path`; returns how many.
+fn remove_unfinished_snapshots(path: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(path)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        std::fs::File::open(path)?.sync_all()?;
+    }
+    Ok(removed)
 }
 
 impl Store for SledStore {
