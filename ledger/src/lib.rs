@@ -10,10 +10,15 @@
 //! - [`genesis`]: the genesis file (chain id, operator key, initial tenants).
 //! - [`error`]: operating errors (business rejections are `hoard_types::Outcome`s, not errors).
 
+pub mod app;
 pub mod block;
+pub mod client;
+pub mod cluster;
 pub mod error;
 pub mod genesis;
 pub mod merkle;
+pub mod net;
+pub mod node;
 pub mod state;
 pub mod store;
 pub mod testing;

@@ -316,7 +316,7 @@ impl Proof {
         let mut hash = bucket_hash(&self.bucket);
         let mut node = (1usize << self.depth) + index;
         for sibling in &self.siblings {
-            hash = if node % 2 == 0 {
+            hash = if node.is_multiple_of(2) {
                 node_hash(&hash, sibling)
             } else {
                 node_hash(sibling, &hash)

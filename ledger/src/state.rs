@@ -240,17 +240,21 @@ impl Ledger {
     /// one receipt per transaction. Signatures must have been verified cryptographically before
     /// (consensus does it before ordering); who must sign is checked here.
     pub fn execute(&mut self, timestamp_ms: u64, transactions: Vec<Transaction>) -> (Block, Vec<Receipt>) {
-        assert!(
-            transactions.len() <= BLOCK_TRANSACTIONS_MAX,
-            "block over BLOCK_TRANSACTIONS_MAX"
-        );
         let height = self.head.height + 1;
         self.expire_events(height);
-        let decode = |tx: &Transaction| tx.decode_payload().ok();
+        // Past the block limit a transaction is not applied (a faulty proposer's oversized
+        // block is refused entry by entry, deterministically, instead of crashing replicas).
+        let decode = |(index, tx): (usize, &Transaction)| {
+            if index < BLOCK_TRANSACTIONS_MAX {
+                tx.decode_payload().ok()
+            } else {
+                None
+            }
+        };
         let payloads: Vec<Option<TxPayload>> = if transactions.len() >= PARALLEL_TRANSACTIONS_MIN {
-            transactions.par_iter().map(decode).collect()
+            transactions.par_iter().enumerate().map(decode).collect()
         } else {
-            transactions.iter().map(decode).collect()
+            transactions.iter().enumerate().map(decode).collect()
         };
         let receipts: Vec<Receipt> = transactions
             .iter()

@@ -212,3 +212,117 @@ impl World {
         )
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound then released: good enough for tests and the demo).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// Replicas running as tasks of this process, on free loopback ports, with their data under
+/// one directory. Used by the ledger's, the gateway's and the SDK's tests, and `hoard dev`.
+pub struct LocalCluster {
+    pub dir: std::path::PathBuf,
+    pub cluster: crate::cluster::Cluster,
+    pub statuses: Vec<tokio::sync::watch::Receiver<crate::node::NodeStatus>>,
+    stops: Vec<Option<tokio::sync::watch::Sender<bool>>>,
+    tasks: Vec<Option<tokio::task::JoinHandle<crate::Result<()>>>>,
+}
+
+impl LocalCluster {
+    /// Writes a cluster of `n` replicas for `genesis` into `dir` and starts every replica.
+    pub fn start(dir: &std::path::Path, genesis: &Genesis, n: usize) -> LocalCluster {
+        let keys: Vec<Keypair> = (0..n as u64).map(|i| key("replica", i)).collect();
+        let addresses: Vec<_> = (0..n)
+            .map(|_| (std::net::SocketAddr::from(([127, 0, 0, 1], free_port())), None))
+            .collect();
+        let cluster =
+            crate::cluster::write_local_cluster(dir, genesis, &addresses, &keys).expect("write cluster");
+        let mut local = LocalCluster {
+            dir: dir.to_path_buf(),
+            cluster,
+            statuses: Vec::new(),
+            stops: Vec::new(),
+            tasks: Vec::new(),
+        };
+        for id in 0..n {
+            let (stop, status) = local.spawn(id);
+            local.stops.push(Some(stop));
+            local.statuses.push(status);
+        }
+        local
+    }
+
+    fn spawn(
+        &mut self,
+        id: usize,
+    ) -> (
+        tokio::sync::watch::Sender<bool>,
+        tokio::sync::watch::Receiver<crate::node::NodeStatus>,
+    ) {
+        let config = crate::cluster::NodeConfig::load(&self.dir.join(format!("replica-{id}.toml")))
+            .expect("node file");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let (status_tx, status) = tokio::sync::watch::channel(crate::node::NodeStatus::default());
+        let task = tokio::spawn(crate::node::run(config, stopped, Some(status_tx)));
+        if id < self.tasks.len() {
+            self.tasks[id] = Some(task);
+        } else {
+            self.tasks.push(Some(task));
+        }
+        (stop, status)
+    }
+
+    /// Stops replica `id` (its task ends; its disk stays).
+    pub async fn stop(&mut self, id: usize) {
+        if let Some(stop) = self.stops[id].take() {
+            let _ = stop.send(true);
+        }
+        if let Some(task) = self.tasks[id].take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Restarts a stopped replica from its disk.
+    pub fn restart(&mut self, id: usize) {
+        let (stop, status) = self.spawn(id);
+        self.stops[id] = Some(stop);
+        self.statuses[id] = status;
+    }
+
+    /// Waits until every running replica reports at least `height`; returns their statuses.
+    pub async fn wait_for_height(
+        &self,
+        height: u64,
+        timeout: std::time::Duration,
+    ) -> Vec<crate::node::NodeStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let statuses: Vec<_> = self.statuses.iter().map(|s| s.borrow().clone()).collect();
+            let running: Vec<_> = statuses
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| self.stops[*i].is_some())
+                .map(|(_, s)| s.clone())
+                .collect();
+            if running.iter().all(|s| s.height >= height) {
+                return running;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replicas did not reach height {height}: {statuses:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every replica.
+    pub async fn shutdown(mut self) {
+        for id in 0..self.stops.len() {
+            self.stop(id).await;
+        }
+    }
+}

@@ -151,7 +151,7 @@ impl Harness {
     }
 
     fn signer(&self, player: usize) -> Keypair {
-        if player % 2 == 0 {
+        if player.is_multiple_of(2) {
             self.players[player].clone()
         } else {
             self.world.studio(T).clone()
@@ -280,7 +280,9 @@ impl Harness {
 }
 
 /// What an account holds, summarised (balances and owned items).
-fn holdings(ledger: &Ledger, players: &[Keypair]) -> Vec<(Vec<(CurrencyId, Amount)>, Vec<ItemId>)> {
+type Holdings = Vec<(Vec<(CurrencyId, Amount)>, Vec<ItemId>)>;
+
+fn holdings(ledger: &Ledger, players: &[Keypair]) -> Holdings {
     players
         .iter()
         .map(|p| {

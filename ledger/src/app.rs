@@ -1,0 +1,147 @@
+//! The ledger as PBFT's replicated state machine ([`hoard_pbft::App`]).
+//!
+//! A consensus request is a batch of signed transactions from one client (a gateway): the
+//! MessagePack of `Vec<Transaction>` ([`encode_request`]). Before ordering, every replica checks
+//! every signature of a request with ed25519 batch verification ([`LedgerApp::check_requests`]);
+//! a request with one bad signature is refused whole (a gateway checks each transaction before
+//! it batches them, so only a faulty gateway sends one). Executing the batch at sequence number
+//! `seq` produces block `seq`: block heights and PBFT sequence numbers are the same numbers. The
+//! app digest is the hash of the head block's header, which commits to the state root and,
+//! through the parent hashes, to every block before it.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use hoard_pbft::{App, AppError, Executed, Request};
+use hoard_types::tx::verify_transactions;
+use hoard_types::{Receipt, Transaction};
+
+use crate::block::Block;
+use crate::state::Ledger;
+
+/// Most transactions one consensus request may carry.
+pub const REQUEST_TRANSACTIONS_MAX: usize = 4096;
+/// Most recent blocks the app keeps in memory for the driver to persist and publish.
+pub const RECENT_BLOCKS_MAX: usize = 1024;
+
+const _: () = assert!(REQUEST_TRANSACTIONS_MAX <= hoard_types::constants::BLOCK_TRANSACTIONS_MAX);
+
+/// The MessagePack of a request's transactions.
+pub fn encode_request(transactions: &[Transaction]) -> Vec<u8> {
+    rmp_serde::to_vec(transactions).expect("transactions serialise")
+}
+
+/// Decodes a request; `None` when it does not decode or carries too many transactions.
+pub fn decode_request(payload: &[u8]) -> Option<Vec<Transaction>> {
+    let transactions: Vec<Transaction> = rmp_serde::from_slice(payload).ok()?;
+    (transactions.len() <= REQUEST_TRANSACTIONS_MAX).then_some(transactions)
+}
+
+/// A reply: the receipts of the request's transactions, in order.
+pub fn decode_reply(reply: &[u8]) -> Option<Vec<Receipt>> {
+    rmp_serde::from_slice(reply).ok()
+}
+
+/// The ledger wrapped for consensus, with the most recent blocks kept for the driver.
+pub struct LedgerApp {
+    ledger: Ledger,
+    recent: VecDeque<Arc<Block>>,
+}
+
+impl LedgerApp {
+    pub fn new(ledger: Ledger) -> LedgerApp {
+        LedgerApp {
+            ledger,
+            recent: VecDeque::with_capacity(RECENT_BLOCKS_MAX),
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Block `height`, if it is among the most recent ones executed here.
+    pub fn recent_block(&self, height: u64) -> Option<Arc<Block>> {
+        let first = self.recent.front()?.header.height;
+        let index = height.checked_sub(first)? as usize;
+        self.recent.get(index).cloned()
+    }
+
+    /// Replays a block from the log (recovery): the same checks as a follower.
+    pub fn replay(&mut self, block: &Block) -> crate::Result<()> {
+        self.ledger.apply_block(block)?;
+        self.remember(Arc::new(block.clone()));
+        Ok(())
+    }
+
+    /// Keeps `block` among the recent ones (recovery hands in replayed blocks).
+    pub fn remember_block(&mut self, block: Arc<Block>) {
+        self.remember(block);
+    }
+
+    fn remember(&mut self, block: Arc<Block>) {
+        if self.recent.len() == RECENT_BLOCKS_MAX {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(block);
+    }
+}
+
+impl App for LedgerApp {
+    fn check_requests(&self, requests: &[Request]) -> Vec<bool> {
+        requests
+            .par_iter()
+            .map(|request| match decode_request(&request.payload) {
+                Some(transactions) => verify_transactions(&transactions).into_iter().all(|valid| valid),
+                None => false,
+            })
+            .collect()
+    }
+
+    fn execute(&mut self, seq: u64, timestamp_ms: u64, requests: &[Request]) -> Executed {
+        assert_eq!(
+            seq,
+            self.ledger.height() + 1,
+            "PBFT executes every sequence number once, in order"
+        );
+        let decoded: Vec<Vec<Transaction>> = requests
+            .iter()
+            .map(|r| decode_request(&r.payload).unwrap_or_default())
+            .collect();
+        let counts: Vec<usize> = decoded.iter().map(Vec::len).collect();
+        let transactions: Vec<Transaction> = decoded.into_iter().flatten().collect();
+        let (block, receipts) = self.ledger.execute(timestamp_ms, transactions);
+        let mut receipts = receipts.into_iter();
+        let replies = counts
+            .into_iter()
+            .map(|count| {
+                let mine: Vec<Receipt> = receipts.by_ref().take(count).collect();
+                rmp_serde::to_vec(&mine).expect("receipts serialise")
+            })
+            .collect();
+        let digest = block.header.hash().0;
+        self.remember(Arc::new(block));
+        Executed { replies, digest }
+    }
+
+    fn digest(&self) -> [u8; 32] {
+        self.ledger.head().hash().0
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.ledger.snapshot()
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<[u8; 32], AppError> {
+        let ledger = Ledger::restore(snapshot, None).map_err(|e| AppError(e.to_string()))?;
+        self.ledger = ledger;
+        self.recent.clear();
+        Ok(self.digest())
+    }
+
+    fn last_executed(&self) -> u64 {
+        self.ledger.height()
+    }
+}

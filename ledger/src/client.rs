@@ -1,0 +1,402 @@
+//! The client side of the replicas (the gateway uses it): submit requests, follow blocks.
+//!
+//! - [`ChainClient::submit`] sends a request (a batch of signed transactions) to the replica
+//!   it believes is the primary, and takes the result as committed when f+1 replicas report the
+//!   same sequence number and reply (at least one of them is honest). When no such quorum
+//!   arrives within the retransmission timeout, it sends the request to every replica (backups
+//!   forward it to the primary and start their view-change timers), doubling the timeout each
+//!   time up to a cap.
+//! - [`ChainClient::blocks`] streams committed blocks in height order from a given height; a
+//!   block is delivered once f+1 replicas sent the same bytes for its height.
+//!
+//! Connections reconnect on their own; on reconnect the block subscription resumes from the
+//! next height not yet delivered. Everything is bounded: requests in flight, blocks buffered
+//! ahead of delivery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::codec::Framed;
+
+use hoard_pbft::{ReplicaId, Request};
+use hoard_types::{Hash, Receipt, Transaction};
+
+use crate::app::{decode_reply, encode_request};
+use crate::block::Block;
+use crate::cluster::Cluster;
+use crate::net::{self, NetMessage, DIAL_BACKOFF_MAX, DIAL_BACKOFF_MIN, PEER_QUEUE_FRAMES_MAX};
+
+/// Requests waiting for their quorum of replies at once.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 1024;
+/// Heights buffered ahead of the next one to deliver.
+pub const BLOCKS_AHEAD_MAX: u64 = 4096;
+/// Committed blocks waiting for the consumer.
+pub const BLOCK_QUEUE_MAX: usize = 1024;
+/// First retransmission timeout.
+pub const RETRANSMIT_AFTER: Duration = Duration::from_millis(1_000);
+/// Largest retransmission timeout.
+pub const RETRANSMIT_AFTER_MAX: Duration = Duration::from_secs(8);
+
+/// Why a submission failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the chain client is shut down")]
+    Closed,
+    #[error("a reply from the replicas did not decode")]
+    BadReply,
+}
+
+/// The result of a request, agreed by f+1 replicas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// The block height (= PBFT sequence number) the request's transactions are in.
+    pub height: u64,
+    /// One receipt per transaction, in order.
+    pub receipts: Vec<Receipt>,
+}
+
+/// A block agreed by f+1 replicas.
+#[derive(Clone, Debug)]
+pub struct CertifiedBlock {
+    pub block: Arc<Block>,
+}
+
+struct Pending {
+    payload: Arc<Vec<u8>>,
+    replies: HashMap<ReplicaId, (u64, Vec<u8>)>,
+    waiter: Option<oneshot::Sender<(u64, Vec<u8>)>>,
+    next_retransmit: Instant,
+    timeout: Duration,
+}
+
+struct BlockTally {
+    next_height: u64,
+    /// Per height: the bytes each replica sent.
+    votes: BTreeMap<u64, HashMap<ReplicaId, Arc<Vec<u8>>>>,
+    sink: Option<mpsc::Sender<CertifiedBlock>>,
+}
+
+struct Shared {
+    client: u64,
+    f: usize,
+    n: usize,
+    pending: Mutex<HashMap<Hash, Pending>>,
+    blocks: Mutex<BlockTally>,
+    primary: Mutex<ReplicaId>,
+    queues: Vec<mpsc::Sender<Bytes>>,
+    in_flight: Arc<Semaphore>,
+}
+
+/// A cheap-to-clone handle to the replicas.
+#[derive(Clone)]
+pub struct ChainClient {
+    shared: Arc<Shared>,
+}
+
+impl ChainClient {
+    /// Connects to every replica of `cluster` as client `client` (a number unique among the
+    /// cluster's clients: replies are addressed by it).
+    pub fn connect(cluster: &Cluster, client: u64) -> ChainClient {
+        let n = cluster.n();
+        let mut queues = Vec::with_capacity(n);
+        let mut receivers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
+            queues.push(tx);
+            receivers.push(rx);
+        }
+        let shared = Arc::new(Shared {
+            client,
+            f: cluster.f(),
+            n,
+            pending: Mutex::new(HashMap::new()),
+            blocks: Mutex::new(BlockTally {
+                next_height: 1,
+                votes: BTreeMap::new(),
+                sink: None,
+            }),
+            primary: Mutex::new(0),
+            queues,
+            in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+        });
+        for (info, rx) in cluster.replicas.iter().zip(receivers) {
+            tokio::spawn(connection(Arc::downgrade(&shared), info.id, info.address, rx));
+        }
+        tokio::spawn(retransmitter(Arc::downgrade(&shared)));
+        ChainClient { shared }
+    }
+
+    /// Orders `transactions` as one request and waits until f+1 replicas agree on its result.
+    /// Waits for a slot when [`REQUESTS_IN_FLIGHT_MAX`] requests are in flight.
+    pub async fn submit(&self, transactions: &[Transaction]) -> Result<Committed, ClientError> {
+        let permit = self
+            .shared
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        let payload = Arc::new(encode_request(transactions));
+        let request = Request {
+            client: self.shared.client,
+            payload: payload.to_vec(),
+        };
+        let digest = request.digest();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.shared.pending.lock().expect("pending lock");
+            pending.insert(
+                digest,
+                Pending {
+                    payload: payload.clone(),
+                    replies: HashMap::new(),
+                    waiter: Some(tx),
+                    next_retransmit: Instant::now() + RETRANSMIT_AFTER,
+                    timeout: RETRANSMIT_AFTER,
+                },
+            );
+        }
+        let primary = *self.shared.primary.lock().expect("primary lock");
+        self.shared
+            .send(Some(primary), NetMessage::Request(request).encode());
+        let result = rx.await;
+        self.shared.pending.lock().expect("pending lock").remove(&digest);
+        drop(permit);
+        let (height, reply) = result.map_err(|_| ClientError::Closed)?;
+        let receipts = decode_reply(&reply).ok_or(ClientError::BadReply)?;
+        Ok(Committed { height, receipts })
+    }
+
+    /// Committed blocks from `from_height` on, in order, each agreed by f+1 replicas. One
+    /// stream per client: a new call replaces the previous one.
+    pub fn blocks(&self, from_height: u64) -> mpsc::Receiver<CertifiedBlock> {
+        let (tx, rx) = mpsc::channel(BLOCK_QUEUE_MAX);
+        {
+            let mut tally = self.shared.blocks.lock().expect("blocks lock");
+            tally.next_height = from_height.max(1);
+            tally.votes.clear();
+            tally.sink = Some(tx);
+        }
+        self.shared.send(
+            None,
+            NetMessage::Subscribe {
+                from_height: from_height.max(1),
+            }
+            .encode(),
+        );
+        rx
+    }
+
+    /// The number of replicas.
+    pub fn replicas(&self) -> usize {
+        self.shared.n
+    }
+}
+
+impl Shared {
+    fn send(&self, to: Option<ReplicaId>, frame: Bytes) {
+        match to {
+            Some(to) => {
+                let _ = self.queues[to as usize].try_send(frame);
+            }
+            None => {
+                for queue in &self.queues {
+                    let _ = queue.try_send(frame.clone());
+                }
+            }
+        }
+    }
+
+    fn on_frame(&self, from: ReplicaId, message: NetMessage) {
+        match message {
+            NetMessage::Reply {
+                replica,
+                view,
+                seq,
+                request_digest,
+                reply,
+            } => {
+                if replica != from {
+                    return;
+                }
+                *self.primary.lock().expect("primary lock") = (view % self.n as u64) as ReplicaId;
+                let mut pending = self.pending.lock().expect("pending lock");
+                let Some(entry) = pending.get_mut(&request_digest) else {
+                    return;
+                };
+                entry.replies.insert(from, (seq, reply.clone()));
+                let matching = entry
+                    .replies
+                    .values()
+                    .filter(|(s, r)| *s == seq && *r == reply)
+                    .count();
+                if matching > self.f {
+                    if let Some(waiter) = entry.waiter.take() {
+                        let _ = waiter.send((seq, reply));
+                    }
+                }
+            }
+            NetMessage::Block {
+                replica,
+                height,
+                block,
+            } => {
+                if replica != from {
+                    return;
+                }
+                self.on_block(from, height, Arc::new(block));
+            }
+            other => tracing::debug!(replica = from, ?other, "unexpected frame from a replica"),
+        }
+    }
+
+    fn on_block(&self, from: ReplicaId, height: u64, bytes: Arc<Vec<u8>>) {
+        let mut tally = self.blocks.lock().expect("blocks lock");
+        if height < tally.next_height || height >= tally.next_height + BLOCKS_AHEAD_MAX {
+            return;
+        }
+        tally.votes.entry(height).or_default().insert(from, bytes);
+        // Deliver every height that now has f+1 identical copies, in order.
+        loop {
+            let next = tally.next_height;
+            let Some(votes) = tally.votes.get(&next) else {
+                break;
+            };
+            let mut counts: HashMap<&[u8], usize> = HashMap::new();
+            for bytes in votes.values() {
+                *counts.entry(bytes.as_slice()).or_default() += 1;
+            }
+            let Some((agreed, _)) = counts.into_iter().find(|(_, count)| *count > self.f) else {
+                break;
+            };
+            let Ok(block) = Block::decode(agreed) else {
+                tracing::error!(
+                    height = next,
+                    "f+1 replicas agree on a block that does not decode"
+                );
+                break;
+            };
+            if block.header.height != next {
+                break;
+            }
+            let Some(sink) = tally.sink.clone() else { break };
+            match sink.try_send(CertifiedBlock {
+                block: Arc::new(block),
+            }) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The consumer is behind: forget this height's votes and ask again later.
+                    tally.votes.remove(&next);
+                    drop(tally);
+                    self.send(None, NetMessage::Subscribe { from_height: next }.encode());
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    tally.sink = None;
+                    return;
+                }
+            }
+            tally.votes.remove(&next);
+            tally.next_height += 1;
+        }
+    }
+}
+
+async fn retransmitter(shared: std::sync::Weak<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Some(shared) = shared.upgrade() else { return };
+        let now = Instant::now();
+        let mut resend = Vec::new();
+        {
+            let mut pending = shared.pending.lock().expect("pending lock");
+            for entry in pending.values_mut() {
+                if entry.waiter.is_some() && entry.next_retransmit <= now {
+                    entry.timeout = (entry.timeout * 2).min(RETRANSMIT_AFTER_MAX);
+                    entry.next_retransmit = now + entry.timeout;
+                    resend.push(entry.payload.clone());
+                }
+            }
+        }
+        for payload in resend {
+            let request = Request {
+                client: shared.client,
+                payload: payload.to_vec(),
+            };
+            shared.send(None, NetMessage::Request(request).encode());
+        }
+    }
+}
+
+/// One replica connection: dial with backoff, hello, resubscribe, then pump both ways.
+async fn connection(
+    shared: std::sync::Weak<Shared>,
+    replica: ReplicaId,
+    address: SocketAddr,
+    mut outgoing: mpsc::Receiver<Bytes>,
+) {
+    let mut backoff = DIAL_BACKOFF_MIN;
+    loop {
+        let Some(client) = shared.upgrade().map(|s| s.client) else {
+            return;
+        };
+        let stream = match TcpStream::connect(address).await {
+            Ok(stream) => stream,
+            Err(_) => {
+                while outgoing.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
+                continue;
+            }
+        };
+        backoff = DIAL_BACKOFF_MIN;
+        net::tune(&stream);
+        let mut framed = Framed::new(stream, net::codec());
+        if framed
+            .send(NetMessage::HelloClient { client }.encode())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        // Resume the block stream where delivery stands.
+        let resume = shared.upgrade().and_then(|s| {
+            let tally = s.blocks.lock().expect("blocks lock");
+            tally.sink.as_ref().map(|_| tally.next_height)
+        });
+        if let Some(from_height) = resume {
+            if framed
+                .send(NetMessage::Subscribe { from_height }.encode())
+                .await
+                .is_err()
+            {
+                continue;
+            }
+        }
+        let (mut sink, mut stream) = framed.split();
+        loop {
+            tokio::select! {
+                frame = outgoing.recv() => {
+                    let Some(frame) = frame else { return };
+                    if sink.send(frame).await.is_err() { break; }
+                }
+                frame = stream.next() => {
+                    let Some(Ok(frame)) = frame else { break };
+                    let Some(shared) = shared.upgrade() else { return };
+                    match NetMessage::decode(&frame) {
+                        Ok(message) => shared.on_frame(replica, message),
+                        Err(error) => tracing::warn!(replica, %error, "undecodable frame from a replica"),
+                    }
+                }
+            }
+        }
+        tracing::debug!(replica, %address, "replica connection lost; redialling");
+    }
+}

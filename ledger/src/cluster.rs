@@ -1,0 +1,286 @@
+//! The cluster file (who the replicas are, where they listen) and a replica's node file.
+//!
+//! ```toml
+//! # cluster.toml: shared by every replica and every gateway
+//! genesis = "genesis.toml"
+//! [[replicas]]
+//! id = 0
+//! public_key = "<hex>"
+//! address = "127.0.0.1:7100"
+//! metrics = "127.0.0.1:9100"   # optional
+//! ```
+//!
+//! ```toml
+//! # node.toml: one replica
+//! id = 0
+//! cluster = "cluster.toml"
+//! key = "replica-0.key"         # hex ed25519 seed
+//! data_dir = "data/replica-0"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use hoard_types::{Keypair, PublicKey};
+
+use crate::error::{LedgerError, Result};
+use crate::genesis::Genesis;
+
+/// One replica as the cluster file lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub id: u32,
+    /// Hex ed25519 public key.
+    pub public_key: String,
+    pub address: SocketAddr,
+    /// Where its Prometheus metrics are served, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// The cluster file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterFile {
+    /// Path of the genesis file, relative to the cluster file.
+    pub genesis: PathBuf,
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// A loaded, checked cluster: replicas by id, their keys, and the genesis.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    pub genesis: Genesis,
+    pub replicas: Vec<ReplicaInfo>,
+    pub keys: Vec<PublicKey>,
+}
+
+impl Cluster {
+    pub fn load(path: &Path) -> Result<Cluster> {
+        let text = read(path)?;
+        let file: ClusterFile = toml::from_str(&text).map_err(|e| config(path, e))?;
+        let genesis_path = relative_to(path, &file.genesis);
+        let genesis = Genesis::load(&genesis_path)?;
+        Cluster::new(genesis, file.replicas)
+    }
+
+    /// Checks that ids are `0..n`, in order, and that n = 3f+1 with f >= 1.
+    pub fn new(genesis: Genesis, mut replicas: Vec<ReplicaInfo>) -> Result<Cluster> {
+        replicas.sort_by_key(|r| r.id);
+        let n = replicas.len();
+        if n < 4 || !(n - 1).is_multiple_of(3) {
+            return Err(LedgerError::Config(format!(
+                "a cluster needs n = 3f+1 >= 4 replicas, not {n}"
+            )));
+        }
+        if replicas.iter().enumerate().any(|(i, r)| r.id as usize != i) {
+            return Err(LedgerError::Config(
+                "replica ids must be 0..n without gaps".into(),
+            ));
+        }
+        let keys = replicas
+            .iter()
+            .map(|r| PublicKey::from_hex(&r.public_key).map_err(|e| LedgerError::Config(e.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Cluster {
+            genesis,
+            replicas,
+            keys,
+        })
+    }
+
+    /// The cluster file's text, with the genesis file beside it named `genesis_file`.
+    pub fn to_toml(&self, genesis_file: &str) -> String {
+        let file = ClusterFile {
+            genesis: PathBuf::from(genesis_file),
+            replicas: self.replicas.clone(),
+        };
+        toml::to_string_pretty(&file).expect("cluster serialises")
+    }
+
+    pub fn n(&self) -> usize {
+        self.replicas.len()
+    }
+
+    pub fn f(&self) -> usize {
+        (self.n() - 1) / 3
+    }
+}
+
+/// One replica's own configuration file.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeFile {
+    pub id: u32,
+    /// Path of the cluster file (relative to this file).
+    pub cluster: PathBuf,
+    /// Path of the replica's secret key file: 64 hex digits (relative to this file).
+    pub key: PathBuf,
+    /// Where the block log, snapshots and consensus records live (relative to this file).
+    pub data_dir: PathBuf,
+    /// Blocks kept below the newest snapshot, for lagging peers and followers.
+    #[serde(default = "default_retention")]
+    pub block_retention_blocks: u64,
+    /// Consensus tuning; defaults suit a local cluster.
+    #[serde(default)]
+    pub consensus: ConsensusTuning,
+}
+
+fn default_retention() -> u64 {
+    100_000
+}
+
+/// The consensus parameters an operator may tune.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConsensusTuning {
+    pub checkpoint_interval: u64,
+    pub window: u64,
+    pub batch_size_max: usize,
+    pub batch_timeout_ms: u64,
+    pub view_change_timeout_ms: u64,
+}
+
+impl Default for ConsensusTuning {
+    fn default() -> Self {
+        ConsensusTuning {
+            checkpoint_interval: 64,
+            window: 256,
+            batch_size_max: 4,
+            batch_timeout_ms: 2,
+            view_change_timeout_ms: 1_000,
+        }
+    }
+}
+
+/// A node file with its paths resolved and its key loaded.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: u32,
+    pub cluster: Cluster,
+    pub keypair: Keypair,
+    pub data_dir: PathBuf,
+    pub block_retention_blocks: u64,
+    pub consensus: ConsensusTuning,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig> {
+        let text = read(path)?;
+        let file: NodeFile = toml::from_str(&text).map_err(|e| config(path, e))?;
+        let cluster = Cluster::load(&relative_to(path, &file.cluster))?;
+        let keypair = load_key(&relative_to(path, &file.key))?;
+        let config = NodeConfig {
+            id: file.id,
+            cluster,
+            keypair,
+            data_dir: relative_to(path, &file.data_dir),
+            block_retention_blocks: file.block_retention_blocks,
+            consensus: file.consensus,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The key must be the one the cluster file lists for this id.
+    pub fn check(&self) -> Result<()> {
+        let listed =
+            self.cluster.keys.get(self.id as usize).ok_or_else(|| {
+                LedgerError::Config(format!("replica {} is not in the cluster file", self.id))
+            })?;
+        if *listed != self.keypair.public() {
+            return Err(LedgerError::Config(format!(
+                "the key file's public key is not the one the cluster file lists for replica {}",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.cluster.replicas[self.id as usize].address
+    }
+
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.cluster.replicas[self.id as usize].metrics
+    }
+}
+
+/// Reads a key file: the ed25519 seed as 64 hex digits.
+pub fn load_key(path: &Path) -> Result<Keypair> {
+    Keypair::from_seed_hex(&read(path)?).map_err(|e| LedgerError::Config(format!("{}: {e}", path.display())))
+}
+
+/// Writes a key file readable by its owner only.
+pub fn save_key(path: &Path, key: &Keypair) -> Result<()> {
+    write_private(path, &format!("{}\n", key.seed_hex()))
+}
+
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).map_err(|e| config(path, e))?;
+    file.write_all(text.as_bytes()).map_err(|e| config(path, e))
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| config(path, e))
+}
+
+fn config(path: &Path, error: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Config(format!("{}: {error}", path.display()))
+}
+
+fn relative_to(file: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        file.parent().unwrap_or(Path::new(".")).join(path)
+    }
+}
+
+/// Writes everything a local cluster needs into `dir`: genesis, cluster file, and for each
+/// replica its key and node file (`replica-<id>.toml`). Returns the cluster. Used by
+/// `hoard cluster init`, the demo and the tests.
+pub fn write_local_cluster(
+    dir: &Path,
+    genesis: &Genesis,
+    addresses: &[(SocketAddr, Option<SocketAddr>)],
+    keys: &[Keypair],
+) -> Result<Cluster> {
+    assert_eq!(addresses.len(), keys.len());
+    std::fs::create_dir_all(dir).map_err(|e| config(dir, e))?;
+    let replicas: Vec<ReplicaInfo> = addresses
+        .iter()
+        .zip(keys)
+        .enumerate()
+        .map(|(id, ((address, metrics), key))| ReplicaInfo {
+            id: id as u32,
+            public_key: key.public().to_hex(),
+            address: *address,
+            metrics: *metrics,
+        })
+        .collect();
+    let cluster = Cluster::new(genesis.clone(), replicas)?;
+    std::fs::write(dir.join("genesis.toml"), genesis.to_toml()).map_err(|e| config(dir, e))?;
+    std::fs::write(dir.join("cluster.toml"), cluster.to_toml("genesis.toml")).map_err(|e| config(dir, e))?;
+    for (id, key) in keys.iter().enumerate() {
+        save_key(&dir.join(format!("replica-{id}.key")), key)?;
+        let node = NodeFile {
+            id: id as u32,
+            cluster: PathBuf::from("cluster.toml"),
+            key: PathBuf::from(format!("replica-{id}.key")),
+            data_dir: PathBuf::from(format!("replica-{id}")),
+            block_retention_blocks: default_retention(),
+            consensus: ConsensusTuning::default(),
+        };
+        let text = toml::to_string_pretty(&node).expect("node file serialises");
+        std::fs::write(dir.join(format!("replica-{id}.toml")), text).map_err(|e| config(dir, e))?;
+    }
+    Ok(cluster)
+}

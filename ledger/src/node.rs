@@ -1,0 +1,772 @@
+//! `hoard node`: one replica as a process. The tokio driver around the pure consensus core.
+//!
+//! One task owns the [`hoard_pbft::Replica`], the [`LedgerApp`] inside it and the store. It
+//! takes inputs from one bounded inbox (peer messages, client requests, subscriptions) and from
+//! its timers, feeds them to the core, and performs the outputs with group commit: it drains
+//! what is queued, runs it all through the core, writes every `Persist` record and committed
+//! block, syncs the store once, and only then lets the messages go out. So what this replica
+//! signed is on disk before the signature leaves it, for the cost of one sync per round, not
+//! per message.
+//!
+//! On start it recovers: the latest snapshot, the blocks after it replayed from the log (each
+//! checked against its header's roots), and the consensus records folded into a
+//! [`DurableState`]; a replica that is still behind its peers then catches up by PBFT's own
+//! catch-up and state transfer.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio_util::codec::FramedRead;
+
+use hoard_pbft::{
+    Config, DurableState, MessageKind, Output, Record, Replica, ReplicaId, Request, SignedMessage, Timer,
+};
+
+use crate::app::LedgerApp;
+use crate::block::Block;
+use crate::cluster::NodeConfig;
+use crate::error::{LedgerError, Result};
+use crate::net::{self, NetMessage, PEER_QUEUE_FRAMES_MAX};
+use crate::state::Ledger;
+use crate::store::{Engine, Store, StoreConfig};
+
+/// Inputs waiting for the driver before senders are slowed down.
+pub const INBOX_INPUTS_MAX: usize = 16_384;
+/// Inputs the driver takes in one round before it persists and sends.
+pub const ROUND_INPUTS_MAX: usize = 1_024;
+/// Blocks sent to one subscriber per round while it catches up from the log.
+pub const SUBSCRIBER_CATCHUP_BLOCKS_PER_ROUND: u64 = 64;
+/// Client (gateway) connections one replica serves.
+pub const CLIENTS_MAX: usize = 64;
+
+enum Input {
+    Peer {
+        from: ReplicaId,
+        message: SignedMessage,
+    },
+    Request(Request),
+    ClientConnected {
+        client: u64,
+        frames: mpsc::Sender<Bytes>,
+    },
+    ClientGone {
+        client: u64,
+    },
+    Subscribe {
+        client: u64,
+        from_height: u64,
+    },
+}
+
+/// What a running node reports (for tests and the demo).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    pub height: u64,
+    pub view: u64,
+    pub state_root: hoard_types::Hash,
+    pub stable_checkpoint: u64,
+}
+
+/// Runs one replica until `shutdown` turns true. Binds the replica's address from the cluster
+/// file; `ready` (if given) receives the bound address once listening.
+pub async fn run(
+    config: NodeConfig,
+    mut shutdown: watch::Receiver<bool>,
+    status: Option<watch::Sender<NodeStatus>>,
+) -> Result<()> {
+    let id = config.id;
+    let mut store = Engine::Sled
+        .open(
+            &config.data_dir,
+            StoreConfig {
+                block_retention_blocks: config.block_retention_blocks,
+                sync_each_write: false,
+            },
+        )
+        .map_err(storage)?;
+    let (replica, recovered) = recover(&config, store.as_mut())?;
+    tracing::info!(
+        replica = id,
+        height = replica.last_executed(),
+        view = replica.view(),
+        recovered,
+        "replica starting"
+    );
+
+    let listener = TcpListener::bind(config.address())
+        .await
+        .map_err(|e| LedgerError::Config(format!("bind {}: {e}", config.address())))?;
+    let (inbox_tx, inbox) = mpsc::channel(INBOX_INPUTS_MAX);
+    tokio::spawn(accept_loop(
+        listener,
+        inbox_tx.clone(),
+        config.cluster.n(),
+        shutdown.clone(),
+    ));
+
+    let mut peers: HashMap<ReplicaId, mpsc::Sender<Bytes>> = HashMap::new();
+    for info in &config.cluster.replicas {
+        if info.id != id {
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
+            tokio::spawn(net::dial_and_send(
+                info.address,
+                NetMessage::HelloReplica { id },
+                rx,
+            ));
+            peers.insert(info.id, tx);
+        }
+    }
+    let mut driver = Driver {
+        id,
+        replica,
+        store,
+        peers,
+        clients: HashMap::new(),
+        subscribers: HashMap::new(),
+        timers: [None; 4],
+        status,
+    };
+    let outputs = driver.replica.start();
+    driver.perform(outputs)?;
+    driver.publish_status();
+    let mut inbox = inbox;
+    loop {
+        let deadline = driver.next_deadline();
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { break; }
+            }
+            input = inbox.recv() => {
+                let Some(input) = input else { break };
+                let mut inputs = vec![input];
+                while inputs.len() < ROUND_INPUTS_MAX {
+                    match inbox.try_recv() {
+                        Ok(input) => inputs.push(input),
+                        Err(_) => break,
+                    }
+                }
+                metrics::gauge!("hoard_replica_inbox_depth", "replica" => id.to_string()).set(inbox.len() as f64);
+                driver.round(inputs)?;
+            }
+            _ = sleep_until(deadline) => {
+                driver.fire_timers()?;
+            }
+        }
+    }
+    driver.store.sync().map_err(storage)?;
+    tracing::info!(
+        replica = id,
+        height = driver.replica.last_executed(),
+        "replica stopped"
+    );
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn storage(error: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(error.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Record keys: one per slot and phase, one per view-change kind, one for the stable checkpoint.
+fn record_key(record: &Record) -> Vec<u8> {
+    let slot = |seq: u64, phase: u8| {
+        let mut key = b"pbft/slot/".to_vec();
+        key.extend_from_slice(&seq.to_be_bytes());
+        key.push(phase);
+        key
+    };
+    match record {
+        Record::PrePrepare { seq, .. } => slot(*seq, 0),
+        Record::Prepare { seq, .. } => slot(*seq, 1),
+        Record::Commit { seq, .. } => slot(*seq, 2),
+        Record::ViewChange { .. } => b"pbft/view/change".to_vec(),
+        Record::NewView { .. } => b"pbft/view/new".to_vec(),
+        Record::StableCheckpoint { .. } => b"pbft/stable".to_vec(),
+    }
+}
+
+/// Rebuilds the replica from the store: snapshot, replayed blocks, consensus records.
+fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<LedgerApp>, bool)> {
+    let genesis = &config.cluster.genesis;
+    let mut ledger = match store.latest_snapshot().map_err(storage)? {
+        Some((height, bytes)) => {
+            let ledger = Ledger::restore(&bytes, None)?;
+            if ledger.height() != height || ledger.chain_id() != genesis.chain_id {
+                return Err(LedgerError::Snapshot(format!(
+                    "snapshot at {height} is not this chain's"
+                )));
+            }
+            ledger
+        }
+        None => Ledger::new(genesis),
+    };
+    let last = store.last_height().map_err(storage)?;
+    let mut app_blocks = Vec::new();
+    while ledger.height() < last {
+        let height = ledger.height() + 1;
+        let bytes = store.block(height).map_err(storage)?.ok_or_else(|| {
+            LedgerError::Storage(format!("block {height} missing from the log (last is {last})"))
+        })?;
+        let block = Block::decode(&bytes)?;
+        ledger.apply_block(&block)?;
+        app_blocks.push(block);
+    }
+    let mut app = LedgerApp::new(ledger);
+    for block in app_blocks.iter().rev().take(crate::app::RECENT_BLOCKS_MAX).rev() {
+        app.remember_block(Arc::new(block.clone()));
+    }
+    let mut durable = DurableState::default();
+    let records = store.records(b"pbft/").map_err(storage)?;
+    let mut decoded: Vec<Record> = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        let record: Record = rmp_serde::from_slice(&value)
+            .map_err(|e| LedgerError::Storage(format!("record {}: {e}", String::from_utf8_lossy(&key))))?;
+        decoded.push(record);
+    }
+    let recovered = !decoded.is_empty() || last > 0;
+    // Stable checkpoint first (it prunes slots), then view changes by view, then slots.
+    let order = |record: &Record| match record {
+        Record::StableCheckpoint { .. } => (0, 0),
+        Record::ViewChange { view, .. } => (1, 2 * view),
+        Record::NewView { view, .. } => (1, 2 * view + 1),
+        _ => (2, 0),
+    };
+    decoded.sort_by_key(order);
+    for record in decoded {
+        durable.apply(record);
+    }
+    let replica_config = pbft_config(config);
+    let replica = if recovered {
+        Replica::recover(replica_config, app, durable)
+    } else {
+        Replica::new(replica_config, app)
+    }
+    .map_err(|e| LedgerError::Config(e.to_string()))?;
+    Ok((replica, recovered))
+}
+
+/// The consensus configuration for this node.
+pub fn pbft_config(config: &NodeConfig) -> Config {
+    let mut pbft = Config::new(config.id, config.cluster.keys.clone(), config.keypair.clone());
+    pbft.checkpoint_interval = config.consensus.checkpoint_interval;
+    pbft.window = config.consensus.window;
+    pbft.batch_size_max = config.consensus.batch_size_max;
+    pbft.batch_timeout_ms = config.consensus.batch_timeout_ms;
+    pbft.view_change_timeout_ms = config.consensus.view_change_timeout_ms;
+    pbft
+}
+
+struct Subscriber {
+    next_height: u64,
+}
+
+struct Driver {
+    id: ReplicaId,
+    replica: Replica<LedgerApp>,
+    store: Box<dyn Store>,
+    peers: HashMap<ReplicaId, mpsc::Sender<Bytes>>,
+    clients: HashMap<u64, mpsc::Sender<Bytes>>,
+    subscribers: HashMap<u64, Subscriber>,
+    timers: [Option<Instant>; 4],
+    status: Option<watch::Sender<NodeStatus>>,
+}
+
+fn timer_index(timer: Timer) -> usize {
+    match timer {
+        Timer::Batch => 0,
+        Timer::ViewChange => 1,
+        Timer::Status => 2,
+        Timer::StateTransfer => 3,
+    }
+}
+
+const TIMERS: [Timer; 4] = [
+    Timer::Batch,
+    Timer::ViewChange,
+    Timer::Status,
+    Timer::StateTransfer,
+];
+
+impl Driver {
+    fn next_deadline(&self) -> Option<Instant> {
+        self.timers.iter().flatten().min().copied()
+    }
+
+    fn round(&mut self, inputs: Vec<Input>) -> Result<()> {
+        let mut outputs = Vec::new();
+        for input in inputs {
+            self.replica.set_now(now_ms());
+            match input {
+                Input::Peer { from, message } => outputs.extend(self.replica.on_message(from, message)),
+                Input::Request(request) => outputs.extend(self.replica.on_request(request)),
+                Input::ClientConnected { client, frames } => {
+                    self.clients.insert(client, frames);
+                }
+                Input::ClientGone { client } => {
+                    self.clients.remove(&client);
+                    self.subscribers.remove(&client);
+                }
+                Input::Subscribe { client, from_height } => {
+                    self.subscribers.insert(
+                        client,
+                        Subscriber {
+                            next_height: from_height.max(1),
+                        },
+                    );
+                }
+            }
+        }
+        self.perform(outputs)?;
+        self.pump_subscribers()?;
+        self.publish_status();
+        Ok(())
+    }
+
+    fn fire_timers(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let mut outputs = Vec::new();
+        for timer in TIMERS {
+            let index = timer_index(timer);
+            if self.timers[index].is_some_and(|at| at <= now) {
+                self.timers[index] = None;
+                self.replica.set_now(now_ms());
+                outputs.extend(self.replica.on_timer(timer));
+            }
+        }
+        self.perform(outputs)?;
+        self.pump_subscribers()?;
+        self.publish_status();
+        Ok(())
+    }
+
+    /// Group commit: persist everything, sync once, then send.
+    fn perform(&mut self, outputs: Vec<Output>) -> Result<()> {
+        let mut sends: Vec<(Option<ReplicaId>, SignedMessage)> = Vec::new();
+        let mut wrote = false;
+        let label = self.id.to_string();
+        for output in outputs {
+            match output {
+                Output::Send { to, msg } => sends.push((Some(to), msg)),
+                Output::Broadcast { msg } => sends.push((None, msg)),
+                Output::SetTimer { timer, after_ms } => {
+                    self.timers[timer_index(timer)] = Some(Instant::now() + Duration::from_millis(after_ms));
+                }
+                Output::CancelTimer { timer } => self.timers[timer_index(timer)] = None,
+                Output::Persist(record) => {
+                    wrote = true;
+                    self.persist(record)?;
+                }
+                Output::Committed(committed) => {
+                    let block = self.replica.app().recent_block(committed.seq).ok_or_else(|| {
+                        LedgerError::Storage(format!(
+                            "block {} was executed but is not in memory",
+                            committed.seq
+                        ))
+                    })?;
+                    if self.store.last_height().map_err(storage)? < committed.seq {
+                        self.store
+                            .append_block(committed.seq, &block.encode())
+                            .map_err(storage)?;
+                        wrote = true;
+                    }
+                    let transactions = block.transactions.len() as f64;
+                    metrics::counter!("hoard_replica_committed_transactions_total", "replica" => label.clone())
+                        .increment(block.transactions.len() as u64);
+                    metrics::histogram!("hoard_replica_batch_transactions", "replica" => label.clone())
+                        .record(transactions);
+                    if committed.timestamp_ms > 0 {
+                        let latency = now_ms().saturating_sub(committed.timestamp_ms) as f64 / 1000.0;
+                        metrics::histogram!("hoard_replica_commit_latency_seconds", "replica" => label.clone())
+                            .record(latency);
+                    }
+                }
+                Output::Reply {
+                    client,
+                    seq,
+                    request_digest,
+                    reply,
+                } => {
+                    let frame = NetMessage::Reply {
+                        replica: self.id,
+                        view: self.replica.view(),
+                        seq,
+                        request_digest,
+                        reply,
+                    }
+                    .encode();
+                    if let Some(queue) = self.clients.get(&client) {
+                        if queue.try_send(frame).is_err() {
+                            metrics::counter!("hoard_replica_frames_dropped_total", "replica" => label.clone(), "to" => "client").increment(1);
+                        }
+                    }
+                }
+                Output::StableCheckpoint { seq, .. } => {
+                    tracing::debug!(replica = self.id, seq, "stable checkpoint");
+                }
+                Output::StateTransferred { seq } => {
+                    tracing::info!(replica = self.id, seq, "state transferred");
+                    if self.store.last_height().map_err(storage)? < seq {
+                        self.store
+                            .put_snapshot(seq, &self.replica.app().ledger().snapshot())
+                            .map_err(storage)?;
+                        wrote = true;
+                    }
+                }
+            }
+        }
+        if wrote {
+            self.store.sync().map_err(storage)?;
+        }
+        for (to, msg) in sends {
+            let frame = NetMessage::Consensus(msg.to_bytes()).encode();
+            match to {
+                Some(to) => self.send_to_peer(to, frame),
+                None => {
+                    let targets: Vec<ReplicaId> = self.peers.keys().copied().collect();
+                    for to in targets {
+                        self.send_to_peer(to, frame.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send_to_peer(&self, to: ReplicaId, frame: Bytes) {
+        if let Some(queue) = self.peers.get(&to) {
+            if queue.try_send(frame).is_err() {
+                metrics::counter!("hoard_replica_frames_dropped_total", "replica" => self.id.to_string(), "to" => "replica")
+                    .increment(1);
+            }
+        }
+    }
+
+    fn persist(&mut self, record: Record) -> Result<()> {
+        let key = record_key(&record);
+        if let Record::StableCheckpoint { cert, snapshot } = &record {
+            let seq = cert.seq;
+            // Stable checkpoints only move forward, so this never goes below the latest snapshot.
+            if self.store.snapshot_at(seq).map_err(storage)?.is_none() {
+                self.store.put_snapshot(seq, snapshot).map_err(storage)?;
+            }
+            // Slots at or below a stable checkpoint are garbage.
+            for (old, _) in self.store.records(b"pbft/slot/").map_err(storage)? {
+                let old_seq = u64::from_be_bytes(old[10..18].try_into().expect("slot keys hold a seq"));
+                if old_seq <= seq {
+                    self.store.delete_record(&old).map_err(storage)?;
+                }
+            }
+            // The snapshot lives in the snapshot table; the record keeps the certificate only.
+            let light = Record::StableCheckpoint {
+                cert: cert.clone(),
+                snapshot: Arc::new(Vec::new()),
+            };
+            let value = rmp_serde::to_vec(&light).expect("records encode");
+            return self.store.put_record(&key, &value).map_err(storage);
+        }
+        let value = rmp_serde::to_vec(&record).expect("records encode");
+        self.store.put_record(&key, &value).map_err(storage)
+    }
+
+    /// Sends each subscriber the blocks it has not had yet: from memory when recent, from the
+    /// log otherwise, a bounded number per round, never more than its queue takes.
+    fn pump_subscribers(&mut self) -> Result<()> {
+        let head = self.replica.last_executed();
+        let clients: Vec<u64> = self.subscribers.keys().copied().collect();
+        for client in clients {
+            let Some(queue) = self.clients.get(&client).cloned() else {
+                continue;
+            };
+            let subscriber = self.subscribers.get_mut(&client).expect("listed");
+            let mut sent = 0;
+            while subscriber.next_height <= head && sent < SUBSCRIBER_CATCHUP_BLOCKS_PER_ROUND {
+                let height = subscriber.next_height;
+                let bytes = match self.replica.app().recent_block(height) {
+                    Some(block) => block.encode(),
+                    None => match self.store.block(height).map_err(storage)? {
+                        Some(bytes) => bytes,
+                        // Pruned or never had it (state transfer): skip to what we have.
+                        None => {
+                            subscriber.next_height = height + 1;
+                            continue;
+                        }
+                    },
+                };
+                let frame = NetMessage::Block {
+                    replica: self.id,
+                    height,
+                    block: bytes,
+                }
+                .encode();
+                match queue.try_reserve() {
+                    Ok(permit) => permit.send(frame),
+                    Err(_) => break,
+                }
+                subscriber.next_height += 1;
+                sent += 1;
+            }
+            if subscriber.next_height <= head {
+                // Come back soon even if nothing else happens.
+                let at = Instant::now() + Duration::from_millis(5);
+                let status = timer_index(Timer::Status);
+                self.timers[status] = Some(self.timers[status].map_or(at, |t| t.min(at)));
+            }
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self) {
+        let stats = self.replica.stats();
+        let label = self.id.to_string();
+        metrics::gauge!("hoard_replica_height", "replica" => label.clone()).set(stats.last_executed as f64);
+        metrics::gauge!("hoard_replica_view", "replica" => label.clone()).set(stats.view as f64);
+        metrics::gauge!("hoard_replica_stable_checkpoint", "replica" => label.clone())
+            .set(stats.stable_checkpoint_seq as f64);
+        metrics::gauge!("hoard_replica_log_slots", "replica" => label.clone()).set(stats.log_slots as f64);
+        metrics::gauge!("hoard_replica_pending_requests", "replica" => label.clone())
+            .set(stats.pending_requests as f64);
+        metrics::counter!("hoard_replica_view_changes_total", "replica" => label.clone())
+            .absolute(stats.view_changes_total);
+        metrics::counter!("hoard_replica_state_transfers_total", "replica" => label.clone())
+            .absolute(stats.state_transfers_completed_total);
+        metrics::counter!("hoard_replica_messages_invalid_total", "replica" => label.clone())
+            .absolute(stats.messages_invalid_total);
+        for kind in MessageKind::ALL {
+            let name = kind.as_str();
+            metrics::counter!("hoard_replica_messages_received_total", "replica" => label.clone(), "kind" => name)
+                .absolute(stats.messages_received_total[kind.index()]);
+            metrics::counter!("hoard_replica_messages_sent_total", "replica" => label.clone(), "kind" => name)
+                .absolute(stats.messages_sent_total[kind.index()]);
+        }
+        if let Some(status) = &self.status {
+            let ledger = self.replica.app().ledger();
+            status.send_replace(NodeStatus {
+                height: ledger.height(),
+                view: stats.view,
+                state_root: ledger.state_root(),
+                stable_checkpoint: stats.stable_checkpoint_seq,
+            });
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    inbox: mpsc::Sender<Input>,
+    n: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX + n));
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((stream, address)) = accepted else { continue };
+        let Ok(permit) = clients.clone().try_acquire_owned() else {
+            tracing::warn!(%address, "connection refused: too many connections");
+            continue;
+        };
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            if let Err(error) = serve_connection(stream, inbox, n).await {
+                tracing::debug!(%address, %error, "connection closed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    inbox: mpsc::Sender<Input>,
+    n: usize,
+) -> std::result::Result<(), String> {
+    net::tune(&stream);
+    let (read, write) = stream.into_split();
+    let mut frames = FramedRead::new(read, net::codec());
+    let hello = frames
+        .next()
+        .await
+        .ok_or("closed before hello")?
+        .map_err(|e| e.to_string())?;
+    match NetMessage::decode(&hello)? {
+        NetMessage::HelloReplica { id } => {
+            if id as usize >= n {
+                return Err(format!("unknown replica {id}"));
+            }
+            while let Some(frame) = frames.next().await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                match NetMessage::decode(&frame)? {
+                    NetMessage::Consensus(bytes) => {
+                        let message =
+                            SignedMessage::from_bytes(&bytes, hoard_pbft::constants::MESSAGE_BYTES_MAX)
+                                .map_err(|e| e.to_string())?;
+                        if inbox.send(Input::Peer { from: id, message }).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    other => return Err(format!("replica {id} sent {other:?}")),
+                }
+            }
+            Ok(())
+        }
+        NetMessage::HelloClient { client } => {
+            let (queue, mut outgoing) = mpsc::channel::<Bytes>(PEER_QUEUE_FRAMES_MAX);
+            if inbox
+                .send(Input::ClientConnected {
+                    client,
+                    frames: queue,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            let writer = tokio::spawn(async move {
+                use futures::SinkExt;
+                let mut sink = tokio_util::codec::FramedWrite::new(write, net::codec());
+                while let Some(frame) = outgoing.recv().await {
+                    if sink.feed(frame).await.is_err() {
+                        return;
+                    }
+                    while let Ok(frame) = outgoing.try_recv() {
+                        if sink.feed(frame).await.is_err() {
+                            return;
+                        }
+                    }
+                    if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let result = async {
+                while let Some(frame) = frames.next().await {
+                    let frame = frame.map_err(|e| e.to_string())?;
+                    let input = match NetMessage::decode(&frame)? {
+                        NetMessage::Request(mut request) => {
+                            request.client = client;
+                            Input::Request(request)
+                        }
+                        NetMessage::Subscribe { from_height } => Input::Subscribe { client, from_height },
+                        other => return Err(format!("client {client} sent {other:?}")),
+                    };
+                    if inbox.send(input).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            let _ = inbox.send(Input::ClientGone { client }).await;
+            writer.abort();
+            result
+        }
+        other => Err(format!("expected a hello, got {other:?}")),
+    }
+}
+
+/// Installs the Prometheus exporter for this process on `address`.
+pub fn install_metrics(address: SocketAddr) -> Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(address)
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("hoard_replica_batch_transactions".into()),
+                &[1.0, 10.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 16384.0],
+            )
+        })
+        .and_then(|b| b.install())
+        .map_err(|e| LedgerError::Config(format!("metrics on {address}: {e}")))?;
+    describe_metrics();
+    Ok(())
+}
+
+/// Help text for every replica metric (Prometheus shows it; promtool checks it).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "hoard_replica_height",
+        "Height of the last block this replica executed."
+    );
+    describe_gauge!("hoard_replica_view", "The PBFT view this replica is in.");
+    describe_gauge!(
+        "hoard_replica_stable_checkpoint",
+        "Sequence number of the last stable checkpoint."
+    );
+    describe_gauge!(
+        "hoard_replica_log_slots",
+        "Consensus log slots held in memory (bounded by the window)."
+    );
+    describe_gauge!(
+        "hoard_replica_pending_requests",
+        "Client requests waiting to be ordered."
+    );
+    describe_gauge!(
+        "hoard_replica_inbox_depth",
+        "Inputs waiting for the replica's driver."
+    );
+    describe_counter!(
+        "hoard_replica_view_changes_total",
+        "View changes this replica started."
+    );
+    describe_counter!(
+        "hoard_replica_state_transfers_total",
+        "State transfers this replica completed."
+    );
+    describe_counter!(
+        "hoard_replica_messages_invalid_total",
+        "Consensus messages rejected as invalid."
+    );
+    describe_counter!(
+        "hoard_replica_messages_received_total",
+        "Consensus messages received, by kind."
+    );
+    describe_counter!(
+        "hoard_replica_messages_sent_total",
+        "Consensus messages sent, by kind."
+    );
+    describe_counter!(
+        "hoard_replica_committed_transactions_total",
+        "Transactions in committed blocks."
+    );
+    describe_counter!(
+        "hoard_replica_frames_dropped_total",
+        "Frames dropped because a peer's or client's queue was full."
+    );
+    describe_histogram!(
+        "hoard_replica_batch_transactions",
+        "Transactions per committed block."
+    );
+    describe_histogram!(
+        "hoard_replica_commit_latency_seconds",
+        Unit::Seconds,
+        "Time from the primary's proposal to this replica's commit."
+    );
+}
