@@ -60,7 +60,10 @@ impl TestApp {
     /// The invariant the simulator checks: what was added equals what was replied.
     pub fn invariant(&self) -> Result<(), String> {
         if self.supply != self.replied_supply {
-            return Err(format!("supply {} != replied {}", self.supply, self.replied_supply));
+            return Err(format!(
+                "supply {} != replied {}",
+                self.supply, self.replied_supply
+            ));
         }
         Ok(())
     }
@@ -68,7 +71,10 @@ impl TestApp {
 
 impl App for TestApp {
     fn check_requests(&self, requests: &[Request]) -> Vec<bool> {
-        requests.iter().map(|r| r.payload.first() != Some(&0xFF)).collect()
+        requests
+            .iter()
+            .map(|r| r.payload.first() != Some(&0xFF))
+            .collect()
     }
 
     fn execute(&mut self, seq: u64, timestamp_ms: u64, requests: &[Request]) -> Executed {
@@ -89,7 +95,10 @@ impl App for TestApp {
             self.last_timestamp_ms = self.last_timestamp_ms.max(timestamp_ms);
         }
         self.last_executed = seq;
-        Executed { replies, digest: self.digest() }
+        Executed {
+            replies,
+            digest: self.digest(),
+        }
     }
 
     fn digest(&self) -> [u8; 32] {
@@ -124,13 +133,26 @@ mod tests {
     #[test]
     fn snapshot_restores_the_same_digest() {
         let mut app = TestApp::new();
-        app.execute(1, 5, &[Request { client: 1, payload: vec![3, 4] }]);
+        app.execute(
+            1,
+            5,
+            &[Request {
+                client: 1,
+                payload: vec![3, 4],
+            }],
+        );
         app.execute(2, 0, &[]);
         let snapshot = app.snapshot();
         let mut other = TestApp::new();
         assert_eq!(other.restore(&snapshot).unwrap(), app.digest());
         assert_eq!(other.last_executed(), 2);
         assert!(other.restore(&[0xc1]).is_err());
-        assert_eq!(app.check_requests(&[Request { client: 1, payload: vec![0xFF] }]), vec![false]);
+        assert_eq!(
+            app.check_requests(&[Request {
+                client: 1,
+                payload: vec![0xFF]
+            }]),
+            vec![false]
+        );
     }
 }

@@ -27,4 +27,7 @@ pub const SIGNING_DOMAIN: &[u8] = b"hoard/pbft/v1\0";
 
 const _: () = assert!(REPLICAS_MIN == 3 + 1);
 const _: () = assert!(REPLICAS_MAX <= u32::MAX as usize);
-const _: () = assert!(COMMIT_VIEWS_PER_REPLICA_MAX >= 2, "a vote from an old view and the current one");
+const _: () = assert!(
+    COMMIT_VIEWS_PER_REPLICA_MAX >= 2,
+    "a vote from an old view and the current one"
+);

@@ -28,6 +28,8 @@ pub mod types;
 
 pub use app::{App, AppError, Executed, TestApp};
 pub use error::{Error, Result};
-pub use message::{Batch, CheckpointCert, Message, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage};
+pub use message::{
+    Batch, CheckpointCert, Message, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage,
+};
 pub use replica::Replica;
 pub use types::{Committed, Config, DurableSlot, DurableState, Output, Record, Stats, Timer};

@@ -92,25 +92,61 @@ pub enum Message {
     /// A client request forwarded by a backup to the primary.
     Request(Request),
     /// The primary assigns `batch` to `seq` in `view`.
-    PrePrepare { view: u64, seq: u64, batch: Batch },
-    Prepare { view: u64, seq: u64, digest: Hash },
-    Commit { view: u64, seq: u64, digest: Hash },
+    PrePrepare {
+        view: u64,
+        seq: u64,
+        batch: Batch,
+    },
+    Prepare {
+        view: u64,
+        seq: u64,
+        digest: Hash,
+    },
+    Commit {
+        view: u64,
+        seq: u64,
+        digest: Hash,
+    },
     /// State digest after executing `seq` (a multiple of the checkpoint interval).
-    Checkpoint { seq: u64, digest: Hash },
+    Checkpoint {
+        seq: u64,
+        digest: Hash,
+    },
     /// Vote to move to `new_view`, with the sender's stable checkpoint and its prepared
     /// certificates above it.
-    ViewChange { new_view: u64, stable: Option<CheckpointCert>, prepared: Vec<PreparedCert> },
+    ViewChange {
+        new_view: u64,
+        stable: Option<CheckpointCert>,
+        prepared: Vec<PreparedCert>,
+    },
     /// The new primary's proof (2f+1 view changes) and its pre-prepares for the carried-over
     /// and null sequence numbers.
-    NewView { view: u64, view_changes: Vec<SignedMessage>, pre_prepares: Vec<SignedMessage> },
+    NewView {
+        view: u64,
+        view_changes: Vec<SignedMessage>,
+        pre_prepares: Vec<SignedMessage>,
+    },
     /// Periodic status: drives retransmission, catch-up and state transfer.
-    Status { view: u64, in_view_change: bool, last_executed: u64, stable_seq: u64 },
+    Status {
+        view: u64,
+        in_view_change: bool,
+        last_executed: u64,
+        stable_seq: u64,
+    },
     /// Catch-up: a batch and commit votes for it (2f+1 of them make a commit certificate).
-    CommitProof { seq: u64, batch: Batch, commits: Vec<SignedMessage> },
+    CommitProof {
+        seq: u64,
+        batch: Batch,
+        commits: Vec<SignedMessage>,
+    },
     /// The sender's stable checkpoint certificate (answer to a status that is too far behind).
-    StableCert { cert: CheckpointCert },
+    StableCert {
+        cert: CheckpointCert,
+    },
     /// Ask for the snapshot of a stable checkpoint at or above `seq`.
-    FetchSnapshot { seq: u64 },
+    FetchSnapshot {
+        seq: u64,
+    },
     /// A stable checkpoint's certificate and its snapshot.
     Snapshot {
         cert: CheckpointCert,
@@ -197,7 +233,10 @@ impl Message {
     /// Decodes a payload, refusing anything over `limit` bytes.
     pub fn decode(bytes: &[u8], limit: usize) -> Result<Message> {
         if bytes.len() > limit {
-            return Err(Error::TooLarge { size: bytes.len(), limit });
+            return Err(Error::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
         }
         rmp_serde::from_slice(bytes).map_err(|e| Error::Malformed(e.to_string()))
     }
@@ -210,7 +249,11 @@ impl Message {
     pub fn sign(&self, signer: ReplicaId, keypair: &Keypair) -> SignedMessage {
         let payload = self.encode();
         let signature = keypair.sign(SIGNING_DOMAIN, &payload);
-        SignedMessage { signer, payload: Arc::new(payload), signature }
+        SignedMessage {
+            signer,
+            payload: Arc::new(payload),
+            signature,
+        }
     }
 }
 
@@ -247,7 +290,10 @@ impl SignedMessage {
     /// Parses bytes from the network, refusing anything over `limit` bytes. Does not verify.
     pub fn from_bytes(bytes: &[u8], limit: usize) -> Result<SignedMessage> {
         if bytes.len() > limit {
-            return Err(Error::TooLarge { size: bytes.len(), limit });
+            return Err(Error::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
         }
         rmp_serde::from_slice(bytes).map_err(|e| Error::Malformed(e.to_string()))
     }
@@ -259,7 +305,9 @@ impl SignedMessage {
 
     /// Checks the signature against the signer's key in `keys`.
     pub fn verify(&self, keys: &[PublicKey]) -> Result<()> {
-        let key = keys.get(self.signer as usize).ok_or(Error::UnknownReplica(self.signer))?;
+        let key = keys
+            .get(self.signer as usize)
+            .ok_or(Error::UnknownReplica(self.signer))?;
         key.verify(SIGNING_DOMAIN, &self.payload, &self.signature)
             .map_err(|_| Error::BadSignature(self.signer))
     }
@@ -274,7 +322,12 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn new(keys: &[PublicKey]) -> Verifier {
-        Verifier { keys: keys.iter().map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k.0).ok()).collect() }
+        Verifier {
+            keys: keys
+                .iter()
+                .map(|k| ed25519_dalek::VerifyingKey::from_bytes(&k.0).ok())
+                .collect(),
+        }
     }
 
     fn key(&self, signer: ReplicaId) -> Result<&ed25519_dalek::VerifyingKey> {
@@ -292,7 +345,8 @@ impl Verifier {
         signed.extend_from_slice(SIGNING_DOMAIN);
         signed.extend_from_slice(&message.payload);
         let signature = ed25519_dalek::Signature::from_bytes(&message.signature.0);
-        key.verify_strict(&signed, &signature).map_err(|_| Error::BadSignature(message.signer))
+        key.verify_strict(&signed, &signature)
+            .map_err(|_| Error::BadSignature(message.signer))
     }
 
     /// Verifies many signed messages at once (ed25519 batch verification); on failure finds
@@ -336,7 +390,11 @@ mod tests {
     fn signed_message_round_trips_and_verifies() {
         let keys: Vec<Keypair> = (0..4u8).map(|i| Keypair::from_seed([i + 1; 32])).collect();
         let publics: Vec<PublicKey> = keys.iter().map(Keypair::public).collect();
-        let message = Message::Prepare { view: 3, seq: 9, digest: Hash::of(b"x") };
+        let message = Message::Prepare {
+            view: 3,
+            seq: 9,
+            digest: Hash::of(b"x"),
+        };
         let signed = message.sign(2, &keys[2]);
         let bytes = signed.to_bytes();
         let back = SignedMessage::from_bytes(&bytes, 1 << 20).unwrap();
@@ -347,7 +405,10 @@ mod tests {
         assert_eq!(forged.verify(&publics), Err(Error::BadSignature(1)));
         forged.signer = 9;
         assert_eq!(forged.verify(&publics), Err(Error::UnknownReplica(9)));
-        assert!(matches!(SignedMessage::from_bytes(&bytes, 10), Err(Error::TooLarge { .. })));
+        assert!(matches!(
+            SignedMessage::from_bytes(&bytes, 10),
+            Err(Error::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -355,16 +416,31 @@ mod tests {
         let keys: Vec<Keypair> = (0..4u8).map(|i| Keypair::from_seed([i + 1; 32])).collect();
         let publics: Vec<PublicKey> = keys.iter().map(Keypair::public).collect();
         let mut messages: Vec<SignedMessage> = (0..4u32)
-            .map(|i| Message::Commit { view: 0, seq: 1, digest: Hash::ZERO }.sign(i, &keys[i as usize]))
+            .map(|i| {
+                Message::Commit {
+                    view: 0,
+                    seq: 1,
+                    digest: Hash::ZERO,
+                }
+                .sign(i, &keys[i as usize])
+            })
             .collect();
         verify_all(&messages.iter().collect::<Vec<_>>(), &publics).unwrap();
         messages[2].signature.0[5] ^= 1;
-        assert_eq!(verify_all(&messages.iter().collect::<Vec<_>>(), &publics), Err(Error::BadSignature(2)));
+        assert_eq!(
+            verify_all(&messages.iter().collect::<Vec<_>>(), &publics),
+            Err(Error::BadSignature(2))
+        );
     }
 
     #[test]
     fn garbage_is_rejected_without_panic() {
-        for bytes in [vec![], vec![0xc1], vec![0x93, 0x01, 0xc4, 0xff], vec![0xdd, 0xff, 0xff, 0xff, 0xff]] {
+        for bytes in [
+            vec![],
+            vec![0xc1],
+            vec![0x93, 0x01, 0xc4, 0xff],
+            vec![0xdd, 0xff, 0xff, 0xff, 0xff],
+        ] {
             assert!(SignedMessage::from_bytes(&bytes, 1 << 20).is_err());
             assert!(Message::decode(&bytes, 1 << 20).is_err());
         }
@@ -372,7 +448,13 @@ mod tests {
 
     #[test]
     fn batch_digest_binds_timestamp_and_requests() {
-        let a = Batch { timestamp_ms: 1, requests: vec![Request { client: 1, payload: vec![1] }] };
+        let a = Batch {
+            timestamp_ms: 1,
+            requests: vec![Request {
+                client: 1,
+                payload: vec![1],
+            }],
+        };
         let mut b = a.clone();
         b.timestamp_ms = 2;
         assert_ne!(a.digest(), b.digest());

@@ -47,7 +47,10 @@ struct Slot {
 
 impl Slot {
     fn batch(&self, digest: &Hash) -> Option<Arc<Batch>> {
-        self.batches.iter().find(|(d, _)| d == digest).map(|(_, b)| b.clone())
+        self.batches
+            .iter()
+            .find(|(d, _)| d == digest)
+            .map(|(_, b)| b.clone())
     }
 
     fn add_batch(&mut self, digest: Hash, batch: Arc<Batch>) {
@@ -218,9 +221,14 @@ impl<A: App> Replica<A> {
         replica.in_view_change = durable.in_view_change;
         if let (Some(cert), Some(snapshot)) = (durable.stable.clone(), durable.stable_snapshot.clone()) {
             if replica.app.last_executed() < cert.seq {
-                let digest = replica.app.restore(&snapshot).map_err(|e| Error::App(e.to_string()))?;
+                let digest = replica
+                    .app
+                    .restore(&snapshot)
+                    .map_err(|e| Error::App(e.to_string()))?;
                 if digest != cert.digest.0 || replica.app.last_executed() != cert.seq {
-                    return Err(Error::App("the durable snapshot does not match its certificate".into()));
+                    return Err(Error::App(
+                        "the durable snapshot does not match its certificate".into(),
+                    ));
                 }
             }
             replica.low = cert.seq;
@@ -233,7 +241,12 @@ impl<A: App> Replica<A> {
         let me = replica.config.id;
         let view = replica.view;
         if let Some(msg) = durable.new_view.clone() {
-            if let Ok(Message::NewView { view: nv_view, pre_prepares, .. }) = replica.decode(&msg) {
+            if let Ok(Message::NewView {
+                view: nv_view,
+                pre_prepares,
+                ..
+            }) = replica.decode(&msg)
+            {
                 if nv_view == view {
                     for pp in pre_prepares {
                         if let Ok(Message::PrePrepare { seq, batch, .. }) = replica.decode(&pp) {
@@ -278,7 +291,8 @@ impl<A: App> Replica<A> {
                 }
             }
             if let Some((c_view, digest, cert, commit)) = durable_slot.commit {
-                if let Ok(Message::PrePrepare { batch, .. }) = Message::decode(&cert.pre_prepare.payload, usize::MAX)
+                if let Ok(Message::PrePrepare { batch, .. }) =
+                    Message::decode(&cert.pre_prepare.payload, usize::MAX)
                 {
                     slot.add_batch(digest, Arc::new(batch));
                 }
@@ -305,7 +319,10 @@ impl<A: App> Replica<A> {
     /// Arms the periodic timers and re-sends what a restarted replica had in flight.
     pub fn start(&mut self) -> Vec<Output> {
         let mut out = Vec::new();
-        out.push(Output::SetTimer { timer: Timer::Status, after_ms: self.config.status_interval_ms });
+        out.push(Output::SetTimer {
+            timer: Timer::Status,
+            after_ms: self.config.status_interval_ms,
+        });
         if self.in_view_change {
             match self.own_view_change.clone() {
                 Some(msg) => {
@@ -440,7 +457,11 @@ impl<A: App> Replica<A> {
             Timer::ViewChange => {
                 self.view_change_timer_armed = false;
                 // f+1 peers executed past us: we are behind, not the primary; catch up first.
-                let ahead = self.peer_executed.iter().filter(|e| **e > self.last_executed).count();
+                let ahead = self
+                    .peer_executed
+                    .iter()
+                    .filter(|e| **e > self.last_executed)
+                    .count();
                 let behind = ahead > self.f;
                 let suspect_primary = !self.pending.is_empty() && !self.is_primary();
                 if !self.in_view_change && suspect_primary && behind {
@@ -507,13 +528,18 @@ impl<A: App> Replica<A> {
 
     fn arm_view_change_timer(&mut self, out: &mut Vec<Output>) {
         self.view_change_timer_armed = true;
-        out.push(Output::SetTimer { timer: Timer::ViewChange, after_ms: self.view_change_timeout_ms() });
+        out.push(Output::SetTimer {
+            timer: Timer::ViewChange,
+            after_ms: self.view_change_timeout_ms(),
+        });
     }
 
     fn cancel_view_change_timer(&mut self, out: &mut Vec<Output>) {
         if self.view_change_timer_armed {
             self.view_change_timer_armed = false;
-            out.push(Output::CancelTimer { timer: Timer::ViewChange });
+            out.push(Output::CancelTimer {
+                timer: Timer::ViewChange,
+            });
         }
     }
 
@@ -543,7 +569,11 @@ impl<A: App> Replica<A> {
         if batch.size_bytes() > self.config.batch_bytes_max + 8 {
             return Err(Error::Malformed("batch too large".into()));
         }
-        if batch.requests.iter().any(|r| r.payload.len() > self.config.request_bytes_max) {
+        if batch
+            .requests
+            .iter()
+            .any(|r| r.payload.len() > self.config.request_bytes_max)
+        {
             return Err(Error::Malformed("request too large".into()));
         }
         Ok(())
@@ -628,7 +658,9 @@ impl<A: App> Replica<A> {
                 if self.proposed.contains(digest) || chosen.contains(digest) {
                     continue;
                 }
-                let Some(request) = self.pending.get(digest) else { continue };
+                let Some(request) = self.pending.get(digest) else {
+                    continue;
+                };
                 if chosen.len() >= self.config.batch_size_max
                     || bytes + request.size_bytes() > self.config.batch_bytes_max
                 {
@@ -645,11 +677,17 @@ impl<A: App> Replica<A> {
             if !full && !force {
                 if !self.batch_timer_armed {
                     self.batch_timer_armed = true;
-                    out.push(Output::SetTimer { timer: Timer::Batch, after_ms: self.config.batch_timeout_ms });
+                    out.push(Output::SetTimer {
+                        timer: Timer::Batch,
+                        after_ms: self.config.batch_timeout_ms,
+                    });
                 }
                 return;
             }
-            let requests: Vec<Request> = chosen.iter().filter_map(|d| self.pending.get(d).cloned()).collect();
+            let requests: Vec<Request> = chosen
+                .iter()
+                .filter_map(|d| self.pending.get(d).cloned())
+                .collect();
             let checks = self.app.check_requests(&requests);
             let mut valid = Vec::with_capacity(requests.len());
             for ((request, ok), digest) in requests.into_iter().zip(checks).zip(&chosen) {
@@ -665,17 +703,28 @@ impl<A: App> Replica<A> {
                 continue;
             }
             self.last_timestamp_ms = self.last_timestamp_ms.max(self.now_ms);
-            let batch = Batch { timestamp_ms: self.last_timestamp_ms, requests: valid };
+            let batch = Batch {
+                timestamp_ms: self.last_timestamp_ms,
+                requests: valid,
+            };
             let seq = self.next_seq + 1;
             self.next_seq = seq;
             let view = self.view;
             let digest = batch.digest();
-            let msg = self.sign(&Message::PrePrepare { view, seq, batch: batch.clone() });
+            let msg = self.sign(&Message::PrePrepare {
+                view,
+                seq,
+                batch: batch.clone(),
+            });
             let slot = self.slots.entry(seq).or_default();
             slot.enter_view(view);
             slot.add_batch(digest, Arc::new(batch));
             slot.pre_prepare = Some((msg.clone(), digest));
-            out.push(Output::Persist(Record::PrePrepare { view, seq, msg: msg.clone() }));
+            out.push(Output::Persist(Record::PrePrepare {
+                view,
+                seq,
+                msg: msg.clone(),
+            }));
             self.broadcast(out, msg);
             self.check_prepared(seq, out);
         }
@@ -684,7 +733,12 @@ impl<A: App> Replica<A> {
     // ----------------------------------------------------------------------------------------
     // Messages
 
-    fn handle_message(&mut self, from: ReplicaId, signed: SignedMessage, out: &mut Vec<Output>) -> Result<()> {
+    fn handle_message(
+        &mut self,
+        from: ReplicaId,
+        signed: SignedMessage,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
         if signed.signer as usize >= self.n {
             return Err(Error::UnknownReplica(signed.signer));
         }
@@ -706,13 +760,20 @@ impl<A: App> Replica<A> {
             Message::Commit { view, seq, digest } => self.on_commit(signed, view, seq, digest, out),
             Message::Checkpoint { seq, digest } => self.on_checkpoint(signed, seq, digest, out),
             Message::ViewChange { new_view, .. } => self.on_view_change(signed, new_view, out),
-            Message::NewView { view, view_changes, pre_prepares } => {
-                self.on_new_view(signed, view, view_changes, pre_prepares, out)
+            Message::NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            } => self.on_new_view(signed, view, view_changes, pre_prepares, out),
+            Message::Status {
+                view,
+                in_view_change,
+                last_executed,
+                stable_seq,
+            } => self.on_status(signed, view, in_view_change, last_executed, stable_seq, out),
+            Message::CommitProof { seq, batch, commits } => {
+                self.on_commit_proof(signed, seq, batch, commits, out)
             }
-            Message::Status { view, in_view_change, last_executed, stable_seq } => {
-                self.on_status(signed, view, in_view_change, last_executed, stable_seq, out)
-            }
-            Message::CommitProof { seq, batch, commits } => self.on_commit_proof(signed, seq, batch, commits, out),
             Message::StableCert { cert } => {
                 if cert.seq <= self.low && self.app_valid {
                     return Err(Error::Stale("stable certificate not above ours"));
@@ -743,7 +804,10 @@ impl<A: App> Replica<A> {
             return Err(Error::Stale("pre-prepare outside the watermarks"));
         }
         if signed.signer != self.primary(view) {
-            return Err(Error::Violation { replica: signed.signer, what: "pre-prepare from a backup" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "pre-prepare from a backup",
+            });
         }
         let digest = batch.digest();
         if let Some((_, existing)) = self.slots.get(&seq).and_then(|s| {
@@ -758,7 +822,10 @@ impl<A: App> Replica<A> {
             }
             // Verify before accusing: a forged second pre-prepare proves nothing.
             self.verifier.verify(&signed)?;
-            return Err(Error::Violation { replica: signed.signer, what: "two pre-prepares for one (view, seq)" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "two pre-prepares for one (view, seq)",
+            });
         }
         // Then verify.
         self.verifier.verify(&signed)?;
@@ -770,7 +837,10 @@ impl<A: App> Replica<A> {
             .cloned()
             .collect();
         if !unknown.is_empty() && self.app.check_requests(&unknown).iter().any(|ok| !ok) {
-            return Err(Error::Violation { replica: signed.signer, what: "pre-prepare with an invalid request" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "pre-prepare with an invalid request",
+            });
         }
         // Then apply.
         let slot = self.slots.entry(seq).or_default();
@@ -790,7 +860,9 @@ impl<A: App> Replica<A> {
         let view = self.view;
         let me = self.config.id;
         let Some(slot) = self.slots.get(&seq) else { return };
-        let Some((pre_prepare, digest)) = slot.pre_prepare.clone() else { return };
+        let Some((pre_prepare, digest)) = slot.pre_prepare.clone() else {
+            return;
+        };
         if let Some((sent, _)) = &slot.my_prepare {
             // Safety rule: never sign two different prepares for one (view, seq).
             let safety_rule_one_prepare_per_view_seq = *sent == digest;
@@ -828,7 +900,10 @@ impl<A: App> Replica<A> {
             return Err(Error::Stale("prepare outside the watermarks"));
         }
         if signed.signer == self.primary(view) {
-            return Err(Error::Violation { replica: signed.signer, what: "prepare from the primary" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "prepare from the primary",
+            });
         }
         if let Some(slot) = self.slots.get(&seq) {
             if slot.view == view && slot.prepares.contains_key(&signed.signer) {
@@ -851,21 +926,37 @@ impl<A: App> Replica<A> {
         if slot.view != view || slot.my_commit.is_some() {
             return;
         }
-        let Some((pre_prepare, digest)) = slot.pre_prepare.clone() else { return };
-        let matching: Vec<SignedMessage> =
-            slot.prepares.values().filter(|(d, _)| *d == digest).map(|(_, m)| m.clone()).take(needed).collect();
+        let Some((pre_prepare, digest)) = slot.pre_prepare.clone() else {
+            return;
+        };
+        let matching: Vec<SignedMessage> = slot
+            .prepares
+            .values()
+            .filter(|(d, _)| *d == digest)
+            .map(|(_, m)| m.clone())
+            .take(needed)
+            .collect();
         let prepared = matching.len() >= needed;
         if !prepared {
             return;
         }
-        let cert = PreparedCert { pre_prepare, prepares: matching };
+        let cert = PreparedCert {
+            pre_prepare,
+            prepares: matching,
+        };
         let commit = self.sign(&Message::Commit { view, seq, digest });
         let me = self.config.id;
         let slot = self.slots.get_mut(&seq).expect("slot exists");
         slot.prepared = Some((view, digest, cert.clone()));
         slot.my_commit = Some((digest, commit.clone()));
         slot.commits.insert((me, view), (digest, commit.clone()));
-        out.push(Output::Persist(Record::Commit { view, seq, digest, cert, commit: commit.clone() }));
+        out.push(Output::Persist(Record::Commit {
+            view,
+            seq,
+            digest,
+            cert,
+            commit: commit.clone(),
+        }));
         self.broadcast(out, commit);
         self.check_committed(seq, out);
     }
@@ -899,7 +990,11 @@ impl<A: App> Replica<A> {
         let signer = signed.signer;
         let slot = self.slots.entry(seq).or_default();
         slot.commits.insert((signer, view), (digest, signed));
-        let views: Vec<u64> = slot.commits.range((signer, 0)..=(signer, u64::MAX)).map(|((_, v), _)| *v).collect();
+        let views: Vec<u64> = slot
+            .commits
+            .range((signer, 0)..=(signer, u64::MAX))
+            .map(|((_, v), _)| *v)
+            .collect();
         if views.len() > COMMIT_VIEWS_PER_REPLICA_MAX {
             slot.commits.remove(&(signer, views[0]));
         }
@@ -908,7 +1003,9 @@ impl<A: App> Replica<A> {
     /// committed-local: 2f+1 matching commits of one view, and the batch with that digest.
     fn check_committed(&mut self, seq: u64, out: &mut Vec<Output>) {
         let quorum = self.quorum();
-        let Some(slot) = self.slots.get_mut(&seq) else { return };
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return;
+        };
         if slot.committed.is_some() {
             return;
         }
@@ -916,7 +1013,10 @@ impl<A: App> Replica<A> {
         for ((_, view), (digest, _)) in &slot.commits {
             *counts.entry((*view, *digest)).or_default() += 1;
         }
-        let certified = counts.into_iter().find(|(_, count)| *count >= quorum).map(|(key, _)| key);
+        let certified = counts
+            .into_iter()
+            .find(|(_, count)| *count >= quorum)
+            .map(|(key, _)| key);
         let Some((view, digest)) = certified else { return };
         let Some(batch) = slot.batch(&digest) else { return };
         slot.committed = Some((view, digest, batch));
@@ -931,12 +1031,21 @@ impl<A: App> Replica<A> {
         let mut progressed = false;
         loop {
             let seq = self.last_executed + 1;
-            let Some((view, batch_digest, batch)) = self.slots.get(&seq).and_then(|s| s.committed.clone()) else {
+            let Some((view, batch_digest, batch)) = self.slots.get(&seq).and_then(|s| s.committed.clone())
+            else {
                 break;
             };
             let executed = self.app.execute(seq, batch.timestamp_ms, &batch.requests);
-            assert_eq!(self.app.last_executed(), seq, "the app executes each seq once, in order");
-            assert_eq!(executed.replies.len(), batch.requests.len(), "one reply per request");
+            assert_eq!(
+                self.app.last_executed(),
+                seq,
+                "the app executes each seq once, in order"
+            );
+            assert_eq!(
+                executed.replies.len(),
+                batch.requests.len(),
+                "one reply per request"
+            );
             self.last_executed = seq;
             progressed = true;
             self.stats.batches_executed_total += 1;
@@ -956,7 +1065,12 @@ impl<A: App> Replica<A> {
                         }
                     }
                 }
-                out.push(Output::Reply { client: request.client, seq, request_digest, reply: reply.clone() });
+                out.push(Output::Reply {
+                    client: request.client,
+                    seq,
+                    request_digest,
+                    reply: reply.clone(),
+                });
             }
             out.push(Output::Committed(Committed {
                 seq,
@@ -967,7 +1081,7 @@ impl<A: App> Replica<A> {
                 digest: executed.digest,
                 batch_digest,
             }));
-            if seq % self.config.checkpoint_interval == 0 {
+            if seq.is_multiple_of(self.config.checkpoint_interval) {
                 self.take_checkpoint(seq, Hash(executed.digest), out);
             }
         }
@@ -1000,32 +1114,58 @@ impl<A: App> Replica<A> {
         self.check_stable(seq, out);
     }
 
-    fn on_checkpoint(&mut self, signed: SignedMessage, seq: u64, digest: Hash, out: &mut Vec<Output>) -> Result<()> {
+    fn on_checkpoint(
+        &mut self,
+        signed: SignedMessage,
+        seq: u64,
+        digest: Hash,
+        out: &mut Vec<Output>,
+    ) -> Result<()> {
         if seq <= self.low || seq > self.low + 2 * self.config.window {
             return Err(Error::Stale("checkpoint outside the window"));
         }
-        if seq % self.config.checkpoint_interval != 0 {
-            return Err(Error::Violation { replica: signed.signer, what: "checkpoint at a non-checkpoint seq" });
+        if !seq.is_multiple_of(self.config.checkpoint_interval) {
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "checkpoint at a non-checkpoint seq",
+            });
         }
-        if self.checkpoints.get(&seq).is_some_and(|c| c.votes.contains_key(&signed.signer)) {
+        if self
+            .checkpoints
+            .get(&seq)
+            .is_some_and(|c| c.votes.contains_key(&signed.signer))
+        {
             return Err(Error::Stale("duplicate checkpoint"));
         }
         self.verifier.verify(&signed)?;
-        self.checkpoints.entry(seq).or_default().votes.insert(signed.signer, (digest, signed));
+        self.checkpoints
+            .entry(seq)
+            .or_default()
+            .votes
+            .insert(signed.signer, (digest, signed));
         self.check_stable(seq, out);
         Ok(())
     }
 
     fn check_stable(&mut self, seq: u64, out: &mut Vec<Output>) {
         let quorum = self.quorum();
-        let Some(entry) = self.checkpoints.get(&seq) else { return };
+        let Some(entry) = self.checkpoints.get(&seq) else {
+            return;
+        };
         let mut counts: BTreeMap<Hash, usize> = BTreeMap::new();
         for (digest, _) in entry.votes.values() {
             *counts.entry(*digest).or_default() += 1;
         }
-        let Some((digest, _)) = counts.into_iter().find(|(_, c)| *c >= quorum) else { return };
-        let votes: Vec<SignedMessage> =
-            entry.votes.values().filter(|(d, _)| *d == digest).map(|(_, m)| m.clone()).take(quorum).collect();
+        let Some((digest, _)) = counts.into_iter().find(|(_, c)| *c >= quorum) else {
+            return;
+        };
+        let votes: Vec<SignedMessage> = entry
+            .votes
+            .values()
+            .filter(|(d, _)| *d == digest)
+            .map(|(_, m)| m.clone())
+            .take(quorum)
+            .collect();
         let cert = CheckpointCert { seq, digest, votes };
         self.adopt_stable_cert(cert, out);
     }
@@ -1037,7 +1177,7 @@ impl<A: App> Replica<A> {
             return;
         }
         if cert.seq > self.last_executed || !self.app_valid {
-            if self.transfer_target.as_ref().map_or(true, |t| t.seq < cert.seq) {
+            if self.transfer_target.as_ref().is_none_or(|t| t.seq < cert.seq) {
                 self.transfer_target = Some(cert.clone());
             }
             // Far behind (outside the window), or told by a peer: fetch now; otherwise let
@@ -1055,7 +1195,11 @@ impl<A: App> Replica<A> {
             return;
         };
         if own_digest != cert.digest {
-            warn!(replica = self.config.id, seq = cert.seq, "our state diverged from a stable checkpoint");
+            warn!(
+                replica = self.config.id,
+                seq = cert.seq,
+                "our state diverged from a stable checkpoint"
+            );
             self.app_valid = false;
             self.transfer_target = Some(cert.clone());
             self.start_transfer(cert, out);
@@ -1068,7 +1212,10 @@ impl<A: App> Replica<A> {
         let seq = cert.seq;
         let digest = cert.digest;
         self.stable_snapshot = Some((cert.clone(), snapshot.clone()));
-        out.push(Output::Persist(Record::StableCheckpoint { cert: cert.clone(), snapshot }));
+        out.push(Output::Persist(Record::StableCheckpoint {
+            cert: cert.clone(),
+            snapshot,
+        }));
         out.push(Output::StableCheckpoint { seq, digest });
         self.advance_low(cert);
         self.maybe_propose(false, out);
@@ -1112,8 +1259,15 @@ impl<A: App> Replica<A> {
             .range(self.low + 1..)
             .filter_map(|(_, slot)| slot.prepared.as_ref().map(|(_, _, cert)| cert.clone()))
             .collect();
-        let msg = self.sign(&Message::ViewChange { new_view, stable: self.stable.clone(), prepared });
-        out.push(Output::Persist(Record::ViewChange { view: new_view, msg: msg.clone() }));
+        let msg = self.sign(&Message::ViewChange {
+            new_view,
+            stable: self.stable.clone(),
+            prepared,
+        });
+        out.push(Output::Persist(Record::ViewChange {
+            view: new_view,
+            msg: msg.clone(),
+        }));
         self.own_view_change = Some(msg.clone());
         self.store_own_view_change(msg.clone());
         self.broadcast(out, msg);
@@ -1125,13 +1279,21 @@ impl<A: App> Replica<A> {
     fn store_own_view_change(&mut self, msg: SignedMessage) {
         if let Ok(info) = self.parse_view_change(&msg) {
             let view = self.view;
-            self.view_changes.entry(view).or_default().insert(self.config.id, info);
+            self.view_changes
+                .entry(view)
+                .or_default()
+                .insert(self.config.id, info);
         }
     }
 
     /// Structural checks of a view change; returns the messages whose signatures to verify.
     fn parse_view_change(&self, msg: &SignedMessage) -> Result<ViewChangeInfo> {
-        let Message::ViewChange { new_view: _, stable, prepared } = self.decode(msg)? else {
+        let Message::ViewChange {
+            new_view: _,
+            stable,
+            prepared,
+        } = self.decode(msg)?
+        else {
             return Err(Error::Malformed("not a view change".into()));
         };
         let stable_seq = stable.as_ref().map_or(0, |c| c.seq);
@@ -1143,22 +1305,33 @@ impl<A: App> Replica<A> {
         for cert in &prepared {
             let (seq, view, digest, batch) = self.parse_prepared_cert(cert)?;
             if seq <= stable_seq || seq > stable_seq + self.config.window || !seen.insert(seq) {
-                return Err(Error::InvalidCertificate("prepared certificate outside the window or repeated"));
+                return Err(Error::InvalidCertificate(
+                    "prepared certificate outside the window or repeated",
+                ));
             }
             parsed.push((seq, view, digest, batch));
         }
         if let Some(cert) = &stable {
             self.parse_checkpoint_cert(cert)?;
         }
-        Ok(ViewChangeInfo { msg: msg.clone(), stable, prepared: parsed, certs: prepared })
+        Ok(ViewChangeInfo {
+            msg: msg.clone(),
+            stable,
+            prepared: parsed,
+            certs: prepared,
+        })
     }
 
     fn parse_prepared_cert(&self, cert: &PreparedCert) -> Result<(u64, u64, Hash, Batch)> {
         let Message::PrePrepare { view, seq, batch } = self.decode(&cert.pre_prepare)? else {
-            return Err(Error::InvalidCertificate("prepared certificate without a pre-prepare"));
+            return Err(Error::InvalidCertificate(
+                "prepared certificate without a pre-prepare",
+            ));
         };
         if cert.pre_prepare.signer != self.primary(view) {
-            return Err(Error::InvalidCertificate("pre-prepare not from that view's primary"));
+            return Err(Error::InvalidCertificate(
+                "pre-prepare not from that view's primary",
+            ));
         }
         self.check_batch_shape(&batch)?;
         let digest = batch.digest();
@@ -1167,7 +1340,12 @@ impl<A: App> Replica<A> {
         }
         let mut signers = BTreeSet::new();
         for prepare in &cert.prepares {
-            let Message::Prepare { view: v, seq: s, digest: d } = self.decode(prepare)? else {
+            let Message::Prepare {
+                view: v,
+                seq: s,
+                digest: d,
+            } = self.decode(prepare)?
+            else {
                 return Err(Error::InvalidCertificate("not a prepare"));
             };
             let matching = v == view && s == seq && d == digest;
@@ -1179,7 +1357,7 @@ impl<A: App> Replica<A> {
     }
 
     fn parse_checkpoint_cert(&self, cert: &CheckpointCert) -> Result<()> {
-        if cert.seq == 0 || cert.seq % self.config.checkpoint_interval != 0 {
+        if cert.seq == 0 || !cert.seq.is_multiple_of(self.config.checkpoint_interval) {
             return Err(Error::InvalidCertificate("checkpoint at a non-checkpoint seq"));
         }
         if cert.votes.len() < self.quorum() || cert.votes.len() > self.n {
@@ -1191,7 +1369,9 @@ impl<A: App> Replica<A> {
                 return Err(Error::InvalidCertificate("not a checkpoint"));
             };
             if seq != cert.seq || digest != cert.digest || !signers.insert(vote.signer) {
-                return Err(Error::InvalidCertificate("checkpoint vote does not match or repeats"));
+                return Err(Error::InvalidCertificate(
+                    "checkpoint vote does not match or repeats",
+                ));
             }
         }
         Ok(())
@@ -1200,7 +1380,9 @@ impl<A: App> Replica<A> {
     fn verify_checkpoint_cert(&self, cert: &CheckpointCert) -> Result<()> {
         self.parse_checkpoint_cert(cert)?;
         let votes: Vec<&SignedMessage> = cert.votes.iter().collect();
-        self.verifier.verify_all(&votes).map_err(|_| Error::InvalidCertificate("bad checkpoint signature"))
+        self.verifier
+            .verify_all(&votes)
+            .map_err(|_| Error::InvalidCertificate("bad checkpoint signature"))
     }
 
     fn on_view_change(&mut self, signed: SignedMessage, new_view: u64, out: &mut Vec<Output>) -> Result<()> {
@@ -1211,14 +1393,21 @@ impl<A: App> Replica<A> {
         if new_view > self.view + VIEWS_AHEAD_MAX {
             return Err(Error::Stale("view change too far ahead"));
         }
-        if self.view_changes.get(&new_view).is_some_and(|m| m.contains_key(&signed.signer)) {
+        if self
+            .view_changes
+            .get(&new_view)
+            .is_some_and(|m| m.contains_key(&signed.signer))
+        {
             return Err(Error::Stale("duplicate view change"));
         }
         let info = self.parse_view_change(&signed)?;
         let mut all: Vec<&SignedMessage> = Vec::new();
         info.signatures(&mut all);
         self.verifier.verify_all(&all)?;
-        self.view_changes.entry(new_view).or_default().insert(signed.signer, info);
+        self.view_changes
+            .entry(new_view)
+            .or_default()
+            .insert(signed.signer, info);
         // Liveness rule: f+1 view changes for views above ours mean at least one correct
         // replica timed out; join the smallest such view.
         let mut above: BTreeMap<ReplicaId, u64> = BTreeMap::new();
@@ -1252,7 +1441,7 @@ impl<A: App> Replica<A> {
                 if *seq <= min_seq {
                     continue;
                 }
-                let better = best.get(seq).map_or(true, |(v, _)| *view > *v);
+                let better = best.get(seq).is_none_or(|(v, _)| *view > *v);
                 if better {
                     best.insert(*seq, (*view, batch));
                 }
@@ -1260,9 +1449,18 @@ impl<A: App> Replica<A> {
         }
         let max_seq = best.keys().next_back().copied().unwrap_or(min_seq).max(min_seq);
         let entries = (min_seq + 1..=max_seq)
-            .map(|seq| (seq, best.get(&seq).map_or_else(Batch::null, |(_, b)| (*b).clone())))
+            .map(|seq| {
+                (
+                    seq,
+                    best.get(&seq).map_or_else(Batch::null, |(_, b)| (*b).clone()),
+                )
+            })
             .collect();
-        NewViewPlan { min_cert, max_seq, entries }
+        NewViewPlan {
+            min_cert,
+            max_seq,
+            entries,
+        }
     }
 
     /// New primary: with 2f+1 view changes for our view, send the new view.
@@ -1271,25 +1469,49 @@ impl<A: App> Replica<A> {
         if !self.in_view_change || self.primary(view) != self.config.id || self.new_view.is_some() {
             return;
         }
-        let Some(senders) = self.view_changes.get(&view) else { return };
+        let Some(senders) = self.view_changes.get(&view) else {
+            return;
+        };
         if senders.len() < self.quorum() || !senders.contains_key(&self.config.id) {
             return;
         }
         let mut chosen: Vec<&ViewChangeInfo> = vec![&senders[&self.config.id]];
-        chosen.extend(senders.iter().filter(|(id, _)| **id != self.config.id).map(|(_, i)| i));
+        chosen.extend(
+            senders
+                .iter()
+                .filter(|(id, _)| **id != self.config.id)
+                .map(|(_, i)| i),
+        );
         chosen.truncate(self.quorum());
         let plan = self.plan_new_view(&chosen);
         let view_changes: Vec<SignedMessage> = chosen.iter().map(|i| i.msg.clone()).collect();
         let pre_prepares: Vec<SignedMessage> = plan
             .entries
             .iter()
-            .map(|(seq, batch)| self.sign(&Message::PrePrepare { view, seq: *seq, batch: batch.clone() }))
+            .map(|(seq, batch)| {
+                self.sign(&Message::PrePrepare {
+                    view,
+                    seq: *seq,
+                    batch: batch.clone(),
+                })
+            })
             .collect();
-        let msg = self.sign(&Message::NewView { view, view_changes, pre_prepares: pre_prepares.clone() });
-        out.push(Output::Persist(Record::NewView { view, msg: msg.clone() }));
+        let msg = self.sign(&Message::NewView {
+            view,
+            view_changes,
+            pre_prepares: pre_prepares.clone(),
+        });
+        out.push(Output::Persist(Record::NewView {
+            view,
+            msg: msg.clone(),
+        }));
         self.broadcast(out, msg.clone());
-        let entries: Vec<(u64, SignedMessage, Batch)> =
-            plan.entries.into_iter().zip(pre_prepares).map(|((seq, batch), pp)| (seq, pp, batch)).collect();
+        let entries: Vec<(u64, SignedMessage, Batch)> = plan
+            .entries
+            .into_iter()
+            .zip(pre_prepares)
+            .map(|((seq, batch), pp)| (seq, pp, batch))
+            .collect();
         self.enter_new_view(view, msg, plan.min_cert, plan.max_seq, entries, out);
     }
 
@@ -1309,7 +1531,10 @@ impl<A: App> Replica<A> {
             return Err(Error::Stale("new view too far ahead"));
         }
         if signed.signer != self.primary(view) {
-            return Err(Error::Violation { replica: signed.signer, what: "new view not from its primary" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "new view not from its primary",
+            });
         }
         if view_changes.len() < self.quorum() || view_changes.len() > self.n {
             return Err(Error::InvalidCertificate("new view needs 2f+1 view changes"));
@@ -1324,23 +1549,37 @@ impl<A: App> Replica<A> {
                 return Err(Error::InvalidCertificate("not a view change"));
             };
             if new_view != view || !signers.insert(vc.signer) {
-                return Err(Error::InvalidCertificate("view change for another view, or repeated"));
+                return Err(Error::InvalidCertificate(
+                    "view change for another view, or repeated",
+                ));
             }
             infos.push(self.parse_view_change(vc)?);
         }
         let info_refs: Vec<&ViewChangeInfo> = infos.iter().collect();
         let plan = self.plan_new_view(&info_refs);
         if plan.entries.len() != pre_prepares.len() {
-            return Err(Error::Violation { replica: signed.signer, what: "new view pre-prepares differ from O" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "new view pre-prepares differ from O",
+            });
         }
         let mut entries = Vec::with_capacity(pre_prepares.len());
         for ((seq, batch), pp) in plan.entries.iter().zip(&pre_prepares) {
-            let Message::PrePrepare { view: v, seq: s, batch: b } = self.decode(pp)? else {
+            let Message::PrePrepare {
+                view: v,
+                seq: s,
+                batch: b,
+            } = self.decode(pp)?
+            else {
                 return Err(Error::InvalidCertificate("not a pre-prepare"));
             };
-            let safety_rule_new_view_matches_o = v == view && s == *seq && b == *batch && pp.signer == signed.signer;
+            let safety_rule_new_view_matches_o =
+                v == view && s == *seq && b == *batch && pp.signer == signed.signer;
             if !safety_rule_new_view_matches_o {
-                return Err(Error::Violation { replica: signed.signer, what: "new view pre-prepares differ from O" });
+                return Err(Error::Violation {
+                    replica: signed.signer,
+                    what: "new view pre-prepares differ from O",
+                });
             }
             entries.push((s, pp.clone(), b));
         }
@@ -1352,7 +1591,10 @@ impl<A: App> Replica<A> {
         }
         all.extend(pre_prepares.iter());
         self.verifier.verify_all(&all)?;
-        out.push(Output::Persist(Record::NewView { view, msg: signed.clone() }));
+        out.push(Output::Persist(Record::NewView {
+            view,
+            msg: signed.clone(),
+        }));
         self.enter_new_view(view, signed, plan.min_cert, plan.max_seq, entries, out);
         Ok(())
     }
@@ -1437,7 +1679,10 @@ impl<A: App> Replica<A> {
     // Status, retransmission, catch-up
 
     fn on_status_tick(&mut self, out: &mut Vec<Output>) {
-        out.push(Output::SetTimer { timer: Timer::Status, after_ms: self.config.status_interval_ms });
+        out.push(Output::SetTimer {
+            timer: Timer::Status,
+            after_ms: self.config.status_interval_ms,
+        });
         let status = self.sign(&Message::Status {
             view: self.view,
             in_view_change: self.in_view_change,
@@ -1476,8 +1721,11 @@ impl<A: App> Replica<A> {
             self.forward_pending(FORWARD_PER_TICK_MAX, out);
         }
         // Our checkpoint votes that are not stable yet.
-        let votes: Vec<SignedMessage> =
-            self.checkpoints.values().filter_map(|c| c.own.as_ref().map(|(_, _, m)| m.clone())).collect();
+        let votes: Vec<SignedMessage> = self
+            .checkpoints
+            .values()
+            .filter_map(|c| c.own.as_ref().map(|(_, _, m)| m.clone()))
+            .collect();
         for vote in votes {
             self.broadcast(out, vote);
         }
@@ -1537,15 +1785,23 @@ impl<A: App> Replica<A> {
             } else {
                 let end = self.last_executed.min(last_executed + CATCHUP_BATCHES_MAX);
                 for seq in last_executed + 1..=end {
-                    let Some(slot) = self.slots.get(&seq) else { continue };
-                    let Some((view, digest, batch)) = slot.committed.clone() else { continue };
+                    let Some(slot) = self.slots.get(&seq) else {
+                        continue;
+                    };
+                    let Some((view, digest, batch)) = slot.committed.clone() else {
+                        continue;
+                    };
                     let commits: Vec<SignedMessage> = slot
                         .commits
                         .iter()
                         .filter(|((_, v), (d, _))| *v == view && *d == digest)
                         .map(|(_, (_, m))| m.clone())
                         .collect();
-                    let msg = self.sign(&Message::CommitProof { seq, batch: (*batch).clone(), commits });
+                    let msg = self.sign(&Message::CommitProof {
+                        seq,
+                        batch: (*batch).clone(),
+                        commits,
+                    });
                     self.send(out, peer, msg);
                     answered = true;
                 }
@@ -1572,14 +1828,21 @@ impl<A: App> Replica<A> {
             return Err(Error::Stale("already committed"));
         }
         if commits.is_empty() || commits.len() > self.n {
-            return Err(Error::Malformed("commit proof with a wrong number of commits".into()));
+            return Err(Error::Malformed(
+                "commit proof with a wrong number of commits".into(),
+            ));
         }
         self.check_batch_shape(&batch)?;
         let digest = batch.digest();
         let mut parsed = Vec::with_capacity(commits.len());
         let mut signers = BTreeSet::new();
         for commit in &commits {
-            let Message::Commit { view, seq: s, digest: d } = self.decode(commit)? else {
+            let Message::Commit {
+                view,
+                seq: s,
+                digest: d,
+            } = self.decode(commit)?
+            else {
                 return Err(Error::InvalidCertificate("not a commit"));
             };
             if s != seq || d != digest || !signers.insert(commit.signer) || commit.signer as usize >= self.n {
@@ -1593,7 +1856,10 @@ impl<A: App> Replica<A> {
         let mut all: Vec<&SignedMessage> = vec![&signed];
         all.extend(commits.iter());
         self.verifier.verify_all(&all)?;
-        self.slots.entry(seq).or_default().add_batch(digest, Arc::new(batch));
+        self.slots
+            .entry(seq)
+            .or_default()
+            .add_batch(digest, Arc::new(batch));
         for (commit, view) in commits.into_iter().zip(parsed) {
             self.insert_commit(seq, view, digest, commit);
         }
@@ -1610,17 +1876,31 @@ impl<A: App> Replica<A> {
                 return;
             }
         }
-        let peer = cert.votes.iter().map(|v| v.signer).find(|s| *s != self.config.id).unwrap_or(0);
+        let peer = cert
+            .votes
+            .iter()
+            .map(|v| v.signer)
+            .find(|s| *s != self.config.id)
+            .unwrap_or(0);
         self.stats.state_transfers_started_total += 1;
         let seq = cert.seq;
-        self.transfer = Some(Transfer { cert, peer, attempts: 0 });
+        self.transfer = Some(Transfer {
+            cert,
+            peer,
+            attempts: 0,
+        });
         let msg = self.sign(&Message::FetchSnapshot { seq });
         self.send(out, peer, msg);
-        out.push(Output::SetTimer { timer: Timer::StateTransfer, after_ms: self.config.state_transfer_timeout_ms });
+        out.push(Output::SetTimer {
+            timer: Timer::StateTransfer,
+            after_ms: self.config.state_transfer_timeout_ms,
+        });
     }
 
     fn on_transfer_timeout(&mut self, out: &mut Vec<Output>) {
-        let Some(transfer) = self.transfer.as_mut() else { return };
+        let Some(transfer) = self.transfer.as_mut() else {
+            return;
+        };
         transfer.attempts += 1;
         let n = self.n as u32;
         let mut peer = (transfer.peer + 1) % n;
@@ -1631,7 +1911,10 @@ impl<A: App> Replica<A> {
         let seq = transfer.cert.seq;
         let msg = self.sign(&Message::FetchSnapshot { seq });
         self.send(out, peer, msg);
-        out.push(Output::SetTimer { timer: Timer::StateTransfer, after_ms: self.config.state_transfer_timeout_ms });
+        out.push(Output::SetTimer {
+            timer: Timer::StateTransfer,
+            after_ms: self.config.state_transfer_timeout_ms,
+        });
     }
 
     fn on_fetch_snapshot(&mut self, signed: SignedMessage, seq: u64, out: &mut Vec<Output>) -> Result<()> {
@@ -1648,7 +1931,10 @@ impl<A: App> Replica<A> {
         }
         self.verifier.verify(&signed)?;
         self.snapshot_served_ms[peer as usize] = self.now_ms.max(1);
-        let msg = self.sign(&Message::Snapshot { cert, snapshot: (*snapshot).clone() });
+        let msg = self.sign(&Message::Snapshot {
+            cert,
+            snapshot: (*snapshot).clone(),
+        });
         self.send(out, peer, msg);
         Ok(())
     }
@@ -1670,17 +1956,23 @@ impl<A: App> Replica<A> {
         self.verify_checkpoint_cert(&cert)?;
         let restored = self.app.restore(&snapshot);
         let seq = cert.seq;
-        let matches = matches!(&restored, Ok(digest) if *digest == cert.digest.0) && self.app.last_executed() == seq;
+        let matches =
+            matches!(&restored, Ok(digest) if *digest == cert.digest.0) && self.app.last_executed() == seq;
         if !matches {
             self.app_valid = false;
-            return Err(Error::Violation { replica: signed.signer, what: "snapshot does not match its certificate" });
+            return Err(Error::Violation {
+                replica: signed.signer,
+                what: "snapshot does not match its certificate",
+            });
         }
         self.app_valid = true;
         self.last_executed = seq;
         self.executed_at_last_tick = seq;
         self.transfer = None;
         self.stats.state_transfers_completed_total += 1;
-        out.push(Output::CancelTimer { timer: Timer::StateTransfer });
+        out.push(Output::CancelTimer {
+            timer: Timer::StateTransfer,
+        });
         // Requests we held may have executed inside the snapshot; clients retransmit.
         self.pending.clear();
         self.pending_order.clear();

@@ -69,7 +69,8 @@ impl<A> Default for SimOptions<A> {
             byzantine: true,
             verbose: false,
             invariant: None,
-            replay_command: "cargo run -p hoard-pbft --bin pbft-sim -- --seed {seed} --replicas {replicas}".into(),
+            replay_command: "cargo run -p hoard-pbft --bin pbft-sim -- --seed {seed} --replicas {replicas}"
+                .into(),
             checkpoint_interval: 8,
             window: 16,
             batch_size_max: 8,
@@ -181,16 +182,35 @@ struct Node<A: App> {
 }
 
 enum Event {
-    Deliver { to: ReplicaId, from: ReplicaId, bytes: Arc<Vec<u8>> },
-    Timer { node: ReplicaId, timer: Timer, generation: u64 },
-    Submit { client: u64 },
-    Retransmit { request: usize },
-    Crash { node: ReplicaId, old_disk: bool },
-    Restart { node: ReplicaId },
+    Deliver {
+        to: ReplicaId,
+        from: ReplicaId,
+        bytes: Arc<Vec<u8>>,
+    },
+    Timer {
+        node: ReplicaId,
+        timer: Timer,
+        generation: u64,
+    },
+    Submit {
+        client: u64,
+    },
+    Retransmit {
+        request: usize,
+    },
+    Crash {
+        node: ReplicaId,
+        old_disk: bool,
+    },
+    Restart {
+        node: ReplicaId,
+    },
     CrashAll,
     Partition,
     Heal,
-    SaveDisk { node: ReplicaId },
+    SaveDisk {
+        node: ReplicaId,
+    },
 }
 
 fn timer_index(timer: Timer) -> usize {
@@ -300,16 +320,32 @@ where
 }
 
 fn draw_params<A>(rng: &mut ChaCha8Rng, n: usize, f: usize, options: &SimOptions<A>) -> FaultParams {
-    let mut params = FaultParams { delay_min_ms: 1, delay_max_ms: 5, ..FaultParams::default() };
+    let mut params = FaultParams {
+        delay_min_ms: 1,
+        delay_max_ms: 5,
+        ..FaultParams::default()
+    };
     if !options.faults {
         return params;
     }
-    params.loss = if rng.gen_bool(0.3) { 0.0 } else { rng.gen_range(0.0..0.15) };
+    params.loss = if rng.gen_bool(0.3) {
+        0.0
+    } else {
+        rng.gen_range(0.0..0.15)
+    };
     params.duplicate = rng.gen_range(0.0..0.05);
     params.delay_min_ms = rng.gen_range(1..5);
     params.delay_max_ms = params.delay_min_ms + rng.gen_range(0..40);
-    params.crash_per_s = if rng.gen_bool(0.3) { 0.0 } else { rng.gen_range(0.0..1.5) };
-    params.partition_per_s = if rng.gen_bool(0.5) { 0.0 } else { rng.gen_range(0.0..1.0) };
+    params.crash_per_s = if rng.gen_bool(0.3) {
+        0.0
+    } else {
+        rng.gen_range(0.0..1.5)
+    };
+    params.partition_per_s = if rng.gen_bool(0.5) {
+        0.0
+    } else {
+        rng.gen_range(0.0..1.0)
+    };
     let mut budget = f;
     if options.byzantine && rng.gen_bool(0.6) {
         let count = rng.gen_range(1..=f);
@@ -330,12 +366,14 @@ fn draw_params<A>(rng: &mut ChaCha8Rng, n: usize, f: usize, options: &SimOptions
         params.slow = Some(rng.gen_range(0..n as ReplicaId));
     }
     if budget > 0 && rng.gen_bool(0.3) {
-        let candidates: Vec<ReplicaId> =
-            (0..n as ReplicaId).filter(|id| !params.byzantine.contains(id)).collect();
+        let candidates: Vec<ReplicaId> = (0..n as ReplicaId)
+            .filter(|id| !params.byzantine.contains(id))
+            .collect();
         params.old_disk = Some(candidates[rng.gen_range(0..candidates.len())]);
     }
     if rng.gen_bool(0.2) {
-        params.crash_all_at_ms = Some(rng.gen_range(options.fault_phase_ms / 4..options.fault_phase_ms * 3 / 4));
+        params.crash_all_at_ms =
+            Some(rng.gen_range(options.fault_phase_ms / 4..options.fault_phase_ms * 3 / 4));
     }
     params
 }
@@ -407,7 +445,11 @@ where
             });
         }
         for id in 0..n as ReplicaId {
-            let outputs = self.nodes[id as usize].replica.as_mut().map(|r| r.start()).unwrap_or_default();
+            let outputs = self.nodes[id as usize]
+                .replica
+                .as_mut()
+                .map(|r| r.start())
+                .unwrap_or_default();
             self.process_outputs(id, outputs);
         }
         for client in 0..self.options.clients {
@@ -447,7 +489,10 @@ where
             }
             self.report.events += 1;
             if self.report.events > self.options.events_max {
-                self.fail(FailureKind::Liveness, format!("event budget {} exhausted", self.options.events_max));
+                self.fail(
+                    FailureKind::Liveness,
+                    format!("event budget {} exhausted", self.options.events_max),
+                );
                 break;
             }
             self.handle(event);
@@ -481,7 +526,11 @@ where
             let missing = self.must_execute.len();
             self.fail(
                 FailureKind::Liveness,
-                format!("not converged {}ms after healing: {} ({missing} requests not executed)", self.options.liveness_ms, state.join(" ")),
+                format!(
+                    "not converged {}ms after healing: {} ({missing} requests not executed)",
+                    self.options.liveness_ms,
+                    state.join(" ")
+                ),
             );
         }
         for node in &self.nodes {
@@ -513,7 +562,13 @@ where
                 return;
             }
             let node = self.rng.gen_range(0..self.n() as ReplicaId);
-            self.schedule(at, Event::Crash { node, old_disk: false });
+            self.schedule(
+                at,
+                Event::Crash {
+                    node,
+                    old_disk: false,
+                },
+            );
         }
     }
 
@@ -539,7 +594,9 @@ where
             if node.byzantine {
                 continue;
             }
-            let Some(replica) = &node.replica else { return false };
+            let Some(replica) = &node.replica else {
+                return false;
+            };
             let state = (replica.last_executed(), replica.app().digest());
             match seen {
                 None => seen = Some(state),
@@ -555,30 +612,38 @@ where
             Event::Deliver { to, from, bytes } => {
                 self.report.messages_delivered += 1;
                 let now = self.now;
-                let Some(replica) = self.nodes[to as usize].replica.as_mut() else { return };
+                let Some(replica) = self.nodes[to as usize].replica.as_mut() else {
+                    return;
+                };
                 replica.set_now(now);
                 let outputs = replica.on_bytes(from, &bytes);
                 self.process_outputs(to, outputs);
                 self.after_step(to);
             }
-            Event::Timer { node, timer, generation } => {
+            Event::Timer {
+                node,
+                timer,
+                generation,
+            } => {
                 if self.nodes[node as usize].timers[timer_index(timer)] != generation {
                     return;
                 }
                 let now = self.now;
-                let Some(replica) = self.nodes[node as usize].replica.as_mut() else { return };
+                let Some(replica) = self.nodes[node as usize].replica.as_mut() else {
+                    return;
+                };
                 replica.set_now(now);
                 let outputs = replica.on_timer(timer);
                 self.process_outputs(node, outputs);
                 self.after_step(node);
             }
             Event::Submit { client } => {
-                if self.faults_active || !self.options.faults {
-                    if self.now < self.options.fault_phase_ms {
-                        self.submit(client);
-                        let gap = self.rng.gen_range(1..=2 * self.options.request_interval_ms.max(1));
-                        self.schedule(self.now + gap, Event::Submit { client });
-                    }
+                if (self.faults_active || !self.options.faults) && self.now < self.options.fault_phase_ms {
+                    self.submit(client);
+                    let gap = self
+                        .rng
+                        .gen_range(1..=2 * self.options.request_interval_ms.max(1));
+                    self.schedule(self.now + gap, Event::Submit { client });
                 }
             }
             Event::Retransmit { request } => {
@@ -667,7 +732,10 @@ where
             if *seq == app.last_executed() + 1 {
                 let executed = app.execute(*seq, *timestamp, requests);
                 if executed.digest != *digest {
-                    self.fail(FailureKind::Recovery, format!("r{node}: replay of seq {seq} diverged"));
+                    self.fail(
+                        FailureKind::Recovery,
+                        format!("r{node}: replay of seq {seq} diverged"),
+                    );
                     return;
                 }
             }
@@ -679,7 +747,13 @@ where
                 return;
             }
         };
-        self.log(|| format!("restart r{node} at exec={} view={}", replica.last_executed(), replica.view()));
+        self.log(|| {
+            format!(
+                "restart r{node} at exec={} view={}",
+                replica.last_executed(),
+                replica.view()
+            )
+        });
         self.nodes[node as usize].replica = Some(replica);
         let now = self.now;
         let outputs = {
@@ -713,7 +787,9 @@ where
 
     fn deliver_request(&mut self, to: ReplicaId, request: Request) {
         let now = self.now;
-        let Some(replica) = self.nodes[to as usize].replica.as_mut() else { return };
+        let Some(replica) = self.nodes[to as usize].replica.as_mut() else {
+            return;
+        };
         replica.set_now(now);
         let outputs = replica.on_request(request);
         self.process_outputs(to, outputs);
@@ -728,7 +804,10 @@ where
         let Some(replica) = &node.replica else { return };
         if !replica.memory_bounded() {
             let stats = replica.stats().clone();
-            self.fail(FailureKind::Memory, format!("r{id}: memory bounds exceeded: {stats:?}"));
+            self.fail(
+                FailureKind::Memory,
+                format!("r{id}: memory bounds exceeded: {stats:?}"),
+            );
             return;
         }
         if let Some(invariant) = &self.options.invariant {
@@ -747,7 +826,14 @@ where
                     let node = &mut self.nodes[id as usize];
                     node.timers[timer_index(timer)] += 1;
                     let generation = node.timers[timer_index(timer)];
-                    self.schedule(self.now + after_ms, Event::Timer { node: id, timer, generation });
+                    self.schedule(
+                        self.now + after_ms,
+                        Event::Timer {
+                            node: id,
+                            timer,
+                            generation,
+                        },
+                    );
                 }
                 Output::CancelTimer { timer } => {
                     self.nodes[id as usize].timers[timer_index(timer)] += 1;
@@ -797,7 +883,8 @@ where
                 }
             }
             None => {
-                self.history.insert(seq, (committed.batch_digest, committed.digest, id));
+                self.history
+                    .insert(seq, (committed.batch_digest, committed.digest, id));
             }
         }
         for request in &committed.requests {
@@ -808,7 +895,10 @@ where
                     self.must_execute.remove(&index);
                 }
                 None => {
-                    self.fail(FailureKind::Forged, format!("seq {seq}: r{id} executed a request never submitted"));
+                    self.fail(
+                        FailureKind::Forged,
+                        format!("seq {seq}: r{id} executed a request never submitted"),
+                    );
                     return;
                 }
             }
@@ -844,8 +934,14 @@ where
                     if other.requests.len() > 1 {
                         other.requests.pop();
                     }
-                    let alternative = Message::PrePrepare { view, seq, batch: other };
-                    Some(Arc::new(alternative.sign(from, &self.keypairs[from as usize]).to_bytes()))
+                    let alternative = Message::PrePrepare {
+                        view,
+                        seq,
+                        batch: other,
+                    };
+                    Some(Arc::new(
+                        alternative.sign(from, &self.keypairs[from as usize]).to_bytes(),
+                    ))
                 }
                 _ => None,
             }
@@ -871,8 +967,13 @@ where
                 self.rng.fill_bytes(&mut garbage);
                 if self.rng.gen_bool(0.5) && len > 8 {
                     // A well-formed envelope around garbage, correctly signed.
-                    let signature = self.keypairs[from as usize].sign(crate::constants::SIGNING_DOMAIN, &garbage);
-                    let envelope = SignedMessage { signer: from, payload: Arc::new(garbage), signature };
+                    let signature =
+                        self.keypairs[from as usize].sign(crate::constants::SIGNING_DOMAIN, &garbage);
+                    let envelope = SignedMessage {
+                        signer: from,
+                        payload: Arc::new(garbage),
+                        signature,
+                    };
                     garbage = envelope.to_bytes();
                 }
                 self.network(from, to, Arc::new(garbage));
@@ -910,7 +1011,14 @@ where
         }
         for _ in 0..copies {
             let delay = self.rng.gen_range(delay_min..=delay_max);
-            self.schedule(self.now + delay, Event::Deliver { to, from, bytes: bytes.clone() });
+            self.schedule(
+                self.now + delay,
+                Event::Deliver {
+                    to,
+                    from,
+                    bytes: bytes.clone(),
+                },
+            );
         }
     }
 }

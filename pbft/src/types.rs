@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::constants::{MESSAGE_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
 use crate::error::{Error, Result};
-use crate::message::{arc_bytes, CheckpointCert, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage};
+use crate::message::{
+    arc_bytes, CheckpointCert, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage,
+};
 
 /// A replica's configuration. All durations are milliseconds; the driver owns the clock.
 #[derive(Clone, Debug)]
@@ -93,7 +95,7 @@ impl Config {
         if self.checkpoint_interval == 0 || self.window < self.checkpoint_interval {
             return Err(Error::Config("need 0 < checkpoint_interval <= window"));
         }
-        if self.window % self.checkpoint_interval != 0 {
+        if !self.window.is_multiple_of(self.checkpoint_interval) {
             return Err(Error::Config("window must be a multiple of checkpoint_interval"));
         }
         if self.batch_size_max == 0 || self.pending_requests_max < self.batch_size_max {
@@ -102,11 +104,16 @@ impl Config {
         if self.request_bytes_max > self.batch_bytes_max {
             return Err(Error::Config("a request must fit in a batch"));
         }
-        if self.message_bytes_max > MESSAGE_BYTES_MAX || self.message_bytes_max < self.batch_bytes_max + 4096 {
-            return Err(Error::Config("message_bytes_max must hold a batch and stay under the hard cap"));
+        if self.message_bytes_max > MESSAGE_BYTES_MAX || self.message_bytes_max < self.batch_bytes_max + 4096
+        {
+            return Err(Error::Config(
+                "message_bytes_max must hold a batch and stay under the hard cap",
+            ));
         }
         if self.view_change_timeout_max_ms < self.view_change_timeout_ms {
-            return Err(Error::Config("view_change_timeout_max_ms below view_change_timeout_ms"));
+            return Err(Error::Config(
+                "view_change_timeout_max_ms below view_change_timeout_ms",
+            ));
         }
         if self.batch_timeout_ms == 0
             || self.view_change_timeout_ms == 0
@@ -149,19 +156,39 @@ pub struct Committed {
 /// What the driver must do, in order.
 #[derive(Clone, Debug)]
 pub enum Output {
-    Send { to: ReplicaId, msg: SignedMessage },
-    Broadcast { msg: SignedMessage },
+    Send {
+        to: ReplicaId,
+        msg: SignedMessage,
+    },
+    Broadcast {
+        msg: SignedMessage,
+    },
     /// (Re)arm the timer of this kind.
-    SetTimer { timer: Timer, after_ms: u64 },
-    CancelTimer { timer: Timer },
+    SetTimer {
+        timer: Timer,
+        after_ms: u64,
+    },
+    CancelTimer {
+        timer: Timer,
+    },
     /// Make durable before performing any later output of the same list.
     Persist(Record),
     Committed(Committed),
-    Reply { client: u64, seq: u64, request_digest: Hash, reply: Vec<u8> },
+    Reply {
+        client: u64,
+        seq: u64,
+        request_digest: Hash,
+        reply: Vec<u8>,
+    },
     /// A checkpoint became stable (its snapshot is in the preceding `Persist` record).
-    StableCheckpoint { seq: u64, digest: Hash },
+    StableCheckpoint {
+        seq: u64,
+        digest: Hash,
+    },
     /// The app was replaced by a snapshot at `seq` (the block log restarts after `seq`).
-    StateTransferred { seq: u64 },
+    StateTransferred {
+        seq: u64,
+    },
 }
 
 /// What a replica makes durable. Fold records into a [`DurableState`] with
@@ -171,9 +198,21 @@ pub enum Record {
     /// Our pre-prepare as primary.
     PrePrepare { view: u64, seq: u64, msg: SignedMessage },
     /// Our prepare, with the pre-prepare it accepts.
-    Prepare { view: u64, seq: u64, digest: Hash, pre_prepare: SignedMessage, prepare: SignedMessage },
+    Prepare {
+        view: u64,
+        seq: u64,
+        digest: Hash,
+        pre_prepare: SignedMessage,
+        prepare: SignedMessage,
+    },
     /// We prepared (the certificate) and our commit.
-    Commit { view: u64, seq: u64, digest: Hash, cert: PreparedCert, commit: SignedMessage },
+    Commit {
+        view: u64,
+        seq: u64,
+        digest: Hash,
+        cert: PreparedCert,
+        commit: SignedMessage,
+    },
     /// We moved to `view` and voted for it.
     ViewChange { view: u64, msg: SignedMessage },
     /// We entered `view` by this new-view message (ours as primary, or accepted).
@@ -240,23 +279,35 @@ impl DurableState {
             Record::PrePrepare { view, seq, msg } => {
                 if seq > stable_seq {
                     let slot = self.slots.entry(seq).or_default();
-                    if slot.pre_prepare.as_ref().map_or(true, |(v, _)| *v <= view) {
+                    if slot.pre_prepare.as_ref().is_none_or(|(v, _)| *v <= view) {
                         slot.pre_prepare = Some((view, msg));
                     }
                 }
             }
-            Record::Prepare { view, seq, digest, pre_prepare, prepare } => {
+            Record::Prepare {
+                view,
+                seq,
+                digest,
+                pre_prepare,
+                prepare,
+            } => {
                 if seq > stable_seq {
                     let slot = self.slots.entry(seq).or_default();
-                    if slot.prepare.as_ref().map_or(true, |(v, ..)| *v <= view) {
+                    if slot.prepare.as_ref().is_none_or(|(v, ..)| *v <= view) {
                         slot.prepare = Some((view, digest, pre_prepare, prepare));
                     }
                 }
             }
-            Record::Commit { view, seq, digest, cert, commit } => {
+            Record::Commit {
+                view,
+                seq,
+                digest,
+                cert,
+                commit,
+            } => {
                 if seq > stable_seq {
                     let slot = self.slots.entry(seq).or_default();
-                    if slot.commit.as_ref().map_or(true, |(v, ..)| *v <= view) {
+                    if slot.commit.as_ref().is_none_or(|(v, ..)| *v <= view) {
                         slot.commit = Some((view, digest, cert, commit));
                     }
                 }

@@ -25,7 +25,10 @@ fn normal_case_orders_and_checkpoints() {
     assert!(cluster.converged());
     for id in 0..4 {
         for nonce in 0..40 {
-            assert!(cluster.executed_request(id, &req(nonce)), "replica {id} executed request {nonce}");
+            assert!(
+                cluster.executed_request(id, &req(nonce)),
+                "replica {id} executed request {nonce}"
+            );
         }
         let replica = cluster.replica(id);
         assert!(replica.stable_checkpoint() >= 4, "checkpoints became stable");
@@ -60,10 +63,17 @@ fn view_change_carries_a_prepared_but_uncommitted_batch() {
         assert!(!replica.in_view_change());
         let first = &cluster.executed[id as usize][0];
         assert_eq!(first.seq, 1);
-        assert_eq!(first.requests, vec![request.clone()], "seq 1 keeps the prepared batch");
+        assert_eq!(
+            first.requests,
+            vec![request.clone()],
+            "seq 1 keeps the prepared batch"
+        );
     }
     cluster.assert_agreement();
-    let executions: usize = cluster.executed[1].iter().filter(|c| c.requests.contains(&request)).count();
+    let executions: usize = cluster.executed[1]
+        .iter()
+        .filter(|c| c.requests.contains(&request))
+        .count();
     assert_eq!(executions, 1, "the request executes once");
 }
 
@@ -118,7 +128,10 @@ fn replica_with_an_old_disk_catches_up_by_state_transfer() {
     }
     cluster.run(200);
     let ahead = cluster.last_executed(0);
-    assert!(ahead > old_seq + 2 * cluster.window, "the others moved past the old disk's window");
+    assert!(
+        ahead > old_seq + 2 * cluster.window,
+        "the others moved past the old disk's window"
+    );
     cluster.restart_from(3, old_disk);
     cluster.run(3_000);
     assert!(!cluster.transferred[3].is_empty(), "replica 3 fetched a snapshot");
@@ -156,7 +169,10 @@ fn all_replicas_crash_and_restart_from_their_disks() {
     assert!(cluster.converged());
     for id in 0..4 {
         for nonce in 0..25 {
-            assert!(cluster.executed_request(id, &req(nonce)), "replica {id} executed request {nonce}");
+            assert!(
+                cluster.executed_request(id, &req(nonce)),
+                "replica {id} executed request {nonce}"
+            );
         }
     }
 }
@@ -172,7 +188,12 @@ fn byzantine_primary_equivocation_does_not_split_the_replicas() {
             Ok(Message::PrePrepare { view, seq, batch }) if to == 1 => {
                 let mut other = batch.clone();
                 other.timestamp_ms += 1;
-                Message::PrePrepare { view, seq, batch: other }.sign(0, &keypair)
+                Message::PrePrepare {
+                    view,
+                    seq,
+                    batch: other,
+                }
+                .sign(0, &keypair)
             }
             _ => msg,
         }),
@@ -193,9 +214,14 @@ fn byzantine_primary_equivocation_does_not_split_the_replicas() {
     cluster.run(3_000);
     cluster.assert_agreement();
     let honest: Vec<u32> = vec![1, 2, 3];
-    let states: Vec<(u64, [u8; 32])> =
-        honest.iter().map(|id| (cluster.last_executed(*id), cluster.replica(*id).app().digest())).collect();
-    assert!(states.windows(2).all(|w| w[0] == w[1]), "honest replicas converge: {states:?}");
+    let states: Vec<(u64, [u8; 32])> = honest
+        .iter()
+        .map(|id| (cluster.last_executed(*id), cluster.replica(*id).app().digest()))
+        .collect();
+    assert!(
+        states.windows(2).all(|w| w[0] == w[1]),
+        "honest replicas converge: {states:?}"
+    );
     for nonce in 0..10 {
         // A replica that fetched a snapshot executed some requests inside it.
         let executed = honest
@@ -211,28 +237,63 @@ fn garbage_and_forgeries_are_rejected_with_typed_errors() {
     let mut cluster = Cluster::new(4);
     let replica = cluster.nodes[1].as_mut().unwrap();
     let before = replica.stats().messages_invalid_total;
-    for bytes in [vec![], vec![0xc1, 0x00], vec![0x93, 0x00, 0xc4, 0x02, 1, 2], vec![0xff; 100]] {
+    for bytes in [
+        vec![],
+        vec![0xc1, 0x00],
+        vec![0x93, 0x00, 0xc4, 0x02, 1, 2],
+        vec![0xff; 100],
+    ] {
         let outputs = replica.on_bytes(2, &bytes);
         assert!(outputs.is_empty());
     }
     assert_eq!(replica.stats().messages_invalid_total, before + 4);
     // A pre-prepare signed by a backup, and one with a broken signature.
-    let batch = Batch { timestamp_ms: 1, requests: vec![req(1)] };
-    let forged = Message::PrePrepare { view: 0, seq: 1, batch: batch.clone() }.sign(2, &cluster.keypairs[2]);
+    let batch = Batch {
+        timestamp_ms: 1,
+        requests: vec![req(1)],
+    };
+    let forged = Message::PrePrepare {
+        view: 0,
+        seq: 1,
+        batch: batch.clone(),
+    }
+    .sign(2, &cluster.keypairs[2]);
     let replica = cluster.nodes[1].as_mut().unwrap();
-    assert!(matches!(replica.try_on_message(2, forged), Err(hoard_pbft::Error::Violation { .. })));
-    let mut bad = Message::PrePrepare { view: 0, seq: 1, batch }.sign(0, &cluster.keypairs[0]);
+    assert!(matches!(
+        replica.try_on_message(2, forged),
+        Err(hoard_pbft::Error::Violation { .. })
+    ));
+    let mut bad = Message::PrePrepare {
+        view: 0,
+        seq: 1,
+        batch,
+    }
+    .sign(0, &cluster.keypairs[0]);
     bad.signature.0[3] ^= 1;
-    assert!(matches!(replica.try_on_message(0, bad), Err(hoard_pbft::Error::BadSignature(0))));
+    assert!(matches!(
+        replica.try_on_message(0, bad),
+        Err(hoard_pbft::Error::BadSignature(0))
+    ));
     // A garbage payload correctly signed.
     let payload = vec![0xde, 0xad, 0xbe, 0xef];
     let signature = cluster.keypairs[2].sign(hoard_pbft::constants::SIGNING_DOMAIN, &payload);
-    let envelope = hoard_pbft::SignedMessage { signer: 2, payload: Arc::new(payload), signature };
+    let envelope = hoard_pbft::SignedMessage {
+        signer: 2,
+        payload: Arc::new(payload),
+        signature,
+    };
     let replica = cluster.nodes[1].as_mut().unwrap();
-    assert!(matches!(replica.try_on_message(2, envelope), Err(hoard_pbft::Error::Malformed(_))));
+    assert!(matches!(
+        replica.try_on_message(2, envelope),
+        Err(hoard_pbft::Error::Malformed(_))
+    ));
     // A stale message (an old view) is dropped as stale.
-    let stale = Message::Prepare { view: 0, seq: 999, digest: hoard_types::crypto::Hash::ZERO }
-        .sign(2, &cluster.keypairs[2]);
+    let stale = Message::Prepare {
+        view: 0,
+        seq: 999,
+        digest: hoard_types::crypto::Hash::ZERO,
+    }
+    .sign(2, &cluster.keypairs[2]);
     let replica = cluster.nodes[1].as_mut().unwrap();
     assert!(matches!(replica.try_on_message(2, stale), Err(e) if e.is_stale()));
 }
@@ -244,16 +305,33 @@ fn restarted_replica_never_signs_two_prepares_for_one_view_and_seq() {
     cluster.drop = Box::new(|_, _, m| matches!(m, Message::Commit { .. } | Message::Status { .. }));
     cluster.submit(0, req(1));
     cluster.run(20);
-    let signed_before = cluster.disks[1].durable.slots.get(&1).and_then(|s| s.prepare.clone()).expect("persisted");
+    let signed_before = cluster.disks[1]
+        .durable
+        .slots
+        .get(&1)
+        .and_then(|s| s.prepare.clone())
+        .expect("persisted");
     cluster.crash(1);
     cluster.restart(1);
     // A conflicting pre-prepare for (0, 1) from the primary's key must not get a new prepare.
-    let conflicting = Message::PrePrepare { view: 0, seq: 1, batch: Batch { timestamp_ms: 99, requests: vec![] } }
-        .sign(0, &cluster.keypairs[0]);
+    let conflicting = Message::PrePrepare {
+        view: 0,
+        seq: 1,
+        batch: Batch {
+            timestamp_ms: 99,
+            requests: vec![],
+        },
+    }
+    .sign(0, &cluster.keypairs[0]);
     let replica = cluster.nodes[1].as_mut().unwrap();
     let result = replica.try_on_message(0, conflicting);
     assert!(result.is_err(), "the conflicting pre-prepare is refused");
-    let signed_after = cluster.disks[1].durable.slots.get(&1).and_then(|s| s.prepare.clone()).unwrap();
+    let signed_after = cluster.disks[1]
+        .durable
+        .slots
+        .get(&1)
+        .and_then(|s| s.prepare.clone())
+        .unwrap();
     assert_eq!(signed_before, signed_after);
     let _ = Timer::Status;
 }

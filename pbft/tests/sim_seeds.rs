@@ -7,11 +7,21 @@ use hoard_pbft::sim::{run_seeds, test_request, SimOptions};
 use hoard_pbft::TestApp;
 
 fn options() -> SimOptions<TestApp> {
-    SimOptions { invariant: Some(Arc::new(|app: &TestApp| app.invariant())), ..SimOptions::default() }
+    SimOptions {
+        invariant: Some(Arc::new(|app: &TestApp| app.invariant())),
+        ..SimOptions::default()
+    }
 }
 
 fn check(first_seed: u64, count: u64, replicas: usize) {
-    let reports = run_seeds(first_seed, count, replicas, |_| TestApp::new(), test_request, &options());
+    let reports = run_seeds(
+        first_seed,
+        count,
+        replicas,
+        |_| TestApp::new(),
+        test_request,
+        &options(),
+    );
     let failures: Vec<u64> = reports.iter().filter(|r| !r.ok()).map(|r| r.seed).collect();
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
     // The runs were meaningful: work was done and faults did happen.
@@ -20,7 +30,10 @@ fn check(first_seed: u64, count: u64, replicas: usize) {
     let transfers: u64 = reports.iter().map(|r| r.state_transfers).sum();
     let crashes: u64 = reports.iter().map(|r| r.crashes).sum();
     assert!(executed >= count * 20, "{executed} requests executed");
-    assert!(view_changes > 0 && transfers > 0 && crashes > 0, "{view_changes} {transfers} {crashes}");
+    assert!(
+        view_changes > 0 && transfers > 0 && crashes > 0,
+        "{view_changes} {transfers} {crashes}"
+    );
 }
 
 #[test]
@@ -40,7 +53,10 @@ fn seeds_n7() {
 
 #[test]
 fn seeds_without_faults_execute_everything() {
-    let options = SimOptions { faults: false, ..options() };
+    let options = SimOptions {
+        faults: false,
+        ..options()
+    };
     let reports = run_seeds(0, 5, 4, |_| TestApp::new(), test_request, &options);
     for report in reports {
         assert!(report.ok());

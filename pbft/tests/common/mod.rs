@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hoard_pbft::{
-    App, Committed, Config, DurableState, Message, Output, Record, Replica, ReplicaId, Request, SignedMessage,
-    TestApp, Timer,
+    App, Committed, Config, DurableState, Message, Output, Record, Replica, ReplicaId, Request,
+    SignedMessage, TestApp, Timer,
 };
 use hoard_types::crypto::{Keypair, PublicKey};
 
@@ -149,7 +149,9 @@ impl Cluster {
                 continue;
             }
             let now = self.now;
-            let Some(replica) = self.nodes[to as usize].as_mut() else { continue };
+            let Some(replica) = self.nodes[to as usize].as_mut() else {
+                continue;
+            };
             replica.set_now(now);
             let outputs = replica.on_message(from, msg);
             self.apply(to, outputs);
@@ -162,8 +164,12 @@ impl Cluster {
         while self.now < end {
             self.deliver_all();
             self.now += 5;
-            let due: Vec<(ReplicaId, Timer)> =
-                self.timers.iter().filter(|(_, at)| **at <= self.now).map(|(k, _)| *k).collect();
+            let due: Vec<(ReplicaId, Timer)> = self
+                .timers
+                .iter()
+                .filter(|(_, at)| **at <= self.now)
+                .map(|(k, _)| *k)
+                .collect();
             for (id, timer) in due {
                 self.timers.remove(&(id, timer));
                 let now = self.now;
@@ -236,7 +242,9 @@ impl Cluster {
         let mut by_seq: BTreeMap<u64, (hoard_types::crypto::Hash, [u8; 32])> = BTreeMap::new();
         for (id, executed) in self.executed.iter().enumerate() {
             for committed in executed {
-                let entry = by_seq.entry(committed.seq).or_insert((committed.batch_digest, committed.digest));
+                let entry = by_seq
+                    .entry(committed.seq)
+                    .or_insert((committed.batch_digest, committed.digest));
                 assert_eq!(
                     *entry,
                     (committed.batch_digest, committed.digest),
@@ -249,7 +257,9 @@ impl Cluster {
 
     /// Whether `request` was executed by replica `id`.
     pub fn executed_request(&self, id: ReplicaId, request: &Request) -> bool {
-        self.executed[id as usize].iter().any(|c| c.requests.contains(request))
+        self.executed[id as usize]
+            .iter()
+            .any(|c| c.requests.contains(request))
     }
 
     pub fn last_executed(&self, id: ReplicaId) -> u64 {
