@@ -1,1 +1,185 @@
-fn main() {}
+//! `hoard`: the one command of a Hoard deployment.
+//!
+//! - `hoard keygen`: make an ed25519 key file.
+//! - `hoard cluster init`: write a local n-replica cluster (genesis, cluster file, keys, node files).
+//! - `hoard node --config node.toml`: run one PBFT replica.
+//! - `hoard gateway --config gateway.toml`: run the WebSocket gateway.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::sync::watch;
+
+use hoard_ledger::cluster::{save_key, write_local_cluster, NodeConfig};
+use hoard_ledger::{Genesis, GenesisTenant};
+use hoard_types::{Keypair, TenantId};
+
+#[derive(Parser)]
+#[command(
+    name = "hoard",
+    version,
+    about = "Hoard: game asset ownership on a PBFT sidechain, clicks in Redis"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make an ed25519 key: writes the secret seed (hex) to a file, prints the public key.
+    Keygen {
+        /// Where to write the secret key (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Local clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Run one replica of the sidechain.
+    Node {
+        /// The node file (id, cluster file, key file, data directory).
+        #[arg(long, env = "HOARD_NODE_CONFIG")]
+        config: PathBuf,
+        /// Serve Prometheus metrics here (default: the address the cluster file lists, if any).
+        #[arg(long, env = "HOARD_NODE_METRICS")]
+        metrics: Option<SocketAddr>,
+    },
+    /// Run the WebSocket gateway.
+    Gateway {
+        /// The gateway's TOML configuration (environment variables override it).
+        #[arg(long, env = "HOARD_GATEWAY_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Write everything a local cluster needs into a directory: a genesis with one tenant, the
+    /// cluster file, and for each replica a key and a node file (`replica-<id>.toml`).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Replicas: 3f+1 (4, 7, 10, ...).
+        #[arg(long, default_value_t = 4)]
+        replicas: usize,
+        /// Replica i listens on base_port + i, and serves metrics on base_port + 100 + i.
+        #[arg(long, default_value_t = 7100)]
+        base_port: u16,
+        #[arg(long, default_value_t = 1)]
+        chain_id: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { out } => {
+            let key = Keypair::generate();
+            save_key(&out, &key)?;
+            println!("{}", key.public().to_hex());
+            Ok(())
+        }
+        Command::Cluster {
+            command:
+                ClusterCommand::Init {
+                    dir,
+                    replicas,
+                    base_port,
+                    chain_id,
+                },
+        } => cluster_init(&dir, replicas, base_port, chain_id),
+        Command::Node { config, metrics } => runtime()?.block_on(node(config, metrics)),
+        Command::Gateway { config } => runtime()?.block_on(gateway(config)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id: u64) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let operator = Keypair::generate();
+    let studio = Keypair::generate();
+    save_key(&dir.join("operator.key"), &operator)?;
+    save_key(&dir.join("studio-1.key"), &studio)?;
+    let genesis = Genesis {
+        chain_id,
+        operator: operator.public(),
+        tenants: vec![GenesisTenant {
+            id: TenantId(1),
+            name: "studio-1".into(),
+            studio_key: studio.public(),
+        }],
+    };
+    let keys: Vec<Keypair> = (0..replicas).map(|_| Keypair::generate()).collect();
+    let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..replicas as u16)
+        .map(|i| {
+            (
+                SocketAddr::from(([127, 0, 0, 1], base_port + i)),
+                Some(SocketAddr::from(([127, 0, 0, 1], base_port + 100 + i))),
+            )
+        })
+        .collect();
+    write_local_cluster(dir, &genesis, &addresses, &keys)?;
+    println!("wrote a {replicas}-replica cluster to {}", dir.display());
+    for i in 0..replicas {
+        println!(
+            "  hoard node --config {}",
+            dir.join(format!("replica-{i}.toml")).display()
+        );
+    }
+    println!("studio key (tenant 1): {}", dir.join("studio-1.key").display());
+    Ok(())
+}
+
+async fn node(config: PathBuf, metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+    let config = NodeConfig::load(&config).with_context(|| format!("loading {}", config.display()))?;
+    if let Some(address) = metrics.or(config.metrics_address()) {
+        hoard_ledger::node::install_metrics(address)?;
+        tracing::info!(%address, "metrics on /metrics");
+    }
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    hoard_ledger::node::run(config, stopped, None).await?;
+    Ok(())
+}
+
+async fn gateway(config: PathBuf) -> anyhow::Result<()> {
+    let config = hoard_server::config::GatewayConfig::load(&config)
+        .with_context(|| format!("loading {}", config.display()))?;
+    hoard_server::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
