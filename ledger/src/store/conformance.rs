@@ -468,3 +468,16 @@ fn sled_opens_despite_an_unfinished_snapshot_file() {
     let store = SledStore::open(dir.path(), StoreConfig::default()).unwrap();
     assert_eq!(store.last_height().unwrap(), 5);
 }
+
+#[test]
+fn mem_sync_each_write_survives_crash() {
+    let mut store = MemStore::new(StoreConfig {
+        sync_each_write: true,
+        ..Default::default()
+    });
+    append_range(&mut store, 1..=3);
+    store.put_record(b"view", b"9").unwrap();
+    store.crash();
+    assert_eq!(store.last_height().unwrap(), 3);
+    assert_eq!(store.records(b"view").unwrap().len(), 1);
+}
