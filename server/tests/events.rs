@@ -1,0 +1,519 @@
+//! Asset events end to end through a real WebSocket, a real Redis stream and the in-process
+//! chain: permissions, exactly-once retries, reads, subscriptions, crash recovery, backpressure.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hoard_ledger::testing::key;
+use hoard_server::testing::{RedisServer, TestGateway, WsClient};
+use hoard_types::wire::{ClientMessage, ErrorCode, EventState, ServerMessage};
+use hoard_types::{Custody, Outcome, TxBody};
+
+#[tokio::test]
+async fn events_commit_once_reads_follow_and_players_are_confined() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    let alice = key("alice", 0);
+    let bob = key("bob", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    let mut watcher = studio(&gw, T1).await;
+    let sub = request(&mut watcher, |request_id| ClientMessage::Subscribe {
+        request_id,
+        account: None,
+        from_height: None,
+    })
+    .await;
+    assert!(matches!(sub, ServerMessage::Subscribed { .. }), "{sub:?}");
+
+    let txs = vec![
+        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
+        gw.world.register(T1, &bob.public(), Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+        gw.world.mint_currency(T1, &alice.public(), "GOLD", 500),
+    ];
+    let mut mint_height = 0;
+    for tx in &txs {
+        let (height, outcome) = commit(&mut studio1, tx).await;
+        assert_eq!(outcome, Outcome::Applied);
+        mint_height = height;
+    }
+    // A retry of a committed event: accepted again, the original outcome and height at once.
+    let (again, outcome) = commit(&mut studio1, &txs[3]).await;
+    assert_eq!((again, outcome), (mint_height, Outcome::Applied));
+    // The subscription saw every event once, in commit order.
+    let status = request(&mut studio1, |request_id| ClientMessage::EventStatus {
+        request_id,
+        event_id: event_id_of(&txs[3]),
+    })
+    .await;
+    assert!(
+        matches!(status, ServerMessage::EventStatus { state: EventState::Committed, height: Some(h), .. } if h == mint_height)
+    );
+
+    let mut alice_conn = player(&gw, T1, &alice).await;
+    assert_eq!(balance(&mut alice_conn, alice.public(), "GOLD").await, 500);
+    let denied = request(&mut alice_conn, |request_id| ClientMessage::Balances {
+        request_id,
+        account: bob.public(),
+    })
+    .await;
+    assert_error(&denied, ErrorCode::Forbidden);
+
+    // A player moves its own assets, signed by itself.
+    let transfer = gw
+        .world
+        .transfer(T1, &alice, &alice.public(), &bob.public(), "GOLD", 120);
+    assert_eq!(commit(&mut alice_conn, &transfer).await.1, Outcome::Applied);
+    assert_eq!(balance(&mut studio1, bob.public(), "GOLD").await, 120);
+    assert_eq!(balance(&mut alice_conn, alice.public(), "GOLD").await, 380);
+
+    // A player may not mint, nor move someone else's assets, nor sign with another key.
+    let mint = gw.world.mint_currency(T1, &alice.public(), "GOLD", 1);
+    assert_error(&submit(&mut alice_conn, &mint).await, ErrorCode::Forbidden);
+    let steal = gw
+        .world
+        .transfer(T1, &alice, &bob.public(), &alice.public(), "GOLD", 1);
+    assert_error(&submit(&mut alice_conn, &steal).await, ErrorCode::Forbidden);
+    let other_signer = gw
+        .world
+        .transfer(T1, &bob, &alice.public(), &bob.public(), "GOLD", 1);
+    assert_error(
+        &submit(&mut alice_conn, &other_signer).await,
+        ErrorCode::Forbidden,
+    );
+
+    // A ledger rejection is a push, not an error.
+    let too_much = gw
+        .world
+        .transfer(T1, &alice, &alice.public(), &bob.public(), "GOLD", 10_000);
+    let (_, outcome) = commit(&mut alice_conn, &too_much).await;
+    assert_eq!(
+        outcome,
+        Outcome::Rejected {
+            reason: hoard_types::Rejection::InsufficientFunds
+        }
+    );
+
+    // The tenant subscription got activity for each applied or rejected event, in order.
+    let mut heights = Vec::new();
+    while heights.len() < 6 {
+        if let ServerMessage::Activity { height, body, .. } = watcher.recv().await {
+            heights.push(height);
+            if heights.len() == 5 {
+                assert!(matches!(body, TxBody::Transfer { .. }));
+            }
+        }
+    }
+    assert!(heights.windows(2).all(|w| w[0] <= w[1]), "{heights:?}");
+
+    // A late subscriber with from_height gets the history replayed, then live activity.
+    let mut late = player(&gw, T1, &bob).await;
+    let sub = request(&mut late, |request_id| ClientMessage::Subscribe {
+        request_id,
+        account: Some(bob.public()),
+        from_height: Some(1),
+    })
+    .await;
+    assert!(matches!(sub, ServerMessage::Subscribed { .. }));
+    let first = late
+        .recv_until(|m| matches!(m, ServerMessage::Activity { .. }))
+        .await;
+    assert!(
+        matches!(
+            first,
+            ServerMessage::Activity {
+                body: TxBody::RegisterAccount { .. },
+                ..
+            }
+        ),
+        "{first:?}"
+    );
+
+    // The gateway's ledger copy equals the chain's.
+    gw.wait_height(gw.chain.height()).await;
+    let ours = gw.gateway().shared().view.read(|l| l.state_root());
+    assert_eq!(ours, gw.chain.with_ledger(|l| l.state_root()));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_second_gateway_finishes_what_a_crashed_one_accepted_exactly_once() {
+    let redis = RedisServer::start();
+    // Gateway A accepts (durably) and its batcher reads the entries, but the chain is stalled
+    // and A "crashes" with everything pending under its name.
+    let mut a = TestGateway::start(&redis, |c| c.instance = "gateway-a".into()).await;
+    let alice = key("alice", 0);
+    let mut studio_a = studio(&a, T1).await;
+    let setup = vec![
+        a.world.register(T1, &alice.public(), Custody::SelfCustody),
+        a.world.define_currency(T1, "GOLD", 1_000_000),
+    ];
+    for tx in &setup {
+        assert_eq!(commit(&mut studio_a, tx).await.1, Outcome::Applied);
+    }
+    let start_height = a.chain.height();
+    a.chain.set_paused(true);
+    let mut txs = Vec::new();
+    for _ in 0..20 {
+        txs.push(a.world.mint_currency(T1, &alice.public(), "GOLD", 10));
+    }
+    for tx in &txs {
+        let answer = submit(&mut studio_a, tx).await;
+        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
+    }
+    let mut connection = redis.connection();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
+            redis::cmd("XPENDING")
+                .arg("hoard:events")
+                .arg("hoard-gateways")
+                .query(&mut connection)
+                .unwrap();
+        if pending.0 > 0 {
+            // The batcher holds its first batch (blocked on the stalled chain); the rest is unread.
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A's batcher did not read the entries"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let chain = a.chain.clone();
+    let world = std::mem::replace(&mut a.world, hoard_ledger::testing::World::new(2));
+    let mut config = a.config.clone();
+    a.gateway.take().expect("running").abort();
+    drop(studio_a);
+    assert_eq!(chain.height(), start_height, "no mint reached the chain");
+    chain.set_paused(false);
+
+    // Gateway B, same Redis and chain, claims A's pending entries after claim_idle_ms.
+    config.events.claim_idle_ms = 300;
+    config.instance = "gateway-b".into();
+    let b = TestGateway::start_on(chain.clone(), world, config).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let minted = b.gateway().shared().view.read(|l| {
+            l.balance(T1, &hoard_types::CurrencyId::new("GOLD"), &alice.public())
+                .0
+        });
+        if minted == 200 && b.gateway().shared().events.in_flight() == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "recovery did not finish: {minted}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Exactly once, on the chain itself. (Registration before mint: entries were claimed in
+    // stream order; a mint committed before the registration would have been rejected and
+    // the balance would be short.)
+    let on_chain = chain.with_ledger(|l| {
+        l.balance(T1, &hoard_types::CurrencyId::new("GOLD"), &alice.public())
+            .0
+    });
+    assert_eq!(on_chain, 200);
+
+    // A crash between commit and XACK: the entry comes back; it is acknowledged, not reapplied.
+    let bytes = rmp_serde::to_vec(&txs[5]).unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("hoard:events")
+        .arg("*")
+        .arg("tx")
+        .arg(bytes)
+        .query(&mut connection)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pending: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
+        redis::cmd("XPENDING")
+            .arg("hoard:events")
+            .arg("hoard-gateways")
+            .query(&mut connection)
+            .unwrap();
+    assert_eq!(pending.0, 0, "every entry acknowledged");
+    assert_eq!(
+        chain.with_ledger(|l| l
+            .balance(T1, &hoard_types::CurrencyId::new("GOLD"), &alice.public())
+            .0),
+        200
+    );
+    let length: u64 = redis::cmd("XLEN")
+        .arg("hoard:events")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(length, 0, "committed entries are deleted from the stream");
+    b.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_stalled_chain_turns_into_busy_not_memory() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |c| c.events.pending_max = 3).await;
+    let mut studio1 = studio(&gw, T1).await;
+    gw.chain.set_paused(true);
+    let mut accepted = Vec::new();
+    for index in 0..3 {
+        let tx = gw
+            .world
+            .register(T1, &key("p", index).public(), Custody::Custodial);
+        let answer = submit(&mut studio1, &tx).await;
+        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
+        accepted.push(tx);
+    }
+    let tx = gw.world.register(T1, &key("p", 9).public(), Custody::Custodial);
+    match submit(&mut studio1, &tx).await {
+        ServerMessage::Error {
+            code: ErrorCode::Busy,
+            retry_after_ms: Some(ms),
+            ..
+        } => assert!(ms > 0),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    // Pending is visible, then everything commits once the chain moves again.
+    let status = request(&mut studio1, |request_id| ClientMessage::EventStatus {
+        request_id,
+        event_id: event_id_of(&accepted[0]),
+    })
+    .await;
+    assert!(
+        matches!(
+            status,
+            ServerMessage::EventStatus {
+                state: EventState::Pending,
+                ..
+            }
+        ),
+        "{status:?}"
+    );
+    // A different transaction under an in-flight event id is a replay.
+    let mut forged = gw
+        .world
+        .register(T1, &key("forger", 0).public(), Custody::Custodial);
+    let mut payload = forged.decode_payload().unwrap();
+    payload.event_id = event_id_of(&accepted[1]);
+    forged = payload.sign(&[gw.studio(T1)]);
+    assert_error(&submit(&mut studio1, &forged).await, ErrorCode::Replay);
+    gw.chain.set_paused(false);
+    for tx in &accepted {
+        assert_eq!(
+            wait_commit(&mut studio1, event_id_of(tx)).await.1,
+            Outcome::Applied
+        );
+    }
+    assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn players_trade_through_offers_as_one_atomic_swap() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    let alice = key("alice", 0);
+    let bob = key("bob", 0);
+    let carol = key("carol", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    let setup = vec![
+        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
+        gw.world.register(T1, &bob.public(), Custody::SelfCustody),
+        gw.world.register(T1, &carol.public(), Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+        gw.world.define_class(T1, "sword", false, 100),
+        gw.world.mint_currency(T1, &alice.public(), "GOLD", 100),
+        gw.world.mint_unique(T1, &bob.public(), "sword", 7),
+        gw.world.mint_unique(T1, &carol.public(), "sword", 8),
+    ];
+    for tx in &setup {
+        assert_eq!(commit(&mut studio1, tx).await.1, Outcome::Applied);
+    }
+    let mut alice_conn = player(&gw, T1, &alice).await;
+    let mut bob_conn = player(&gw, T1, &bob).await;
+    let swap =
+        |world: &mut hoard_ledger::testing::World, taker: &hoard_types::PublicKey, item: u64, gold: u128| {
+            let body = TxBody::Swap {
+                left: hoard_types::SwapSide {
+                    account: alice.public(),
+                    gives: vec![hoard_types::Asset::Currency {
+                        currency: hoard_types::CurrencyId::new("GOLD"),
+                        amount: hoard_types::Amount(gold),
+                    }],
+                },
+                right: hoard_types::SwapSide {
+                    account: *taker,
+                    gives: vec![hoard_types::Asset::Item {
+                        item: hoard_types::ItemId(item),
+                    }],
+                },
+            };
+            world.tx(T1, body, &[&alice])
+        };
+
+    // Offer, then accept with the taker's signature.
+    let offer_tx = swap(&mut gw.world, &bob.public(), 7, 50);
+    let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
+        request_id,
+        tx: offer_tx.clone(),
+        ttl_ms: 60_000,
+    })
+    .await;
+    let ServerMessage::OfferOpened { offer, .. } = opened else {
+        panic!("{opened:?}")
+    };
+    let received = bob_conn
+        .recv_until(|m| matches!(m, ServerMessage::OfferReceived { .. }))
+        .await;
+    assert!(
+        matches!(received, ServerMessage::OfferReceived { offer: ref o } if o.offer_id == offer.offer_id)
+    );
+    let signature = bob.sign(hoard_types::tx::TX_SIGNING_DOMAIN, &offer.tx.payload);
+    let bad = request(&mut bob_conn, |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: Some(alice.sign(hoard_types::tx::TX_SIGNING_DOMAIN, &offer.tx.payload)),
+    })
+    .await;
+    assert_error(&bad, ErrorCode::BadSignature);
+    let stranger = request(&mut alice_conn, |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: Some(signature),
+    })
+    .await;
+    assert_error(&stranger, ErrorCode::Forbidden);
+    let accepted = request(&mut bob_conn, |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: Some(signature),
+    })
+    .await;
+    assert!(matches!(accepted, ServerMessage::Accepted { .. }), "{accepted:?}");
+    assert_eq!(
+        wait_commit(&mut bob_conn, offer.offer_id).await.1,
+        Outcome::Applied
+    );
+    alice_conn
+        .recv_until(|m| {
+            matches!(
+                m,
+                ServerMessage::OfferClosed {
+                    reason: hoard_types::wire::OfferCloseReason::Accepted,
+                    ..
+                }
+            )
+        })
+        .await;
+    let inventory = request(&mut alice_conn, |request_id| ClientMessage::Inventory {
+        request_id,
+        account: alice.public(),
+    })
+    .await;
+    assert!(
+        matches!(inventory, ServerMessage::Inventory { ref items, .. } if items.len() == 1 && items[0].0 == hoard_types::ItemId(7))
+    );
+    assert_eq!(balance(&mut studio1, bob.public(), "GOLD").await, 50);
+    let item = request(&mut bob_conn, |request_id| ClientMessage::Item {
+        request_id,
+        item: hoard_types::ItemId(7),
+    })
+    .await;
+    let ServerMessage::Item { history, .. } = item else {
+        panic!()
+    };
+    assert_eq!(history.len(), 2, "minted, then swapped: {history:?}");
+
+    // A custodial taker: the gateway signs with the studio key.
+    let mut carol_conn = player(&gw, T1, &carol).await;
+    let offer_tx = swap(&mut gw.world, &carol.public(), 8, 10);
+    let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
+        request_id,
+        tx: offer_tx,
+        ttl_ms: 60_000,
+    })
+    .await;
+    let ServerMessage::OfferOpened { offer, .. } = opened else {
+        panic!("{opened:?}")
+    };
+    let accepted = request(&mut carol_conn, |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: None,
+    })
+    .await;
+    assert!(matches!(accepted, ServerMessage::Accepted { .. }), "{accepted:?}");
+    assert_eq!(
+        wait_commit(&mut carol_conn, offer.offer_id).await.1,
+        Outcome::Applied
+    );
+
+    // Cancel and expiry.
+    let offer_tx = swap(&mut gw.world, &bob.public(), 7, 1);
+    let ServerMessage::OfferOpened { offer, .. } =
+        request(&mut alice_conn, |request_id| ClientMessage::Offer {
+            request_id,
+            tx: offer_tx,
+            ttl_ms: 60_000,
+        })
+        .await
+    else {
+        panic!()
+    };
+    let request_id = alice_conn.request_id();
+    alice_conn
+        .send(&ClientMessage::Cancel {
+            request_id,
+            offer_id: offer.offer_id,
+        })
+        .await;
+    let closed = alice_conn
+        .recv_until(
+            |m| matches!(m, ServerMessage::OfferClosed { offer_id, .. } if *offer_id == offer.offer_id),
+        )
+        .await;
+    assert!(matches!(
+        closed,
+        ServerMessage::OfferClosed {
+            reason: hoard_types::wire::OfferCloseReason::Cancelled,
+            ..
+        }
+    ));
+    let offer_tx = swap(&mut gw.world, &bob.public(), 7, 2);
+    let ServerMessage::OfferOpened { offer: short, .. } =
+        request(&mut alice_conn, |request_id| ClientMessage::Offer {
+            request_id,
+            tx: offer_tx,
+            ttl_ms: 50,
+        })
+        .await
+    else {
+        panic!()
+    };
+    let closed = bob_conn
+        .recv_until(
+            |m| matches!(m, ServerMessage::OfferClosed { offer_id, .. } if *offer_id == short.offer_id),
+        )
+        .await;
+    assert!(matches!(
+        closed,
+        ServerMessage::OfferClosed {
+            reason: hoard_types::wire::OfferCloseReason::Expired,
+            ..
+        }
+    ));
+    let listed = request(&mut bob_conn, |request_id| ClientMessage::Offers { request_id }).await;
+    assert!(
+        matches!(listed, ServerMessage::Offers { ref offers, .. } if offers.is_empty()),
+        "{listed:?}"
+    );
+    let gone = request(&mut bob_conn, |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: None,
+    })
+    .await;
+    assert_error(&gone, ErrorCode::NotFound);
+    drop(WsClient::connect(&gw.url()).await);
+    gw.shutdown().await;
+}
