@@ -179,6 +179,8 @@ struct Node<A: App> {
     timers: [u64; 4],
     byzantine: bool,
     sent: Vec<Arc<Vec<u8>>>,
+    /// A Byzantine primary's second batch digest per (view, seq).
+    alternatives: BTreeMap<(u64, u64), Hash>,
 }
 
 enum Event {
@@ -442,6 +444,7 @@ where
                 timers: [0; 4],
                 byzantine,
                 sent: Vec::new(),
+                alternatives: BTreeMap::new(),
             });
         }
         for id in 0..n as ReplicaId {
@@ -926,27 +929,52 @@ where
             node.sent.remove(0);
         }
         node.sent.push(bytes.clone());
-        let equivocation = if self.params.equivocate {
-            match msg.message(usize::MAX) {
-                Ok(Message::PrePrepare { view, seq, batch }) => {
-                    let mut other = batch.clone();
-                    other.timestamp_ms += 1;
-                    if other.requests.len() > 1 {
-                        other.requests.pop();
-                    }
-                    let alternative = Message::PrePrepare {
-                        view,
-                        seq,
-                        batch: other,
-                    };
-                    Some(Arc::new(
-                        alternative.sign(from, &self.keypairs[from as usize]).to_bytes(),
-                    ))
+        let keypair = self.keypairs[from as usize].clone();
+        let decoded = msg.message(usize::MAX);
+        let equivocation = match decoded {
+            // An equivocating primary: a second batch for the same (view, seq) to half the
+            // replicas; it remembers the second digest to double-vote for it later.
+            Ok(Message::PrePrepare { view, seq, batch }) if self.params.equivocate => {
+                let mut other = batch.clone();
+                other.timestamp_ms += 1;
+                if other.requests.len() > 1 {
+                    other.requests.pop();
                 }
-                _ => None,
+                let node = &mut self.nodes[from as usize];
+                if node.alternatives.len() >= 64 {
+                    node.alternatives.pop_first();
+                }
+                node.alternatives.insert((view, seq), other.digest());
+                let alternative = Message::PrePrepare {
+                    view,
+                    seq,
+                    batch: other,
+                };
+                Some(Arc::new(alternative.sign(from, &keypair).to_bytes()))
             }
-        } else {
-            None
+            // Double voting: prepares and commits for the other batch to the other half.
+            Ok(Message::Prepare { view, seq, .. }) | Ok(Message::Commit { view, seq, .. })
+                if self.params.equivocate =>
+            {
+                let alternative = self.nodes[from as usize].alternatives.get(&(view, seq)).copied();
+                alternative.map(|digest| {
+                    let vote = match msg.message(usize::MAX) {
+                        Ok(Message::Prepare { .. }) => Message::Prepare { view, seq, digest },
+                        _ => Message::Commit { view, seq, digest },
+                    };
+                    Arc::new(vote.sign(from, &keypair).to_bytes())
+                })
+            }
+            // Amnesia: a view change that hides the prepared certificates.
+            Ok(Message::ViewChange { new_view, stable, .. }) if self.rng.gen_bool(0.5) => {
+                let lie = Message::ViewChange {
+                    new_view,
+                    stable,
+                    prepared: Vec::new(),
+                };
+                Some(Arc::new(lie.sign(from, &keypair).to_bytes()))
+            }
+            _ => None,
         };
         for (i, to) in destinations.into_iter().enumerate() {
             let mut payload = bytes.clone();
