@@ -13,6 +13,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use hoard_types::{Asset, TenantId, TxBody};
+
 use crate::constants::HTTP_REQUEST_BYTES_MAX;
 use crate::error::{Result, ServerError};
 
@@ -46,6 +48,13 @@ pub const SETTLEMENT_ENTRIES_TOTAL: &str = "hoard_gateway_settlement_entries_tot
 pub const OFFERS_OPEN: &str = "hoard_gateway_offers_open";
 pub const OFFERS_CLOSED_TOTAL: &str = "hoard_gateway_offers_closed_total";
 pub const SUBSCRIPTIONS_OPEN: &str = "hoard_gateway_subscriptions_open";
+pub const TENANT_EVENTS_APPLIED_TOTAL: &str = "hoard_gateway_tenant_events_applied_total";
+pub const CURRENCY_MINTED_TOTAL: &str = "hoard_gateway_currency_minted_total";
+pub const CURRENCY_BURNED_TOTAL: &str = "hoard_gateway_currency_burned_total";
+pub const CURRENCY_TRANSFERRED_TOTAL: &str = "hoard_gateway_currency_transferred_total";
+pub const CLASS_MINTED_TOTAL: &str = "hoard_gateway_class_minted_total";
+pub const CLASS_BURNED_TOTAL: &str = "hoard_gateway_class_burned_total";
+pub const CLASS_TRANSFERRED_TOTAL: &str = "hoard_gateway_class_transferred_total";
 
 /// (name, type, labels, help) of every metric.
 pub const METRICS: &[(&str, &str, &str, &str)] = &[
@@ -214,7 +223,101 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "Offers closed (accepted, cancelled, expired)",
     ),
     (SUBSCRIPTIONS_OPEN, "gauge", "", "Live subscriptions"),
+    (
+        TENANT_EVENTS_APPLIED_TOTAL,
+        "counter",
+        "tenant,kind",
+        "Committed events the ledger applied, by tenant and transaction kind (swap: a settled trade)",
+    ),
+    (
+        CURRENCY_MINTED_TOTAL,
+        "counter",
+        "tenant,currency",
+        "Currency units ever minted (smallest denomination), from the committed ledger",
+    ),
+    (
+        CURRENCY_BURNED_TOTAL,
+        "counter",
+        "tenant,currency",
+        "Currency units ever burned (smallest denomination), from the committed ledger",
+    ),
+    (
+        CURRENCY_TRANSFERRED_TOTAL,
+        "counter",
+        "tenant,currency",
+        "Currency units moved between accounts by applied transfers and swaps",
+    ),
+    (
+        CLASS_MINTED_TOTAL,
+        "counter",
+        "tenant,class",
+        "Item units ever minted (a unique item is 1, a stack its quantity), from the committed ledger",
+    ),
+    (
+        CLASS_BURNED_TOTAL,
+        "counter",
+        "tenant,class",
+        "Item units ever burned, from the committed ledger",
+    ),
+    (
+        CLASS_TRANSFERRED_TOTAL,
+        "counter",
+        "tenant,class",
+        "Items moved between accounts by applied transfers and swaps",
+    ),
 ];
+
+/// Economy metrics of one applied, non-duplicate transaction, read from the committed ledger
+/// right after its block was applied. Labels stay bounded: tenants are registered on chain,
+/// currencies and classes are defined per tenant by its studio.
+pub fn record_applied(ledger: &hoard_ledger::Ledger, tenant: TenantId, kind: &'static str, body: &TxBody) {
+    let label = tenant.0.to_string();
+    metrics::counter!(TENANT_EVENTS_APPLIED_TOTAL, "tenant" => label.clone(), "kind" => kind).increment(1);
+    let moved = |assets: &[Asset]| {
+        for asset in assets {
+            match asset {
+                Asset::Currency { currency, amount } => {
+                    let units = u64::try_from(amount.0).unwrap_or(u64::MAX);
+                    metrics::counter!(CURRENCY_TRANSFERRED_TOTAL, "tenant" => label.clone(), "currency" => currency.0.clone())
+                        .increment(units);
+                }
+                Asset::Item { item } => {
+                    if let Some(found) = ledger.item(tenant, *item) {
+                        metrics::counter!(CLASS_TRANSFERRED_TOTAL, "tenant" => label.clone(), "class" => found.class.0.clone())
+                            .increment(1);
+                    }
+                }
+            }
+        }
+    };
+    match body {
+        TxBody::Transfer { assets, .. } => moved(assets),
+        TxBody::Swap { left, right } => {
+            moved(&left.gives);
+            moved(&right.gives);
+        }
+        _ => {}
+    }
+}
+
+/// Sets the minted and burned counters of every currency and class of `tenant` from the
+/// committed ledger (call once per block for each tenant the block touched).
+pub fn record_supply(ledger: &hoard_ledger::Ledger, tenant: TenantId) {
+    let label = tenant.0.to_string();
+    let units = |amount: hoard_types::Amount| u64::try_from(amount.0).unwrap_or(u64::MAX);
+    for (currency, info) in ledger.currencies(tenant) {
+        metrics::counter!(CURRENCY_MINTED_TOTAL, "tenant" => label.clone(), "currency" => currency.0.clone())
+            .absolute(units(info.minted));
+        metrics::counter!(CURRENCY_BURNED_TOTAL, "tenant" => label.clone(), "currency" => currency.0)
+            .absolute(units(info.burned));
+    }
+    for (class, info) in ledger.classes(tenant) {
+        metrics::counter!(CLASS_MINTED_TOTAL, "tenant" => label.clone(), "class" => class.0.clone())
+            .absolute(units(info.minted));
+        metrics::counter!(CLASS_BURNED_TOTAL, "tenant" => label.clone(), "class" => class.0)
+            .absolute(units(info.burned));
+    }
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -347,7 +450,8 @@ mod tests {
             }
             for label in labels.split(',').filter(|l| !l.is_empty()) {
                 assert!(
-                    ["role", "kind", "code", "outcome", "reason", "scope"].contains(&label),
+                    ["role", "kind", "code", "outcome", "reason", "scope", "tenant", "currency", "class"]
+                        .contains(&label),
                     "{label}"
                 );
             }

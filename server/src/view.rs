@@ -226,6 +226,7 @@ pub async fn follow(
             }
         };
         let height = block.header.height;
+        let mut economy_tenants = std::collections::BTreeSet::new();
         for (tx, receipt) in block.transactions.iter().zip(&receipts) {
             let Ok(payload) = tx.decode_payload() else {
                 continue;
@@ -238,6 +239,8 @@ pub async fn follow(
             } = payload;
             let kind = kind_of(&body);
             if !receipt.duplicate && receipt.outcome.is_applied() {
+                view.read(|ledger| m::record_applied(ledger, tenant, kind, &body));
+                economy_tenants.insert(tenant);
                 for (item, event_kind, from, to) in item_changes(&body, &receipt.outcome) {
                     view.record(
                         tenant,
@@ -258,6 +261,7 @@ pub async fn follow(
                 hub.publish(tenant, height, event_id, &body, &receipt.outcome, touched);
             }
         }
+        view.read(|ledger| economy_tenants.iter().for_each(|t| m::record_supply(ledger, *t)));
         view.height.send_replace(height);
         metrics::gauge!(m::CHAIN_HEIGHT).set(height as f64);
     }

@@ -1,0 +1,278 @@
+//! Clicks into a real Redis, reads back, strict acknowledgement, and settlement exactly once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use hoard_ledger::testing::key;
+use hoard_server::store;
+use hoard_server::testing::{RedisServer, TestGateway};
+use hoard_types::wire::{Click, ClientMessage, ErrorCode, ServerMessage};
+use hoard_types::{Custody, Outcome};
+use redis::Commands;
+
+async fn click(client: &mut hoard_server::testing::WsClient, seq: u64, clicks: Vec<Click>) -> ServerMessage {
+    client
+        .send(&ClientMessage::Clicks {
+            request_id: seq,
+            clicks,
+        })
+        .await;
+    client
+        .recv_until(|m| matches!(m, ServerMessage::ClicksAck { .. } | ServerMessage::Error { .. }))
+        .await
+}
+
+#[tokio::test]
+async fn clicks_are_counted_in_redis_and_settled_exactly_once() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    let (alice, bob, carol) = (key("alice", 0), key("bob", 0), key("carol", 0));
+    let mut studio1 = studio(&gw, T1).await;
+    let gold = |p: &hoard_types::Keypair, n| Click(p.public(), "gold".into(), n);
+
+    let ack = click(
+        &mut studio1,
+        10,
+        vec![
+            gold(&alice, 200),
+            gold(&bob, 40),
+            gold(&carol, 130),
+            gold(&alice, 50),
+        ],
+    )
+    .await;
+    assert_eq!(ack, ServerMessage::ClicksAck { up_to: 10 });
+    // Sequence numbers must increase.
+    assert_error(
+        &click(&mut studio1, 10, vec![gold(&alice, 1)]).await,
+        ErrorCode::Invalid,
+    );
+    // Bad values refuse the whole message.
+    assert_error(
+        &click(&mut studio1, 11, vec![gold(&alice, 1), gold(&bob, 0)]).await,
+        ErrorCode::Invalid,
+    );
+    assert_error(
+        &click(
+            &mut studio1,
+            12,
+            vec![Click(alice.public(), "Bad Name".into(), 1)],
+        )
+        .await,
+        ErrorCode::Invalid,
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut connection = redis.connection();
+    let alice_total: u64 = connection
+        .hget(store::counter_key(T1, "gold"), alice.public().to_hex())
+        .unwrap();
+    assert_eq!(alice_total, 250);
+    let total = request(&mut studio1, |request_id| ClientMessage::Counter {
+        request_id,
+        counter: "gold".into(),
+        player: Some(carol.public()),
+    })
+    .await;
+    assert_eq!(
+        total,
+        ServerMessage::Counter {
+            request_id: total_id(&total),
+            counter: "gold".into(),
+            total: 420,
+            player_total: Some(130)
+        }
+    );
+    let board = request(&mut studio1, |request_id| ClientMessage::Leaderboard {
+        request_id,
+        counter: "gold".into(),
+        limit: 2,
+    })
+    .await;
+    let ServerMessage::Leaderboard { entries, .. } = board else {
+        panic!("{board:?}")
+    };
+    assert_eq!(entries, vec![(alice.public(), 250), (carol.public(), 130)]);
+
+    // Players click only for themselves and read only their own totals.
+    let mut bob_conn = player(&gw, T1, &bob).await;
+    assert_eq!(
+        click(&mut bob_conn, 1, vec![gold(&bob, 5)]).await,
+        ServerMessage::ClicksAck { up_to: 1 }
+    );
+    assert_error(
+        &click(&mut bob_conn, 2, vec![gold(&alice, 5)]).await,
+        ErrorCode::Forbidden,
+    );
+    let theirs = request(&mut bob_conn, |request_id| ClientMessage::PlayerTotals {
+        request_id,
+        player: alice.public(),
+    })
+    .await;
+    assert_error(&theirs, ErrorCode::Forbidden);
+    let board = request(&mut bob_conn, |request_id| ClientMessage::Leaderboard {
+        request_id,
+        counter: "gold".into(),
+        limit: 2,
+    })
+    .await;
+    assert_error(&board, ErrorCode::Forbidden);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mine = request(&mut bob_conn, |request_id| ClientMessage::PlayerTotals {
+        request_id,
+        player: bob.public(),
+    })
+    .await;
+    assert!(
+        matches!(mine, ServerMessage::PlayerTotals { ref totals, .. } if totals == &vec![("gold".to_string(), 45)]),
+        "{mine:?}"
+    );
+
+    // Settlement: alice and carol are registered, bob is not (his points wait).
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::Custodial),
+        gw.world.register(T1, &carol.public(), Custody::SelfCustody),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
+    let ServerMessage::Settlement {
+        window,
+        event_ids,
+        entries,
+        ..
+    } = settled
+    else {
+        panic!("{settled:?}")
+    };
+    assert_eq!((window, entries, event_ids.len()), (1, 2, 1));
+    wait_event(&gw, event_ids[0]).await;
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2);
+    assert_eq!(balance(&mut studio1, carol.public(), "GOLD").await, 1);
+    let unsettled: std::collections::HashMap<String, u64> =
+        connection.hgetall(store::unsettled_key(T1, "gold")).unwrap();
+    assert_eq!(unsettled.get(&alice.public().to_hex()), Some(&50));
+    assert_eq!(unsettled.get(&carol.public().to_hex()), Some(&30));
+    assert_eq!(unsettled.get(&bob.public().to_hex()), Some(&45));
+
+    // Nothing due: an empty window.
+    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
+    assert!(
+        matches!(
+            settled,
+            ServerMessage::Settlement {
+                window: 2,
+                entries: 0,
+                ..
+            }
+        ),
+        "{settled:?}"
+    );
+
+    // Settling window 1 again (a crash before the window advanced) changes nothing.
+    let _: () = connection.set(store::settle_window_key(T1), 1).unwrap();
+    let again = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
+    let ServerMessage::Settlement {
+        window: 1,
+        event_ids: again_ids,
+        ..
+    } = again
+    else {
+        panic!("{again:?}")
+    };
+    assert_eq!(again_ids, event_ids);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2);
+    assert_eq!(balance(&mut studio1, carol.public(), "GOLD").await, 1);
+
+    // The carried remainder counts toward the next window.
+    assert_eq!(
+        click(&mut studio1, 20, vec![gold(&alice, 50)]).await,
+        ServerMessage::ClicksAck { up_to: 20 }
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _: () = connection.set(store::settle_window_key(T1), 3).unwrap();
+    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
+    let ServerMessage::Settlement {
+        event_ids,
+        entries: 1,
+        ..
+    } = settled
+    else {
+        panic!("{settled:?}")
+    };
+    wait_event(&gw, event_ids[0]).await;
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 3);
+
+    // Players may not settle.
+    let denied = request(&mut bob_conn, |request_id| ClientMessage::Settle { request_id }).await;
+    assert_error(&denied, ErrorCode::Forbidden);
+    gw.shutdown().await;
+}
+
+fn total_id(message: &ServerMessage) -> u64 {
+    hoard_server::testing::response_id(message).unwrap()
+}
+
+async fn wait_event(gw: &TestGateway, event_id: hoard_types::EventId) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gw
+        .gateway()
+        .shared()
+        .view
+        .read(|l| l.event(T1, &event_id).is_none())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "settlement did not commit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn strict_mode_acks_only_what_redis_holds_and_shutdown_flushes() {
+    let redis = RedisServer::start();
+    let gw = TestGateway::start(&redis, |c| {
+        c.clicks.strict = true;
+        c.clicks.flush_interval_ms = 200;
+    })
+    .await;
+    let alice = key("alice", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    let mut connection = redis.connection();
+    for seq in 1..=3u64 {
+        let ack = click(&mut studio1, seq, vec![Click(alice.public(), "gold".into(), 7)]).await;
+        assert_eq!(ack, ServerMessage::ClicksAck { up_to: seq });
+        // Acked means written.
+        let total: u64 = connection
+            .hget(store::counter_key(T1, "gold"), alice.public().to_hex())
+            .unwrap();
+        assert_eq!(total, 7 * seq);
+    }
+    drop(studio1);
+
+    // Non-strict, long interval: clicks still in memory at shutdown reach Redis.
+    let gw2 = TestGateway::start(&redis, |c| c.clicks.flush_interval_ms = 1_000).await;
+    let mut studio2 = studio(&gw2, T1).await;
+    assert_eq!(
+        click(&mut studio2, 1, vec![Click(alice.public(), "gem".into(), 9)]).await,
+        ServerMessage::ClicksAck { up_to: 1 }
+    );
+    let before: Option<u64> = connection
+        .hget(store::counter_key(T1, "gem"), alice.public().to_hex())
+        .unwrap();
+    assert_eq!(before, None, "not flushed yet");
+    let shutdown = tokio::spawn(gw2.shutdown());
+    let close = studio2.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), hoard_types::wire::close_code::GOING_AWAY);
+    shutdown.await.unwrap();
+    let after: u64 = connection
+        .hget(store::counter_key(T1, "gem"), alice.public().to_hex())
+        .unwrap();
+    assert_eq!(after, 9);
+    gw.shutdown().await;
+}
