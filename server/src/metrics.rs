@@ -350,7 +350,25 @@ pub fn install() -> Result<PrometheusHandle> {
             _ => metrics::describe_histogram!(*name, *help),
         }
     }
+    metrics::describe_gauge!(PROCESS_RESIDENT_MEMORY_BYTES, "Resident memory size in bytes");
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// The standard process metric the gateway exports besides [`METRICS`] (set on each scrape).
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "process_resident_memory_bytes";
+
+/// Sets [`PROCESS_RESIDENT_MEMORY_BYTES`] from `/proc/self/status` (Linux; elsewhere: absent).
+fn record_process_memory() {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return;
+    };
+    let kilobytes = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+    if let Some(kilobytes) = kilobytes {
+        metrics::gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(kilobytes * 1024.0);
+    }
 }
 
 /// Readiness inputs, set by the gateway's tasks.
@@ -407,7 +425,10 @@ pub async fn serve_http(
             let head = String::from_utf8_lossy(&buffer[..filled]);
             let path = head.split_whitespace().nth(1).unwrap_or("/");
             let (status, content_type, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                "/metrics" => {
+                    record_process_memory();
+                    ("200 OK", "text/plain; version=0.0.4", handle.render())
+                }
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
                 "/readyz" if health.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
                 "/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
