@@ -19,6 +19,7 @@ pub mod genesis;
 pub mod merkle;
 pub mod net;
 pub mod node;
+pub mod sim;
 pub mod state;
 pub mod store;
 pub mod testing;
