@@ -76,7 +76,13 @@ pub fn make_request(rng: &mut ChaCha8Rng, client: u64, nonce: u64) -> Request {
         .sign(signers)
     };
     // Even players hold their own keys; odd ones are custodial (the studio signs).
-    let authority = |i: u64| if i % 2 == 0 { player(i) } else { studio.clone() };
+    let authority = |i: u64| {
+        if i.is_multiple_of(2) {
+            player(i)
+        } else {
+            studio.clone()
+        }
+    };
     let gold = |amount: u128| Asset::Currency {
         currency: CurrencyId::new("GOLD"),
         amount: Amount(amount),
@@ -105,7 +111,7 @@ pub fn make_request(rng: &mut ChaCha8Rng, client: u64, nonce: u64) -> Request {
     let a = rng.gen_range(0..SIM_PLAYERS);
     let b = (a + rng.gen_range(1..SIM_PLAYERS)) % SIM_PLAYERS;
     for p in [a, b] {
-        let custody = if p % 2 == 0 {
+        let custody = if p.is_multiple_of(2) {
             Custody::SelfCustody
         } else {
             Custody::Custodial
