@@ -153,6 +153,11 @@ pub enum Message {
         #[serde(with = "serde_bytes")]
         snapshot: Vec<u8>,
     },
+    /// A backup's timer expired in `view`: f+1 of these (at least one correct replica) start
+    /// the view change, so one replica's timeout alone never takes it out of the view.
+    Suspect {
+        view: u64,
+    },
 }
 
 /// The kinds of [`Message`], for counters.
@@ -170,10 +175,11 @@ pub enum MessageKind {
     StableCert,
     FetchSnapshot,
     Snapshot,
+    Suspect,
 }
 
 impl MessageKind {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
     pub const ALL: [MessageKind; MessageKind::COUNT] = [
         MessageKind::Request,
         MessageKind::PrePrepare,
@@ -187,6 +193,7 @@ impl MessageKind {
         MessageKind::StableCert,
         MessageKind::FetchSnapshot,
         MessageKind::Snapshot,
+        MessageKind::Suspect,
     ];
 
     /// A stable snake_case name (a metric label value).
@@ -204,6 +211,7 @@ impl MessageKind {
             MessageKind::StableCert => "stable_cert",
             MessageKind::FetchSnapshot => "fetch_snapshot",
             MessageKind::Snapshot => "snapshot",
+            MessageKind::Suspect => "suspect",
         }
     }
 
@@ -227,6 +235,7 @@ impl Message {
             Message::StableCert { .. } => MessageKind::StableCert,
             Message::FetchSnapshot { .. } => MessageKind::FetchSnapshot,
             Message::Snapshot { .. } => MessageKind::Snapshot,
+            Message::Suspect { .. } => MessageKind::Suspect,
         }
     }
 

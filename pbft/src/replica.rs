@@ -163,6 +163,9 @@ pub struct Replica<A: App> {
     executed_at_last_tick: u64,
     /// The last executed seq each peer reported in its status.
     peer_executed: Vec<u64>,
+    /// Replicas that suspect the primary of the current view, and our own suspicion.
+    suspects: BTreeSet<ReplicaId>,
+    own_suspect: Option<SignedMessage>,
     stats: Stats,
 }
 
@@ -207,6 +210,8 @@ impl<A: App> Replica<A> {
             snapshot_served_ms: vec![0; n],
             executed_at_last_tick: last_executed,
             peer_executed: vec![0; n],
+            suspects: BTreeSet::new(),
+            own_suspect: None,
             stats: Stats::default(),
             config,
         })
@@ -464,11 +469,14 @@ impl<A: App> Replica<A> {
                     .count();
                 let behind = ahead > self.f;
                 let suspect_primary = !self.pending.is_empty() && !self.is_primary();
-                if !self.in_view_change && suspect_primary && behind {
-                    self.arm_view_change_timer(&mut out);
-                } else if self.in_view_change || suspect_primary {
+                if self.in_view_change {
+                    // The new view did not come in time: try the next one.
                     let next = self.view + 1;
                     self.start_view_change(next, &mut out);
+                } else if suspect_primary && behind {
+                    self.arm_view_change_timer(&mut out);
+                } else if suspect_primary {
+                    self.suspect(&mut out);
                 }
             }
             Timer::Status => self.on_status_tick(&mut out),
@@ -785,6 +793,18 @@ impl<A: App> Replica<A> {
             }
             Message::FetchSnapshot { seq } => self.on_fetch_snapshot(signed, seq, out),
             Message::Snapshot { cert, snapshot } => self.on_snapshot(signed, cert, snapshot, out),
+            Message::Suspect { view } => {
+                if view != self.view || self.in_view_change {
+                    return Err(Error::Stale("suspicion not for our current view"));
+                }
+                if self.suspects.contains(&signed.signer) {
+                    return Err(Error::Stale("duplicate suspicion"));
+                }
+                self.verifier.verify(&signed)?;
+                self.suspects.insert(signed.signer);
+                self.check_suspects(out);
+                Ok(())
+            }
         }
     }
 
@@ -1240,12 +1260,34 @@ impl<A: App> Replica<A> {
     // ----------------------------------------------------------------------------------------
     // View changes
 
+    /// Our timer expired: tell the others we suspect the primary; keep working in the view.
+    fn suspect(&mut self, out: &mut Vec<Output>) {
+        if self.own_suspect.is_none() {
+            let msg = self.sign(&Message::Suspect { view: self.view });
+            self.own_suspect = Some(msg.clone());
+            self.suspects.insert(self.config.id);
+            self.broadcast(out, msg);
+        }
+        self.arm_view_change_timer(out);
+        self.check_suspects(out);
+    }
+
+    /// f+1 suspicions: at least one correct replica timed out; change view.
+    fn check_suspects(&mut self, out: &mut Vec<Output>) {
+        if !self.in_view_change && self.suspects.len() > self.f {
+            let next = self.view + 1;
+            self.start_view_change(next, out);
+        }
+    }
+
     fn start_view_change(&mut self, new_view: u64, out: &mut Vec<Output>) {
         if new_view < self.view || (new_view == self.view && self.in_view_change) {
             return;
         }
         self.view = new_view;
         self.in_view_change = true;
+        self.suspects.clear();
+        self.own_suspect = None;
         self.view_change_attempts = self.view_change_attempts.saturating_add(1);
         self.stats.view_changes_total += 1;
         self.new_view = None;
@@ -1611,6 +1653,8 @@ impl<A: App> Replica<A> {
         self.view = view;
         self.in_view_change = false;
         self.own_view_change = None;
+        self.suspects.clear();
+        self.own_suspect = None;
         self.new_view = Some(msg);
         self.stats.new_views_total += 1;
         self.proposed.clear();
@@ -1715,6 +1759,7 @@ impl<A: App> Replica<A> {
                     resend.push(commit.clone());
                 }
             }
+            resend.extend(self.own_suspect.clone());
             for msg in resend {
                 self.broadcast(out, msg);
             }

@@ -354,3 +354,29 @@ fn durable_state_stays_bounded_over_a_long_run() {
     assert!(cluster.last_executed(0) >= 60);
     cluster.assert_agreement();
 }
+
+#[test]
+fn a_lone_timeout_does_not_take_a_replica_out_of_the_view() {
+    let mut cluster = Cluster::new(4);
+    // Replica 3's forwards to the primary are lost: only it waits for its request.
+    cluster.drop = Box::new(|from, _, m| from == 3 && matches!(m, Message::Request(_)));
+    cluster.submit(3, req(1));
+    cluster.run(1_000);
+    let replica = cluster.replica(3);
+    assert!(
+        replica.stats().messages_sent_total[hoard_pbft::MessageKind::Suspect.index()] >= 1,
+        "it suspected"
+    );
+    assert_eq!(replica.view(), 0);
+    assert!(
+        !replica.in_view_change(),
+        "one suspicion (< f+1) does not start a view change"
+    );
+    assert_eq!(replica.stats().view_changes_total, 0);
+    cluster.drop = Box::new(|_, _, _| false);
+    cluster.run(500);
+    for id in 0..4 {
+        assert!(cluster.executed_request(id, &req(1)));
+        assert_eq!(cluster.replica(id).view(), 0);
+    }
+}

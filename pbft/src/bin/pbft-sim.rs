@@ -2,12 +2,14 @@
 //!
 //! `pbft-sim --seeds N --replicas 4 [--seed S] [--verbose] [--no-faults] [--no-byzantine]`
 //! runs seeds S..S+N (S defaults to 0), prints one line per failing seed with its replay
-//! command, and finishes with `seeds=N failures=F`. Exit code 0 if all passed, 1 otherwise.
+//! command, and finishes with `seeds=N failures=F`. Exit codes: 0 all passed, 1 a correctness
+//! failure (safety, forged request, invariant, memory), 3 a liveness failure, 4 a recovery
+//! failure, 2 bad arguments.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use hoard_pbft::sim::{run_seed, run_seeds, test_request, SimOptions};
+use hoard_pbft::sim::{run_seed, run_seeds, test_request, FailureKind, SeedReport, SimOptions};
 use hoard_pbft::TestApp;
 
 fn main() -> ExitCode {
@@ -42,7 +44,7 @@ fn main() -> ExitCode {
         }
     }
     options.invariant = Some(Arc::new(|app: &TestApp| app.invariant()));
-    let failures = match seeds {
+    let reports: Vec<SeedReport> = match seeds {
         None => {
             let report = run_seed(seed, replicas, |_| TestApp::new(), test_request, &options);
             hoard_pbft::sim::print_failure(&report, &options);
@@ -63,16 +65,26 @@ fn main() -> ExitCode {
                 report.params
             );
             println!("seeds=1 failures={}", usize::from(!report.ok()));
-            usize::from(!report.ok())
+            vec![report]
         }
-        Some(count) => run_seeds(seed, count, replicas, |_| TestApp::new(), test_request, &options)
-            .iter()
-            .filter(|r| !r.ok())
-            .count(),
+        Some(count) => run_seeds(seed, count, replicas, |_| TestApp::new(), test_request, &options),
     };
-    if failures == 0 {
-        ExitCode::SUCCESS
+    let kinds: Vec<&FailureKind> = reports
+        .iter()
+        .filter_map(|r| r.failure.as_ref().map(|(k, _)| k))
+        .collect();
+    if kinds.iter().any(|k| {
+        matches!(
+            k,
+            FailureKind::Safety | FailureKind::Forged | FailureKind::Invariant | FailureKind::Memory
+        )
+    }) {
+        ExitCode::from(1)
+    } else if kinds.contains(&&FailureKind::Liveness) {
+        ExitCode::from(3)
+    } else if kinds.contains(&&FailureKind::Recovery) {
+        ExitCode::from(4)
     } else {
-        ExitCode::FAILURE
+        ExitCode::SUCCESS
     }
 }
