@@ -351,6 +351,25 @@ pub fn install() -> Result<PrometheusHandle> {
         }
     }
     metrics::describe_gauge!(PROCESS_RESIDENT_MEMORY_BYTES, "Resident memory size in bytes");
+    // Label-free counters and the known values of the backpressure counters start at 0, so that
+    // dashboards and alerts (rate, increase) see a series before the first occurrence.
+    for (name, kind, labels, _help) in METRICS {
+        if *kind == "counter" && labels.is_empty() {
+            metrics::counter!(*name).increment(0);
+        }
+    }
+    for reason in [
+        "events_pending",
+        "writer_queue",
+        "clicks_pending",
+        "offers",
+        "connection_in_flight",
+    ] {
+        metrics::counter!(BUSY_TOTAL, "reason" => reason).increment(0);
+    }
+    for scope in ["connection", "tenant"] {
+        metrics::counter!(RATE_LIMITED_TOTAL, "scope" => scope).increment(0);
+    }
     Ok(HANDLE.get_or_init(|| handle).clone())
 }
 

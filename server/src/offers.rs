@@ -77,7 +77,13 @@ impl Offers {
         let mut offers: Vec<OfferInfo> = book
             .offers
             .iter()
-            .filter(|((t, _), o)| *t == tenant && player.map_or(true, |p| o.maker == *p || o.taker == *p))
+            .filter(|((t, _), o)| {
+                *t == tenant
+                    && match player {
+                        None => true,
+                        Some(p) => o.maker == *p || o.taker == *p,
+                    }
+            })
             .map(|(_, o)| o.clone())
             .collect();
         offers.sort_by_key(|o| (o.expires_unix_ms, o.offer_id));

@@ -135,13 +135,15 @@ pub struct TestGateway {
 
 /// The test configuration for `redis`: free ports, fast flushes, fast reclaim.
 pub fn test_config(redis: &RedisServer, world: &World) -> GatewayConfig {
-    let mut config = GatewayConfig::default();
-    config.listen = "127.0.0.1:0".parse().expect("literal");
-    config.http_listen = "127.0.0.1:0".parse().expect("literal");
+    let mut config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        http_listen: "127.0.0.1:0".parse().expect("literal"),
+        drain_timeout_ms: 2_000,
+        ..GatewayConfig::default()
+    };
     config.redis.url = redis.url();
     config.clicks.flush_interval_ms = 10;
     config.events.claim_idle_ms = 1_000;
-    config.drain_timeout_ms = 2_000;
     config.tenants = world
         .studios
         .iter()

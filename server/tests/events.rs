@@ -3,6 +3,9 @@
 
 mod common;
 
+/// XPENDING's summary: (count, smallest id, largest id, [(consumer, count)]).
+type XPendingSummary = (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>);
+
 use std::time::Duration;
 
 use common::*;
@@ -166,12 +169,11 @@ async fn a_second_gateway_finishes_what_a_crashed_one_accepted_exactly_once() {
     let mut connection = redis.connection();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let pending: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
-            redis::cmd("XPENDING")
-                .arg("hoard:events")
-                .arg("hoard-gateways")
-                .query(&mut connection)
-                .unwrap();
+        let pending: XPendingSummary = redis::cmd("XPENDING")
+            .arg("hoard:events")
+            .arg("hoard-gateways")
+            .query(&mut connection)
+            .unwrap();
         if pending.0 > 0 {
             // The batcher holds its first batch (blocked on the stalled chain); the rest is unread.
             break;
@@ -228,12 +230,11 @@ async fn a_second_gateway_finishes_what_a_crashed_one_accepted_exactly_once() {
         .query(&mut connection)
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let pending: (u64, Option<String>, Option<String>, Option<Vec<(String, String)>>) =
-        redis::cmd("XPENDING")
-            .arg("hoard:events")
-            .arg("hoard-gateways")
-            .query(&mut connection)
-            .unwrap();
+    let pending: XPendingSummary = redis::cmd("XPENDING")
+        .arg("hoard:events")
+        .arg("hoard-gateways")
+        .query(&mut connection)
+        .unwrap();
     assert_eq!(pending.0, 0, "every entry acknowledged");
     assert_eq!(
         chain.with_ledger(|l| l
