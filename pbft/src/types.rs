@@ -365,3 +365,114 @@ pub struct Stats {
     pub log_slots: usize,
     pub pending_requests: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+
+    fn keys(n: u8) -> (Vec<Keypair>, Vec<PublicKey>) {
+        let pairs: Vec<Keypair> = (0..n).map(|i| Keypair::from_seed([i + 1; 32])).collect();
+        let publics = pairs.iter().map(Keypair::public).collect();
+        (pairs, publics)
+    }
+
+    #[test]
+    fn config_validation_catches_bad_settings() {
+        let (pairs, publics) = keys(4);
+        let config = Config::new(1, publics.clone(), pairs[1].clone());
+        config.validate().unwrap();
+        assert_eq!((config.n(), config.f()), (4, 1));
+        let wrong_key = Config::new(1, publics.clone(), pairs[2].clone());
+        assert!(wrong_key.validate().is_err());
+        let mut window = config.clone();
+        window.window = 100;
+        assert!(window.validate().is_err(), "window must be a multiple of K");
+        let (pairs3, publics3) = keys(3);
+        assert!(
+            Config::new(0, publics3, pairs3[0].clone()).validate().is_err(),
+            "n >= 4"
+        );
+        let mut backoff = config;
+        backoff.view_change_timeout_max_ms = 1;
+        assert!(backoff.validate().is_err());
+    }
+
+    #[test]
+    fn durable_state_keeps_the_newest_and_drops_below_the_stable_checkpoint() {
+        let (pairs, _) = keys(4);
+        let pp = |view: u64, seq: u64| {
+            Message::PrePrepare {
+                view,
+                seq,
+                batch: crate::message::Batch::null(),
+            }
+            .sign(0, &pairs[0])
+        };
+        let mut state = DurableState::default();
+        state.apply(Record::PrePrepare {
+            view: 1,
+            seq: 5,
+            msg: pp(1, 5),
+        });
+        state.apply(Record::PrePrepare {
+            view: 0,
+            seq: 5,
+            msg: pp(0, 5),
+        });
+        assert_eq!(
+            state.slots[&5].pre_prepare.as_ref().unwrap().0,
+            1,
+            "an older view never overwrites"
+        );
+        state.apply(Record::PrePrepare {
+            view: 1,
+            seq: 9,
+            msg: pp(1, 9),
+        });
+        let vc = Message::ViewChange {
+            new_view: 2,
+            stable: None,
+            prepared: vec![],
+        }
+        .sign(0, &pairs[0]);
+        state.apply(Record::ViewChange {
+            view: 2,
+            msg: vc.clone(),
+        });
+        assert!(state.in_view_change && state.view == 2);
+        let nv = Message::NewView {
+            view: 2,
+            view_changes: vec![],
+            pre_prepares: vec![],
+        }
+        .sign(2, &pairs[2]);
+        state.apply(Record::NewView { view: 2, msg: nv });
+        assert!(!state.in_view_change && state.view_change.is_none());
+        state.apply(Record::ViewChange { view: 1, msg: vc });
+        assert_eq!(state.view, 2, "views never go back");
+        let cert = crate::message::CheckpointCert {
+            seq: 8,
+            digest: Hash::ZERO,
+            votes: vec![],
+        };
+        state.apply(Record::StableCheckpoint {
+            cert,
+            snapshot: Arc::new(vec![1, 2, 3]),
+        });
+        assert_eq!(state.stable_seq(), 8);
+        assert!(!state.slots.contains_key(&5) && state.slots.contains_key(&9));
+        state.apply(Record::PrePrepare {
+            view: 2,
+            seq: 7,
+            msg: pp(2, 7),
+        });
+        assert!(
+            !state.slots.contains_key(&7),
+            "nothing below the stable checkpoint is kept"
+        );
+        let bytes = rmp_serde::to_vec(&state).unwrap();
+        let back: DurableState = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(back, state);
+    }
+}
