@@ -4,6 +4,11 @@
 //! - `hoard cluster init`: write a local n-replica cluster (genesis, cluster file, keys, node files).
 //! - `hoard node --config node.toml`: run one PBFT replica.
 //! - `hoard gateway --config gateway.toml`: run the WebSocket gateway.
+//! - `hoard demo`: the whole stack with simulated players, checked at the end ([`demo`]).
+//! - `hoard dev`: the whole stack without players, serving until Ctrl-C ([`dev`]).
+
+mod demo;
+mod dev;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +60,10 @@ enum Command {
         #[arg(long, env = "HOARD_GATEWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Start 4 replicas, Redis and the gateway, drive simulated players, check the replicas agree.
+    Demo(demo::DemoArgs),
+    /// Start 4 replicas, Redis and the gateway and serve until Ctrl-C.
+    Dev(dev::DevArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,13 +85,18 @@ enum ClusterCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // demo and dev print their own progress; their components log warnings only by default.
+    let default_filter = match cli.command {
+        Command::Demo(_) | Command::Dev(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::Keygen { out } => {
             let key = Keypair::generate();
@@ -101,7 +115,17 @@ fn main() -> anyhow::Result<()> {
         } => cluster_init(&dir, replicas, base_port, chain_id),
         Command::Node { config, metrics } => runtime()?.block_on(node(config, metrics)),
         Command::Gateway { config } => runtime()?.block_on(gateway(config)),
+        Command::Demo(args) => exit_with(runtime()?.block_on(demo::run(args))),
+        Command::Dev(args) => exit_with(runtime()?.block_on(dev::run(args))),
     }
+}
+
+/// Exit status 1 when the stack's end checks failed.
+fn exit_with(result: anyhow::Result<bool>) -> anyhow::Result<()> {
+    if !result? {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
