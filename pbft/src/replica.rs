@@ -403,7 +403,7 @@ impl<A: App> Replica<A> {
             && self.pending.len() <= self.config.pending_requests_max
             && self.pending_order.len() <= 2 * self.config.pending_requests_max + 1
             && self.executed_recent.len() <= EXECUTED_REMEMBERED_MAX
-            && self.view_changes.len() as u64 <= VIEWS_AHEAD_MAX + 1
+            && self.view_changes.values().map(BTreeMap::len).sum::<usize>() <= self.n
     }
 
     /// Counters for the runtime to export.
@@ -1435,17 +1435,25 @@ impl<A: App> Replica<A> {
         if new_view > self.view + VIEWS_AHEAD_MAX {
             return Err(Error::Stale("view change too far ahead"));
         }
-        if self
+        // One view change per signer is kept, its newest: memory stays at n view changes.
+        let signer = signed.signer;
+        let newest = self
             .view_changes
-            .get(&new_view)
-            .is_some_and(|m| m.contains_key(&signed.signer))
-        {
-            return Err(Error::Stale("duplicate view change"));
+            .iter()
+            .filter(|(_, senders)| senders.contains_key(&signer))
+            .map(|(view, _)| *view)
+            .max();
+        if newest.is_some_and(|v| v >= new_view) {
+            return Err(Error::Stale("duplicate or older view change"));
         }
         let info = self.parse_view_change(&signed)?;
         let mut all: Vec<&SignedMessage> = Vec::new();
         info.signatures(&mut all);
         self.verifier.verify_all(&all)?;
+        for senders in self.view_changes.values_mut() {
+            senders.remove(&signer);
+        }
+        self.view_changes.retain(|_, senders| !senders.is_empty());
         self.view_changes
             .entry(new_view)
             .or_default()
