@@ -351,11 +351,14 @@ pub fn install() -> Result<PrometheusHandle> {
         }
     }
     metrics::describe_gauge!(PROCESS_RESIDENT_MEMORY_BYTES, "Resident memory size in bytes");
-    // Label-free counters and the known values of the backpressure counters start at 0, so that
-    // dashboards and alerts (rate, increase) see a series before the first occurrence.
+    // Label-free counters and gauges, and the known values of the backpressure counters, start
+    // at 0, so that dashboards and alerts see a series before the first occurrence.
     for (name, kind, labels, _help) in METRICS {
         if *kind == "counter" && labels.is_empty() {
             metrics::counter!(*name).increment(0);
+        }
+        if *kind == "gauge" && labels.is_empty() {
+            metrics::gauge!(*name).set(0.0);
         }
     }
     for reason in [
