@@ -205,9 +205,20 @@ fn record_key(record: &Record) -> Vec<u8> {
     }
 }
 
-/// Rebuilds the replica from the store: snapshot, replayed blocks, consensus records.
-fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<LedgerApp>, bool)> {
-    let genesis = &config.cluster.genesis;
+/// Rebuilds a stopped replica's ledger from its data directory (the latest snapshot and the
+/// blocks after it, each checked against its header), to compare replicas after a run.
+pub fn inspect(data_dir: &std::path::Path, genesis: &crate::genesis::Genesis) -> Result<Ledger> {
+    let store = Engine::Sled
+        .open(data_dir, StoreConfig::default())
+        .map_err(storage)?;
+    rebuild_ledger(genesis, store.as_ref()).map(|(ledger, _)| ledger)
+}
+
+/// The latest snapshot plus the blocks after it; also returns the replayed blocks.
+fn rebuild_ledger(
+    genesis: &crate::genesis::Genesis,
+    store: &dyn Store,
+) -> Result<(Ledger, std::collections::VecDeque<Block>)> {
     let mut ledger = match store.latest_snapshot().map_err(storage)? {
         Some((height, bytes)) => {
             let ledger = Ledger::restore(&bytes, None)?;
@@ -221,7 +232,7 @@ fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<Ledger
         None => Ledger::new(genesis),
     };
     let last = store.last_height().map_err(storage)?;
-    let mut app_blocks = Vec::new();
+    let mut blocks = std::collections::VecDeque::new();
     while ledger.height() < last {
         let height = ledger.height() + 1;
         let bytes = store.block(height).map_err(storage)?.ok_or_else(|| {
@@ -229,11 +240,21 @@ fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<Ledger
         })?;
         let block = Block::decode(&bytes)?;
         ledger.apply_block(&block)?;
-        app_blocks.push(block);
+        blocks.push_back(block);
+        if blocks.len() > crate::app::RECENT_BLOCKS_MAX {
+            blocks.pop_front();
+        }
     }
+    Ok((ledger, blocks))
+}
+
+/// Rebuilds the replica from the store: snapshot, replayed blocks, consensus records.
+fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<LedgerApp>, bool)> {
+    let (ledger, app_blocks) = rebuild_ledger(&config.cluster.genesis, store)?;
+    let last = ledger.height();
     let mut app = LedgerApp::new(ledger);
-    for block in app_blocks.iter().rev().take(crate::app::RECENT_BLOCKS_MAX).rev() {
-        app.remember_block(Arc::new(block.clone()));
+    for block in app_blocks {
+        app.remember_block(Arc::new(block));
     }
     let mut durable = DurableState::default();
     let records = store.records(b"pbft/").map_err(storage)?;

@@ -1,0 +1,237 @@
+//! Four real `hoard node` processes under a steady load: kill -9 a backup, then the primary,
+//! restart each. The cluster keeps committing (a view change happens), the restarted replicas
+//! catch up, and at the end all four hold the same height and state root and every
+//! acknowledged transaction is in the ledger exactly once.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hoard_ledger::client::ChainClient;
+use hoard_ledger::testing::{free_port, key, World};
+use hoard_types::{Amount, CurrencyId, Custody, EventId, Keypair, Outcome, TenantId};
+
+const T: TenantId = TenantId(1);
+
+struct Node {
+    child: Option<Child>,
+    config: std::path::PathBuf,
+    metrics: SocketAddr,
+}
+
+impl Node {
+    fn start(&mut self) {
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_hoard"))
+                .args(["node", "--config"])
+                .arg(&self.config)
+                .env("RUST_LOG", "warn")
+                .spawn()
+                .expect("spawn hoard node"),
+        );
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().unwrap();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            child.wait().unwrap();
+        }
+    }
+
+    /// A gauge from the replica's /metrics, if it answers.
+    fn gauge(&self, name: &str) -> Option<u64> {
+        let mut stream =
+            std::net::TcpStream::connect_timeout(&self.metrics, Duration::from_millis(500)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).ok()?;
+        body.lines()
+            .find(|line| line.starts_with(name) && line.as_bytes().get(name.len()) == Some(&b'{'))
+            .and_then(|line| line.rsplit(' ').next())
+            .and_then(|value| value.parse::<f64>().ok())
+            .map(|value| value as u64)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[test]
+fn replicas_survive_kill_9_of_a_backup_and_the_primary() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::new(1);
+    world.expires_at = 90_000;
+    let genesis = world.genesis();
+    let keys: Vec<Keypair> = (0..4u64).map(|i| key("replica", i)).collect();
+    let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..4)
+        .map(|_| {
+            (
+                SocketAddr::from(([127, 0, 0, 1], free_port())),
+                Some(SocketAddr::from(([127, 0, 0, 1], free_port()))),
+            )
+        })
+        .collect();
+    let cluster =
+        hoard_ledger::cluster::write_local_cluster(dir.path(), &genesis, &addresses, &keys).unwrap();
+    let mut nodes: Vec<Node> = (0..4)
+        .map(|i| Node {
+            child: None,
+            config: dir.path().join(format!("replica-{i}.toml")),
+            metrics: addresses[i].1.unwrap(),
+        })
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let alice = key("alice", 0);
+    let client = runtime.block_on(async { ChainClient::connect(&cluster, 7) });
+    let setup = vec![
+        world.define_currency(T, "GOLD", u128::MAX),
+        world.register(T, &alice.public(), Custody::Custodial),
+    ];
+    runtime.block_on(async {
+        let committed = tokio::time::timeout(Duration::from_secs(30), client.submit(&setup))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(committed.receipts.iter().all(|r| r.outcome == Outcome::Applied));
+    });
+
+    // Steady load: 4 submitters, one mint of 1 GOLD each, recording what was acknowledged.
+    let acknowledged: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let submitted: Arc<Mutex<Vec<EventId>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let world = Arc::new(Mutex::new(world));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (client, acknowledged, submitted, stop, world) = (
+            client.clone(),
+            acknowledged.clone(),
+            submitted.clone(),
+            stop.clone(),
+            world.clone(),
+        );
+        let alice = alice.public();
+        load.push(runtime.spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let tx = world.lock().unwrap().mint_currency(T, &alice, "GOLD", 1);
+                let event = tx.decode_payload().unwrap().event_id;
+                submitted.lock().unwrap().push(event);
+                if let Ok(Ok(committed)) =
+                    tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx])).await
+                {
+                    if committed.receipts[0].outcome == Outcome::Applied {
+                        acknowledged.lock().unwrap().push(event);
+                    }
+                }
+            }
+        }));
+    }
+    let acked = || acknowledged.lock().unwrap().len();
+    let wait_for_progress = |what: &str| {
+        let before = acked();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while acked() < before + 20 {
+            assert!(
+                Instant::now() < deadline,
+                "no progress {what}: {} acknowledged",
+                acked()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for_progress("at start");
+    nodes[3].kill9();
+    wait_for_progress("with a backup down");
+    nodes[3].start();
+    wait_for_progress("after the backup restarted");
+    nodes[0].kill9();
+    wait_for_progress("with the primary down (a view change)");
+    nodes[0].start();
+    wait_for_progress("after the primary restarted");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    runtime.block_on(async {
+        for task in load {
+            task.await.unwrap();
+        }
+    });
+
+    // Every replica reaches the same height.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let heights: Vec<Option<u64>> = nodes.iter().map(|n| n.gauge("hoard_replica_height")).collect();
+        if heights.iter().all(|h| h.is_some() && *h == heights[0]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "replicas did not converge: {heights:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let views: Vec<Option<u64>> = nodes.iter().map(|n| n.gauge("hoard_replica_view")).collect();
+    assert!(
+        views.iter().all(|v| v.unwrap_or(0) >= 1),
+        "the primary's death forced a view change: {views:?}"
+    );
+    for node in &mut nodes {
+        node.terminate();
+    }
+
+    // Same height, same state root everywhere; every acknowledged mint there exactly once.
+    let ledgers: Vec<_> = (0..4)
+        .map(|i| hoard_ledger::node::inspect(&dir.path().join(format!("replica-{i}")), &genesis).unwrap())
+        .collect();
+    for ledger in &ledgers {
+        assert_eq!(ledger.height(), ledgers[0].height());
+        assert_eq!(ledger.state_root(), ledgers[0].state_root());
+        ledger.check_invariants().unwrap();
+    }
+    let ledger = &ledgers[0];
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert!(acknowledged.len() >= 100, "the load ran: {}", acknowledged.len());
+    for event in &acknowledged {
+        assert_eq!(
+            ledger.event(T, event).map(|(_, o)| o.clone()),
+            Some(Outcome::Applied),
+            "{event:?}"
+        );
+    }
+    let applied = submitted
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(ledger.event(T, e), Some((_, Outcome::Applied))))
+        .count();
+    assert_eq!(
+        ledger.balance(T, &CurrencyId::new("GOLD"), &alice.public()),
+        Amount(applied as u128),
+        "each applied mint counted exactly once"
+    );
+}
