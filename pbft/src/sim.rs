@@ -965,6 +965,33 @@ where
                     Arc::new(vote.sign(from, &keypair).to_bytes())
                 })
             }
+            // A lying new primary: null batches in place of the prepared ones.
+            Ok(Message::NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            }) if self.rng.gen_bool(0.5) => {
+                let forged: Vec<SignedMessage> = pre_prepares
+                    .iter()
+                    .filter_map(|pp| match pp.message(usize::MAX) {
+                        Ok(Message::PrePrepare { view, seq, .. }) => Some(
+                            Message::PrePrepare {
+                                view,
+                                seq,
+                                batch: crate::message::Batch::null(),
+                            }
+                            .sign(from, &keypair),
+                        ),
+                        _ => None,
+                    })
+                    .collect();
+                let lie = Message::NewView {
+                    view,
+                    view_changes,
+                    pre_prepares: forged,
+                };
+                Some(Arc::new(lie.sign(from, &keypair).to_bytes()))
+            }
             // Amnesia: a view change that hides the prepared certificates.
             Ok(Message::ViewChange { new_view, stable, .. }) if self.rng.gen_bool(0.5) => {
                 let lie = Message::ViewChange {
