@@ -171,6 +171,54 @@ impl Chain for LocalChain {
     }
 }
 
+/// The PBFT cluster through `hoard_ledger::client::ChainClient` (f+1 matching replies and
+/// blocks). `submit` hands the batch to a background task and returns at once, so that the
+/// batcher keeps several batches in flight (the client bounds them); a batch the cluster loses is
+/// resubmitted from the stream after `claim_idle_ms`.
+#[derive(Clone)]
+pub struct ClusterChain {
+    client: hoard_ledger::client::ChainClient,
+    chain_id: u64,
+}
+
+impl ClusterChain {
+    /// Connects to the replicas of `cluster` as client `client_id` (unique per gateway).
+    pub fn connect(cluster: &hoard_ledger::cluster::Cluster, client_id: u64) -> ClusterChain {
+        ClusterChain {
+            client: hoard_ledger::client::ChainClient::connect(cluster, client_id),
+            chain_id: cluster.genesis.chain_id,
+        }
+    }
+}
+
+impl Chain for ClusterChain {
+    fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    fn submit(&self, batch: Vec<Transaction>) -> BoxFuture<'_, Result<(), ChainError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            tokio::spawn(async move {
+                if let Err(error) = client.submit(&batch).await {
+                    tracing::warn!(%error, "cluster did not commit a batch; it will be resubmitted");
+                }
+            });
+            Ok(())
+        })
+    }
+
+    fn follow(&self, from_height: u64) -> BoxStream<'static, Result<Arc<Block>, ChainError>> {
+        let receiver = self.client.blocks(from_height);
+        Box::pin(futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver
+                .recv()
+                .await
+                .map(|certified| (Ok(certified.block), receiver))
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

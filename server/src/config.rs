@@ -3,7 +3,8 @@
 //!
 //! Environment overrides: `HOARD_GATEWAY_LISTEN`, `HOARD_GATEWAY_HTTP_LISTEN`,
 //! `HOARD_GATEWAY_REDIS_URL`, `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_STRICT_CLICKS`,
-//! `HOARD_GATEWAY_GENESIS`, `HOARD_GATEWAY_INSTANCE`, and per tenant
+//! `HOARD_GATEWAY_GENESIS`, `HOARD_GATEWAY_CLUSTER` (selects the `cluster` backend),
+//! `HOARD_GATEWAY_INSTANCE`, and per tenant
 //! `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED` (the studio key's 32-byte seed in hex).
 
 use std::net::SocketAddr;
@@ -98,10 +99,14 @@ pub struct RateLimits {
 #[serde(default, deny_unknown_fields)]
 pub struct ChainConfig {
     /// `local`: an in-process single ledger (no consensus; for development, demos and tests).
-    /// The PBFT cluster client plugs in through `run_with_chain`.
+    /// `cluster`: the PBFT replicas named in `cluster` (their genesis is used).
     pub backend: String,
-    /// The genesis file (TOML). None: the demo genesis (one tenant, [`DEMO_STUDIO_SEED`]).
+    /// The genesis file (TOML), for `local`. None: the demo genesis (one tenant, [`DEMO_STUDIO_SEED`]).
     pub genesis: Option<PathBuf>,
+    /// The cluster file, for `cluster`.
+    pub cluster: Option<PathBuf>,
+    /// This gateway's client id towards the replicas (unique per gateway).
+    pub client_id: u64,
 }
 
 /// One tenant's gateway-side settings.
@@ -206,6 +211,8 @@ impl Default for ChainConfig {
         ChainConfig {
             backend: "local".into(),
             genesis: None,
+            cluster: None,
+            client_id: 1,
         }
     }
 }
@@ -251,6 +258,10 @@ impl GatewayConfig {
         if let Some(v) = lookup("HOARD_GATEWAY_GENESIS") {
             self.chain.genesis = Some(PathBuf::from(v));
         }
+        if let Some(v) = lookup("HOARD_GATEWAY_CLUSTER") {
+            self.chain.backend = "cluster".into();
+            self.chain.cluster = Some(PathBuf::from(v));
+        }
         if let Some(v) = lookup("HOARD_GATEWAY_INSTANCE") {
             self.instance = v;
         }
@@ -276,11 +287,12 @@ impl GatewayConfig {
         if self.events.pending_max == 0 || self.connections_max == 0 {
             return bad("events.pending_max and connections_max must be positive".into());
         }
-        if self.chain.backend != "local" {
-            return bad(format!(
-                "chain.backend `{}`: only `local` is built in; a cluster client plugs in via run_with_chain",
-                self.chain.backend
-            ));
+        match (self.chain.backend.as_str(), &self.chain.cluster) {
+            ("local", _) | ("cluster", Some(_)) => {}
+            ("cluster", None) => {
+                return bad("chain.backend `cluster` needs chain.cluster (the cluster file)".into())
+            }
+            (other, _) => return bad(format!("chain.backend `{other}`: use `local` or `cluster`")),
         }
         for tenant in &self.tenants {
             tenant.studio_key()?;

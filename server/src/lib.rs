@@ -51,7 +51,7 @@ use hoard_ledger::Genesis;
 use hoard_types::wire::OfferCloseReason;
 use hoard_types::{Keypair, TenantId};
 
-pub use chain::{Chain, ChainError, LocalChain};
+pub use chain::{Chain, ChainError, ClusterChain, LocalChain};
 pub use config::GatewayConfig;
 pub use error::{Result, ServerError};
 
@@ -90,8 +90,18 @@ pub struct Gateway {
 /// Runs the gateway with the chain backend its config names until `shutdown` completes, then
 /// shuts down gracefully. The `hoard gateway --config gateway.toml` command calls this.
 pub async fn run(config: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let genesis = config.genesis()?;
-    let chain: Arc<dyn Chain> = Arc::new(LocalChain::new(&genesis));
+    let (chain, genesis): (Arc<dyn Chain>, Genesis) =
+        match (config.chain.backend.as_str(), &config.chain.cluster) {
+            ("cluster", Some(path)) => {
+                let cluster = hoard_ledger::cluster::Cluster::load(path)?;
+                let chain = chain::ClusterChain::connect(&cluster, config.chain.client_id);
+                (Arc::new(chain), cluster.genesis)
+            }
+            _ => {
+                let genesis = config.genesis()?;
+                (Arc::new(LocalChain::new(&genesis)), genesis)
+            }
+        };
     run_with_chain(config, chain, genesis, shutdown).await
 }
 

@@ -1,0 +1,40 @@
+//! The gateway on the real PBFT cluster (four replicas as tasks of this process, on loopback):
+//! the same events path as with the in-process chain, through `ClusterChain`.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use hoard_ledger::testing::{key, LocalCluster, World};
+use hoard_server::testing::{test_config, RedisServer};
+use hoard_server::{Chain, ClusterChain, Gateway};
+use hoard_types::{Custody, Outcome};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_commit_through_the_pbft_cluster() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::new(2);
+    let cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
+    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster.cluster, 1));
+    let config = test_config(&redis, &world);
+    let gateway = Gateway::start(config, chain, &world.genesis())
+        .await
+        .expect("gateway starts");
+    let url = gateway.ws_url();
+    let mut studio1 = hoard_server::testing::WsClient::connect(&url).await;
+    let studio_key = world.studio(T1).clone();
+    studio1.auth_studio(T1, &studio_key).await;
+    let alice = key("alice", 0);
+    for tx in [
+        world.register(T1, &alice.public(), Custody::SelfCustody),
+        world.define_currency(T1, "GOLD", 1_000),
+        world.mint_currency(T1, &alice.public(), "GOLD", 42),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 42);
+    gateway.shutdown().await;
+    drop(cluster);
+}
