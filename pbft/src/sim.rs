@@ -24,6 +24,9 @@ use crate::message::{Message, ReplicaId, Request, SignedMessage};
 use crate::replica::Replica;
 use crate::types::{Config, DurableState, Output, Record, Timer};
 
+/// The simulator's random number generator (what `make_request` receives).
+pub use rand_chacha::ChaCha8Rng as SimRng;
+
 /// The app's invariant, checked after every event on every honest replica.
 pub type Invariant<A> = Arc<dyn Fn(&A) -> Result<(), String> + Send + Sync>;
 

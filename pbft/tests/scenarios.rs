@@ -380,3 +380,61 @@ fn a_lone_timeout_does_not_take_a_replica_out_of_the_view() {
         assert_eq!(cluster.replica(id).view(), 0);
     }
 }
+
+#[test]
+fn a_new_view_with_a_forged_o_is_rejected() {
+    let mut cluster = Cluster::new(4);
+    cluster.drop = Box::new(|_, _, m| matches!(m, Message::Commit { view: 0, .. }));
+    let request = req(1);
+    cluster.submit(0, request.clone());
+    cluster.run(20);
+    // Replica 1, primary of view 1, replaces the prepared batch by a null batch in its new view.
+    let keypair = cluster.keypairs[1].clone();
+    cluster.rewrite = Some((
+        1,
+        Box::new(move |_, _, msg| match msg.message(usize::MAX) {
+            Ok(Message::NewView {
+                view,
+                view_changes,
+                pre_prepares,
+            }) => {
+                let forged = pre_prepares
+                    .iter()
+                    .map(|pp| match pp.message(usize::MAX) {
+                        Ok(Message::PrePrepare { view, seq, .. }) => Message::PrePrepare {
+                            view,
+                            seq,
+                            batch: Batch::null(),
+                        }
+                        .sign(1, &keypair),
+                        _ => pp.clone(),
+                    })
+                    .collect();
+                Message::NewView {
+                    view,
+                    view_changes,
+                    pre_prepares: forged,
+                }
+                .sign(1, &keypair)
+            }
+            _ => msg,
+        }),
+    ));
+    cluster.crash(0);
+    for id in 1..4 {
+        cluster.submit(id, request.clone());
+    }
+    cluster.run(3_000);
+    for id in [2, 3] {
+        let replica = cluster.replica(id);
+        assert!(replica.view() >= 2, "replica {id} rejected view 1 and moved on");
+        assert!(replica.stats().messages_invalid_total >= 1);
+        let first = &cluster.executed[id as usize][0];
+        assert_eq!(
+            first.requests,
+            vec![request.clone()],
+            "seq 1 keeps the prepared batch"
+        );
+    }
+    cluster.assert_agreement();
+}
