@@ -14,6 +14,7 @@
 //! Invariants: every sender is open loop (what is due is computed from the clock and latencies
 //! count from the intended send time); no figure is printed that this run did not measure.
 
+pub mod bench;
 pub mod players;
 pub mod stack;
 pub mod stats;

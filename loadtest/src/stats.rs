@@ -156,12 +156,13 @@ impl Schedule {
         (self.rate_per_second * elapsed.as_secs_f64()).floor() as u64
     }
 
-    /// The intended send time (since the start) of operation number `index` (from 0).
+    /// The intended send time (since the start) of operation number `index` (from 0): the
+    /// moment it becomes due, so that `due(intended(i)) == i + 1`.
     pub fn intended(&self, index: u64) -> Duration {
         if self.rate_per_second <= 0.0 {
             return Duration::MAX;
         }
-        Duration::from_secs_f64(index as f64 / self.rate_per_second)
+        Duration::from_secs_f64((index + 1) as f64 / self.rate_per_second)
     }
 }
 
@@ -231,7 +232,10 @@ mod tests {
         };
         assert_eq!(schedule.due(Duration::from_millis(0)), 0);
         assert_eq!(schedule.due(Duration::from_millis(2_500)), 2_500);
-        assert_eq!(schedule.intended(1_500), Duration::from_millis(1_500));
+        assert_eq!(schedule.intended(1_499), Duration::from_millis(1_500));
+        for index in [0u64, 7, 999, 123_456] {
+            assert_eq!(schedule.due(schedule.intended(index)), index + 1);
+        }
         assert_eq!(Schedule { rate_per_second: 0.0 }.intended(1), Duration::MAX);
     }
 
