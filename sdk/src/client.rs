@@ -113,6 +113,7 @@ impl Client {
         let core = Arc::new(Core::new(options, credentials, url));
         let opened = connection::open(&core).await?;
         let _ = core.session.set(opened.session.clone());
+        core.state.send_replace(ConnectionState::Connected);
         let (commands, receiver) = mpsc::channel(connection::COMMAND_CHANNEL_CAPACITY);
         let (unsubscribes, unsubscribe_receiver) = mpsc::unbounded_channel();
         tokio::spawn(Task::new(core.clone(), receiver, unsubscribe_receiver).run(opened));
@@ -143,6 +144,11 @@ impl Client {
     /// The chain head height this client knows (refreshed every second and by every commit).
     pub fn known_head(&self) -> u64 {
         self.inner.core.head.load(Ordering::Relaxed)
+    }
+
+    /// How many times the client reconnected since it was created.
+    pub fn reconnect_count(&self) -> u64 {
+        self.inner.core.reconnects.load(Ordering::Relaxed)
     }
 
     /// Asset event permits available now (the in-flight limit minus events in flight).
@@ -206,7 +212,10 @@ impl Client {
         Ok(())
     }
 
-    /// Sends every buffered click now and waits until the gateway acknowledged them.
+    /// Sends every buffered click now and waits until the gateway acknowledged them. Fails with
+    /// [`Error::ConnectionLost`] (retryable) if the connection breaks first; with
+    /// [`ClickDelivery::AtMostOnce`](crate::ClickDelivery) the unacknowledged clicks are then
+    /// dropped, not resent.
     pub async fn flush_clicks(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
         self.send(Command::FlushClicks(reply)).await?;

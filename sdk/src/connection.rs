@@ -80,6 +80,8 @@ pub(crate) struct Core {
     pub(crate) session: OnceLock<Session>,
     pub(crate) head: AtomicU64,
     pub(crate) closed: AtomicBool,
+    /// Successful reconnects so far.
+    pub(crate) reconnects: AtomicU64,
     pub(crate) offer_updates: broadcast::Sender<OfferUpdate>,
     next_request_id: AtomicU64,
 }
@@ -102,6 +104,7 @@ impl Core {
             session: OnceLock::new(),
             head: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
             offer_updates: broadcast::channel(OFFER_UPDATES_CAPACITY).0,
             next_request_id: AtomicU64::new(1),
         }
@@ -519,7 +522,10 @@ impl Task {
             let delay = policy.delay(attempt, rand::random::<f64>());
             match self.wait_offline(delay).await {
                 None => break,
-                Some(Ok(next)) => opened = Some(next),
+                Some(Ok(next)) => {
+                    self.core.reconnects.fetch_add(1, Ordering::Relaxed);
+                    opened = Some(next);
+                }
                 Some(Err(error)) if matches!(error, Error::AuthRefused { .. }) => {
                     warn!(%error, "the gateway refused the credentials; closing");
                     self.shutdown(error);
@@ -974,6 +980,9 @@ impl Task {
             buffer.unacked_batches += self.click_scratch.len();
         }
         let batches = std::mem::take(&mut self.click_scratch);
+        if !batches.is_empty() {
+            debug!(frames = batches.len(), "sending clicks");
+        }
         for batch in batches {
             let sequence = self.core.next_request_id();
             self.outbox
@@ -983,6 +992,7 @@ impl Task {
     }
 
     fn on_clicks_ack(&mut self, up_to: u64) {
+        debug!(up_to, unacked = self.clicks_unacked.len(), "clicks acknowledged");
         let mut released = 0;
         while self
             .clicks_unacked

@@ -39,9 +39,13 @@ impl EventHandle {
     /// Resolves once the gateway has stored the event durably: from then on it reaches the chain
     /// exactly once, even if the gateway crashes. Errors: final refusals (bad signature,
     /// forbidden, ...), [`Error::Expired`], [`Error::Closed`].
+    ///
+    /// Cancel-safe: it may be raced against a timeout and called again.
     pub async fn accepted(&mut self) -> Result<()> {
-        if let Some(receiver) = self.accepted.take() {
-            self.accepted_result = Some(receiver.await.unwrap_or(Err(Error::Closed)));
+        if let Some(receiver) = self.accepted.as_mut() {
+            let result = receiver.await.unwrap_or(Err(Error::Closed));
+            self.accepted = None;
+            self.accepted_result = Some(result);
         }
         self.accepted_result.clone().unwrap_or(Err(Error::Closed))
     }

@@ -85,5 +85,5 @@ pub use subscription::Subscription;
 pub use hoard_types::wire::{ErrorCode, EventState, OfferCloseReason, OfferInfo, Role, SessionToken};
 pub use hoard_types::{
     Amount, Asset, ClassId, CurrencyId, Custody, EventId, Grant, Hash, Item, ItemId, ItemKind, Keypair,
-    Outcome, PublicKey, Rejection, Settlement, TenantId, TxBody,
+    Outcome, PublicKey, Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody,
 };
