@@ -7,3 +7,9 @@ promtool="${PROMTOOL:-promtool}"
 "$promtool" check config prometheus.yml
 "$promtool" check rules alerts.yml
 "$promtool" test rules alerts.test.yml
+# The scrape configuration generated from `hoard demo --serve` output (sample in demo-output.txt).
+generated="$(mktemp)"
+trap 'rm -f "$generated"' EXIT
+./prometheus-from-demo.sh test/demo-output.txt > "$generated"
+grep -q '"127.0.0.1:5003"' "$generated"
+"$promtool" check config "$generated"
