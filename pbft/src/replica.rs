@@ -20,7 +20,7 @@ use crate::constants::{
 };
 use crate::error::{Error, Result};
 use crate::message::{
-    Batch, CheckpointCert, Message, PreparedCert, ReplicaId, Request, SignedMessage, Verifier,
+    Batch, CheckpointCert, Message, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage, Verifier,
 };
 use crate::types::{Committed, Config, DurableState, Output, Record, Stats, Timer};
 
@@ -332,7 +332,7 @@ impl<A: App> Replica<A> {
             match self.own_view_change.clone() {
                 Some(msg) => {
                     self.store_own_view_change(msg.clone());
-                    self.broadcast(&mut out, msg);
+                    self.broadcast(&mut out, MessageKind::ViewChange, msg);
                     self.arm_view_change_timer(&mut out);
                     self.try_new_view(&mut out);
                 }
@@ -505,20 +505,16 @@ impl<A: App> Replica<A> {
         message.sign(self.config.id, &self.config.keypair)
     }
 
-    fn broadcast(&mut self, out: &mut Vec<Output>, msg: SignedMessage) {
-        if let Ok(m) = self.decode(&msg) {
-            self.stats.messages_sent_total[m.kind().index()] += 1;
-        }
+    fn broadcast(&mut self, out: &mut Vec<Output>, kind: MessageKind, msg: SignedMessage) {
+        self.stats.messages_sent_total[kind.index()] += 1;
         out.push(Output::Broadcast { msg });
     }
 
-    fn send(&mut self, out: &mut Vec<Output>, to: ReplicaId, msg: SignedMessage) {
+    fn send(&mut self, out: &mut Vec<Output>, kind: MessageKind, to: ReplicaId, msg: SignedMessage) {
         if to == self.config.id {
             return;
         }
-        if let Ok(m) = self.decode(&msg) {
-            self.stats.messages_sent_total[m.kind().index()] += 1;
-        }
+        self.stats.messages_sent_total[kind.index()] += 1;
         out.push(Output::Send { to, msg });
     }
 
@@ -606,7 +602,7 @@ impl<A: App> Replica<A> {
                 // A client retransmission: the primary may not have it.
                 let msg = self.sign(&Message::Request(request));
                 let primary = self.primary(self.view);
-                self.send(out, primary, msg);
+                self.send(out, MessageKind::Request, primary, msg);
             }
             return Ok(());
         }
@@ -628,7 +624,7 @@ impl<A: App> Replica<A> {
         } else {
             let msg = self.sign(&Message::Request(request));
             let primary = self.primary(self.view);
-            self.send(out, primary, msg);
+            self.send(out, MessageKind::Request, primary, msg);
             if !self.view_change_timer_armed && !self.in_view_change {
                 self.arm_view_change_timer(out);
             }
@@ -733,7 +729,7 @@ impl<A: App> Replica<A> {
                 seq,
                 msg: msg.clone(),
             }));
-            self.broadcast(out, msg);
+            self.broadcast(out, MessageKind::PrePrepare, msg);
             self.check_prepared(seq, out);
         }
     }
@@ -902,7 +898,7 @@ impl<A: App> Replica<A> {
             pre_prepare,
             prepare: prepare.clone(),
         }));
-        self.broadcast(out, prepare);
+        self.broadcast(out, MessageKind::Prepare, prepare);
     }
 
     fn on_prepare(
@@ -977,7 +973,7 @@ impl<A: App> Replica<A> {
             cert,
             commit: commit.clone(),
         }));
-        self.broadcast(out, commit);
+        self.broadcast(out, MessageKind::Commit, commit);
         self.check_committed(seq, out);
     }
 
@@ -1130,7 +1126,7 @@ impl<A: App> Replica<A> {
         let entry = self.checkpoints.entry(seq).or_default();
         entry.own = Some((digest, snapshot, msg.clone()));
         entry.votes.insert(me, (digest, msg.clone()));
-        self.broadcast(out, msg);
+        self.broadcast(out, MessageKind::Checkpoint, msg);
         self.check_stable(seq, out);
     }
 
@@ -1266,7 +1262,7 @@ impl<A: App> Replica<A> {
             let msg = self.sign(&Message::Suspect { view: self.view });
             self.own_suspect = Some(msg.clone());
             self.suspects.insert(self.config.id);
-            self.broadcast(out, msg);
+            self.broadcast(out, MessageKind::Suspect, msg);
         }
         self.arm_view_change_timer(out);
         self.check_suspects(out);
@@ -1312,7 +1308,7 @@ impl<A: App> Replica<A> {
         }));
         self.own_view_change = Some(msg.clone());
         self.store_own_view_change(msg.clone());
-        self.broadcast(out, msg);
+        self.broadcast(out, MessageKind::ViewChange, msg);
         self.arm_view_change_timer(out);
         self.view_changes.retain(|v, _| *v >= new_view);
         self.try_new_view(out);
@@ -1555,7 +1551,7 @@ impl<A: App> Replica<A> {
             view,
             msg: msg.clone(),
         }));
-        self.broadcast(out, msg.clone());
+        self.broadcast(out, MessageKind::NewView, msg.clone());
         let entries: Vec<(u64, SignedMessage, Batch)> = plan
             .entries
             .into_iter()
@@ -1723,7 +1719,7 @@ impl<A: App> Replica<A> {
             .collect();
         for request in requests {
             let msg = self.sign(&Message::Request(request));
-            self.send(out, primary, msg);
+            self.send(out, MessageKind::Request, primary, msg);
         }
     }
 
@@ -1741,10 +1737,10 @@ impl<A: App> Replica<A> {
             last_executed: self.last_executed,
             stable_seq: self.low,
         });
-        self.broadcast(out, status);
+        self.broadcast(out, MessageKind::Status, status);
         if self.in_view_change {
             if let Some(vc) = self.own_view_change.clone() {
-                self.broadcast(out, vc);
+                self.broadcast(out, MessageKind::ViewChange, vc);
             }
         } else {
             // Retransmit our messages for sequence numbers not yet committed here.
@@ -1757,19 +1753,21 @@ impl<A: App> Replica<A> {
                 }
                 if is_primary {
                     if let Some((pp, _)) = &slot.pre_prepare {
-                        resend.push(pp.clone());
+                        resend.push((MessageKind::PrePrepare, pp.clone()));
                     }
                 }
                 if let Some((_, prepare)) = &slot.my_prepare {
-                    resend.push(prepare.clone());
+                    resend.push((MessageKind::Prepare, prepare.clone()));
                 }
                 if let Some((_, commit)) = &slot.my_commit {
-                    resend.push(commit.clone());
+                    resend.push((MessageKind::Commit, commit.clone()));
                 }
             }
-            resend.extend(self.own_suspect.clone());
-            for msg in resend {
-                self.broadcast(out, msg);
+            if let Some(suspect) = self.own_suspect.clone() {
+                resend.push((MessageKind::Suspect, suspect));
+            }
+            for (kind, msg) in resend {
+                self.broadcast(out, kind, msg);
             }
             self.forward_pending(FORWARD_PER_TICK_MAX, out);
         }
@@ -1780,7 +1778,7 @@ impl<A: App> Replica<A> {
             .filter_map(|c| c.own.as_ref().map(|(_, _, m)| m.clone()))
             .collect();
         for vote in votes {
-            self.broadcast(out, vote);
+            self.broadcast(out, MessageKind::Checkpoint, vote);
         }
         // No progress since the last tick and a stable checkpoint above us: fetch the state.
         let stalled = self.last_executed == self.executed_at_last_tick;
@@ -1814,7 +1812,7 @@ impl<A: App> Replica<A> {
         let behind_view = view < self.view || (view == self.view && in_view_change);
         if behind_view && !self.in_view_change {
             if let Some(nv) = self.new_view.clone() {
-                self.send(out, peer, nv);
+                self.send(out, MessageKind::NewView, peer, nv);
                 answered = true;
             }
         }
@@ -1824,7 +1822,7 @@ impl<A: App> Replica<A> {
             // lets it garbage-collect and move its window.
             if let Some(cert) = self.stable.clone() {
                 let msg = self.sign(&Message::StableCert { cert });
-                self.send(out, peer, msg);
+                self.send(out, MessageKind::StableCert, peer, msg);
                 answered = true;
             }
         }
@@ -1832,7 +1830,7 @@ impl<A: App> Replica<A> {
             if last_executed < self.low {
                 if let Some(cert) = self.stable.clone() {
                     let msg = self.sign(&Message::StableCert { cert });
-                    self.send(out, peer, msg);
+                    self.send(out, MessageKind::StableCert, peer, msg);
                     answered = true;
                 }
             } else {
@@ -1855,7 +1853,7 @@ impl<A: App> Replica<A> {
                         batch: (*batch).clone(),
                         commits,
                     });
-                    self.send(out, peer, msg);
+                    self.send(out, MessageKind::CommitProof, peer, msg);
                     answered = true;
                 }
             }
@@ -1943,7 +1941,7 @@ impl<A: App> Replica<A> {
             attempts: 0,
         });
         let msg = self.sign(&Message::FetchSnapshot { seq });
-        self.send(out, peer, msg);
+        self.send(out, MessageKind::FetchSnapshot, peer, msg);
         out.push(Output::SetTimer {
             timer: Timer::StateTransfer,
             after_ms: self.config.state_transfer_timeout_ms,
@@ -1963,7 +1961,7 @@ impl<A: App> Replica<A> {
         transfer.peer = peer;
         let seq = transfer.cert.seq;
         let msg = self.sign(&Message::FetchSnapshot { seq });
-        self.send(out, peer, msg);
+        self.send(out, MessageKind::FetchSnapshot, peer, msg);
         out.push(Output::SetTimer {
             timer: Timer::StateTransfer,
             after_ms: self.config.state_transfer_timeout_ms,
@@ -1988,7 +1986,7 @@ impl<A: App> Replica<A> {
             cert,
             snapshot: (*snapshot).clone(),
         });
-        self.send(out, peer, msg);
+        self.send(out, MessageKind::Snapshot, peer, msg);
         Ok(())
     }
 
