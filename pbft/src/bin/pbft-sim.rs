@@ -30,11 +30,17 @@ fn main() -> ExitCode {
             "--seed" => seed = value("--seed"),
             "--replicas" => replicas = value("--replicas") as usize,
             "--fault-ms" => options.fault_phase_ms = value("--fault-ms"),
+            "--checkpoint-interval" => options.checkpoint_interval = value("--checkpoint-interval"),
+            "--window" => options.window = value("--window"),
+            "--batch-size" => options.batch_size_max = value("--batch-size") as usize,
             "--verbose" | "-v" => options.verbose = true,
             "--no-faults" => options.faults = false,
             "--no-byzantine" => options.byzantine = false,
             "--help" | "-h" => {
-                println!("pbft-sim --seeds N --replicas 4 [--seed S] [--fault-ms MS] [--verbose] [--no-faults] [--no-byzantine]");
+                println!(
+                    "pbft-sim --seeds N --replicas 4 [--seed S] [--fault-ms MS] [--checkpoint-interval K] \
+                     [--window L] [--batch-size B] [--verbose] [--no-faults] [--no-byzantine]"
+                );
                 return ExitCode::SUCCESS;
             }
             other => {
