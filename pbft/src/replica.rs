@@ -2003,6 +2003,9 @@ impl<A: App> Replica<A> {
         if self.transfer.is_none() && self.app_valid {
             return Err(Error::Stale("no transfer in progress"));
         }
+        if cert.seq < self.low {
+            return Err(Error::Stale("snapshot below our stable checkpoint"));
+        }
         self.verifier.verify(&signed)?;
         self.verify_checkpoint_cert(&cert)?;
         let restored = self.app.restore(&snapshot);
