@@ -46,12 +46,16 @@ impl Block {
 const TAG_LIST_LEAF: u8 = 0x10;
 const TAG_LIST_NODE: u8 = 0x11;
 
-/// A binary Merkle root over a list (an odd node is carried up unchanged; the empty list has
-/// the zero root).
+/// The leaf a list root commits to for `bytes`: `SHA-256(0x10 || bytes)`.
+pub fn list_leaf(bytes: &[u8]) -> Hash {
+    Hash::of_parts(&[&[TAG_LIST_LEAF], bytes])
+}
+
+/// A binary Merkle root over list leaves (made by [`list_leaf`]); a node is
+/// `SHA-256(0x11 || left || right)`, an odd node is carried up unchanged, the empty list has
+/// the zero root.
 pub fn list_root(leaves: impl Iterator<Item = Hash>) -> Hash {
-    let mut level: Vec<Hash> = leaves
-        .map(|leaf| Hash::of_parts(&[&[TAG_LIST_LEAF], &leaf.0]))
-        .collect();
+    let mut level: Vec<Hash> = leaves.collect();
     if level.is_empty() {
         return Hash::ZERO;
     }
@@ -68,9 +72,14 @@ pub fn list_root(leaves: impl Iterator<Item = Hash>) -> Hash {
     level[0]
 }
 
-/// The hash of a receipt, as `outcome_root` commits to it.
-pub fn receipt_hash(receipt: &Receipt) -> Hash {
-    Hash::of(&rmp_serde::to_vec(receipt).expect("receipt serialises"))
+/// A transaction's leaf under `tx_root`: over its payload (what was signed).
+pub fn transaction_leaf(transaction: &Transaction) -> Hash {
+    list_leaf(&transaction.payload)
+}
+
+/// A receipt's leaf under `outcome_root`: over its MessagePack encoding.
+pub fn receipt_leaf(receipt: &Receipt) -> Hash {
+    list_leaf(&rmp_serde::to_vec(receipt).expect("receipt serialises"))
 }
 
 #[cfg(test)]
@@ -79,9 +88,9 @@ mod tests {
 
     #[test]
     fn list_root_depends_on_order_and_content() {
-        let a = Hash::of(b"a");
-        let b = Hash::of(b"b");
-        let c = Hash::of(b"c");
+        let a = list_leaf(b"a");
+        let b = list_leaf(b"b");
+        let c = list_leaf(b"c");
         assert_eq!(list_root([].into_iter()), Hash::ZERO);
         assert_ne!(list_root([a, b, c].into_iter()), list_root([b, a, c].into_iter()));
         assert_ne!(list_root([a, b].into_iter()), list_root([a, b, c].into_iter()));

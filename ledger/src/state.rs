@@ -35,7 +35,7 @@ use hoard_types::{
     PublicKey, Receipt, Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody, TxPayload,
 };
 
-use crate::block::{list_root, receipt_hash, Block, BlockHeader};
+use crate::block::{list_root, receipt_leaf, transaction_leaf, Block, BlockHeader};
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
 use crate::merkle::{key_hash, leaf_hash, MerkleTree, Proof};
@@ -263,8 +263,8 @@ impl Ledger {
             .collect();
         let state_root = self.commit_state();
         let (tx_root, outcome_root) = rayon::join(
-            || list_root(transactions.iter().map(Transaction::id)),
-            || list_root(receipts.iter().map(receipt_hash)),
+            || list_root(leaves(&transactions, transaction_leaf).into_iter()),
+            || list_root(leaves(&receipts, receipt_leaf).into_iter()),
         );
         let header = BlockHeader {
             height,
@@ -1115,6 +1115,15 @@ impl<K: std::hash::Hash + Eq> Slots<K> {
 
     fn insert(&mut self, tenant: TenantId, name: K, slot: u32) {
         self.0.entry(tenant).or_default().insert(name, slot);
+    }
+}
+
+/// List-root leaves, hashed on every core when there are many.
+fn leaves<T: Sync>(items: &[T], leaf: fn(&T) -> Hash) -> Vec<Hash> {
+    if items.len() >= PARALLEL_TRANSACTIONS_MIN {
+        items.par_iter().map(leaf).collect()
+    } else {
+        items.iter().map(leaf).collect()
     }
 }
 
