@@ -126,6 +126,8 @@ fn dashboards_against_a_live_stack() {
         "only {} dashboard expressions",
         expressions.len()
     );
+    let variables = variable_queries();
+    assert!(variables.len() >= 4, "only {} variable queries", variables.len());
 
     let deadline = Instant::now() + CHECK_TIMEOUT;
     let mut round = 0;
@@ -138,6 +140,14 @@ fn dashboards_against_a_live_stack() {
         for rule in &rules {
             if rule.health != "ok" {
                 failures.push(format!("rule {} is {}: {}", rule.name, rule.health, rule.error));
+            }
+        }
+        for (place, selector, label, wanted) in &variables {
+            let values = prometheus.label_values(selector, label);
+            if values.is_empty() || !wanted.iter().all(|w| values.contains(w)) {
+                failures.push(format!(
+                    "{place}: label_values({selector}, {label}) = {values:?}, want {wanted:?}"
+                ));
             }
         }
         for (place, expr) in &expressions {
@@ -492,6 +502,19 @@ impl Prometheus {
         Ok(())
     }
 
+    /// What Grafana's `label_values(selector, label)` shows.
+    fn label_values(&self, selector: &str, label: &str) -> Vec<String> {
+        let answer = self.api(&format!(
+            "/api/v1/label/{label}/values?match[]={}",
+            url_encode(selector)
+        ));
+        let values = answer["data"].as_array().cloned().unwrap_or_default();
+        values
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    }
+
     fn targets_down(&self) -> Vec<String> {
         let answer = self.api("/api/v1/targets?state=active");
         let targets = answer["data"]["activeTargets"]
@@ -552,14 +575,7 @@ fn url_encode(text: &str) -> String {
 /// ("dashboard / panel / refId", expr with variables substituted) of every panel target.
 fn dashboard_expressions() -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dashboards_dir().join("grafana"))
-        .expect("dashboards/grafana")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 3, "gateway, chain and economy dashboards: {files:?}");
-    for file in files {
+    for file in dashboard_files() {
         let dashboard: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("dashboard JSON");
         let title = dashboard["title"].as_str().expect("title").to_string();
@@ -602,6 +618,55 @@ fn dashboard_expressions() -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// ("dashboard / variable", selector, label, values that must be offered) of every query
+/// variable (`label_values(selector, label)`): the demo's tenant 1 must be offered.
+fn variable_queries() -> Vec<(String, String, String, Vec<String>)> {
+    let mut out = Vec::new();
+    for file in dashboard_files() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("dashboard JSON");
+        let title = dashboard["title"].as_str().expect("title");
+        for variable in dashboard["templating"]["list"].as_array().expect("templating") {
+            if variable["type"] != "query" {
+                continue;
+            }
+            let name = variable["name"].as_str().expect("name");
+            let query = variable["query"]["query"]
+                .as_str()
+                .or(variable["query"].as_str())
+                .expect("query");
+            let inner = query
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .unwrap_or_else(|| panic!("{title} / {name}: not label_values(...): {query}"));
+            let (selector, label) = inner.rsplit_once(',').expect("label_values(selector, label)");
+            let wanted = if name == "tenant" {
+                vec!["1".to_string()]
+            } else {
+                vec![]
+            };
+            out.push((
+                format!("{title} / ${name}"),
+                selector.trim().to_string(),
+                label.trim().to_string(),
+                wanted,
+            ));
+        }
+    }
+    out
+}
+
+fn dashboard_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dashboards_dir().join("grafana"))
+        .expect("dashboards/grafana")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 3, "gateway, chain and economy dashboards: {files:?}");
+    files
 }
 
 /// The depth-0 byte positions of `expr` (outside (), [], {} and string literals).
