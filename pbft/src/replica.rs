@@ -1069,6 +1069,7 @@ impl<A: App> Replica<A> {
             if batch.timestamp_ms != 0 {
                 self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
             }
+            let mut replies = Vec::with_capacity(batch.requests.len());
             for (request, reply) in batch.requests.iter().zip(&executed.replies) {
                 let request_digest = request.digest();
                 self.pending.remove(&request_digest);
@@ -1081,13 +1082,14 @@ impl<A: App> Replica<A> {
                         }
                     }
                 }
-                out.push(Output::Reply {
+                replies.push(Output::Reply {
                     client: request.client,
                     seq,
                     request_digest,
                     reply: reply.clone(),
                 });
             }
+            // The block first (the driver appends it to its log), then the client replies.
             out.push(Output::Committed(Committed {
                 seq,
                 view,
@@ -1097,6 +1099,7 @@ impl<A: App> Replica<A> {
                 digest: executed.digest,
                 batch_digest,
             }));
+            out.append(&mut replies);
             if seq.is_multiple_of(self.config.checkpoint_interval) {
                 self.take_checkpoint(seq, Hash(executed.digest), out);
             }
