@@ -26,6 +26,8 @@ pub(crate) struct ClickBatch {
 pub(crate) struct ClickBuffer {
     open: ClickBatch,
     sealed: VecDeque<ClickBatch>,
+    /// Buffers of acknowledged batches, for reuse (no allocation per frame in steady state).
+    spare: Vec<Vec<u8>>,
     /// Batches sent and not yet acknowledged (the connection task keeps their bodies).
     pub(crate) unacked_batches: usize,
     frames_max: usize,
@@ -41,6 +43,7 @@ impl ClickBuffer {
                 count: 0,
             },
             sealed: VecDeque::new(),
+            spare: Vec::new(),
             unacked_batches: 0,
             frames_max,
             clicks_per_frame,
@@ -52,7 +55,8 @@ impl ClickBuffer {
         self.clicks_per_frame = clicks_per_frame.clamp(1, CLICKS_PER_FRAME_MAX);
     }
 
-    /// Appends one click. Returns true when a batch was sealed (the sender should be woken).
+    /// Appends one click. Returns true when the sender should be woken: a batch was sealed (send
+    /// it now) or a batch was started (start its flush timer).
     pub(crate) fn push(&mut self, player: &PublicKey, counter: &str, count: u32) -> Result<bool> {
         if !counter_name_is_valid(counter) {
             return Err(Error::InvalidArgument(
@@ -65,10 +69,10 @@ impl ClickBuffer {
         if self.open.count == 0 && self.sealed.len() + self.unacked_batches >= self.frames_max {
             return Err(Error::ClicksBackpressure);
         }
-        if self.open.body.capacity() == 0 {
-            self.open
-                .body
-                .reserve_exact(self.clicks_per_frame * CLICK_BYTES_MAX / 2);
+        if self.open.count == 0 && self.open.body.capacity() == 0 {
+            if let Some(spare) = self.spare.pop() {
+                self.open.body = spare;
+            }
         }
         encode_click(&mut self.open.body, player, counter, count);
         self.open.count += 1;
@@ -76,7 +80,16 @@ impl ClickBuffer {
             self.seal();
             return Ok(true);
         }
-        Ok(false)
+        // The first click of a batch starts the flush timer.
+        Ok(self.open.count == 1)
+    }
+
+    /// Keeps an acknowledged batch's buffer for reuse (at most a frame budget's worth).
+    pub(crate) fn recycle(&mut self, mut body: Vec<u8>) {
+        if self.spare.len() < self.frames_max && body.capacity() <= self.clicks_per_frame * CLICK_BYTES_MAX {
+            body.clear();
+            self.spare.push(body);
+        }
     }
 
     fn seal(&mut self) {
@@ -185,7 +198,7 @@ mod tests {
         for i in 0..5 {
             sealed += buffer.push(&players[i], counters[i], counts[i]).unwrap() as usize;
         }
-        assert_eq!(sealed, 1);
+        assert_eq!(sealed, 3, "started batches and a sealed one wake the sender");
         let mut batches = Vec::new();
         buffer.take(true, &mut batches);
         assert!(buffer.is_empty());
@@ -236,6 +249,13 @@ mod tests {
             buffer.push(&player, "gold", 1).unwrap_err(),
             Error::ClicksBackpressure
         );
+        let mut two = ClickBuffer::new(4, 3);
+        assert!(
+            two.push(&player, "gold", 1).unwrap(),
+            "the first click starts the timer"
+        );
+        assert!(!two.push(&player, "gold", 1).unwrap());
+        assert!(two.push(&player, "gold", 1).unwrap(), "the full batch is sealed");
         let mut batches = Vec::new();
         buffer.take(false, &mut batches);
         buffer.unacked_batches = 2;

@@ -86,6 +86,9 @@ impl SubmitOptions {
     }
 }
 
+/// A known head older than this is read again before an event's expiry height is computed from it.
+const HEAD_STALE_AFTER: Duration = Duration::from_secs(10);
+
 fn unexpected(answer: ServerMessage) -> Error {
     Error::Protocol(format!("unexpected answer: {answer:?}"))
 }
@@ -331,7 +334,7 @@ impl Client {
                 timestamp_ms,
                 ..
             } => {
-                self.inner.core.head.fetch_max(height, Ordering::Relaxed);
+                self.inner.core.head_read(height);
                 Ok(Head {
                     chain_id,
                     height,
@@ -470,6 +473,10 @@ impl Client {
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
+        if options.expires_at.is_none() && self.inner.core.head_age() > HEAD_STALE_AFTER {
+            // Idle for a while: the known head may be far behind, and the expiry with it.
+            self.head().await?;
+        }
         let session = self.session();
         let event_id = options.event_id.unwrap_or_else(EventId::random);
         let expires_at = options
@@ -644,6 +651,9 @@ impl Client {
         if ttl_ms == 0 || ttl_ms > OFFER_TTL_MS_MAX {
             return Err(Error::InvalidArgument("an offer lives 1 ms to 24 h"));
         }
+        if self.inner.core.head_age() > HEAD_STALE_AFTER {
+            self.head().await?;
+        }
         let payload = TxPayload {
             chain_id: session.chain_id,
             tenant: session.tenant,
@@ -752,7 +762,7 @@ impl Client {
     /// Offers made to this player and offers closing, as they happen (a bounded broadcast: a
     /// consumer more than 256 updates behind skips the oldest).
     pub fn offer_updates(&self) -> impl Stream<Item = OfferUpdate> + Send + 'static {
-        let receiver = self.inner.core.offer_updates.subscribe();
+        let receiver = self.inner.core.offer_updates().subscribe();
         futures::stream::unfold(receiver, |mut receiver| async move {
             loop {
                 match receiver.recv().await {

@@ -82,7 +82,11 @@ pub(crate) struct Core {
     pub(crate) closed: AtomicBool,
     /// Successful reconnects so far.
     pub(crate) reconnects: AtomicU64,
-    pub(crate) offer_updates: broadcast::Sender<OfferUpdate>,
+    /// Created on the first `offer_updates()` (most clients never ask: no buffer for them).
+    pub(crate) offer_updates: OnceLock<broadcast::Sender<OfferUpdate>>,
+    /// When the head was last read from the gateway (milliseconds since `epoch`).
+    head_read_at_ms: AtomicU64,
+    epoch: std::time::Instant,
     next_request_id: AtomicU64,
 }
 
@@ -105,9 +109,30 @@ impl Core {
             head: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
-            offer_updates: broadcast::channel(OFFER_UPDATES_CAPACITY).0,
+            offer_updates: OnceLock::new(),
+            head_read_at_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
             next_request_id: AtomicU64::new(1),
         }
+    }
+
+    /// Records a head read from the gateway.
+    pub(crate) fn head_read(&self, height: u64) {
+        self.head.fetch_max(height, Ordering::Relaxed);
+        self.head_read_at_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// How long ago the head was last read from the gateway.
+    pub(crate) fn head_age(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.head_read_at_ms.load(Ordering::Relaxed)))
+    }
+
+    /// The offer-update broadcast, created on first use.
+    pub(crate) fn offer_updates(&self) -> &broadcast::Sender<OfferUpdate> {
+        self.offer_updates
+            .get_or_init(|| broadcast::channel(OFFER_UPDATES_CAPACITY).0)
     }
 
     pub(crate) fn next_request_id(&self) -> u64 {
@@ -441,6 +466,7 @@ pub(crate) struct Task {
     click_waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
     clicks_paused_until: Option<Instant>,
     click_scratch: Vec<ClickBatch>,
+    click_scratch_bodies: Vec<Vec<u8>>,
     outbox: Vec<Message>,
     connected: bool,
     closing: Option<oneshot::Sender<()>>,
@@ -468,6 +494,7 @@ impl Task {
             click_waiters: Vec::new(),
             clicks_paused_until: None,
             click_scratch: Vec::new(),
+            click_scratch_bodies: Vec::new(),
             outbox: Vec::new(),
             connected: false,
             closing: None,
@@ -569,11 +596,20 @@ impl Task {
     }
 
     async fn serve(&mut self, mut connection: Connection) -> End {
-        let mut click_tick = tokio::time::interval(self.core.options.click_flush_interval);
-        click_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // Timers run only while there is something to time: an idle client (a player connection
+        // among 100000) costs no wake-ups.
+        let click_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(click_timer);
+        let mut click_timer_armed = false;
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_INTERVAL);
         housekeeping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
+            if !click_timer_armed && self.has_open_clicks() {
+                click_timer
+                    .as_mut()
+                    .reset(Instant::now() + self.core.options.click_flush_interval);
+                click_timer_armed = true;
+            }
             if !self.outbox.is_empty() {
                 if let Err(reason) = self.write(&mut connection).await {
                     return End::Broken(reason);
@@ -623,10 +659,24 @@ impl Task {
                 }
                 Some(local_id) = self.unsubscribes.recv() => self.on_unsubscribe(local_id),
                 _ = self.core.click_notify.notified() => self.send_clicks(false),
-                _ = click_tick.tick() => self.send_clicks(true),
-                _ = housekeeping.tick() => self.housekeeping(),
+                _ = &mut click_timer, if click_timer_armed => {
+                    click_timer_armed = false;
+                    self.send_clicks(true);
+                }
+                _ = housekeeping.tick(), if self.has_timed_work() => self.housekeeping(),
             }
         }
+    }
+
+    /// Whether a click waits in the open batch (or a refused batch waits for its retry).
+    fn has_open_clicks(&self) -> bool {
+        !self.core.clicks.lock().expect("click buffer lock").is_empty()
+    }
+
+    /// Whether anything needs the housekeeping timer: requests with deadlines, events in flight,
+    /// paused clicks.
+    fn has_timed_work(&self) -> bool {
+        !self.pending.is_empty() || !self.events.is_empty() || self.clicks_paused_until.is_some()
     }
 
     async fn write(&mut self, connection: &mut Connection) -> std::result::Result<(), String> {
@@ -659,7 +709,7 @@ impl Task {
 
     fn on_connected(&mut self, head: u64, limits: &Limits) {
         self.connected = true;
-        self.core.head.fetch_max(head, Ordering::Relaxed);
+        self.core.head_read(head);
         self.last_head_refresh = Instant::now();
         self.clicks_paused_until = None;
         self.core
@@ -973,6 +1023,8 @@ impl Task {
                 return;
             }
             self.clicks_paused_until = None;
+            // The refused batch went back to the front: send everything waiting.
+            return self.send_clicks(true);
         }
         {
             let mut buffer = self.core.clicks.lock().expect("click buffer lock");
@@ -992,22 +1044,22 @@ impl Task {
     }
 
     fn on_clicks_ack(&mut self, up_to: u64) {
-        debug!(up_to, unacked = self.clicks_unacked.len(), "clicks acknowledged");
-        let mut released = 0;
+        let mut acknowledged = 0;
         while self
             .clicks_unacked
             .front()
             .is_some_and(|(sequence, _)| *sequence <= up_to)
         {
-            self.clicks_unacked.pop_front();
-            released += 1;
+            acknowledged += 1;
+            let (_, batch) = self.clicks_unacked.pop_front().expect("checked above");
+            self.click_scratch_bodies.push(batch.body);
         }
-        if released > 0 {
-            self.core
-                .clicks
-                .lock()
-                .expect("click buffer lock")
-                .unacked_batches -= released;
+        if acknowledged > 0 {
+            let mut buffer = self.core.clicks.lock().expect("click buffer lock");
+            buffer.unacked_batches -= acknowledged;
+            for body in self.click_scratch_bodies.drain(..) {
+                buffer.recycle(body);
+            }
         }
         let mut index = 0;
         while index < self.click_waiters.len() {
@@ -1092,13 +1144,14 @@ impl Task {
                 retry_after_ms,
             } => self.on_error(request_id, code, message, retry_after_ms),
             ServerMessage::OfferReceived { offer } => {
-                let _ = self.core.offer_updates.send(OfferUpdate::Received(offer));
+                if let Some(updates) = self.core.offer_updates.get() {
+                    let _ = updates.send(OfferUpdate::Received(offer));
+                }
             }
             ServerMessage::OfferClosed { offer_id, reason } => {
-                let _ = self
-                    .core
-                    .offer_updates
-                    .send(OfferUpdate::Closed { offer_id, reason });
+                if let Some(updates) = self.core.offer_updates.get() {
+                    let _ = updates.send(OfferUpdate::Closed { offer_id, reason });
+                }
                 if let Some(request_id) = self.offer_waiters.remove(&offer_id) {
                     if let Some(Pending::External(request)) = self.pending.remove(&request_id) {
                         let _ = request
@@ -1146,7 +1199,7 @@ impl Task {
                     }
                     Some(Pending::Head) => {
                         if let ServerMessage::Head { height, .. } = answer {
-                            self.core.head.fetch_max(height, Ordering::Relaxed);
+                            self.core.head_read(height);
                         }
                     }
                     Some(Pending::EventStatus(event_id)) => {
@@ -1439,7 +1492,9 @@ impl Task {
             self.send_external(request_id);
         }
         // The chain head, for expiry heights.
-        if now.duration_since(self.last_head_refresh) >= self.core.options.head_refresh_interval {
+        if !self.events.is_empty()
+            && now.duration_since(self.last_head_refresh) >= self.core.options.head_refresh_interval
+        {
             self.last_head_refresh = now;
             let request_id = self.core.next_request_id();
             self.pending.insert(request_id, Pending::Head);

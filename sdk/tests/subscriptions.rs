@@ -48,7 +48,13 @@ async fn a_tenant_subscription_resumes_without_gaps_or_duplicates() {
         if index % 50 == 25 {
             // Cut the subscriber while activity flows: this grant is in, later ones are not yet.
             handle.accepted().await.unwrap();
+            let reconnects = subscriber.reconnect_count();
             proxy.cut();
+            // Grants already submitted commit while the subscriber is away; the next cut waits
+            // for its return.
+            while subscriber.reconnect_count() == reconnects {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         handles.push(handle);
     }
