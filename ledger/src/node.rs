@@ -557,6 +557,9 @@ impl Driver {
     }
 
     fn publish_status(&self) {
+        if let Some(bytes) = resident_memory_bytes() {
+            metrics::gauge!("process_resident_memory_bytes").set(bytes as f64);
+        }
         let stats = self.replica.stats();
         let label = self.id.to_string();
         metrics::gauge!("hoard_replica_height", "replica" => label.clone()).set(stats.last_executed as f64);
@@ -705,6 +708,20 @@ async fn serve_connection(
         }
         other => Err(format!("expected a hello, got {other:?}")),
     }
+}
+
+/// This process's resident memory, from `/proc/self/status` (Linux; `None` elsewhere).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kilobytes: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kilobytes * 1024)
 }
 
 /// Installs the Prometheus exporter for this process on `address`.
