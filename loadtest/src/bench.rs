@@ -38,6 +38,9 @@ use crate::stats::per_second;
 pub const CHAIN_SETTLE_ENTRIES: usize = 512;
 /// Transactions per request to the replicas in the chain benchmark.
 pub const CHAIN_REQUEST_TRANSACTIONS: usize = 512;
+/// Settlement transactions (~41 KB each) per request: a request stays under the replicas'
+/// `request_bytes_max` (4 MiB); a larger one is dropped by the replicas without an answer.
+pub const CHAIN_REQUEST_SETTLEMENTS: usize = 64;
 /// Requests in flight in the chain benchmark.
 pub const CHAIN_REQUESTS_IN_FLIGHT: usize = 16;
 /// Accounts the chain benchmark credits and moves between.
@@ -386,18 +389,19 @@ fn payload(chain_id: u64, tenant: TenantId, expires_at: u64, body: TxBody) -> Tx
     }
 }
 
-/// Submits `transactions` in requests of [`CHAIN_REQUEST_TRANSACTIONS`] with
+/// Submits `transactions` in requests of `per_request` with
 /// [`CHAIN_REQUESTS_IN_FLIGHT`] in flight; returns the receipts' outcomes and the seconds taken.
 async fn submit_all(
     client: &ChainClient,
     transactions: Vec<Transaction>,
+    per_request: usize,
     latency: &mut crate::stats::Latency,
 ) -> anyhow::Result<(Vec<Outcome>, f64)> {
     let started = Instant::now();
     let mut outcomes = Vec::with_capacity(transactions.len());
     let mut requests = futures::stream::iter(
         transactions
-            .chunks(CHAIN_REQUEST_TRANSACTIONS)
+            .chunks(per_request)
             .map(|chunk| chunk.to_vec())
             .collect::<Vec<_>>(),
     )
@@ -461,9 +465,9 @@ pub async fn chain_once(
     // The currency first (its own request), then the accounts.
     let rest = setup.split_off(1);
     let mut rejections = crate::stats::ErrorCounts::default();
-    let (outcomes, _) = submit_all(&client, setup, &mut ignored).await?;
+    let (outcomes, _) = submit_all(&client, setup, CHAIN_REQUEST_TRANSACTIONS, &mut ignored).await?;
     count_rejections("setup", &outcomes, &mut rejections);
-    let (outcomes, _) = submit_all(&client, rest, &mut ignored).await?;
+    let (outcomes, _) = submit_all(&client, rest, CHAIN_REQUEST_TRANSACTIONS, &mut ignored).await?;
     count_rejections("setup", &outcomes, &mut rejections);
 
     // Signed before the clock starts.
@@ -502,7 +506,7 @@ pub async fn chain_once(
         })
         .collect();
     let mut latency = crate::stats::Latency::new();
-    let (outcomes, settlement_seconds) = submit_all(&client, settle, &mut latency).await?;
+    let (outcomes, settlement_seconds) = submit_all(&client, settle, CHAIN_REQUEST_SETTLEMENTS, &mut latency).await?;
     count_rejections("settle", &outcomes, &mut rejections);
     let settlement_entries_applied: u64 = outcomes
         .iter()
@@ -511,7 +515,7 @@ pub async fn chain_once(
             _ => 0,
         })
         .sum();
-    let (outcomes, transfers_seconds) = submit_all(&client, transfer, &mut latency).await?;
+    let (outcomes, transfers_seconds) = submit_all(&client, transfer, CHAIN_REQUEST_TRANSACTIONS, &mut latency).await?;
     count_rejections("transfer", &outcomes, &mut rejections);
     let transfers_applied = outcomes.iter().filter(|o| matches!(o, Outcome::Applied)).count() as u64;
     Ok(ChainFigure {

@@ -48,8 +48,10 @@ pub const SETTLE_ENTRIES: usize = 32;
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// Accounts registered concurrently during setup.
 pub const REGISTER_CONCURRENCY: usize = 2_048;
-/// Studio connections used to register accounts.
+/// Studio connections used to register many accounts.
 pub const REGISTER_CONNECTIONS: usize = 4;
+/// Registration passes (failed registrations are retried on new connections).
+pub const REGISTER_PASSES: usize = 3;
 
 /// What to simulate.
 #[derive(Clone, Debug)]
@@ -520,52 +522,74 @@ async fn setup(config: &PlayersConfig, studio: &Client, players: &[PublicKey]) -
         .await?;
     tolerate(currency.committed().await, Rejection::CurrencyExists).context("defining GOLD")?;
     tolerate(class.committed().await, Rejection::ClassExists).context("defining sword")?;
-    let mut registrars = vec![studio.clone()];
-    let extra = if players.len() > 10_000 {
-        REGISTER_CONNECTIONS - 1
-    } else {
-        0
-    };
-    for _ in 0..extra {
-        registrars.push(
-            client_options()
-                .connect(
-                    &config.url,
-                    Credentials::studio(config.tenant, config.studio_key.clone()),
-                )
-                .await?,
+    // Registration runs on its own connections, retried on fresh ones if a connection fails
+    // (only ledger answers are final), so that a lost connection never fails the whole run.
+    let mut remaining: Vec<PublicKey> = players.to_vec();
+    for pass in 1..=REGISTER_PASSES {
+        let connections = if remaining.len() > 10_000 { REGISTER_CONNECTIONS } else { 1 };
+        let mut registrars = Vec::new();
+        for _ in 0..connections {
+            registrars.push(
+                client_options()
+                    .connect(
+                        &config.url,
+                        Credentials::studio(config.tenant, config.studio_key.clone()),
+                    )
+                    .await?,
+            );
+        }
+        let mut tasks = JoinSet::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(REGISTER_CONCURRENCY));
+        for (index, player) in remaining.iter().enumerate() {
+            let client = registrars[index % registrars.len()].clone();
+            let permit = limit.clone().acquire_owned().await?;
+            let player = *player;
+            tasks.spawn(async move {
+                let result = async {
+                    let handle = client.register_account(player, Custody::Custodial).await?;
+                    handle.committed().await
+                }
+                .await;
+                drop(permit);
+                match result {
+                    Ok(_)
+                    | Err(Error::Rejected {
+                        reason: Rejection::AccountExists,
+                        ..
+                    }) => Ok(()),
+                    Err(error) => Err((player, error)),
+                }
+            });
+        }
+        let mut failed = Vec::new();
+        let mut last_error = None;
+        while let Some(done) = tasks.join_next().await {
+            if let Err((player, error)) = done? {
+                if matches!(error, Error::Rejected { .. }) {
+                    return Err(error).context("registering a player");
+                }
+                failed.push(player);
+                last_error = Some(error);
+            }
+        }
+        for registrar in &registrars {
+            registrar.close().await;
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            pass,
+            failed = failed.len(),
+            error = ?last_error,
+            "some registrations failed on a lost connection; retrying them on new connections"
         );
+        remaining = failed;
     }
-    let mut tasks = JoinSet::new();
-    let limit = Arc::new(tokio::sync::Semaphore::new(REGISTER_CONCURRENCY));
-    for (index, player) in players.iter().enumerate() {
-        let client = registrars[index % registrars.len()].clone();
-        let permit = limit.clone().acquire_owned().await?;
-        let player = *player;
-        tasks.spawn(async move {
-            let result = async {
-                let handle = client.register_account(player, Custody::Custodial).await?;
-                handle.committed().await
-            }
-            .await;
-            drop(permit);
-            match result {
-                Ok(_) => Ok(()),
-                Err(Error::Rejected {
-                    reason: Rejection::AccountExists,
-                    ..
-                }) => Ok(()),
-                Err(error) => Err(error),
-            }
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done?.context("registering a player")?;
-    }
-    for registrar in registrars.iter().skip(1) {
-        registrar.close().await;
-    }
-    Ok(())
+    anyhow::bail!(
+        "{} players could not be registered after {REGISTER_PASSES} passes",
+        remaining.len()
+    )
 }
 
 /// Sleeps until `start + tick * k` for the next k, returns (k, lag behind it).
