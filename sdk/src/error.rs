@@ -18,7 +18,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The URL is not a `ws://` or `wss://` URL (or a `host:port`).
     #[error("invalid gateway url `{url}`: {reason}")]
-    InvalidUrl { url: String, reason: &'static str },
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A `wss://` URL, but this build has no TLS support (terminate TLS in front of the client, or
     /// build tokio-tungstenite with a TLS feature).
     #[error("wss:// needs TLS support, which this build does not include")]
@@ -41,28 +46,44 @@ pub enum Error {
     Timeout(Duration),
     /// The gateway refused the credentials (bad signature, expired token, unknown tenant). Final.
     #[error("authentication refused ({code:?}): {message}")]
-    AuthRefused { code: ErrorCode, message: String },
+    AuthRefused {
+        /// The gateway's error code.
+        code: ErrorCode,
+        /// The gateway's explanation (for humans).
+        message: String,
+    },
     /// The gateway refused a request with an error code.
     #[error("the gateway refused the request ({code:?}): {message}")]
     Server {
+        /// The gateway's error code.
         code: ErrorCode,
+        /// The gateway's explanation (for humans).
         message: String,
+        /// How long the gateway asked to wait before retrying.
         retry_after: Option<Duration>,
     },
     /// The ledger committed the event as a rejection at `height`: nothing changed. Final.
     #[error("event {event_id} was rejected at height {height}: {reason}")]
     Rejected {
+        /// The event.
         event_id: EventId,
+        /// The height at which it committed.
         height: u64,
+        /// Why the ledger refused it.
         reason: Rejection,
     },
     /// The event's expiry height passed before it committed: it will never apply. Final.
     #[error("event {event_id} expired before it committed")]
-    Expired { event_id: EventId },
+    Expired {
+        /// The event.
+        event_id: EventId,
+    },
     /// The offer closed (cancelled, declined or expired) before it was accepted.
     #[error("offer {offer_id} closed: {reason:?}")]
     OfferClosed {
+        /// The offer.
         offer_id: EventId,
+        /// Why it closed.
         reason: OfferCloseReason,
     },
     /// The client was closed (or gave up reconnecting); nothing more can be sent. Final.
@@ -75,7 +96,10 @@ pub enum Error {
     /// A subscription's consumer fell too far behind; the stream ended. Subscribe again with
     /// `from_height` = the last height you processed to continue without a gap.
     #[error("the subscription's consumer fell behind; last height delivered: {last_height:?}")]
-    Lagged { last_height: Option<u64> },
+    Lagged {
+        /// The last height delivered (events of that height may be partly delivered).
+        last_height: Option<u64>,
+    },
     /// The gateway answered something the protocol does not allow here.
     #[error("protocol violation: {0}")]
     Protocol(String),

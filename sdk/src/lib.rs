@@ -62,6 +62,8 @@
 //! The SDK depends only on `hoard-types` (the wire protocol and transactions), never on the
 //! ledger's or the gateway's internals.
 
+#![warn(missing_docs)]
+
 mod clicks;
 pub mod client;
 mod connection;

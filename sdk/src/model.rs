@@ -11,7 +11,9 @@ use hoard_types::{
 pub struct Session {
     /// The chain the gateway serves (every transaction names it).
     pub chain_id: u64,
+    /// The tenant the client acts in.
     pub tenant: TenantId,
+    /// Studio or player.
     pub role: Role,
     /// The player's account (players only).
     pub account: Option<PublicKey>,
@@ -23,6 +25,7 @@ pub struct Session {
 /// [`crate::Error::Rejected`] instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
+    /// The event's id.
     pub event_id: EventId,
     /// The height of the block in which the event first took effect.
     pub height: u64,
@@ -43,29 +46,41 @@ impl Committed {
 /// One committed event pushed to a subscription.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Activity {
+    /// A block height.
     pub height: u64,
+    /// The event's id.
     pub event_id: EventId,
+    /// What the event did.
     pub body: TxBody,
+    /// How it went (`Applied`, `Settled` per entry, or `Rejected`).
     pub outcome: Outcome,
 }
 
 /// The committed chain head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Head {
+    /// The chain's id.
     pub chain_id: u64,
+    /// A block height.
     pub height: u64,
+    /// The head block's hash.
     pub block_hash: Hash,
+    /// The Merkle root of the state after the head block.
     pub state_root: Hash,
+    /// The head block's timestamp (Unix milliseconds, from its proposer).
     pub timestamp_ms: u64,
 }
 
 /// An account's currency balances at `height`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Balances {
+    /// The account read.
     pub account: PublicKey,
+    /// A block height.
     pub height: u64,
     /// None when the account is not registered.
     pub custody: Option<Custody>,
+    /// Every non-zero balance.
     pub balances: Vec<(CurrencyId, Amount)>,
 }
 
@@ -83,15 +98,20 @@ impl Balances {
 /// An account's items at `height`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Inventory {
+    /// The account read.
     pub account: PublicKey,
+    /// A block height.
     pub height: u64,
+    /// Every item the account owns.
     pub items: Vec<(ItemId, Item)>,
 }
 
 /// An item, its owner and its recent history.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ItemInfo {
+    /// The item asked for.
     pub item_id: ItemId,
+    /// A block height.
     pub height: u64,
     /// None if the item does not exist (never minted, or burned).
     pub item: Option<Item>,
@@ -102,15 +122,20 @@ pub struct ItemInfo {
 /// Where an event is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventStatus {
+    /// The event's id.
     pub event_id: EventId,
+    /// `Unknown`, `Pending` (accepted, not committed) or `Committed`.
     pub state: EventState,
+    /// The commit height, once committed.
     pub height: Option<u64>,
+    /// The outcome, once committed.
     pub outcome: Option<Outcome>,
 }
 
 /// A click counter's totals.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CounterTotals {
+    /// The counter's name.
     pub counter: String,
     /// Over all players.
     pub total: u64,
@@ -121,10 +146,12 @@ pub struct CounterTotals {
 /// A settlement window the gateway cut on `settle_clicks`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SettlementWindow {
+    /// The settlement window's number.
     pub window: u64,
     /// The `settle` events submitted (none when nothing was due). Follow them with
     /// [`crate::Client::event_status`] or a subscription.
     pub event_ids: Vec<EventId>,
+    /// Settlement entries (players credited) in the window.
     pub entries: u32,
 }
 
@@ -135,7 +162,9 @@ pub enum OfferUpdate {
     Received(OfferInfo),
     /// An offer closed (accepted, cancelled or expired).
     Closed {
+        /// The offer (its swap's event id).
         offer_id: EventId,
+        /// Accepted, cancelled or expired.
         reason: OfferCloseReason,
     },
 }

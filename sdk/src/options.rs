@@ -13,11 +13,18 @@ use crate::error::{Error, Result};
 pub enum Credentials {
     /// A studio backend: the tenant and its studio key. The key answers the gateway's challenge
     /// and signs the studio's transactions.
-    Studio { tenant: TenantId, key: Keypair },
+    Studio {
+        /// The studio's tenant.
+        tenant: TenantId,
+        /// The tenant's studio key.
+        key: Keypair,
+    },
     /// A player: a session token its studio issued ([`crate::keys::issue_session_token`]), and, for
     /// a self-custody account, the player's key (it signs the player's transfers and trades).
     Player {
+        /// The studio-signed session token.
         token: SessionToken,
+        /// The player's own key (self-custody), if any.
         key: Option<Keypair>,
     },
 }
@@ -66,7 +73,10 @@ pub enum ConnectionState {
     /// The connection broke; a reconnect is scheduled.
     Disconnected,
     /// Trying to connect again (`attempt` counts from 1).
-    Reconnecting { attempt: u32 },
+    Reconnecting {
+        /// The attempt's number, from 1.
+        attempt: u32,
+    },
     /// Closed for good (by [`crate::Client::close`], refused credentials, or the reconnect policy
     /// giving up). Every outstanding operation has failed.
     Closed,
