@@ -506,7 +506,8 @@ pub async fn chain_once(
         })
         .collect();
     let mut latency = crate::stats::Latency::new();
-    let (outcomes, settlement_seconds) = submit_all(&client, settle, CHAIN_REQUEST_SETTLEMENTS, &mut latency).await?;
+    let (outcomes, settlement_seconds) =
+        submit_all(&client, settle, CHAIN_REQUEST_SETTLEMENTS, &mut latency).await?;
     count_rejections("settle", &outcomes, &mut rejections);
     let settlement_entries_applied: u64 = outcomes
         .iter()
@@ -515,7 +516,8 @@ pub async fn chain_once(
             _ => 0,
         })
         .sum();
-    let (outcomes, transfers_seconds) = submit_all(&client, transfer, CHAIN_REQUEST_TRANSACTIONS, &mut latency).await?;
+    let (outcomes, transfers_seconds) =
+        submit_all(&client, transfer, CHAIN_REQUEST_TRANSACTIONS, &mut latency).await?;
     count_rejections("transfer", &outcomes, &mut rejections);
     let transfers_applied = outcomes.iter().filter(|o| matches!(o, Outcome::Applied)).count() as u64;
     Ok(ChainFigure {

@@ -526,7 +526,11 @@ async fn setup(config: &PlayersConfig, studio: &Client, players: &[PublicKey]) -
     // (only ledger answers are final), so that a lost connection never fails the whole run.
     let mut remaining: Vec<PublicKey> = players.to_vec();
     for pass in 1..=REGISTER_PASSES {
-        let connections = if remaining.len() > 10_000 { REGISTER_CONNECTIONS } else { 1 };
+        let connections = if remaining.len() > 10_000 {
+            REGISTER_CONNECTIONS
+        } else {
+            1
+        };
         let mut registrars = Vec::new();
         for _ in 0..connections {
             registrars.push(

@@ -336,7 +336,7 @@ impl Stack {
     /// Starts replicas, Redis and the gateway; returns once the gateway answers.
     pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
         anyhow::ensure!(
-            options.replicas >= 4 && (options.replicas - 1) % 3 == 0,
+            options.replicas >= 4 && (options.replicas - 1).is_multiple_of(3),
             "replicas must be 3f+1 with f >= 1"
         );
         let (dir, temp) = match &options.data_dir {
@@ -412,9 +412,11 @@ impl Stack {
             }
         }
 
-        let mut config = GatewayConfig::default();
-        config.listen = options.gateway_listen;
-        config.http_listen = options.gateway_http_listen;
+        let mut config = GatewayConfig {
+            listen: options.gateway_listen,
+            http_listen: options.gateway_http_listen,
+            ..GatewayConfig::default()
+        };
         config.redis.url = redis.url();
         config.connections_max = 60_000;
         config.limits.connection_messages_per_second = 100_000;

@@ -36,12 +36,12 @@ pub fn raise_open_files_limit(want: u64) -> u64 {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 0;
         }
-        let target = want.min(limit.rlim_max as u64).max(limit.rlim_cur as u64);
-        limit.rlim_cur = target as libc::rlim_t;
+        let target = want.min(limit.rlim_max).max(limit.rlim_cur);
+        limit.rlim_cur = target;
         if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
             let mut now = limit;
             libc::getrlimit(libc::RLIMIT_NOFILE, &mut now);
-            return now.rlim_cur as u64;
+            return now.rlim_cur;
         }
         target
     }
