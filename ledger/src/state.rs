@@ -180,10 +180,10 @@ type Check<T = ()> = std::result::Result<T, Rejection>;
 impl Ledger {
     /// The state at height 0: the genesis tenants, nothing else.
     pub fn new(genesis: &Genesis) -> Ledger {
-        let mut ledger = Ledger {
-            chain_id: genesis.chain_id,
-            operator: genesis.operator,
-            head: BlockHeader {
+        let mut ledger = Ledger::empty(
+            genesis.chain_id,
+            genesis.operator,
+            BlockHeader {
                 height: 0,
                 parent: genesis.hash(),
                 timestamp_ms: 0,
@@ -191,6 +191,26 @@ impl Ledger {
                 outcome_root: Hash::ZERO,
                 state_root: Hash::ZERO,
             },
+        );
+        for tenant in &genesis.tenants {
+            ledger.insert_tenant(
+                tenant.id,
+                TenantInfo {
+                    name: tenant.name.clone(),
+                    studio_key: tenant.studio_key,
+                },
+            );
+        }
+        ledger.head.state_root = ledger.commit_state();
+        ledger
+    }
+
+    /// No tenants, no anything, at `head`.
+    fn empty(chain_id: u64, operator: PublicKey, head: BlockHeader) -> Ledger {
+        Ledger {
+            chain_id,
+            operator,
+            head,
             tenants: BTreeMap::new(),
             studio_keys: FxHashMap::default(),
             accounts: FxHashMap::default(),
@@ -205,18 +225,7 @@ impl Ledger {
             expiries: BTreeMap::new(),
             tree: MerkleTree::new(),
             dirty: FxHashSet::default(),
-        };
-        for tenant in &genesis.tenants {
-            ledger.insert_tenant(
-                tenant.id,
-                TenantInfo {
-                    name: tenant.name.clone(),
-                    studio_key: tenant.studio_key,
-                },
-            );
         }
-        ledger.head.state_root = ledger.commit_state();
-        ledger
     }
 
     pub fn chain_id(&self) -> u64 {
@@ -1224,25 +1233,7 @@ impl Ledger {
         if !(crate::merkle::DEPTH_MIN..=crate::merkle::DEPTH_MAX).contains(&snapshot.tree_depth) {
             return Err(LedgerError::Snapshot("tree depth out of range".into()));
         }
-        let mut ledger = Ledger {
-            chain_id: snapshot.chain_id,
-            operator: snapshot.operator,
-            head: snapshot.head,
-            tenants: BTreeMap::new(),
-            studio_keys: FxHashMap::default(),
-            accounts: FxHashMap::default(),
-            currencies: Vec::new(),
-            currency_slots: Slots::default(),
-            classes: Vec::new(),
-            class_slots: Slots::default(),
-            balances: FxHashMap::default(),
-            items: FxHashMap::default(),
-            inventory: BTreeSet::new(),
-            events: FxHashMap::default(),
-            expiries: BTreeMap::new(),
-            tree: MerkleTree::new(),
-            dirty: FxHashSet::default(),
-        };
+        let mut ledger = Ledger::empty(snapshot.chain_id, snapshot.operator, snapshot.head);
         let mut dirty = Vec::new();
         for (tenant, info) in snapshot.tenants {
             ledger.studio_keys.insert(info.studio_key, tenant);
