@@ -23,6 +23,8 @@ use crate::state::Ledger;
 
 /// Most transactions one consensus request may carry.
 pub const REQUEST_TRANSACTIONS_MAX: usize = 4096;
+/// Largest encoded consensus request (the replicas' `request_bytes_max`).
+pub const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most recent blocks the app keeps in memory for the driver to persist and publish.
 pub const RECENT_BLOCKS_MAX: usize = 1024;
 
@@ -31,6 +33,31 @@ const _: () = assert!(REQUEST_TRANSACTIONS_MAX <= hoard_types::constants::BLOCK_
 /// The MessagePack of a request's transactions.
 pub fn encode_request(transactions: &[Transaction]) -> Vec<u8> {
     rmp_serde::to_vec(transactions).expect("transactions serialise")
+}
+
+/// Splits transactions into requests that respect [`REQUEST_TRANSACTIONS_MAX`] and
+/// [`REQUEST_BYTES_MAX`], keeping their order.
+pub fn split_into_requests(transactions: Vec<Transaction>) -> Vec<Vec<Transaction>> {
+    // Per transaction: its payload and signatures, plus MessagePack framing.
+    let size = |tx: &Transaction| tx.payload.len() + tx.signatures.len() * 110 + 16;
+    let mut requests = Vec::new();
+    let mut current = Vec::new();
+    let mut bytes = 16;
+    for tx in transactions {
+        let tx_bytes = size(&tx);
+        if !current.is_empty()
+            && (current.len() == REQUEST_TRANSACTIONS_MAX || bytes + tx_bytes > REQUEST_BYTES_MAX)
+        {
+            requests.push(std::mem::take(&mut current));
+            bytes = 16;
+        }
+        bytes += tx_bytes;
+        current.push(tx);
+    }
+    if !current.is_empty() {
+        requests.push(current);
+    }
+    requests
 }
 
 /// Decodes a request; `None` when it does not decode or carries too many transactions.
@@ -143,5 +170,36 @@ impl App for LedgerApp {
 
     fn last_executed(&self) -> u64 {
         self.ledger.height()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{key, World};
+    use hoard_types::TenantId;
+
+    #[test]
+    fn requests_are_split_under_both_limits_in_order() {
+        let mut world = World::new(1);
+        let alice = key("alice", 0);
+        let transactions: Vec<Transaction> = (0..REQUEST_TRANSACTIONS_MAX + 10)
+            .map(|_| world.mint_currency(TenantId(1), &alice.public(), "GOLD", 1))
+            .collect();
+        let requests = split_into_requests(transactions.clone());
+        assert_eq!(requests.len(), 2);
+        assert!(requests
+            .iter()
+            .all(|r| encode_request(r).len() <= REQUEST_BYTES_MAX));
+        assert_eq!(requests.concat(), transactions);
+        let big = Transaction {
+            payload: vec![7; 60 * 1024],
+            signatures: vec![],
+        };
+        let requests = split_into_requests(vec![big; 200]);
+        assert!(requests.len() >= 3);
+        assert!(requests
+            .iter()
+            .all(|r| encode_request(r).len() <= REQUEST_BYTES_MAX));
     }
 }

@@ -27,7 +27,7 @@ use tokio_util::codec::Framed;
 use hoard_pbft::{ReplicaId, Request};
 use hoard_types::{Hash, Receipt, Transaction};
 
-use crate::app::{decode_reply, encode_request};
+use crate::app::{decode_reply, encode_request, REQUEST_BYTES_MAX, REQUEST_TRANSACTIONS_MAX};
 use crate::block::Block;
 use crate::cluster::Cluster;
 use crate::net::{self, NetMessage, DIAL_BACKOFF_MAX, DIAL_BACKOFF_MIN, PEER_QUEUE_FRAMES_MAX};
@@ -50,6 +50,8 @@ pub enum ClientError {
     Closed,
     #[error("a reply from the replicas did not decode")]
     BadReply,
+    #[error("the request is {bytes} bytes or {transactions} transactions, over the replicas' limits (split it with app::split_into_requests)")]
+    TooLarge { bytes: usize, transactions: usize },
 }
 
 /// The result of a request, agreed by f+1 replicas.

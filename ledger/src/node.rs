@@ -294,6 +294,8 @@ pub fn pbft_config(config: &NodeConfig) -> Config {
     pbft.batch_size_max = config.consensus.batch_size_max;
     pbft.batch_timeout_ms = config.consensus.batch_timeout_ms;
     pbft.view_change_timeout_ms = config.consensus.view_change_timeout_ms;
+    pbft.request_bytes_max = crate::app::REQUEST_BYTES_MAX;
+    pbft.batch_bytes_max = pbft.batch_bytes_max.max(crate::app::REQUEST_BYTES_MAX);
     pbft
 }
 

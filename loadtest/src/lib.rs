@@ -5,7 +5,7 @@
 //! - [`players`]: the player simulator (game-server connections carrying many players, and one
 //!   connection per player), open loop, through the SDK. `hoard demo` uses it too.
 //! - [`stack`]: starts the whole stack (4 replica processes, a private redis-server, the gateway
-//!   in-process on [`stack::ClusterChain`]) and checks it at the end (state roots, invariants).
+//!   in-process on [`hoard_server::chain::ClusterChain`]) and checks it at the end (state roots, invariants).
 //! - [`bench`]: the benchmarks of `hoard-loadtest bench`: the WebSocket ceiling, the gateway
 //!   absorbing clicks, the chain alone, the full path.
 //! - [`stats`]: HDR latency histograms, rates, errors by reason (pure, unit-tested).

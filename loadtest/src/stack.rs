@@ -20,84 +20,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use futures::future::BoxFuture;
-use futures::stream::BoxStream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
 
-use hoard_ledger::client::ChainClient;
 use hoard_ledger::cluster::{write_local_cluster, NodeConfig};
 use hoard_ledger::store::{Engine, StoreConfig};
 use hoard_ledger::{Block, Genesis, Ledger};
+use hoard_server::chain::ClusterChain;
 use hoard_server::config::{demo_genesis, GatewayConfig, DEMO_STUDIO_SEED};
-use hoard_server::{Chain, ChainError, Gateway};
-use hoard_types::{Hash, Keypair, TenantId, Transaction};
+use hoard_server::{Chain, Gateway};
+use hoard_types::{Hash, Keypair, TenantId};
 
-/// Batches the gateway may have handed to the cluster without their commit yet.
-pub const CLUSTER_BATCHES_IN_FLIGHT_MAX: usize = 256;
 /// How long a replica gets to stop after SIGTERM before it is killed.
 pub const REPLICA_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the replicas get to start answering on their metrics port.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Well-known places of the Redis binary, before `$PATH` is searched.
 pub const REDIS_SERVER_PATHS: &[&str] = &["/usr/bin/redis-server", "/usr/local/bin/redis-server"];
-
-/// The gateway's chain backend for a PBFT cluster: batches go to the replicas through
-/// [`ChainClient`] (submit returns once the batch is handed over; the commit arrives through
-/// `follow`), blocks come back certified by f+1 replicas.
-pub struct ClusterChain {
-    client: ChainClient,
-    chain_id: u64,
-    in_flight: Arc<Semaphore>,
-}
-
-impl ClusterChain {
-    pub fn new(client: ChainClient, chain_id: u64) -> ClusterChain {
-        ClusterChain {
-            client,
-            chain_id,
-            in_flight: Arc::new(Semaphore::new(CLUSTER_BATCHES_IN_FLIGHT_MAX)),
-        }
-    }
-}
-
-impl Chain for ClusterChain {
-    fn chain_id(&self) -> u64 {
-        self.chain_id
-    }
-
-    fn submit(&self, batch: Vec<Transaction>) -> BoxFuture<'_, Result<(), ChainError>> {
-        Box::pin(async move {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let permit = self
-                .in_flight
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| ChainError::Stopped)?;
-            let client = self.client.clone();
-            tokio::spawn(async move {
-                if let Err(error) = client.submit(&batch).await {
-                    tracing::warn!(%error, "cluster did not take a batch; the gateway resubmits it");
-                }
-                drop(permit);
-            });
-            Ok(())
-        })
-    }
-
-    fn follow(&self, from_height: u64) -> BoxStream<'static, Result<Arc<Block>, ChainError>> {
-        let receiver = self.client.blocks(from_height);
-        Box::pin(futures::stream::unfold(receiver, |mut receiver| async move {
-            receiver
-                .recv()
-                .await
-                .map(|certified| (Ok(certified.block), receiver))
-        }))
-    }
-}
 
 /// What to start.
 #[derive(Clone, Debug)]
@@ -428,8 +366,7 @@ impl Stack {
         for tenant in &mut config.tenants {
             tenant.settle_interval_ms = options.settle_interval_ms;
         }
-        let client = ChainClient::connect(&cluster, rand::random::<u64>() >> 1);
-        let chain: Arc<dyn Chain> = Arc::new(ClusterChain::new(client, genesis.chain_id));
+        let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster, rand::random::<u64>() >> 1));
         let gateway = Gateway::start(config, chain, &genesis)
             .await
             .context("starting the gateway")?;

@@ -171,14 +171,19 @@ impl Chain for LocalChain {
     }
 }
 
+/// Batches handed to the cluster and not yet committed, per gateway. `submit` waits for a slot
+/// beyond this, which backs the batcher (and so the clients, through `busy`) off.
+pub const CLUSTER_BATCHES_IN_FLIGHT_MAX: usize = 256;
+
 /// The PBFT cluster through `hoard_ledger::client::ChainClient` (f+1 matching replies and
 /// blocks). `submit` hands the batch to a background task and returns at once, so that the
-/// batcher keeps several batches in flight (the client bounds them); a batch the cluster loses is
-/// resubmitted from the stream after `claim_idle_ms`.
+/// batcher keeps several batches in flight (at most [`CLUSTER_BATCHES_IN_FLIGHT_MAX`]); a batch
+/// the cluster loses is resubmitted from the stream after `claim_idle_ms`.
 #[derive(Clone)]
 pub struct ClusterChain {
     client: hoard_ledger::client::ChainClient,
     chain_id: u64,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl ClusterChain {
@@ -187,6 +192,7 @@ impl ClusterChain {
         ClusterChain {
             client: hoard_ledger::client::ChainClient::connect(cluster, client_id),
             chain_id: cluster.genesis.chain_id,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(CLUSTER_BATCHES_IN_FLIGHT_MAX)),
         }
     }
 }
@@ -197,13 +203,25 @@ impl Chain for ClusterChain {
     }
 
     fn submit(&self, batch: Vec<Transaction>) -> BoxFuture<'_, Result<(), ChainError>> {
-        let client = self.client.clone();
         Box::pin(async move {
-            tokio::spawn(async move {
-                if let Err(error) = client.submit(&batch).await {
-                    tracing::warn!(%error, "cluster did not commit a batch; it will be resubmitted");
-                }
-            });
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for request in hoard_ledger::app::split_into_requests(batch) {
+                let permit = self
+                    .in_flight
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| ChainError::Stopped)?;
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    if let Err(error) = client.submit(&request).await {
+                        tracing::warn!(%error, "cluster did not commit a batch; it will be resubmitted");
+                    }
+                    drop(permit);
+                });
+            }
             Ok(())
         })
     }
