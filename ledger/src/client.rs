@@ -137,6 +137,13 @@ impl ChainClient {
     /// Orders `transactions` as one request and waits until f+1 replicas agree on its result.
     /// Waits for a slot when [`REQUESTS_IN_FLIGHT_MAX`] requests are in flight.
     pub async fn submit(&self, transactions: &[Transaction]) -> Result<Committed, ClientError> {
+        let payload = Arc::new(encode_request(transactions));
+        if payload.len() > REQUEST_BYTES_MAX || transactions.len() > REQUEST_TRANSACTIONS_MAX {
+            return Err(ClientError::TooLarge {
+                bytes: payload.len(),
+                transactions: transactions.len(),
+            });
+        }
         let permit = self
             .shared
             .in_flight
@@ -144,7 +151,6 @@ impl ChainClient {
             .acquire_owned()
             .await
             .map_err(|_| ClientError::Closed)?;
-        let payload = Arc::new(encode_request(transactions));
         let request = Request {
             client: self.shared.client,
             payload: payload.to_vec(),
