@@ -752,6 +752,11 @@ pub fn install_metrics(address: SocketAddr) -> Result<()> {
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of this process."
+    );
+    describe_gauge!(
         "hoard_replica_height",
         "Height of the last block this replica executed."
     );
