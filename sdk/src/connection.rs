@@ -629,11 +629,16 @@ impl Task {
                 biased;
                 incoming = connection.incoming.recv() => {
                     let mut next = incoming;
-                    for _ in 0..MESSAGES_PER_TURN_MAX {
-                        match next {
+                    let mut handled = 0;
+                    loop {
+                        match next.take() {
                             Some(Incoming::Message(message)) => self.on_message(*message),
                             Some(Incoming::Closed(reason)) => return End::Broken(reason),
                             None => return End::Broken("the reader stopped".to_owned()),
+                        }
+                        handled += 1;
+                        if handled >= MESSAGES_PER_TURN_MAX {
+                            break;
                         }
                         match connection.incoming.try_recv() {
                             Ok(incoming) => next = Some(incoming),
@@ -643,13 +648,18 @@ impl Task {
                 }
                 command = self.commands.recv(), if !self.commands_closed => {
                     let mut next = command;
-                    for _ in 0..MESSAGES_PER_TURN_MAX {
-                        match next {
+                    let mut handled = 0;
+                    loop {
+                        match next.take() {
                             Some(command) => self.on_command(command),
                             None => {
                                 self.commands_closed = true;
                                 break;
                             }
+                        }
+                        handled += 1;
+                        if handled >= MESSAGES_PER_TURN_MAX {
+                            break;
                         }
                         match self.commands.try_recv() {
                             Ok(command) => next = Some(command),

@@ -115,3 +115,58 @@ async fn clicks_are_refused_not_queued_without_bound_while_the_gateway_is_unreac
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_thousands_of_events_all_commit() {
+    // More commands and pushes than the connection task handles per turn: none may be lost.
+    let stack = Stack::start().await;
+    let studio = stack.studio_at(&stack.url()).await;
+    let gem = CurrencyId::new("GEM");
+    studio
+        .define_currency(gem.clone(), 0, Amount(u128::MAX))
+        .await
+        .unwrap()
+        .committed()
+        .await
+        .unwrap();
+    let player = Keypair::generate().public();
+    studio
+        .register_account(player, Custody::Custodial)
+        .await
+        .unwrap()
+        .committed()
+        .await
+        .unwrap();
+    const GRANTS: u128 = 3_000;
+    const SUBMITTERS: u128 = 10;
+    // Many submitters at once, so that commands queue up faster than one turn takes them.
+    let submitters: Vec<_> = (0..SUBMITTERS)
+        .map(|_| {
+            let studio = studio.clone();
+            let gem = gem.clone();
+            tokio::spawn(async move {
+                let mut handles = Vec::new();
+                for _ in 0..GRANTS / SUBMITTERS {
+                    let grant = hoard_sdk::Grant::Currency {
+                        currency: gem.clone(),
+                        amount: Amount(1),
+                    };
+                    handles.push(studio.mint(player, grant).await.unwrap());
+                }
+                handles
+            })
+        })
+        .collect();
+    let mut handles = Vec::new();
+    for submitter in submitters {
+        handles.extend(submitter.await.unwrap());
+    }
+    let results = tokio::time::timeout(
+        Duration::from_secs(60),
+        futures::future::join_all(handles.into_iter().map(|handle| handle.committed())),
+    )
+    .await
+    .expect("all resolve");
+    assert!(results.iter().all(|result| result.is_ok()));
+    assert_eq!(studio.balances(player).await.unwrap().of(&gem), Amount(GRANTS));
+}
