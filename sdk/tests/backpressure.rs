@@ -170,3 +170,49 @@ async fn a_burst_of_thousands_of_events_all_commit() {
     assert!(results.iter().all(|result| result.is_ok()));
     assert_eq!(studio.balances(player).await.unwrap().of(&gem), Amount(GRANTS));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_gateway_is_retried_after_the_delay_it_asks_for() {
+    // A gateway that holds at most 3 uncommitted events and commits nothing answers `busy`.
+    let stack = Stack::start_with(|config| {
+        config.events.batcher = false;
+        config.events.pending_max = 3;
+        config.events.busy_retry_after_ms = 50;
+    })
+    .await;
+    let studio = stack.studio_at(&stack.url()).await;
+    let mut handles = Vec::new();
+    for _ in 0..5 {
+        handles.push(
+            studio
+                .register_account(Keypair::generate().public(), Custody::Custodial)
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in &mut handles[..3] {
+        handle.accepted().await.unwrap();
+    }
+    // The last ones are refused with `busy` and retried, not failed.
+    let last = handles.last_mut().unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(500), last.accepted())
+        .await
+        .is_err());
+
+    // A gateway with a batcher commits the backlog; the retried events go through.
+    let mut config = stack.gateway.config.clone();
+    config.events.batcher = true;
+    let world = hoard_ledger::testing::World::new(2);
+    let backend: std::sync::Arc<dyn hoard_server::Chain> = std::sync::Arc::new(stack.gateway.chain.clone());
+    let second = hoard_server::Gateway::start(config, backend, &world.genesis())
+        .await
+        .unwrap();
+    let results = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join_all(handles.into_iter().map(|handle| handle.committed())),
+    )
+    .await
+    .expect("every event resolves");
+    assert!(results.iter().all(|result| result.is_ok()), "{results:?}");
+    second.shutdown().await;
+}
