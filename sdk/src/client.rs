@@ -181,13 +181,13 @@ impl Client {
         let request_id = self.inner.core.next_request_id();
         let frame = Bytes::from(encode(&build(request_id)));
         let (reply, answer) = oneshot::channel();
-        self.send(Command::Request(Request {
+        self.send(Command::Request(Box::new(Request {
             request_id,
             frame,
             replay,
             offer_id,
             reply,
-        }))
+        })))
         .await?;
         answer.await.map_err(|_| Error::Closed)?
     }
@@ -521,7 +521,7 @@ impl Client {
     ) -> Result<EventHandle> {
         let (accepted_sender, accepted) = oneshot::channel();
         let (committed_sender, committed) = oneshot::channel();
-        self.send(Command::Submit(Submission {
+        self.send(Command::Submit(Box::new(Submission {
             event_id,
             request_id,
             frame,
@@ -530,7 +530,7 @@ impl Client {
             permit,
             accepted: accepted_sender,
             committed: committed_sender,
-        }))
+        })))
         .await?;
         Ok(EventHandle::new(event_id, accepted, committed))
     }
@@ -810,14 +810,14 @@ impl Client {
             unsubscribe: self.inner.unsubscribes.clone(),
             finished: false,
         };
-        self.send(Command::Subscribe(SubscribeCommand {
+        self.send(Command::Subscribe(Box::new(SubscribeCommand {
             local_id,
             account,
             from_height: Some(from_height),
             sender,
             end,
             reply,
-        }))
+        })))
         .await?;
         let timeout = self.inner.core.options.request_timeout;
         match tokio::time::timeout(timeout, answer).await {

@@ -141,10 +141,12 @@ impl Core {
 }
 
 /// A request from a client handle to the task.
+/// Large variants are boxed: the channel allocates its first block of slots up front, and a
+/// client per simulated player must stay small.
 pub(crate) enum Command {
-    Request(Request),
-    Submit(Submission),
-    Subscribe(SubscribeCommand),
+    Request(Box<Request>),
+    Submit(Box<Submission>),
+    Subscribe(Box<SubscribeCommand>),
     FlushClicks(oneshot::Sender<Result<()>>),
     Close(oneshot::Sender<()>),
 }
@@ -321,6 +323,7 @@ pub(crate) async fn open(core: &Core) -> Result<Opened> {
 
 async fn open_unbounded(core: &Core) -> Result<Opened> {
     let config = WebSocketConfig::default()
+        .read_buffer_size(core.options.read_buffer_bytes)
         .max_message_size(Some(INCOMING_MESSAGE_BYTES_MAX))
         .max_frame_size(Some(INCOMING_MESSAGE_BYTES_MAX));
     let (socket, _response) =
@@ -1406,6 +1409,10 @@ impl Task {
         let Some(mut entry) = self.events.remove(&event_id) else {
             return;
         };
+        // Its submit may still wait for an answer (a push can overtake it): forget it.
+        if matches!(self.pending.get(&entry.request_id), Some(Pending::Event(id)) if *id == event_id) {
+            self.pending.remove(&entry.request_id);
+        }
         if let Some(accepted) = entry.accepted.take() {
             let accepted_result = match &result {
                 Ok(_) | Err(Error::Rejected { .. }) => Ok(()),

@@ -162,6 +162,7 @@ pub struct ClientOptions {
     pub(crate) head_refresh_interval: Duration,
     pub(crate) status_poll_after: Duration,
     pub(crate) subscription_buffer: usize,
+    pub(crate) read_buffer_bytes: usize,
 }
 
 impl Default for ClientOptions {
@@ -178,6 +179,7 @@ impl Default for ClientOptions {
             head_refresh_interval: Duration::from_secs(1),
             status_poll_after: Duration::from_secs(5),
             subscription_buffer: 4096,
+            read_buffer_bytes: 32 * 1024,
         }
     }
 }
@@ -259,6 +261,13 @@ impl ClientOptions {
     /// Activities buffered per subscription before its consumer counts as lagging. Default 4096.
     pub fn subscription_buffer(mut self, activities: usize) -> ClientOptions {
         self.subscription_buffer = activities.max(1);
+        self
+    }
+
+    /// The socket read buffer (allocated per connection). Default 32 KiB; a process simulating
+    /// many thousands of player connections can lower it to a few KiB.
+    pub fn read_buffer_bytes(mut self, bytes: usize) -> ClientOptions {
+        self.read_buffer_bytes = bytes.max(1024);
         self
     }
 
