@@ -94,9 +94,6 @@ enum Command {
         /// Seconds of the full path.
         #[arg(long, default_value_t = 20)]
         full_path_seconds: u64,
-        /// Idle player connections for the memory figure (0: skip it).
-        #[arg(long, default_value_t = 0)]
-        idle_connections: usize,
     },
     /// Run one replica (the stack starts replicas through this).
     #[command(hide = true)]
@@ -134,7 +131,6 @@ fn main() -> anyhow::Result<()> {
             chain_transfers,
             full_path_players,
             full_path_seconds,
-            idle_connections,
         } => runtime.block_on(bench(BenchArgs {
             json,
             rounds,
@@ -145,7 +141,6 @@ fn main() -> anyhow::Result<()> {
             chain_transfers,
             full_path_players,
             full_path_seconds,
-            idle_connections,
         })),
     }
 }
@@ -274,7 +269,6 @@ struct BenchArgs {
     chain_transfers: usize,
     full_path_players: usize,
     full_path_seconds: u64,
-    idle_connections: usize,
 }
 
 async fn bench(args: BenchArgs) -> anyhow::Result<()> {
@@ -398,9 +392,6 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     out["gateway_rss_bytes"] = json!(gateway_rss);
     out["replica_rss_bytes"] = json!(replica_rss);
     println!("memory (RSS): gateway+load generator {gateway_rss} B, replicas {replica_rss:?} B");
-    if args.idle_connections > 0 {
-        println!("idle connections: not implemented in this build");
-    }
     let check = stack.finish().await?;
     for line in &check.lines {
         println!("{line}");
