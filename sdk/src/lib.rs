@@ -48,6 +48,25 @@
 //! - **Errors** are typed: [`Error::kind`] gives a `Copy` [`ErrorKind`], [`Error::is_retryable`]
 //!   says whether trying again can help, and ledger rejections carry a [`Rejection`].
 //!
+//! ## Examples
+//!
+//! `examples/clicker.rs` (players click, earn GOLD by settlement, buy a sword in an atomic swap) and
+//! `examples/trading.rs` (two self-custody players swap a sword for gold through an offer). Start a
+//! local stack with `hoard dev`, which prints a studio seed, then:
+//!
+//! ```text
+//! cargo run -p hoard-sdk --example clicker -- --url ws://127.0.0.1:8080 --studio-seed <seed>
+//! cargo run -p hoard-sdk --example trading -- --url ws://127.0.0.1:8080 --studio-seed <seed>
+//! ```
+//!
+//! ## Sizing
+//!
+//! An idle client costs no timers (the click flush timer and the housekeeping tick run only while
+//! there is work) and about the size of its socket read buffer
+//! ([`ClientOptions::read_buffer_bytes`], 32 KiB by default), so one process can hold many
+//! player connections; a game server is better served by one studio connection carrying many
+//! players' clicks and events.
+//!
 //! ## Layout
 //! - [`client`]: [`Client`], the handle with every operation; [`SubmitOptions`].
 //! - `connection`: the background task (socket, outstanding work, reconnects, retries).
