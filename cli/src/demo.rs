@@ -186,48 +186,7 @@ async fn progress_lines(
 /// The summary after the load.
 pub fn print_summary(report: &PlayersReport, stack: &Stack) {
     println!("summary:");
-    println!(
-        "  clicks: {} sent, {} acknowledged, {:.0}/s (offered {:.0}/s); ack latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
-        report.clicks_sent,
-        report.clicks_acked,
-        report.clicks_per_second,
-        report.clicks_per_second_offered,
-        report.click_ack.p50_ms,
-        report.click_ack.p99_ms,
-        report.click_ack.max_ms
-    );
-    println!(
-        "  asset events: {} sent, {} accepted, {} committed ({} rejected by the ledger), {:.1}/s",
-        report.events_sent,
-        report.events_accepted,
-        report.events_committed,
-        report.events_rejected,
-        report.events_committed_per_second
-    );
-    println!(
-        "  accept-to-commit p50 {:.1} ms p99 {:.1} ms p99.9 {:.1} ms max {:.1} ms",
-        report.accept_to_commit.p50_ms,
-        report.accept_to_commit.p99_ms,
-        report.accept_to_commit.p999_ms,
-        report.accept_to_commit.max_ms
-    );
-    println!(
-        "  trades: {} offered, {} committed, {} skipped (no item to offer yet); settlements: {} windows, {} entries",
-        report.trades_sent,
-        report.trades_committed,
-        report.trades_skipped,
-        report.settlement_windows,
-        report.settlement_entries
-    );
-    if !report.errors.0.is_empty() {
-        println!("  errors by reason: {:?}", report.errors.0);
-    }
-    if !report.schedule_kept {
-        println!(
-            "  WARNING: the simulator fell {:.0} ms behind its schedule: this machine could not keep the offered rate at all times",
-            report.schedule_lag_max_ms
-        );
-    }
+    report.print();
     let (gateway, replicas) = stack.memory();
     println!(
         "  memory (RSS): gateway+simulator {:.0} MiB, replicas {:?} MiB",

@@ -204,59 +204,7 @@ async fn run(
 }
 
 fn print_report(report: &PlayersReport) {
-    println!(
-        "players {} ({} game-server connections, {} direct), {:.1} s",
-        report.players, report.game_server_connections, report.direct_connections, report.duration_seconds
-    );
-    println!(
-        "clicks: sent {} acked {} ({:.0}/s, offered {:.0}/s); ack p50 {:.2} ms p99 {:.2} ms p99.9 {:.2} ms max {:.2} ms",
-        report.clicks_sent,
-        report.clicks_acked,
-        report.clicks_per_second,
-        report.clicks_per_second_offered,
-        report.click_ack.p50_ms,
-        report.click_ack.p99_ms,
-        report.click_ack.p999_ms,
-        report.click_ack.max_ms
-    );
-    println!(
-        "asset events: sent {} accepted {} committed {} (rejected {}) {:.1}/s (offered {:.1}/s)",
-        report.events_sent,
-        report.events_accepted,
-        report.events_committed,
-        report.events_rejected,
-        report.events_committed_per_second,
-        report.asset_events_per_second_offered
-    );
-    for (name, summary) in [
-        ("accept", &report.event_accept),
-        ("accept-to-commit", &report.accept_to_commit),
-        ("end-to-end", &report.event_end_to_end),
-        ("trade", &report.trade),
-    ] {
-        println!(
-            "  {name:<17} n {:>7} p50 {:>8.2} ms p99 {:>8.2} ms p99.9 {:>8.2} ms max {:>8.2} ms",
-            summary.count, summary.p50_ms, summary.p99_ms, summary.p999_ms, summary.max_ms
-        );
-    }
-    println!(
-        "trades {} committed {} skipped {}; settlements {} windows {} entries",
-        report.trades_sent,
-        report.trades_committed,
-        report.trades_skipped,
-        report.settlement_windows,
-        report.settlement_entries
-    );
-    if !report.errors.0.is_empty() {
-        println!("errors by reason: {:?}", report.errors.0);
-    }
-    if !report.schedule_kept {
-        println!(
-            "WARNING: THE LOAD GENERATOR FELL {:.0} ms BEHIND ITS SCHEDULE: the offered rate was not kept at all times \
-             (latencies count from the intended send times, so they include this lag)",
-            report.schedule_lag_max_ms
-        );
-    }
+    report.print();
 }
 
 struct BenchArgs {

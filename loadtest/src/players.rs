@@ -201,6 +201,55 @@ pub struct PlayersReport {
     pub schedule_kept: bool,
 }
 
+impl PlayersReport {
+    /// Prints the report for a person (the demo and `hoard-loadtest run` share this).
+    pub fn print(&self) {
+        println!(
+            "  players: {} ({} game-server connections, {} direct), {:.1} s",
+            self.players, self.game_server_connections, self.direct_connections, self.duration_seconds
+        );
+        println!(
+            "  clicks: {} sent, {} acknowledged, {:.0}/s (offered {:.0}/s)",
+            self.clicks_sent, self.clicks_acked, self.clicks_per_second, self.clicks_per_second_offered
+        );
+        println!(
+            "  asset events: {} sent, {} accepted, {} committed ({} rejected by the ledger), {:.1}/s (offered {:.1}/s)",
+            self.events_sent,
+            self.events_accepted,
+            self.events_committed,
+            self.events_rejected,
+            self.events_committed_per_second,
+            self.asset_events_per_second_offered
+        );
+        for (name, summary) in [
+            ("click ack", &self.click_ack),
+            ("accept", &self.event_accept),
+            ("accept-to-commit", &self.accept_to_commit),
+            ("end-to-end", &self.event_end_to_end),
+            ("trade", &self.trade),
+        ] {
+            println!(
+                "    {name:<17} n {:>7} p50 {:>8.2} ms p99 {:>8.2} ms p99.9 {:>8.2} ms max {:>8.2} ms",
+                summary.count, summary.p50_ms, summary.p99_ms, summary.p999_ms, summary.max_ms
+            );
+        }
+        println!(
+            "  trades: {} offered, {} committed, {} skipped (no item to offer yet); settlements: {} windows, {} entries",
+            self.trades_sent, self.trades_committed, self.trades_skipped, self.settlement_windows, self.settlement_entries
+        );
+        if !self.errors.0.is_empty() {
+            println!("  errors by reason: {:?}", self.errors.0);
+        }
+        if !self.schedule_kept {
+            println!(
+                "  WARNING: THE SIMULATOR FELL {:.0} ms BEHIND ITS SCHEDULE: the offered rate was not kept at all \
+                 times (latencies count from the intended send times, so they include this lag)",
+                self.schedule_lag_max_ms
+            );
+        }
+    }
+}
+
 /// What the simulation knows about the players' committed holdings (to choose transfers and
 /// trades that can succeed).
 struct World {
