@@ -86,7 +86,11 @@ pub const SNAPSHOT_BYTES_MAX: usize = 1 << 30;
 /// Largest consensus record key, in bytes.
 pub const RECORD_KEY_BYTES_MAX: usize = 1024;
 /// Largest consensus record value, in bytes (a view-change message with its certificates).
-pub const RECORD_VALUE_BYTES_MAX: usize = 16 << 20;
+pub const RECORD_VALUE_BYTES_MAX: usize = hoard_pbft::constants::MESSAGE_BYTES_MAX + (4 << 20);
+
+// A record holds one signed consensus message (a view change with its prepared certificates can
+// be as large as any message a replica accepts), plus its framing.
+const _: () = assert!(RECORD_VALUE_BYTES_MAX > hoard_pbft::constants::MESSAGE_BYTES_MAX);
 /// Most blocks in one [`Store::append_blocks`] call.
 pub const APPEND_BATCH_BLOCKS_MAX: usize = 4096;
 /// Snapshots kept: the latest and the one before it (a fallback if the latest cannot be used).
