@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{fast_options, Proxy, Stack};
+use common::{define_gem, fast_options, Proxy, Stack};
 use hoard_sdk::{Amount, CurrencyId, Custody, Error, Keypair};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,14 +121,7 @@ async fn a_burst_of_thousands_of_events_all_commit() {
     // More commands and pushes than the connection task handles per turn: none may be lost.
     let stack = Stack::start().await;
     let studio = stack.studio_at(&stack.url()).await;
-    let gem = CurrencyId::new("GEM");
-    studio
-        .define_currency(gem.clone(), 0, Amount(u128::MAX))
-        .await
-        .unwrap()
-        .committed()
-        .await
-        .unwrap();
+    let gem = define_gem(&studio).await;
     let player = Keypair::generate().public();
     studio
         .register_account(player, Custody::Custodial)

@@ -6,25 +6,8 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::{count_disconnects, Proxy, Stack};
-use hoard_sdk::{Amount, Client, CurrencyId, Custody, EventState, Grant, Keypair, Outcome, PublicKey};
-
-async fn register_players(client: &Client, count: usize) -> Vec<PublicKey> {
-    let players: Vec<PublicKey> = (0..count).map(|_| Keypair::generate().public()).collect();
-    let mut handles = Vec::new();
-    for player in &players {
-        handles.push(
-            client
-                .register_account(*player, Custody::Custodial)
-                .await
-                .unwrap(),
-        );
-    }
-    for handle in handles {
-        handle.committed().await.expect("registered");
-    }
-    players
-}
+use common::{count_disconnects, define_gem, register_players, Proxy, Stack};
+use hoard_sdk::{Amount, CurrencyId, EventState, Grant, Outcome, PublicKey};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_grant_commits_exactly_once_when_connections_are_cut_mid_stream() {
@@ -32,14 +15,7 @@ async fn every_grant_commits_exactly_once_when_connections_are_cut_mid_stream() 
     let proxy = Proxy::start(stack.ws_addr()).await;
     let studio = stack.studio_at(&proxy.url()).await;
     let disconnects = count_disconnects(&studio);
-    let gem = CurrencyId::new("GEM");
-    studio
-        .define_currency(gem.clone(), 0, Amount(u128::MAX))
-        .await
-        .unwrap()
-        .committed()
-        .await
-        .unwrap();
+    let gem = define_gem(&studio).await;
     let players = register_players(&studio, 8).await;
 
     const GRANTS: usize = 400;
@@ -147,14 +123,7 @@ async fn grants_survive_a_gateway_crash_and_restart_on_the_same_address() {
     let mut stack = Stack::start().await;
     let address = stack.ws_addr();
     let studio = stack.studio_at(&stack.url()).await;
-    let gem = CurrencyId::new("GEM");
-    studio
-        .define_currency(gem.clone(), 0, Amount(u128::MAX))
-        .await
-        .unwrap()
-        .committed()
-        .await
-        .unwrap();
+    let gem = define_gem(&studio).await;
     let players = register_players(&studio, 4).await;
 
     let mut handles = Vec::new();

@@ -6,9 +6,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{Proxy, Stack};
+use common::{define_gem, Proxy, Stack};
 use futures::StreamExt;
-use hoard_sdk::{Amount, CurrencyId, Custody, EventId, Grant, Keypair, TxBody};
+use hoard_sdk::{Amount, Custody, EventId, Grant, Keypair, TxBody};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_subscription_resumes_without_gaps_or_duplicates() {
@@ -17,14 +17,7 @@ async fn a_tenant_subscription_resumes_without_gaps_or_duplicates() {
     // The writer talks to the gateway directly; only the subscriber's connection is cut.
     let writer = stack.studio_at(&stack.url()).await;
     let subscriber = stack.studio_at(&proxy.url()).await;
-    let gem = CurrencyId::new("GEM");
-    writer
-        .define_currency(gem.clone(), 0, Amount(u128::MAX))
-        .await
-        .unwrap()
-        .committed()
-        .await
-        .unwrap();
+    let gem = define_gem(&writer).await;
     let player = Keypair::generate().public();
     writer
         .register_account(player, Custody::Custodial)
@@ -96,14 +89,7 @@ async fn a_tenant_subscription_resumes_without_gaps_or_duplicates() {
 async fn an_account_subscription_sees_only_its_account_and_can_replay_history() {
     let stack = Stack::start().await;
     let studio = stack.studio_at(&stack.url()).await;
-    let gem = CurrencyId::new("GEM");
-    studio
-        .define_currency(gem.clone(), 0, Amount(u128::MAX))
-        .await
-        .unwrap()
-        .committed()
-        .await
-        .unwrap();
+    let gem = define_gem(&studio).await;
     let alice = Keypair::generate().public();
     let bob = Keypair::generate().public();
     let start = studio.head().await.unwrap().height + 1;

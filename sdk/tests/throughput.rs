@@ -5,8 +5,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Stack;
-use hoard_sdk::{Amount, CurrencyId, Custody, Grant, Keypair};
+use common::{define_gem, Stack};
+use hoard_sdk::{Amount, Custody, Grant, Keypair};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
@@ -31,14 +31,7 @@ async fn clicks_and_grants_per_second() {
         CLICKS as f64 / elapsed.as_secs_f64()
     );
 
-    let gem = CurrencyId::new("GEM");
-    studio
-        .define_currency(gem.clone(), 0, Amount(u128::MAX))
-        .await
-        .unwrap()
-        .committed()
-        .await
-        .unwrap();
+    let gem = define_gem(&studio).await;
     let player = players[0];
     studio
         .register_account(player, Custody::Custodial)

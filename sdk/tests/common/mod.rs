@@ -154,3 +154,34 @@ pub fn count_disconnects(client: &Client) -> Arc<std::sync::atomic::AtomicU64> {
     });
     count
 }
+
+/// Defines currency GEM with unlimited supply and waits for its commit.
+pub async fn define_gem(client: &Client) -> hoard_sdk::CurrencyId {
+    let gem = hoard_sdk::CurrencyId::new("GEM");
+    client
+        .define_currency(gem.clone(), 0, hoard_sdk::Amount(u128::MAX))
+        .await
+        .unwrap()
+        .committed()
+        .await
+        .unwrap();
+    gem
+}
+
+/// Registers `count` new custodial players and waits for every commit.
+pub async fn register_players(client: &Client, count: usize) -> Vec<hoard_sdk::PublicKey> {
+    let players: Vec<hoard_sdk::PublicKey> = (0..count).map(|_| Keypair::generate().public()).collect();
+    let mut handles = Vec::new();
+    for player in &players {
+        handles.push(
+            client
+                .register_account(*player, hoard_sdk::Custody::Custodial)
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in handles {
+        handle.committed().await.expect("registered");
+    }
+    players
+}
