@@ -11,7 +11,7 @@ use serde_json::json;
 use hoard_loadtest::bench::{self, ClickLoad};
 use hoard_loadtest::players::{PlayersConfig, PlayersReport, Simulation};
 use hoard_loadtest::stack::{self, Stack, StackOptions};
-use hoard_loadtest::stats::median;
+use hoard_loadtest::stats::{median, LadderLimits};
 use hoard_types::{Keypair, TenantId};
 
 #[derive(Parser)]
@@ -94,6 +94,77 @@ enum Command {
         /// Seconds of the full path.
         #[arg(long, default_value_t = 20)]
         full_path_seconds: u64,
+        #[command(flatten)]
+        stack: StackArgs,
+    },
+    /// Memory per idle player connection on the gateway (run as a child process), at each count.
+    Idle {
+        /// Connection counts (each on a fresh gateway).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![10_000usize, 50_000])]
+        connections: Vec<usize>,
+        /// When a count exceeds the open-files hard limit, do not measure the largest count that
+        /// fits instead.
+        #[arg(long)]
+        no_fallback: bool,
+        /// A running gateway (`ws://host:port/v1`) instead of a stack started here; needs
+        /// --metrics and --gateway-pid (it must run on this machine).
+        #[arg(long, requires_all = ["metrics", "gateway_pid"])]
+        url: Option<String>,
+        /// The running gateway's HTTP address (host:port of `/metrics`).
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
+        /// The running gateway's process id (its RSS is read from /proc).
+        #[arg(long)]
+        gateway_pid: Option<u32>,
+        /// The tenant (with --url).
+        #[arg(long, default_value_t = 1)]
+        tenant: u64,
+        /// The studio key's seed in hex (with --url; default: the public demo key).
+        #[arg(long, env = "HOARD_STUDIO_SEED")]
+        studio_seed: Option<String>,
+        /// Merge the results into this JSON file (other keys are kept).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// One connection per player: a ladder of player counts until a limit is exceeded.
+    Ladder {
+        /// Player counts, in order; stops at the first step not sustained.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![250usize, 500, 1_000, 2_000, 4_000, 8_000])]
+        players: Vec<usize>,
+        /// Seconds of each step.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        stack: StackArgs,
+        /// Merge the results into this JSON file (other keys are kept).
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Growth tables: one simulator run per (replicas, batch size, players), one stack per
+    /// (replicas, batch size).
+    Grow {
+        /// Replica counts (3f+1).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![4usize, 7])]
+        replicas: Vec<usize>,
+        /// Gateway batch sizes (`events.batch_max`: transactions per chain request).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![2_048usize])]
+        batch_max: Vec<usize>,
+        /// Player counts.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1_000usize, 2_000, 4_000])]
+        players: Vec<usize>,
+        /// Of the players, this many connect one connection each.
+        #[arg(long, default_value_t = 100)]
+        direct_players: usize,
+        /// Seconds of each run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// Merge the results into this JSON file (other keys are kept).
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Run one replica (the stack starts replicas through this).
     #[command(hide = true)]
@@ -101,6 +172,65 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the gateway (the stack starts a child-process gateway through this).
+    #[command(hide = true)]
+    Gateway {
+        /// The gateway configuration as JSON.
+        #[arg(long)]
+        config: PathBuf,
+        /// The cluster file.
+        #[arg(long)]
+        cluster: PathBuf,
+    },
+}
+
+/// The stack a benchmark starts.
+#[derive(clap::Args, Clone, Debug)]
+struct StackArgs {
+    /// Replicas (3f+1).
+    #[arg(long, default_value_t = 4)]
+    replicas: usize,
+    /// The gateway batcher's transactions per chain request (default: the gateway's default).
+    #[arg(long)]
+    batch_max: Option<usize>,
+    /// Run the gateway in this process instead of as a child process (its CPU and memory are
+    /// then mixed with the load generator's).
+    #[arg(long)]
+    gateway_in_process: bool,
+}
+
+impl StackArgs {
+    fn options(&self) -> anyhow::Result<StackOptions> {
+        let mut options = StackOptions::new(std::env::current_exe()?);
+        options.replicas = self.replicas;
+        options.events_batch_max = self.batch_max;
+        options.gateway_process = !self.gateway_in_process;
+        Ok(options)
+    }
+}
+
+/// What a ladder step must stay under.
+#[derive(clap::Args, Clone, Debug)]
+struct LimitArgs {
+    /// Largest p99 click acknowledgement (from the intended send time), ms.
+    #[arg(long, default_value_t = 100.0)]
+    click_ack_p99_ms: f64,
+    /// Largest p99 accept-to-commit, ms.
+    #[arg(long, default_value_t = 100.0)]
+    commit_p99_ms: f64,
+    /// Errors allowed per step (the ledger's rejections of transfers do not count).
+    #[arg(long, default_value_t = 0)]
+    errors_max: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> LadderLimits {
+        LadderLimits {
+            click_ack_p99_ms: self.click_ack_p99_ms,
+            accept_to_commit_p99_ms: self.commit_p99_ms,
+            errors_max: self.errors_max,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -114,6 +244,50 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Node { config } => runtime.block_on(stack::run_node(&config, None)),
+        Command::Gateway { config, cluster } => {
+            runtime.block_on(hoard_loadtest::gateway_process::run(&config, &cluster))
+        }
+        Command::Idle {
+            connections,
+            no_fallback,
+            url,
+            metrics,
+            gateway_pid,
+            tenant,
+            studio_seed,
+            json,
+        } => runtime.block_on(idle(IdleArgs {
+            connections,
+            no_fallback,
+            external: url.map(|url| (url, metrics.expect("required"), gateway_pid.expect("required"))),
+            tenant: TenantId(tenant),
+            studio_seed,
+            json,
+        })),
+        Command::Ladder {
+            players,
+            seconds,
+            limits,
+            stack,
+            json,
+        } => runtime.block_on(ladder(players, seconds, limits.limits(), stack, json)),
+        Command::Grow {
+            replicas,
+            batch_max,
+            players,
+            direct_players,
+            seconds,
+            limits,
+            json,
+        } => runtime.block_on(grow(
+            replicas,
+            batch_max,
+            players,
+            direct_players,
+            seconds,
+            limits.limits(),
+            json,
+        )),
         Command::Run {
             players,
             url,
@@ -131,7 +305,9 @@ fn main() -> anyhow::Result<()> {
             chain_transfers,
             full_path_players,
             full_path_seconds,
+            stack,
         } => runtime.block_on(bench(BenchArgs {
+            stack,
             json,
             rounds,
             click_seconds,
@@ -208,6 +384,7 @@ fn print_report(report: &PlayersReport) {
 }
 
 struct BenchArgs {
+    stack: StackArgs,
     json: Option<PathBuf>,
     rounds: usize,
     click_seconds: u64,
@@ -226,8 +403,20 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         "command": command_line.join(" "),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
     });
-    println!("starting the stack (4 replicas, redis-server, gateway) ...");
-    let stack = Stack::start(StackOptions::new(std::env::current_exe()?)).await?;
+    let options = args.stack.options()?;
+    println!(
+        "starting the stack ({} replicas, redis-server, gateway {}) ...",
+        options.replicas,
+        if options.gateway_process {
+            "as a child process"
+        } else {
+            "in this process"
+        }
+    );
+    out["replicas"] = json!(options.replicas);
+    out["gateway_process"] = json!(options.gateway_process);
+    out["batch_max"] = json!(options.events_batch_max);
+    let stack = Stack::start(options).await?;
     let load = ClickLoad {
         connections: args.connections,
         clicks_per_frame: args.clicks_per_frame,
@@ -287,7 +476,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         &cluster,
         &stack.studio,
         stack.tenant,
-        stack.height(),
+        stack.chain_height().await,
         args.chain_settlements,
         args.chain_transfers,
     )
@@ -339,7 +528,14 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let (gateway_rss, replica_rss) = stack.memory();
     out["gateway_rss_bytes"] = json!(gateway_rss);
     out["replica_rss_bytes"] = json!(replica_rss);
-    println!("memory (RSS): gateway+load generator {gateway_rss} B, replicas {replica_rss:?} B");
+    println!(
+        "memory (RSS): {} {gateway_rss} B, replicas {replica_rss:?} B",
+        if stack.gateway_process.is_some() {
+            "gateway"
+        } else {
+            "gateway+load generator"
+        }
+    );
     let check = stack.finish().await?;
     for line in &check.lines {
         println!("{line}");
@@ -348,6 +544,234 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
         println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Writes `values` into the JSON object in `path` (created if missing; other keys kept).
+fn merge_json(
+    path: &std::path::Path,
+    values: serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    let mut object = match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(object)) => object,
+            _ => anyhow::bail!("{} exists and is not a JSON object", path.display()),
+        },
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => serde_json::Map::new(),
+        Err(error) => return Err(error.into()),
+    };
+    object.extend(values);
+    std::fs::write(
+        path,
+        serde_json::to_string_pretty(&serde_json::Value::Object(object))?,
+    )?;
+    println!("wrote {}", path.display());
+    Ok(())
+}
+
+fn command_line() -> String {
+    std::env::args().collect::<Vec<_>>().join(" ")
+}
+
+struct IdleArgs {
+    connections: Vec<usize>,
+    no_fallback: bool,
+    /// (ws url, metrics address, gateway pid) of a running gateway.
+    external: Option<(String, std::net::SocketAddr, u32)>,
+    tenant: TenantId,
+    studio_seed: Option<String>,
+    json: Option<PathBuf>,
+}
+
+async fn idle(args: IdleArgs) -> anyhow::Result<()> {
+    use hoard_loadtest::idle;
+    let soft = hoard_loadtest::sys::raise_open_files_limit(1 << 20);
+    let (_, hard) = hoard_loadtest::sys::open_files_limits();
+    println!("open files: soft limit raised to {soft} (hard limit {hard})");
+    let mut out = serde_json::Map::new();
+    out.insert("idle_connection_command".into(), json!(command_line()));
+    out.insert("idle_connection_target_bytes".into(), json!(8 * 1024));
+    out.insert("idle_connection_files_hard_limit".into(), json!(hard));
+    let mut counts = args.connections.clone();
+    let mut skipped = serde_json::Map::new();
+    let mut fallback = None;
+    for n in &args.connections {
+        if let Some(reason) = idle::fd_shortfall(*n, hard) {
+            println!("CANNOT MEASURE {n} CONNECTIONS: {reason}");
+            skipped.insert(n.to_string(), json!(reason));
+            out.insert(format!("idle_connection_bytes_{n}"), serde_json::Value::Null);
+            counts.retain(|c| c != n);
+            let max = idle::fd_feasible_max(hard);
+            if !args.no_fallback && max > 0 && !args.connections.contains(&max) {
+                fallback = Some(max);
+            }
+        }
+    }
+    if let Some(max) = fallback {
+        println!("measuring the largest count the limit allows instead: {max}");
+        counts.push(max);
+        out.insert("idle_connection_fallback_connections".into(), json!(max));
+    }
+    let studio = match &args.studio_seed {
+        Some(seed) => Keypair::from_seed_hex(seed).context("--studio-seed")?,
+        None => Keypair::from_seed(hoard_server::config::DEMO_STUDIO_SEED),
+    };
+    let mut figures = Vec::new();
+    for n in counts {
+        let figure = match &args.external {
+            Some((url, metrics, pid)) => idle::measure(url, *metrics, *pid, args.tenant, &studio, n).await?,
+            None => {
+                let mut options = StackOptions::new(std::env::current_exe()?);
+                options.gateway_process = true;
+                let stack = Stack::start(options).await?;
+                let pid = stack.gateway_pid().context("gateway pid")?;
+                println!("{n} idle connections to a fresh gateway (pid {pid}) ...");
+                let figure = idle::measure(
+                    &stack.ws_url(),
+                    stack.gateway_metrics(),
+                    pid,
+                    stack.tenant,
+                    &stack.studio,
+                    n,
+                )
+                .await;
+                stack.abort().await;
+                figure?
+            }
+        };
+        println!(
+            "  {} connections ({} open at the end, gateway counts {}, {} closed while idle, {} source addresses, {:.1} s to open): \
+             gateway RSS {} -> {} bytes: {:.0} bytes per connection (slope over the steps: {:.0}); target 8192",
+            figure.connections,
+            figure.established,
+            figure.gateway_connections_open,
+            figure.closed_while_idle,
+            figure.source_addresses,
+            figure.seconds_to_establish,
+            figure.rss_before_bytes,
+            figure.rss_after_bytes,
+            figure.bytes_per_connection,
+            figure.marginal_bytes_per_connection.unwrap_or(f64::NAN)
+        );
+        out.insert(
+            format!("idle_connection_bytes_{n}"),
+            json!(figure.bytes_per_connection),
+        );
+        out.insert(
+            format!("idle_connection_marginal_bytes_{n}"),
+            json!(figure.marginal_bytes_per_connection),
+        );
+        figures.push(figure);
+    }
+    out.insert(
+        "idle_connection_skipped".into(),
+        serde_json::Value::Object(skipped),
+    );
+    out.insert("idle_connections".into(), serde_json::to_value(&figures)?);
+    if let Some(path) = &args.json {
+        merge_json(path, out)?;
+    }
+    Ok(())
+}
+
+async fn ladder(
+    players: Vec<usize>,
+    seconds: u64,
+    limits: LadderLimits,
+    stack_args: StackArgs,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    hoard_loadtest::sys::raise_open_files_limit(1 << 20);
+    let options = stack_args.options()?;
+    let batch_max = options.events_batch_max.unwrap_or(2048);
+    let stack = Stack::start(options).await?;
+    println!(
+        "one connection per player, {seconds} s per step; sustained while click ack p99 <= {} ms, accept-to-commit p99 <= {} ms, errors <= {}",
+        limits.click_ack_p99_ms, limits.accept_to_commit_p99_ms, limits.errors_max
+    );
+    let mut steps = Vec::new();
+    let mut sustained = 0usize;
+    let mut failure = serde_json::Value::Null;
+    for n in players {
+        let row = hoard_loadtest::growth::run_once(&stack, batch_max, n, n, seconds, &limits).await?;
+        hoard_loadtest::growth::print_row(&row);
+        let verdict = row.not_sustained.clone();
+        steps.push(row);
+        match verdict {
+            None => sustained = n,
+            Some(reason) => {
+                failure = json!({"players": n, "reason": reason});
+                break;
+            }
+        }
+    }
+    println!("one connection per player: {sustained} players sustained ({failure})");
+    let check = stack.finish().await?;
+    for line in &check.lines {
+        println!("{line}");
+    }
+    let mut out = serde_json::Map::new();
+    out.insert("per_player_connections_command".into(), json!(command_line()));
+    out.insert(
+        "per_player_connections_players_sustained".into(),
+        json!(sustained),
+    );
+    out.insert("per_player_connections_first_failure".into(), failure);
+    out.insert(
+        "per_player_connections_limits".into(),
+        serde_json::to_value(limits)?,
+    );
+    out.insert(
+        "per_player_connections_steps".into(),
+        serde_json::to_value(&steps)?,
+    );
+    out.insert("per_player_connections_end_check_ok".into(), json!(check.ok()));
+    if let Some(path) = &json {
+        merge_json(path, out)?;
+    }
+    Ok(())
+}
+
+async fn grow(
+    replicas: Vec<usize>,
+    batch_max: Vec<usize>,
+    players: Vec<usize>,
+    direct_players: usize,
+    seconds: u64,
+    limits: LadderLimits,
+    json: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    hoard_loadtest::sys::raise_open_files_limit(1 << 20);
+    let mut rows = Vec::new();
+    let mut checks_ok = true;
+    for r in &replicas {
+        for b in &batch_max {
+            let mut options = StackOptions::new(std::env::current_exe()?);
+            options.replicas = *r;
+            options.events_batch_max = Some(*b);
+            options.gateway_process = true;
+            println!("stack: {r} replicas, batch size {b}");
+            let stack = Stack::start(options).await?;
+            for n in &players {
+                let row = hoard_loadtest::growth::run_once(&stack, *b, *n, direct_players, seconds, &limits)
+                    .await?;
+                hoard_loadtest::growth::print_row(&row);
+                rows.push(row);
+            }
+            let check = stack.finish().await?;
+            for line in &check.lines {
+                println!("{line}");
+            }
+            checks_ok &= check.ok();
+        }
+    }
+    let mut out = serde_json::Map::new();
+    out.insert("growth_command".into(), json!(command_line()));
+    out.insert("growth_rows".into(), serde_json::to_value(&rows)?);
+    out.insert("growth_end_checks_ok".into(), json!(checks_ok));
+    if let Some(path) = &json {
+        merge_json(path, out)?;
     }
     Ok(())
 }

@@ -56,6 +56,12 @@ pub struct StackOptions {
     pub redis_aof: bool,
     /// Show the children's logs on this process's stderr.
     pub children_logs: bool,
+    /// Run the gateway as a child process (`<node_program> gateway ...`) instead of in this
+    /// process: its memory and CPU are then its own (the idle-connection benchmark needs that),
+    /// and it gets its own open-files limit.
+    pub gateway_process: bool,
+    /// The gateway batcher's transactions per chain request (`events.batch_max`; None: default).
+    pub events_batch_max: Option<usize>,
 }
 
 impl StackOptions {
@@ -69,6 +75,8 @@ impl StackOptions {
             settle_interval_ms: 0,
             redis_aof: true,
             children_logs: false,
+            gateway_process: false,
+            events_batch_max: None,
         }
     }
 }
@@ -243,6 +251,8 @@ pub struct Stack {
     pub replicas: Vec<ReplicaProcess>,
     pub redis: RedisProcess,
     pub gateway: Option<Gateway>,
+    /// The gateway as a child process ([`StackOptions::gateway_process`]).
+    pub gateway_process: Option<crate::gateway_process::GatewayProcess>,
     /// The tenant the simulated players and `hoard dev` use.
     pub tenant: TenantId,
     /// Its studio key (the public demo key: for local use only).
@@ -350,53 +360,68 @@ impl Stack {
             }
         }
 
-        let mut config = GatewayConfig {
-            listen: options.gateway_listen,
-            http_listen: options.gateway_http_listen,
-            ..GatewayConfig::default()
+        let config = gateway_config(&options, redis.url());
+        let (gateway, gateway_process) = if options.gateway_process {
+            let process = crate::gateway_process::GatewayProcess::start(
+                &options.node_program,
+                &dir,
+                &cluster_dir.join("cluster.toml"),
+                &config,
+                options.children_logs,
+            )
+            .await?;
+            (None, Some(process))
+        } else {
+            let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster, rand::random::<u64>() >> 1));
+            let gateway = Gateway::start(config, chain, &genesis)
+                .await
+                .context("starting the gateway")?;
+            (Some(gateway), None)
         };
-        config.redis.url = redis.url();
-        config.connections_max = 60_000;
-        config.limits.connection_messages_per_second = 100_000;
-        config.limits.tenant_messages_per_second = 2_000_000;
-        config.limits.tenant_clicks_per_second = 100_000_000;
-        config.limits.connection_clicks_per_second = 100_000_000;
-        config.events.pending_max = 200_000;
-        config.drain_timeout_ms = 15_000;
-        for tenant in &mut config.tenants {
-            tenant.settle_interval_ms = options.settle_interval_ms;
-        }
-        let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster, rand::random::<u64>() >> 1));
-        let gateway = Gateway::start(config, chain, &genesis)
-            .await
-            .context("starting the gateway")?;
         Ok(Stack {
             dir,
             _temp: temp,
             genesis,
             replicas,
             redis,
-            gateway: Some(gateway),
+            gateway,
+            gateway_process,
             tenant: TenantId(1),
             studio: Keypair::from_seed(DEMO_STUDIO_SEED),
         })
     }
 
+    /// The in-process gateway (panics when the gateway runs as a child process).
     pub fn gateway(&self) -> &Gateway {
-        self.gateway.as_ref().expect("gateway running")
+        self.gateway.as_ref().expect("gateway running in this process")
     }
 
     /// `ws://127.0.0.1:port/v1`.
     pub fn ws_url(&self) -> String {
-        self.gateway().ws_url()
+        match &self.gateway_process {
+            Some(process) => process.ws_url(),
+            None => self.gateway().ws_url(),
+        }
     }
 
     /// The gateway's `/metrics` address.
     pub fn gateway_metrics(&self) -> SocketAddr {
-        self.gateway().http_addr()
+        match &self.gateway_process {
+            Some(process) => process.http,
+            None => self.gateway().http_addr(),
+        }
     }
 
-    /// The gateway follower's committed height.
+    /// The gateway's process id (this process when the gateway runs in it).
+    pub fn gateway_pid(&self) -> Option<u32> {
+        match &self.gateway_process {
+            Some(process) => process.process.pid(),
+            None => Some(std::process::id()),
+        }
+    }
+
+    /// The gateway follower's committed height (0 when the gateway runs as a child process: see
+    /// [`Stack::chain_height`]).
     pub fn height(&self) -> u64 {
         self.gateway
             .as_ref()
@@ -404,9 +429,19 @@ impl Stack {
             .unwrap_or(0)
     }
 
-    /// Resident memory of the gateway (this process) and of each replica, in bytes.
+    /// The gateway follower's committed height, read from its `/metrics` when it runs as a
+    /// child process.
+    pub async fn chain_height(&self) -> u64 {
+        match &self.gateway_process {
+            Some(process) => process.chain_height().await,
+            None => self.height(),
+        }
+    }
+
+    /// Resident memory of the gateway's process (this process, with the load generator, unless
+    /// the gateway runs as a child) and of each replica, in bytes.
     pub fn memory(&self) -> (u64, Vec<u64>) {
-        let gateway = crate::sys::rss_bytes(std::process::id()).unwrap_or(0);
+        let gateway = self.gateway_pid().and_then(crate::sys::rss_bytes).unwrap_or(0);
         let replicas = self
             .replicas
             .iter()
@@ -418,17 +453,25 @@ impl Stack {
     /// Drains and stops the gateway, stops the replicas gracefully, rebuilds each replica's
     /// state from its store and compares roots and invariants. Stops Redis.
     pub async fn finish(mut self) -> anyhow::Result<EndCheck> {
-        let gateway = self.gateway.take().expect("gateway running");
-        // Drain: accepted events reach the chain first.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while gateway.shared().events.in_flight() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let gateway_state = gateway
-            .shared()
-            .view
-            .read(|ledger| (ledger.height(), ledger.state_root()));
-        gateway.shutdown().await;
+        // The gateway follower's (height, root); only the height when it is a child process.
+        let gateway_state: (u64, Option<Hash>) = if let Some(mut process) = self.gateway_process.take() {
+            let height = process.drain().await;
+            process.process.stop(Duration::from_secs(20)).await;
+            (height, None)
+        } else {
+            let gateway = self.gateway.take().expect("gateway running");
+            // Drain: accepted events reach the chain first.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while gateway.shared().events.in_flight() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let state = gateway
+                .shared()
+                .view
+                .read(|ledger| (ledger.height(), ledger.state_root()));
+            gateway.shutdown().await;
+            (state.0, Some(state.1))
+        };
 
         // Every replica executes up to the gateway's height before it is stopped.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -474,14 +517,23 @@ impl Stack {
         }
         let first = states[0];
         let replicas_agree = states.iter().all(|s| *s == first);
-        let gateway_agrees = first == gateway_state;
+        let gateway_agrees = match gateway_state.1 {
+            Some(root) => first == (gateway_state.0, root),
+            // A child-process gateway: only its height is known; replicas may be ahead of it.
+            None => first.0 >= gateway_state.0,
+        };
         let roots_agree = replicas_agree && gateway_agrees;
         if roots_agree {
             lines.push(format!(
-                "end check: all {} replicas hold state root {} at height {} (the gateway's follower agrees)",
+                "end check: all {} replicas hold state root {} at height {} ({})",
                 states.len(),
                 first.1.to_hex(),
-                first.0
+                first.0,
+                if gateway_state.1.is_some() {
+                    "the gateway's follower agrees"
+                } else {
+                    "the gateway ran as a child process: its root was not compared, its height was reached"
+                }
             ));
         } else {
             lines.push(format!(
@@ -491,7 +543,10 @@ impl Stack {
                     .map(|(h, r)| format!("{h}:{}", &r.to_hex()[..16]))
                     .collect::<Vec<_>>(),
                 gateway_state.0,
-                gateway_state.1.to_hex()
+                gateway_state
+                    .1
+                    .map(|r| r.to_hex())
+                    .unwrap_or_else(|| "unknown (child process)".into())
             ));
         }
         if invariants_hold {
@@ -501,7 +556,7 @@ impl Stack {
         }
         Ok(EndCheck {
             replicas: states,
-            gateway: gateway_state,
+            gateway: (gateway_state.0, gateway_state.1.unwrap_or(Hash([0; 32]))),
             roots_agree,
             invariants_hold,
             lines,
@@ -513,11 +568,39 @@ impl Stack {
         if let Some(gateway) = self.gateway.take() {
             gateway.abort();
         }
+        if let Some(mut process) = self.gateway_process.take() {
+            process.process.kill();
+        }
         for replica in &mut self.replicas {
             replica.process.stop(Duration::from_secs(2)).await;
         }
         self.redis.process.kill();
     }
+}
+
+/// The gateway configuration of a stack (limits raised for load tests; the connection limit
+/// allows the idle-connection benchmark's 50,000).
+pub fn gateway_config(options: &StackOptions, redis_url: String) -> GatewayConfig {
+    let mut config = GatewayConfig {
+        listen: options.gateway_listen,
+        http_listen: options.gateway_http_listen,
+        ..GatewayConfig::default()
+    };
+    config.redis.url = redis_url;
+    config.connections_max = 60_000;
+    config.limits.connection_messages_per_second = 100_000;
+    config.limits.tenant_messages_per_second = 2_000_000;
+    config.limits.tenant_clicks_per_second = 100_000_000;
+    config.limits.connection_clicks_per_second = 100_000_000;
+    config.events.pending_max = 200_000;
+    if let Some(batch_max) = options.events_batch_max {
+        config.events.batch_max = batch_max;
+    }
+    config.drain_timeout_ms = 15_000;
+    for tenant in &mut config.tenants {
+        tenant.settle_interval_ms = options.settle_interval_ms;
+    }
+    config
 }
 
 /// Rebuilds a stopped replica's ledger from its store: the latest snapshot, then every block

@@ -123,6 +123,77 @@ pub fn median(values: &[f64]) -> Option<f64> {
     })
 }
 
+/// Least-squares line through `points` (x, y): (slope, intercept). None with fewer than two
+/// distinct x values.
+pub fn linear_fit(points: &[(f64, f64)]) -> Option<(f64, f64)> {
+    let n = points.len() as f64;
+    if points.len() < 2 {
+        return None;
+    }
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    if sxx <= 0.0 {
+        return None;
+    }
+    let sxy: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    let slope = sxy / sxx;
+    Some((slope, mean_y - slope * mean_x))
+}
+
+/// Growth of a resource per unit: `(after - before) / units` (negative if it shrank); None for
+/// zero units.
+pub fn growth_per_unit(before: u64, after: u64, units: u64) -> Option<f64> {
+    (units > 0).then(|| (after as f64 - before as f64) / units as f64)
+}
+
+/// Limits a step of a players ladder must stay under to count as sustained.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct LadderLimits {
+    /// p99 from a click's intended send time to its acknowledgement, ms.
+    pub click_ack_p99_ms: f64,
+    /// p99 from `accepted` to `committed`, ms.
+    pub accept_to_commit_p99_ms: f64,
+    /// Errors other than the ledger's own rejections (connection, timeout, busy, ...) allowed.
+    pub errors_max: u64,
+}
+
+/// Why a ladder step was not sustained (None: sustained). `errors` are the step's errors by
+/// reason; those starting with `rejected:` or containing `:rejected:` are the ledger's answers
+/// to transfers the simulator could not know would fail, and do not count.
+pub fn ladder_verdict(
+    limits: &LadderLimits,
+    click_ack_p99_ms: f64,
+    accept_to_commit_p99_ms: f64,
+    errors: &ErrorCounts,
+) -> Option<String> {
+    let counted: u64 = errors
+        .0
+        .iter()
+        .filter(|(reason, _)| !(reason.starts_with("rejected:") || reason.contains(":rejected:")))
+        .map(|(_, count)| count)
+        .sum();
+    if counted > limits.errors_max {
+        return Some(format!(
+            "{counted} errors (at most {} allowed)",
+            limits.errors_max
+        ));
+    }
+    if click_ack_p99_ms > limits.click_ack_p99_ms {
+        return Some(format!(
+            "click ack p99 {click_ack_p99_ms:.1} ms > {:.0} ms",
+            limits.click_ack_p99_ms
+        ));
+    }
+    if accept_to_commit_p99_ms > limits.accept_to_commit_p99_ms {
+        return Some(format!(
+            "accept-to-commit p99 {accept_to_commit_p99_ms:.1} ms > {:.0} ms",
+            limits.accept_to_commit_p99_ms
+        ));
+    }
+    None
+}
+
 /// Errors counted by their typed reason (`Rejected(InsufficientFunds)`, `Server(Busy)`, ...).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorCounts(pub BTreeMap<String, u64>);
@@ -237,6 +308,59 @@ mod tests {
             assert_eq!(schedule.due(schedule.intended(index)), index + 1);
         }
         assert_eq!(Schedule { rate_per_second: 0.0 }.intended(1), Duration::MAX);
+    }
+
+    #[test]
+    fn linear_fit_recovers_a_line_and_refuses_degenerate_input() {
+        let points: Vec<(f64, f64)> = (1..=5)
+            .map(|x| (x as f64 * 1_000.0, 3_000.0 + 4.5 * x as f64 * 1_000.0))
+            .collect();
+        let (slope, intercept) = linear_fit(&points).unwrap();
+        assert!((slope - 4.5).abs() < 1e-9, "{slope}");
+        assert!((intercept - 3_000.0).abs() < 1e-6, "{intercept}");
+        // Noise around the line averages out.
+        let noisy = [
+            (0.0, 1.0),
+            (1.0, 2.0),
+            (2.0, 3.0),
+            (3.0, 4.0),
+            (1.0, 3.0),
+            (2.0, 2.0),
+        ];
+        let (slope, _) = linear_fit(&noisy).unwrap();
+        assert!((slope - 1.0).abs() < 1e-9, "{slope}");
+        assert_eq!(linear_fit(&[(1.0, 2.0)]), None);
+        assert_eq!(linear_fit(&[(1.0, 2.0), (1.0, 5.0)]), None);
+    }
+
+    #[test]
+    fn growth_per_unit_is_signed() {
+        assert_eq!(growth_per_unit(1_000, 81_000, 10), Some(8_000.0));
+        assert_eq!(growth_per_unit(5_000, 4_000, 10), Some(-100.0));
+        assert_eq!(growth_per_unit(1, 2, 0), None);
+    }
+
+    #[test]
+    fn ladder_steps_fail_on_latency_or_errors_but_not_on_ledger_rejections() {
+        let limits = LadderLimits {
+            click_ack_p99_ms: 100.0,
+            accept_to_commit_p99_ms: 200.0,
+            errors_max: 0,
+        };
+        let mut errors = ErrorCounts::default();
+        errors.add("rejected:InsufficientFunds");
+        errors.add("trade:rejected:InsufficientFunds");
+        assert_eq!(ladder_verdict(&limits, 99.0, 199.0, &errors), None);
+        assert!(ladder_verdict(&limits, 101.0, 10.0, &errors)
+            .unwrap()
+            .contains("click ack"));
+        assert!(ladder_verdict(&limits, 10.0, 201.0, &errors)
+            .unwrap()
+            .contains("accept-to-commit"));
+        errors.add("clicks:Closed");
+        assert!(ladder_verdict(&limits, 1.0, 1.0, &errors)
+            .unwrap()
+            .contains("1 errors"));
     }
 
     #[test]

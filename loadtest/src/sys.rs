@@ -1,5 +1,6 @@
-//! Small operating-system and HTTP helpers: resident memory from `/proc/<pid>/status`, raising
-//! the open-files limit, and scraping a Prometheus `/metrics` endpoint over plain TCP.
+//! Small operating-system and HTTP helpers: resident memory from `/proc/<pid>/status`, CPU time
+//! from `/proc/<pid>/stat`, the open-files limit, and scraping a Prometheus `/metrics` endpoint
+//! over plain TCP.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,6 +23,40 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// CPU time (user + system) process `pid` has used so far, in seconds (`/proc/<pid>/stat`).
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    parse_cpu_ticks(&stat).map(|t| t as f64 / ticks.max(1) as f64)
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in clock ticks. The command
+/// name (field 2) may hold spaces and parentheses: fields are counted after its last `)`.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after.split_whitespace();
+    // After the name: field 3 (state) is the first; utime is field 14, the 12th here.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// The `RLIMIT_NOFILE` of this process: (soft, hard).
+pub fn open_files_limits() -> (u64, u64) {
+    // SAFETY: getrlimit only writes the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return (0, 0);
+        }
+        (limit.rlim_cur, limit.rlim_max)
+    }
 }
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (at least `want` if allowed); returns the
@@ -133,6 +168,17 @@ mod tests {
         let status = "Name:\tx\nVmPeak:\t  100 kB\nVmRSS:\t    2048 kB\nThreads: 3\n";
         assert_eq!(parse_vm_rss(status), Some(2 * 1024 * 1024));
         assert!(rss_bytes(std::process::id()).unwrap() > 0);
+    }
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 12345";
+        assert_eq!(parse_cpu_ticks(stat), Some(325));
+        assert_eq!(parse_cpu_ticks("42 (x) S 1"), None);
+        assert!(cpu_seconds(std::process::id()).is_some());
+        let (soft, hard) = open_files_limits();
+        assert!(soft > 0 && soft <= hard);
     }
 
     #[test]
