@@ -41,12 +41,20 @@ const FRAMES_PER_FLUSH_MAX: usize = 32;
 
 type Sink = futures::stream::SplitSink<tokio_tungstenite::WebSocketStream<TcpStream>, Message>;
 
-/// The WebSocket settings: frames and messages capped at [`FRAME_BYTES_MAX`].
+/// The WebSocket settings: frames and messages capped at [`FRAME_BYTES_MAX`]; a 4 KiB socket
+/// read buffer instead of tungstenite's 128 KiB, which it zero-fills to its full size on the
+/// first read, so that every idle connection kept 128 KiB resident (measured with
+/// `hoard-loadtest idle`: 148 KB per idle connection before, 16.8 KB after). Larger frames are
+/// still read whole (the buffer grows to the frame), in reads of at most this size.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(FRAME_BYTES_MAX))
         .max_frame_size(Some(FRAME_BYTES_MAX))
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
 }
+
+/// The socket read buffer of each connection (see [`websocket_config`]).
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
 
 /// Only `/v1` is served.
 #[allow(clippy::result_large_err)]
