@@ -364,6 +364,18 @@ impl Simulation {
             game_servers.push((client, first..last));
             first = last;
         }
+        // Asset events come from game servers (the studio mints, transfers, settles): when every
+        // player connects directly, one game-server connection without players issues them.
+        if game_servers.is_empty() && config.asset_event_share > 0.0 {
+            let client = client_options()
+                .connect(
+                    &config.url,
+                    Credentials::studio(config.tenant, config.studio_key.clone()),
+                )
+                .await
+                .context("connecting a game server")?;
+            game_servers.push((client, 0..0));
+        }
         // Direct players: one connection each.
         let mut direct = Vec::new();
         for index in via_servers..config.players {
@@ -389,14 +401,21 @@ impl Simulation {
             0.0
         };
         let server_event_rate_total = event_rate_total - trade_rate;
+        let servers = game_servers.len();
         for (client, range) in &game_servers {
             clients.push(client.clone());
-            let players_here = range.len();
+            // Each game server issues its players' share of the asset events (all of them when
+            // it is the only one, as the events-only server above).
+            let share = if via_servers == 0 {
+                1.0 / servers as f64
+            } else {
+                range.len() as f64 / via_servers as f64
+            };
             senders.spawn(game_server(
                 config.clone(),
                 client.clone(),
                 range.clone(),
-                server_event_rate_total * players_here as f64 / config.players as f64,
+                server_event_rate_total * share,
                 world.clone(),
                 live.clone(),
                 stop.clone(),
