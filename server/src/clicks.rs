@@ -1,28 +1,25 @@
-//! Clicks: summed in memory per (tenant, counter, player) and written to Redis in one pipeline
-//! per flush interval (never one round trip per click). Each flush, per key:
+//! Clicks: summed in memory per (tenant, counter, player) and written to the store once per
+//! flush interval (never one round trip per click) by [`Store::add_clicks`]: with Redis, per key
 //! `HINCRBY counter_key player n`, `ZINCRBY leaderboard_key n player`,
 //! `HINCRBY unsettled_key player n`, and per (tenant, counter) `HINCRBY totals_key counter sum`,
 //! all in one MULTI/EXEC so that a flush applies whole or not at all.
 //!
 //! Flush generations make strict acknowledgement possible: a click absorbed while
-//! [`Clicks::generation`] was `g` is in Redis once [`Clicks::flushed`] reaches `g + 1`.
+//! [`Clicks::generation`] was `g` is in the store once [`Clicks::flushed`] reaches `g + 1`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use redis::AsyncCommands;
 
 use hoard_types::wire::{Click, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
 use hoard_types::{PublicKey, TenantId};
 
-use crate::constants::{CLICK_FLUSH_COMMANDS_MAX, CLICK_KEYS_PENDING_MAX, COUNTERS_PER_TENANT_MAX};
+use crate::constants::{CLICK_KEYS_PENDING_MAX, COUNTERS_PER_TENANT_MAX};
 use crate::metrics as m;
-use crate::store::{self, RedisHandle};
-
-type Key = (TenantId, Arc<str>, PublicKey);
+use crate::store::{ClickKey as Key, Store, StoreResult};
 
 /// The click aggregator.
 pub struct Clicks {
@@ -31,7 +28,7 @@ pub struct Clicks {
     counters: DashMap<TenantId, HashSet<Arc<str>>>,
     generation: AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
-    redis: Arc<RedisHandle>,
+    store: Arc<Store>,
 }
 
 /// A refused `clicks` message.
@@ -41,13 +38,13 @@ pub struct ClickError {
 }
 
 impl Clicks {
-    pub fn new(redis: Arc<RedisHandle>) -> Clicks {
+    pub fn new(store: Arc<Store>) -> Clicks {
         Clicks {
             pending: DashMap::new(),
             counters: DashMap::new(),
             generation: AtomicU64::new(0),
             flushed: tokio::sync::watch::channel(0).0,
-            redis,
+            store,
         }
     }
 
@@ -56,7 +53,7 @@ impl Clicks {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// The last generation written to Redis.
+    /// The last generation written to the store.
     pub fn flushed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.flushed.subscribe()
     }
@@ -127,13 +124,13 @@ impl Clicks {
     }
 
     /// Adds validated clicks to the buffer. Refuses (`busy`) when too many keys are buffered
-    /// (Redis is not keeping up).
+    /// (the store is not keeping up).
     pub fn absorb(&self, tenant: TenantId, clicks: &[Click]) -> Result<(), ClickError> {
         if self.pending.len() >= CLICK_KEYS_PENDING_MAX {
             metrics::counter!(m::BUSY_TOTAL, "reason" => "clicks_pending").increment(1);
             return Err(ClickError {
                 code: ErrorCode::Busy,
-                message: "click buffer full: Redis is behind".into(),
+                message: "click buffer full: the click store is behind".into(),
             });
         }
         for Click(player, counter, count) in clicks {
@@ -143,8 +140,8 @@ impl Clicks {
         Ok(())
     }
 
-    /// Writes everything buffered to Redis. On failure the clicks go back into the buffer.
-    pub async fn flush(&self) -> redis::RedisResult<()> {
+    /// Writes everything buffered to the store. On failure the clicks go back into the buffer.
+    pub async fn flush(&self) -> StoreResult<()> {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let mut drained: Vec<(Key, u64)> = Vec::new();
         self.pending.retain(|key, count| {
@@ -157,7 +154,7 @@ impl Clicks {
             return Ok(());
         }
         let started = Instant::now();
-        let result = self.write(&drained).await;
+        let result = self.store.add_clicks(&drained).await;
         metrics::histogram!(m::CLICK_FLUSH_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
@@ -171,35 +168,9 @@ impl Clicks {
                 for (key, count) in drained {
                     *self.pending.entry(key).or_insert(0) += count;
                 }
-                self.redis.reset_if_broken(&error).await;
                 Err(error)
             }
         }
-    }
-
-    async fn write(&self, drained: &[(Key, u64)]) -> redis::RedisResult<()> {
-        let mut connection = self.redis.get().await?;
-        // Split very large flushes so that one pipeline stays bounded; each part is atomic.
-        for part in drained.chunks(CLICK_FLUSH_COMMANDS_MAX / 4) {
-            let mut totals: HashMap<(TenantId, &str), u64> = HashMap::new();
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for ((tenant, counter, player), count) in part {
-                let player = player.to_hex();
-                pipe.hincr(store::counter_key(*tenant, counter), &player, *count)
-                    .ignore();
-                pipe.zincr(store::leaderboard_key(*tenant, counter), &player, *count)
-                    .ignore();
-                pipe.hincr(store::unsettled_key(*tenant, counter), &player, *count)
-                    .ignore();
-                *totals.entry((*tenant, counter)).or_insert(0) += count;
-            }
-            for ((tenant, counter), sum) in totals {
-                pipe.hincr(store::totals_key(tenant), counter, sum).ignore();
-            }
-            pipe.query_async::<()>(&mut connection).await?;
-        }
-        Ok(())
     }
 
     /// Flushes every `interval` until `shutdown`, then once more.
@@ -227,16 +198,14 @@ impl Clicks {
         }
         tracing::error!(
             keys = self.pending.len(),
-            "clicks lost at shutdown: Redis unavailable"
+            "clicks lost at shutdown: the store is unavailable"
         );
     }
 
-    // ----- reads (from Redis: what has been flushed) -----
+    // ----- reads (from the store: what has been flushed) -----
 
-    pub async fn counter_total(&self, tenant: TenantId, counter: &str) -> redis::RedisResult<u64> {
-        let mut connection = self.redis.get().await?;
-        let total: Option<u64> = connection.hget(store::totals_key(tenant), counter).await?;
-        Ok(total.unwrap_or(0))
+    pub async fn counter_total(&self, tenant: TenantId, counter: &str) -> StoreResult<u64> {
+        self.store.counter_total(tenant, counter).await
     }
 
     pub async fn player_total(
@@ -244,12 +213,8 @@ impl Clicks {
         tenant: TenantId,
         counter: &str,
         player: &PublicKey,
-    ) -> redis::RedisResult<u64> {
-        let mut connection = self.redis.get().await?;
-        let total: Option<u64> = connection
-            .hget(store::counter_key(tenant, counter), player.to_hex())
-            .await?;
-        Ok(total.unwrap_or(0))
+    ) -> StoreResult<u64> {
+        self.store.player_total(tenant, counter, player).await
     }
 
     /// Every counter total of one player (counters with a zero total are left out).
@@ -257,21 +222,8 @@ impl Clicks {
         &self,
         tenant: TenantId,
         player: &PublicKey,
-    ) -> redis::RedisResult<Vec<(String, u64)>> {
-        let mut connection = self.redis.get().await?;
-        let mut counters: Vec<String> = connection.hkeys(store::totals_key(tenant)).await?;
-        counters.sort();
-        counters.truncate(COUNTERS_PER_TENANT_MAX);
-        let mut pipe = redis::pipe();
-        for counter in &counters {
-            pipe.hget(store::counter_key(tenant, counter), player.to_hex());
-        }
-        let values: Vec<Option<u64>> = pipe.query_async(&mut connection).await?;
-        Ok(counters
-            .into_iter()
-            .zip(values)
-            .filter_map(|(counter, value)| value.filter(|v| *v > 0).map(|v| (counter, v)))
-            .collect())
+    ) -> StoreResult<Vec<(String, u64)>> {
+        self.store.player_totals(tenant, player).await
     }
 
     /// The top `limit` players of a counter, highest first.
@@ -280,14 +232,7 @@ impl Clicks {
         tenant: TenantId,
         counter: &str,
         limit: usize,
-    ) -> redis::RedisResult<Vec<(PublicKey, u64)>> {
-        let mut connection = self.redis.get().await?;
-        let entries: Vec<(String, f64)> = connection
-            .zrevrange_withscores(store::leaderboard_key(tenant, counter), 0, limit as isize - 1)
-            .await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|(player, score)| PublicKey::from_hex(&player).ok().map(|p| (p, score as u64)))
-            .collect())
+    ) -> StoreResult<Vec<(PublicKey, u64)>> {
+        self.store.leaderboard(tenant, counter, limit).await
     }
 }

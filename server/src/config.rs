@@ -2,7 +2,8 @@
 //! enough for a demo (no file at all: a local Redis, an in-process chain with one demo tenant).
 //!
 //! Environment overrides: `HOARD_GATEWAY_LISTEN`, `HOARD_GATEWAY_HTTP_LISTEN`,
-//! `HOARD_GATEWAY_REDIS_URL`, `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_STRICT_CLICKS`,
+//! `HOARD_GATEWAY_STORE` (`redis` or `embedded`), `HOARD_GATEWAY_REDIS_URL`,
+//! `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_STRICT_CLICKS`,
 //! `HOARD_GATEWAY_GENESIS`, `HOARD_GATEWAY_CLUSTER` (selects the `cluster` backend),
 //! `HOARD_GATEWAY_INSTANCE`, and per tenant
 //! `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED` (the studio key's 32-byte seed in hex).
@@ -39,6 +40,8 @@ pub struct GatewayConfig {
     pub connections_max: usize,
     /// How long graceful shutdown waits for accepted events to commit.
     pub drain_timeout_ms: u64,
+    /// Where click totals and the accepted-event stream live (see [`StoreBackend`]).
+    pub store: StoreBackend,
     pub redis: RedisConfig,
     pub clicks: ClicksConfig,
     pub events: EventsConfig,
@@ -46,6 +49,34 @@ pub struct GatewayConfig {
     pub chain: ChainConfig,
     /// Per-tenant settings (studio key for settlement and tokens, conversion rules).
     pub tenants: Vec<TenantConfig>,
+}
+
+/// The gateway's click store and event stream (`crate::store::Store`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// Redis at `redis.url`: durable (as durable as the Redis configuration), shared by every
+    /// gateway of a deployment. The default, and the one for production.
+    #[default]
+    Redis,
+    /// This process's memory: NOT durable (a gateway crash loses clicks and accepted events not
+    /// yet committed; the SDK's resend restores events), one gateway only. For demos and
+    /// development without a redis-server.
+    Embedded,
+}
+
+impl std::str::FromStr for StoreBackend {
+    type Err = ServerError;
+
+    fn from_str(text: &str) -> Result<StoreBackend> {
+        match text {
+            "redis" => Ok(StoreBackend::Redis),
+            "embedded" => Ok(StoreBackend::Embedded),
+            other => Err(ServerError::Config(format!(
+                "store `{other}`: use `redis` or `embedded`"
+            ))),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -144,6 +175,7 @@ impl Default for GatewayConfig {
             instance: String::new(),
             connections_max: 10_000,
             drain_timeout_ms: 5_000,
+            store: StoreBackend::Redis,
             redis: RedisConfig::default(),
             clicks: ClicksConfig::default(),
             events: EventsConfig::default(),
@@ -243,6 +275,9 @@ impl GatewayConfig {
             self.http_listen = v
                 .parse()
                 .map_err(|e| parse_err("HOARD_GATEWAY_HTTP_LISTEN", &e))?;
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_STORE") {
+            self.store = v.parse()?;
         }
         if let Some(v) = lookup("HOARD_GATEWAY_REDIS_URL") {
             self.redis.url = v;
@@ -379,6 +414,28 @@ mod tests {
         assert!(config
             .apply_env(|n| (n == "HOARD_GATEWAY_FLUSH_INTERVAL_MS").then(|| "0".into()))
             .is_err());
+    }
+
+    #[test]
+    fn the_store_is_redis_unless_embedded_is_chosen() {
+        assert_eq!(GatewayConfig::default().store, StoreBackend::Redis);
+        let config = GatewayConfig::from_toml("store = \"embedded\"\n").unwrap();
+        assert_eq!(config.store, StoreBackend::Embedded);
+        assert!(GatewayConfig::from_toml("store = \"memory\"\n").is_err());
+        let mut config = GatewayConfig::default();
+        config
+            .apply_env(|n| (n == "HOARD_GATEWAY_STORE").then(|| "embedded".into()))
+            .unwrap();
+        assert_eq!(config.store, StoreBackend::Embedded);
+        assert!(config
+            .apply_env(|n| (n == "HOARD_GATEWAY_STORE").then(|| "memory".into()))
+            .is_err());
+        // The configuration a stack writes for a gateway process round-trips.
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(
+            GatewayConfig::from_toml(&text).unwrap().store,
+            StoreBackend::Embedded
+        );
     }
 
     #[test]

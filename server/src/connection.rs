@@ -533,7 +533,7 @@ impl Connection {
                 let conn = self.id;
                 tokio::spawn(async move {
                     let answer = match crate::settlement::settle(
-                        &shared.redis,
+                        &shared.store,
                         &shared.events,
                         &shared.view,
                         shared.chain_id,
@@ -697,7 +697,7 @@ impl Connection {
                         Some(p) => Some(shared.clicks.player_total(tenant, &counter, p).await?),
                         None => None,
                     };
-                    Ok::<_, redis::RedisError>((total, player_total))
+                    Ok::<_, crate::store::StoreError>((total, player_total))
                 }
                 .await;
                 match result {
@@ -806,14 +806,8 @@ impl Connection {
         }
     }
 
-    async fn unavailable(&mut self, request_id: u64, error: &redis::RedisError) {
-        self.shared.redis.reset_if_broken(error).await;
-        self.error(
-            request_id,
-            ErrorCode::Unavailable,
-            format!("redis: {error}"),
-            Some(500),
-        );
+    async fn unavailable(&mut self, request_id: u64, error: &crate::store::StoreError) {
+        self.error(request_id, ErrorCode::Unavailable, error.to_string(), Some(500));
     }
 
     fn on_clicks(

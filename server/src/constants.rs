@@ -40,3 +40,14 @@ const _: () = assert!(EVENTS_IN_FLIGHT_PER_CONNECTION_MAX < CONNECTION_OUTBOUND_
 const _: () = assert!(STREAM_WRITER_PIPELINE_MAX <= STREAM_WRITER_QUEUE_MAX);
 const _: () = assert!(CLICK_FLUSH_COMMANDS_MAX >= 4 * 1024);
 const _: () = assert!(ACTIVITY_LOG_EVENTS_PER_TENANT_MAX < CONNECTION_OUTBOUND_QUEUE_MAX);
+
+/// Distinct (tenant, counter, player) totals the embedded store holds (`store = "embedded"`).
+/// Over it a click flush fails and clicks stay buffered (then `busy`).
+pub const EMBEDDED_CLICK_KEYS_MAX: usize = 2_000_000;
+/// Entries the embedded store's event stream holds (accepted, not yet acknowledged).
+pub const EMBEDDED_STREAM_ENTRIES_MAX: usize = 1_000_000;
+/// Bytes of transactions the embedded store's event stream holds.
+pub const EMBEDDED_STREAM_BYTES_MAX: usize = 512 * 1024 * 1024;
+/// Settled windows per tenant whose plan and cut flag the embedded store keeps (Redis lets
+/// them expire after a day).
+pub const EMBEDDED_SETTLED_WINDOWS_KEPT: usize = 64;

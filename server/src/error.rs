@@ -6,8 +6,8 @@
 pub enum ServerError {
     #[error("configuration: {0}")]
     Config(String),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
     #[error("chain: {0}")]
     Chain(#[from] crate::chain::ChainError),
     #[error("ledger: {0}")]

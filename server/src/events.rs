@@ -1,13 +1,15 @@
-//! The durable path of asset events: accepted → Redis stream → batcher → chain → committed.
+//! The durable path of asset events: accepted → the store's stream → batcher → chain → committed.
+//! The stream operations are [`Store`]'s (Redis: XADD, XREADGROUP, XAUTOCLAIM, XACK + XDEL; the
+//! embedded store mirrors them).
 //!
 //! - [`Events::submit`] registers an event in the in-flight tracker and queues it for the stream
-//!   writer (bounded; full → `busy`). The writer XADDs many events per pipeline and only then
+//!   writer (bounded; full → `busy`). The writer appends many events per round trip and only then
 //!   answers `accepted`.
 //! - The batcher reads the stream through a consumer group (XREADGROUP), claims entries that stayed
 //!   pending too long (XAUTOCLAIM: a crashed gateway's, or ones the chain lost), skips events the
 //!   committed ledger already knows, and submits the rest in batches.
 //! - The follower calls [`Events::on_receipt`] for every committed transaction: the entry is
-//!   XACKed and XDELed, and `committed`/`rejected` goes to the connections that submitted it.
+//!   acknowledged and deleted, and `committed`/`rejected` goes to the connections that submitted it.
 //!
 //! Exactly once: an event is in the stream until its receipt is seen; resubmitting it is always
 //! safe because the ledger deduplicates event ids (a duplicate's receipt carries the original
@@ -18,8 +20,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
-use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 
 use hoard_types::wire::{ErrorCode, ServerMessage};
@@ -30,11 +30,8 @@ use crate::config::GatewayConfig;
 use crate::constants::{ACK_QUEUE_MAX, STREAM_WRITER_PIPELINE_MAX, STREAM_WRITER_QUEUE_MAX, XACK_IDS_MAX};
 use crate::hub::{ConnId, Hub};
 use crate::metrics as m;
-use crate::store::RedisHandle;
+use crate::store::{Store, StreamEntry, StreamReader};
 use crate::view::ChainView;
-
-/// Stream entry field holding the MessagePack of the [`Transaction`].
-const FIELD_TX: &str = "tx";
 
 /// Who wants to hear that an event was accepted.
 pub enum Origin {
@@ -82,8 +79,6 @@ pub(crate) struct WriteRequest {
 
 /// The event pipeline's shared state.
 pub struct Events {
-    stream: String,
-    group: String,
     consumer: String,
     pending_max: usize,
     busy_retry_after_ms: u64,
@@ -110,8 +105,6 @@ impl Events {
         let (writer, writer_rx) = mpsc::channel(STREAM_WRITER_QUEUE_MAX);
         let (acks, acks_rx) = mpsc::channel(ACK_QUEUE_MAX);
         let events = Arc::new(Events {
-            stream: config.redis.stream.clone(),
-            group: config.redis.group.clone(),
             consumer,
             pending_max: config.events.pending_max,
             busy_retry_after_ms: config.events.busy_retry_after_ms,
@@ -338,20 +331,10 @@ pub fn rejection_label(reason: hoard_types::Rejection) -> &'static str {
     }
 }
 
-/// Creates the consumer group (from the stream's start, so nothing written before is missed).
-pub async fn ensure_group(redis: &RedisHandle, stream: &str, group: &str) -> redis::RedisResult<()> {
-    let mut connection = redis.get().await?;
-    let created: redis::RedisResult<()> = connection.xgroup_create_mkstream(stream, group, "0").await;
-    match created {
-        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
-        other => other,
-    }
-}
-
-/// The stream writer: XADDs queued submissions, many per pipeline, then answers `accepted`.
+/// The stream writer: appends queued submissions, many per round trip, then answers `accepted`.
 pub(crate) async fn run_writer(
     events: Arc<Events>,
-    redis: Arc<RedisHandle>,
+    store: Arc<Store>,
     mut writer: mpsc::Receiver<WriteRequest>,
 ) {
     let mut requests = Vec::with_capacity(STREAM_WRITER_PIPELINE_MAX);
@@ -362,18 +345,12 @@ pub(crate) async fn run_writer(
         }
         metrics::gauge!(m::STREAM_WRITER_QUEUE_DEPTH).set(writer.len() as f64);
         let started = Instant::now();
-        let mut pipe = redis::pipe();
-        for request in &requests {
-            pipe.xadd(&events.stream, "*", &[(FIELD_TX, request.bytes.as_slice())]);
-        }
-        let result: redis::RedisResult<Vec<String>> = match redis.get().await {
-            Ok(mut connection) => pipe.query_async(&mut connection).await,
-            Err(error) => Err(error),
-        };
+        let transactions: Vec<&[u8]> = requests.iter().map(|r| r.bytes.as_slice()).collect();
+        let result = store.append(&transactions).await;
+        drop(transactions);
         metrics::histogram!(m::STREAM_WRITE_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
-            tracing::warn!(%error, "XADD pipeline failed");
-            redis.reset_if_broken(error).await;
+            tracing::warn!(%error, "appending to the event stream failed");
         }
         let ok = result.is_ok();
         for request in requests.drain(..) {
@@ -434,24 +411,16 @@ pub(crate) async fn run_writer(
 }
 
 /// Acknowledges (XACK) and deletes (XDEL) committed entries, many per round trip.
-pub async fn run_acker(events: Arc<Events>, redis: Arc<RedisHandle>, mut acks: mpsc::Receiver<String>) {
+pub async fn run_acker(store: Arc<Store>, mut acks: mpsc::Receiver<String>) {
     let mut ids = Vec::with_capacity(XACK_IDS_MAX);
     loop {
         ids.clear();
         if acks.recv_many(&mut ids, XACK_IDS_MAX).await == 0 {
             return;
         }
-        let mut pipe = redis::pipe();
-        pipe.xack(&events.stream, &events.group, &ids).ignore();
-        pipe.xdel(&events.stream, &ids).ignore();
-        let result: redis::RedisResult<()> = match redis.get().await {
-            Ok(mut connection) => pipe.query_async(&mut connection).await,
-            Err(error) => Err(error),
-        };
-        if let Err(error) = result {
+        if let Err(error) = store.ack(&ids).await {
             // Unacked entries are reclaimed later; their duplicate receipts ack them then.
             tracing::warn!(%error, "XACK failed");
-            redis.reset_if_broken(&error).await;
         }
     }
 }
@@ -466,73 +435,64 @@ pub struct BatcherSettings {
 /// The batcher: reads the stream (new entries and long-pending ones) and submits batches.
 pub async fn run_batcher(
     events: Arc<Events>,
-    redis: Arc<RedisHandle>,
+    store: Arc<Store>,
     chain: Arc<dyn Chain>,
     settings: BatcherSettings,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut connection = None;
+    let mut reader: Option<StreamReader> = None;
     let mut last_claim = Instant::now();
     let mut claim_cursor = "0-0".to_string();
     while !*stop.borrow() {
-        if connection.is_none() {
-            match redis.dedicated().await {
-                Ok(c) => connection = Some(c),
+        if reader.is_none() {
+            match store.reader().await {
+                Ok(r) => reader = Some(r),
                 Err(error) => {
-                    tracing::warn!(%error, "batcher cannot reach Redis");
+                    tracing::warn!(%error, "batcher cannot reach the event stream");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
             }
         }
-        let conn = connection.as_mut().expect("connected");
-        let mut entries: Vec<redis::streams::StreamId> = Vec::new();
+        let stream = reader.as_mut().expect("connected");
+        let mut entries: Vec<StreamEntry> = Vec::new();
         // Reclaim entries idle for too long (a dead gateway's, or ones the chain lost).
         if last_claim.elapsed() >= Duration::from_millis(settings.claim_idle_ms / 2 + 1) {
             last_claim = Instant::now();
-            let claimed: redis::RedisResult<StreamAutoClaimReply> = conn
-                .xautoclaim_options(
-                    &events.stream,
-                    &events.group,
+            let claimed = stream
+                .claim(
                     &events.consumer,
                     settings.claim_idle_ms,
                     &claim_cursor,
-                    StreamAutoClaimOptions::default().count(settings.batch_max),
+                    settings.batch_max,
                 )
                 .await;
             match claimed {
-                Ok(reply) => {
-                    claim_cursor = reply.next_stream_id;
-                    if !reply.claimed.is_empty() {
-                        metrics::counter!(m::EVENTS_CLAIMED_TOTAL).increment(reply.claimed.len() as u64);
-                        tracing::info!(entries = reply.claimed.len(), "claimed idle stream entries");
+                Ok(claimed) => {
+                    claim_cursor = claimed.next_cursor;
+                    if !claimed.entries.is_empty() {
+                        metrics::counter!(m::EVENTS_CLAIMED_TOTAL).increment(claimed.entries.len() as u64);
+                        tracing::info!(entries = claimed.entries.len(), "claimed idle stream entries");
                     }
-                    entries.extend(reply.claimed);
+                    entries.extend(claimed.entries);
                 }
                 Err(error) => {
                     tracing::warn!(%error, "XAUTOCLAIM failed");
-                    connection = None;
+                    reader = None;
                     continue;
                 }
             }
         }
         if entries.is_empty() {
-            let options = StreamReadOptions::default()
-                .group(&events.group, &events.consumer)
-                .count(settings.batch_max)
-                .block(settings.wait_ms as usize);
-            let keys = [events.stream.as_str()];
-            let ids = [">"];
-            let read: redis::RedisResult<Option<StreamReadReply>> = tokio::select! {
-                read = conn.xread_options(&keys, &ids, &options) => read,
+            let read = tokio::select! {
+                read = stream.read(&events.consumer, settings.batch_max, settings.wait_ms) => read,
                 _ = stop.changed() => continue,
             };
             match read {
-                Ok(Some(reply)) => entries.extend(reply.keys.into_iter().flat_map(|k| k.ids)),
-                Ok(None) => {}
+                Ok(read) => entries.extend(read),
                 Err(error) => {
                     tracing::warn!(%error, "XREADGROUP failed");
-                    connection = None;
+                    reader = None;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -543,9 +503,10 @@ pub async fn run_batcher(
         }
         let mut batch = Vec::with_capacity(entries.len());
         for entry in entries {
-            let bytes: Option<Vec<u8>> = entry.get(FIELD_TX);
-            let decoded = bytes
-                .and_then(|b| rmp_serde::from_slice::<Transaction>(&b).ok())
+            let decoded = entry
+                .tx
+                .as_deref()
+                .and_then(|b| rmp_serde::from_slice::<Transaction>(b).ok())
                 .and_then(|tx| tx.decode_payload().ok().map(|p| (tx, p)));
             let Some((tx, payload)) = decoded else {
                 tracing::error!(id = %entry.id, "undecodable stream entry dropped");

@@ -12,7 +12,9 @@
 //! - [`view`]: the follower: the gateway's own committed `Ledger` copy, item history, dispatch.
 //! - [`settlement`]: click points → one batched `settle` transaction per window, exactly once.
 //! - [`offers`]: open trade offers between players.
-//! - [`ratelimit`]: token buckets. [`store`]: Redis handle and key layout.
+//! - [`ratelimit`]: token buckets.
+//! - [`store`]: the one interface to the click store and event stream ([`store::Store`]): Redis
+//!   (handle, key layout, scripts) or [`embedded`], the same semantics in memory (not durable).
 //! - [`metrics`]: every metric name, the Prometheus recorder, `/metrics` `/healthz` `/readyz`.
 //! - [`testing`]: the shared test harness (real redis-server, a gateway on free ports, a client).
 //!
@@ -25,6 +27,7 @@ pub mod clicks;
 pub mod config;
 pub mod connection;
 pub mod constants;
+pub mod embedded;
 pub mod error;
 pub mod events;
 pub mod hub;
@@ -64,7 +67,8 @@ pub struct Shared {
     pub clicks: Arc<clicks::Clicks>,
     pub events: Arc<events::Events>,
     pub offers: offers::Offers,
-    pub redis: Arc<store::RedisHandle>,
+    /// Click totals, settlement windows and the event stream (Redis or embedded).
+    pub store: Arc<store::Store>,
     /// Studio signing keys the gateway holds (settlement, tokens, custodial trades).
     pub studio_keys: HashMap<TenantId, Keypair>,
     pub tenant_messages: ratelimit::TenantBuckets,
@@ -120,7 +124,7 @@ pub async fn run_with_chain(
 }
 
 impl Gateway {
-    /// Binds the listeners, connects to Redis and starts every task.
+    /// Binds the listeners, opens the store (connecting to Redis) and starts every task.
     pub async fn start(config: GatewayConfig, chain: Arc<dyn Chain>, genesis: &Genesis) -> Result<Gateway> {
         config.validate()?;
         if chain.chain_id() != genesis.chain_id {
@@ -129,8 +133,11 @@ impl Gateway {
             ));
         }
         let prometheus = metrics::install()?;
-        let redis = Arc::new(store::RedisHandle::new(&config.redis.url)?);
-        events::ensure_group(&redis, &config.redis.stream, &config.redis.group).await?;
+        let store = Arc::new(store::Store::open(&config)?);
+        store.ensure_group().await?;
+        if !store.is_durable() {
+            tracing::warn!("store = embedded: using {}", store::EMBEDDED_NOTICE);
+        }
         let consumer = if config.instance.is_empty() {
             format!("gateway-{:016x}", rand::random::<u64>())
         } else {
@@ -146,7 +153,7 @@ impl Gateway {
         let hub = Arc::new(hub::Hub::default());
         let view = Arc::new(view::ChainView::new(genesis));
         let (events, queues) = events::Events::new(&config, consumer, hub.clone(), view.clone());
-        let clicks = Arc::new(clicks::Clicks::new(redis.clone()));
+        let clicks = Arc::new(clicks::Clicks::new(store.clone()));
         let (stop_connections, stop_connections_rx) = watch::channel(false);
         let (stop_background, stop_background_rx) = watch::channel(false);
         let listener = TcpListener::bind(config.listen).await?;
@@ -160,7 +167,7 @@ impl Gateway {
             clicks: clicks.clone(),
             events: events.clone(),
             offers: offers::Offers::default(),
-            redis: redis.clone(),
+            store: store.clone(),
             studio_keys,
             tenant_messages: ratelimit::TenantBuckets::new(config.limits.tenant_messages_per_second),
             tenant_clicks: ratelimit::TenantBuckets::new(config.limits.tenant_clicks_per_second),
@@ -179,18 +186,14 @@ impl Gateway {
         )));
         others.push(tokio::spawn(events::run_writer(
             events.clone(),
-            redis.clone(),
+            store.clone(),
             queues.writer,
         )));
-        others.push(tokio::spawn(events::run_acker(
-            events.clone(),
-            redis.clone(),
-            queues.acks,
-        )));
+        others.push(tokio::spawn(events::run_acker(store.clone(), queues.acks)));
         let batcher = shared.config.events.batcher.then(|| {
             tokio::spawn(events::run_batcher(
                 events.clone(),
-                redis.clone(),
+                store.clone(),
                 chain.clone(),
                 events::BatcherSettings {
                     batch_max: shared.config.events.batch_max,
@@ -356,16 +359,7 @@ async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = ticker.tick() => {}
             _ = crate::stopped(&mut stop) => return,
         }
-        let ok = match shared.redis.get().await {
-            Ok(mut connection) => {
-                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
-                if let Err(error) = &pong {
-                    shared.redis.reset_if_broken(error).await;
-                }
-                pong.is_ok()
-            }
-            Err(_) => false,
-        };
+        let ok = shared.store.ping().await.is_ok();
         shared.health.redis_ok.store(ok, Ordering::Relaxed);
     }
 }
@@ -393,7 +387,7 @@ async fn settle_periodically(
             _ = crate::stopped(&mut stop) => return,
         }
         let result = settlement::settle(
-            &shared.redis,
+            &shared.store,
             &shared.events,
             &shared.view,
             shared.chain_id,

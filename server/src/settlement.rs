@@ -1,15 +1,18 @@
 //! Settlement: turns accumulated click points into on-chain currency in batched, studio-signed
 //! `settle` transactions, exactly once per settlement window.
 //!
-//! Window `W` of a tenant (the number in `settle_window_key`):
-//! 1. cut: one script atomically renames every ruled counter's unsettled hash into window `W`'s
-//!    snapshot (only the first time; a flag marks the cut);
-//! 2. plan: from the snapshot, `units = points / points_per_unit` for each registered player; one
-//!    script stores the plan (the signed transactions) with SETNX and, only if it was first, adds
-//!    the remainders (and unregistered players' points) back to unsettled;
+//! Window `W` of a tenant (the store's current settlement window, [`Store::settle_window`]):
+//! 1. cut: atomically moves every ruled counter's unsettled points into window `W`'s snapshot
+//!    (only the first time; a flag marks the cut) ([`Store::settle_cut`]);
+//! 2. plan: from the snapshot, `units = points / points_per_unit` for each registered player; the
+//!    plan (the signed transactions) is stored only if none is, and only then the remainders (and
+//!    unregistered players' points) go back to unsettled, atomically ([`Store::settle_store_plan`]);
 //! 3. submit: the plan's transactions go down the event pipeline (durable before we go on); their
 //!    event ids are `EventId::derive(["hoard/settle/v1", tenant, W, chunk])`;
-//! 4. advance: `W` becomes `W + 1` (compare-and-set).
+//! 4. advance: `W` becomes `W + 1` (compare-and-set, [`Store::settle_advance`]).
+//!
+//! With Redis each step is one Lua script (`store.rs`); the embedded store does the same under
+//! one lock.
 //!
 //! A crash or a concurrent gateway at any step redoes the same window from the same snapshot and
 //! plan: the same bytes with the same event ids, which the ledger applies once.
@@ -26,34 +29,8 @@ use hoard_types::{
 use crate::config::ConversionRule;
 use crate::events::{Events, Origin, Refused};
 use crate::metrics as m;
-use crate::store::{self, RedisHandle};
+use crate::store::{Store, StoreError};
 use crate::view::ChainView;
-
-const CUT_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 2, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 1]) end
-end
-redis.call('SET', KEYS[1], '1')
-return 1
-";
-
-const PLAN_SCRIPT: &str = r"
-if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then return 0 end
-for i = 2, #KEYS do
-  redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 2], ARGV[2 * i - 1])
-end
-return 1
-";
-
-const ADVANCE_SCRIPT: &str = r"
-local w = redis.call('GET', KEYS[1])
-if (w == false and ARGV[1] == '1') or w == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-";
 
 /// What one settlement did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +43,8 @@ pub struct Settled {
 /// Why a settlement failed (retrying redoes the same window).
 #[derive(Debug, thiserror::Error)]
 pub enum SettleError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
     #[error("{message}")]
     Refused {
         code: ErrorCode,
@@ -98,7 +75,7 @@ pub fn settlement_event_id(tenant: TenantId, window: u64, chunk: u32) -> EventId
 
 /// Settles one window of `tenant`.
 pub async fn settle(
-    redis: &RedisHandle,
+    store: &Store,
     events: &Arc<Events>,
     view: &ChainView,
     chain_id: u64,
@@ -106,42 +83,20 @@ pub async fn settle(
     studio: &Keypair,
     rules: &[ConversionRule],
 ) -> Result<Settled, SettleError> {
-    let mut connection = redis.get().await?;
-    let window_key = store::settle_window_key(tenant);
-    let window: u64 = redis::cmd("GET")
-        .arg(&window_key)
-        .query_async::<Option<u64>>(&mut connection)
-        .await?
-        .unwrap_or(1);
-    let prefix = store::settle_prefix(tenant, window);
-    let snapshot_key = |counter: &str| format!("{prefix}:c:{counter}");
+    let window = store.settle_window(tenant).await?;
+    let counters: Vec<&str> = rules.iter().map(|rule| rule.counter.as_str()).collect();
 
     // 1. Cut.
-    let cut_script = redis::Script::new(CUT_SCRIPT);
-    let mut cut = cut_script.prepare_invoke();
-    cut.key(format!("{prefix}:cut"));
-    for rule in rules {
-        cut.key(store::unsettled_key(tenant, &rule.counter))
-            .key(snapshot_key(&rule.counter));
-    }
-    cut.invoke_async::<i64>(&mut connection).await?;
+    store.settle_cut(tenant, window, &counters).await?;
 
     // 2. Plan (once).
-    let plan_key = format!("{prefix}:plan");
-    let existing: Option<Vec<u8>> = redis::cmd("GET")
-        .arg(&plan_key)
-        .query_async(&mut connection)
-        .await?;
-    let plan_bytes = match existing {
+    let plan_bytes = match store.settle_plan(tenant, window).await? {
         Some(bytes) => bytes,
         None => {
             let mut entries: Vec<Settlement> = Vec::new();
             let mut carries: Vec<(String, String, u64)> = Vec::new();
             for rule in rules {
-                let mut points: Vec<(String, u64)> = redis::cmd("HGETALL")
-                    .arg(snapshot_key(&rule.counter))
-                    .query_async(&mut connection)
-                    .await?;
+                let mut points = store.settle_snapshot(tenant, window, &rule.counter).await?;
                 points.sort();
                 for (player_hex, points) in points {
                     let player = PublicKey::from_hex(&player_hex).ok();
@@ -162,7 +117,7 @@ pub async fn settle(
                         });
                     }
                     if remainder > 0 {
-                        carries.push((store::unsettled_key(tenant, &rule.counter), player_hex, remainder));
+                        carries.push((rule.counter.clone(), player_hex, remainder));
                     }
                 }
             }
@@ -184,17 +139,7 @@ pub async fn settle(
                 })
                 .collect();
             let bytes = rmp_serde::to_vec(&transactions).expect("transactions encode");
-            let plan_script = redis::Script::new(PLAN_SCRIPT);
-            let mut plan = plan_script.prepare_invoke();
-            plan.key(&plan_key).arg(bytes.as_slice());
-            for (key, field, amount) in &carries {
-                plan.key(key).arg(field).arg(*amount);
-            }
-            plan.invoke_async::<i64>(&mut connection).await?;
-            redis::cmd("GET")
-                .arg(&plan_key)
-                .query_async::<Vec<u8>>(&mut connection)
-                .await?
+            store.settle_store_plan(tenant, window, &bytes, &carries).await?
         }
     };
     let transactions: Vec<Transaction> =
@@ -238,23 +183,10 @@ pub async fn settle(
         event_ids.push(payload.event_id);
     }
 
-    // 4. Advance, and let the window's keys age out.
-    let advanced: i64 = redis::Script::new(ADVANCE_SCRIPT)
-        .key(&window_key)
-        .arg(window)
-        .arg(window + 1)
-        .invoke_async(&mut connection)
-        .await?;
-    if advanced == 1 {
+    // 4. Advance (the window's snapshot goes, its plan ages out).
+    if store.settle_advance(tenant, window, &counters).await? {
         metrics::counter!(m::SETTLEMENTS_TOTAL).increment(1);
         metrics::counter!(m::SETTLEMENT_ENTRIES_TOTAL).increment(u64::from(entries));
-        let mut pipe = redis::pipe();
-        for rule in rules {
-            pipe.del(snapshot_key(&rule.counter)).ignore();
-        }
-        pipe.expire(&plan_key, 86_400).ignore();
-        pipe.expire(format!("{prefix}:cut"), 86_400).ignore();
-        pipe.query_async::<()>(&mut connection).await?;
     }
     Ok(Settled {
         window,

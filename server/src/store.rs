@@ -1,13 +1,415 @@
-//! Redis access: a reconnecting handle over a multiplexed connection, and every key the gateway
-//! uses (one place, so that the layout in `docs/PROTOCOL.md` is this file's).
+//! The click store and the accepted-event stream behind one narrow interface, [`Store`], with two
+//! backends:
+//! - [`Store::Redis`] (the default; durable and shared by every gateway of a deployment): a
+//!   reconnecting connection, MULTI/EXEC pipelines and Lua scripts. Every key it uses is built
+//!   here (one place, so that the layout in `docs/PROTOCOL.md` is this file's).
+//! - [`Store::Embedded`]: [`EmbeddedStore`], the same semantics in this process's memory,
+//!   bounded and **not durable** (a gateway crash loses clicks and accepted events not yet
+//!   committed; the SDK's resend restores those events). For `hoard demo` / `hoard dev` on a
+//!   machine without redis-server, and for tests; one gateway only.
 //!
-//! Keys carry the tenant in a hash tag (`hoard:{7}:...`) so that one tenant's keys live on one
-//! Redis Cluster slot (settlement's scripts touch several of them at once).
+//! Callers (the click flusher and reads, the event writer, batcher and acker, settlement, the
+//! readiness probe) call the operations here, never Redis directly.
+//!
+//! Redis keys carry the tenant in a hash tag (`hoard:{7}:...`) so that one tenant's keys live on
+//! one Redis Cluster slot (settlement's scripts touch several of them at once).
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
 use tokio::sync::Mutex;
 
-use hoard_types::TenantId;
+use hoard_types::{PublicKey, TenantId};
+
+use crate::config::{GatewayConfig, StoreBackend};
+use crate::constants::{CLICK_FLUSH_COMMANDS_MAX, COUNTERS_PER_TENANT_MAX};
+pub use crate::embedded::EmbeddedStore;
+
+/// What the embedded backend means for its user, in one sentence (the demo prints it).
+pub const EMBEDDED_NOTICE: &str = "the embedded in-memory click store (NOT durable: a gateway crash loses \
+     clicks and accepted events not yet committed; the SDK's resend restores events)";
+
+/// Stream entry field holding the MessagePack of the `Transaction`.
+pub const FIELD_TX: &str = "tx";
+
+/// One click total to add: (tenant, counter, player) and the count.
+pub type ClickKey = (TenantId, Arc<str>, PublicKey);
+
+/// A failed store operation.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The embedded store reached one of its bounds (the caller answers `busy` / retries).
+    #[error("embedded store full: {0}")]
+    Full(&'static str),
+    #[error("bad stream entry id {0:?}")]
+    BadStreamId(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One entry of the event stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// The stream id (`<ms>-<seq>`).
+    pub id: String,
+    /// The entry's `tx` field (None: missing, an entry some other writer made).
+    pub tx: Option<Vec<u8>>,
+}
+
+/// What [`StreamReader::claim`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// Where the next claim scan starts (`0-0`: the scan went round).
+    pub next_cursor: String,
+    pub entries: Vec<StreamEntry>,
+}
+
+/// The gateway's store (see the module docs).
+pub enum Store {
+    Redis(Box<RedisStore>),
+    Embedded(Arc<EmbeddedStore>),
+}
+
+impl Store {
+    /// The backend the configuration names (Redis is connected lazily, at the first operation).
+    pub fn open(config: &GatewayConfig) -> StoreResult<Store> {
+        Ok(match config.store {
+            StoreBackend::Redis => Store::Redis(Box::new(RedisStore {
+                handle: RedisHandle::new(&config.redis.url)?,
+                stream: config.redis.stream.clone(),
+                group: config.redis.group.clone(),
+            })),
+            StoreBackend::Embedded => Store::Embedded(Arc::new(EmbeddedStore::new())),
+        })
+    }
+
+    /// False for the embedded backend (a crash loses what it holds).
+    pub fn is_durable(&self) -> bool {
+        matches!(self, Store::Redis(_))
+    }
+
+    /// Readiness: Redis answers PING (the embedded store always does).
+    pub async fn ping(&self) -> StoreResult<()> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.ping().await).await,
+            Store::Embedded(_) => Ok(()),
+        }
+    }
+
+    // ----- clicks -----
+
+    /// Adds click totals: per key the player's counter total, its leaderboard score and its
+    /// unsettled points, and per (tenant, counter) the counter total. Large batches are split
+    /// into parts of at most [`CLICK_FLUSH_COMMANDS_MAX`] commands; each part applies whole or
+    /// not at all.
+    pub async fn add_clicks(&self, clicks: &[(ClickKey, u64)]) -> StoreResult<()> {
+        for part in clicks.chunks(CLICK_FLUSH_COMMANDS_MAX / 4) {
+            match self {
+                Store::Redis(redis) => redis.checked(redis.add_clicks(part).await).await?,
+                Store::Embedded(embedded) => embedded.add_clicks(part)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The total of a counter over all players.
+    pub async fn counter_total(&self, tenant: TenantId, counter: &str) -> StoreResult<u64> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.counter_total(tenant, counter).await).await,
+            Store::Embedded(embedded) => Ok(embedded.counter_total(tenant, counter)),
+        }
+    }
+
+    /// One player's total of a counter.
+    pub async fn player_total(
+        &self,
+        tenant: TenantId,
+        counter: &str,
+        player: &PublicKey,
+    ) -> StoreResult<u64> {
+        match self {
+            Store::Redis(redis) => {
+                redis
+                    .checked(redis.player_total(tenant, counter, player).await)
+                    .await
+            }
+            Store::Embedded(embedded) => Ok(embedded.player_total(tenant, counter, player)),
+        }
+    }
+
+    /// Every counter total of one player, by counter name (zero totals left out; at most
+    /// [`COUNTERS_PER_TENANT_MAX`] counters, the first by name).
+    pub async fn player_totals(
+        &self,
+        tenant: TenantId,
+        player: &PublicKey,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.player_totals(tenant, player).await).await,
+            Store::Embedded(embedded) => Ok(embedded.player_totals(tenant, player)),
+        }
+    }
+
+    /// The top `limit` (1 or more) players of a counter, highest first; equal scores in
+    /// descending order of the player's hex (Redis's ZREVRANGE order).
+    pub async fn leaderboard(
+        &self,
+        tenant: TenantId,
+        counter: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<(PublicKey, u64)>> {
+        let limit = limit.max(1);
+        match self {
+            Store::Redis(redis) => {
+                redis
+                    .checked(redis.leaderboard(tenant, counter, limit).await)
+                    .await
+            }
+            Store::Embedded(embedded) => Ok(embedded.leaderboard(tenant, counter, limit)),
+        }
+    }
+
+    /// Points not yet settled on a counter, per player hex (for operators and tests).
+    pub async fn unsettled(&self, tenant: TenantId, counter: &str) -> StoreResult<HashMap<String, u64>> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.unsettled(tenant, counter).await).await,
+            Store::Embedded(embedded) => Ok(embedded.unsettled(tenant, counter)),
+        }
+    }
+
+    // ----- settlement windows (see `settlement`: cut, plan, advance) -----
+
+    /// The tenant's current settlement window (1 before the first).
+    pub async fn settle_window(&self, tenant: TenantId) -> StoreResult<u64> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.settle_window(tenant).await).await,
+            Store::Embedded(embedded) => Ok(embedded.settle_window(tenant)),
+        }
+    }
+
+    /// Sets the current window (an operator redoing a window: always safe, a window's plan is
+    /// kept and its event ids are fixed).
+    pub async fn set_settle_window(&self, tenant: TenantId, window: u64) -> StoreResult<()> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.set_settle_window(tenant, window).await).await,
+            Store::Embedded(embedded) => {
+                embedded.set_settle_window(tenant, window);
+                Ok(())
+            }
+        }
+    }
+
+    /// Cut: the first time only for this window, moves each counter's unsettled points into the
+    /// window's snapshot (replacing it). True if this call cut.
+    pub async fn settle_cut(&self, tenant: TenantId, window: u64, counters: &[&str]) -> StoreResult<bool> {
+        match self {
+            Store::Redis(redis) => {
+                redis
+                    .checked(redis.settle_cut(tenant, window, counters).await)
+                    .await
+            }
+            Store::Embedded(embedded) => Ok(embedded.settle_cut(tenant, window, counters)),
+        }
+    }
+
+    /// A window's snapshot of one counter, per player hex.
+    pub async fn settle_snapshot(
+        &self,
+        tenant: TenantId,
+        window: u64,
+        counter: &str,
+    ) -> StoreResult<Vec<(String, u64)>> {
+        match self {
+            Store::Redis(redis) => {
+                redis
+                    .checked(redis.settle_snapshot(tenant, window, counter).await)
+                    .await
+            }
+            Store::Embedded(embedded) => Ok(embedded.settle_snapshot(tenant, window, counter)),
+        }
+    }
+
+    /// A window's stored plan, if any.
+    pub async fn settle_plan(&self, tenant: TenantId, window: u64) -> StoreResult<Option<Vec<u8>>> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.settle_plan(tenant, window).await).await,
+            Store::Embedded(embedded) => Ok(embedded.settle_plan(tenant, window)),
+        }
+    }
+
+    /// Stores `plan` as the window's plan unless one is stored; only if it was stored, adds the
+    /// carries `(counter, player hex, points)` back to unsettled (atomically with storing).
+    /// Returns the window's plan (this one or the earlier one).
+    pub async fn settle_store_plan(
+        &self,
+        tenant: TenantId,
+        window: u64,
+        plan: &[u8],
+        carries: &[(String, String, u64)],
+    ) -> StoreResult<Vec<u8>> {
+        match self {
+            Store::Redis(redis) => {
+                redis
+                    .checked(redis.settle_store_plan(tenant, window, plan, carries).await)
+                    .await
+            }
+            Store::Embedded(embedded) => Ok(embedded.settle_store_plan(tenant, window, plan, carries)),
+        }
+    }
+
+    /// Advance: the current window becomes `window + 1` if it is `window` (compare-and-set).
+    /// True if this call advanced it; then the window's snapshot is dropped and its plan and cut
+    /// flag age out.
+    pub async fn settle_advance(
+        &self,
+        tenant: TenantId,
+        window: u64,
+        counters: &[&str],
+    ) -> StoreResult<bool> {
+        match self {
+            Store::Redis(redis) => {
+                redis
+                    .checked(redis.settle_advance(tenant, window, counters).await)
+                    .await
+            }
+            Store::Embedded(embedded) => Ok(embedded.settle_advance(tenant, window)),
+        }
+    }
+
+    // ----- the accepted-event stream -----
+
+    /// Creates the consumer group (from the stream's start, so nothing written before is missed).
+    pub async fn ensure_group(&self) -> StoreResult<()> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.ensure_group().await).await,
+            Store::Embedded(_) => Ok(()),
+        }
+    }
+
+    /// Appends one entry per transaction (MessagePack bytes); their ids, in order. All or
+    /// nothing from the caller's view: on an error none counts as durable.
+    pub async fn append(&self, transactions: &[&[u8]]) -> StoreResult<Vec<String>> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.append(transactions).await).await,
+            Store::Embedded(embedded) => embedded.append(transactions),
+        }
+    }
+
+    /// Acknowledges entries for the group and deletes them from the stream.
+    pub async fn ack(&self, ids: &[String]) -> StoreResult<()> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.ack(ids).await).await,
+            Store::Embedded(embedded) => embedded.ack(ids),
+        }
+    }
+
+    /// A reader of the stream for one consumer (Redis: its own connection, for blocking reads).
+    pub async fn reader(&self) -> StoreResult<StreamReader> {
+        match self {
+            Store::Redis(redis) => {
+                let connection = redis.handle.dedicated().await?;
+                Ok(StreamReader::Redis {
+                    connection,
+                    stream: redis.stream.clone(),
+                    group: redis.group.clone(),
+                })
+            }
+            Store::Embedded(embedded) => Ok(StreamReader::Embedded(embedded.clone())),
+        }
+    }
+}
+
+/// Reads the stream through the consumer group. After an error, get a new one.
+pub enum StreamReader {
+    Redis {
+        connection: MultiplexedConnection,
+        stream: String,
+        group: String,
+    },
+    Embedded(Arc<EmbeddedStore>),
+}
+
+impl StreamReader {
+    /// XAUTOCLAIM: from `cursor` on, takes over for `consumer` up to `count` pending entries
+    /// idle for at least `min_idle_ms` (a dead gateway's, or ones the chain lost).
+    pub async fn claim(
+        &mut self,
+        consumer: &str,
+        min_idle_ms: u64,
+        cursor: &str,
+        count: usize,
+    ) -> StoreResult<Claimed> {
+        match self {
+            StreamReader::Redis {
+                connection,
+                stream,
+                group,
+            } => {
+                let reply: StreamAutoClaimReply = connection
+                    .xautoclaim_options(
+                        stream.as_str(),
+                        group.as_str(),
+                        consumer,
+                        min_idle_ms,
+                        cursor,
+                        StreamAutoClaimOptions::default().count(count),
+                    )
+                    .await?;
+                Ok(Claimed {
+                    next_cursor: reply.next_stream_id,
+                    entries: reply.claimed.into_iter().map(entry_of).collect(),
+                })
+            }
+            StreamReader::Embedded(embedded) => embedded.claim(consumer, min_idle_ms, cursor, count),
+        }
+    }
+
+    /// XREADGROUP `>`: up to `count` entries never delivered to the group, now pending for
+    /// `consumer`; waits up to `block_ms` for one (0: until one comes). Cancel-safe.
+    pub async fn read(
+        &mut self,
+        consumer: &str,
+        count: usize,
+        block_ms: u64,
+    ) -> StoreResult<Vec<StreamEntry>> {
+        match self {
+            StreamReader::Redis {
+                connection,
+                stream,
+                group,
+            } => {
+                let options = StreamReadOptions::default()
+                    .group(group.as_str(), consumer)
+                    .count(count)
+                    .block(block_ms as usize);
+                let reply: Option<StreamReadReply> = connection
+                    .xread_options(&[stream.as_str()], &[">"], &options)
+                    .await?;
+                Ok(reply
+                    .into_iter()
+                    .flat_map(|r| r.keys)
+                    .flat_map(|k| k.ids)
+                    .map(entry_of)
+                    .collect())
+            }
+            StreamReader::Embedded(embedded) => Ok(embedded.read(consumer, count, block_ms).await),
+        }
+    }
+}
+
+fn entry_of(entry: redis::streams::StreamId) -> StreamEntry {
+    StreamEntry {
+        tx: entry.get(FIELD_TX),
+        id: entry.id,
+    }
+}
+
+// ----- the Redis backend -----
 
 /// A Redis connection that is re-established after a failure.
 pub struct RedisHandle {
@@ -47,6 +449,269 @@ impl RedisHandle {
     }
 }
 
+/// The Redis backend: the handle and the stream's names.
+pub struct RedisStore {
+    pub handle: RedisHandle,
+    stream: String,
+    group: String,
+}
+
+const CUT_SCRIPT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 2, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 1]) end
+end
+redis.call('SET', KEYS[1], '1')
+return 1
+";
+
+const PLAN_SCRIPT: &str = r"
+if redis.call('SETNX', KEYS[1], ARGV[1]) == 0 then return 0 end
+for i = 2, #KEYS do
+  redis.call('HINCRBY', KEYS[i], ARGV[2 * i - 2], ARGV[2 * i - 1])
+end
+return 1
+";
+
+const ADVANCE_SCRIPT: &str = r"
+local w = redis.call('GET', KEYS[1])
+if (w == false and ARGV[1] == '1') or w == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// How long a settled window's plan and cut flag stay in Redis.
+const SETTLED_WINDOW_TTL_SECONDS: i64 = 86_400;
+
+impl RedisStore {
+    /// Forgets a broken connection so that the next operation reconnects.
+    async fn checked<T>(&self, result: redis::RedisResult<T>) -> StoreResult<T> {
+        if let Err(error) = &result {
+            self.handle.reset_if_broken(error).await;
+        }
+        Ok(result?)
+    }
+
+    async fn ping(&self) -> redis::RedisResult<()> {
+        let mut connection = self.handle.get().await?;
+        redis::cmd("PING").query_async::<String>(&mut connection).await?;
+        Ok(())
+    }
+
+    async fn add_clicks(&self, part: &[(ClickKey, u64)]) -> redis::RedisResult<()> {
+        let mut connection = self.handle.get().await?;
+        let mut totals: HashMap<(TenantId, &str), u64> = HashMap::new();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for ((tenant, counter, player), count) in part {
+            let player = player.to_hex();
+            pipe.hincr(counter_key(*tenant, counter), &player, *count)
+                .ignore();
+            pipe.zincr(leaderboard_key(*tenant, counter), &player, *count)
+                .ignore();
+            pipe.hincr(unsettled_key(*tenant, counter), &player, *count)
+                .ignore();
+            *totals.entry((*tenant, counter)).or_insert(0) += count;
+        }
+        for ((tenant, counter), sum) in totals {
+            pipe.hincr(totals_key(tenant), counter, sum).ignore();
+        }
+        pipe.query_async::<()>(&mut connection).await
+    }
+
+    async fn counter_total(&self, tenant: TenantId, counter: &str) -> redis::RedisResult<u64> {
+        let mut connection = self.handle.get().await?;
+        let total: Option<u64> = connection.hget(totals_key(tenant), counter).await?;
+        Ok(total.unwrap_or(0))
+    }
+
+    async fn player_total(
+        &self,
+        tenant: TenantId,
+        counter: &str,
+        player: &PublicKey,
+    ) -> redis::RedisResult<u64> {
+        let mut connection = self.handle.get().await?;
+        let total: Option<u64> = connection
+            .hget(counter_key(tenant, counter), player.to_hex())
+            .await?;
+        Ok(total.unwrap_or(0))
+    }
+
+    async fn player_totals(
+        &self,
+        tenant: TenantId,
+        player: &PublicKey,
+    ) -> redis::RedisResult<Vec<(String, u64)>> {
+        let mut connection = self.handle.get().await?;
+        let mut counters: Vec<String> = connection.hkeys(totals_key(tenant)).await?;
+        counters.sort();
+        counters.truncate(COUNTERS_PER_TENANT_MAX);
+        let mut pipe = redis::pipe();
+        for counter in &counters {
+            pipe.hget(counter_key(tenant, counter), player.to_hex());
+        }
+        let values: Vec<Option<u64>> = pipe.query_async(&mut connection).await?;
+        Ok(counters
+            .into_iter()
+            .zip(values)
+            .filter_map(|(counter, value)| value.filter(|v| *v > 0).map(|v| (counter, v)))
+            .collect())
+    }
+
+    async fn leaderboard(
+        &self,
+        tenant: TenantId,
+        counter: &str,
+        limit: usize,
+    ) -> redis::RedisResult<Vec<(PublicKey, u64)>> {
+        let mut connection = self.handle.get().await?;
+        let entries: Vec<(String, f64)> = connection
+            .zrevrange_withscores(leaderboard_key(tenant, counter), 0, limit as isize - 1)
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(player, score)| PublicKey::from_hex(&player).ok().map(|p| (p, score as u64)))
+            .collect())
+    }
+
+    async fn unsettled(&self, tenant: TenantId, counter: &str) -> redis::RedisResult<HashMap<String, u64>> {
+        let mut connection = self.handle.get().await?;
+        connection.hgetall(unsettled_key(tenant, counter)).await
+    }
+
+    async fn settle_window(&self, tenant: TenantId) -> redis::RedisResult<u64> {
+        let mut connection = self.handle.get().await?;
+        let window: Option<u64> = connection.get(settle_window_key(tenant)).await?;
+        Ok(window.unwrap_or(1))
+    }
+
+    async fn set_settle_window(&self, tenant: TenantId, window: u64) -> redis::RedisResult<()> {
+        let mut connection = self.handle.get().await?;
+        connection.set(settle_window_key(tenant), window).await
+    }
+
+    async fn settle_cut(&self, tenant: TenantId, window: u64, counters: &[&str]) -> redis::RedisResult<bool> {
+        let mut connection = self.handle.get().await?;
+        let prefix = settle_prefix(tenant, window);
+        let script = redis::Script::new(CUT_SCRIPT);
+        let mut cut = script.prepare_invoke();
+        cut.key(format!("{prefix}:cut"));
+        for counter in counters {
+            cut.key(unsettled_key(tenant, counter))
+                .key(snapshot_key(&prefix, counter));
+        }
+        Ok(cut.invoke_async::<i64>(&mut connection).await? == 1)
+    }
+
+    async fn settle_snapshot(
+        &self,
+        tenant: TenantId,
+        window: u64,
+        counter: &str,
+    ) -> redis::RedisResult<Vec<(String, u64)>> {
+        let mut connection = self.handle.get().await?;
+        redis::cmd("HGETALL")
+            .arg(snapshot_key(&settle_prefix(tenant, window), counter))
+            .query_async(&mut connection)
+            .await
+    }
+
+    async fn settle_plan(&self, tenant: TenantId, window: u64) -> redis::RedisResult<Option<Vec<u8>>> {
+        let mut connection = self.handle.get().await?;
+        redis::cmd("GET")
+            .arg(plan_key(&settle_prefix(tenant, window)))
+            .query_async(&mut connection)
+            .await
+    }
+
+    async fn settle_store_plan(
+        &self,
+        tenant: TenantId,
+        window: u64,
+        plan: &[u8],
+        carries: &[(String, String, u64)],
+    ) -> redis::RedisResult<Vec<u8>> {
+        let mut connection = self.handle.get().await?;
+        let plan_key = plan_key(&settle_prefix(tenant, window));
+        let script = redis::Script::new(PLAN_SCRIPT);
+        let mut invocation = script.prepare_invoke();
+        invocation.key(&plan_key).arg(plan);
+        for (counter, player, points) in carries {
+            invocation
+                .key(unsettled_key(tenant, counter))
+                .arg(player)
+                .arg(*points);
+        }
+        invocation.invoke_async::<i64>(&mut connection).await?;
+        redis::cmd("GET")
+            .arg(&plan_key)
+            .query_async::<Vec<u8>>(&mut connection)
+            .await
+    }
+
+    async fn settle_advance(
+        &self,
+        tenant: TenantId,
+        window: u64,
+        counters: &[&str],
+    ) -> redis::RedisResult<bool> {
+        let mut connection = self.handle.get().await?;
+        let advanced: i64 = redis::Script::new(ADVANCE_SCRIPT)
+            .key(settle_window_key(tenant))
+            .arg(window)
+            .arg(window + 1)
+            .invoke_async(&mut connection)
+            .await?;
+        if advanced != 1 {
+            return Ok(false);
+        }
+        let prefix = settle_prefix(tenant, window);
+        let mut pipe = redis::pipe();
+        for counter in counters {
+            pipe.del(snapshot_key(&prefix, counter)).ignore();
+        }
+        pipe.expire(plan_key(&prefix), SETTLED_WINDOW_TTL_SECONDS)
+            .ignore();
+        pipe.expire(format!("{prefix}:cut"), SETTLED_WINDOW_TTL_SECONDS)
+            .ignore();
+        pipe.query_async::<()>(&mut connection).await?;
+        Ok(true)
+    }
+
+    async fn ensure_group(&self) -> redis::RedisResult<()> {
+        let mut connection = self.handle.get().await?;
+        let created: redis::RedisResult<()> = connection
+            .xgroup_create_mkstream(&self.stream, &self.group, "0")
+            .await;
+        match created {
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn append(&self, transactions: &[&[u8]]) -> redis::RedisResult<Vec<String>> {
+        let mut connection = self.handle.get().await?;
+        let mut pipe = redis::pipe();
+        for bytes in transactions {
+            pipe.xadd(&self.stream, "*", &[(FIELD_TX, *bytes)]);
+        }
+        pipe.query_async(&mut connection).await
+    }
+
+    async fn ack(&self, ids: &[String]) -> redis::RedisResult<()> {
+        let mut connection = self.handle.get().await?;
+        let mut pipe = redis::pipe();
+        pipe.xack(&self.stream, &self.group, ids).ignore();
+        pipe.xdel(&self.stream, ids).ignore();
+        pipe.query_async(&mut connection).await
+    }
+}
+
+// ----- the Redis key layout -----
+
 /// Per-player totals of one counter: hash, field = player hex.
 pub fn counter_key(tenant: TenantId, counter: &str) -> String {
     format!("hoard:{{{}}}:c:{counter}", tenant.0)
@@ -72,7 +737,17 @@ pub fn settle_window_key(tenant: TenantId) -> String {
     format!("hoard:{{{}}}:settle:window", tenant.0)
 }
 
-/// Key prefix of one settlement window's snapshot and plan.
+/// Key prefix of one settlement window's snapshot, plan and cut flag.
 pub fn settle_prefix(tenant: TenantId, window: u64) -> String {
     format!("hoard:{{{}}}:settle:{window}", tenant.0)
+}
+
+/// A window's snapshot of one counter: hash, field = player hex.
+fn snapshot_key(prefix: &str, counter: &str) -> String {
+    format!("{prefix}:c:{counter}")
+}
+
+/// A window's plan: the MessagePack of its signed transactions.
+fn plan_key(prefix: &str) -> String {
+    format!("{prefix}:plan")
 }

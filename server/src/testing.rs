@@ -1,7 +1,8 @@
 //! The shared test harness (public so that the SDK's and the load generator's tests reuse it
 //! instead of writing it again): a real `redis-server` on a free loopback port in a temporary
 //! directory, a gateway on free ports with an in-process chain and test tenants, and a raw
-//! WebSocket client speaking the wire protocol.
+//! WebSocket client speaking the wire protocol. A gateway starts on a [`RedisServer`] or on a
+//! [`TestStore`] (Redis or the embedded store: scenarios that must hold on both take one).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -32,7 +33,8 @@ use hoard_types::wire::{self, ClientMessage, ServerMessage, SessionToken};
 use hoard_types::{Keypair, TenantId};
 
 use crate::chain::{Chain, LocalChain};
-use crate::config::{ConversionRule, GatewayConfig, TenantConfig};
+use crate::config::{ConversionRule, GatewayConfig, StoreBackend, TenantConfig};
+use crate::store::Store;
 use crate::Gateway;
 
 /// Path of the Redis binary the tests run.
@@ -123,6 +125,52 @@ impl Drop for RedisServer {
     }
 }
 
+/// The store a test gateway uses: a real redis-server, or the embedded store (a fresh one per
+/// gateway, inside it).
+pub enum TestStore {
+    Redis(RedisServer),
+    Embedded,
+}
+
+impl TestStore {
+    pub fn redis() -> TestStore {
+        TestStore::Redis(RedisServer::start())
+    }
+
+    pub fn embedded() -> TestStore {
+        TestStore::Embedded
+    }
+
+    /// The redis-server, for assertions on what the gateway wrote (None: embedded).
+    pub fn redis_server(&self) -> Option<&RedisServer> {
+        match self {
+            TestStore::Redis(redis) => Some(redis),
+            TestStore::Embedded => None,
+        }
+    }
+}
+
+/// Points a gateway configuration at a store.
+pub trait StoreUnderTest {
+    fn configure(&self, config: &mut GatewayConfig);
+}
+
+impl StoreUnderTest for RedisServer {
+    fn configure(&self, config: &mut GatewayConfig) {
+        config.store = StoreBackend::Redis;
+        config.redis.url = self.url();
+    }
+}
+
+impl StoreUnderTest for TestStore {
+    fn configure(&self, config: &mut GatewayConfig) {
+        match self {
+            TestStore::Redis(redis) => redis.configure(config),
+            TestStore::Embedded => config.store = StoreBackend::Embedded,
+        }
+    }
+}
+
 /// A gateway on free loopback ports over an in-process chain, with two test tenants (ids 1 and
 /// 2, keys from `hoard_ledger::testing::World`), each with the rule "100 `gold` → 1 GOLD" and
 /// the studio key configured.
@@ -133,15 +181,15 @@ pub struct TestGateway {
     pub config: GatewayConfig,
 }
 
-/// The test configuration for `redis`: free ports, fast flushes, fast reclaim.
-pub fn test_config(redis: &RedisServer, world: &World) -> GatewayConfig {
+/// The test configuration for `redis` (or another store): free ports, fast flushes, fast reclaim.
+pub fn test_config(redis: &impl StoreUnderTest, world: &World) -> GatewayConfig {
     let mut config = GatewayConfig {
         listen: "127.0.0.1:0".parse().expect("literal"),
         http_listen: "127.0.0.1:0".parse().expect("literal"),
         drain_timeout_ms: 2_000,
         ..GatewayConfig::default()
     };
-    config.redis.url = redis.url();
+    redis.configure(&mut config);
     config.clicks.flush_interval_ms = 10;
     config.events.claim_idle_ms = 1_000;
     config.tenants = world
@@ -163,7 +211,7 @@ pub fn test_config(redis: &RedisServer, world: &World) -> GatewayConfig {
 
 impl TestGateway {
     /// Starts a gateway with [`test_config`], adjusted by `tweak`.
-    pub async fn start(redis: &RedisServer, tweak: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
+    pub async fn start(redis: &impl StoreUnderTest, tweak: impl FnOnce(&mut GatewayConfig)) -> TestGateway {
         let world = World::new(2);
         let chain = LocalChain::new(&world.genesis());
         let mut config = test_config(redis, &world);
@@ -192,6 +240,11 @@ impl TestGateway {
 
     pub fn url(&self) -> String {
         self.gateway().ws_url()
+    }
+
+    /// The gateway's store.
+    pub fn store(&self) -> &Store {
+        &self.gateway().shared().store
     }
 
     pub fn studio(&self, tenant: TenantId) -> &Keypair {

@@ -1,4 +1,5 @@
-//! Clicks into a real Redis, reads back, strict acknowledgement, and settlement exactly once.
+//! Clicks into a real Redis (and the embedded store), reads back, strict acknowledgement, and
+//! settlement exactly once.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use hoard_ledger::testing::key;
 use hoard_server::store;
-use hoard_server::testing::{RedisServer, TestGateway};
+use hoard_server::testing::{RedisServer, TestGateway, TestStore};
 use hoard_types::wire::{Click, ClientMessage, ErrorCode, ServerMessage};
 use hoard_types::{Custody, Outcome};
 use redis::Commands;
@@ -26,8 +27,16 @@ async fn click(client: &mut hoard_server::testing::WsClient, seq: u64, clicks: V
 
 #[tokio::test]
 async fn clicks_are_counted_in_redis_and_settled_exactly_once() {
-    let redis = RedisServer::start();
-    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    clicks_are_counted_and_settled_exactly_once(TestStore::redis()).await;
+}
+
+#[tokio::test]
+async fn clicks_are_counted_in_the_embedded_store_and_settled_exactly_once() {
+    clicks_are_counted_and_settled_exactly_once(TestStore::embedded()).await;
+}
+
+async fn clicks_are_counted_and_settled_exactly_once(store: TestStore) {
+    let mut gw = TestGateway::start(&store, |_| {}).await;
     let (alice, bob, carol) = (key("alice", 0), key("bob", 0), key("carol", 0));
     let mut studio1 = studio(&gw, T1).await;
     let gold = |p: &hoard_types::Keypair, n| Click(p.public(), "gold".into(), n);
@@ -65,11 +74,20 @@ async fn clicks_are_counted_in_redis_and_settled_exactly_once() {
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let mut connection = redis.connection();
-    let alice_total: u64 = connection
-        .hget(store::counter_key(T1, "gold"), alice.public().to_hex())
-        .unwrap();
-    assert_eq!(alice_total, 250);
+    if let Some(redis) = store.redis_server() {
+        let alice_total: u64 = redis
+            .connection()
+            .hget(store::counter_key(T1, "gold"), alice.public().to_hex())
+            .unwrap();
+        assert_eq!(alice_total, 250);
+    }
+    assert_eq!(
+        gw.store()
+            .player_total(T1, "gold", &alice.public())
+            .await
+            .unwrap(),
+        250
+    );
     let total = request(&mut studio1, |request_id| ClientMessage::Counter {
         request_id,
         counter: "gold".into(),
@@ -152,8 +170,7 @@ async fn clicks_are_counted_in_redis_and_settled_exactly_once() {
     wait_event(&gw, event_ids[0]).await;
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2);
     assert_eq!(balance(&mut studio1, carol.public(), "GOLD").await, 1);
-    let unsettled: std::collections::HashMap<String, u64> =
-        connection.hgetall(store::unsettled_key(T1, "gold")).unwrap();
+    let unsettled = gw.store().unsettled(T1, "gold").await.unwrap();
     assert_eq!(unsettled.get(&alice.public().to_hex()), Some(&50));
     assert_eq!(unsettled.get(&carol.public().to_hex()), Some(&30));
     assert_eq!(unsettled.get(&bob.public().to_hex()), Some(&45));
@@ -173,7 +190,7 @@ async fn clicks_are_counted_in_redis_and_settled_exactly_once() {
     );
 
     // Settling window 1 again (a crash before the window advanced) changes nothing.
-    let _: () = connection.set(store::settle_window_key(T1), 1).unwrap();
+    gw.store().set_settle_window(T1, 1).await.unwrap();
     let again = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
     let ServerMessage::Settlement {
         window: 1,
@@ -194,7 +211,7 @@ async fn clicks_are_counted_in_redis_and_settled_exactly_once() {
         ServerMessage::ClicksAck { up_to: 20 }
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let _: () = connection.set(store::settle_window_key(T1), 3).unwrap();
+    gw.store().set_settle_window(T1, 3).await.unwrap();
     let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
     let ServerMessage::Settlement {
         event_ids,

@@ -10,14 +10,22 @@ use std::time::Duration;
 
 use common::*;
 use hoard_ledger::testing::key;
-use hoard_server::testing::{RedisServer, TestGateway, WsClient};
+use hoard_server::testing::{RedisServer, TestGateway, TestStore, WsClient};
 use hoard_types::wire::{ClientMessage, ErrorCode, EventState, ServerMessage};
 use hoard_types::{Custody, Outcome, TxBody};
 
 #[tokio::test]
 async fn events_commit_once_reads_follow_and_players_are_confined() {
-    let redis = RedisServer::start();
-    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    events_commit_once_reads_follow_and_players_are_confined_on(TestStore::redis()).await;
+}
+
+#[tokio::test]
+async fn events_commit_once_through_the_embedded_store() {
+    events_commit_once_reads_follow_and_players_are_confined_on(TestStore::embedded()).await;
+}
+
+async fn events_commit_once_reads_follow_and_players_are_confined_on(store: TestStore) {
+    let mut gw = TestGateway::start(&store, |_| {}).await;
     let alice = key("alice", 0);
     let bob = key("bob", 0);
     let mut studio1 = studio(&gw, T1).await;
