@@ -5,7 +5,9 @@
 //!   same sequence number and reply (at least one of them is honest). When no such quorum
 //!   arrives within the retransmission timeout, it sends the request to every replica (backups
 //!   forward it to the primary and start their view-change timers), doubling the timeout each
-//!   time up to a cap.
+//!   time up to a cap. The first timeout follows the commit latency this client observes
+//!   ([`RETRANSMIT_LATENCY_FACTOR`] times its moving average, between [`RETRANSMIT_AFTER_MIN`]
+//!   and [`RETRANSMIT_AFTER`]), so a dead primary is noticed in a few commit times, not seconds.
 //! - [`ChainClient::blocks`] streams committed blocks in height order from a given height; a
 //!   block is delivered once f+1 replicas sent the same bytes for its height.
 //!
@@ -38,8 +40,14 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 1024;
 pub const BLOCKS_AHEAD_MAX: u64 = 4096;
 /// Committed blocks waiting for the consumer.
 pub const BLOCK_QUEUE_MAX: usize = 1024;
-/// First retransmission timeout.
+/// First retransmission timeout before any commit was observed, and its upper bound.
 pub const RETRANSMIT_AFTER: Duration = Duration::from_millis(1_000);
+/// Lower bound of the first retransmission timeout.
+pub const RETRANSMIT_AFTER_MIN: Duration = Duration::from_millis(200);
+/// The first retransmission timeout is this many times the moving average of commit latency.
+pub const RETRANSMIT_LATENCY_FACTOR: u32 = 4;
+/// How often pending requests are checked for retransmission.
+pub const RETRANSMIT_TICK: Duration = Duration::from_millis(25);
 /// Largest retransmission timeout.
 pub const RETRANSMIT_AFTER_MAX: Duration = Duration::from_secs(8);
 
@@ -73,6 +81,7 @@ struct Pending {
     payload: Arc<Vec<u8>>,
     replies: HashMap<ReplicaId, (u64, Vec<u8>)>,
     waiter: Option<oneshot::Sender<(u64, Vec<u8>)>>,
+    sent_at: Instant,
     next_retransmit: Instant,
     timeout: Duration,
 }
@@ -91,6 +100,8 @@ struct Shared {
     pending: Mutex<HashMap<Hash, Pending>>,
     blocks: Mutex<BlockTally>,
     primary: Mutex<ReplicaId>,
+    /// Moving average of the commit latency, microseconds (0: nothing observed yet).
+    latency_average_us: std::sync::atomic::AtomicU64,
     queues: Vec<mpsc::Sender<Bytes>>,
     in_flight: Arc<Semaphore>,
 }
@@ -124,6 +135,7 @@ impl ChainClient {
                 sink: None,
             }),
             primary: Mutex::new(0),
+            latency_average_us: std::sync::atomic::AtomicU64::new(0),
             queues,
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
         });
@@ -158,6 +170,8 @@ impl ChainClient {
         let digest = request.digest();
         let (tx, rx) = oneshot::channel();
         {
+            let timeout = self.shared.first_retransmit();
+            let now = Instant::now();
             let mut pending = self.shared.pending.lock().expect("pending lock");
             pending.insert(
                 digest,
@@ -165,8 +179,9 @@ impl ChainClient {
                     payload: payload.clone(),
                     replies: HashMap::new(),
                     waiter: Some(tx),
-                    next_retransmit: Instant::now() + RETRANSMIT_AFTER,
-                    timeout: RETRANSMIT_AFTER,
+                    sent_at: now,
+                    next_retransmit: now + timeout,
+                    timeout,
                 },
             );
         }
@@ -208,6 +223,31 @@ impl ChainClient {
 }
 
 impl Shared {
+    /// The first retransmission timeout: a multiple of the observed commit latency, bounded.
+    fn first_retransmit(&self) -> Duration {
+        let average = self.latency_average_us.load(std::sync::atomic::Ordering::Relaxed);
+        if average == 0 {
+            return RETRANSMIT_AFTER;
+        }
+        (Duration::from_micros(average) * RETRANSMIT_LATENCY_FACTOR)
+            .clamp(RETRANSMIT_AFTER_MIN, RETRANSMIT_AFTER)
+    }
+
+    /// Folds one commit latency into the moving average (weight 1/8).
+    fn observe_latency(&self, latency: Duration) {
+        use std::sync::atomic::Ordering;
+        let sample = (latency.as_micros() as u64).max(1);
+        let _ = self
+            .latency_average_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |average| {
+                Some(if average == 0 {
+                    sample
+                } else {
+                    (average * 7 + sample) / 8
+                })
+            });
+    }
+
     fn send(&self, to: Option<ReplicaId>, frame: Bytes) {
         match to {
             Some(to) => {
@@ -246,6 +286,7 @@ impl Shared {
                     .count();
                 if matching > self.f {
                     if let Some(waiter) = entry.waiter.take() {
+                        self.observe_latency(entry.sent_at.elapsed());
                         let _ = waiter.send((seq, reply));
                     }
                 }
@@ -317,7 +358,7 @@ impl Shared {
 }
 
 async fn retransmitter(shared: std::sync::Weak<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(RETRANSMIT_TICK);
     loop {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else { return };

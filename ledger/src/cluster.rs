@@ -138,6 +138,8 @@ pub struct ConsensusTuning {
     pub window: u64,
     pub batch_size_max: usize,
     pub batch_timeout_ms: u64,
+    /// A backup holding a client request that sees no block executed for this long suspects
+    /// the primary (f+1 suspicions start a view change); doubled after each failed view change.
     pub view_change_timeout_ms: u64,
 }
 
@@ -148,7 +150,7 @@ impl Default for ConsensusTuning {
             window: 256,
             batch_size_max: 4,
             batch_timeout_ms: 2,
-            view_change_timeout_ms: 1_000,
+            view_change_timeout_ms: 400,
         }
     }
 }

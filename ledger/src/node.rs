@@ -90,7 +90,7 @@ pub async fn run(
             },
         )
         .map_err(storage)?;
-    let (replica, recovered) = recover(&config, store.as_mut())?;
+    let (replica, recovered, slot_keys) = recover(&config, store.as_mut())?;
     tracing::info!(
         replica = id,
         height = replica.last_executed(),
@@ -131,6 +131,7 @@ pub async fn run(
         subscribers: HashMap::new(),
         timers: [None; 4],
         status,
+        slot_keys,
     };
     let outputs = driver.replica.start();
     driver.perform(outputs)?;
@@ -187,15 +188,24 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Record keys: one per slot and phase, one per view-change kind, one for the stable checkpoint.
+/// Prefix of the per-slot record keys (then the big-endian seq).
+const SLOT_KEY_PREFIX: &[u8] = b"pbft/slot/";
+
+/// Record keys: one per slot and phase, one per slot and batch digest, one per view-change
+/// kind, one for the stable checkpoint.
 fn record_key(record: &Record) -> Vec<u8> {
     let slot = |seq: u64, phase: u8| {
-        let mut key = b"pbft/slot/".to_vec();
+        let mut key = SLOT_KEY_PREFIX.to_vec();
         key.extend_from_slice(&seq.to_be_bytes());
         key.push(phase);
         key
     };
     match record {
+        Record::Batch { seq, digest, .. } => {
+            let mut key = slot(*seq, 3);
+            key.extend_from_slice(&digest.0);
+            key
+        }
         Record::PrePrepare { seq, .. } => slot(*seq, 0),
         Record::Prepare { seq, .. } => slot(*seq, 1),
         Record::Commit { seq, .. } => slot(*seq, 2),
@@ -249,7 +259,10 @@ fn rebuild_ledger(
 }
 
 /// Rebuilds the replica from the store: snapshot, replayed blocks, consensus records.
-fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<LedgerApp>, bool)> {
+fn recover(
+    config: &NodeConfig,
+    store: &mut dyn Store,
+) -> Result<(Replica<LedgerApp>, bool, std::collections::BTreeSet<Vec<u8>>)> {
     let (ledger, app_blocks) = rebuild_ledger(&config.cluster.genesis, store)?;
     let last = ledger.height();
     let mut app = LedgerApp::new(ledger);
@@ -259,7 +272,11 @@ fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<Ledger
     let mut durable = DurableState::default();
     let records = store.records(b"pbft/").map_err(storage)?;
     let mut decoded: Vec<Record> = Vec::with_capacity(records.len());
+    let mut slot_keys = std::collections::BTreeSet::new();
     for (key, value) in records {
+        if key.starts_with(SLOT_KEY_PREFIX) {
+            slot_keys.insert(key.clone());
+        }
         let record: Record = rmp_serde::from_slice(&value)
             .map_err(|e| LedgerError::Storage(format!("record {}: {e}", String::from_utf8_lossy(&key))))?;
         decoded.push(record);
@@ -283,7 +300,7 @@ fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<(Replica<Ledger
         Replica::new(replica_config, app)
     }
     .map_err(|e| LedgerError::Config(e.to_string()))?;
-    Ok((replica, recovered))
+    Ok((replica, recovered, slot_keys))
 }
 
 /// The consensus configuration for this node.
@@ -312,6 +329,8 @@ struct Driver {
     subscribers: HashMap<u64, Subscriber>,
     timers: [Option<Instant>; 4],
     status: Option<watch::Sender<NodeStatus>>,
+    /// Keys of the slot records on disk (dropped at stable checkpoints without reading them).
+    slot_keys: std::collections::BTreeSet<Vec<u8>>,
 }
 
 fn timer_index(timer: Timer) -> usize {
@@ -493,11 +512,11 @@ impl Driver {
                 self.store.put_snapshot(seq, snapshot).map_err(storage)?;
             }
             // Slots at or below a stable checkpoint are garbage.
-            for (old, _) in self.store.records(b"pbft/slot/").map_err(storage)? {
-                let old_seq = u64::from_be_bytes(old[10..18].try_into().expect("slot keys hold a seq"));
-                if old_seq <= seq {
-                    self.store.delete_record(&old).map_err(storage)?;
-                }
+            let mut above = SLOT_KEY_PREFIX.to_vec();
+            above.extend_from_slice(&(seq + 1).to_be_bytes());
+            let kept = self.slot_keys.split_off(&above);
+            for old in std::mem::replace(&mut self.slot_keys, kept) {
+                self.store.delete_record(&old).map_err(storage)?;
             }
             // The snapshot lives in the snapshot table; the record keeps the certificate only.
             let light = Record::StableCheckpoint {
@@ -508,6 +527,9 @@ impl Driver {
             return self.store.put_record(&key, &value).map_err(storage);
         }
         let value = rmp_serde::to_vec(&record).expect("records encode");
+        if key.starts_with(SLOT_KEY_PREFIX) {
+            self.slot_keys.insert(key.clone());
+        }
         self.store.put_record(&key, &value).map_err(storage)
     }
 

@@ -53,14 +53,22 @@ impl Batch {
 
     /// SHA-256 over the timestamp and the request digests.
     pub fn digest(&self) -> Hash {
-        let mut parts: Vec<[u8; 32]> = Vec::with_capacity(self.requests.len());
-        for request in &self.requests {
-            parts.push(request.digest().0);
-        }
-        let timestamp = self.timestamp_ms.to_le_bytes();
-        let count = (self.requests.len() as u64).to_le_bytes();
-        let mut slices: Vec<&[u8]> = vec![b"hoard/pbft/batch\0", &timestamp, &count];
-        slices.extend(parts.iter().map(|p| p.as_slice()));
+        Batch::digest_of(self.timestamp_ms, &self.request_digests())
+    }
+
+    /// Each request's digest, in order.
+    pub fn request_digests(&self) -> Vec<Hash> {
+        self.requests.iter().map(Request::digest).collect()
+    }
+
+    /// The digest of a batch with this timestamp and these request digests (what
+    /// [`Batch::digest`] computes, without hashing the payloads again).
+    pub fn digest_of(timestamp_ms: u64, request_digests: &[Hash]) -> Hash {
+        let timestamp = timestamp_ms.to_le_bytes();
+        let count = (request_digests.len() as u64).to_le_bytes();
+        let mut slices: Vec<&[u8]> = Vec::with_capacity(3 + request_digests.len());
+        slices.extend([b"hoard/pbft/batch\0".as_slice(), &timestamp, &count]);
+        slices.extend(request_digests.iter().map(|d| d.0.as_slice()));
         Hash::of_parts(&slices)
     }
 
@@ -91,11 +99,12 @@ pub struct CheckpointCert {
 pub enum Message {
     /// A client request forwarded by a backup to the primary.
     Request(Request),
-    /// The primary assigns `batch` to `seq` in `view`.
+    /// The primary assigns the batch with digest `digest` to `seq` in `view`. Only the digest is
+    /// signed; the batch travels beside the signed bytes ([`SignedMessage::batch`]).
     PrePrepare {
         view: u64,
         seq: u64,
-        batch: Batch,
+        digest: Hash,
     },
     Prepare {
         view: u64,
@@ -262,17 +271,24 @@ impl Message {
             signer,
             payload: Arc::new(payload),
             signature,
+            batch: None,
         }
     }
 }
 
-/// A message as it travels: who signed it, the exact signed bytes, and the signature.
+/// A message as it travels: who signed it, the exact signed bytes, and the signature; a
+/// pre-prepare also carries the batch it names, beside the signed bytes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedMessage {
     pub signer: ReplicaId,
     #[serde(with = "arc_bytes")]
     pub payload: Arc<Vec<u8>>,
     pub signature: Signature,
+    /// A pre-prepare's batch. Not signed: whoever uses it checks that its digest is the signed
+    /// one. `None` on every other message, and on pre-prepares inside durable records (the
+    /// batch is persisted once per slot, [`crate::Record::Batch`]).
+    #[serde(default)]
+    pub batch: Option<Arc<Batch>>,
 }
 
 pub(crate) mod arc_bytes {
@@ -291,6 +307,22 @@ pub(crate) mod arc_bytes {
 }
 
 impl SignedMessage {
+    /// This message with `batch` beside it.
+    pub fn with_batch(mut self, batch: Arc<Batch>) -> SignedMessage {
+        self.batch = Some(batch);
+        self
+    }
+
+    /// This message without the batch beside it (what durable records keep).
+    pub fn without_batch(&self) -> SignedMessage {
+        SignedMessage {
+            signer: self.signer,
+            payload: self.payload.clone(),
+            signature: self.signature,
+            batch: None,
+        }
+    }
+
     /// The bytes for the network.
     pub fn to_bytes(&self) -> Vec<u8> {
         rmp_serde::to_vec(self).expect("a signed message always encodes")

@@ -35,32 +35,70 @@ struct Slot {
     prepares: BTreeMap<ReplicaId, (Hash, SignedMessage)>,
     my_prepare: Option<(Hash, SignedMessage)>,
     my_commit: Option<(Hash, SignedMessage)>,
-    /// Candidate batches by digest (from pre-prepares of any view and catch-up proofs).
-    batches: Vec<(Hash, Arc<Batch>)>,
+    /// Candidate batches (from pre-prepares of any view and catch-up proofs).
+    batches: Vec<SlotBatch>,
     /// Our highest-view prepared certificate (view, digest, cert): carried into view changes.
     prepared: Option<(u64, Hash, PreparedCert)>,
     /// Commit votes by (signer, view).
     commits: BTreeMap<(ReplicaId, u64), (Hash, SignedMessage)>,
-    /// Set once 2f+1 commits of one view agree and the batch is known.
-    committed: Option<(u64, Hash, Arc<Batch>)>,
+    /// Set once 2f+1 commits of one view agree and the batch is known: (view, batch).
+    committed: Option<(u64, SlotBatch)>,
+}
+
+/// A batch with its digest and its requests' digests (hashed once, when it arrives).
+#[derive(Clone, Debug)]
+struct SlotBatch {
+    digest: Hash,
+    batch: Arc<Batch>,
+    request_digests: Arc<Vec<Hash>>,
+    /// A `Record::Batch` for it was output (it is on disk before any record naming it).
+    persisted: bool,
+}
+
+impl SlotBatch {
+    /// Hashes the batch's requests once; the batch digest comes from those digests.
+    fn new(batch: Arc<Batch>) -> SlotBatch {
+        let request_digests = batch.request_digests();
+        SlotBatch {
+            digest: Batch::digest_of(batch.timestamp_ms, &request_digests),
+            batch,
+            request_digests: Arc::new(request_digests),
+            persisted: false,
+        }
+    }
 }
 
 impl Slot {
     fn batch(&self, digest: &Hash) -> Option<Arc<Batch>> {
         self.batches
             .iter()
-            .find(|(d, _)| d == digest)
-            .map(|(_, b)| b.clone())
+            .find(|b| b.digest == *digest)
+            .map(|b| b.batch.clone())
     }
 
-    fn add_batch(&mut self, digest: Hash, batch: Arc<Batch>) {
-        if self.batches.iter().any(|(d, _)| *d == digest) {
+    fn add_batch(&mut self, entry: SlotBatch) {
+        if let Some(existing) = self.batches.iter_mut().find(|b| b.digest == entry.digest) {
+            existing.persisted |= entry.persisted;
             return;
         }
         if self.batches.len() >= BATCHES_PER_SLOT_MAX {
             self.batches.remove(0);
         }
-        self.batches.push((digest, batch));
+        self.batches.push(entry);
+    }
+
+    /// Outputs `Record::Batch` for the batch with `digest` unless it was output already.
+    fn persist_batch(&mut self, seq: u64, digest: Hash, out: &mut Vec<Output>) {
+        if let Some(entry) = self.batches.iter_mut().find(|b| b.digest == digest) {
+            if !entry.persisted {
+                entry.persisted = true;
+                out.push(Output::Persist(Record::Batch {
+                    seq,
+                    digest,
+                    batch: entry.batch.clone(),
+                }));
+            }
+        }
     }
 
     /// Forget what belongs to an older view (prepared certificates and commits stay).
@@ -89,7 +127,7 @@ struct ViewChangeInfo {
     msg: SignedMessage,
     stable: Option<CheckpointCert>,
     /// (seq, view, digest, batch) of each prepared certificate.
-    prepared: Vec<(u64, u64, Hash, Batch)>,
+    prepared: Vec<(u64, u64, Hash, Arc<Batch>)>,
     certs: Vec<PreparedCert>,
 }
 
@@ -111,7 +149,7 @@ impl ViewChangeInfo {
 struct NewViewPlan {
     min_cert: Option<CheckpointCert>,
     max_seq: u64,
-    entries: Vec<(u64, Batch)>,
+    entries: Vec<(u64, Arc<Batch>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -254,12 +292,12 @@ impl<A: App> Replica<A> {
             {
                 if nv_view == view {
                     for pp in pre_prepares {
-                        if let Ok(Message::PrePrepare { seq, batch, .. }) = replica.decode(&pp) {
+                        if let Ok((_, seq, entry)) = replica.parse_pre_prepare(&pp) {
+                            let digest = entry.digest;
                             if seq > replica.low {
-                                let digest = batch.digest();
                                 let slot = replica.slots.entry(seq).or_default();
                                 slot.enter_view(view);
-                                slot.add_batch(digest, Arc::new(batch));
+                                slot.add_batch(entry);
                                 slot.pre_prepare = Some((pp, digest));
                             }
                             replica.next_seq = replica.next_seq.max(seq);
@@ -275,41 +313,49 @@ impl<A: App> Replica<A> {
             }
             let slot = replica.slots.entry(seq).or_default();
             slot.enter_view(view);
+            // The batches first: the pre-prepares in the records below get theirs back.
+            for (_, batch) in durable_slot.batches {
+                slot.add_batch(SlotBatch {
+                    persisted: true,
+                    ..SlotBatch::new(batch)
+                });
+            }
+            let attach = |slot: &Slot, pp: SignedMessage, digest: Hash| -> Option<SignedMessage> {
+                slot.batch(&digest).map(|batch| pp.with_batch(batch))
+            };
             if let Some((pp_view, msg)) = durable_slot.pre_prepare {
                 if pp_view == view {
-                    if let Ok(Message::PrePrepare { batch, .. }) = Message::decode(&msg.payload, usize::MAX) {
-                        let digest = batch.digest();
-                        slot.add_batch(digest, Arc::new(batch));
-                        slot.pre_prepare = Some((msg, digest));
-                        replica.next_seq = replica.next_seq.max(seq);
+                    if let Ok(Message::PrePrepare { digest, .. }) = Message::decode(&msg.payload, usize::MAX)
+                    {
+                        if let Some(msg) = attach(slot, msg, digest) {
+                            slot.pre_prepare = Some((msg, digest));
+                            replica.next_seq = replica.next_seq.max(seq);
+                        }
                     }
                 }
             }
             if let Some((p_view, digest, pp, prepare)) = durable_slot.prepare {
-                if let Ok(Message::PrePrepare { batch, .. }) = Message::decode(&pp.payload, usize::MAX) {
-                    slot.add_batch(digest, Arc::new(batch));
-                }
                 if p_view == view {
-                    slot.pre_prepare = Some((pp, digest));
+                    if let Some(pp) = attach(slot, pp, digest) {
+                        slot.pre_prepare = Some((pp, digest));
+                    }
                     slot.prepares.insert(me, (digest, prepare.clone()));
                     slot.my_prepare = Some((digest, prepare));
                 }
             }
-            if let Some((c_view, digest, cert, commit)) = durable_slot.commit {
-                if let Ok(Message::PrePrepare { batch, .. }) =
-                    Message::decode(&cert.pre_prepare.payload, usize::MAX)
-                {
-                    slot.add_batch(digest, Arc::new(batch));
-                }
-                if c_view == view {
-                    slot.pre_prepare = Some((cert.pre_prepare.clone(), digest));
-                    for prepare in &cert.prepares {
-                        slot.prepares.insert(prepare.signer, (digest, prepare.clone()));
+            if let Some((c_view, digest, mut cert, commit)) = durable_slot.commit {
+                if let Some(pp) = attach(slot, cert.pre_prepare.clone(), digest) {
+                    cert.pre_prepare = pp;
+                    if c_view == view {
+                        slot.pre_prepare = Some((cert.pre_prepare.clone(), digest));
+                        for prepare in &cert.prepares {
+                            slot.prepares.insert(prepare.signer, (digest, prepare.clone()));
+                        }
+                        slot.my_commit = Some((digest, commit.clone()));
                     }
-                    slot.my_commit = Some((digest, commit.clone()));
+                    slot.prepared = Some((c_view, digest, cert));
                 }
                 slot.commits.insert((me, c_view), (digest, commit));
-                slot.prepared = Some((c_view, digest, cert));
             }
         }
         if replica.in_view_change {
@@ -583,6 +629,25 @@ impl<A: App> Replica<A> {
         Ok(())
     }
 
+    /// A pre-prepare's (view, seq) and the batch beside it, checked against the signed digest
+    /// and the batch limits (the signature is not verified here).
+    fn parse_pre_prepare(&self, pp: &SignedMessage) -> Result<(u64, u64, SlotBatch)> {
+        let Message::PrePrepare { view, seq, digest } = self.decode(pp)? else {
+            return Err(Error::Malformed("not a pre-prepare".into()));
+        };
+        let Some(batch) = pp.batch.clone() else {
+            return Err(Error::Malformed("pre-prepare without its batch".into()));
+        };
+        self.check_batch_shape(&batch)?;
+        let entry = SlotBatch::new(batch);
+        if entry.digest != digest {
+            return Err(Error::Malformed(
+                "the batch beside a pre-prepare has another digest".into(),
+            ));
+        }
+        Ok((view, seq, entry))
+    }
+
     // ----------------------------------------------------------------------------------------
     // Requests
 
@@ -694,10 +759,12 @@ impl<A: App> Replica<A> {
                 .collect();
             let checks = self.app.check_requests(&requests);
             let mut valid = Vec::with_capacity(requests.len());
+            let mut valid_digests = Vec::with_capacity(requests.len());
             for ((request, ok), digest) in requests.into_iter().zip(checks).zip(&chosen) {
                 if ok {
                     self.proposed.insert(*digest);
                     valid.push(request);
+                    valid_digests.push(*digest);
                 } else {
                     self.pending.remove(digest);
                     self.stats.requests_dropped_total += 1;
@@ -707,27 +774,31 @@ impl<A: App> Replica<A> {
                 continue;
             }
             self.last_timestamp_ms = self.last_timestamp_ms.max(self.now_ms);
-            let batch = Batch {
+            let batch = Arc::new(Batch {
                 timestamp_ms: self.last_timestamp_ms,
                 requests: valid,
-            };
+            });
             let seq = self.next_seq + 1;
             self.next_seq = seq;
             let view = self.view;
-            let digest = batch.digest();
-            let msg = self.sign(&Message::PrePrepare {
-                view,
-                seq,
-                batch: batch.clone(),
-            });
+            let digest = Batch::digest_of(batch.timestamp_ms, &valid_digests);
+            let msg = self
+                .sign(&Message::PrePrepare { view, seq, digest })
+                .with_batch(batch.clone());
             let slot = self.slots.entry(seq).or_default();
             slot.enter_view(view);
-            slot.add_batch(digest, Arc::new(batch));
+            slot.add_batch(SlotBatch {
+                digest,
+                batch,
+                request_digests: Arc::new(valid_digests),
+                persisted: false,
+            });
+            slot.persist_batch(seq, digest, out);
             slot.pre_prepare = Some((msg.clone(), digest));
             out.push(Output::Persist(Record::PrePrepare {
                 view,
                 seq,
-                msg: msg.clone(),
+                msg: msg.without_batch(),
             }));
             self.broadcast(out, MessageKind::PrePrepare, msg);
             self.check_prepared(seq, out);
@@ -759,7 +830,7 @@ impl<A: App> Replica<A> {
                 self.verifier.verify(&signed)?;
                 self.handle_request(request, false, out)
             }
-            Message::PrePrepare { view, seq, batch } => self.on_pre_prepare(signed, view, seq, batch, out),
+            Message::PrePrepare { view, seq, digest } => self.on_pre_prepare(signed, view, seq, digest, out),
             Message::Prepare { view, seq, digest } => self.on_prepare(signed, view, seq, digest, out),
             Message::Commit { view, seq, digest } => self.on_commit(signed, view, seq, digest, out),
             Message::Checkpoint { seq, digest } => self.on_checkpoint(signed, seq, digest, out),
@@ -809,7 +880,7 @@ impl<A: App> Replica<A> {
         signed: SignedMessage,
         view: u64,
         seq: u64,
-        batch: Batch,
+        digest: Hash,
         out: &mut Vec<Output>,
     ) -> Result<()> {
         // Stale first.
@@ -825,7 +896,6 @@ impl<A: App> Replica<A> {
                 what: "pre-prepare from a backup",
             });
         }
-        let digest = batch.digest();
         if let Some((_, existing)) = self.slots.get(&seq).and_then(|s| {
             if s.view == view {
                 s.pre_prepare.as_ref()
@@ -845,12 +915,14 @@ impl<A: App> Replica<A> {
         }
         // Then verify.
         self.verifier.verify(&signed)?;
-        self.check_batch_shape(&batch)?;
-        let unknown: Vec<Request> = batch
+        let (_, _, entry) = self.parse_pre_prepare(&signed)?;
+        let unknown: Vec<Request> = entry
+            .batch
             .requests
             .iter()
-            .filter(|r| !self.pending.contains_key(&r.digest()))
-            .cloned()
+            .zip(entry.request_digests.iter())
+            .filter(|(_, d)| !self.pending.contains_key(d))
+            .map(|(r, _)| r.clone())
             .collect();
         if !unknown.is_empty() && self.app.check_requests(&unknown).iter().any(|ok| !ok) {
             return Err(Error::Violation {
@@ -861,7 +933,7 @@ impl<A: App> Replica<A> {
         // Then apply.
         let slot = self.slots.entry(seq).or_default();
         slot.enter_view(view);
-        slot.add_batch(digest, Arc::new(batch));
+        slot.add_batch(entry);
         slot.pre_prepare = Some((signed, digest));
         self.send_prepare(seq, out);
         self.check_prepared(seq, out);
@@ -891,11 +963,12 @@ impl<A: App> Replica<A> {
         let slot = self.slots.get_mut(&seq).expect("slot exists");
         slot.my_prepare = Some((digest, prepare.clone()));
         slot.prepares.insert(me, (digest, prepare.clone()));
+        slot.persist_batch(seq, digest, out);
         out.push(Output::Persist(Record::Prepare {
             view,
             seq,
             digest,
-            pre_prepare,
+            pre_prepare: pre_prepare.without_batch(),
             prepare: prepare.clone(),
         }));
         self.broadcast(out, MessageKind::Prepare, prepare);
@@ -966,11 +1039,16 @@ impl<A: App> Replica<A> {
         slot.prepared = Some((view, digest, cert.clone()));
         slot.my_commit = Some((digest, commit.clone()));
         slot.commits.insert((me, view), (digest, commit.clone()));
+        slot.persist_batch(seq, digest, out);
+        let durable_cert = PreparedCert {
+            pre_prepare: cert.pre_prepare.without_batch(),
+            prepares: cert.prepares,
+        };
         out.push(Output::Persist(Record::Commit {
             view,
             seq,
             digest,
-            cert,
+            cert: durable_cert,
             commit: commit.clone(),
         }));
         self.broadcast(out, MessageKind::Commit, commit);
@@ -1034,8 +1112,10 @@ impl<A: App> Replica<A> {
             .find(|(_, count)| *count >= quorum)
             .map(|(key, _)| key);
         let Some((view, digest)) = certified else { return };
-        let Some(batch) = slot.batch(&digest) else { return };
-        slot.committed = Some((view, digest, batch));
+        let Some(entry) = slot.batches.iter().find(|b| b.digest == digest).cloned() else {
+            return;
+        };
+        slot.committed = Some((view, entry));
         self.try_execute(out);
     }
 
@@ -1047,10 +1127,15 @@ impl<A: App> Replica<A> {
         let mut progressed = false;
         loop {
             let seq = self.last_executed + 1;
-            let Some((view, batch_digest, batch)) = self.slots.get(&seq).and_then(|s| s.committed.clone())
-            else {
+            let Some((view, entry)) = self.slots.get(&seq).and_then(|s| s.committed.clone()) else {
                 break;
             };
+            let SlotBatch {
+                digest: batch_digest,
+                batch,
+                request_digests,
+                ..
+            } = entry;
             let executed = self.app.execute(seq, batch.timestamp_ms, &batch.requests);
             assert_eq!(
                 self.app.last_executed(),
@@ -1070,8 +1155,12 @@ impl<A: App> Replica<A> {
                 self.last_timestamp_ms = self.last_timestamp_ms.max(batch.timestamp_ms);
             }
             let mut replies = Vec::with_capacity(batch.requests.len());
-            for (request, reply) in batch.requests.iter().zip(&executed.replies) {
-                let request_digest = request.digest();
+            for ((request, reply), request_digest) in batch
+                .requests
+                .iter()
+                .zip(&executed.replies)
+                .zip(request_digests.iter().copied())
+            {
                 self.pending.remove(&request_digest);
                 self.proposed.remove(&request_digest);
                 if self.executed_recent.insert(request_digest) {
@@ -1094,7 +1183,7 @@ impl<A: App> Replica<A> {
                 seq,
                 view,
                 timestamp_ms: batch.timestamp_ms,
-                requests: batch.requests.clone(),
+                batch: batch.clone(),
                 replies: executed.replies,
                 digest: executed.digest,
                 batch_digest,
@@ -1363,19 +1452,16 @@ impl<A: App> Replica<A> {
         })
     }
 
-    fn parse_prepared_cert(&self, cert: &PreparedCert) -> Result<(u64, u64, Hash, Batch)> {
-        let Message::PrePrepare { view, seq, batch } = self.decode(&cert.pre_prepare)? else {
-            return Err(Error::InvalidCertificate(
-                "prepared certificate without a pre-prepare",
-            ));
-        };
+    fn parse_prepared_cert(&self, cert: &PreparedCert) -> Result<(u64, u64, Hash, Arc<Batch>)> {
+        let (view, seq, entry) = self.parse_pre_prepare(&cert.pre_prepare).map_err(|_| {
+            Error::InvalidCertificate("prepared certificate without a pre-prepare and its batch")
+        })?;
         if cert.pre_prepare.signer != self.primary(view) {
             return Err(Error::InvalidCertificate(
                 "pre-prepare not from that view's primary",
             ));
         }
-        self.check_batch_shape(&batch)?;
-        let digest = batch.digest();
+        let (digest, batch) = (entry.digest, entry.batch);
         if cert.prepares.len() < 2 * self.f || cert.prepares.len() > self.n {
             return Err(Error::InvalidCertificate("wrong number of prepares"));
         }
@@ -1484,7 +1570,7 @@ impl<A: App> Replica<A> {
             .max_by_key(|c| c.seq)
             .cloned();
         let min_seq = min_cert.as_ref().map_or(0, |c| c.seq);
-        let mut best: BTreeMap<u64, (u64, &Batch)> = BTreeMap::new();
+        let mut best: BTreeMap<u64, (u64, &Arc<Batch>)> = BTreeMap::new();
         for info in infos {
             for (seq, view, _, batch) in &info.prepared {
                 if *seq <= min_seq {
@@ -1501,7 +1587,8 @@ impl<A: App> Replica<A> {
             .map(|seq| {
                 (
                     seq,
-                    best.get(&seq).map_or_else(Batch::null, |(_, b)| (*b).clone()),
+                    best.get(&seq)
+                        .map_or_else(|| Arc::new(Batch::null()), |(_, b)| (*b).clone()),
                 )
             })
             .collect();
@@ -1541,8 +1628,9 @@ impl<A: App> Replica<A> {
                 self.sign(&Message::PrePrepare {
                     view,
                     seq: *seq,
-                    batch: batch.clone(),
+                    digest: batch.digest(),
                 })
+                .with_batch(batch.clone())
             })
             .collect();
         let msg = self.sign(&Message::NewView {
@@ -1555,11 +1643,11 @@ impl<A: App> Replica<A> {
             msg: msg.clone(),
         }));
         self.broadcast(out, MessageKind::NewView, msg.clone());
-        let entries: Vec<(u64, SignedMessage, Batch)> = plan
+        let entries: Vec<(u64, SignedMessage, SlotBatch)> = plan
             .entries
             .into_iter()
             .zip(pre_prepares)
-            .map(|((seq, batch), pp)| (seq, pp, batch))
+            .map(|((seq, batch), pp)| (seq, pp, SlotBatch::new(batch)))
             .collect();
         self.enter_new_view(view, msg, plan.min_cert, plan.max_seq, entries, out);
     }
@@ -1614,23 +1702,18 @@ impl<A: App> Replica<A> {
         }
         let mut entries = Vec::with_capacity(pre_prepares.len());
         for ((seq, batch), pp) in plan.entries.iter().zip(&pre_prepares) {
-            let Message::PrePrepare {
-                view: v,
-                seq: s,
-                batch: b,
-            } = self.decode(pp)?
-            else {
-                return Err(Error::InvalidCertificate("not a pre-prepare"));
-            };
+            let (v, s, entry) = self
+                .parse_pre_prepare(pp)
+                .map_err(|_| Error::InvalidCertificate("not a pre-prepare with its batch"))?;
             let safety_rule_new_view_matches_o =
-                v == view && s == *seq && b == *batch && pp.signer == signed.signer;
+                v == view && s == *seq && entry.digest == batch.digest() && pp.signer == signed.signer;
             if !safety_rule_new_view_matches_o {
                 return Err(Error::Violation {
                     replica: signed.signer,
                     what: "new view pre-prepares differ from O",
                 });
             }
-            entries.push((s, pp.clone(), b));
+            entries.push((s, pp.clone(), entry));
         }
         // Verify every signature at once: the new view, its view changes and their
         // certificates, and the pre-prepares.
@@ -1654,7 +1737,7 @@ impl<A: App> Replica<A> {
         msg: SignedMessage,
         min_cert: Option<CheckpointCert>,
         max_seq: u64,
-        entries: Vec<(u64, SignedMessage, Batch)>,
+        entries: Vec<(u64, SignedMessage, SlotBatch)>,
         out: &mut Vec<Output>,
     ) {
         self.view = view;
@@ -1672,20 +1755,21 @@ impl<A: App> Replica<A> {
         if let Some(cert) = min_cert {
             self.adopt_stable_cert(cert, out);
         }
-        for (seq, pp, batch) in entries {
+        for (seq, pp, entry) in entries {
             if seq <= self.low {
                 continue;
             }
-            for request in &batch.requests {
-                let digest = request.digest();
-                if self.pending.contains_key(&digest) {
-                    self.proposed.insert(digest);
+            for digest in entry.request_digests.iter() {
+                if self.pending.contains_key(digest) {
+                    self.proposed.insert(*digest);
                 }
             }
-            let digest = batch.digest();
+            let digest = entry.digest;
             let slot = self.slots.entry(seq).or_default();
             slot.enter_view(view);
-            slot.add_batch(digest, Arc::new(batch));
+            // Not marked persisted: the new-view record holding it is replaced by the next one,
+            // so the slot records that name it get their own `Record::Batch`.
+            slot.add_batch(entry);
             slot.pre_prepare = Some((pp, digest));
             self.send_prepare(seq, out);
             self.check_prepared(seq, out);
@@ -1842,9 +1926,10 @@ impl<A: App> Replica<A> {
                     let Some(slot) = self.slots.get(&seq) else {
                         continue;
                     };
-                    let Some((view, digest, batch)) = slot.committed.clone() else {
+                    let Some((view, entry)) = slot.committed.clone() else {
                         continue;
                     };
+                    let (digest, batch) = (entry.digest, entry.batch);
                     let commits: Vec<SignedMessage> = slot
                         .commits
                         .iter()
@@ -1887,7 +1972,8 @@ impl<A: App> Replica<A> {
             ));
         }
         self.check_batch_shape(&batch)?;
-        let digest = batch.digest();
+        let entry = SlotBatch::new(Arc::new(batch));
+        let digest = entry.digest;
         let mut parsed = Vec::with_capacity(commits.len());
         let mut signers = BTreeSet::new();
         for commit in &commits {
@@ -1910,10 +1996,7 @@ impl<A: App> Replica<A> {
         let mut all: Vec<&SignedMessage> = vec![&signed];
         all.extend(commits.iter());
         self.verifier.verify_all(&all)?;
-        self.slots
-            .entry(seq)
-            .or_default()
-            .add_batch(digest, Arc::new(batch));
+        self.slots.entry(seq).or_default().add_batch(entry);
         for (commit, view) in commits.into_iter().zip(parsed) {
             self.insert_commit(seq, view, digest, commit);
         }

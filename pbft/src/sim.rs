@@ -857,7 +857,7 @@ where
                     self.nodes[id as usize].disk.blocks.push((
                         committed.seq,
                         committed.timestamp_ms,
-                        committed.requests.clone(),
+                        committed.batch.requests.clone(),
                         committed.digest,
                     ));
                     if byzantine {
@@ -893,7 +893,7 @@ where
                     .insert(seq, (committed.batch_digest, committed.digest, id));
             }
         }
-        for request in &committed.requests {
+        for request in &committed.batch.requests {
             match self.request_index.get(&request.digest()) {
                 Some(index) => {
                     let index = *index;
@@ -937,8 +937,8 @@ where
         let equivocation = match decoded {
             // An equivocating primary: a second batch for the same (view, seq) to half the
             // replicas; it remembers the second digest to double-vote for it later.
-            Ok(Message::PrePrepare { view, seq, batch }) if self.params.equivocate => {
-                let mut other = batch.clone();
+            Ok(Message::PrePrepare { view, seq, .. }) if self.params.equivocate && msg.batch.is_some() => {
+                let mut other = (**msg.batch.as_ref().expect("checked")).clone();
                 other.timestamp_ms += 1;
                 if other.requests.len() > 1 {
                     other.requests.pop();
@@ -951,9 +951,14 @@ where
                 let alternative = Message::PrePrepare {
                     view,
                     seq,
-                    batch: other,
+                    digest: other.digest(),
                 };
-                Some(Arc::new(alternative.sign(from, &keypair).to_bytes()))
+                Some(Arc::new(
+                    alternative
+                        .sign(from, &keypair)
+                        .with_batch(Arc::new(other))
+                        .to_bytes(),
+                ))
             }
             // Double voting: prepares and commits for the other batch to the other half.
             Ok(Message::Prepare { view, seq, .. }) | Ok(Message::Commit { view, seq, .. })
@@ -981,9 +986,10 @@ where
                             Message::PrePrepare {
                                 view,
                                 seq,
-                                batch: crate::message::Batch::null(),
+                                digest: crate::message::Batch::null().digest(),
                             }
-                            .sign(from, &keypair),
+                            .sign(from, &keypair)
+                            .with_batch(Arc::new(crate::message::Batch::null())),
                         ),
                         _ => None,
                     })
@@ -1031,6 +1037,7 @@ where
                         signer: from,
                         payload: Arc::new(garbage),
                         signature,
+                        batch: None,
                     };
                     garbage = envelope.to_bytes();
                 }

@@ -6,11 +6,10 @@ use std::sync::Arc;
 use hoard_types::crypto::{Hash, Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::constants::BATCHES_PER_SLOT_MAX;
 use crate::constants::{MESSAGE_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
 use crate::error::{Error, Result};
-use crate::message::{
-    arc_bytes, CheckpointCert, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage,
-};
+use crate::message::{arc_bytes, Batch, CheckpointCert, MessageKind, PreparedCert, ReplicaId, SignedMessage};
 
 /// A replica's configuration. All durations are milliseconds; the driver owns the clock.
 #[derive(Clone, Debug)]
@@ -145,7 +144,8 @@ pub struct Committed {
     pub seq: u64,
     pub view: u64,
     pub timestamp_ms: u64,
-    pub requests: Vec<Request>,
+    /// The executed batch (its requests, in order).
+    pub batch: Arc<Batch>,
     pub replies: Vec<Vec<u8>>,
     /// App digest after execution.
     pub digest: [u8; 32],
@@ -195,6 +195,14 @@ pub enum Output {
 /// [`DurableState::apply`] (or store them and fold on recovery).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
+    /// A batch this replica accepted at `seq` (with digest `digest`): written once per slot and
+    /// batch, before the first record below that names it. The pre-prepares inside the slot
+    /// records carry no batch; recovery puts it back from here.
+    Batch {
+        seq: u64,
+        digest: Hash,
+        batch: Arc<Batch>,
+    },
     /// Our pre-prepare as primary.
     PrePrepare { view: u64, seq: u64, msg: SignedMessage },
     /// Our prepare, with the pre-prepare it accepts.
@@ -228,6 +236,8 @@ pub enum Record {
 /// Our signed messages for one sequence number, newest view.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DurableSlot {
+    /// The batches named by the records below, by digest.
+    pub batches: Vec<(Hash, Arc<Batch>)>,
     pub pre_prepare: Option<(u64, SignedMessage)>,
     pub prepare: Option<(u64, Hash, SignedMessage, SignedMessage)>,
     pub commit: Option<(u64, Hash, PreparedCert, SignedMessage)>,
@@ -276,6 +286,17 @@ impl DurableState {
     pub fn apply(&mut self, record: Record) {
         let stable_seq = self.stable_seq();
         match record {
+            Record::Batch { seq, digest, batch } => {
+                if seq > stable_seq {
+                    let slot = self.slots.entry(seq).or_default();
+                    if !slot.batches.iter().any(|(d, _)| *d == digest) {
+                        if slot.batches.len() >= BATCHES_PER_SLOT_MAX {
+                            slot.batches.remove(0);
+                        }
+                        slot.batches.push((digest, batch));
+                    }
+                }
+            }
             Record::PrePrepare { view, seq, msg } => {
                 if seq > stable_seq {
                     let slot = self.slots.entry(seq).or_default();
@@ -405,7 +426,7 @@ mod tests {
             Message::PrePrepare {
                 view,
                 seq,
-                batch: crate::message::Batch::null(),
+                digest: crate::message::Batch::null().digest(),
             }
             .sign(0, &pairs[0])
         };

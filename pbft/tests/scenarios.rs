@@ -36,7 +36,7 @@ fn normal_case_orders_and_checkpoints() {
         assert_eq!(replica.stats().view_changes_total, 0);
     }
     // Each request executed once.
-    let total: usize = cluster.executed[1].iter().map(|c| c.requests.len()).sum();
+    let total: usize = cluster.executed[1].iter().map(|c| c.batch.requests.len()).sum();
     assert_eq!(total, 40);
 }
 
@@ -64,7 +64,7 @@ fn view_change_carries_a_prepared_but_uncommitted_batch() {
         let first = &cluster.executed[id as usize][0];
         assert_eq!(first.seq, 1);
         assert_eq!(
-            first.requests,
+            first.batch.requests,
             vec![request.clone()],
             "seq 1 keeps the prepared batch"
         );
@@ -72,7 +72,7 @@ fn view_change_carries_a_prepared_but_uncommitted_batch() {
     cluster.assert_agreement();
     let executions: usize = cluster.executed[1]
         .iter()
-        .filter(|c| c.requests.contains(&request))
+        .filter(|c| c.batch.requests.contains(&request))
         .count();
     assert_eq!(executions, 1, "the request executes once");
 }
@@ -185,15 +185,16 @@ fn byzantine_primary_equivocation_does_not_split_the_replicas() {
     cluster.rewrite = Some((
         0,
         Box::new(move |_, to, msg| match msg.message(usize::MAX) {
-            Ok(Message::PrePrepare { view, seq, batch }) if to == 1 => {
-                let mut other = batch.clone();
+            Ok(Message::PrePrepare { view, seq, .. }) if to == 1 => {
+                let mut other = (**msg.batch.as_ref().expect("a pre-prepare carries its batch")).clone();
                 other.timestamp_ms += 1;
                 Message::PrePrepare {
                     view,
                     seq,
-                    batch: other,
+                    digest: other.digest(),
                 }
                 .sign(0, &keypair)
+                .with_batch(Arc::new(other))
             }
             _ => msg,
         }),
@@ -255,9 +256,10 @@ fn garbage_and_forgeries_are_rejected_with_typed_errors() {
     let forged = Message::PrePrepare {
         view: 0,
         seq: 1,
-        batch: batch.clone(),
+        digest: batch.digest(),
     }
-    .sign(2, &cluster.keypairs[2]);
+    .sign(2, &cluster.keypairs[2])
+    .with_batch(Arc::new(batch.clone()));
     let replica = cluster.nodes[1].as_mut().unwrap();
     assert!(matches!(
         replica.try_on_message(2, forged),
@@ -266,9 +268,10 @@ fn garbage_and_forgeries_are_rejected_with_typed_errors() {
     let mut bad = Message::PrePrepare {
         view: 0,
         seq: 1,
-        batch,
+        digest: batch.digest(),
     }
-    .sign(0, &cluster.keypairs[0]);
+    .sign(0, &cluster.keypairs[0])
+    .with_batch(Arc::new(batch.clone()));
     bad.signature.0[3] ^= 1;
     assert!(matches!(
         replica.try_on_message(0, bad),
@@ -281,6 +284,7 @@ fn garbage_and_forgeries_are_rejected_with_typed_errors() {
         signer: 2,
         payload: Arc::new(payload),
         signature,
+        batch: None,
     };
     let replica = cluster.nodes[1].as_mut().unwrap();
     assert!(matches!(
@@ -314,15 +318,17 @@ fn restarted_replica_never_signs_two_prepares_for_one_view_and_seq() {
     cluster.crash(1);
     cluster.restart(1);
     // A conflicting pre-prepare for (0, 1) from the primary's key must not get a new prepare.
+    let other = Batch {
+        timestamp_ms: 99,
+        requests: vec![],
+    };
     let conflicting = Message::PrePrepare {
         view: 0,
         seq: 1,
-        batch: Batch {
-            timestamp_ms: 99,
-            requests: vec![],
-        },
+        digest: other.digest(),
     }
-    .sign(0, &cluster.keypairs[0]);
+    .sign(0, &cluster.keypairs[0])
+    .with_batch(Arc::new(other));
     let replica = cluster.nodes[1].as_mut().unwrap();
     let result = replica.try_on_message(0, conflicting);
     assert!(result.is_err(), "the conflicting pre-prepare is refused");
@@ -404,9 +410,10 @@ fn a_new_view_with_a_forged_o_is_rejected() {
                         Ok(Message::PrePrepare { view, seq, .. }) => Message::PrePrepare {
                             view,
                             seq,
-                            batch: Batch::null(),
+                            digest: Batch::null().digest(),
                         }
-                        .sign(1, &keypair),
+                        .sign(1, &keypair)
+                        .with_batch(Arc::new(Batch::null())),
                         _ => pp.clone(),
                     })
                     .collect();
@@ -431,7 +438,7 @@ fn a_new_view_with_a_forged_o_is_rejected() {
         assert!(replica.stats().messages_invalid_total >= 1);
         let first = &cluster.executed[id as usize][0];
         assert_eq!(
-            first.requests,
+            first.batch.requests,
             vec![request.clone()],
             "seq 1 keeps the prepared batch"
         );

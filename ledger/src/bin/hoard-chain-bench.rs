@@ -13,6 +13,11 @@
 //! The rate doubles until the cluster no longer keeps up; the highest sustained rate is
 //! reported, then latency at half of it, then the stall across a view change (the primary is
 //! stopped under load at half rate; the longest gap between two commits is the stall).
+//!
+//! `--soak-seconds N` adds a long run (at `--soak-rate`, default half the sustained rate) before
+//! the view change, in back-to-back intervals of `--soak-interval-seconds`, each reporting its
+//! committed rate, latency and the replicas' resident memory (each `hoard node` process with
+//! `--processes`, else this whole process), to show no decay and bounded memory.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -54,6 +59,26 @@ struct Args {
     players: usize,
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Length of the soak run, seconds (0: none).
+    #[arg(long, default_value_t = 0)]
+    soak_seconds: u64,
+    /// Offered rate of the soak run, events/s (default: half the highest sustained rate).
+    #[arg(long)]
+    soak_rate: Option<u64>,
+    /// Seconds per reported interval of the soak run.
+    #[arg(long, default_value_t = 10)]
+    soak_interval_seconds: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+struct SoakInterval {
+    end_seconds: f64,
+    offered_events_per_second: f64,
+    committed_events_per_second: f64,
+    commit_latency_p50_ms: f64,
+    commit_latency_p99_ms: f64,
+    /// Resident memory per replica process (one entry, the whole process, when in-process).
+    resident_memory_bytes: Vec<u64>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -75,7 +100,22 @@ struct Results {
     half_rate_events_per_second: f64,
     commit_latency_p50_ms: f64,
     commit_latency_p99_ms: f64,
+    soak: Vec<SoakInterval>,
     view_change_stall_ms: f64,
+}
+
+/// VmRSS of process `pid`, bytes.
+fn process_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kilobytes: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kilobytes * 1024)
 }
 
 const T: TenantId = TenantId(1);
@@ -318,6 +358,49 @@ async fn main() -> anyhow::Result<()> {
     let p99 = ms(run.latencies.value_at_quantile(0.99));
     println!("half rate {half} ev/s: committed {half_committed:.0} ev/s, p50 {p50} ms, p99 {p99} ms");
 
+    let mut soak = Vec::new();
+    if args.soak_seconds > 0 {
+        let rate = args.soak_rate.unwrap_or(half);
+        let interval = args.soak_interval_seconds.max(1);
+        println!(
+            "soak: {rate} ev/s for {} s in {interval} s intervals",
+            args.soak_seconds
+        );
+        let started = std::time::Instant::now();
+        while started.elapsed().as_secs() < args.soak_seconds {
+            let (run, elapsed) = run_at(&client, &workload, rate, interval, None).await;
+            let resident_memory_bytes: Vec<u64> = if args.processes {
+                children
+                    .iter()
+                    .map(|c| process_rss_bytes(c.id()).unwrap_or(0))
+                    .collect()
+            } else {
+                vec![hoard_ledger::node::resident_memory_bytes().unwrap_or(0)]
+            };
+            let entry = SoakInterval {
+                end_seconds: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                offered_events_per_second: rate as f64,
+                committed_events_per_second: (run.committed_events as f64 / elapsed).round(),
+                commit_latency_p50_ms: ms(run.latencies.value_at_quantile(0.5)),
+                commit_latency_p99_ms: ms(run.latencies.value_at_quantile(0.99)),
+                resident_memory_bytes,
+            };
+            println!(
+                "  t={:>6.1}s committed {:>9.0} ev/s  p50 {:>8.1} ms  p99 {:>8.1} ms  rss MiB {:?}",
+                entry.end_seconds,
+                entry.committed_events_per_second,
+                entry.commit_latency_p50_ms,
+                entry.commit_latency_p99_ms,
+                entry
+                    .resident_memory_bytes
+                    .iter()
+                    .map(|b| b / (1024 * 1024))
+                    .collect::<Vec<_>>()
+            );
+            soak.push(entry);
+        }
+    }
+
     // The primary (replica 0 in view 0) stops a second into a half-rate run.
     let stop_primary: Box<dyn FnOnce() + Send> = if args.processes {
         let pid = children[0].id() as i32;
@@ -364,6 +447,7 @@ async fn main() -> anyhow::Result<()> {
         half_rate_events_per_second: half_committed.round(),
         commit_latency_p50_ms: p50,
         commit_latency_p99_ms: p99,
+        soak,
         view_change_stall_ms: stall_ms,
     };
     if let Some(path) = args.json {

@@ -220,7 +220,7 @@ impl Cluster {
         }
         for block in &disk.blocks {
             if block.seq == app.last_executed() + 1 {
-                let executed = app.execute(block.seq, block.timestamp_ms, &block.requests);
+                let executed = app.execute(block.seq, block.timestamp_ms, &block.batch.requests);
                 assert_eq!(executed.digest, block.digest, "replay reproduces the digest");
             }
         }
@@ -259,7 +259,7 @@ impl Cluster {
     pub fn executed_request(&self, id: ReplicaId, request: &Request) -> bool {
         self.executed[id as usize]
             .iter()
-            .any(|c| c.requests.contains(request))
+            .any(|c| c.batch.requests.contains(request))
     }
 
     pub fn last_executed(&self, id: ReplicaId) -> u64 {
