@@ -1,6 +1,7 @@
 //! Blocks: a header committing to the parent, the transactions, their outcomes and the state.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use hoard_types::{Hash, Receipt, Transaction};
 
@@ -77,14 +78,43 @@ pub fn transaction_leaf(transaction: &Transaction) -> Hash {
     list_leaf(&transaction.payload)
 }
 
-/// A receipt's leaf under `outcome_root`: over its MessagePack encoding.
+/// A receipt's leaf under `outcome_root`: over its MessagePack encoding (streamed into the
+/// hash, the same bytes as `list_leaf(&rmp_serde::to_vec(receipt))`).
 pub fn receipt_leaf(receipt: &Receipt) -> Hash {
-    list_leaf(&rmp_serde::to_vec(receipt).expect("receipt serialises"))
+    struct Writer(Sha256);
+    impl std::io::Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.update(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut writer = Writer(Sha256::new());
+    writer.0.update([TAG_LIST_LEAF]);
+    rmp_serde::encode::write(&mut writer, receipt).expect("receipt serialises");
+    Hash(writer.0.finalize().into())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipt_leaf_hashes_the_receipt_encoding() {
+        let receipt = Receipt {
+            tenant: hoard_types::TenantId(3),
+            event_id: hoard_types::EventId::from_u128(9),
+            height: 12,
+            outcome: hoard_types::Outcome::Applied,
+            duplicate: false,
+        };
+        assert_eq!(
+            receipt_leaf(&receipt),
+            list_leaf(&rmp_serde::to_vec(&receipt).unwrap())
+        );
+    }
 
     #[test]
     fn list_root_depends_on_order_and_content() {

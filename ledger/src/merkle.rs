@@ -3,22 +3,29 @@
 //! Shape. Every state entry is a leaf `(key_hash, leaf_hash)` where `key_hash = SHA-256(key)`
 //! and `leaf_hash = SHA-256(0x00 || key_hash || value)`. The top `depth` bits of `key_hash` pick
 //! one of `2^depth` buckets; a bucket's hash is `SHA-256(0x01 || leaf_hash…)` over its leaves in
-//! `key_hash` order (the zero hash when empty). A dense binary tree sits over the buckets:
-//! `node = SHA-256(0x02 || left || right)`, and the zero hash when both children are zero. The
-//! root is `SHA-256(0x03 || depth || leaf_count || top_node)`.
+//! `key_hash` order (the zero hash when empty). A dense binary tree sits over the buckets: a
+//! node is one application of the SHA-256 compression function to the 64-byte block
+//! `left || right`, from the chaining state SHA-256 reaches after its first block
+//! `"hoard/merkle/node/v1"` zero-padded to 64 bytes (no length padding: every node input has
+//! the same length), its 8 state words written big-endian; the zero hash when both children
+//! are zero. One compression per node instead of two. The root is
+//! `SHA-256(0x03 || depth || leaf_count || top_node)`.
 //!
 //! Cost. A block pays for the leaves it changed, the buckets they fall in and the paths above
 //! those buckets, each hashed once per block however often it changed (work in proportion to
-//! what changed, not to the size of the state). The tree grows by one level (a full rebuild,
-//! amortised like a hash table's doubling) when the average bucket passes
-//! [`BUCKET_LEAVES_TARGET`] leaves; it never shrinks, so its shape is a pure function of the
-//! history of the state, identical on every replica.
+//! what changed, not to the size of the state). When a root is taken and the average bucket
+//! holds more than [`BUCKET_LEAVES_TARGET`] leaves, the tree deepens (a full rebuild, amortised
+//! like a hash table's doubling) to the smallest depth at which it does not; it never shrinks,
+//! so its shape is a pure function of the history of the state, identical on every replica.
 //!
 //! Proofs. [`MerkleTree::prove`] returns the key's bucket and the `depth` sibling hashes above
 //! it: enough to prove that a key holds a value, or that it is absent.
 
+use std::sync::OnceLock;
+
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::digest::generic_array::GenericArray;
 use sha2::{Digest, Sha256};
 
 use hoard_types::crypto::Hash;
@@ -34,8 +41,13 @@ const PARALLEL_DIRTY_MIN: usize = 2048;
 
 const TAG_LEAF: u8 = 0x00;
 const TAG_BUCKET: u8 = 0x01;
-const TAG_NODE: u8 = 0x02;
 const TAG_ROOT: u8 = 0x03;
+/// The first block of every node hash, zero-padded to 64 bytes.
+const NODE_DOMAIN: &[u8] = b"hoard/merkle/node/v1";
+/// SHA-256's initial chaining state (FIPS 180-4, 5.3.3).
+const SHA256_INITIAL_STATE: [u32; 8] = [
+    0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+];
 
 /// The hash of a state key.
 pub fn key_hash(key: &[u8]) -> Hash {
@@ -59,11 +71,32 @@ fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
     Hash(hasher.finalize().into())
 }
 
+/// The chaining state after the node domain block.
+fn node_state() -> &'static [u32; 8] {
+    static STATE: OnceLock<[u32; 8]> = OnceLock::new();
+    STATE.get_or_init(|| {
+        let mut block = [0u8; 64];
+        block[..NODE_DOMAIN.len()].copy_from_slice(NODE_DOMAIN);
+        let mut state = SHA256_INITIAL_STATE;
+        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+        state
+    })
+}
+
 fn node_hash(left: &Hash, right: &Hash) -> Hash {
     if left == &Hash::ZERO && right == &Hash::ZERO {
         return Hash::ZERO;
     }
-    Hash::of_parts(&[&[TAG_NODE], &left.0, &right.0])
+    let mut block = [0u8; 64];
+    block[..32].copy_from_slice(&left.0);
+    block[32..].copy_from_slice(&right.0);
+    let mut state = *node_state();
+    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+    let mut out = [0u8; 32];
+    for (bytes, word) in out.chunks_exact_mut(4).zip(state) {
+        bytes.copy_from_slice(&word.to_be_bytes());
+    }
+    Hash(out)
 }
 
 fn root_hash(depth: u8, leaf_count: u64, top: &Hash) -> Hash {
@@ -166,8 +199,12 @@ impl MerkleTree {
 
     /// The root over everything set so far; hashes only what changed since the last call.
     pub fn root(&mut self) -> Hash {
-        if self.leaf_count > (BUCKET_LEAVES_TARGET << self.depth) as u64 && self.depth < DEPTH_MAX {
-            self.grow();
+        let mut depth = self.depth;
+        while self.leaf_count > (BUCKET_LEAVES_TARGET << depth) as u64 && depth < DEPTH_MAX {
+            depth += 1;
+        }
+        if depth > self.depth {
+            self.grow(depth);
         }
         if self.dirty.is_empty() {
             return self.root;
@@ -226,10 +263,10 @@ impl MerkleTree {
         self.root
     }
 
-    /// Deepens the tree by one level: every bucket splits in two.
-    fn grow(&mut self) {
+    /// Deepens the tree to `depth`: every bucket splits in `2^(depth - self.depth)`.
+    fn grow(&mut self, depth: u8) {
         let leaves: Vec<(Hash, Hash)> = std::mem::take(&mut self.buckets).into_iter().flatten().collect();
-        let mut grown = MerkleTree::with_depth(self.depth + 1);
+        let mut grown = MerkleTree::with_depth(depth);
         let base = 1usize << grown.depth;
         for (key, leaf) in leaves {
             // Leaves arrive in key order, so each bucket is built already sorted.
@@ -336,6 +373,47 @@ mod tests {
     fn kv(i: u64, v: u64) -> (Hash, Hash) {
         let key = key_hash(&i.to_be_bytes());
         (key, leaf_hash(&key, &v.to_be_bytes()))
+    }
+
+    /// The node construction is SHA-256 without its final length block: hashing the domain
+    /// block and `left || right` and then the standard padding block reaches the same state
+    /// that `node_hash` stops at, one compression earlier.
+    #[test]
+    fn node_hash_is_the_sha256_chaining_state() {
+        let left = Hash::of(b"left");
+        let right = Hash::of(b"right");
+        let mut block = [0u8; 64];
+        block[..NODE_DOMAIN.len()].copy_from_slice(NODE_DOMAIN);
+        let mut state = SHA256_INITIAL_STATE;
+        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+        block[..32].copy_from_slice(&left.0);
+        block[32..].copy_from_slice(&right.0);
+        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+        let node = node_hash(&left, &right);
+        let words: Vec<u32> = node
+            .0
+            .chunks_exact(4)
+            .map(|b| u32::from_be_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(words, state);
+        // Finishing the same input as standard SHA-256 (one more block: 0x80, zeros, the
+        // length 1024 bits) must agree with the sha2 crate, which checks the initial state.
+        let mut padding = [0u8; 64];
+        padding[0] = 0x80;
+        padding[56..].copy_from_slice(&1024u64.to_be_bytes());
+        sha2::compress256(
+            &mut state,
+            std::slice::from_ref(GenericArray::from_slice(&padding)),
+        );
+        let mut full = [0u8; 32];
+        for (bytes, word) in full.chunks_exact_mut(4).zip(state) {
+            bytes.copy_from_slice(&word.to_be_bytes());
+        }
+        let mut domain = [0u8; 64];
+        domain[..NODE_DOMAIN.len()].copy_from_slice(NODE_DOMAIN);
+        assert_eq!(Hash(full), Hash::of_parts(&[&domain, &left.0, &right.0]));
+        assert_ne!(node_hash(&left, &right), node_hash(&right, &left));
+        assert_eq!(node_hash(&Hash::ZERO, &Hash::ZERO), Hash::ZERO);
     }
 
     #[test]

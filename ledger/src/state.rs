@@ -19,12 +19,20 @@
 //! Rejections at steps 1-5 are not remembered (the sender had no authority to claim the event
 //! id, so a forged or broken submission cannot block the real one). From step 6 on, the
 //! outcome, applied or rejected, is remembered until `expires_at` passes: resubmitting returns it.
+//!
+//! The state root commits to every tenant, account, currency, class, non-zero balance and item
+//! as one Merkle leaf each, and to the deduplication window through one leaf per tenant and
+//! expiry height ([`StateKey::Window`]): a running SHA-256 over the records of the events
+//! remembered with that expiry, in the order they were remembered (see [`window_digest`]). An
+//! event costs its window a few bytes of hashing instead of a leaf of its own, and a snapshot
+//! (which lists the events in window order) is still checked against the state root whole.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use hoard_types::constants::{
     ASSETS_PER_SIDE_MAX, BLOCK_TRANSACTIONS_MAX, EXPIRY_HORIZON_BLOCKS_MAX, SETTLEMENT_ENTRIES_MAX,
@@ -38,7 +46,7 @@ use hoard_types::{
 use crate::block::{list_root, receipt_leaf, transaction_leaf, Block, BlockHeader};
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
-use crate::merkle::{key_hash, leaf_hash, MerkleTree, Proof};
+use crate::merkle::{leaf_hash, MerkleTree, Proof};
 
 /// Below this many transactions a block is decoded and hashed on one thread.
 const PARALLEL_TRANSACTIONS_MIN: usize = 512;
@@ -81,6 +89,71 @@ pub struct EventRecord {
     pub outcome: Outcome,
 }
 
+/// The domain a window digest starts with.
+const WINDOW_DOMAIN: &[u8] = b"hoard/window/v1\0";
+
+/// The events of one tenant remembered with one expiry height, in the order they were
+/// remembered, and the running hash of their records.
+#[derive(Clone, Debug)]
+struct Window {
+    events: Vec<EventId>,
+    hasher: Sha256,
+}
+
+impl Window {
+    fn new(tenant: TenantId, expires_at: u64) -> Window {
+        let mut hasher = Sha256::new();
+        hasher.update(WINDOW_DOMAIN);
+        hasher.update(tenant.0.to_be_bytes());
+        hasher.update(expires_at.to_be_bytes());
+        Window {
+            events: Vec::new(),
+            hasher,
+        }
+    }
+
+    fn push(&mut self, event: EventId, height: u64, outcome: &Outcome) {
+        self.events.push(event);
+        self.hasher.update(event.0);
+        self.hasher.update(height.to_be_bytes());
+        rmp_serde::encode::write(&mut HashWriter(&mut self.hasher), outcome).expect("outcomes serialise");
+    }
+
+    fn digest(&self) -> Hash {
+        Hash(self.hasher.clone().finalize().into())
+    }
+}
+
+/// The digest a [`StateKey::Window`] entry holds: SHA-256 over
+/// `"hoard/window/v1\0" || tenant (8 bytes, big-endian) || expires_at (8 bytes, big-endian)`,
+/// then, for each event remembered with that tenant and expiry height, in the order remembered,
+/// `event_id (16 bytes) || height (8 bytes, big-endian) || outcome (MessagePack)`.
+pub fn window_digest<'a>(
+    tenant: TenantId,
+    expires_at: u64,
+    records: impl IntoIterator<Item = (&'a EventId, u64, &'a Outcome)>,
+) -> Hash {
+    let mut window = Window::new(tenant, expires_at);
+    for (event, height, outcome) in records {
+        window.push(*event, height, outcome);
+    }
+    window.digest()
+}
+
+/// Feeds MessagePack straight into a hasher (no intermediate buffer).
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.update(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A key of the committed state. Its byte form ([`StateKey::encode`]) is what the Merkle tree
 /// hashes, so a client can ask for and check a proof of any one entry.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -91,45 +164,80 @@ pub enum StateKey {
     Class(TenantId, ClassId),
     Balance(TenantId, CurrencyId, PublicKey),
     Item(TenantId, ItemId),
-    Event(TenantId, EventId),
+    /// The deduplication window of one tenant and expiry height: its value is the
+    /// [`window_digest`] of the events remembered until that height (kind 7, one leaf per
+    /// event, is no longer used).
+    Window(TenantId, u64),
 }
 
 impl StateKey {
     /// `kind (1 byte) || tenant (8 bytes, big-endian) || fields`, strings prefixed by their length.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
-        self.encode_into(&mut out);
+        self.as_ref().write(&mut |bytes| out.extend_from_slice(bytes));
         out
     }
 
-    fn encode_into(&self, out: &mut Vec<u8>) {
+    fn as_ref(&self) -> KeyRef<'_> {
+        match self {
+            StateKey::Tenant(t) => KeyRef::Tenant(*t),
+            StateKey::Account(t, a) => KeyRef::Account(*t, a),
+            StateKey::Currency(t, c) => KeyRef::Currency(*t, &c.0),
+            StateKey::Class(t, c) => KeyRef::Class(*t, &c.0),
+            StateKey::Balance(t, c, a) => KeyRef::Balance(*t, &c.0, a),
+            StateKey::Item(t, i) => KeyRef::Item(*t, *i),
+            StateKey::Window(t, e) => KeyRef::Window(*t, *e),
+        }
+    }
+}
+
+/// A borrowed [`StateKey`]: the one place its byte form is written.
+enum KeyRef<'a> {
+    Tenant(TenantId),
+    Account(TenantId, &'a PublicKey),
+    Currency(TenantId, &'a str),
+    Class(TenantId, &'a str),
+    Balance(TenantId, &'a str, &'a PublicKey),
+    Item(TenantId, ItemId),
+    Window(TenantId, u64),
+}
+
+impl KeyRef<'_> {
+    fn write(&self, out: &mut impl FnMut(&[u8])) {
         let (kind, tenant) = match self {
-            StateKey::Tenant(t) => (1u8, t),
-            StateKey::Account(t, _) => (2, t),
-            StateKey::Currency(t, _) => (3, t),
-            StateKey::Class(t, _) => (4, t),
-            StateKey::Balance(t, _, _) => (5, t),
-            StateKey::Item(t, _) => (6, t),
-            StateKey::Event(t, _) => (7, t),
+            KeyRef::Tenant(t) => (1u8, t),
+            KeyRef::Account(t, _) => (2, t),
+            KeyRef::Currency(t, _) => (3, t),
+            KeyRef::Class(t, _) => (4, t),
+            KeyRef::Balance(t, _, _) => (5, t),
+            KeyRef::Item(t, _) => (6, t),
+            KeyRef::Window(t, _) => (8, t),
         };
-        out.push(kind);
-        out.extend_from_slice(&tenant.0.to_be_bytes());
-        let string = |out: &mut Vec<u8>, s: &str| {
-            out.push(s.len() as u8);
-            out.extend_from_slice(s.as_bytes());
+        out(&[kind]);
+        out(&tenant.0.to_be_bytes());
+        let string = |out: &mut dyn FnMut(&[u8]), s: &str| {
+            out(&[s.len() as u8]);
+            out(s.as_bytes());
         };
         match self {
-            StateKey::Tenant(_) => {}
-            StateKey::Account(_, account) => out.extend_from_slice(&account.0),
-            StateKey::Currency(_, currency) => string(out, &currency.0),
-            StateKey::Class(_, class) => string(out, &class.0),
-            StateKey::Balance(_, currency, account) => {
-                string(out, &currency.0);
-                out.extend_from_slice(&account.0);
+            KeyRef::Tenant(_) => {}
+            KeyRef::Account(_, account) => out(&account.0),
+            KeyRef::Currency(_, currency) => string(out, currency),
+            KeyRef::Class(_, class) => string(out, class),
+            KeyRef::Balance(_, currency, account) => {
+                string(out, currency);
+                out(&account.0);
             }
-            StateKey::Item(_, item) => out.extend_from_slice(&item.0.to_be_bytes()),
-            StateKey::Event(_, event) => out.extend_from_slice(&event.0),
+            KeyRef::Item(_, item) => out(&item.0.to_be_bytes()),
+            KeyRef::Window(_, expires_at) => out(&expires_at.to_be_bytes()),
         }
+    }
+
+    /// `SHA-256(encoding)`: the same as `merkle::key_hash(&key.encode())`, without the buffer.
+    fn hash(&self) -> Hash {
+        let mut hasher = Sha256::new();
+        self.write(&mut |bytes| hasher.update(bytes));
+        Hash(hasher.finalize().into())
     }
 }
 
@@ -142,7 +250,7 @@ enum Dirty {
     Class(TenantId, u32),
     Balance(u32, PublicKey),
     Item(TenantId, ItemId),
-    Event(TenantId, EventId),
+    Window(TenantId, u64),
 }
 
 #[derive(Clone, Debug)]
@@ -170,7 +278,8 @@ pub struct Ledger {
     items: FxHashMap<(TenantId, ItemId), Item>,
     inventory: BTreeSet<(TenantId, PublicKey, ItemId)>,
     events: FxHashMap<(TenantId, EventId), EventRecord>,
-    expiries: BTreeMap<u64, Vec<(TenantId, EventId)>>,
+    /// The deduplication window by `(expires_at, tenant)`: what expires first comes first.
+    windows: BTreeMap<(u64, TenantId), Window>,
     tree: MerkleTree,
     dirty: FxHashSet<Dirty>,
 }
@@ -222,7 +331,7 @@ impl Ledger {
             items: FxHashMap::default(),
             inventory: BTreeSet::new(),
             events: FxHashMap::default(),
-            expiries: BTreeMap::new(),
+            windows: BTreeMap::new(),
             tree: MerkleTree::new(),
             dirty: FxHashSet::default(),
         }
@@ -265,15 +374,27 @@ impl Ledger {
         } else {
             transactions.iter().enumerate().map(decode).collect()
         };
-        let receipts: Vec<Receipt> = transactions
-            .iter()
-            .zip(payloads)
-            .map(|(tx, payload)| self.apply_transaction(height, tx, payload))
-            .collect();
-        let state_root = self.commit_state();
-        let (tx_root, outcome_root) = rayon::join(
+        // The transactions' root does not depend on the state: it is hashed on another core
+        // while this one applies them in order.
+        let (receipts, tx_root) = rayon::join(
+            || {
+                let receipts: Vec<Receipt> = transactions
+                    .iter()
+                    .zip(&payloads)
+                    .map(|(tx, payload)| self.apply_transaction(height, tx, payload.as_ref()))
+                    .collect();
+                receipts
+            },
             || list_root(leaves(&transactions, transaction_leaf).into_iter()),
-            || list_root(leaves(&receipts, receipt_leaf).into_iter()),
+        );
+        let (state_root, outcome_root) = rayon::join(
+            || self.commit_state(),
+            || {
+                let root = list_root(leaves(&receipts, receipt_leaf).into_iter());
+                // Freed on every core, as they were allocated.
+                payloads.into_par_iter().for_each(drop);
+                root
+            },
         );
         let header = BlockHeader {
             height,
@@ -323,7 +444,7 @@ impl Ledger {
 
     // ----- one transaction -----
 
-    fn apply_transaction(&mut self, height: u64, tx: &Transaction, payload: Option<TxPayload>) -> Receipt {
+    fn apply_transaction(&mut self, height: u64, tx: &Transaction, payload: Option<&TxPayload>) -> Receipt {
         let Some(payload) = payload else {
             return Receipt {
                 tenant: TenantId(0),
@@ -352,7 +473,7 @@ impl Ledger {
         if payload.expires_at > height + EXPIRY_HORIZON_BLOCKS_MAX {
             return receipt(Outcome::rejected(Rejection::ExpiryTooFar), height, false);
         }
-        if let Err(reason) = self.authorize(&payload, tx) {
+        if let Err(reason) = self.authorize(payload, tx) {
             return receipt(Outcome::rejected(reason), height, false);
         }
         let outcome = match self.apply_body(payload.tenant, &payload.body) {
@@ -372,7 +493,7 @@ impl Ledger {
     /// Step 5: the tenant exists and the signers are exactly the authorities the body needs.
     fn authorize(&self, payload: &TxPayload, tx: &Transaction) -> Check {
         let tenant = payload.tenant;
-        let mut required: Vec<PublicKey> = Vec::with_capacity(2);
+        let mut required = Required::default();
         if let TxBody::RegisterTenant { .. } = payload.body {
             required.push(self.operator);
         } else {
@@ -403,20 +524,27 @@ impl Ledger {
                 }
             }
         }
-        let signers: Vec<&PublicKey> = tx.signers().collect();
-        let distinct = signers.iter().collect::<BTreeSet<_>>().len() == signers.len();
-        let exact =
-            distinct && signers.len() == required.len() && required.iter().all(|key| signers.contains(&key));
+        let required = required.keys();
+        let signers = &tx.signatures;
+        let signed = |key: &PublicKey| signers.iter().any(|entry| entry.signer == *key);
+        let distinct = signers.iter().enumerate().all(|(index, entry)| {
+            signers[..index]
+                .iter()
+                .all(|earlier| earlier.signer != entry.signer)
+        });
+        let exact = distinct && signers.len() == required.len() && required.iter().all(signed);
         if exact {
             return Ok(());
         }
-        let foreign = signers
-            .iter()
-            .any(|key| self.studio_keys.get(key).is_some_and(|owner| *owner != tenant));
+        let foreign = signers.iter().any(|entry| {
+            self.studio_keys
+                .get(&entry.signer)
+                .is_some_and(|owner| *owner != tenant)
+        });
         if foreign {
             return Err(Rejection::WrongTenant);
         }
-        if required.iter().all(|key| signers.contains(&key)) {
+        if required.iter().all(signed) {
             Err(Rejection::Unauthorized)
         } else {
             Err(Rejection::MissingSignature)
@@ -835,6 +963,11 @@ impl Ledger {
         expires_at: u64,
         outcome: Outcome,
     ) {
+        self.windows
+            .entry((expires_at, tenant))
+            .or_insert_with(|| Window::new(tenant, expires_at))
+            .push(event, height, &outcome);
+        self.dirty.insert(Dirty::Window(tenant, expires_at));
         self.events.insert(
             (tenant, event),
             EventRecord {
@@ -843,21 +976,21 @@ impl Ledger {
                 outcome,
             },
         );
-        self.expiries.entry(expires_at).or_default().push((tenant, event));
-        self.dirty.insert(Dirty::Event(tenant, event));
     }
 
     /// Forgets events whose expiry height is below `height`: they can no longer be submitted
-    /// (step 4 rejects them), so remembering them is no longer needed.
+    /// (step 4 rejects them), so remembering them is no longer needed. Their windows leave the
+    /// state whole.
     fn expire_events(&mut self, height: u64) {
-        while let Some(entry) = self.expiries.first_entry() {
-            if *entry.key() >= height {
+        while let Some(entry) = self.windows.first_entry() {
+            let (expires_at, tenant) = *entry.key();
+            if expires_at >= height {
                 break;
             }
-            for (tenant, event) in entry.remove() {
+            for event in entry.remove().events {
                 self.events.remove(&(tenant, event));
-                self.dirty.insert(Dirty::Event(tenant, event));
             }
+            self.dirty.insert(Dirty::Window(tenant, expires_at));
         }
     }
 
@@ -898,22 +1031,40 @@ impl Ledger {
 
     // ----- the commitment -----
 
-    fn state_key(&self, dirty: &Dirty) -> StateKey {
-        match *dirty {
-            Dirty::Tenant(t) => StateKey::Tenant(t),
-            Dirty::Account(t, a) => StateKey::Account(t, a),
+    fn key_ref<'a>(&'a self, dirty: &'a Dirty) -> KeyRef<'a> {
+        match dirty {
+            Dirty::Tenant(t) => KeyRef::Tenant(*t),
+            Dirty::Account(t, a) => KeyRef::Account(*t, a),
             Dirty::Currency(slot) => {
-                let c = &self.currencies[slot as usize];
-                StateKey::Currency(c.tenant, c.id.clone())
+                let c = &self.currencies[*slot as usize];
+                KeyRef::Currency(c.tenant, &c.id.0)
             }
-            Dirty::Class(t, slot) => StateKey::Class(t, self.classes[slot as usize].1.clone()),
+            Dirty::Class(t, slot) => KeyRef::Class(*t, &self.classes[*slot as usize].1 .0),
             Dirty::Balance(slot, a) => {
-                let c = &self.currencies[slot as usize];
-                StateKey::Balance(c.tenant, c.id.clone(), a)
+                let c = &self.currencies[*slot as usize];
+                KeyRef::Balance(c.tenant, &c.id.0, a)
             }
-            Dirty::Item(t, i) => StateKey::Item(t, i),
-            Dirty::Event(t, e) => StateKey::Event(t, e),
+            Dirty::Item(t, i) => KeyRef::Item(*t, *i),
+            Dirty::Window(t, e) => KeyRef::Window(*t, *e),
         }
+    }
+
+    /// An entry's key hash and leaf hash (`None` when absent), without intermediate buffers
+    /// for the frequent kinds.
+    fn leaf(&self, dirty: &Dirty) -> (Hash, Option<Hash>) {
+        let key = self.key_ref(dirty).hash();
+        let leaf = match dirty {
+            Dirty::Balance(slot, a) => self
+                .balances
+                .get(&(*slot, *a))
+                .map(|b| leaf_hash(&key, &b.0.to_be_bytes())),
+            Dirty::Window(t, e) => self
+                .windows
+                .get(&(*e, *t))
+                .map(|w| leaf_hash(&key, &w.digest().0)),
+            _ => self.value_bytes(dirty).map(|value| leaf_hash(&key, &value)),
+        };
+        (key, leaf)
     }
 
     /// The committed value of an entry, in the byte form its leaf hashes; `None` when absent.
@@ -929,7 +1080,7 @@ impl Ledger {
                 .get(&(*slot, *a))
                 .map(|b| b.0.to_be_bytes().to_vec()),
             Dirty::Item(t, i) => self.items.get(&(*t, *i)).and_then(|v| encode(v)),
-            Dirty::Event(t, e) => self.events.get(&(*t, *e)).and_then(|v| encode(v)),
+            Dirty::Window(t, e) => self.windows.get(&(*e, *t)).map(|w| w.digest().0.to_vec()),
         }
     }
 
@@ -937,10 +1088,7 @@ impl Ledger {
     fn commit_state(&mut self) -> Hash {
         let dirty: Vec<Dirty> = self.dirty.drain().collect();
         let this = &*self;
-        let leaf = |d: &Dirty| {
-            let key = key_hash(&this.state_key(d).encode());
-            (key, this.value_bytes(d).map(|value| leaf_hash(&key, &value)))
-        };
+        let leaf = |d: &Dirty| this.leaf(d);
         let leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
             dirty.par_iter().map(leaf).collect()
         } else {
@@ -1036,7 +1184,7 @@ impl Ledger {
     }
 
     /// How many entries the state commitment holds (every tenant, account, currency, class,
-    /// non-zero balance, item and remembered event).
+    /// non-zero balance and item, and one window per tenant and expiry height with events).
     pub fn state_entries(&self) -> u64 {
         self.tree.leaf_count()
     }
@@ -1051,7 +1199,7 @@ impl Ledger {
     pub fn prove(&self, key: &StateKey) -> (Option<Vec<u8>>, Proof) {
         let dirty = self.to_dirty(key);
         let value = dirty.and_then(|d| self.value_bytes(&d));
-        (value, self.tree.prove(&key_hash(&key.encode())))
+        (value, self.tree.prove(&key.as_ref().hash()))
     }
 
     fn to_dirty(&self, key: &StateKey) -> Option<Dirty> {
@@ -1062,7 +1210,7 @@ impl Ledger {
             StateKey::Class(t, c) => Dirty::Class(*t, self.class_slot(*t, c).ok()?),
             StateKey::Balance(t, c, a) => Dirty::Balance(self.currency_slot(*t, c).ok()?, *a),
             StateKey::Item(t, i) => Dirty::Item(*t, *i),
-            StateKey::Event(t, e) => Dirty::Event(*t, *e),
+            StateKey::Window(t, e) => Dirty::Window(*t, *e),
         })
     }
 
@@ -1104,6 +1252,36 @@ impl Ledger {
             return Err("inventory index out of step with items".into());
         }
         Ok(())
+    }
+}
+
+/// The keys a transaction must be signed by: at most two (a swap's parties), kept inline.
+struct Required {
+    keys: [PublicKey; 2],
+    len: usize,
+}
+
+impl Default for Required {
+    fn default() -> Self {
+        Required {
+            keys: [PublicKey([0; 32]); 2],
+            len: 0,
+        }
+    }
+}
+
+impl Required {
+    fn push(&mut self, key: PublicKey) {
+        self.keys[self.len] = key;
+        self.len += 1;
+    }
+
+    fn contains(&self, key: &PublicKey) -> bool {
+        self.keys().contains(key)
+    }
+
+    fn keys(&self) -> &[PublicKey] {
+        &self.keys[..self.len]
     }
 }
 
@@ -1174,6 +1352,7 @@ struct Snapshot {
     classes: Vec<(TenantId, ClassId, ClassInfo)>,
     balances: Vec<(u32, PublicKey, Amount)>,
     items: Vec<(TenantId, ItemId, Item)>,
+    /// In window order: by expiry height, then tenant, then the order remembered.
     events: Vec<(TenantId, EventId, EventRecord)>,
 }
 
@@ -1191,12 +1370,16 @@ impl Ledger {
             .map(|((t, i), item)| (*t, *i, item.clone()))
             .collect();
         items.sort_unstable_by_key(|(t, i, _)| (*t, *i));
-        let mut events: Vec<_> = self
-            .events
+        let events: Vec<_> = self
+            .windows
             .iter()
-            .map(|((t, e), r)| (*t, *e, r.clone()))
+            .flat_map(|((_, tenant), window)| {
+                window
+                    .events
+                    .iter()
+                    .map(|event| (*tenant, *event, self.events[&(*tenant, *event)].clone()))
+            })
             .collect();
-        events.sort_unstable_by_key(|(t, e, _)| (*t, *e));
         let snapshot = Snapshot {
             chain_id: self.chain_id,
             operator: self.operator,
@@ -1274,23 +1457,32 @@ impl Ledger {
             dirty.push(Dirty::Item(tenant, id));
         }
         for (tenant, event, record) in snapshot.events {
+            let window = (record.expires_at, tenant);
+            if ledger
+                .windows
+                .last_key_value()
+                .is_some_and(|(last, _)| *last > window)
+            {
+                return Err(LedgerError::Snapshot("events out of window order".into()));
+            }
+            if !ledger.windows.contains_key(&window) {
+                dirty.push(Dirty::Window(tenant, record.expires_at));
+            }
             ledger
-                .expiries
-                .entry(record.expires_at)
-                .or_default()
-                .push((tenant, event));
-            ledger.events.insert((tenant, event), record);
-            dirty.push(Dirty::Event(tenant, event));
+                .windows
+                .entry(window)
+                .or_insert_with(|| Window::new(tenant, record.expires_at))
+                .push(event, record.height, &record.outcome);
+            if ledger.events.insert((tenant, event), record).is_some() {
+                return Err(LedgerError::Snapshot("an event is remembered twice".into()));
+            }
         }
         let this = &ledger;
         let mut leaves: Vec<(Hash, Hash)> = dirty
             .par_iter()
             .map(|d| {
-                let key = key_hash(&this.state_key(d).encode());
-                (
-                    key,
-                    leaf_hash(&key, &this.value_bytes(d).expect("restored entries exist")),
-                )
+                let (key, leaf) = this.leaf(d);
+                (key, leaf.expect("restored entries exist"))
             })
             .collect();
         leaves.par_sort_unstable_by_key(|(key, _)| *key);

@@ -670,3 +670,54 @@ fn holdings_are_provable_against_the_state_root() {
     let (value, proof) = chain.ledger.prove(&absent);
     assert!(value.is_none() && proof.verify(&root, &absent.encode(), None));
 }
+
+/// The deduplication window is committed to by one entry per tenant and expiry height, whose
+/// value is the running digest of its events' records: provable, and gone once it expires.
+#[test]
+fn the_deduplication_window_is_committed_and_provable() {
+    let mut chain = Chain::new();
+    let alice = key("alice", 0);
+    let bob = key("bob", 0);
+    chain.world.expires_at = 3;
+    let w = &mut chain.world;
+    let setup = vec![
+        w.define_currency(A, "GOLD", 1_000),
+        w.register(A, &alice.public(), Custody::SelfCustody),
+        w.register(A, &bob.public(), Custody::SelfCustody),
+        w.mint_currency(A, &alice.public(), "GOLD", 100),
+    ];
+    let mut remembered = chain.block(setup);
+    let transfer = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 500);
+    let second = chain.block(vec![transfer.clone(), transfer]);
+    assert_eq!(second[0].outcome, rejected(Rejection::InsufficientFunds));
+    assert!(second[1].duplicate, "a duplicate is not remembered again");
+    remembered.push(second[0].clone());
+
+    let window = StateKey::Window(A, 3);
+    let digest = hoard_ledger::state::window_digest(
+        A,
+        3,
+        remembered.iter().map(|r| (&r.event_id, r.height, &r.outcome)),
+    );
+    let root = chain.ledger.state_root();
+    let (value, proof) = chain.ledger.prove(&window);
+    assert_eq!(value.as_deref(), Some(&digest.0[..]));
+    assert!(proof.verify(&root, &window.encode(), Some(&digest.0)));
+    let mut other = remembered.clone();
+    other.swap(0, 1);
+    let reordered =
+        hoard_ledger::state::window_digest(A, 3, other.iter().map(|r| (&r.event_id, r.height, &r.outcome)));
+    assert!(!proof.verify(&root, &window.encode(), Some(&reordered.0)));
+
+    // Height 3 is the last the events may apply at; at height 4 the window leaves the state.
+    chain.block(vec![]);
+    assert!(chain.ledger.prove(&window).0.is_some());
+    let entries = chain.ledger.state_entries();
+    chain.block(vec![]);
+    let (value, proof) = chain.ledger.prove(&window);
+    assert!(value.is_none() && proof.verify(&chain.ledger.state_root(), &window.encode(), None));
+    assert_eq!(chain.ledger.state_entries(), entries - 1);
+    assert_eq!(chain.ledger.events_remembered(), 0);
+}

@@ -5,11 +5,16 @@
 //! ```
 //!
 //! Prints events/s for (a) apply including each block's state root, (b) apply plus a durable
-//! block commit (sled and redb side by side), (c) player-signed transfers including signature
-//! verification, next to (d) the raw ed25519 batch-verification rate measured in the same run
-//! with the same parallelism, the ceiling for (c).
+//! block commit (sled and redb side by side): one block after the other, and pipelined (a
+//! writer thread appends and syncs block N while block N+1 applies, as a replica can), (c)
+//! player-signed transfers including signature verification (a verifier thread batch-verifies
+//! block N+1 while block N applies), next to (d) the raw ed25519 batch-verification rate
+//! measured in the same run with the same parallelism, the ceiling for (c).
+//!
+//! `--phases a` runs only (a) (for instruction counts under callgrind; see BENCHMARKS.md).
 
 use std::path::PathBuf;
+use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -23,7 +28,7 @@ use hoard_ledger::testing::{key, World};
 use hoard_ledger::Ledger;
 use hoard_types::crypto::{verify_batch, SignedMessage};
 use hoard_types::tx::verify_transactions;
-use hoard_types::{Custody, Keypair, TenantId, Transaction};
+use hoard_types::{Custody, Keypair, Outcome, TenantId, Transaction};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +47,9 @@ struct Args {
     /// Player accounts the transfers move gold between.
     #[arg(long, default_value_t = 100_000)]
     players: usize,
+    /// Which figures to measure: any of `a`, `b`, `c` (c includes its ceiling d).
+    #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
+    phases: Vec<String>,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -58,6 +66,8 @@ struct Results {
     durable_events_per_second: f64,
     durable_engine: &'static str,
     durable_redb_events_per_second: f64,
+    durable_pipelined_events_per_second: f64,
+    durable_pipelined_redb_events_per_second: f64,
     signed_events_per_second: f64,
     batch_verify_ceiling_per_second: f64,
     signed_to_ceiling_ratio: f64,
@@ -72,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         args.block_size >= 1 && args.block_size <= hoard_types::constants::BLOCK_TRANSACTIONS_MAX
     );
     let threads = rayon::current_num_threads();
+    let phase = |name: &str| args.phases.iter().any(|p| p == name);
     eprintln!(
         "setup: {} players, {} + {} transfers signed by their players (threads: {threads})",
         args.players, args.events, args.signed_events
@@ -113,7 +124,11 @@ fn main() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let unsigned_path = transfers(&world, args.events, 1);
-    let signed_path = transfers(&world, args.signed_events, 2);
+    let signed_path = if phase("c") {
+        transfers(&world, args.signed_events, 2)
+    } else {
+        Vec::new()
+    };
     eprintln!(
         "setup: signed {} transactions in {:.1?}",
         args.events + args.signed_events,
@@ -131,26 +146,37 @@ fn main() -> anyhow::Result<()> {
     };
     let fresh = || fresh_with_blocks().0;
 
-    // (a) apply, with each block's state root.
-    let mut ledger = fresh();
     let blocks: Vec<Vec<Transaction>> = unsigned_path.chunks(args.block_size).map(<[_]>::to_vec).collect();
-    let started = Instant::now();
-    for (n, transactions) in blocks.iter().enumerate() {
-        let (_, receipts) = ledger.execute(n as u64, transactions.clone());
-        debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
+    let mut apply = 0.0;
+    let mut state_entries = 0;
+    if phase("a") {
+        // (a) apply, with each block's state root.
+        let mut ledger = fresh();
+        let run = blocks.clone();
+        let started = Instant::now();
+        for (n, transactions) in run.into_iter().enumerate() {
+            let (_, receipts) = ledger.execute(n as u64, transactions);
+            debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
+        }
+        let apply_seconds = started.elapsed().as_secs_f64();
+        apply = args.events as f64 / apply_seconds;
+        ledger.check_invariants().map_err(anyhow::Error::msg)?;
+        state_entries = ledger.state_entries();
+        println!(
+            "(a) apply + state root:        {apply:>12.0} events/s  ({} events in {apply_seconds:.2} s)",
+            args.events
+        );
     }
-    let apply_seconds = started.elapsed().as_secs_f64();
-    let apply = args.events as f64 / apply_seconds;
-    ledger.check_invariants().map_err(anyhow::Error::msg)?;
-    let state_entries = ledger.state_entries();
-    println!(
-        "(a) apply + state root:        {apply:>12.0} events/s  ({} events in {apply_seconds:.2} s)",
-        args.events
-    );
 
     // (b) apply and a durable commit of every block, on each engine.
-    let mut durable = Vec::new();
-    for engine in [Engine::Sled, Engine::Redb] {
+    let mut durable = vec![0.0; 2];
+    let mut pipelined = vec![0.0; 2];
+    let engines = if phase("b") {
+        vec![Engine::Sled, Engine::Redb]
+    } else {
+        Vec::new()
+    };
+    for (index, engine) in engines.into_iter().enumerate() {
         let dir = tempfile::tempdir()?;
         let mut store = engine
             .open(dir.path(), StoreConfig::default())
@@ -160,20 +186,82 @@ fn main() -> anyhow::Result<()> {
             store.append_block(block.header.height, &block.encode())?;
         }
         store.sync()?;
+        let run = blocks.clone();
         let started = Instant::now();
-        for (n, transactions) in blocks.iter().enumerate() {
-            let (block, _) = ledger.execute(n as u64, transactions.clone());
+        for (n, transactions) in run.into_iter().enumerate() {
+            let (block, _) = ledger.execute(n as u64, transactions);
             store.append_block(block.header.height, &block.encode())?;
             store.sync()?;
         }
         let seconds = started.elapsed().as_secs_f64();
         let rate = args.events as f64 / seconds;
+        let survives = store.durability().sync;
         println!(
-            "(b) apply + durable {:<5} commit: {rate:>10.0} events/s  (one append + sync per block; sync survives {:?})",
+            "(b) apply + durable {:<5} commit: {rate:>10.0} events/s  (one append + sync per block; sync survives {survives:?})",
             engine.name(),
-            store.durability().sync
         );
-        durable.push(rate);
+        durable[index] = rate;
+
+        // The same, pipelined: a writer thread appends and syncs block N (each block is
+        // durable before the next is handed over) while block N+1 applies.
+        let dir = tempfile::tempdir()?;
+        let mut store = engine
+            .open(dir.path(), StoreConfig::default())
+            .context("open store")?;
+        let (mut ledger, setup_blocks) = fresh_with_blocks();
+        for block in &setup_blocks {
+            store.append_block(block.header.height, &block.encode())?;
+        }
+        store.sync()?;
+        let run = blocks.clone();
+        let started = Instant::now();
+        std::thread::scope(|scope| -> anyhow::Result<()> {
+            let (sender, receiver) = sync_channel::<hoard_ledger::Block>(1);
+            let writer = scope.spawn(move || -> anyhow::Result<()> {
+                for block in receiver {
+                    store.append_block(block.header.height, &block.encode())?;
+                    store.sync()?;
+                }
+                Ok(())
+            });
+            for (n, transactions) in run.into_iter().enumerate() {
+                let (block, _) = ledger.execute(n as u64, transactions);
+                if sender.send(block).is_err() {
+                    break;
+                }
+            }
+            drop(sender);
+            writer.join().expect("writer thread")
+        })?;
+        let rate = args.events as f64 / started.elapsed().as_secs_f64();
+        println!(
+            "(b) pipelined, durable {:<5}:  {rate:>10.0} events/s  (block N appended + synced while N+1 applies)",
+            engine.name(),
+        );
+        pipelined[index] = rate;
+    }
+
+    if !phase("c") {
+        return write_results(
+            &args,
+            Results {
+                events: args.events,
+                signed_events: 0,
+                block_size: args.block_size,
+                players: args.players,
+                threads,
+                apply_events_per_second: apply.round(),
+                durable_events_per_second: durable[0].round(),
+                durable_engine: "sled",
+                durable_redb_events_per_second: durable[1].round(),
+                durable_pipelined_events_per_second: pipelined[0].round(),
+                durable_pipelined_redb_events_per_second: pipelined[1].round(),
+                signed_events_per_second: 0.0,
+                batch_verify_ceiling_per_second: 0.0,
+                signed_to_ceiling_ratio: 0.0,
+                state_entries,
+            },
+        );
     }
 
     // (d) the ceiling: raw batch verification of the same signatures, same chunking, all cores.
@@ -196,17 +284,36 @@ fn main() -> anyhow::Result<()> {
         });
     let ceiling = args.signed_events as f64 / started.elapsed().as_secs_f64();
 
-    // (c) signed transfers: verify every signature (batched), then apply.
+    // (c) signed transfers: a verifier thread batch-verifies every signature of block N+1
+    // while block N applies (the state machine itself stays single-threaded in its order).
     let mut ledger = fresh();
+    let mut applied = 0;
     let started = Instant::now();
-    for (n, transactions) in signed_path.chunks(args.block_size).enumerate() {
-        let valid: Vec<bool> = transactions
-            .par_chunks(256)
-            .flat_map_iter(verify_transactions)
-            .collect();
-        assert!(valid.iter().all(|v| *v));
-        ledger.execute(n as u64, transactions.to_vec());
-    }
+    std::thread::scope(|scope| {
+        let (sender, receiver) = sync_channel::<Vec<Transaction>>(1);
+        let block_size = args.block_size;
+        let signed_path = &signed_path;
+        scope.spawn(move || {
+            for transactions in signed_path.chunks(block_size) {
+                let valid: Vec<bool> = transactions
+                    .par_chunks(256)
+                    .flat_map_iter(verify_transactions)
+                    .collect();
+                assert!(valid.iter().all(|v| *v), "every signature verifies");
+                if sender.send(transactions.to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        for (n, transactions) in receiver.into_iter().enumerate() {
+            let (_, receipts) = ledger.execute(n as u64, transactions);
+            applied += receipts
+                .iter()
+                .filter(|r| r.outcome == Outcome::Applied && !r.duplicate)
+                .count();
+        }
+    });
+    anyhow::ensure!(applied == args.signed_events, "every signed transfer applied");
     let signed = args.signed_events as f64 / started.elapsed().as_secs_f64();
     println!("(c) verify + apply:            {signed:>12.0} events/s");
     println!("(d) ed25519 batch verify:      {ceiling:>12.0} signatures/s (ceiling for c)");
@@ -222,13 +329,19 @@ fn main() -> anyhow::Result<()> {
         durable_events_per_second: durable[0].round(),
         durable_engine: "sled",
         durable_redb_events_per_second: durable[1].round(),
+        durable_pipelined_events_per_second: pipelined[0].round(),
+        durable_pipelined_redb_events_per_second: pipelined[1].round(),
         signed_events_per_second: signed.round(),
         batch_verify_ceiling_per_second: ceiling.round(),
         signed_to_ceiling_ratio: (signed / ceiling * 100.0).round() / 100.0,
         state_entries,
     };
-    if let Some(path) = args.json {
-        std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
+    write_results(&args, results)
+}
+
+fn write_results(args: &Args, results: Results) -> anyhow::Result<()> {
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
