@@ -1,7 +1,9 @@
 //! `hoard demo`: the whole stack on this machine with simulated players, in one command.
 //!
-//! Starts a 4-replica PBFT cluster (4 `hoard node` child processes), a private redis-server and
-//! the gateway (in this process), drives simulated players through the SDK (the same simulator as
+//! Starts a 4-replica PBFT cluster (4 `hoard node` child processes), a private redis-server (or,
+//! when none is installed or `--store embedded` asks, the gateway's embedded in-memory store, said
+//! on screen as the non-durable fallback) and the gateway (in this process), drives simulated
+//! players through the SDK (the same simulator as
 //! `hoard-loadtest`), prints one progress line per second and a summary, then stops everything
 //! and checks that every replica holds the same state root as the others and as the gateway's
 //! follower, and that supply is conserved. Exit status 0 only if those checks pass.
@@ -11,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hoard_loadtest::players::{PlayersConfig, PlayersReport, Simulation};
-use hoard_loadtest::stack::{shutdown_signal, Stack, StackOptions};
+use hoard_loadtest::stack::{find_redis_server, shutdown_signal, Stack, StackOptions, StackStore};
 use hoard_loadtest::sys;
 
 /// Options of `hoard demo`.
@@ -42,12 +44,57 @@ pub struct DemoArgs {
     /// Write the simulator's report as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Where the gateway keeps clicks and accepted events: a private redis-server (`redis`), the
+    /// embedded in-memory store (`embedded`, not durable), or redis-server when installed, else
+    /// the embedded store (`auto`).
+    #[arg(long, value_enum, default_value_t = StoreArg::Auto)]
+    pub store: StoreArg,
+}
+
+/// `--store` of `hoard demo` and `hoard dev`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreArg {
+    Auto,
+    Redis,
+    Embedded,
+}
+
+/// Resolves `--store` (looking for redis-server) and says on screen when the embedded,
+/// non-durable store is used, and why. Returns the store the stack must start.
+pub fn choose_store(arg: StoreArg) -> anyhow::Result<StackStore> {
+    let choice = match arg {
+        StoreArg::Auto => StackStore::Auto,
+        StoreArg::Redis => StackStore::Redis,
+        StoreArg::Embedded => StackStore::Embedded,
+    };
+    Ok(match choice.resolve(find_redis_server())? {
+        Some(_) => StackStore::Redis,
+        None => {
+            let why = if arg == StoreArg::Embedded {
+                "--store embedded"
+            } else {
+                "redis-server not found"
+            };
+            println!("{why}: using {}", hoard_server::store::EMBEDDED_NOTICE);
+            StackStore::Embedded
+        }
+    })
+}
+
+/// What the stack runs besides the replicas and the gateway, for the first line.
+pub fn store_words(store: StackStore) -> &'static str {
+    match store {
+        StackStore::Embedded => "the gateway (embedded click store)",
+        _ => "redis-server and the gateway",
+    }
 }
 
 /// Runs the demo; Ok(true) when the end checks passed.
 pub async fn run(args: DemoArgs) -> anyhow::Result<bool> {
-    println!("hoard demo: starting 4 replicas, redis-server and the gateway ...");
+    let store = choose_store(args.store)?;
+    println!("hoard demo: starting 4 replicas, {} ...", store_words(store));
     let mut options = StackOptions::new(std::env::current_exe()?);
+    options.store = store;
     options.data_dir = args.data_dir.clone();
     let stack = Stack::start(options).await?;
     print_endpoints(&stack);
@@ -136,7 +183,10 @@ pub fn print_endpoints(stack: &Stack) {
             replica.id, replica.metrics, replica.address
         );
     }
-    println!("  redis:            {}", stack.redis.url());
+    match &stack.redis {
+        Some(redis) => println!("  redis:            {}", redis.url()),
+        None => println!("  click store:      embedded in the gateway (in memory, NOT durable)"),
+    }
 }
 
 /// One line per second until the caller stops polling this future.

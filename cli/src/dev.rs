@@ -1,6 +1,7 @@
-//! `hoard dev`: the same stack as `hoard demo` (4 replica processes, a private redis-server, the
-//! gateway) without simulated players, serving until Ctrl-C. Prints the WebSocket URL, the
-//! metrics URLs and a studio credential to connect with.
+//! `hoard dev`: the same stack as `hoard demo` (4 replica processes, a private redis-server or,
+//! without one, the gateway's embedded in-memory store, the gateway) without simulated players,
+//! serving until Ctrl-C. Prints the WebSocket URL, the metrics URLs and a studio credential to
+//! connect with.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,11 +24,21 @@ pub struct DevArgs {
     /// Settle click points into GOLD this often (milliseconds; 0: only on request).
     #[arg(long, default_value_t = 1_000)]
     pub settle_interval_ms: u64,
+    /// Where the gateway keeps clicks and accepted events: a private redis-server (`redis`), the
+    /// embedded in-memory store (`embedded`, not durable), or redis-server when installed, else
+    /// the embedded store (`auto`).
+    #[arg(long, value_enum, default_value_t = crate::demo::StoreArg::Auto)]
+    pub store: crate::demo::StoreArg,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<bool> {
-    println!("hoard dev: starting 4 replicas, redis-server and the gateway ...");
+    let store = crate::demo::choose_store(args.store)?;
+    println!(
+        "hoard dev: starting 4 replicas, {} ...",
+        crate::demo::store_words(store)
+    );
     let mut options = StackOptions::new(std::env::current_exe()?);
+    options.store = store;
     options.data_dir = args.data_dir;
     options.gateway_listen = args.listen;
     options.gateway_http_listen = args.metrics;

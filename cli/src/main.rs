@@ -60,9 +60,11 @@ enum Command {
         #[arg(long, env = "HOARD_GATEWAY_CONFIG")]
         config: PathBuf,
     },
-    /// Start 4 replicas, Redis and the gateway, drive simulated players, check the replicas agree.
+    /// Start 4 replicas, Redis (or the embedded store without it) and the gateway, drive simulated
+    /// players, check the replicas agree.
     Demo(demo::DemoArgs),
-    /// Start 4 replicas, Redis and the gateway and serve until Ctrl-C.
+    /// Start 4 replicas, Redis (or the embedded store without it) and the gateway and serve until
+    /// Ctrl-C.
     Dev(dev::DevArgs),
 }
 

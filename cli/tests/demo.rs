@@ -1,21 +1,24 @@
-//! `hoard demo` end to end: 4 replica processes, a real redis-server, the gateway, simulated
-//! players through the SDK; the demo must exit 0 and print its end checks (every replica's
-//! state root equal, supply conserved).
+//! `hoard demo` end to end: 4 replica processes, a real redis-server (or the embedded store), the
+//! gateway, simulated players through the SDK; the demo must exit 0 and print its end checks
+//! (every replica's state root equal, supply conserved).
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[test]
-fn demo_runs_and_the_replicas_agree() {
+/// Runs `hoard demo` with `args` and its data in `data/demo`; checks the end checks passed and
+/// load flowed; returns stdout.
+fn run_demo(data: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let started = Instant::now();
-    let data = tempfile::tempdir().expect("temp dir");
     let output = Command::new(env!("CARGO_BIN_EXE_hoard"))
-        .args(["demo", "--duration", "8", "--players", "50"])
+        .arg("demo")
+        .args(args)
         .arg("--data-dir")
-        .arg(data.path().join("demo"))
+        .arg(data.join("demo"))
+        .envs(env.iter().copied())
         .output()
         .expect("hoard demo runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
@@ -45,11 +48,44 @@ fn demo_runs_and_the_replicas_agree() {
     assert!(committed > 0, "no asset event committed: {summary}");
     // The data directory given was kept, with every replica's store.
     for id in 0..4 {
-        assert!(data.path().join(format!("demo/cluster/replica-{id}")).is_dir());
+        assert!(data.join(format!("demo/cluster/replica-{id}")).is_dir());
     }
     assert!(
         started.elapsed() < Duration::from_secs(90),
         "the demo took {:?}",
         started.elapsed()
     );
+    stdout
+}
+
+#[test]
+fn demo_runs_and_the_replicas_agree() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let stdout = run_demo(data.path(), &["--duration", "8", "--players", "50"], &[]);
+    assert!(
+        stdout.contains("  redis:            redis://127.0.0.1:"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("embedded in-memory click store"), "{stdout}");
+}
+
+#[test]
+fn demo_runs_on_the_embedded_store_and_says_it_is_not_durable() {
+    let data = tempfile::tempdir().expect("temp dir");
+    // No redis-server to find either: nothing of Redis may be needed.
+    let stdout = run_demo(
+        data.path(),
+        &["--duration", "4", "--players", "30", "--store", "embedded"],
+        &[("HOARD_REDIS_SERVER", "/nonexistent/redis-server")],
+    );
+    assert!(
+        stdout.contains(
+            "--store embedded: using the embedded in-memory click store (NOT durable: a gateway crash loses \
+             clicks and accepted events not yet committed; the SDK's resend restores events)"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("click store:      embedded"), "{stdout}");
+    assert!(!stdout.contains("redis://"), "{stdout}");
+    assert!(!data.path().join("demo/redis").exists());
 }

@@ -1,6 +1,7 @@
 //! The whole Hoard stack on one machine, started by one call: a 4-replica PBFT cluster (each
 //! replica a child process `<program> node --config replica-<i>.toml`, because each process can
-//! hold only one metrics recorder), a private `redis-server`, and the gateway in this process,
+//! hold only one metrics recorder), a private `redis-server` (or, when [`StackStore`] says so,
+//! the gateway's embedded in-memory store instead), and the gateway in this process,
 //! connected to the cluster through [`ClusterChain`]. `hoard demo`, `hoard dev` and
 //! `hoard-loadtest` all start it through [`Stack::start`].
 //!
@@ -26,7 +27,7 @@ use hoard_ledger::cluster::{write_local_cluster, NodeConfig};
 use hoard_ledger::store::{Engine, StoreConfig};
 use hoard_ledger::{Block, Genesis, Ledger};
 use hoard_server::chain::ClusterChain;
-use hoard_server::config::{demo_genesis, GatewayConfig, DEMO_STUDIO_SEED};
+use hoard_server::config::{demo_genesis, GatewayConfig, StoreBackend, DEMO_STUDIO_SEED};
 use hoard_server::{Chain, Gateway};
 use hoard_types::{Hash, Keypair, TenantId};
 
@@ -36,6 +37,34 @@ pub const REPLICA_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Well-known places of the Redis binary, before `$PATH` is searched.
 pub const REDIS_SERVER_PATHS: &[&str] = &["/usr/bin/redis-server", "/usr/local/bin/redis-server"];
+/// Environment variable naming the redis-server binary to use (when set, nothing else is tried).
+pub const REDIS_SERVER_ENV: &str = "HOARD_REDIS_SERVER";
+
+/// Where the stack's gateway keeps clicks and the event stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StackStore {
+    /// A private redis-server; an error if none is installed (benchmarks: real figures only).
+    Redis,
+    /// The gateway's embedded in-memory store (not durable), no redis-server.
+    Embedded,
+    /// A private redis-server if one is installed, else the embedded store (`hoard demo`, `hoard dev`).
+    Auto,
+}
+
+impl StackStore {
+    /// What to start: a redis-server (its binary) or nothing (the embedded store).
+    pub fn resolve(self, found: Option<PathBuf>) -> anyhow::Result<Option<PathBuf>> {
+        match (self, found) {
+            (StackStore::Embedded, _) | (StackStore::Auto, None) => Ok(None),
+            (StackStore::Redis | StackStore::Auto, Some(binary)) => Ok(Some(binary)),
+            (StackStore::Redis, None) => bail!(
+                "redis-server is required and was not found (tried ${REDIS_SERVER_ENV}, {REDIS_SERVER_PATHS:?} \
+                 and $PATH); install it (Debian: apt-get install redis-server; scripts/test installs it), \
+                 or use the gateway's embedded in-memory store (not durable)"
+            ),
+        }
+    }
+}
 
 /// What to start.
 #[derive(Clone, Debug)]
@@ -52,6 +81,8 @@ pub struct StackOptions {
     pub gateway_http_listen: SocketAddr,
     /// Automatic click settlement every so often (0: off; the simulator settles explicitly).
     pub settle_interval_ms: u64,
+    /// Redis or the embedded store ([`StackOptions::new`]: Redis).
+    pub store: StackStore,
     /// Redis appends to its AOF, fsync every second (else no persistence at all).
     pub redis_aof: bool,
     /// Show the children's logs on this process's stderr.
@@ -73,6 +104,7 @@ impl StackOptions {
             gateway_listen: "127.0.0.1:0".parse().expect("literal"),
             gateway_http_listen: "127.0.0.1:0".parse().expect("literal"),
             settle_interval_ms: 0,
+            store: StackStore::Redis,
             redis_aof: true,
             children_logs: false,
             gateway_process: false,
@@ -159,8 +191,13 @@ impl Drop for ChildProcess {
     }
 }
 
-/// The `redis-server` binary: a well-known path or `$PATH`.
+/// The `redis-server` binary: the one `$HOARD_REDIS_SERVER` names (if it exists), else a
+/// well-known path or `$PATH`.
 pub fn find_redis_server() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(REDIS_SERVER_ENV) {
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
+    }
     for path in REDIS_SERVER_PATHS {
         if Path::new(path).is_file() {
             return Some(PathBuf::from(path));
@@ -182,17 +219,23 @@ pub struct RedisProcess {
 impl RedisProcess {
     /// Starts redis-server with its files in `dir` and waits until it answers PING.
     pub async fn start(dir: &Path, aof: bool, logs: bool) -> anyhow::Result<RedisProcess> {
-        let Some(binary) = find_redis_server() else {
-            bail!(
-                "redis-server is required and was not found (tried {REDIS_SERVER_PATHS:?} and $PATH); \
-                 install it (Debian: apt-get install redis-server; scripts/test installs it). \
-                 The gateway keeps clicks and the durable event stream in Redis and has no in-process substitute."
-            );
-        };
+        let binary = StackStore::Redis
+            .resolve(find_redis_server())?
+            .expect("Redis resolves to a binary");
+        RedisProcess::start_binary(&binary, dir, aof, logs).await
+    }
+
+    /// Starts `binary` as redis-server with its files in `dir` and waits until it answers PING.
+    pub async fn start_binary(
+        binary: &Path,
+        dir: &Path,
+        aof: bool,
+        logs: bool,
+    ) -> anyhow::Result<RedisProcess> {
         std::fs::create_dir_all(dir)?;
         for _attempt in 0..5 {
             let port = hoard_ledger::testing::free_port();
-            let mut command = Command::new(&binary);
+            let mut command = Command::new(binary);
             command
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
                 .args(["--appendonly", if aof { "yes" } else { "no" }])
@@ -249,7 +292,8 @@ pub struct Stack {
     _temp: Option<tempfile::TempDir>,
     pub genesis: Genesis,
     pub replicas: Vec<ReplicaProcess>,
-    pub redis: RedisProcess,
+    /// The private redis-server (None: the gateway uses its embedded store).
+    pub redis: Option<RedisProcess>,
     pub gateway: Option<Gateway>,
     /// The gateway as a child process ([`StackOptions::gateway_process`]).
     pub gateway_process: Option<crate::gateway_process::GatewayProcess>,
@@ -298,7 +342,18 @@ impl Stack {
             }
         };
         // Redis first: it fails fast with a clear message when missing.
-        let redis = RedisProcess::start(&dir.join("redis"), options.redis_aof, options.children_logs).await?;
+        let redis = match options.store.resolve(find_redis_server())? {
+            Some(binary) => Some(
+                RedisProcess::start_binary(
+                    &binary,
+                    &dir.join("redis"),
+                    options.redis_aof,
+                    options.children_logs,
+                )
+                .await?,
+            ),
+            None => None,
+        };
 
         let genesis = demo_genesis();
         let cluster_dir = dir.join("cluster");
@@ -360,7 +415,10 @@ impl Stack {
             }
         }
 
-        let config = gateway_config(&options, redis.url());
+        let mut config = gateway_config(&options, redis.as_ref().map(|r| r.url()).unwrap_or_default());
+        if redis.is_none() {
+            config.store = StoreBackend::Embedded;
+        }
         let (gateway, gateway_process) = if options.gateway_process {
             let process = crate::gateway_process::GatewayProcess::start(
                 &options.node_program,
@@ -491,7 +549,9 @@ impl Stack {
         for replica in &mut self.replicas {
             replica.process.stop(REPLICA_STOP_TIMEOUT).await;
         }
-        self.redis.process.stop(Duration::from_secs(5)).await;
+        if let Some(redis) = &mut self.redis {
+            redis.process.stop(Duration::from_secs(5)).await;
+        }
 
         let mut lines = Vec::new();
         let mut states = Vec::new();
@@ -574,7 +634,9 @@ impl Stack {
         for replica in &mut self.replicas {
             replica.process.stop(Duration::from_secs(2)).await;
         }
-        self.redis.process.kill();
+        if let Some(redis) = &mut self.redis {
+            redis.process.kill();
+        }
     }
 }
 
@@ -645,5 +707,21 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_is_a_redis_server_when_installed_else_embedded_unless_redis_is_required() {
+        let binary = || Some(PathBuf::from("/usr/bin/redis-server"));
+        assert_eq!(StackStore::Auto.resolve(binary()).unwrap(), binary());
+        assert_eq!(StackStore::Auto.resolve(None).unwrap(), None);
+        assert_eq!(StackStore::Embedded.resolve(binary()).unwrap(), None);
+        assert_eq!(StackStore::Redis.resolve(binary()).unwrap(), binary());
+        let missing = StackStore::Redis.resolve(None).unwrap_err().to_string();
+        assert!(missing.contains("redis-server is required"), "{missing}");
     }
 }

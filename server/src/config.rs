@@ -392,6 +392,7 @@ mod tests {
         let config = GatewayConfig::from_toml(text).unwrap();
         assert_eq!(config.tenants[0].rules[0].points_per_unit, 100);
         assert!(config.clicks.flush_interval_ms <= 50);
+        assert_eq!(config.store, StoreBackend::Redis);
     }
 
     #[test]
