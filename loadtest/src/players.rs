@@ -740,7 +740,9 @@ async fn game_server(
         live.lag(lag);
         let elapsed = start.elapsed();
         let due = clicks.due(elapsed);
-        let first_intended = start + clicks.intended(clicks_sent);
+        // The first click's intended time (only when one is due: with no players the rate is
+        // 0 and `intended` is Duration::MAX).
+        let first_index = clicks_sent;
         let mut batch = 0u64;
         while clicks_sent < due {
             let player = &world.publics[next_player];
@@ -756,7 +758,7 @@ async fn game_server(
         }
         if batch > 0 {
             live.clicks_sent.fetch_add(batch, Ordering::Relaxed);
-            await_click_ack(&client, batch, first_intended, &live);
+            await_click_ack(&client, batch, start + clicks.intended(first_index), &live);
         }
         let due = asset_events.due(elapsed);
         while events_sent < due {
