@@ -260,8 +260,16 @@ async fn a_second_gateway_finishes_what_a_crashed_one_accepted_exactly_once() {
 
 #[tokio::test]
 async fn a_stalled_chain_turns_into_busy_not_memory() {
-    let redis = RedisServer::start();
-    let mut gw = TestGateway::start(&redis, |c| c.events.pending_max = 3).await;
+    a_stalled_chain_turns_into_busy_not_memory_on(TestStore::redis()).await;
+}
+
+#[tokio::test]
+async fn a_stalled_chain_turns_into_busy_not_memory_with_the_embedded_store() {
+    a_stalled_chain_turns_into_busy_not_memory_on(TestStore::embedded()).await;
+}
+
+async fn a_stalled_chain_turns_into_busy_not_memory_on(store: TestStore) {
+    let mut gw = TestGateway::start(&store, |c| c.events.pending_max = 3).await;
     let mut studio1 = studio(&gw, T1).await;
     gw.chain.set_paused(true);
     let mut accepted = Vec::new();
