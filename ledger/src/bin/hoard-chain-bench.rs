@@ -225,9 +225,13 @@ async fn run_at(
         );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    for handle in handles {
+    for mut handle in handles {
         let left = deadline.saturating_duration_since(Instant::now());
-        let _ = tokio::time::timeout(left, handle).await;
+        if tokio::time::timeout(left, &mut handle).await.is_err() {
+            // Not committed in time: counted as lost (the task lets go of the results).
+            handle.abort();
+            let _ = handle.await;
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
     let run = Arc::try_unwrap(run)
