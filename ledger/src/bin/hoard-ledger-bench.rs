@@ -169,8 +169,8 @@ fn main() -> anyhow::Result<()> {
     }
 
     // (b) apply and a durable commit of every block, on each engine.
-    let mut durable = vec![0.0; 2];
-    let mut pipelined = vec![0.0; 2];
+    let mut durable = [0.0; 2];
+    let mut pipelined = [0.0; 2];
     let engines = if phase("b") {
         vec![Engine::Sled, Engine::Redb]
     } else {
