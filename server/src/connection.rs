@@ -173,6 +173,14 @@ async fn write(sink: &mut Sink, message: &ServerMessage) -> Result<(), tungsteni
     sink.feed(Message::Binary(wire::encode(message).into())).await
 }
 
+/// Writes and flushes `replies` (draining it).
+async fn write_all(sink: &mut Sink, replies: &mut Vec<ServerMessage>) -> Result<(), tungstenite::Error> {
+    for reply in replies.drain(..) {
+        write(sink, &reply).await?;
+    }
+    sink.flush().await
+}
+
 async fn close(sink: &mut Sink, code: u16, reason: &'static str) -> Result<(), tungstenite::Error> {
     let frame = CloseFrame {
         code: CloseCode::from(code),
@@ -247,12 +255,17 @@ impl Connection {
                     flow
                 }
             };
-            for reply in self.replies.drain(..) {
-                if write(sink, &reply).await.is_err() {
-                    return Flow::Close(close_code::INTERNAL_ERROR, "write failed");
+            // A client that does not read blocks these writes; its queue then fills and marks
+            // it slow, which must still close it (1013) instead of waiting on it for ever.
+            let written = tokio::select! {
+                biased;
+                _ = slow.notified() => {
+                    metrics::counter!(m::SLOW_CONSUMERS_TOTAL).increment(1);
+                    return Flow::Close(close_code::TRY_AGAIN_LATER, "client reads too slowly");
                 }
-            }
-            if sink.flush().await.is_err() {
+                written = write_all(sink, &mut self.replies) => written,
+            };
+            if written.is_err() {
                 return Flow::Close(close_code::INTERNAL_ERROR, "write failed");
             }
             if let Flow::Close(..) = flow {

@@ -123,6 +123,38 @@ impl Events {
         )
     }
 
+    /// This gateway's name in the consumer group.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Redis lost its data (it restarted without persistence, see `watch_redis` in `lib.rs`):
+    /// the stream entries of events already durable may be gone with it. Forgets those events so
+    /// that `event_status` answers `unknown` and a resubmission appends them again (the SDK
+    /// resends every event it has not seen committed); the ledger's deduplication keeps each
+    /// event once whichever copy commits. Events still waiting for their append stay. Returns
+    /// how many were forgotten.
+    pub fn forget_durable(&self) -> usize {
+        let mut conns = Vec::new();
+        let mut forgotten = 0;
+        self.tracker.retain(|_, entry| {
+            if entry.durable {
+                forgotten += 1;
+                conns.append(&mut entry.conns);
+                false
+            } else {
+                true
+            }
+        });
+        for conn in conns.iter() {
+            if let Some(handle) = self.hub.get(*conn) {
+                handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
+        forgotten
+    }
+
     /// Events in flight (accepted or claimed, not committed).
     pub fn in_flight(&self) -> usize {
         self.tracker.len()

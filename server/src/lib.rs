@@ -153,6 +153,7 @@ impl Gateway {
         let hub = Arc::new(hub::Hub::default());
         let view = Arc::new(view::ChainView::new(genesis));
         let (events, queues) = events::Events::new(&config, consumer, hub.clone(), view.clone());
+        store.check_marker(events.consumer()).await?;
         let clicks = Arc::new(clicks::Clicks::new(store.clone()));
         let (stop_connections, stop_connections_rx) = watch::channel(false);
         let (stop_background, stop_background_rx) = watch::channel(false);
@@ -352,6 +353,11 @@ async fn sweep_offers(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Checks Redis every 500 ms (readiness), and that it still holds this gateway's marker key. A
+/// missing marker means Redis restarted without its data (no persistence, or a lost disk): the
+/// consumer group is created again and the events whose stream entries may be gone are
+/// forgotten (`event_status` then answers `unknown`), so that the SDK's resend of every event
+/// not seen committed appends them again; the ledger keeps each event once.
 async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -359,7 +365,20 @@ async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = ticker.tick() => {}
             _ = crate::stopped(&mut stop) => return,
         }
-        let ok = shared.store.ping().await.is_ok();
+        let ok = match shared.store.check_marker(shared.events.consumer()).await {
+            Ok(true) => true,
+            Ok(false) => {
+                let group = shared.store.ensure_group().await;
+                let forgotten = shared.events.forget_durable();
+                tracing::warn!(
+                    forgotten,
+                    "Redis lost its data (this gateway's marker key is gone): consumer group created \
+                     again; events in flight forgotten so that their resubmissions are appended again"
+                );
+                group.is_ok()
+            }
+            Err(_) => false,
+        };
         shared.health.redis_ok.store(ok, Ordering::Relaxed);
     }
 }

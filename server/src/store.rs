@@ -101,6 +101,17 @@ impl Store {
         }
     }
 
+    /// Sets this gateway's marker key (`consumer`'s) if it is missing and refreshes its expiry,
+    /// in one round trip. `Ok(false)`: it was missing, so Redis lost what it held since the
+    /// marker was set (it restarted without persistence). The embedded store cannot lose its data
+    /// without this process: always `Ok(true)`.
+    pub async fn check_marker(&self, consumer: &str) -> StoreResult<bool> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.check_marker(consumer).await).await,
+            Store::Embedded(_) => Ok(true),
+        }
+    }
+
     // ----- clicks -----
 
     /// Adds click totals: per key the player's counter total, its leaderboard score and its
@@ -494,6 +505,21 @@ impl RedisStore {
         Ok(result?)
     }
 
+    async fn check_marker(&self, consumer: &str) -> redis::RedisResult<bool> {
+        let key = marker_key(consumer);
+        let mut connection = self.handle.get().await?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(MARKER_TTL_SECONDS);
+        pipe.expire(&key, MARKER_TTL_SECONDS as i64).ignore();
+        let (set,): (Option<String>,) = pipe.query_async(&mut connection).await?;
+        Ok(set.is_none())
+    }
+
     async fn ping(&self) -> redis::RedisResult<()> {
         let mut connection = self.handle.get().await?;
         redis::cmd("PING").query_async::<String>(&mut connection).await?;
@@ -750,4 +776,12 @@ fn snapshot_key(prefix: &str, counter: &str) -> String {
 /// A window's plan: the MessagePack of its signed transactions.
 fn plan_key(prefix: &str) -> String {
     format!("{prefix}:plan")
+}
+
+/// Seconds a gateway's marker key outlives its last check (every 500 ms while it runs).
+pub const MARKER_TTL_SECONDS: u64 = 86_400;
+
+/// A gateway's marker: set at start, checked every 500 ms; gone means Redis lost its data.
+pub fn marker_key(consumer: &str) -> String {
+    format!("hoard:gateway:{consumer}:marker")
 }

@@ -61,45 +61,64 @@ impl RedisServer {
         for _ in 0..5 {
             let dir = tempfile::tempdir().expect("temp dir");
             let port = free_port();
-            let child = Command::new(REDIS_SERVER_PATH)
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server runs (install it at /usr/bin/redis-server)");
             let mut server = RedisServer {
-                child,
+                child: spawn_redis(port, dir.path()),
                 port,
                 _dir: dir,
             };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(client) = redis::Client::open(server.url()) {
-                    if let Ok(mut connection) = client.get_connection() {
-                        if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
-                            return server;
-                        }
-                    }
-                }
-                if let Ok(Some(_)) = server.child.try_wait() {
-                    break; // the port was taken: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if server.wait_ready() {
+                return server;
             }
             let _ = server.child.kill();
+            let _ = server.child.wait();
         }
         panic!("redis-server did not start");
+    }
+
+    /// Polls PING until it answers (true) or the process exits or 5 s pass (false).
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut connection) = client.get_connection() {
+                    if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
+                        return true;
+                    }
+                }
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // the port was taken
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// SIGKILL: the server is gone at once, with everything it held (no persistence).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh, empty redis-server on the same port (after [`RedisServer::kill`]): what
+    /// a Redis restart without persistence looks like to the gateway.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.child = spawn_redis(self.port, self._dir.path());
+            if self.wait_ready() {
+                return;
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn url(&self) -> String {
@@ -116,6 +135,26 @@ impl RedisServer {
             .and_then(|c| c.get_connection())
             .expect("redis connection")
     }
+}
+
+fn spawn_redis(port: u16, dir: &std::path::Path) -> Child {
+    Command::new(REDIS_SERVER_PATH)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (install it at /usr/bin/redis-server)")
 }
 
 impl Drop for RedisServer {

@@ -1,0 +1,482 @@
+//! The gateway as a real `hoard gateway --config` process in front of four real `hoard node`
+//! replicas, with SDK clients submitting asset events at a steady rate:
+//!
+//! - the gateway process is killed with SIGKILL mid-load and a new one started on the same Redis
+//!   and cluster;
+//! - redis-server (no persistence) is killed with SIGKILL mid-load and a fresh, empty one started
+//!   on the same port.
+//!
+//! Either way every event the SDK submitted (and so every one that got `accepted`) must commit
+//! exactly once: the SDK resends whatever it has not seen committed, the gateway reclaims or
+//! re-appends stream entries, and the ledger deduplicates by event id. The end check reads the
+//! balance through the gateway and, after the replicas stop, from a replica's own store.
+//!
+//! The replicas (and their cluster files) come from `hoard_loadtest::stack` (the same code
+//! `hoard demo` uses); its in-process gateway is aborted at once and replaced by the processes
+//! started here.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hoard_loadtest::stack::{rebuild, ChildProcess, Stack, StackOptions};
+use hoard_sdk::{
+    Amount, Client, ClientOptions, Committed, Credentials, CurrencyId, Custody, EventId, EventState, Grant,
+    Keypair, Outcome, ReconnectPolicy, TenantId,
+};
+use hoard_server::config::{GatewayConfig, DEMO_STUDIO_SEED};
+use hoard_server::testing::{free_port, RedisServer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TENANT: TenantId = TenantId(1);
+/// Mints each SDK client submits per second.
+const MINTS_PER_SECOND_PER_CLIENT: u64 = 40;
+const CLIENTS: usize = 2;
+/// How long everything may take to settle at the end.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(40);
+
+/// A `hoard gateway --config <file>` child process (killed on drop).
+struct GatewayChild {
+    config_path: PathBuf,
+    ws: SocketAddr,
+    http: SocketAddr,
+    process: Option<ChildProcess>,
+}
+
+impl GatewayChild {
+    /// Writes the gateway's TOML configuration for the cluster and Redis; does not start it.
+    fn configure(dir: &Path, cluster: &Path, redis_url: &str) -> GatewayChild {
+        let ws = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let mut config = GatewayConfig {
+            listen: ws,
+            http_listen: http,
+            instance: "gateway-under-test".into(),
+            drain_timeout_ms: 5_000,
+            ..GatewayConfig::default()
+        };
+        config.redis.url = redis_url.to_string();
+        config.chain.backend = "cluster".into();
+        config.chain.cluster = Some(cluster.to_path_buf());
+        config.chain.client_id = 11;
+        config.events.claim_idle_ms = 1_000;
+        config.limits.connection_messages_per_second = 100_000;
+        let config_path = dir.join("gateway.toml");
+        std::fs::write(&config_path, toml::to_string(&config).expect("config serialises")).unwrap();
+        GatewayChild {
+            config_path,
+            ws,
+            http,
+            process: None,
+        }
+    }
+
+    /// Starts the process and waits until `/readyz` answers 200 (Redis reachable, follower running).
+    async fn start(&mut self) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        command
+            .arg("gateway")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("HOARD_GATEWAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut process = ChildProcess::spawn("hoard gateway", command).expect("spawn hoard gateway");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if http_get(self.http, "/readyz").await.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(process.running(), "the gateway process exited at start");
+            assert!(
+                Instant::now() < deadline,
+                "the gateway process did not become ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.process = Some(process);
+    }
+
+    fn kill9(&mut self) {
+        self.process.take().expect("running").kill();
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            process.stop(Duration::from_secs(10)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/v1", self.ws)
+    }
+}
+
+async fn http_get(address: SocketAddr, path: &str) -> String {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        Some(response)
+    };
+    tokio::time::timeout(Duration::from_secs(2), attempt)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// The replicas of a fresh local cluster, from the shared stack code; its in-process gateway
+/// is stopped at once (the gateway under test is a process of its own).
+async fn replicas() -> Stack {
+    let mut options = StackOptions::new(PathBuf::from(env!("CARGO_BIN_EXE_hoard")));
+    options.redis_aof = false;
+    let mut stack = Stack::start(options).await.expect("replicas start");
+    stack.gateway.take().expect("in-process gateway").abort();
+    stack
+}
+
+fn studio_key() -> Keypair {
+    Keypair::from_seed(DEMO_STUDIO_SEED)
+}
+
+async fn connect(url: &str) -> Client {
+    let options = ClientOptions::new()
+        .reconnect(ReconnectPolicy {
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_millis(400),
+            max_attempts: None,
+        })
+        .status_poll_after(Duration::from_secs(2))
+        .request_timeout(Duration::from_secs(30));
+    Client::connect_with(url, Credentials::studio(TENANT, studio_key()), options)
+        .await
+        .expect("the SDK connects")
+}
+
+fn gold(amount: u128) -> Grant {
+    Grant::Currency {
+        currency: CurrencyId::new("GOLD"),
+        amount: Amount(amount),
+    }
+}
+
+/// What the load saw.
+#[derive(Default)]
+struct Ledgerbook {
+    submitted: Mutex<Vec<EventId>>,
+    accepted: Mutex<HashSet<EventId>>,
+    resolved: Mutex<HashMap<EventId, hoard_sdk::Result<Committed>>>,
+}
+
+impl Ledgerbook {
+    fn submitted(&self) -> usize {
+        self.submitted.lock().unwrap().len()
+    }
+    fn resolved(&self) -> usize {
+        self.resolved.lock().unwrap().len()
+    }
+    fn committed_ok(&self) -> usize {
+        self.resolved
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|r| r.is_ok())
+            .count()
+    }
+    /// Accepted but not resolved yet: the events a crash puts in doubt.
+    fn in_doubt(&self) -> usize {
+        let resolved = self.resolved.lock().unwrap();
+        self.accepted
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| !resolved.contains_key(e))
+            .count()
+    }
+}
+
+/// Steady load: each client mints 1 GOLD to `to` every `1/MINTS_PER_SECOND_PER_CLIENT` s, each
+/// with a fresh random event id, until `stop`; a task per event records `accepted` and the outcome.
+fn start_load(
+    clients: &[Client],
+    to: hoard_sdk::PublicKey,
+    book: Arc<Ledgerbook>,
+    stop: Arc<AtomicBool>,
+    clicks_sent: Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    clients
+        .iter()
+        .cloned()
+        .map(|client| {
+            let (book, stop, clicks_sent) = (book.clone(), stop.clone(), clicks_sent.clone());
+            tokio::spawn(async move {
+                let mut ticker =
+                    tokio::time::interval(Duration::from_millis(1_000 / MINTS_PER_SECOND_PER_CLIENT));
+                while !stop.load(Ordering::Relaxed) {
+                    ticker.tick().await;
+                    if client.click(&to, "gold", 3).is_ok() {
+                        clicks_sent.fetch_add(3, Ordering::Relaxed);
+                    }
+                    let mut handle = client.mint(to, gold(1)).await.expect("the SDK takes the event");
+                    let event_id = handle.event_id();
+                    book.submitted.lock().unwrap().push(event_id);
+                    let book = book.clone();
+                    tokio::spawn(async move {
+                        if handle.accepted().await.is_ok() {
+                            book.accepted.lock().unwrap().insert(event_id);
+                        }
+                        let result = handle.committed().await;
+                        book.resolved.lock().unwrap().insert(event_id, result);
+                    });
+                }
+            })
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_progress(book: &Ledgerbook, what: &str, events: usize) {
+    let before = book.committed_ok();
+    wait_for(what, Duration::from_secs(30), || {
+        book.committed_ok() >= before + events
+    })
+    .await;
+}
+
+/// Stops the load, waits for every submitted event to resolve, and checks that each committed
+/// exactly once (through the gateway, then in replica 0's own store). Returns the event count.
+async fn stop_and_check(
+    stack: Stack,
+    gateway: &mut GatewayChild,
+    clients: Vec<Client>,
+    load: Vec<tokio::task::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    book: Arc<Ledgerbook>,
+    alice: hoard_sdk::PublicKey,
+    gateway_restarted: bool,
+) -> usize {
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let submitted = book.submitted();
+    wait_for("every submitted event resolves", SETTLE_TIMEOUT, || {
+        book.resolved() == submitted
+    })
+    .await;
+    for client in &clients {
+        assert!(
+            client.reconnect_count() >= u64::from(gateway_restarted),
+            "the SDK reconnected to the new gateway process"
+        );
+    }
+    let resolved = std::mem::take(&mut *book.resolved.lock().unwrap());
+    for (event_id, result) in &resolved {
+        match result {
+            Ok(committed) => assert_eq!(committed.outcome, Outcome::Applied, "{event_id:?}"),
+            Err(error) => panic!("event {event_id:?} did not commit: {error}"),
+        }
+    }
+    let accepted = book.accepted.lock().unwrap().clone();
+    assert!(
+        accepted.iter().all(|e| resolved.contains_key(e)),
+        "every accepted event resolved"
+    );
+    let ids: HashSet<EventId> = book.submitted.lock().unwrap().iter().copied().collect();
+    assert_eq!(ids.len(), submitted, "event ids are distinct");
+
+    // Through the gateway: each event committed (once: one outcome, one height), the balance is
+    // the number of events (a second application would add 1 more).
+    let client = &clients[0];
+    for event_id in &ids {
+        let status = client.event_status(*event_id).await.expect("event_status");
+        assert_eq!(status.state, EventState::Committed, "{event_id:?}");
+        assert_eq!(status.outcome, Some(Outcome::Applied));
+        assert_eq!(
+            Some(status.height.expect("a height")),
+            resolved[event_id].as_ref().ok().map(|c| c.height),
+            "the status and the push name the same single commit"
+        );
+    }
+    let balance = client
+        .balances(alice)
+        .await
+        .expect("balances")
+        .of(&CurrencyId::new("GOLD"));
+    assert_eq!(
+        balance,
+        Amount(submitted as u128),
+        "each event applied exactly once"
+    );
+    let height = client.head().await.expect("head").height;
+    for client in clients {
+        client.close().await;
+    }
+    gateway.stop().await;
+
+    // On the chain itself: replica 0's store, rebuilt after the replicas stop.
+    let mut stack = stack;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for replica in &stack.replicas {
+        loop {
+            let samples = hoard_loadtest::sys::scrape(replica.metrics)
+                .await
+                .unwrap_or_default();
+            if hoard_loadtest::sys::max(&samples, "hoard_replica_height").unwrap_or(0.0) as u64 >= height
+                || Instant::now() > deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    for replica in &mut stack.replicas {
+        replica.process.stop(Duration::from_secs(10)).await;
+    }
+    let ledger = rebuild(&stack.replicas[0].data_dir, &stack.genesis).expect("replica 0's state");
+    ledger.check_invariants().expect("supply conserved");
+    assert_eq!(
+        ledger.balance(TENANT, &CurrencyId::new("GOLD"), &alice),
+        Amount(submitted as u128),
+        "replica 0 applied each event exactly once"
+    );
+    for event_id in &ids {
+        assert!(
+            matches!(ledger.event(TENANT, event_id), Some((_, Outcome::Applied))),
+            "{event_id:?} on the chain"
+        );
+    }
+    stack.abort().await;
+    submitted
+}
+
+async fn setup(client: &Client) -> hoard_sdk::PublicKey {
+    let alice = hoard_sdk::keys::generate().public();
+    let define = client
+        .define_currency(CurrencyId::new("GOLD"), 0, Amount(u128::MAX))
+        .await
+        .unwrap();
+    define.committed().await.expect("GOLD defined");
+    let register = client.register_account(alice, Custody::Custodial).await.unwrap();
+    register.committed().await.expect("alice registered");
+    alice
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process() {
+    let started = Instant::now();
+    let stack = replicas().await;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway =
+        GatewayChild::configure(dir.path(), &stack.dir.join("cluster/cluster.toml"), &redis.url());
+    gateway.start().await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(connect(&gateway.url()).await);
+    }
+    let alice = setup(&clients[0]).await;
+
+    let book = Arc::new(Ledgerbook::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&clients, alice, book.clone(), stop.clone(), Arc::default());
+    wait_progress(&book, "before the kill", 40).await;
+
+    let in_doubt = book.in_doubt();
+    let unresolved = book.submitted() - book.resolved();
+    gateway.kill9();
+    eprintln!("killed the gateway with {unresolved} events unresolved, {in_doubt} of them accepted");
+    // The load goes on against nothing for a while: the SDK holds the events and reconnects.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    gateway.start().await;
+    wait_progress(&book, "after the restart", 40).await;
+    let events = stop_and_check(stack, &mut gateway, clients, load, stop, book, alice, true).await;
+    eprintln!(
+        "{events} events committed exactly once in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_commits_exactly_once_when_redis_restarts_empty_under_load() {
+    let started = Instant::now();
+    let stack = replicas().await;
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway =
+        GatewayChild::configure(dir.path(), &stack.dir.join("cluster/cluster.toml"), &redis.url());
+    gateway.start().await;
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(connect(&gateway.url()).await);
+    }
+    let alice = setup(&clients[0]).await;
+
+    let book = Arc::new(Ledgerbook::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clicks_sent = Arc::new(AtomicU64::new(0));
+    let load = start_load(&clients, alice, book.clone(), stop.clone(), clicks_sent.clone());
+    wait_progress(&book, "before Redis dies", 40).await;
+
+    // Redis dies with the stream (accepted, uncommitted entries), the consumer group and the
+    // click totals; a fresh, empty one takes its port while the load goes on.
+    let in_doubt = book.in_doubt();
+    redis.kill();
+    eprintln!("killed redis-server with {in_doubt} accepted events not committed");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.restart_empty();
+    let clicks_at_restart = clicks_sent.load(Ordering::Relaxed);
+    wait_progress(&book, "after Redis restarted", 40).await;
+    stop.store(true, Ordering::Relaxed);
+
+    // Clicks: what the old Redis held is gone (no persistence: PROTOCOL.md, 4.2); the new one
+    // holds every click absorbed since, and never one twice.
+    for client in &clients {
+        client.flush_clicks().await.expect("clicks acknowledged");
+    }
+    let sent = clicks_sent.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counted = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let counted = clients[0]
+            .counter("gold", Some(alice))
+            .await
+            .expect("counter")
+            .player_total
+            .unwrap_or(0);
+        if counted >= sent - clicks_at_restart || Instant::now() > deadline {
+            break counted;
+        }
+    };
+    assert!(counted <= sent, "clicks counted twice: {counted} of {sent} sent");
+    assert!(
+        counted >= sent - clicks_at_restart,
+        "clicks absorbed after the restart were lost: {counted} counted, {} sent since",
+        sent - clicks_at_restart
+    );
+    let events = stop_and_check(stack, &mut gateway, clients, load, stop, book, alice, false).await;
+    eprintln!(
+        "{events} events committed exactly once, {counted} of {sent} clicks counted, in {:?}",
+        started.elapsed()
+    );
+}
