@@ -2,12 +2,14 @@
 //! flush interval (never one round trip per click) by [`Store::add_clicks`]: with Redis, per key
 //! `HINCRBY counter_key player n`, `ZINCRBY leaderboard_key n player`,
 //! `HINCRBY unsettled_key player n`, and per (tenant, counter) `HINCRBY totals_key counter sum`,
-//! all in one MULTI/EXEC so that a flush applies whole or not at all.
+//! all in one Lua script (one `EVALSHA` round trip per flush part) so that a part applies whole
+//! or not at all, and at most once: each part carries (this run's id, its sequence number) and a
+//! part whose reply was lost is retried with the same number, which the store skips.
 //!
 //! Flush generations make strict acknowledgement possible: a click absorbed while
 //! [`Clicks::generation`] was `g` is in the store once [`Clicks::flushed`] reaches `g + 1`.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +21,10 @@ use hoard_types::{PublicKey, TenantId};
 
 use crate::constants::{CLICK_KEYS_PENDING_MAX, COUNTERS_PER_TENANT_MAX};
 use crate::metrics as m;
-use crate::store::{ClickKey as Key, Store, StoreResult};
+use crate::store::{ClickKey as Key, Store, StoreResult, CLICK_PART_KEYS_MAX};
+
+/// One flush part: its sequence number in this run and its click totals.
+type Part = (u64, Vec<(Key, u64)>);
 
 /// The click aggregator.
 pub struct Clicks {
@@ -29,6 +34,12 @@ pub struct Clicks {
     generation: AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
     store: Arc<Store>,
+    /// This gateway run's id (random): the store remembers the last flush part applied per run.
+    run: String,
+    /// The last flush sequence number given to a part.
+    next_seq: AtomicU64,
+    /// Flush parts not known to be applied, oldest first (the lock also serializes flushes).
+    unapplied: tokio::sync::Mutex<VecDeque<Part>>,
 }
 
 /// A refused `clicks` message.
@@ -45,6 +56,9 @@ impl Clicks {
             generation: AtomicU64::new(0),
             flushed: tokio::sync::watch::channel(0).0,
             store,
+            run: format!("{:032x}", rand::random::<u128>()),
+            next_seq: AtomicU64::new(0),
+            unapplied: tokio::sync::Mutex::new(VecDeque::new()),
         }
     }
 
@@ -140,37 +154,66 @@ impl Clicks {
         Ok(())
     }
 
-    /// Writes everything buffered to the store. On failure the clicks go back into the buffer.
+    /// Writes everything buffered to the store, in parts of at most [`CLICK_PART_KEYS_MAX`] keys,
+    /// each with the next flush sequence number of this run. A part that failed (including one
+    /// whose reply was lost after the store applied it) is kept with its sequence number and sent
+    /// again, in order, before anything new: the store skips a part it already applied, so no
+    /// click is counted twice. Nothing new is drained while failed parts are outstanding (the
+    /// buffer's bound then refuses clicks with `busy`).
     pub async fn flush(&self) -> StoreResult<()> {
+        let mut unapplied = self.unapplied.lock().await;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut drained: Vec<(Key, u64)> = Vec::new();
-        self.pending.retain(|key, count| {
-            drained.push((key.clone(), *count));
-            false
-        });
-        metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
-        if drained.is_empty() {
+        if unapplied.is_empty() {
+            let mut drained: Vec<(Key, u64)> = Vec::new();
+            self.pending.retain(|key, count| {
+                drained.push((key.clone(), *count));
+                false
+            });
+            metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
+            let mut drained = drained.into_iter().peekable();
+            while drained.peek().is_some() {
+                let part: Vec<(Key, u64)> = drained.by_ref().take(CLICK_PART_KEYS_MAX).collect();
+                let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
+                unapplied.push_back((seq, part));
+            }
+        }
+        if unapplied.is_empty() {
             self.flushed.send_replace(generation);
             return Ok(());
         }
-        let started = Instant::now();
-        let result = self.store.add_clicks(&drained).await;
-        metrics::histogram!(m::CLICK_FLUSH_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {
-                let clicks: u64 = drained.iter().map(|(_, n)| n).sum();
-                metrics::counter!(m::CLICKS_FLUSHED_TOTAL).increment(clicks);
-                self.flushed.send_replace(generation);
-                Ok(())
-            }
-            Err(error) => {
-                metrics::counter!(m::CLICK_FLUSH_FAILURES_TOTAL).increment(1);
-                for (key, count) in drained {
-                    *self.pending.entry(key).or_insert(0) += count;
+        while let Some((seq, part)) = unapplied.front() {
+            let started = Instant::now();
+            let result = self.store.add_clicks(&self.run, *seq, part).await;
+            metrics::histogram!(m::CLICK_FLUSH_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+            match result {
+                Ok(applied) => {
+                    if !applied {
+                        tracing::info!(seq, "click flush part already applied (its reply was lost)");
+                    }
+                    let clicks: u64 = part.iter().map(|(_, n)| n).sum();
+                    metrics::counter!(m::CLICKS_FLUSHED_TOTAL).increment(clicks);
+                    unapplied.pop_front();
                 }
-                Err(error)
+                Err(error) => {
+                    metrics::counter!(m::CLICK_FLUSH_FAILURES_TOTAL).increment(1);
+                    return Err(error);
+                }
             }
         }
+        self.flushed.send_replace(generation);
+        Ok(())
+    }
+
+    /// Keys buffered in memory plus keys of flush parts not yet applied.
+    pub async fn keys_unwritten(&self) -> usize {
+        self.pending.len()
+            + self
+                .unapplied
+                .lock()
+                .await
+                .iter()
+                .map(|(_, part)| part.len())
+                .sum::<usize>()
     }
 
     /// Flushes every `interval` until `shutdown`, then once more.
@@ -196,10 +239,8 @@ impl Clicks {
                 Err(error) => tracing::warn!(%error, "final click flush failed"),
             }
         }
-        tracing::error!(
-            keys = self.pending.len(),
-            "clicks lost at shutdown: the store is unavailable"
-        );
+        let keys = self.keys_unwritten().await;
+        tracing::error!(keys, "clicks lost at shutdown: the store is unavailable");
     }
 
     // ----- reads (from the store: what has been flushed) -----

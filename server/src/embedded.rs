@@ -21,7 +21,7 @@
 //! [`StoreError::Full`] and changes nothing (clicks stay buffered, then `busy`; events get
 //! `unavailable`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,6 +34,9 @@ use crate::constants::{
     COUNTERS_PER_TENANT_MAX, EMBEDDED_CLICK_KEYS_MAX, EMBEDDED_SETTLED_WINDOWS_KEPT,
     EMBEDDED_STREAM_BYTES_MAX, EMBEDDED_STREAM_ENTRIES_MAX,
 };
+/// Gateway runs whose last applied click flush the embedded store remembers.
+pub const CLICK_RUNS_MAX: usize = 16;
+
 use crate::store::{Claimed, ClickKey, StoreError, StoreResult, StreamEntry};
 
 /// The bounds of an embedded store (defaults: the `EMBEDDED_*` constants).
@@ -68,6 +71,8 @@ pub struct EmbeddedStore {
 #[derive(Default)]
 struct Clicks {
     tenants: HashMap<TenantId, Tenant>,
+    /// (gateway run, last applied flush sequence number), oldest first.
+    runs: VecDeque<(String, u64)>,
     /// Distinct (tenant, counter, player) totals held.
     keys: usize,
 }
@@ -169,8 +174,36 @@ impl EmbeddedStore {
     // ----- clicks -----
 
     /// One flush part, whole or not at all.
+    /// [`crate::store::Store::add_clicks`]: applies `part` only if `seq` is greater than the last
+    /// sequence number applied for `run`, and records it, atomically. `Ok(false)`: already
+    /// applied. Remembers the newest [`CLICK_RUNS_MAX`] runs.
+    pub fn add_clicks_once(&self, run: &str, seq: u64, part: &[(ClickKey, u64)]) -> StoreResult<bool> {
+        let mut clicks = lock(&self.clicks);
+        if let Some(last) = clicks.runs.iter().find(|(r, _)| r == run).map(|(_, s)| *s) {
+            if seq <= last {
+                return Ok(false);
+            }
+        }
+        Self::add_clicks_locked(&mut clicks, self.bounds.click_keys_max, part)?;
+        clicks.runs.retain(|(r, _)| r != run);
+        if clicks.runs.len() >= CLICK_RUNS_MAX {
+            clicks.runs.pop_front();
+        }
+        clicks.runs.push_back((run.to_string(), seq));
+        Ok(true)
+    }
+
+    /// Adds click totals (no run/sequence check; see [`EmbeddedStore::add_clicks_once`]).
     pub fn add_clicks(&self, part: &[(ClickKey, u64)]) -> StoreResult<()> {
         let mut clicks = lock(&self.clicks);
+        Self::add_clicks_locked(&mut clicks, self.bounds.click_keys_max, part)
+    }
+
+    fn add_clicks_locked(
+        clicks: &mut Clicks,
+        click_keys_max: usize,
+        part: &[(ClickKey, u64)],
+    ) -> StoreResult<()> {
         let new_keys = part
             .iter()
             .filter(|((tenant, counter, player), _)| {
@@ -181,7 +214,7 @@ impl EmbeddedStore {
                     .is_none_or(|c| !c.players.contains_key(player))
             })
             .count();
-        if clicks.keys + new_keys > self.bounds.click_keys_max {
+        if clicks.keys + new_keys > click_keys_max {
             return Err(StoreError::Full("click totals"));
         }
         for ((tenant, counter, player), count) in part {
@@ -708,6 +741,47 @@ mod tests {
             .iter()
             .map(|(p, c, n)| ((TenantId(1), Arc::from(*c), key(*p)), *n))
             .collect()
+    }
+
+    #[test]
+    fn a_flush_part_applies_once_per_run_and_sequence_number() {
+        let store = EmbeddedStore::new();
+        let part = clicks(&[(1, "gold", 5), (2, "gold", 3)]);
+        assert!(store.add_clicks_once("run-a", 1, &part).unwrap());
+        // The same part again (a retry after a lost reply), or an older one: skipped.
+        assert!(!store.add_clicks_once("run-a", 1, &part).unwrap());
+        assert_eq!(store.counter_total(TenantId(1), "gold"), 8);
+        assert!(store.add_clicks_once("run-a", 2, &part).unwrap());
+        assert!(!store.add_clicks_once("run-a", 1, &part).unwrap());
+        assert!(!store.add_clicks_once("run-a", 2, &part).unwrap());
+        assert_eq!(store.counter_total(TenantId(1), "gold"), 16);
+        assert_eq!(store.player_total(TenantId(1), "gold", &key(1)), 10);
+        // Another run has its own numbers.
+        assert!(store.add_clicks_once("run-b", 1, &part).unwrap());
+        assert_eq!(store.counter_total(TenantId(1), "gold"), 24);
+        // A refused part (store full) records nothing: its retry applies.
+        let small = small();
+        let four = clicks(&[(1, "gold", 1), (2, "gold", 1), (3, "gold", 1), (4, "gold", 1)]);
+        assert!(matches!(
+            small.add_clicks_once("run-a", 1, &four),
+            Err(StoreError::Full(_))
+        ));
+        assert!(small.add_clicks_once("run-a", 1, &four[..3]).unwrap());
+        assert_eq!(small.counter_total(TenantId(1), "gold"), 3);
+    }
+
+    #[test]
+    fn only_the_newest_runs_are_remembered() {
+        let store = EmbeddedStore::new();
+        let part = clicks(&[(1, "gold", 1)]);
+        for run in 0..=CLICK_RUNS_MAX {
+            assert!(store.add_clicks_once(&format!("run-{run}"), 7, &part).unwrap());
+        }
+        assert_eq!(lock(&store.clicks).runs.len(), CLICK_RUNS_MAX);
+        // The newest is still known, the oldest was forgotten.
+        let newest = format!("run-{CLICK_RUNS_MAX}");
+        assert!(!store.add_clicks_once(&newest, 7, &part).unwrap());
+        assert!(store.add_clicks_once("run-0", 7, &part).unwrap());
     }
 
     #[test]

@@ -35,6 +35,13 @@ pub const EMBEDDED_NOTICE: &str = "the embedded in-memory click store (NOT durab
 /// Stream entry field holding the MessagePack of the `Transaction`.
 pub const FIELD_TX: &str = "tx";
 
+/// Keys in one click flush part ([`Store::add_clicks`]): 4 Redis commands per key at most.
+pub const CLICK_PART_KEYS_MAX: usize = CLICK_FLUSH_COMMANDS_MAX / 4;
+
+/// How long Redis remembers a gateway run's last applied click flush part
+/// (`hoard:clicks:flushed:<run>`; refreshed by every flush).
+pub const CLICK_RUN_TTL_SECONDS: u64 = 86_400;
+
 /// One click total to add: (tenant, counter, player) and the count.
 pub type ClickKey = (TenantId, Arc<str>, PublicKey);
 
@@ -81,6 +88,7 @@ impl Store {
         Ok(match config.store {
             StoreBackend::Redis => Store::Redis(Box::new(RedisStore {
                 handle: RedisHandle::new(&config.redis.url)?,
+                flush_script: redis::Script::new(FLUSH_SCRIPT),
                 stream: config.redis.stream.clone(),
                 group: config.redis.group.clone(),
             })),
@@ -114,18 +122,19 @@ impl Store {
 
     // ----- clicks -----
 
-    /// Adds click totals: per key the player's counter total, its leaderboard score and its
-    /// unsettled points, and per (tenant, counter) the counter total. Large batches are split
-    /// into parts of at most [`CLICK_FLUSH_COMMANDS_MAX`] commands; each part applies whole or
-    /// not at all.
-    pub async fn add_clicks(&self, clicks: &[(ClickKey, u64)]) -> StoreResult<()> {
-        for part in clicks.chunks(CLICK_FLUSH_COMMANDS_MAX / 4) {
-            match self {
-                Store::Redis(redis) => redis.checked(redis.add_clicks(part).await).await?,
-                Store::Embedded(embedded) => embedded.add_clicks(part)?,
-            }
+    /// Adds one flush part of click totals: per key the player's counter total, its leaderboard
+    /// score and its unsettled points, and per (tenant, counter) the counter total. At most
+    /// [`CLICK_PART_KEYS_MAX`] keys (the caller splits larger flushes). The part applies whole or
+    /// not at all, and only once: it is applied only if `seq` is greater than the last sequence
+    /// number applied for `run` (the gateway run's id), which it then records, atomically (Redis:
+    /// one `EVALSHA` of [`FLUSH_SCRIPT`], one round trip). `Ok(false)`: already applied (a retry
+    /// of a part whose reply was lost). Parts of one run must be applied in sequence order.
+    pub async fn add_clicks(&self, run: &str, seq: u64, part: &[(ClickKey, u64)]) -> StoreResult<bool> {
+        debug_assert!(part.len() <= CLICK_PART_KEYS_MAX);
+        match self {
+            Store::Redis(redis) => redis.checked(redis.add_clicks(run, seq, part).await).await,
+            Store::Embedded(embedded) => embedded.add_clicks_once(run, seq, part),
         }
-        Ok(())
     }
 
     /// The total of a counter over all players.
@@ -463,9 +472,38 @@ impl RedisHandle {
 /// The Redis backend: the handle and the stream's names.
 pub struct RedisStore {
     pub handle: RedisHandle,
+    /// [`FLUSH_SCRIPT`], hashed once.
+    flush_script: redis::Script,
     stream: String,
     group: String,
 }
+
+/// One click flush part, applied once per (run, sequence number). KEYS[1] = the run's key;
+/// ARGV[1] = sequence number, ARGV[2] = the run key's TTL, ARGV[3] = n click keys; then per click
+/// key j (1..n): KEYS counter, leaderboard, unsettled and ARGV player, count; then per counter
+/// total: KEYS totals hash and ARGV counter, sum. Returns 1 if applied, 0 if already applied.
+pub const FLUSH_SCRIPT: &str = r"
+local seq = tonumber(ARGV[1])
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+if seq <= last then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local n = tonumber(ARGV[3])
+for j = 1, n do
+  local k = 2 + 3 * (j - 1)
+  local a = 4 + 2 * (j - 1)
+  redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+  redis.call('ZINCRBY', KEYS[k + 1], ARGV[a + 1], ARGV[a])
+  redis.call('HINCRBY', KEYS[k + 2], ARGV[a], ARGV[a + 1])
+end
+local k = 2 + 3 * n
+local a = 4 + 2 * n
+while a <= #ARGV do
+  redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+  k = k + 1
+  a = a + 2
+end
+return 1
+";
 
 const CUT_SCRIPT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -526,25 +564,26 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn add_clicks(&self, part: &[(ClickKey, u64)]) -> redis::RedisResult<()> {
+    async fn add_clicks(&self, run: &str, seq: u64, part: &[(ClickKey, u64)]) -> redis::RedisResult<bool> {
         let mut connection = self.handle.get().await?;
         let mut totals: HashMap<(TenantId, &str), u64> = HashMap::new();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
+        let mut invocation = self.flush_script.key(click_run_key(run));
+        invocation.arg(seq).arg(CLICK_RUN_TTL_SECONDS).arg(part.len());
         for ((tenant, counter, player), count) in part {
-            let player = player.to_hex();
-            pipe.hincr(counter_key(*tenant, counter), &player, *count)
-                .ignore();
-            pipe.zincr(leaderboard_key(*tenant, counter), &player, *count)
-                .ignore();
-            pipe.hincr(unsettled_key(*tenant, counter), &player, *count)
-                .ignore();
+            invocation
+                .key(counter_key(*tenant, counter))
+                .key(leaderboard_key(*tenant, counter))
+                .key(unsettled_key(*tenant, counter))
+                .arg(player.to_hex())
+                .arg(*count);
             *totals.entry((*tenant, counter)).or_insert(0) += count;
         }
         for ((tenant, counter), sum) in totals {
-            pipe.hincr(totals_key(tenant), counter, sum).ignore();
+            invocation.key(totals_key(tenant)).arg(counter).arg(sum);
         }
-        pipe.query_async::<()>(&mut connection).await
+        // EVALSHA; on NOSCRIPT (first use, or Redis restarted) redis-rs loads it and retries.
+        let applied: i64 = invocation.invoke_async(&mut connection).await?;
+        Ok(applied == 1)
     }
 
     async fn counter_total(&self, tenant: TenantId, counter: &str) -> redis::RedisResult<u64> {
@@ -784,4 +823,9 @@ pub const MARKER_TTL_SECONDS: u64 = 86_400;
 /// A gateway's marker: set at start, checked every 500 ms; gone means Redis lost its data.
 pub fn marker_key(consumer: &str) -> String {
     format!("hoard:gateway:{consumer}:marker")
+}
+
+/// The last click flush part a gateway run applied (string, the sequence number; with a TTL).
+pub fn click_run_key(run: &str) -> String {
+    format!("hoard:clicks:flushed:{run}")
 }

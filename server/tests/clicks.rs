@@ -310,3 +310,157 @@ async fn strict_mode_acks_only_what_redis_holds_and_shutdown_flushes() {
     assert_eq!(after, 9);
     gw.shutdown().await;
 }
+
+/// A TCP proxy in front of Redis that, once armed, forwards requests and replies but drops the
+/// connection instead of returning the first integer reply (the flush script's answer: Redis has
+/// applied it, the gateway never learns it). Counts the `EVALSHA` requests it forwards.
+struct LossyProxy {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    evalsha: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LossyProxy {
+    async fn start(upstream: u16) -> LossyProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let evalsha = Arc::new(AtomicU64::new(0));
+        let (a, d, e) = (armed.clone(), dropped.clone(), evalsha.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let e = e.clone();
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match client_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let count = buf[..n]
+                            .windows(7)
+                            .filter(|w| w.eq_ignore_ascii_case(b"EVALSHA"))
+                            .count();
+                        e.fetch_add(count as u64, Ordering::SeqCst);
+                        if server_tx.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                let (a, d) = (a.clone(), d.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if buf[0] == b':' && a.swap(false, Ordering::SeqCst) {
+                            d.fetch_add(1, Ordering::SeqCst);
+                            break; // the reply is lost: drop both sides
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    up.abort();
+                });
+            }
+        });
+        LossyProxy {
+            port,
+            armed,
+            dropped,
+            evalsha,
+            task,
+        }
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
+    use std::sync::atomic::Ordering;
+    let redis = RedisServer::start();
+    let proxy = LossyProxy::start(redis.port()).await;
+    let mut config = hoard_server::config::GatewayConfig::default();
+    config.redis.url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let store = std::sync::Arc::new(store::Store::open(&config).unwrap());
+    let clicks = hoard_server::clicks::Clicks::new(store.clone());
+    let (alice, bob) = (key("alice", 0), key("bob", 0));
+    let mut sent = [0u64; 2];
+    let mut flushes = 0u64;
+    for round in 0..6u32 {
+        let batch = vec![
+            Click(alice.public(), "gold".into(), 3 + round),
+            Click(bob.public(), "gold".into(), 10 * (round + 1)),
+        ];
+        sent[0] += u64::from(3 + round);
+        sent[1] += u64::from(10 * (round + 1));
+        clicks
+            .absorb(T1, &batch)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        // Rounds 1 and 4: Redis applies the flush, its reply is lost, the flush fails.
+        if round == 1 || round == 4 {
+            proxy.armed.store(true, Ordering::SeqCst);
+            assert!(clicks.flush().await.is_err(), "the reply was dropped");
+            flushes += 1;
+            assert!(!proxy.armed.load(Ordering::SeqCst));
+            // More clicks come while the failed part waits for its retry.
+            clicks
+                .absorb(T1, &[Click(alice.public(), "gold".into(), 1)])
+                .unwrap_or_else(|e| panic!("{}", e.message));
+            sent[0] += 1;
+        }
+        clicks.flush().await.unwrap();
+        flushes += 1;
+        // A retry first sends the failed part again, then the new clicks.
+        if round == 1 || round == 4 {
+            clicks.flush().await.unwrap();
+            flushes += 1;
+        }
+    }
+    assert_eq!(proxy.dropped.load(Ordering::SeqCst), 2);
+    let mut connection = redis.connection();
+    for (who, want) in [(&alice, sent[0]), (&bob, sent[1])] {
+        let total: u64 = connection
+            .hget(store::counter_key(T1, "gold"), who.public().to_hex())
+            .unwrap();
+        assert_eq!(total, want);
+        let unsettled: u64 = connection
+            .hget(store::unsettled_key(T1, "gold"), who.public().to_hex())
+            .unwrap();
+        assert_eq!(unsettled, want);
+        let score: f64 = connection
+            .zscore(store::leaderboard_key(T1, "gold"), who.public().to_hex())
+            .unwrap();
+        assert_eq!(score, want as f64);
+    }
+    let total: u64 = connection.hget(store::totals_key(T1), "gold").unwrap();
+    assert_eq!(total, sent[0] + sent[1]);
+    // One round trip per flush part: one EVALSHA per flush that had clicks to write (each
+    // flush here holds one part), plus one for the first EVALSHA after each new connection
+    // that found the script missing (NOSCRIPT, then SCRIPT LOAD and EVALSHA again): only the
+    // very first, since the script stays loaded in Redis.
+    let parts_sent = flushes; // every flush above had exactly one part to send
+    assert_eq!(proxy.evalsha.load(Ordering::SeqCst), parts_sent + 1);
+}
