@@ -7,7 +7,9 @@
 //! part whose reply was lost is retried with the same number, which the store skips.
 //!
 //! Flush generations make strict acknowledgement possible: a click absorbed while
-//! [`Clicks::generation`] was `g` is in the store once [`Clicks::flushed`] reaches `g + 1`.
+//! [`Clicks::generation`] was `g` is in the store once [`Clicks::flushed`] reaches `g + 1`; if
+//! [`Clicks::failed`] reaches `g + 1` first, the flush that should have written it failed (strict
+//! connections answer `unavailable`; the click stays buffered for a later flush).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,8 @@ pub struct Clicks {
     counters: DashMap<TenantId, HashSet<Arc<str>>>,
     generation: AtomicU64,
     flushed: tokio::sync::watch::Sender<u64>,
+    /// The generation of the last flush that failed (0: none yet).
+    failed: tokio::sync::watch::Sender<u64>,
     store: Arc<Store>,
     /// This gateway run's id (random): the store remembers the last flush part applied per run.
     run: String,
@@ -55,6 +59,7 @@ impl Clicks {
             counters: DashMap::new(),
             generation: AtomicU64::new(0),
             flushed: tokio::sync::watch::channel(0).0,
+            failed: tokio::sync::watch::channel(0).0,
             store,
             run: format!("{:032x}", rand::random::<u128>()),
             next_seq: AtomicU64::new(0),
@@ -70,6 +75,12 @@ impl Clicks {
     /// The last generation written to the store.
     pub fn flushed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.flushed.subscribe()
+    }
+
+    /// The generation of the last failed flush: a click absorbed while [`Clicks::generation`] was
+    /// below it was not written by that flush (it stays buffered and is written by a later one).
+    pub fn failed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.failed.subscribe()
     }
 
     fn intern(&self, tenant: TenantId, counter: &str) -> Result<Arc<str>, ClickError> {
@@ -159,28 +170,33 @@ impl Clicks {
     /// whose reply was lost after the store applied it) is kept with its sequence number and sent
     /// again, in order, before anything new: the store skips a part it already applied, so no
     /// click is counted twice. Nothing new is drained while failed parts are outstanding (the
-    /// buffer's bound then refuses clicks with `busy`).
+    /// buffer's bound then refuses clicks with `busy`); once they are written, the same flush
+    /// drains and writes the buffer.
     pub async fn flush(&self) -> StoreResult<()> {
         let mut unapplied = self.unapplied.lock().await;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
-        if unapplied.is_empty() {
-            let mut drained: Vec<(Key, u64)> = Vec::new();
-            self.pending.retain(|key, count| {
-                drained.push((key.clone(), *count));
-                false
-            });
-            metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
-            let mut drained = drained.into_iter().peekable();
-            while drained.peek().is_some() {
-                let part: Vec<(Key, u64)> = drained.by_ref().take(CLICK_PART_KEYS_MAX).collect();
-                let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
-                unapplied.push_back((seq, part));
-            }
+        // First the parts of failed flushes, in order; then what is buffered now.
+        self.write_parts(&mut unapplied, generation).await?;
+        let mut drained: Vec<(Key, u64)> = Vec::new();
+        self.pending.retain(|key, count| {
+            drained.push((key.clone(), *count));
+            false
+        });
+        metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
+        let mut drained = drained.into_iter().peekable();
+        while drained.peek().is_some() {
+            let part: Vec<(Key, u64)> = drained.by_ref().take(CLICK_PART_KEYS_MAX).collect();
+            let seq = self.next_seq.fetch_add(1, Ordering::SeqCst) + 1;
+            unapplied.push_back((seq, part));
         }
-        if unapplied.is_empty() {
-            self.flushed.send_replace(generation);
-            return Ok(());
-        }
+        self.write_parts(&mut unapplied, generation).await?;
+        self.flushed.send_replace(generation);
+        Ok(())
+    }
+
+    /// Writes `unapplied` front to back, removing each part once the store has it; stops at the
+    /// first failure (recorded as a failure of flush `generation`).
+    async fn write_parts(&self, unapplied: &mut VecDeque<Part>, generation: u64) -> StoreResult<()> {
         while let Some((seq, part)) = unapplied.front() {
             let started = Instant::now();
             let result = self.store.add_clicks(&self.run, *seq, part).await;
@@ -196,11 +212,11 @@ impl Clicks {
                 }
                 Err(error) => {
                     metrics::counter!(m::CLICK_FLUSH_FAILURES_TOTAL).increment(1);
+                    self.failed.send_replace(generation);
                     return Err(error);
                 }
             }
         }
-        self.flushed.send_replace(generation);
         Ok(())
     }
 
