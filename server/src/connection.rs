@@ -200,6 +200,8 @@ impl Connection {
     ) -> Flow {
         let mut shutdown = self.shared.stop_connections.clone();
         let mut flushed = self.shared.clicks.flushed();
+        let mut failed = self.shared.clicks.failed();
+        failed.mark_unchanged();
         let auth_deadline = tokio::time::Instant::now() + Duration::from_millis(AUTH_TIMEOUT_MS);
         let slow = self.handle.slow_notify.clone();
         loop {
@@ -235,6 +237,35 @@ impl Connection {
                         }
                         if let Some(up_to) = up_to {
                             self.replies.push(ServerMessage::ClicksAck { up_to });
+                        }
+                    }
+                    Flow::Continue
+                }
+                changed = failed.changed(), if !self.strict_acks.is_empty() => {
+                    if changed.is_ok() {
+                        // Strict clicks the failed flush should have written: not acked.
+                        let failed_generation = *failed.borrow_and_update();
+                        // A later flush may have succeeded already: ack what it wrote first.
+                        let done = *flushed.borrow();
+                        let mut up_to = None;
+                        while let Some((seq, needed)) = self.strict_acks.front().copied() {
+                            if done < needed { break; }
+                            up_to = Some(seq);
+                            self.strict_acks.pop_front();
+                        }
+                        if let Some(up_to) = up_to {
+                            self.replies.push(ServerMessage::ClicksAck { up_to });
+                        }
+                        while let Some((seq, needed)) = self.strict_acks.front().copied() {
+                            if needed > failed_generation { break; }
+                            self.strict_acks.pop_front();
+                            self.error(
+                                seq,
+                                ErrorCode::Unavailable,
+                                "the click store is unavailable: these clicks are not acked (they may \
+                                 still be written when it is back; resending may count them twice)",
+                                Some(self.shared.config.clicks.flush_interval_ms.max(500)),
+                            );
                         }
                     }
                     Flow::Continue

@@ -439,3 +439,81 @@ async fn a_subscriber_that_does_not_read_is_closed_with_1013_and_the_rest_are_se
     assert_eq!(commit(&mut producer, &tx).await.1, Outcome::Applied);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn strict_clicks_get_unavailable_while_redis_is_down_and_are_acked_again_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let gw = TestGateway::start(&redis, |c| {
+        c.clicks.strict = true;
+        c.clicks.flush_interval_ms = 50;
+    })
+    .await;
+    let alice = key("alice", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    let gold = |seq: u64, n: u32| ClientMessage::Clicks {
+        request_id: seq,
+        clicks: vec![Click(alice.public(), "gold".into(), n)],
+    };
+    let answer =
+        |m: &ServerMessage| matches!(m, ServerMessage::ClicksAck { .. } | ServerMessage::Error { .. });
+    studio1.send(&gold(1, 5)).await;
+    assert_eq!(
+        studio1.recv_until(answer).await,
+        ServerMessage::ClicksAck { up_to: 1 }
+    );
+
+    redis.kill();
+    studio1.send(&gold(2, 7)).await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), studio1.recv_until(answer))
+        .await
+        .expect("an answer, not a hang");
+    assert!(
+        matches!(
+            refused,
+            ServerMessage::Error {
+                request_id: 2,
+                code: ErrorCode::Unavailable,
+                retry_after_ms: Some(_),
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    // Not acked while Redis stays down, whatever the number of flushes.
+    studio1.send(&gold(3, 11)).await;
+    let refused = tokio::time::timeout(Duration::from_secs(5), studio1.recv_until(answer))
+        .await
+        .expect("an answer, not a hang");
+    assert_error(&refused, ErrorCode::Unavailable);
+
+    // Redis is back (empty). New clicks are acked once written; the refused ones were kept in
+    // the gateway and are written too (which is why a client resending them may count twice).
+    redis.restart_empty();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seq = 4;
+    loop {
+        studio1.send(&gold(seq, 1)).await;
+        match studio1.recv_until(answer).await {
+            ServerMessage::ClicksAck { up_to } => {
+                assert_eq!(up_to, seq);
+                break;
+            }
+            other => assert_error(&other, ErrorCode::Unavailable),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "strict clicks never acked after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seq += 1;
+    }
+    let total: u64 = redis::Commands::hget(
+        &mut redis.connection(),
+        hoard_server::store::counter_key(T1, "gold"),
+        alice.public().to_hex(),
+    )
+    .unwrap();
+    // 7 + 11 kept from the outage, plus 1 per message sent after the restart.
+    assert_eq!(total, 7 + 11 + (seq - 3));
+    gw.shutdown().await;
+}
