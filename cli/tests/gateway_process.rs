@@ -255,6 +255,14 @@ async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool)
     }
 }
 
+/// The SDK clients, their load tasks, the flag that stops them and what they saw.
+struct Load {
+    clients: Vec<Client>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    book: Arc<Ledgerbook>,
+}
+
 async fn wait_progress(book: &Ledgerbook, what: &str, events: usize) {
     let before = book.committed_ok();
     wait_for(what, Duration::from_secs(30), || {
@@ -268,13 +276,16 @@ async fn wait_progress(book: &Ledgerbook, what: &str, events: usize) {
 async fn stop_and_check(
     stack: Stack,
     gateway: &mut GatewayChild,
-    clients: Vec<Client>,
-    load: Vec<tokio::task::JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
-    book: Arc<Ledgerbook>,
+    load: Load,
     alice: hoard_sdk::PublicKey,
     gateway_restarted: bool,
 ) -> usize {
+    let Load {
+        clients,
+        tasks: load,
+        stop,
+        book,
+    } = load;
     stop.store(true, Ordering::Relaxed);
     for task in load {
         task.await.unwrap();
@@ -410,7 +421,13 @@ async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process
     tokio::time::sleep(Duration::from_millis(800)).await;
     gateway.start().await;
     wait_progress(&book, "after the restart", 40).await;
-    let events = stop_and_check(stack, &mut gateway, clients, load, stop, book, alice, true).await;
+    let load = Load {
+        clients,
+        tasks: load,
+        stop,
+        book,
+    };
+    let events = stop_and_check(stack, &mut gateway, load, alice, true).await;
     eprintln!(
         "{events} events committed exactly once in {:?}",
         started.elapsed()
@@ -474,7 +491,13 @@ async fn every_event_commits_exactly_once_when_redis_restarts_empty_under_load()
         "clicks absorbed after the restart were lost: {counted} counted, {} sent since",
         sent - clicks_at_restart
     );
-    let events = stop_and_check(stack, &mut gateway, clients, load, stop, book, alice, false).await;
+    let load = Load {
+        clients,
+        tasks: load,
+        stop,
+        book,
+    };
+    let events = stop_and_check(stack, &mut gateway, load, alice, false).await;
     eprintln!(
         "{events} events committed exactly once, {counted} of {sent} clicks counted, in {:?}",
         started.elapsed()
