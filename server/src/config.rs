@@ -92,7 +92,7 @@ pub struct RedisConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClicksConfig {
-    /// How often buffered clicks are written to Redis (one pipeline per flush).
+    /// How often buffered clicks are written to Redis (one script call per flush part).
     pub flush_interval_ms: u64,
     /// Acknowledge clicks only after the flush that holds them succeeded.
     pub strict: bool,

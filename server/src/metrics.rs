@@ -110,7 +110,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         CLICK_FLUSH_DURATION_SECONDS,
         "histogram",
         "",
-        "Duration of one Redis click flush pipeline",
+        "Duration of one Redis click flush part (one EVALSHA round trip)",
     ),
     (
         CLICK_FLUSH_FAILURES_TOTAL,
