@@ -81,8 +81,11 @@ impl RedisServer {
         while Instant::now() < deadline {
             if let Ok(client) = redis::Client::open(self.url()) {
                 if let Ok(mut connection) = client.get_connection() {
-                    if redis::cmd("PING").query::<String>(&mut connection).is_ok() {
-                        return true;
+                    // The server answering must be this one: another test's redis-server may
+                    // have taken the port between `free_port` and the spawn (ours then exits).
+                    if let Ok(info) = redis::cmd("INFO").arg("server").query::<String>(&mut connection) {
+                        let ours = format!("process_id:{}", self.child.id());
+                        return info.lines().any(|line| line.trim() == ours);
                     }
                 }
             }
