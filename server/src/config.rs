@@ -87,6 +87,12 @@ pub struct RedisConfig {
     pub stream: String,
     /// The consumer group the gateways' batchers share.
     pub group: String,
+    /// A connection attempt that takes longer fails (the operation answers `unavailable`).
+    pub connect_timeout_ms: u64,
+    /// A command whose reply takes longer fails and its connection is replaced: a Redis that
+    /// stops answering (hung, or a network that drops packets) never hangs a client's request.
+    /// Blocking stream reads get `events.batch_wait_ms` on top.
+    pub command_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -201,6 +207,8 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             stream: "hoard:events".into(),
             group: "hoard-gateways".into(),
+            connect_timeout_ms: 1_000,
+            command_timeout_ms: 5_000,
         }
     }
 }

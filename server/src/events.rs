@@ -477,7 +477,7 @@ pub async fn run_batcher(
     let mut claim_cursor = "0-0".to_string();
     while !*stop.borrow() {
         if reader.is_none() {
-            match store.reader().await {
+            match store.reader(Duration::from_millis(settings.wait_ms)).await {
                 Ok(r) => reader = Some(r),
                 Err(error) => {
                     tracing::warn!(%error, "batcher cannot reach the event stream");

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamReadOptions, StreamReadReply};
@@ -87,7 +88,11 @@ impl Store {
     pub fn open(config: &GatewayConfig) -> StoreResult<Store> {
         Ok(match config.store {
             StoreBackend::Redis => Store::Redis(Box::new(RedisStore {
-                handle: RedisHandle::new(&config.redis.url)?,
+                handle: RedisHandle::new(
+                    &config.redis.url,
+                    Duration::from_millis(config.redis.connect_timeout_ms),
+                    Duration::from_millis(config.redis.command_timeout_ms),
+                )?,
                 flush_script: redis::Script::new(FLUSH_SCRIPT),
                 stream: config.redis.stream.clone(),
                 group: config.redis.group.clone(),
@@ -328,11 +333,12 @@ impl Store {
         }
     }
 
-    /// A reader of the stream for one consumer (Redis: its own connection, for blocking reads).
-    pub async fn reader(&self) -> StoreResult<StreamReader> {
+    /// A reader of the stream for one consumer (Redis: its own connection, for blocking reads of
+    /// at most `block`).
+    pub async fn reader(&self, block: Duration) -> StoreResult<StreamReader> {
         match self {
             Store::Redis(redis) => {
-                let connection = redis.handle.dedicated().await?;
+                let connection = redis.handle.dedicated(block).await?;
                 Ok(StreamReader::Redis {
                     connection,
                     stream: redis.stream.clone(),
@@ -432,17 +438,36 @@ fn entry_of(entry: redis::streams::StreamId) -> StreamEntry {
 // ----- the Redis backend -----
 
 /// A Redis connection that is re-established after a failure.
+/// Every connection has a connect and a response timeout: a Redis that stops answering turns
+/// into `unavailable` answers and a reconnect, never into a request that hangs.
 pub struct RedisHandle {
     client: redis::Client,
     connection: Mutex<Option<MultiplexedConnection>>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
 }
 
 impl RedisHandle {
-    pub fn new(url: &str) -> redis::RedisResult<RedisHandle> {
+    pub fn new(
+        url: &str,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> redis::RedisResult<RedisHandle> {
         Ok(RedisHandle {
             client: redis::Client::open(url)?,
             connection: Mutex::new(None),
+            connect_timeout,
+            command_timeout,
         })
+    }
+
+    async fn connect(&self, response_timeout: Duration) -> redis::RedisResult<MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(self.connect_timeout)
+            .set_response_timeout(response_timeout);
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
     }
 
     /// A connection (cheap clone of the shared multiplexed one), connecting if needed.
@@ -451,14 +476,15 @@ impl RedisHandle {
         if let Some(connection) = slot.as_ref() {
             return Ok(connection.clone());
         }
-        let connection = self.client.get_multiplexed_async_connection().await?;
+        let connection = self.connect(self.command_timeout).await?;
         *slot = Some(connection.clone());
         Ok(connection)
     }
 
-    /// A fresh connection of its own (for blocking commands like XREADGROUP BLOCK).
-    pub async fn dedicated(&self) -> redis::RedisResult<MultiplexedConnection> {
-        self.client.get_multiplexed_async_connection().await
+    /// A fresh connection of its own for blocking commands (XREADGROUP BLOCK up to `block`):
+    /// its response timeout is the command timeout plus `block`.
+    pub async fn dedicated(&self, block: Duration) -> redis::RedisResult<MultiplexedConnection> {
+        self.connect(self.command_timeout + block).await
     }
 
     /// Forgets the shared connection after an I/O failure so that the next `get` reconnects.

@@ -97,6 +97,18 @@ impl RedisServer {
         false
     }
 
+    /// SIGSTOP (`false`) or SIGCONT (`true`): a Redis that hangs with its connections open,
+    /// answering nothing, then comes back.
+    pub fn set_running(&self, running: bool) {
+        let signal = if running { "-CONT" } else { "-STOP" };
+        let status = std::process::Command::new("kill")
+            .arg(signal)
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// SIGKILL: the server is gone at once, with everything it held (no persistence).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

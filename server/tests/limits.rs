@@ -233,7 +233,7 @@ async fn a_redis_outage_gives_typed_errors_and_service_resumes_without_a_restart
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 6);
     // The clicks absorbed during the outage were flushed once Redis was back (exactly once: a
     // flush that failed to connect applied nothing).
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let total = request(&mut studio1, |request_id| ClientMessage::Counter {
             request_id,
@@ -259,6 +259,64 @@ async fn a_redis_outage_gives_typed_errors_and_service_resumes_without_a_restart
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_redis_that_stops_answering_gives_unavailable_not_a_hang_and_service_resumes() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |config| config.redis.command_timeout_ms = 300).await;
+    let alice = key("alice", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    assert!(matches!(
+        read_gold_total(&mut studio1).await,
+        ServerMessage::Counter { .. }
+    ));
+
+    // SIGSTOP: the TCP connections stay open and nothing answers. Without a response timeout
+    // the read below would wait forever (the harness gives up after 10 s).
+    redis.set_running(false);
+    let started = Instant::now();
+    let answer = read_gold_total(&mut studio1).await;
+    assert_error(&answer, ErrorCode::Unavailable);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mint = gw.world.mint_currency(T1, &alice.public(), "GOLD", 5);
+    assert!(matches!(
+        submit(&mut studio1, &mint).await,
+        ServerMessage::Error {
+            code: ErrorCode::Unavailable,
+            ..
+        }
+    ));
+    assert!(matches!(ping(&mut studio1).await, ServerMessage::Pong { .. }));
+
+    // SIGCONT: the gateway reconnects and serves, and the event commits once.
+    redis.set_running(true);
+    assert_eq!(commit_eventually(&mut studio1, &mint).await.1, Outcome::Applied);
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 5);
+    assert!(matches!(
+        read_gold_total(&mut studio1).await,
+        ServerMessage::Counter { .. }
+    ));
+    gw.shutdown().await;
+}
+
+async fn read_gold_total(client: &mut WsClient) -> ServerMessage {
+    request(client, |request_id| ClientMessage::Counter {
+        request_id,
+        counter: "gold".into(),
+        player: None,
+    })
+    .await
 }
 
 /// What the SDK does for an event: submit until `accepted`, then ask `event_status` until it is
