@@ -78,6 +78,9 @@ pub struct CertifiedBlock {
 }
 
 struct Pending {
+    /// Submission order (this client's counter): a later request committing first means this
+    /// one was probably lost.
+    order: u64,
     payload: Arc<Vec<u8>>,
     replies: HashMap<ReplicaId, (u64, Vec<u8>)>,
     waiter: Option<oneshot::Sender<(u64, Vec<u8>)>>,
@@ -104,6 +107,32 @@ struct Shared {
     latency_average_us: std::sync::atomic::AtomicU64,
     queues: Vec<mpsc::Sender<Bytes>>,
     in_flight: Arc<Semaphore>,
+    next_order: std::sync::atomic::AtomicU64,
+    progress: Mutex<Progress>,
+}
+
+/// What the retransmitter needs to tell a lost request from a queued one.
+#[derive(Default)]
+struct Progress {
+    /// When a request of ours last committed.
+    last_commit: Option<Instant>,
+    /// The highest submission order that committed.
+    newest_committed: u64,
+}
+
+/// Removes a submission's pending entry however `submit` ends, cancellation included (a
+/// leaked entry would be retransmitted for ever).
+struct PendingGuard<'a> {
+    shared: &'a Shared,
+    digest: Hash,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.remove(&self.digest);
+        }
+    }
 }
 
 /// A cheap-to-clone handle to the replicas.
@@ -138,6 +167,8 @@ impl ChainClient {
             latency_average_us: std::sync::atomic::AtomicU64::new(0),
             queues,
             in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+            next_order: std::sync::atomic::AtomicU64::new(0),
+            progress: Mutex::new(Progress::default()),
         });
         for (info, rx) in cluster.replicas.iter().zip(receivers) {
             tokio::spawn(connection(Arc::downgrade(&shared), info.id, info.address, rx));
@@ -169,6 +200,15 @@ impl ChainClient {
         };
         let digest = request.digest();
         let (tx, rx) = oneshot::channel();
+        let order = self
+            .shared
+            .next_order
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let _guard = PendingGuard {
+            shared: &self.shared,
+            digest,
+        };
         {
             let timeout = self.shared.first_retransmit();
             let now = Instant::now();
@@ -176,6 +216,7 @@ impl ChainClient {
             pending.insert(
                 digest,
                 Pending {
+                    order,
                     payload: payload.clone(),
                     replies: HashMap::new(),
                     waiter: Some(tx),
@@ -189,7 +230,7 @@ impl ChainClient {
         self.shared
             .send(Some(primary), NetMessage::Request(request).encode());
         let result = rx.await;
-        self.shared.pending.lock().expect("pending lock").remove(&digest);
+        drop(_guard);
         drop(permit);
         let (height, reply) = result.map_err(|_| ClientError::Closed)?;
         let receipts = decode_reply(&reply).ok_or(ClientError::BadReply)?;
@@ -287,6 +328,10 @@ impl Shared {
                 if matching > self.f {
                     if let Some(waiter) = entry.waiter.take() {
                         self.observe_latency(entry.sent_at.elapsed());
+                        let mut progress = self.progress.lock().expect("progress lock");
+                        progress.last_commit = Some(Instant::now());
+                        progress.newest_committed = progress.newest_committed.max(entry.order);
+                        drop(progress);
                         let _ = waiter.send((seq, reply));
                     }
                 }
@@ -363,11 +408,25 @@ async fn retransmitter(shared: std::sync::Weak<Shared>) {
         tick.tick().await;
         let Some(shared) = shared.upgrade() else { return };
         let now = Instant::now();
+        let (last_commit, newest_committed) = {
+            let progress = shared.progress.lock().expect("progress lock");
+            (progress.last_commit, progress.newest_committed)
+        };
         let mut resend = Vec::new();
         {
             let mut pending = shared.pending.lock().expect("pending lock");
             for entry in pending.values_mut() {
-                if entry.waiter.is_some() && entry.next_retransmit <= now {
+                if entry.waiter.is_none() || entry.next_retransmit > now {
+                    continue;
+                }
+                // A request still queued behind others is not lost: while our requests keep
+                // committing, only one that a later request overtook is sent again. Under
+                // overload this keeps retransmissions (each one to every replica, which makes
+                // the backups forward it and arm their view-change timers) from multiplying
+                // the load that caused the delay.
+                let stalled = last_commit.is_none_or(|at| now.duration_since(at) >= entry.timeout);
+                let overtaken = newest_committed > entry.order;
+                if stalled || overtaken {
                     entry.timeout = (entry.timeout * 2).min(RETRANSMIT_AFTER_MAX);
                     entry.next_retransmit = now + entry.timeout;
                     resend.push(entry.payload.clone());

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use hoard_types::crypto::Hash;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::app::App;
 use crate::constants::{
@@ -126,8 +126,9 @@ struct CheckpointSlot {
 struct ViewChangeInfo {
     msg: SignedMessage,
     stable: Option<CheckpointCert>,
-    /// (seq, view, digest, batch) of each prepared certificate.
-    prepared: Vec<(u64, u64, Hash, Arc<Batch>)>,
+    /// (seq, view, digest) of each prepared certificate (certificates carry digests, never
+    /// batches: a view change stays small however large the batches in the window are).
+    prepared: Vec<(u64, u64, Hash)>,
     certs: Vec<PreparedCert>,
 }
 
@@ -145,11 +146,21 @@ impl ViewChangeInfo {
     }
 }
 
+/// One slot of a new view as a replica enters it.
+struct NewViewEntry {
+    seq: u64,
+    pre_prepare: SignedMessage,
+    digest: Hash,
+    /// `None`: we do not hold the batch (yet).
+    batch: Option<SlotBatch>,
+}
+
 /// The pre-prepares a new view must contain.
 struct NewViewPlan {
     min_cert: Option<CheckpointCert>,
     max_seq: u64,
-    entries: Vec<(u64, Arc<Batch>)>,
+    /// (seq, batch digest): a carried-over batch, or the null batch.
+    entries: Vec<(u64, Hash)>,
 }
 
 #[derive(Clone, Debug)]
@@ -291,14 +302,16 @@ impl<A: App> Replica<A> {
             }) = replica.decode(&msg)
             {
                 if nv_view == view {
+                    let null = Batch::null().digest();
                     for pp in pre_prepares {
-                        if let Ok((_, seq, entry)) = replica.parse_pre_prepare(&pp) {
-                            let digest = entry.digest;
+                        if let Ok(Message::PrePrepare { seq, digest, .. }) = replica.decode(&pp) {
                             if seq > replica.low {
                                 let slot = replica.slots.entry(seq).or_default();
                                 slot.enter_view(view);
-                                slot.add_batch(entry);
-                                slot.pre_prepare = Some((pp, digest));
+                                if digest == null {
+                                    slot.add_batch(SlotBatch::new(Arc::new(Batch::null())));
+                                }
+                                slot.pre_prepare = Some((pp.without_batch(), digest));
                             }
                             replica.next_seq = replica.next_seq.max(seq);
                         }
@@ -320,42 +333,45 @@ impl<A: App> Replica<A> {
                     ..SlotBatch::new(batch)
                 });
             }
-            let attach = |slot: &Slot, pp: SignedMessage, digest: Hash| -> Option<SignedMessage> {
-                slot.batch(&digest).map(|batch| pp.with_batch(batch))
+            // A slot a new view gave us by digest may have no batch on disk: what we signed
+            // is restored by digest all the same (a prepared certificate is never forgotten),
+            // and the batch comes from a peer before we execute.
+            let attach = |slot: &Slot, pp: SignedMessage, digest: Hash| -> SignedMessage {
+                match slot.batch(&digest) {
+                    Some(batch) => pp.with_batch(batch),
+                    None => pp.without_batch(),
+                }
             };
             if let Some((pp_view, msg)) = durable_slot.pre_prepare {
                 if pp_view == view {
                     if let Ok(Message::PrePrepare { digest, .. }) = Message::decode(&msg.payload, usize::MAX)
                     {
-                        if let Some(msg) = attach(slot, msg, digest) {
-                            slot.pre_prepare = Some((msg, digest));
-                            replica.next_seq = replica.next_seq.max(seq);
-                        }
+                        slot.pre_prepare = Some((attach(slot, msg, digest), digest));
+                        replica.next_seq = replica.next_seq.max(seq);
                     }
                 }
             }
             if let Some((p_view, digest, pp, prepare)) = durable_slot.prepare {
                 if p_view == view {
-                    if let Some(pp) = attach(slot, pp, digest) {
-                        slot.pre_prepare = Some((pp, digest));
-                    }
+                    slot.pre_prepare = Some((attach(slot, pp, digest), digest));
                     slot.prepares.insert(me, (digest, prepare.clone()));
                     slot.my_prepare = Some((digest, prepare));
                 }
             }
             if let Some((c_view, digest, mut cert, commit)) = durable_slot.commit {
-                if let Some(pp) = attach(slot, cert.pre_prepare.clone(), digest) {
-                    cert.pre_prepare = pp;
-                    if c_view == view {
-                        slot.pre_prepare = Some((cert.pre_prepare.clone(), digest));
-                        for prepare in &cert.prepares {
-                            slot.prepares.insert(prepare.signer, (digest, prepare.clone()));
-                        }
-                        slot.my_commit = Some((digest, commit.clone()));
+                cert.pre_prepare = cert.pre_prepare.without_batch();
+                if c_view == view {
+                    slot.pre_prepare = Some((attach(slot, cert.pre_prepare.clone(), digest), digest));
+                    for prepare in &cert.prepares {
+                        slot.prepares.insert(prepare.signer, (digest, prepare.clone()));
                     }
-                    slot.prepared = Some((c_view, digest, cert));
+                    slot.my_commit = Some((digest, commit.clone()));
                 }
+                slot.prepared = Some((c_view, digest, cert));
                 slot.commits.insert((me, c_view), (digest, commit));
+            }
+            if let Some((pp, digest)) = slot.pre_prepare.take() {
+                slot.pre_prepare = Some((attach(slot, pp, digest), digest));
             }
         }
         if replica.in_view_change {
@@ -904,6 +920,22 @@ impl<A: App> Replica<A> {
             }
         }) {
             if *existing == digest {
+                let missing = self.slots.get(&seq).is_some_and(|s| s.batch(&digest).is_none());
+                if missing && signed.batch.is_some() {
+                    // The batch of a slot a new view gave us by digest: checked against the
+                    // digest we accepted, so no signature is needed.
+                    let (_, _, entry) = self.parse_pre_prepare(&signed)?;
+                    let slot = self.slots.get_mut(&seq).expect("slot exists");
+                    if let Some((pre_prepare, _)) = slot.pre_prepare.as_mut() {
+                        *pre_prepare = pre_prepare.clone().with_batch(entry.batch.clone());
+                    }
+                    slot.add_batch(entry);
+                    if slot.my_prepare.is_some() {
+                        slot.persist_batch(seq, digest, out);
+                    }
+                    self.check_committed(seq, out);
+                    return Ok(());
+                }
                 return Err(Error::Stale("duplicate pre-prepare"));
             }
             // Verify before accusing: a forged second pre-prepare proves nothing.
@@ -1035,20 +1067,20 @@ impl<A: App> Replica<A> {
         };
         let commit = self.sign(&Message::Commit { view, seq, digest });
         let me = self.config.id;
+        let cert = PreparedCert {
+            pre_prepare: cert.pre_prepare.without_batch(),
+            prepares: cert.prepares,
+        };
         let slot = self.slots.get_mut(&seq).expect("slot exists");
         slot.prepared = Some((view, digest, cert.clone()));
         slot.my_commit = Some((digest, commit.clone()));
         slot.commits.insert((me, view), (digest, commit.clone()));
         slot.persist_batch(seq, digest, out);
-        let durable_cert = PreparedCert {
-            pre_prepare: cert.pre_prepare.without_batch(),
-            prepares: cert.prepares,
-        };
         out.push(Output::Persist(Record::Commit {
             view,
             seq,
             digest,
-            cert: durable_cert,
+            cert,
             commit: commit.clone(),
         }));
         self.broadcast(out, MessageKind::Commit, commit);
@@ -1351,6 +1383,13 @@ impl<A: App> Replica<A> {
     /// Our timer expired: tell the others we suspect the primary; keep working in the view.
     fn suspect(&mut self, out: &mut Vec<Output>) {
         if self.own_suspect.is_none() {
+            info!(
+                replica = self.config.id,
+                view = self.view,
+                pending = self.pending.len(),
+                last_executed = self.last_executed,
+                "suspecting the primary: nothing executed within the view-change timeout"
+            );
             let msg = self.sign(&Message::Suspect { view: self.view });
             self.own_suspect = Some(msg.clone());
             self.suspects.insert(self.config.id);
@@ -1372,6 +1411,13 @@ impl<A: App> Replica<A> {
         if new_view < self.view || (new_view == self.view && self.in_view_change) {
             return;
         }
+        info!(
+            replica = self.config.id,
+            from_view = self.view,
+            new_view,
+            last_executed = self.last_executed,
+            "view change"
+        );
         self.view = new_view;
         self.in_view_change = true;
         self.suspects.clear();
@@ -1433,13 +1479,13 @@ impl<A: App> Replica<A> {
         let mut seen = BTreeSet::new();
         let mut parsed = Vec::with_capacity(prepared.len());
         for cert in &prepared {
-            let (seq, view, digest, batch) = self.parse_prepared_cert(cert)?;
+            let (seq, view, digest) = self.parse_prepared_cert(cert)?;
             if seq <= stable_seq || seq > stable_seq + self.config.window || !seen.insert(seq) {
                 return Err(Error::InvalidCertificate(
                     "prepared certificate outside the window or repeated",
                 ));
             }
-            parsed.push((seq, view, digest, batch));
+            parsed.push((seq, view, digest));
         }
         if let Some(cert) = &stable {
             self.parse_checkpoint_cert(cert)?;
@@ -1452,16 +1498,17 @@ impl<A: App> Replica<A> {
         })
     }
 
-    fn parse_prepared_cert(&self, cert: &PreparedCert) -> Result<(u64, u64, Hash, Arc<Batch>)> {
-        let (view, seq, entry) = self.parse_pre_prepare(&cert.pre_prepare).map_err(|_| {
-            Error::InvalidCertificate("prepared certificate without a pre-prepare and its batch")
-        })?;
+    fn parse_prepared_cert(&self, cert: &PreparedCert) -> Result<(u64, u64, Hash)> {
+        let Ok(Message::PrePrepare { view, seq, digest }) = self.decode(&cert.pre_prepare) else {
+            return Err(Error::InvalidCertificate(
+                "prepared certificate without a pre-prepare",
+            ));
+        };
         if cert.pre_prepare.signer != self.primary(view) {
             return Err(Error::InvalidCertificate(
                 "pre-prepare not from that view's primary",
             ));
         }
-        let (digest, batch) = (entry.digest, entry.batch);
         if cert.prepares.len() < 2 * self.f || cert.prepares.len() > self.n {
             return Err(Error::InvalidCertificate("wrong number of prepares"));
         }
@@ -1480,7 +1527,7 @@ impl<A: App> Replica<A> {
                 return Err(Error::InvalidCertificate("prepare does not match or repeats"));
             }
         }
-        Ok((seq, view, digest, batch))
+        Ok((seq, view, digest))
     }
 
     fn parse_checkpoint_cert(&self, cert: &CheckpointCert) -> Result<()> {
@@ -1570,27 +1617,22 @@ impl<A: App> Replica<A> {
             .max_by_key(|c| c.seq)
             .cloned();
         let min_seq = min_cert.as_ref().map_or(0, |c| c.seq);
-        let mut best: BTreeMap<u64, (u64, &Arc<Batch>)> = BTreeMap::new();
+        let mut best: BTreeMap<u64, (u64, Hash)> = BTreeMap::new();
         for info in infos {
-            for (seq, view, _, batch) in &info.prepared {
+            for (seq, view, digest) in &info.prepared {
                 if *seq <= min_seq {
                     continue;
                 }
                 let better = best.get(seq).is_none_or(|(v, _)| *view > *v);
                 if better {
-                    best.insert(*seq, (*view, batch));
+                    best.insert(*seq, (*view, *digest));
                 }
             }
         }
         let max_seq = best.keys().next_back().copied().unwrap_or(min_seq).max(min_seq);
+        let null = Batch::null().digest();
         let entries = (min_seq + 1..=max_seq)
-            .map(|seq| {
-                (
-                    seq,
-                    best.get(&seq)
-                        .map_or_else(|| Arc::new(Batch::null()), |(_, b)| (*b).clone()),
-                )
-            })
+            .map(|seq| (seq, best.get(&seq).map_or(null, |(_, d)| *d)))
             .collect();
         NewViewPlan {
             min_cert,
@@ -1621,16 +1663,18 @@ impl<A: App> Replica<A> {
         chosen.truncate(self.quorum());
         let plan = self.plan_new_view(&chosen);
         let view_changes: Vec<SignedMessage> = chosen.iter().map(|i| i.msg.clone()).collect();
+        // Digests only: 2f+1 replicas prepared each carried batch, so at least f+1 correct ones
+        // hold it. A replica without it prepares and commits on the digest and gets the batch
+        // beside a re-sent pre-prepare (`on_status_tick`) or in a commit proof (`on_status`).
         let pre_prepares: Vec<SignedMessage> = plan
             .entries
             .iter()
-            .map(|(seq, batch)| {
+            .map(|(seq, digest)| {
                 self.sign(&Message::PrePrepare {
                     view,
                     seq: *seq,
-                    digest: batch.digest(),
+                    digest: *digest,
                 })
-                .with_batch(batch.clone())
             })
             .collect();
         let msg = self.sign(&Message::NewView {
@@ -1643,12 +1687,7 @@ impl<A: App> Replica<A> {
             msg: msg.clone(),
         }));
         self.broadcast(out, MessageKind::NewView, msg.clone());
-        let entries: Vec<(u64, SignedMessage, SlotBatch)> = plan
-            .entries
-            .into_iter()
-            .zip(pre_prepares)
-            .map(|((seq, batch), pp)| (seq, pp, SlotBatch::new(batch)))
-            .collect();
+        let entries = self.new_view_entries(&plan.entries, pre_prepares);
         self.enter_new_view(view, msg, plan.min_cert, plan.max_seq, entries, out);
     }
 
@@ -1700,20 +1739,23 @@ impl<A: App> Replica<A> {
                 what: "new view pre-prepares differ from O",
             });
         }
-        let mut entries = Vec::with_capacity(pre_prepares.len());
-        for ((seq, batch), pp) in plan.entries.iter().zip(&pre_prepares) {
-            let (v, s, entry) = self
-                .parse_pre_prepare(pp)
-                .map_err(|_| Error::InvalidCertificate("not a pre-prepare with its batch"))?;
+        for ((seq, digest), pp) in plan.entries.iter().zip(&pre_prepares) {
+            let Ok(Message::PrePrepare {
+                view: v,
+                seq: s,
+                digest: d,
+            }) = self.decode(pp)
+            else {
+                return Err(Error::InvalidCertificate("not a pre-prepare"));
+            };
             let safety_rule_new_view_matches_o =
-                v == view && s == *seq && entry.digest == batch.digest() && pp.signer == signed.signer;
+                v == view && s == *seq && d == *digest && pp.signer == signed.signer;
             if !safety_rule_new_view_matches_o {
                 return Err(Error::Violation {
                     replica: signed.signer,
                     what: "new view pre-prepares differ from O",
                 });
             }
-            entries.push((s, pp.clone(), entry));
         }
         // Verify every signature at once: the new view, its view changes and their
         // certificates, and the pre-prepares.
@@ -1727,6 +1769,8 @@ impl<A: App> Replica<A> {
             view,
             msg: signed.clone(),
         }));
+        let pre_prepares = pre_prepares.into_iter().map(|pp| pp.without_batch()).collect();
+        let entries = self.new_view_entries(&plan.entries, pre_prepares);
         self.enter_new_view(view, signed, plan.min_cert, plan.max_seq, entries, out);
         Ok(())
     }
@@ -1737,9 +1781,16 @@ impl<A: App> Replica<A> {
         msg: SignedMessage,
         min_cert: Option<CheckpointCert>,
         max_seq: u64,
-        entries: Vec<(u64, SignedMessage, SlotBatch)>,
+        entries: Vec<NewViewEntry>,
         out: &mut Vec<Output>,
     ) {
+        info!(
+            replica = self.config.id,
+            view,
+            max_seq,
+            carried = entries.len(),
+            "new view installed"
+        );
         self.view = view;
         self.in_view_change = false;
         self.own_view_change = None;
@@ -1755,22 +1806,35 @@ impl<A: App> Replica<A> {
         if let Some(cert) = min_cert {
             self.adopt_stable_cert(cert, out);
         }
-        for (seq, pp, entry) in entries {
+        for NewViewEntry {
+            seq,
+            pre_prepare,
+            digest,
+            batch,
+        } in entries
+        {
             if seq <= self.low {
                 continue;
             }
-            for digest in entry.request_digests.iter() {
-                if self.pending.contains_key(digest) {
-                    self.proposed.insert(*digest);
-                }
-            }
-            let digest = entry.digest;
             let slot = self.slots.entry(seq).or_default();
             slot.enter_view(view);
-            // Not marked persisted: the new-view record holding it is replaced by the next one,
-            // so the slot records that name it get their own `Record::Batch`.
-            slot.add_batch(entry);
-            slot.pre_prepare = Some((pp, digest));
+            let pre_prepare = match batch {
+                Some(entry) => {
+                    for request in entry.request_digests.iter() {
+                        if self.pending.contains_key(request) {
+                            self.proposed.insert(*request);
+                        }
+                    }
+                    let pre_prepare = pre_prepare.with_batch(entry.batch.clone());
+                    slot.add_batch(entry);
+                    pre_prepare
+                }
+                // Prepared by 2f+1 replicas in an earlier view but not here: we prepare and
+                // commit on the digest; the batch comes beside a re-sent pre-prepare or in a
+                // commit proof before we execute.
+                None => pre_prepare,
+            };
+            slot.pre_prepare = Some((pre_prepare, digest));
             self.send_prepare(seq, out);
             self.check_prepared(seq, out);
         }
@@ -1783,6 +1847,35 @@ impl<A: App> Replica<A> {
             self.arm_view_change_timer(out);
         }
         self.check_all_committed(out);
+    }
+
+    /// The new view's slots: each pre-prepare (without its batch) with the batch if we hold
+    /// one with that digest (the null batch always).
+    fn new_view_entries(
+        &self,
+        planned: &[(u64, Hash)],
+        pre_prepares: Vec<SignedMessage>,
+    ) -> Vec<NewViewEntry> {
+        let null = Batch::null().digest();
+        planned
+            .iter()
+            .zip(pre_prepares)
+            .map(|((seq, digest), pre_prepare)| {
+                let batch = if *digest == null {
+                    Some(SlotBatch::new(Arc::new(Batch::null())))
+                } else {
+                    self.slots
+                        .get(seq)
+                        .and_then(|slot| slot.batches.iter().find(|b| b.digest == *digest).cloned())
+                };
+                NewViewEntry {
+                    seq: *seq,
+                    pre_prepare,
+                    digest: *digest,
+                    batch,
+                }
+            })
+            .collect()
     }
 
     fn check_all_committed(&mut self, out: &mut Vec<Output>) {
@@ -1834,13 +1927,21 @@ impl<A: App> Replica<A> {
             let view = self.view;
             let is_primary = self.is_primary();
             let mut resend = Vec::new();
+            let me = self.config.id;
+            let mut to_backups = Vec::new();
             for slot in self.slots.values() {
                 if slot.view != view || slot.committed.is_some() {
                     continue;
                 }
                 if is_primary {
-                    if let Some((pp, _)) = &slot.pre_prepare {
-                        resend.push((MessageKind::PrePrepare, pp.clone()));
+                    // Only to backups whose prepare we lack: under load most have it, and
+                    // re-sending every batch in flight each tick would double the traffic.
+                    if let Some((pp, _)) = slot.pre_prepare.as_ref().filter(|(pp, _)| pp.batch.is_some()) {
+                        for backup in (0..self.n as ReplicaId).filter(|r| *r != me) {
+                            if !slot.prepares.contains_key(&backup) {
+                                to_backups.push((backup, pp.clone()));
+                            }
+                        }
                     }
                 }
                 if let Some((_, prepare)) = &slot.my_prepare {
@@ -1855,6 +1956,9 @@ impl<A: App> Replica<A> {
             }
             for (kind, msg) in resend {
                 self.broadcast(out, kind, msg);
+            }
+            for (backup, pp) in to_backups {
+                self.send(out, MessageKind::PrePrepare, backup, pp);
             }
             self.forward_pending(FORWARD_PER_TICK_MAX, out);
         }

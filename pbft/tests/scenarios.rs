@@ -78,6 +78,51 @@ fn view_change_carries_a_prepared_but_uncommitted_batch() {
 }
 
 #[test]
+fn view_changes_carry_digests_and_a_new_primary_without_the_batch_still_commits_it() {
+    let mut cluster = Cluster::new(4);
+    let batches_in_view_changes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = batches_in_view_changes.clone();
+    // Replica 1 (view 1's primary) never gets view 0's pre-prepare, and every view-0 commit is
+    // lost: replicas 0, 2 and 3 prepare seq 1, nobody commits it.
+    cluster.drop = Box::new(move |_, to, m| {
+        if let Message::ViewChange { prepared, .. } = m {
+            let carried = prepared.iter().filter(|c| c.pre_prepare.batch.is_some()).count();
+            seen.fetch_add(carried, std::sync::atomic::Ordering::Relaxed);
+        }
+        matches!(m, Message::Commit { view: 0, .. })
+            || (to == 1 && matches!(m, Message::PrePrepare { view: 0, .. }))
+    });
+    let request = req(1);
+    cluster.submit(0, request.clone());
+    cluster.run(20);
+    for id in 0..4 {
+        assert_eq!(cluster.last_executed(id), 0, "nothing committed yet");
+    }
+    cluster.crash(0);
+    for id in 1..4 {
+        cluster.submit(id, request.clone());
+    }
+    cluster.run(2_000);
+    for id in 1..4 {
+        let replica = cluster.replica(id);
+        assert!(replica.view() >= 1 && !replica.in_view_change(), "replica {id}");
+        let first = &cluster.executed[id as usize][0];
+        assert_eq!(first.seq, 1);
+        assert_eq!(
+            first.batch.requests,
+            vec![request.clone()],
+            "replica {id}: seq 1 keeps the prepared batch, which the new primary never had"
+        );
+    }
+    cluster.assert_agreement();
+    assert_eq!(
+        batches_in_view_changes.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "prepared certificates travel as digests"
+    );
+}
+
+#[test]
 fn primary_crash_triggers_view_change_and_progress() {
     let mut cluster = Cluster::new(4);
     for nonce in 0..5 {

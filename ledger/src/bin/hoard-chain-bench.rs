@@ -249,6 +249,12 @@ fn ms(micros: u64) -> f64 {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let dir = tempfile::tempdir()?;
     let mut world = World::new(1);
     world.expires_at = 90_000;
