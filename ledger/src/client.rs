@@ -45,7 +45,7 @@ pub const RETRANSMIT_AFTER: Duration = Duration::from_millis(1_000);
 /// Lower bound of the first retransmission timeout.
 pub const RETRANSMIT_AFTER_MIN: Duration = Duration::from_millis(200);
 /// The first retransmission timeout is this many times the moving average of commit latency.
-pub const RETRANSMIT_LATENCY_FACTOR: u32 = 4;
+pub const RETRANSMIT_LATENCY_FACTOR: u32 = 2;
 /// How often pending requests are checked for retransmission.
 pub const RETRANSMIT_TICK: Duration = Duration::from_millis(25);
 /// Largest retransmission timeout.

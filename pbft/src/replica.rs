@@ -1603,6 +1603,15 @@ impl<A: App> Replica<A> {
             let smallest = *above.values().min().expect("not empty");
             self.start_view_change(smallest, out);
         }
+        // A view change for a later view is a suspicion of ours: its sender gave up on this
+        // view. Without this, a replica whose new-view timer ran out while the others were
+        // installing that new view (it cannot accept a new view older than its own) escalates
+        // alone, and the other two of a 3-replica quorum wait for it for ever: one suspect
+        // each side, f + 1 nowhere.
+        if !self.in_view_change && new_view > self.view && signer != self.config.id {
+            self.suspects.insert(signer);
+            self.check_suspects(out);
+        }
         self.try_new_view(out);
         Ok(())
     }
