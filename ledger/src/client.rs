@@ -257,6 +257,11 @@ impl ChainClient {
         rx
     }
 
+    /// The replica this client takes for the primary (from the view of the latest reply).
+    pub fn primary(&self) -> ReplicaId {
+        *self.shared.primary.lock().expect("primary lock")
+    }
+
     /// The number of replicas.
     pub fn replicas(&self) -> usize {
         self.shared.n

@@ -188,6 +188,21 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs a blocking call with `block_in_place` on a multi-threaded runtime (plainly elsewhere:
+/// a current-thread runtime cannot hand its tasks over).
+fn off_the_runtime<T>(call: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(call)
+        }
+        _ => call(),
+    }
+}
+
+/// A round (inputs through the replica, then persist, sync and send) that takes this long is
+/// logged: the replica's task does not yield meanwhile.
+const SLOW_ROUND: Duration = Duration::from_millis(200);
+
 /// Prefix of the per-slot record keys (then the big-endian seq).
 const SLOT_KEY_PREFIX: &[u8] = b"pbft/slot/";
 
@@ -355,6 +370,8 @@ impl Driver {
     }
 
     fn round(&mut self, inputs: Vec<Input>) -> Result<()> {
+        let started = Instant::now();
+        let count = inputs.len();
         let mut outputs = Vec::new();
         for input in inputs {
             self.replica.set_now(now_ms());
@@ -378,9 +395,22 @@ impl Driver {
                 }
             }
         }
+        let stepped = started.elapsed();
+        let produced = outputs.len();
         self.perform(outputs)?;
         self.pump_subscribers()?;
         self.publish_status();
+        let elapsed = started.elapsed();
+        if elapsed >= SLOW_ROUND {
+            tracing::warn!(
+                replica = self.id,
+                inputs = count,
+                outputs = produced,
+                consensus_ms = stepped.as_millis() as u64,
+                total_ms = elapsed.as_millis() as u64,
+                "slow round"
+            );
+        }
         Ok(())
     }
 
@@ -477,7 +507,11 @@ impl Driver {
             }
         }
         if wrote {
-            self.store.sync().map_err(storage)?;
+            // The sync waits for the disk (hundreds of ms when writeback is behind): on a
+            // multi-threaded runtime, hand this worker's other tasks (peers' connections, other
+            // replicas in one process, clients) to another thread meanwhile.
+            let store = &mut self.store;
+            off_the_runtime(move || store.sync()).map_err(storage)?;
         }
         for (to, msg) in sends {
             let frame = NetMessage::Consensus(msg.to_bytes()).encode();

@@ -411,23 +411,32 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    // The primary (replica 0 in view 0) stops a second into a half-rate run.
+    // The primary (whichever replica it is by now: overload may have changed the view) stops
+    // a second into a half-rate run.
     let stop_primary: Box<dyn FnOnce() + Send> = if args.processes {
-        let pid = children[0].id() as i32;
-        Box::new(move || unsafe {
-            libc::kill(pid, libc::SIGKILL);
+        let pids: Vec<i32> = children.iter().map(|c| c.id() as i32).collect();
+        let client = client.clone();
+        Box::new(move || {
+            let primary = client.primary() as usize;
+            println!("stopping the primary, replica {primary}");
+            unsafe {
+                libc::kill(pids[primary], libc::SIGKILL);
+            }
         })
     } else {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<usize>();
         let mut cluster = local.take().expect("in-process cluster");
         tokio::spawn(async move {
-            let _ = rx.await;
-            cluster.stop(0).await;
+            let Ok(primary) = rx.await else { return };
+            cluster.stop(primary).await;
             // Keep the rest running until the process ends.
             std::mem::forget(cluster);
         });
+        let client = client.clone();
         Box::new(move || {
-            let _ = tx.send(());
+            let primary = client.primary() as usize;
+            println!("stopping the primary, replica {primary}");
+            let _ = tx.send(primary);
         })
     };
     let (run, _) = run_at(
