@@ -86,7 +86,7 @@ pub async fn run(
             &config.data_dir,
             StoreConfig {
                 block_retention_blocks: config.block_retention_blocks,
-                sync_each_write: false,
+                ..StoreConfig::default()
             },
         )
         .map_err(storage)?;

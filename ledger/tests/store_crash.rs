@@ -127,6 +127,7 @@ fn verify(engine: Engine, dir: &Path, mode: &Mode, durable: u64, label: &str) ->
     let config = StoreConfig {
         block_retention_blocks: mode.block_retention_blocks,
         sync_each_write: mode.sync_each_write,
+        ..StoreConfig::default()
     };
     let store = engine
         .open(dir, config)

@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         StoreConfig {
             block_retention_blocks,
             sync_each_write,
+            ..StoreConfig::default()
         },
     )?;
     let mut stdout = std::io::stdout().lock();

@@ -159,6 +159,9 @@ pub struct StoreConfig {
     pub block_retention_blocks: u64,
     /// Make every write durable before it returns (one sync per write) instead of at [`Store::sync`].
     pub sync_each_write: bool,
+    /// sled's page cache, bytes (sled's own default is 1 GiB, which a replica fills in minutes
+    /// under load: the soak run saw each replica grow towards it).
+    pub cache_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -166,9 +169,13 @@ impl Default for StoreConfig {
         StoreConfig {
             block_retention_blocks: BLOCK_RETENTION_BLOCKS_DEFAULT,
             sync_each_write: false,
+            cache_bytes: CACHE_BYTES_DEFAULT,
         }
     }
 }
+
+/// Default of [`StoreConfig::cache_bytes`].
+pub const CACHE_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
 /// The ledger's durable storage: a block log, the latest snapshots, consensus records.
 ///

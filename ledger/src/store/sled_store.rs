@@ -32,14 +32,14 @@ impl SledStore {
     pub fn open(dir: &Path, config: StoreConfig) -> Result<SledStore> {
         let path = dir.join(SLED_DIR_NAME);
         super::create_atomically(&path, |creating| {
-            let db = open_sled(creating)?;
+            let db = open_sled(creating, config.cache_bytes)?;
             for tree in TREE_NAMES {
                 db.open_tree(tree)?;
             }
             db.flush()?;
             Ok(())
         })?;
-        let db = open_sled(&path)?;
+        let db = open_sled(&path, config.cache_bytes)?;
         let [blocks, snapshots, records] = TREE_NAMES.map(|name| db.open_tree(name));
         let (blocks, snapshots, records) = (blocks?, snapshots?, records?);
         let store = SledStore {
@@ -96,11 +96,11 @@ const SLED_LOCK_RETRY_MS: u64 = 5;
 ///   corrupted data at file offset None" (sled issue #1527). A `.generating` file is never the
 ///   authoritative snapshot (the previous `snap.<lsn>` is removed only after the rename), so on that
 ///   error, once sled held the lock, remove them and open again.
-fn open_sled(path: &Path) -> Result<sled::Db> {
+fn open_sled(path: &Path, cache_bytes: u64) -> Result<sled::Db> {
     let started = std::time::Instant::now();
     let mut repaired = false;
     loop {
-        match sled::Config::new().path(path).open() {
+        match sled::Config::new().path(path).cache_capacity(cache_bytes).open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(error))
                 if error.to_string().contains("could not acquire lock")
