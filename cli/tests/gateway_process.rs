@@ -393,11 +393,12 @@ async fn setup(client: &Client) -> hoard_sdk::PublicKey {
     alice
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process() {
-    let started = Instant::now();
-    let stack = replicas().await;
-    let redis = RedisServer::start();
+/// A `hoard gateway` process on `redis` and the cluster of `stack`, CLIENTS SDK clients
+/// connected to it, and alice registered (the directory holds the gateway's files).
+async fn start_gateway_and_clients(
+    stack: &Stack,
+    redis: &RedisServer,
+) -> (tempfile::TempDir, GatewayChild, Vec<Client>, hoard_sdk::PublicKey) {
     let dir = tempfile::tempdir().unwrap();
     let mut gateway =
         GatewayChild::configure(dir.path(), &stack.dir.join("cluster/cluster.toml"), &redis.url());
@@ -407,6 +408,15 @@ async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process
         clients.push(connect(&gateway.url()).await);
     }
     let alice = setup(&clients[0]).await;
+    (dir, gateway, clients, alice)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process() {
+    let started = Instant::now();
+    let stack = replicas().await;
+    let redis = RedisServer::start();
+    let (_dir, mut gateway, clients, alice) = start_gateway_and_clients(&stack, &redis).await;
 
     let book = Arc::new(Ledgerbook::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -439,15 +449,7 @@ async fn every_event_commits_exactly_once_when_redis_restarts_empty_under_load()
     let started = Instant::now();
     let stack = replicas().await;
     let mut redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway =
-        GatewayChild::configure(dir.path(), &stack.dir.join("cluster/cluster.toml"), &redis.url());
-    gateway.start().await;
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        clients.push(connect(&gateway.url()).await);
-    }
-    let alice = setup(&clients[0]).await;
+    let (_dir, mut gateway, clients, alice) = start_gateway_and_clients(&stack, &redis).await;
 
     let book = Arc::new(Ledgerbook::default());
     let stop = Arc::new(AtomicBool::new(false));

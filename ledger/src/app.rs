@@ -25,8 +25,15 @@ use crate::state::Ledger;
 pub const REQUEST_TRANSACTIONS_MAX: usize = 4096;
 /// Largest encoded consensus request (the replicas' `request_bytes_max`).
 pub const REQUEST_BYTES_MAX: usize = 4 * 1024 * 1024;
-/// Most recent blocks the app keeps in memory for the driver to persist and publish.
+/// Most recent blocks the app keeps in memory for subscribers near the head.
 pub const RECENT_BLOCKS_MAX: usize = 1024;
+/// Most bytes (of the requests that made them) the recent blocks may hold; the newest is always
+/// kept. With 4,000-event requests a block is about 1.5 MB, and 1,024 of them made a replica grow
+/// by about 5 MiB/s for minutes in the chain benchmark's soak run.
+pub const RECENT_BLOCKS_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Most executed blocks waiting for the driver to take them (it takes them every round; a bound
+/// in case nothing does, as in the simulator).
+pub const EXECUTED_UNTAKEN_MAX: usize = 4096;
 
 const _: () = assert!(REQUEST_TRANSACTIONS_MAX <= hoard_types::constants::BLOCK_TRANSACTIONS_MAX);
 
@@ -74,15 +81,38 @@ pub fn decode_reply(reply: &[u8]) -> Option<Vec<Receipt>> {
 /// The ledger wrapped for consensus, with the most recent blocks kept for the driver.
 pub struct LedgerApp {
     ledger: Ledger,
-    recent: VecDeque<Arc<Block>>,
+    /// Recent blocks with their approximate sizes, oldest first, bounded by count and bytes.
+    recent: VecDeque<(Arc<Block>, usize)>,
+    recent_bytes: usize,
+    /// Executed blocks the driver has not taken yet to persist (the consensus core hands the
+    /// app only `&self` between steps, hence the lock).
+    executed: std::sync::Mutex<VecDeque<Arc<Block>>>,
 }
 
 impl LedgerApp {
     pub fn new(ledger: Ledger) -> LedgerApp {
         LedgerApp {
             ledger,
-            recent: VecDeque::with_capacity(RECENT_BLOCKS_MAX),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
+            executed: std::sync::Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// The block executed at `height`, for the driver to persist: each executed block once, in
+    /// order (older ones nobody took are dropped).
+    pub fn take_executed(&self, height: u64) -> Option<Arc<Block>> {
+        let mut executed = self.executed.lock().expect("executed lock");
+        while let Some(block) = executed.pop_front() {
+            if block.header.height == height {
+                return Some(block);
+            }
+            if block.header.height > height {
+                executed.push_front(block);
+                return None;
+            }
+        }
+        None
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -91,28 +121,26 @@ impl LedgerApp {
 
     /// Block `height`, if it is among the most recent ones executed here.
     pub fn recent_block(&self, height: u64) -> Option<Arc<Block>> {
-        let first = self.recent.front()?.header.height;
+        let first = self.recent.front()?.0.header.height;
         let index = height.checked_sub(first)? as usize;
-        self.recent.get(index).cloned()
+        self.recent.get(index).map(|(block, _)| block.clone())
     }
 
-    /// Replays a block from the log (recovery): the same checks as a follower.
-    pub fn replay(&mut self, block: &Block) -> crate::Result<()> {
-        self.ledger.apply_block(block)?;
-        self.remember(Arc::new(block.clone()));
-        Ok(())
+    /// Keeps `block` (`bytes` long encoded) among the recent ones (recovery hands in replayed
+    /// blocks).
+    pub fn remember_block(&mut self, block: Arc<Block>, bytes: usize) {
+        self.remember(block, bytes);
     }
 
-    /// Keeps `block` among the recent ones (recovery hands in replayed blocks).
-    pub fn remember_block(&mut self, block: Arc<Block>) {
-        self.remember(block);
-    }
-
-    fn remember(&mut self, block: Arc<Block>) {
-        if self.recent.len() == RECENT_BLOCKS_MAX {
-            self.recent.pop_front();
+    fn remember(&mut self, block: Arc<Block>, bytes: usize) {
+        self.recent.push_back((block, bytes));
+        self.recent_bytes += bytes;
+        while self.recent.len() > RECENT_BLOCKS_MAX
+            || (self.recent_bytes > RECENT_BLOCKS_BYTES_MAX && self.recent.len() > 1)
+        {
+            let (_, dropped) = self.recent.pop_front().expect("not empty");
+            self.recent_bytes -= dropped;
         }
-        self.recent.push_back(block);
     }
 }
 
@@ -149,7 +177,16 @@ impl App for LedgerApp {
             })
             .collect();
         let digest = block.header.hash().0;
-        self.remember(Arc::new(block));
+        let bytes = requests.iter().map(|r| r.payload.len()).sum::<usize>() + 256;
+        let block = Arc::new(block);
+        {
+            let mut executed = self.executed.lock().expect("executed lock");
+            if executed.len() == EXECUTED_UNTAKEN_MAX {
+                executed.pop_front();
+            }
+            executed.push_back(block.clone());
+        }
+        self.remember(block, bytes);
         Executed { replies, digest }
     }
 
@@ -165,6 +202,8 @@ impl App for LedgerApp {
         let ledger = Ledger::restore(snapshot, None).map_err(|e| AppError(e.to_string()))?;
         self.ledger = ledger;
         self.recent.clear();
+        self.recent_bytes = 0;
+        self.executed.lock().expect("executed lock").clear();
         Ok(self.digest())
     }
 

@@ -243,7 +243,7 @@ pub fn inspect(data_dir: &std::path::Path, genesis: &crate::genesis::Genesis) ->
 fn rebuild_ledger(
     genesis: &crate::genesis::Genesis,
     store: &dyn Store,
-) -> Result<(Ledger, std::collections::VecDeque<Block>)> {
+) -> Result<(Ledger, std::collections::VecDeque<(Block, usize)>)> {
     let mut ledger = match store.latest_snapshot().map_err(storage)? {
         Some((height, bytes)) => {
             let ledger = Ledger::restore(&bytes, None)?;
@@ -258,6 +258,7 @@ fn rebuild_ledger(
     };
     let last = store.last_height().map_err(storage)?;
     let mut blocks = std::collections::VecDeque::new();
+    let mut held = 0usize;
     while ledger.height() < last {
         let height = ledger.height() + 1;
         let bytes = store.block(height).map_err(storage)?.ok_or_else(|| {
@@ -265,9 +266,13 @@ fn rebuild_ledger(
         })?;
         let block = Block::decode(&bytes)?;
         ledger.apply_block(&block)?;
-        blocks.push_back(block);
-        if blocks.len() > crate::app::RECENT_BLOCKS_MAX {
-            blocks.pop_front();
+        blocks.push_back((block, bytes.len()));
+        held += bytes.len();
+        while blocks.len() > crate::app::RECENT_BLOCKS_MAX
+            || (held > crate::app::RECENT_BLOCKS_BYTES_MAX && blocks.len() > 1)
+        {
+            let (_, dropped) = blocks.pop_front().expect("not empty");
+            held -= dropped;
         }
     }
     Ok((ledger, blocks))
@@ -281,8 +286,8 @@ fn recover(
     let (ledger, app_blocks) = rebuild_ledger(&config.cluster.genesis, store)?;
     let last = ledger.height();
     let mut app = LedgerApp::new(ledger);
-    for block in app_blocks {
-        app.remember_block(Arc::new(block));
+    for (block, bytes) in app_blocks {
+        app.remember_block(Arc::new(block), bytes);
     }
     let mut durable = DurableState::default();
     let records = store.records(b"pbft/").map_err(storage)?;
@@ -449,12 +454,16 @@ impl Driver {
                     self.persist(record)?;
                 }
                 Output::Committed(committed) => {
-                    let block = self.replica.app().recent_block(committed.seq).ok_or_else(|| {
-                        LedgerError::Storage(format!(
-                            "block {} was executed but is not in memory",
-                            committed.seq
-                        ))
-                    })?;
+                    let app = self.replica.app();
+                    let block = app
+                        .take_executed(committed.seq)
+                        .or_else(|| app.recent_block(committed.seq))
+                        .ok_or_else(|| {
+                            LedgerError::Storage(format!(
+                                "block {} was executed but is not in memory",
+                                committed.seq
+                            ))
+                        })?;
                     if self.store.last_height().map_err(storage)? < committed.seq {
                         self.store
                             .append_block(committed.seq, &block.encode())
@@ -770,7 +779,12 @@ async fn serve_connection(
 
 /// This process's resident memory, from `/proc/self/status` (Linux; `None` elsewhere).
 pub fn resident_memory_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    resident_memory_bytes_of("self")
+}
+
+/// VmRSS of process `pid` ("self" for this one), bytes (Linux).
+pub fn resident_memory_bytes_of(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kilobytes: u64 = status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))?

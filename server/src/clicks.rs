@@ -238,7 +238,9 @@ impl Clicks {
         interval: Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut ticker = tokio::time::interval(interval);
+        // The first flush one interval after start (`interval` would tick at once, and a task
+        // that starts late would then flush the first clicks early).
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -271,6 +271,7 @@ impl Events {
 
     /// Called by the follower for every committed transaction, in commit order.
     pub fn on_receipt(&self, receipt: &Receipt, kind: &'static str) {
+        tracing::debug!(height = receipt.height, duplicate = receipt.duplicate, "receipt");
         let outcome_label = match &receipt.outcome {
             Outcome::Applied => "applied",
             Outcome::Settled { .. } => "settled",
@@ -379,6 +380,7 @@ pub(crate) async fn run_writer(
         let started = Instant::now();
         let transactions: Vec<&[u8]> = requests.iter().map(|r| r.bytes.as_slice()).collect();
         let result = store.append(&transactions).await;
+        tracing::debug!(events = transactions.len(), ids = ?result.as_ref().ok(), "appended to the event stream");
         drop(transactions);
         metrics::histogram!(m::STREAM_WRITE_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
@@ -533,6 +535,7 @@ pub async fn run_batcher(
         if entries.is_empty() {
             continue;
         }
+        tracing::debug!(entries = entries.len(), "batcher read stream entries");
         let mut batch = Vec::with_capacity(entries.len());
         for entry in entries {
             let decoded = entry
@@ -589,6 +592,7 @@ pub async fn run_batcher(
             submitted = chain.submit(batch) => submitted,
             _ = crate::stopped(&mut stop) => break,
         };
+        tracing::debug!(ok = submitted.is_ok(), "batch submitted to the chain");
         if let Err(error) = submitted {
             // The entries stay pending and are reclaimed after claim_idle_ms.
             metrics::counter!(m::BATCH_SUBMIT_FAILURES_TOTAL).increment(1);

@@ -275,6 +275,11 @@ impl TestGateway {
 
     /// Starts a gateway on an existing chain (a second gateway of the same cluster).
     pub async fn start_on(chain: LocalChain, world: World, config: GatewayConfig) -> TestGateway {
+        // `RUST_LOG=hoard_server=debug cargo nextest run ...` shows a failing test's gateway log.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let genesis: Genesis = world.genesis();
         let backend: Arc<dyn Chain> = Arc::new(chain.clone());
         let gateway = Gateway::start(config.clone(), backend, &genesis)

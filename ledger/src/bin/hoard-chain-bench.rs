@@ -104,20 +104,6 @@ struct Results {
     view_change_stall_ms: f64,
 }
 
-/// VmRSS of process `pid`, bytes.
-fn process_rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kilobytes: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some(kilobytes * 1024)
-}
-
 const T: TenantId = TenantId(1);
 
 struct Workload {
@@ -382,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
             let resident_memory_bytes: Vec<u64> = if args.processes {
                 children
                     .iter()
-                    .map(|c| process_rss_bytes(c.id()).unwrap_or(0))
+                    .map(|c| hoard_ledger::node::resident_memory_bytes_of(&c.id().to_string()).unwrap_or(0))
                     .collect()
             } else {
                 vec![hoard_ledger::node::resident_memory_bytes().unwrap_or(0)]
