@@ -40,22 +40,28 @@ fn normal_case_orders_and_checkpoints() {
     assert_eq!(total, 40);
 }
 
+/// Submits `request` to the primary (replica 0) and lets it be prepared but committed nowhere
+/// (the caller's drop filter loses the commits); then the primary crashes and the backups hold
+/// the request, so their timers run out.
+fn prepare_then_crash_the_primary(cluster: &mut Cluster, request: &Request) {
+    cluster.submit(0, request.clone());
+    cluster.run(20);
+    for id in 0..4 {
+        assert_eq!(cluster.last_executed(id), 0, "nothing committed yet");
+    }
+    cluster.crash(0);
+    for id in 1..4 {
+        cluster.submit(id, request.clone());
+    }
+}
+
 #[test]
 fn view_change_carries_a_prepared_but_uncommitted_batch() {
     let mut cluster = Cluster::new(4);
     // Every commit is lost: replicas prepare seq 1 but nobody commits it.
     cluster.drop = Box::new(|_, _, m| matches!(m, Message::Commit { view: 0, .. }));
     let request = req(1);
-    cluster.submit(0, request.clone());
-    cluster.run(20);
-    for id in 0..4 {
-        assert_eq!(cluster.last_executed(id), 0, "nothing committed yet");
-    }
-    // The primary goes silent; backups hold the request and time out.
-    cluster.crash(0);
-    for id in 1..4 {
-        cluster.submit(id, request.clone());
-    }
+    prepare_then_crash_the_primary(&mut cluster, &request);
     cluster.run(1_000);
     for id in 1..4 {
         let replica = cluster.replica(id);
@@ -93,15 +99,7 @@ fn view_changes_carry_digests_and_a_new_primary_without_the_batch_still_commits_
             || (to == 1 && matches!(m, Message::PrePrepare { view: 0, .. }))
     });
     let request = req(1);
-    cluster.submit(0, request.clone());
-    cluster.run(20);
-    for id in 0..4 {
-        assert_eq!(cluster.last_executed(id), 0, "nothing committed yet");
-    }
-    cluster.crash(0);
-    for id in 1..4 {
-        cluster.submit(id, request.clone());
-    }
+    prepare_then_crash_the_primary(&mut cluster, &request);
     cluster.run(2_000);
     for id in 1..4 {
         let replica = cluster.replica(id);

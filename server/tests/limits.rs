@@ -159,14 +159,7 @@ async fn a_tenants_connections_share_its_rate_limit_and_other_tenants_are_unaffe
 async fn a_redis_outage_gives_typed_errors_and_service_resumes_without_a_restart() {
     let mut redis = RedisServer::start();
     let mut gw = TestGateway::start(&redis, |_| {}).await;
-    let alice = key("alice", 0);
-    let mut studio1 = studio(&gw, T1).await;
-    for tx in [
-        gw.world.register(T1, &alice.public(), Custody::Custodial),
-        gw.world.define_currency(T1, "GOLD", 1_000_000),
-    ] {
-        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
-    }
+    let (alice, mut studio1) = alice_with_gold(&mut gw).await;
     let http = gw.gateway().http_addr();
 
     redis.kill();
@@ -265,14 +258,7 @@ async fn a_redis_outage_gives_typed_errors_and_service_resumes_without_a_restart
 async fn a_redis_that_stops_answering_gives_unavailable_not_a_hang_and_service_resumes() {
     let redis = RedisServer::start();
     let mut gw = TestGateway::start(&redis, |config| config.redis.command_timeout_ms = 300).await;
-    let alice = key("alice", 0);
-    let mut studio1 = studio(&gw, T1).await;
-    for tx in [
-        gw.world.register(T1, &alice.public(), Custody::Custodial),
-        gw.world.define_currency(T1, "GOLD", 1_000_000),
-    ] {
-        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
-    }
+    let (alice, mut studio1) = alice_with_gold(&mut gw).await;
     assert!(matches!(
         read_gold_total(&mut studio1).await,
         ServerMessage::Counter { .. }
@@ -308,6 +294,19 @@ async fn a_redis_that_stops_answering_gives_unavailable_not_a_hang_and_service_r
         ServerMessage::Counter { .. }
     ));
     gw.shutdown().await;
+}
+
+/// A studio connection of tenant 1 and alice registered there, with GOLD defined.
+async fn alice_with_gold(gw: &mut TestGateway) -> (hoard_types::Keypair, WsClient) {
+    let alice = key("alice", 0);
+    let mut studio1 = studio(gw, T1).await;
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    (alice, studio1)
 }
 
 async fn read_gold_total(client: &mut WsClient) -> ServerMessage {
