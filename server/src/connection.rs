@@ -230,15 +230,7 @@ impl Connection {
                 changed = flushed.changed(), if !self.strict_acks.is_empty() => {
                     if changed.is_ok() {
                         let done = *flushed.borrow_and_update();
-                        let mut up_to = None;
-                        while let Some((seq, needed)) = self.strict_acks.front().copied() {
-                            if done < needed { break; }
-                            up_to = Some(seq);
-                            self.strict_acks.pop_front();
-                        }
-                        if let Some(up_to) = up_to {
-                            self.replies.push(ServerMessage::ClicksAck { up_to });
-                        }
+                        self.ack_strict_clicks_flushed(done);
                     }
                     Flow::Continue
                 }
@@ -248,15 +240,7 @@ impl Connection {
                         let failed_generation = *failed.borrow_and_update();
                         // A later flush may have succeeded already: ack what it wrote first.
                         let done = *flushed.borrow();
-                        let mut up_to = None;
-                        while let Some((seq, needed)) = self.strict_acks.front().copied() {
-                            if done < needed { break; }
-                            up_to = Some(seq);
-                            self.strict_acks.pop_front();
-                        }
-                        if let Some(up_to) = up_to {
-                            self.replies.push(ServerMessage::ClicksAck { up_to });
-                        }
+                        self.ack_strict_clicks_flushed(done);
                         while let Some((seq, needed)) = self.strict_acks.front().copied() {
                             if needed > failed_generation { break; }
                             self.strict_acks.pop_front();
@@ -325,6 +309,22 @@ impl Connection {
     }
 
     /// A protocol error: counted; too many close the connection.
+    /// Acks (one `clicks_ack`, the highest) the strict clicks messages that flushes up to
+    /// generation `done` wrote.
+    fn ack_strict_clicks_flushed(&mut self, done: u64) {
+        let mut up_to = None;
+        while let Some((seq, needed)) = self.strict_acks.front().copied() {
+            if done < needed {
+                break;
+            }
+            up_to = Some(seq);
+            self.strict_acks.pop_front();
+        }
+        if let Some(up_to) = up_to {
+            self.replies.push(ServerMessage::ClicksAck { up_to });
+        }
+    }
+
     fn protocol_error(&mut self, request_id: u64, code: ErrorCode, message: impl Into<String>) -> Flow {
         self.error(request_id, code, message, None);
         self.protocol_errors += 1;

@@ -332,15 +332,3 @@ async fn health_readiness_and_metrics_are_served() {
     assert!(http_get(address, "/nope").await.starts_with("HTTP/1.1 404"));
     gw.shutdown().await;
 }
-
-async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}

@@ -366,18 +366,6 @@ async fn commit_eventually(client: &mut WsClient, tx: &hoard_types::Transaction)
     }
 }
 
-async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
-
 /// The value of an unlabelled counter in a `/metrics` page (0 when absent).
 fn counter_value(metrics: &str, name: &str) -> u64 {
     metrics

@@ -101,3 +101,16 @@ pub async fn balance(client: &mut WsClient, account: PublicKey, currency: &str) 
         other => panic!("expected balances, got {other:?}"),
     }
 }
+
+/// The whole response to `GET path` on the gateway's HTTP listener.
+pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
