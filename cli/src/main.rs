@@ -148,6 +148,7 @@ fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id
             name: "studio-1".into(),
             studio_key: studio.public(),
         }],
+        window_events_per_tenant_max: None,
     };
     let keys: Vec<Keypair> = (0..replicas).map(|_| Keypair::generate()).collect();
     let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..replicas as u16)

@@ -4,6 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use hoard_types::constants::DEDUP_WINDOW_EVENTS_PER_TENANT_MAX;
 use hoard_types::{Hash, PublicKey, TenantId};
 
 use crate::error::{LedgerError, Result};
@@ -18,6 +19,11 @@ pub struct Genesis {
     /// Tenants registered from the start.
     #[serde(default)]
     pub tenants: Vec<GenesisTenant>,
+    /// Most events one tenant's deduplication window holds (None: the default,
+    /// [`DEDUP_WINDOW_EVENTS_PER_TENANT_MAX`]). Size it to the replicas' memory: about 100
+    /// bytes per event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_events_per_tenant_max: Option<u64>,
 }
 
 /// A tenant (studio) registered in the genesis file.
@@ -35,6 +41,8 @@ struct GenesisFile {
     operator: String,
     #[serde(default)]
     tenants: Vec<GenesisTenantFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    window_events_per_tenant_max: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -69,6 +77,7 @@ impl Genesis {
                     })
                 })
                 .collect::<Result<_>>()?,
+            window_events_per_tenant_max: file.window_events_per_tenant_max,
         })
     }
 
@@ -85,8 +94,15 @@ impl Genesis {
                     studio_key: t.studio_key.to_hex(),
                 })
                 .collect(),
+            window_events_per_tenant_max: self.window_events_per_tenant_max,
         };
         toml::to_string_pretty(&file).expect("genesis serialises")
+    }
+
+    /// The cap on one tenant's deduplication window in force on this chain.
+    pub fn window_cap(&self) -> u64 {
+        self.window_events_per_tenant_max
+            .unwrap_or(DEDUP_WINDOW_EVENTS_PER_TENANT_MAX)
     }
 
     /// The hash every block 1 names as its parent.
@@ -110,6 +126,7 @@ mod tests {
                 name: "acme".into(),
                 studio_key: Keypair::from_seed([2; 32]).public(),
             }],
+            window_events_per_tenant_max: Some(1_000),
         };
         let again = Genesis::from_toml(&genesis.to_toml()).unwrap();
         assert_eq!(again, genesis);

@@ -14,11 +14,15 @@
 //! 4. it has not expired (`expires_at >= height`) and does not reach past the window
 //!    (`expires_at <= height + EXPIRY_HORIZON_BLOCKS_MAX`);
 //! 5. the tenant exists, and the signers are exactly the authorities the body needs;
-//! 6. the body applies whole or not at all.
+//! 6. the tenant's deduplication window has room (fewer than the genesis cap,
+//!    [`Genesis::window_cap`], events remembered), else `window_full`;
+//! 7. the body applies whole or not at all.
 //!
-//! Rejections at steps 1-5 are not remembered (the sender had no authority to claim the event
-//! id, so a forged or broken submission cannot block the real one). From step 6 on, the
+//! Rejections at steps 1-6 are not remembered (the sender had no authority to claim the event
+//! id, so a forged or broken submission cannot block the real one). From step 7 on, the
 //! outcome, applied or rejected, is remembered until `expires_at` passes: resubmitting returns it.
+//! (A full window is a tenant's own back-pressure: its events wait for older ones to expire, and
+//! one tenant's load never fills another's window.)
 //!
 //! The state root commits to every tenant, account, currency, class, non-zero balance and item
 //! as one Merkle leaf each, and to the deduplication window through one leaf per tenant and
@@ -280,6 +284,10 @@ pub struct Ledger {
     events: FxHashMap<(TenantId, EventId), EventRecord>,
     /// The deduplication window by `(expires_at, tenant)`: what expires first comes first.
     windows: BTreeMap<(u64, TenantId), Window>,
+    /// Events each tenant's window holds (the sum of its windows' lengths).
+    window_counts: FxHashMap<TenantId, u64>,
+    /// The genesis cap on `window_counts` (step 6).
+    window_cap: u64,
     tree: MerkleTree,
     dirty: FxHashSet<Dirty>,
 }
@@ -292,6 +300,7 @@ impl Ledger {
         let mut ledger = Ledger::empty(
             genesis.chain_id,
             genesis.operator,
+            genesis.window_cap(),
             BlockHeader {
                 height: 0,
                 parent: genesis.hash(),
@@ -315,9 +324,11 @@ impl Ledger {
     }
 
     /// No tenants, no anything, at `head`.
-    fn empty(chain_id: u64, operator: PublicKey, head: BlockHeader) -> Ledger {
+    fn empty(chain_id: u64, operator: PublicKey, window_cap: u64, head: BlockHeader) -> Ledger {
         Ledger {
             chain_id,
+            window_counts: FxHashMap::default(),
+            window_cap,
             operator,
             head,
             tenants: BTreeMap::new(),
@@ -475,6 +486,9 @@ impl Ledger {
         }
         if let Err(reason) = self.authorize(payload, tx) {
             return receipt(Outcome::rejected(reason), height, false);
+        }
+        if self.window_counts.get(&payload.tenant).copied().unwrap_or(0) >= self.window_cap {
+            return receipt(Outcome::rejected(Rejection::WindowFull), height, false);
         }
         let outcome = match self.apply_body(payload.tenant, &payload.body) {
             Ok(outcome) => outcome,
@@ -967,6 +981,7 @@ impl Ledger {
             .entry((expires_at, tenant))
             .or_insert_with(|| Window::new(tenant, expires_at))
             .push(event, height, &outcome);
+        *self.window_counts.entry(tenant).or_default() += 1;
         self.dirty.insert(Dirty::Window(tenant, expires_at));
         self.events.insert(
             (tenant, event),
@@ -987,7 +1002,16 @@ impl Ledger {
             if expires_at >= height {
                 break;
             }
-            for event in entry.remove().events {
+            let events = entry.remove().events;
+            let count = self
+                .window_counts
+                .get_mut(&tenant)
+                .expect("a tenant with windows");
+            *count -= events.len() as u64;
+            if *count == 0 {
+                self.window_counts.remove(&tenant);
+            }
+            for event in events {
                 self.events.remove(&(tenant, event));
             }
             self.dirty.insert(Dirty::Window(tenant, expires_at));
@@ -1251,6 +1275,16 @@ impl Ledger {
         if self.inventory.len() != self.items.len() {
             return Err("inventory index out of step with items".into());
         }
+        let mut counts: FxHashMap<TenantId, u64> = FxHashMap::default();
+        for ((_, tenant), window) in &self.windows {
+            *counts.entry(*tenant).or_default() += window.events.len() as u64;
+        }
+        if counts != self.window_counts || counts.values().sum::<u64>() != self.events.len() as u64 {
+            return Err("window counts out of step with the windows".into());
+        }
+        if counts.values().any(|count| *count > self.window_cap) {
+            return Err(format!("a tenant's window holds over {} events", self.window_cap));
+        }
         Ok(())
     }
 }
@@ -1354,6 +1388,13 @@ struct Snapshot {
     items: Vec<(TenantId, ItemId, Item)>,
     /// In window order: by expiry height, then tenant, then the order remembered.
     events: Vec<(TenantId, EventId, EventRecord)>,
+    /// The genesis cap on a tenant's window (absent in snapshots older than the cap).
+    #[serde(default = "default_window_cap")]
+    window_cap: u64,
+}
+
+fn default_window_cap() -> u64 {
+    hoard_types::constants::DEDUP_WINDOW_EVENTS_PER_TENANT_MAX
 }
 
 impl Ledger {
@@ -1396,6 +1437,7 @@ impl Ledger {
             balances,
             items,
             events,
+            window_cap: self.window_cap,
         };
         rmp_serde::to_vec(&snapshot).expect("snapshot serialises")
     }
@@ -1416,7 +1458,12 @@ impl Ledger {
         if !(crate::merkle::DEPTH_MIN..=crate::merkle::DEPTH_MAX).contains(&snapshot.tree_depth) {
             return Err(LedgerError::Snapshot("tree depth out of range".into()));
         }
-        let mut ledger = Ledger::empty(snapshot.chain_id, snapshot.operator, snapshot.head);
+        let mut ledger = Ledger::empty(
+            snapshot.chain_id,
+            snapshot.operator,
+            snapshot.window_cap,
+            snapshot.head,
+        );
         let mut dirty = Vec::new();
         for (tenant, info) in snapshot.tenants {
             ledger.studio_keys.insert(info.studio_key, tenant);
@@ -1473,6 +1520,7 @@ impl Ledger {
                 .entry(window)
                 .or_insert_with(|| Window::new(tenant, record.expires_at))
                 .push(event, record.height, &record.outcome);
+            *ledger.window_counts.entry(tenant).or_default() += 1;
             if ledger.events.insert((tenant, event), record).is_some() {
                 return Err(LedgerError::Snapshot("an event is remembered twice".into()));
             }

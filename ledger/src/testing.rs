@@ -16,6 +16,8 @@ pub struct World {
     pub studios: Vec<(TenantId, Keypair)>,
     /// The expiry height put into every transaction built here.
     pub expires_at: u64,
+    /// The genesis cap on a tenant's deduplication window (None: the default).
+    pub window_cap: Option<u64>,
     next_event: u128,
 }
 
@@ -32,6 +34,7 @@ impl World {
             operator: key("operator", 0),
             studios: (1..=tenants).map(|t| (TenantId(t), key("studio", t))).collect(),
             expires_at: 50_000,
+            window_cap: None,
             next_event: 1,
         }
     }
@@ -49,6 +52,7 @@ impl World {
                     studio_key: key.public(),
                 })
                 .collect(),
+            window_events_per_tenant_max: self.window_cap,
         }
     }
 

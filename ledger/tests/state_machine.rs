@@ -18,7 +18,10 @@ struct Chain {
 
 impl Chain {
     fn new() -> Chain {
-        let world = World::new(2);
+        Chain::with_world(World::new(2))
+    }
+
+    fn with_world(world: World) -> Chain {
         let ledger = Ledger::new(&world.genesis());
         Chain {
             world,
@@ -48,7 +51,11 @@ impl Chain {
     /// Tenant A with GOLD, a unique `sword` class, a stackable `arrow` class, and two players:
     /// alice (self-custody) and bob (custodial).
     fn with_players() -> (Chain, Keypair, Keypair) {
-        let mut chain = Chain::new();
+        Chain::with_players_in(World::new(2))
+    }
+
+    fn with_players_in(world: World) -> (Chain, Keypair, Keypair) {
+        let mut chain = Chain::with_world(world);
         let alice = key("alice", 0);
         let bob = key("bob", 0);
         let w = &mut chain.world;
@@ -371,6 +378,52 @@ fn settlement_reports_each_entry() {
     assert_eq!(
         chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
         Amount(7)
+    );
+}
+
+/// The window is bounded in events per tenant, not only in blocks: a full window refuses new
+/// events of that tenant (not remembered, so the same event applies later), never another's.
+#[test]
+fn a_full_deduplication_window_holds_back_only_its_tenant_until_older_events_expire() {
+    let mut world = World::new(2);
+    world.window_cap = Some(11); // the 8 setup events, then 3 more
+    let (mut chain, alice, bob) = Chain::with_players_in(world);
+    chain.world.expires_at = 4;
+    let fill: Vec<_> = (0..3)
+        .map(|_| {
+            chain
+                .world
+                .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 1)
+        })
+        .collect();
+    assert!(chain.block(fill).iter().all(|r| r.outcome == Outcome::Applied));
+    chain.world.expires_at = 20;
+    let held = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 5);
+    let event_id = held.decode_payload().unwrap().event_id;
+    assert_eq!(chain.one(held.clone()), rejected(Rejection::WindowFull));
+    assert!(
+        chain.ledger.event(A, &event_id).is_none(),
+        "a full window's refusal is not remembered"
+    );
+    // A snapshot carries the cap and the counts.
+    let restored = Ledger::restore(&chain.ledger.snapshot(), None).expect("restores");
+    let mut again = Ledger::restore(&restored.snapshot(), None).expect("restores");
+    let (_, receipts) = again.execute(chain.time + 1, vec![held.clone()]);
+    assert_eq!(receipts[0].outcome, rejected(Rejection::WindowFull));
+    // Another tenant's window is its own.
+    let other = chain.world.define_currency(B, "GEMS", 100);
+    assert_eq!(chain.one(other), Outcome::Applied);
+    // Once the three expire, the same event applies, once.
+    while chain.ledger.height() <= 4 {
+        chain.block(vec![]);
+    }
+    assert_eq!(chain.one(held.clone()), Outcome::Applied);
+    assert!(chain.block(vec![held])[0].duplicate);
+    assert_eq!(
+        chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
+        Amount(8)
     );
 }
 

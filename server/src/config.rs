@@ -386,6 +386,7 @@ pub fn demo_genesis() -> Genesis {
             name: "demo".into(),
             studio_key: Keypair::from_seed(DEMO_STUDIO_SEED).public(),
         }],
+        window_events_per_tenant_max: None,
     }
 }
 

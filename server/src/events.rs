@@ -23,7 +23,7 @@ use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use hoard_types::wire::{ErrorCode, ServerMessage};
-use hoard_types::{EventId, Hash, Outcome, Receipt, TenantId, Transaction};
+use hoard_types::{EventId, Hash, Outcome, Receipt, Rejection, TenantId, Transaction};
 
 use crate::chain::Chain;
 use crate::config::GatewayConfig;
@@ -68,6 +68,11 @@ struct InFlight {
     waiting: Vec<(ConnId, u64)>,
     durable: bool,
     accepted_at: Option<Instant>,
+    /// The receipt, when the event committed before the writer saw its append's answer: the
+    /// writer delivers it right after `accepted`, so that no connection hears `committed`
+    /// before `accepted` (the batcher can read an entry, and the chain commit it, while the
+    /// writer task still waits to run).
+    early_receipt: Option<(Receipt, &'static str)>,
 }
 
 pub(crate) struct WriteRequest {
@@ -237,6 +242,7 @@ impl Events {
                 waiting: Vec::new(),
                 durable: false,
                 accepted_at: Some(Instant::now()),
+                early_receipt: None,
             },
         );
         if let Some(conn) = conn {
@@ -272,15 +278,35 @@ impl Events {
     /// Called by the follower for every committed transaction, in commit order.
     pub fn on_receipt(&self, receipt: &Receipt, kind: &'static str) {
         tracing::debug!(height = receipt.height, duplicate = receipt.duplicate, "receipt");
+        if receipt.outcome == Outcome::rejected(Rejection::WindowFull) {
+            // Not final: the ledger did not remember the event. It stays in flight and its
+            // stream entry pending, so the batcher claims it again after `claim_idle_ms` and
+            // resubmits it; the submitter hears of it only when it really commits.
+            metrics::counter!(m::EVENTS_WINDOW_FULL_TOTAL).increment(1);
+            return;
+        }
+        let in_flight = match self.tracker.entry((receipt.tenant, receipt.event_id)) {
+            dashmap::mapref::entry::Entry::Vacant(_) => return,
+            dashmap::mapref::entry::Entry::Occupied(mut entry) => {
+                if !entry.get().durable {
+                    // `accepted` has not been pushed yet: the writer delivers this after it.
+                    entry.get_mut().early_receipt = Some((receipt.clone(), kind));
+                    return;
+                }
+                entry.remove()
+            }
+        };
+        self.deliver(in_flight, receipt, kind);
+    }
+
+    /// Delivers a commit to everyone waiting on `in_flight` (removed from the tracker).
+    fn deliver(&self, in_flight: InFlight, receipt: &Receipt, kind: &'static str) {
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
         let outcome_label = match &receipt.outcome {
             Outcome::Applied => "applied",
             Outcome::Settled { .. } => "settled",
             Outcome::Rejected { .. } => "rejected",
         };
-        let Some((_, in_flight)) = self.tracker.remove(&(receipt.tenant, receipt.event_id)) else {
-            return;
-        };
-        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
         if !receipt.duplicate {
             metrics::counter!(m::EVENTS_COMMITTED_TOTAL, "kind" => kind, "outcome" => outcome_label)
                 .increment(1);
@@ -310,6 +336,69 @@ impl Events {
             if let Some(handle) = self.hub.get(conn) {
                 handle.in_flight.fetch_sub(1, Ordering::Relaxed);
                 crate::hub::push_to(&handle, message.clone());
+            }
+        }
+    }
+
+    /// The stream writer's answer for one submission (`ok`: the append succeeded): `accepted`
+    /// (or `unavailable`) to whoever waits, then a commit that arrived early.
+    pub(crate) fn written(&self, request: WriteRequest, ok: bool) {
+        let (tenant, event_id) = request.key;
+        // The `accepted` pushes go out while the entry's lock is held, so that a receipt
+        // handled at the same time pushes `committed` after them (see `early_receipt`).
+        let mut entry = self.tracker.get_mut(&request.key);
+        let committed = entry.as_ref().is_some_and(|e| e.early_receipt.is_some());
+        if ok || committed {
+            metrics::counter!(m::EVENTS_ACCEPTED_TOTAL, "kind" => request.kind).increment(1);
+            let early = entry.as_mut().and_then(|entry| {
+                entry.durable = true;
+                for (conn, request_id) in std::mem::take(&mut entry.waiting) {
+                    self.hub
+                        .push(conn, ServerMessage::Accepted { request_id, event_id });
+                }
+                entry.early_receipt.take()
+            });
+            match request.origin {
+                Origin::Connection { conn, request_id } => {
+                    self.hub
+                        .push(conn, ServerMessage::Accepted { request_id, event_id });
+                }
+                Origin::Internal(reply) => {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            drop(entry);
+            if let Some((receipt, kind)) = early {
+                if let Some((_, in_flight)) = self.tracker.remove(&request.key) {
+                    self.deliver(in_flight, &receipt, kind);
+                }
+            }
+        } else {
+            drop(entry);
+            let removed = self.tracker.remove(&(tenant, event_id));
+            let error = |request_id| ServerMessage::Error {
+                request_id,
+                code: ErrorCode::Unavailable,
+                message: "the event stream is unavailable; retry".into(),
+                retry_after_ms: Some(self.busy_retry_after_ms),
+            };
+            if let Some((_, entry)) = removed {
+                for (conn, request_id) in entry.waiting {
+                    self.hub.push(conn, error(request_id));
+                }
+                for conn in entry.conns {
+                    if let Some(handle) = self.hub.get(conn) {
+                        handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            match request.origin {
+                Origin::Connection { conn, request_id } => {
+                    self.hub.push(conn, error(request_id));
+                }
+                Origin::Internal(reply) => {
+                    let _ = reply.send(Err(ErrorCode::Unavailable));
+                }
             }
         }
     }
@@ -361,6 +450,7 @@ pub fn rejection_label(reason: hoard_types::Rejection) -> &'static str {
         R::ClassMismatch => "class_mismatch",
         R::InvalidAmount => "invalid_amount",
         R::SelfTransfer => "self_transfer",
+        R::WindowFull => "window_full",
     }
 }
 
@@ -388,58 +478,7 @@ pub(crate) async fn run_writer(
         }
         let ok = result.is_ok();
         for request in requests.drain(..) {
-            let (tenant, event_id) = request.key;
-            if ok {
-                metrics::counter!(m::EVENTS_ACCEPTED_TOTAL, "kind" => request.kind).increment(1);
-                let waiting = match events.tracker.get_mut(&request.key) {
-                    Some(mut entry) => {
-                        entry.durable = true;
-                        std::mem::take(&mut entry.waiting)
-                    }
-                    None => Vec::new(),
-                };
-                for (conn, request_id) in waiting {
-                    events
-                        .hub
-                        .push(conn, ServerMessage::Accepted { request_id, event_id });
-                }
-                match request.origin {
-                    Origin::Connection { conn, request_id } => {
-                        events
-                            .hub
-                            .push(conn, ServerMessage::Accepted { request_id, event_id });
-                    }
-                    Origin::Internal(reply) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            } else {
-                let removed = events.tracker.remove(&(tenant, event_id));
-                let error = |request_id| ServerMessage::Error {
-                    request_id,
-                    code: ErrorCode::Unavailable,
-                    message: "the event stream is unavailable; retry".into(),
-                    retry_after_ms: Some(events.busy_retry_after_ms),
-                };
-                if let Some((_, entry)) = removed {
-                    for (conn, request_id) in entry.waiting {
-                        events.hub.push(conn, error(request_id));
-                    }
-                    for conn in entry.conns {
-                        if let Some(handle) = events.hub.get(conn) {
-                            handle.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        }
-                    }
-                }
-                match request.origin {
-                    Origin::Connection { conn, request_id } => {
-                        events.hub.push(conn, error(request_id));
-                    }
-                    Origin::Internal(reply) => {
-                        let _ = reply.send(Err(ErrorCode::Unavailable));
-                    }
-                }
-            }
+            events.written(request, ok);
         }
     }
 }
@@ -576,6 +615,7 @@ pub async fn run_batcher(
                 waiting: Vec::new(),
                 durable: true,
                 accepted_at: None,
+                early_receipt: None,
             });
             if !in_flight.stream_ids.contains(&entry.id) {
                 in_flight.stream_ids.push(entry.id.clone());
@@ -599,5 +639,173 @@ pub async fn run_batcher(
             tracing::warn!(%error, "chain did not take a batch");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+
+    use hoard_ledger::testing::{key, World};
+    use hoard_types::{Custody, TenantId};
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::hub::ConnHandle;
+
+    /// Events with one registered connection; the connection's outgoing queue.
+    fn pipeline(world: &World) -> (Arc<Events>, EventQueues, mpsc::Receiver<Box<ServerMessage>>) {
+        let hub = Arc::new(Hub::default());
+        let view = Arc::new(ChainView::new(&world.genesis()));
+        let (events, queues) = Events::new(&GatewayConfig::default(), "test".into(), hub.clone(), view);
+        let (outbound, outbound_rx) = mpsc::channel(16);
+        hub.register(
+            1,
+            ConnHandle {
+                tenant: TenantId(1),
+                player: None,
+                outbound,
+                slow: Arc::new(AtomicBool::new(false)),
+                slow_notify: Arc::new(Notify::new()),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+            },
+        );
+        (events, queues, outbound_rx)
+    }
+
+    fn drain(outbound: &mut mpsc::Receiver<Box<ServerMessage>>) -> Vec<ServerMessage> {
+        std::iter::from_fn(|| outbound.try_recv().ok().map(|m| *m)).collect()
+    }
+
+    /// The chain can commit an event (the batcher read it from the stream) before the stream
+    /// writer has handled its append's answer; the submitter must still hear `accepted` first.
+    #[test]
+    fn a_commit_before_the_append_answer_is_pushed_after_accepted() {
+        let mut world = World::new(1);
+        let tx = world.register(TenantId(1), &key("alice", 0).public(), Custody::Custodial);
+        let event_id = tx.decode_payload().expect("decodes").event_id;
+        let (events, mut queues, mut outbound) = pipeline(&world);
+        let origin = Origin::Connection {
+            conn: 1,
+            request_id: 9,
+        };
+        assert!(matches!(
+            events.submit(TenantId(1), event_id, &tx, "register_account", origin),
+            Ok(Submitted::Queued)
+        ));
+        let request = queues.writer.try_recv().expect("queued for the writer");
+        let receipt = Receipt {
+            tenant: TenantId(1),
+            event_id,
+            height: 3,
+            outcome: Outcome::Applied,
+            duplicate: false,
+        };
+        events.on_receipt(&receipt, "register_account");
+        assert!(
+            drain(&mut outbound).is_empty(),
+            "committed pushed before accepted"
+        );
+        assert_eq!(events.in_flight(), 1);
+        events.written(request, true);
+        let pushed = drain(&mut outbound);
+        assert!(
+            matches!(
+                pushed.as_slice(),
+                [
+                    ServerMessage::Accepted { request_id: 9, .. },
+                    ServerMessage::Committed { height: 3, .. }
+                ]
+            ),
+            "{pushed:?}"
+        );
+        assert_eq!(events.in_flight(), 0);
+        assert_eq!(
+            queues.acks.try_recv().ok(),
+            None,
+            "no stream id known yet: nothing to ack"
+        );
+    }
+
+    /// An append whose answer was lost (a timeout) but whose event committed is `accepted`,
+    /// not `unavailable`.
+    #[test]
+    fn a_failed_append_whose_event_committed_answers_accepted_and_committed() {
+        let mut world = World::new(1);
+        let tx = world.register(TenantId(1), &key("bob", 0).public(), Custody::Custodial);
+        let event_id = tx.decode_payload().expect("decodes").event_id;
+        let (events, mut queues, mut outbound) = pipeline(&world);
+        let origin = Origin::Connection {
+            conn: 1,
+            request_id: 4,
+        };
+        assert!(events
+            .submit(TenantId(1), event_id, &tx, "register_account", origin)
+            .is_ok());
+        let request = queues.writer.try_recv().expect("queued");
+        let receipt = Receipt {
+            tenant: TenantId(1),
+            event_id,
+            height: 2,
+            outcome: Outcome::Applied,
+            duplicate: false,
+        };
+        events.on_receipt(&receipt, "register_account");
+        events.written(request, false);
+        let pushed = drain(&mut outbound);
+        assert!(
+            matches!(
+                pushed.as_slice(),
+                [
+                    ServerMessage::Accepted { request_id: 4, .. },
+                    ServerMessage::Committed { .. }
+                ]
+            ),
+            "{pushed:?}"
+        );
+    }
+
+    /// `window_full` is not final: the event stays in flight, nothing is pushed or acked, and
+    /// the later real commit reaches the submitter.
+    #[test]
+    fn a_window_full_receipt_keeps_the_event_in_flight() {
+        let mut world = World::new(1);
+        let tx = world.register(TenantId(1), &key("carol", 0).public(), Custody::Custodial);
+        let event_id = tx.decode_payload().expect("decodes").event_id;
+        let (events, mut queues, mut outbound) = pipeline(&world);
+        let origin = Origin::Connection {
+            conn: 1,
+            request_id: 5,
+        };
+        assert!(events
+            .submit(TenantId(1), event_id, &tx, "register_account", origin)
+            .is_ok());
+        events.written(queues.writer.try_recv().expect("queued"), true);
+        assert!(matches!(
+            drain(&mut outbound).as_slice(),
+            [ServerMessage::Accepted { .. }]
+        ));
+        let mut receipt = Receipt {
+            tenant: TenantId(1),
+            event_id,
+            height: 2,
+            outcome: Outcome::rejected(Rejection::WindowFull),
+            duplicate: false,
+        };
+        events.on_receipt(&receipt, "register_account");
+        assert!(drain(&mut outbound).is_empty());
+        assert_eq!(
+            events.status(TenantId(1), &event_id),
+            Some(true),
+            "still in flight"
+        );
+        receipt.height = 5;
+        receipt.outcome = Outcome::Applied;
+        events.on_receipt(&receipt, "register_account");
+        assert!(matches!(
+            drain(&mut outbound).as_slice(),
+            [ServerMessage::Committed { height: 5, .. }]
+        ));
+        assert_eq!(events.in_flight(), 0);
     }
 }

@@ -34,6 +34,7 @@ pub const EVENTS_COMMITTED_TOTAL: &str = "hoard_gateway_events_committed_total";
 pub const REJECTIONS_TOTAL: &str = "hoard_gateway_rejections_total";
 pub const EVENTS_IN_FLIGHT: &str = "hoard_gateway_events_in_flight";
 pub const EVENTS_CLAIMED_TOTAL: &str = "hoard_gateway_events_claimed_total";
+pub const EVENTS_WINDOW_FULL_TOTAL: &str = "hoard_gateway_events_window_full_total";
 pub const BATCH_SIZE_TRANSACTIONS: &str = "hoard_gateway_batch_size_transactions";
 pub const BATCH_SUBMIT_FAILURES_TOTAL: &str = "hoard_gateway_batch_submit_failures_total";
 pub const COMMIT_LATENCY_SECONDS: &str = "hoard_gateway_commit_latency_seconds";
@@ -153,6 +154,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "counter",
         "",
         "Stream entries claimed from idle consumers (crash recovery, resubmission)",
+    ),
+    (
+        EVENTS_WINDOW_FULL_TOTAL,
+        "counter",
+        "",
+        "Events the ledger refused because their tenant's deduplication window was full (kept in flight and resubmitted)",
     ),
     (
         BATCH_SIZE_TRANSACTIONS,

@@ -11,7 +11,7 @@ use futures::StreamExt;
 
 use hoard_ledger::{Genesis, Ledger};
 use hoard_types::wire::{ItemEvent, ItemEventKind, ITEM_HISTORY_ENTRIES_MAX};
-use hoard_types::{Asset, Grant, ItemId, Outcome, PublicKey, TenantId, TxBody, TxPayload};
+use hoard_types::{Asset, Grant, ItemId, Outcome, PublicKey, Rejection, TenantId, TxBody, TxPayload};
 
 use crate::chain::Chain;
 use crate::constants::ITEM_HISTORIES_MAX;
@@ -256,7 +256,8 @@ pub async fn follow(
                 }
             }
             events.on_receipt(receipt, kind);
-            if !receipt.duplicate {
+            // `window_full` is not final (the gateway resubmits the event): nothing to publish.
+            if !receipt.duplicate && receipt.outcome != Outcome::rejected(Rejection::WindowFull) {
                 let touched = touched_accounts(&body);
                 hub.publish(tenant, height, event_id, &body, &receipt.outcome, touched);
             }

@@ -534,3 +534,37 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
     drop(WsClient::connect(&gw.url()).await);
     gw.shutdown().await;
 }
+
+/// A tenant whose deduplication window is full: the ledger refuses its new event with
+/// `window_full` and does not remember it; the gateway keeps it in flight and resubmits it
+/// (the stream entry stays pending and is claimed again), so the client hears `committed`
+/// once older events expired, never `rejected`.
+#[tokio::test]
+async fn a_full_deduplication_window_delays_an_event_and_never_rejects_it() {
+    let store = TestStore::redis();
+    let mut world = hoard_ledger::testing::World::new(2);
+    world.window_cap = Some(3);
+    let chain = hoard_server::LocalChain::new(&world.genesis());
+    let config = hoard_server::testing::test_config(&store, &world);
+    let mut gw = TestGateway::start_on(chain, world, config).await;
+    let alice = key("alice", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    gw.world.expires_at = 4;
+    let fill = vec![
+        gw.world.register(T1, &alice.public(), Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+        gw.world.mint_currency(T1, &alice.public(), "GOLD", 500),
+    ];
+    for tx in &fill {
+        assert_eq!(commit(&mut studio1, tx).await.1, Outcome::Applied);
+    }
+    gw.world.expires_at = 1_000;
+    let held = gw.world.mint_currency(T1, &alice.public(), "GOLD", 7);
+    let (height, outcome) = commit(&mut studio1, &held).await;
+    assert_eq!(outcome, Outcome::Applied);
+    assert!(height > 4, "applied at {height}, before the window had room");
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 507);
+    let metrics = http_get(gw.gateway().http_addr(), "/metrics").await;
+    assert!(counter_value(&metrics, "hoard_gateway_events_window_full_total") >= 1);
+    gw.shutdown().await;
+}

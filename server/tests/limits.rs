@@ -366,17 +366,6 @@ async fn commit_eventually(client: &mut WsClient, tx: &hoard_types::Transaction)
     }
 }
 
-/// The value of an unlabelled counter in a `/metrics` page (0 when absent).
-fn counter_value(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|line| line.split(' ').next() == Some(name))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse::<f64>().ok())
-        .map(|value| value as u64)
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_does_not_read_is_closed_with_1013_and_the_rest_are_served() {
     use futures::SinkExt;

@@ -19,6 +19,13 @@ pub const TENANT_NAME_BYTES_MAX: usize = 64;
 /// window: an event's id is remembered until its expiry height passes, and an event whose
 /// expiry height has passed is rejected, so no event can ever apply twice.
 pub const EXPIRY_HORIZON_BLOCKS_MAX: u64 = 100_000;
+/// Most events the deduplication window holds for one tenant, unless the genesis file sets
+/// another cap (`window_events_per_tenant_max`). The window otherwise holds every event of the
+/// last `EXPIRY_HORIZON_BLOCKS_MAX` blocks, which is no bound on memory under a sustained load
+/// (100,000 events/s fill it with millions of events a minute). When a tenant's window is full,
+/// an authorised event is rejected with `window_full` and not remembered: the same event can be
+/// submitted again once older events expired. About 100 bytes of replica memory per event.
+pub const DEDUP_WINDOW_EVENTS_PER_TENANT_MAX: u64 = 4_000_000;
 /// Most transactions in one block.
 pub const BLOCK_TRANSACTIONS_MAX: usize = 16_384;
 

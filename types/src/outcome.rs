@@ -64,6 +64,9 @@ pub enum Rejection {
     InvalidAmount,
     #[error("an account cannot trade with or transfer to itself")]
     SelfTransfer,
+    /// Not remembered: the same event may be submitted again once older events expired.
+    #[error("the tenant's deduplication window is full; retry the same event later")]
+    WindowFull,
 }
 
 /// The result of one transaction.

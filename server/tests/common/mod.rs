@@ -114,3 +114,14 @@ pub async fn http_get(address: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+/// The value of an unlabelled counter in a `/metrics` page (0 when absent).
+pub fn counter_value(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|line| line.split(' ').next() == Some(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or(0)
+}
