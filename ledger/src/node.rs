@@ -86,6 +86,7 @@ pub async fn run(
             &config.data_dir,
             StoreConfig {
                 block_retention_blocks: config.block_retention_blocks,
+                block_retention_bytes: config.block_retention_bytes,
                 ..StoreConfig::default()
             },
         )

@@ -126,6 +126,11 @@ fn run_child_and_kill(
 fn verify(engine: Engine, dir: &Path, mode: &Mode, durable: u64, label: &str) -> u64 {
     let config = StoreConfig {
         block_retention_blocks: mode.block_retention_blocks,
+        block_retention_bytes: if mode.block_retention_blocks == u64::MAX {
+            u64::MAX
+        } else {
+            StoreConfig::default().block_retention_bytes
+        },
         sync_each_write: mode.sync_each_write,
         ..StoreConfig::default()
     };

@@ -35,6 +35,12 @@ fn main() -> anyhow::Result<()> {
         &dir,
         StoreConfig {
             block_retention_blocks,
+            // "Keep every block" (u64::MAX) keeps them whatever their bytes too.
+            block_retention_bytes: if block_retention_blocks == u64::MAX {
+                u64::MAX
+            } else {
+                StoreConfig::default().block_retention_bytes
+            },
             sync_each_write,
             ..StoreConfig::default()
         },

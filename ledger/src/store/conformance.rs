@@ -240,6 +240,47 @@ fn prune_respects_snapshots_and_retention(engine: Engine) {
     assert_eq!(store.blocks(48, 1000, usize::MAX).unwrap().len(), 53);
 }
 
+/// Blocks are bounded in bytes too: a few big blocks must not keep the log (and sled's memory)
+/// growing while the count retention is far away.
+fn byte_retention_bounds_the_log(engine: Engine) {
+    let stored = 1000 + super::frame::FRAME_HEADER_BYTES as u64;
+    let fixture = Fixture::new(
+        engine,
+        StoreConfig {
+            block_retention_blocks: u64::MAX,
+            block_retention_bytes: 10 * stored,
+            ..Default::default()
+        },
+    );
+    let mut store = fixture.open();
+    for height in 1..=40 {
+        store.append_block(height, &[height as u8; 1000]).unwrap();
+    }
+    // No snapshot covers them: all stay, whatever their bytes.
+    store.prune_blocks_below(u64::MAX).unwrap();
+    assert!(store.block(1).unwrap().is_some());
+    // A snapshot at 35 covers 1..=35; the newest 10 blocks (31..=40) fit the budget.
+    store.put_snapshot(35, b"s35").unwrap();
+    assert_eq!(store.block(30).unwrap(), None);
+    assert_eq!(store.blocks(31, 100, usize::MAX).unwrap().len(), 10);
+    drop(store);
+    // The sizes are read again on open.
+    let mut store = fixture.open();
+    for height in 41..=45 {
+        store.append_block(height, &[height as u8; 1000]).unwrap();
+    }
+    store.put_snapshot(45, b"s45").unwrap();
+    // The oldest kept snapshot (35) still needs nothing below 36; the budget lets 31..=35 go.
+    assert_eq!(store.block(35).unwrap(), None);
+    assert_eq!(store.blocks(36, 100, usize::MAX).unwrap().len(), 10);
+    // The newest block stays even when it alone is over the budget.
+    let big = vec![7u8; 20 * 1000];
+    store.append_block(46, &big).unwrap();
+    store.put_snapshot(46, b"s46").unwrap();
+    store.put_snapshot(46, b"s46").unwrap();
+    assert_eq!(store.block(46).unwrap(), Some(big));
+}
+
 fn records_prefix_scan(engine: Engine) {
     let fixture = Fixture::new(engine, StoreConfig::default());
     let mut store = fixture.open();
@@ -314,6 +355,7 @@ for_each_engine!(
     snapshots_keep_the_latest_two,
     snapshot_installed_above_the_log,
     prune_respects_snapshots_and_retention,
+    byte_retention_bounds_the_log,
     records_prefix_scan,
     sync_each_write_durability,
 );

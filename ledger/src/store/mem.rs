@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::frame::{self, Kind};
 use super::{
-    check_append_batch, check_record, check_size, prune_limit, Durability, Result, Store, StoreConfig,
-    Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
+    check_append_batch, check_record, check_size, prune_limit, BlockSizes, Durability, Result, Store,
+    StoreConfig, Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
 };
 
 type Frame = Arc<[u8]>;
@@ -239,16 +239,27 @@ impl Store for MemStore {
     }
 
     fn prune_blocks_below(&mut self, height: u64) -> Result<()> {
-        let (last, oldest_snapshot, first_block) = {
+        let (last, oldest_snapshot, first_block, sizes) = {
             let disk = self.lock();
             let state = &disk.current;
+            let mut sizes = BlockSizes::default();
+            for (height, stored) in &state.blocks {
+                sizes.push(*height, stored.len());
+            }
             (
                 state.last_height(),
                 state.snapshots.keys().next().copied(),
                 state.blocks.keys().next().copied(),
+                sizes,
             )
         };
-        let limit = prune_limit(height, last, oldest_snapshot, self.config.block_retention_blocks);
+        let limit = prune_limit(
+            height,
+            last,
+            oldest_snapshot,
+            self.config.block_retention_blocks,
+            sizes.over_budget(self.config.block_retention_bytes),
+        );
         if matches!(first_block, Some(first) if first <= limit) {
             self.write(Operation::RemoveBlocksThrough(limit));
         }

@@ -97,6 +97,8 @@ pub const APPEND_BATCH_BLOCKS_MAX: usize = 4096;
 pub const SNAPSHOTS_KEPT_COUNT: usize = 2;
 /// Default number of most recent blocks kept even when a snapshot covers them.
 pub const BLOCK_RETENTION_BLOCKS_DEFAULT: u64 = 10_000;
+/// Default of [`StoreConfig::block_retention_bytes`].
+pub const BLOCK_RETENTION_BYTES_DEFAULT: u64 = 256 * 1024 * 1024;
 
 const _: () = assert!(BLOCK_BYTES_MAX <= SNAPSHOT_BYTES_MAX);
 const _: () = assert!(SNAPSHOTS_KEPT_COUNT >= 1);
@@ -157,6 +159,11 @@ pub struct StoreConfig {
     /// Older covered blocks are dropped when a snapshot is put or on [`Store::prune_blocks_below`].
     /// `u64::MAX` keeps every block.
     pub block_retention_blocks: u64,
+    /// Most bytes (as stored) of blocks kept below the newest snapshot, whatever
+    /// `block_retention_blocks` says: blocks vary from bytes to megabytes, so a count alone bounds
+    /// neither the disk nor, with sled (whose memory grows with its data), the replica's memory.
+    /// Blocks the oldest kept snapshot needs for replay are always kept.
+    pub block_retention_bytes: u64,
     /// Make every write durable before it returns (one sync per write) instead of at [`Store::sync`].
     pub sync_each_write: bool,
     /// sled's page cache, bytes (sled's own default is 1 GiB, which a replica fills in minutes
@@ -168,6 +175,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             block_retention_blocks: BLOCK_RETENTION_BLOCKS_DEFAULT,
+            block_retention_bytes: BLOCK_RETENTION_BYTES_DEFAULT,
             sync_each_write: false,
             cache_bytes: CACHE_BYTES_DEFAULT,
         }
@@ -329,14 +337,69 @@ fn check_append_batch(last: u64, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
     Ok(())
 }
 
-/// The highest height `prune_blocks_below(height)` may drop, given the kept snapshots' heights.
-fn prune_limit(height: u64, last_height: u64, oldest_snapshot: Option<u64>, retention: u64) -> u64 {
+/// The highest height `prune_blocks_below(height)` may drop, given the kept snapshots' heights:
+/// a block goes when either retention lets it go (it is older than the last `retention` blocks,
+/// or at or below `over_bytes`, see [`BlockSizes::over_budget`]) and the oldest kept snapshot
+/// covers it.
+fn prune_limit(
+    height: u64,
+    last_height: u64,
+    oldest_snapshot: Option<u64>,
+    retention: u64,
+    over_bytes: u64,
+) -> u64 {
     let Some(oldest_snapshot) = oldest_snapshot else {
         return 0;
     };
     height
         .min(oldest_snapshot)
-        .min(last_height.saturating_sub(retention))
+        .min(last_height.saturating_sub(retention).max(over_bytes))
+}
+
+/// The stored size of every block in a store, oldest first: what the byte retention counts.
+#[derive(Debug, Default)]
+pub(crate) struct BlockSizes {
+    sizes: std::collections::VecDeque<(u64, u64)>,
+    bytes: u64,
+}
+
+impl BlockSizes {
+    pub(crate) fn push(&mut self, height: u64, len: usize) {
+        debug_assert!(self.sizes.back().is_none_or(|(last, _)| *last < height));
+        self.sizes.push_back((height, len as u64));
+        self.bytes += len as u64;
+    }
+
+    /// Forgets the blocks at or below `limit` (they were pruned).
+    pub(crate) fn pruned_through(&mut self, limit: u64) {
+        while let Some(&(height, len)) = self.sizes.front() {
+            if height > limit {
+                break;
+            }
+            self.sizes.pop_front();
+            self.bytes -= len;
+        }
+    }
+
+    /// The highest height that must go for the blocks above it to fit in `budget` bytes (the
+    /// newest block always fits); 0 when everything fits.
+    pub(crate) fn over_budget(&self, budget: u64) -> u64 {
+        if self.bytes <= budget {
+            return 0;
+        }
+        let mut kept = 0u64;
+        for (index, (height, len)) in self.sizes.iter().rev().enumerate() {
+            kept += len;
+            if kept > budget && index > 0 {
+                return *height;
+            }
+        }
+        0
+    }
+
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 /// A record key's limits.

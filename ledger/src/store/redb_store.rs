@@ -12,8 +12,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
 use super::frame::{self, Kind};
 use super::{
-    check_append_batch, check_record, check_size, prune_limit, Durability, Result, Store, StoreConfig,
-    StoreError, Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
+    check_append_batch, check_record, check_size, prune_limit, BlockSizes, Durability, Result, Store,
+    StoreConfig, StoreError, Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
 };
 
 const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
@@ -48,6 +48,8 @@ pub struct RedbStore {
     config: StoreConfig,
     /// A non-durable commit happened since the last durable one.
     unsynced: bool,
+    /// Stored size of each block, for the byte retention.
+    sizes: BlockSizes,
 }
 
 impl RedbStore {
@@ -60,6 +62,7 @@ impl RedbStore {
                 db,
                 config,
                 unsynced: false,
+                sizes: BlockSizes::default(),
             };
             // Create the tables so that read transactions always find them.
             store.write(true, |transaction| {
@@ -70,10 +73,19 @@ impl RedbStore {
             })
         })?;
         let db = redb::Database::open(&path)?;
+        let mut sizes = BlockSizes::default();
+        {
+            let transaction = db.begin_read()?;
+            for entry in transaction.open_table(BLOCKS)?.iter()? {
+                let (height, stored) = entry?;
+                sizes.push(height.value(), stored.value().len());
+            }
+        }
         let store = RedbStore {
             db,
             config,
             unsynced: false,
+            sizes,
         };
         tracing::debug!(dir = %dir.display(), last_height = store.last_height()?, "redb store opened");
         Ok(store)
@@ -81,16 +93,16 @@ impl RedbStore {
 
     /// Runs `body` in one write transaction and commits it, durably if `durable` or the configuration
     /// says so. An error from `body` aborts the transaction.
-    fn write(&mut self, durable: bool, body: impl FnOnce(&WriteTransaction) -> Result<()>) -> Result<()> {
+    fn write<T>(&mut self, durable: bool, body: impl FnOnce(&WriteTransaction) -> Result<T>) -> Result<T> {
         let durable = durable || self.config.sync_each_write;
         let mut transaction = self.db.begin_write()?;
         if !durable {
             transaction.set_durability(redb::Durability::None)?;
         }
-        body(&transaction)?;
+        let value = body(&transaction)?;
         transaction.commit()?;
         self.unsynced = !durable;
-        Ok(())
+        Ok(value)
     }
 
     /// Heights of the kept snapshots, ascending.
@@ -114,13 +126,16 @@ impl RedbStore {
     }
 }
 
-fn insert_blocks(transaction: &WriteTransaction, blocks: &[(u64, &[u8])]) -> Result<()> {
+/// Inserts `blocks`; their stored sizes.
+fn insert_blocks(transaction: &WriteTransaction, blocks: &[(u64, &[u8])]) -> Result<Vec<(u64, usize)>> {
     let mut table = transaction.open_table(BLOCKS)?;
+    let mut lens = Vec::with_capacity(blocks.len());
     for (height, block) in blocks {
         let stored = frame::encode(Kind::Block, &frame::height_key(*height), block);
         table.insert(*height, stored.as_slice())?;
+        lens.push((*height, stored.len()));
     }
-    Ok(())
+    Ok(lens)
 }
 
 impl Store for RedbStore {
@@ -128,9 +143,12 @@ impl Store for RedbStore {
         let last = self.last_height()?;
         assert_eq!(height, last + 1, "append_block: block {height} after {last}");
         check_size("block", block.len(), BLOCK_BYTES_MAX)?;
-        self.write(false, |transaction| {
+        let lens = self.write(false, |transaction| {
             insert_blocks(transaction, &[(height, block)])
-        })
+        })?;
+        lens.into_iter()
+            .for_each(|(height, len)| self.sizes.push(height, len));
+        Ok(())
     }
 
     fn append_blocks(&mut self, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
@@ -139,7 +157,10 @@ impl Store for RedbStore {
             .iter()
             .map(|(height, block)| (*height, &block[..]))
             .collect();
-        self.write(false, |transaction| insert_blocks(transaction, &borrowed))
+        let lens = self.write(false, |transaction| insert_blocks(transaction, &borrowed))?;
+        lens.into_iter()
+            .for_each(|(height, len)| self.sizes.push(height, len));
+        Ok(())
     }
 
     fn block(&self, height: u64) -> Result<Option<Vec<u8>>> {
@@ -244,6 +265,7 @@ impl Store for RedbStore {
             self.last_height()?,
             oldest_snapshot,
             self.config.block_retention_blocks,
+            self.sizes.over_budget(self.config.block_retention_bytes),
         );
         if limit == 0 {
             return Ok(());
@@ -265,7 +287,12 @@ impl Store for RedbStore {
                 .retain_in(..=limit, |_, _| false)?;
             Ok(())
         })?;
-        tracing::debug!(limit, "redb store pruned blocks");
+        self.sizes.pruned_through(limit);
+        tracing::debug!(
+            limit,
+            retained_bytes = self.sizes.bytes(),
+            "redb store pruned blocks"
+        );
         Ok(())
     }
 

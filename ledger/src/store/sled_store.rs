@@ -10,8 +10,8 @@ use std::path::Path;
 
 use super::frame::{self, Kind};
 use super::{
-    check_append_batch, check_record, check_size, prune_limit, Durability, Result, Store, StoreConfig,
-    Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
+    check_append_batch, check_record, check_size, prune_limit, BlockSizes, Durability, Result, Store,
+    StoreConfig, Survives, BLOCK_BYTES_MAX, SNAPSHOTS_KEPT_COUNT, SNAPSHOT_BYTES_MAX,
 };
 
 /// The sled database's directory inside the store's directory.
@@ -25,6 +25,8 @@ pub struct SledStore {
     snapshots: sled::Tree,
     records: sled::Tree,
     config: StoreConfig,
+    /// Stored size of each block, for the byte retention.
+    sizes: BlockSizes,
 }
 
 impl SledStore {
@@ -42,12 +44,18 @@ impl SledStore {
         let db = open_sled(&path, config.cache_bytes)?;
         let [blocks, snapshots, records] = TREE_NAMES.map(|name| db.open_tree(name));
         let (blocks, snapshots, records) = (blocks?, snapshots?, records?);
+        let mut sizes = BlockSizes::default();
+        for entry in blocks.iter() {
+            let (key, stored) = entry?;
+            sizes.push(frame::key_height("block", &key)?, stored.len());
+        }
         let store = SledStore {
             db,
             blocks,
             snapshots,
             records,
             config,
+            sizes,
         };
         tracing::debug!(dir = %dir.display(), last_height = store.last_height()?, "sled store opened");
         Ok(store)
@@ -145,18 +153,27 @@ impl Store for SledStore {
         assert_eq!(height, last + 1, "append_block: block {height} after {last}");
         check_size("block", block.len(), BLOCK_BYTES_MAX)?;
         let key = frame::height_key(height);
-        self.blocks.insert(key, frame::encode(Kind::Block, &key, block))?;
+        let stored = frame::encode(Kind::Block, &key, block);
+        let len = stored.len();
+        self.blocks.insert(key, stored)?;
+        self.sizes.push(height, len);
         self.after_write()
     }
 
     fn append_blocks(&mut self, blocks: &[(u64, Vec<u8>)]) -> Result<()> {
         check_append_batch(self.last_height()?, blocks)?;
         let mut batch = sled::Batch::default();
+        let mut lens = Vec::with_capacity(blocks.len());
         for (height, block) in blocks {
             let key = frame::height_key(*height);
-            batch.insert(&key[..], frame::encode(Kind::Block, &key, block));
+            let stored = frame::encode(Kind::Block, &key, block);
+            lens.push((*height, stored.len()));
+            batch.insert(&key[..], stored);
         }
         self.blocks.apply_batch(batch)?;
+        for (height, len) in lens {
+            self.sizes.push(height, len);
+        }
         self.after_write()
     }
 
@@ -248,6 +265,7 @@ impl Store for SledStore {
             self.last_height()?,
             oldest_snapshot,
             self.config.block_retention_blocks,
+            self.sizes.over_budget(self.config.block_retention_bytes),
         );
         if limit == 0 {
             return Ok(());
@@ -262,7 +280,13 @@ impl Store for SledStore {
             return Ok(());
         }
         self.blocks.apply_batch(batch)?;
-        tracing::debug!(limit, count, "sled store pruned blocks");
+        self.sizes.pruned_through(limit);
+        tracing::debug!(
+            limit,
+            count,
+            retained_bytes = self.sizes.bytes(),
+            "sled store pruned blocks"
+        );
         self.after_write()
     }
 
