@@ -25,6 +25,42 @@ use hoard_types::Hash;
 pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Frames waiting to go to one peer or client before new ones are dropped.
 pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
+/// Most bytes queued for one peer: frames are up to [`FRAME_BYTES_MAX`], so the frame count
+/// alone would let a slow peer's queue hold gigabytes. Beyond it frames are dropped (PBFT
+/// recovers them: retransmission, catch-up).
+pub const PEER_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// The sending side of one peer's queue: the frames, and how many bytes they hold.
+#[derive(Clone)]
+pub struct PeerQueue {
+    frames: mpsc::Sender<Bytes>,
+    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PeerQueue {
+    /// Queues `frame` unless the queue is full in frames or in bytes; false when dropped.
+    pub fn try_send(&self, frame: Bytes) -> bool {
+        use std::sync::atomic::Ordering;
+        let len = frame.len();
+        if self.queued_bytes.load(Ordering::Relaxed) + len > PEER_QUEUE_BYTES_MAX {
+            return false;
+        }
+        self.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        if self.frames.try_send(frame).is_err() {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// Starts the task that dials `address` and sends it every frame queued on the returned queue.
+pub fn spawn_peer(address: SocketAddr, hello: NetMessage) -> PeerQueue {
+    let (frames, receiver) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
+    let queued_bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(dial_and_send(address, hello, receiver, queued_bytes.clone()));
+    PeerQueue { frames, queued_bytes }
+}
 /// Longest wait between two dial attempts.
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// First wait after a failed dial.
@@ -96,7 +132,17 @@ fn socket2_ref(stream: &TcpStream) -> socket2::SockRef<'_> {
 /// Keeps a connection to `address` open and writes every frame from `frames` to it, starting
 /// each connection with `hello`. Frames that arrive while disconnected are dropped. Returns
 /// when `frames` closes.
-pub async fn dial_and_send(address: SocketAddr, hello: NetMessage, mut frames: mpsc::Receiver<Bytes>) {
+async fn dial_and_send(
+    address: SocketAddr,
+    hello: NetMessage,
+    mut queue: mpsc::Receiver<Bytes>,
+    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    // Every frame taken off the queue gives its bytes back.
+    let mut frames = Taken {
+        queue: &mut queue,
+        queued_bytes: &queued_bytes,
+    };
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
         let stream = match TcpStream::connect(address).await {
@@ -138,5 +184,62 @@ pub async fn dial_and_send(address: SocketAddr, hello: NetMessage, mut frames: m
                 break;
             }
         }
+    }
+}
+
+/// A peer queue's receiving side that keeps its byte count.
+struct Taken<'a> {
+    queue: &'a mut mpsc::Receiver<Bytes>,
+    queued_bytes: &'a std::sync::atomic::AtomicUsize,
+}
+
+impl Taken<'_> {
+    fn taken(&self, frame: Bytes) -> Bytes {
+        self.queued_bytes
+            .fetch_sub(frame.len(), std::sync::atomic::Ordering::Relaxed);
+        frame
+    }
+
+    async fn recv(&mut self) -> Option<Bytes> {
+        let frame = self.queue.recv().await?;
+        Some(self.taken(frame))
+    }
+
+    fn try_recv(&mut self) -> Result<Bytes, mpsc::error::TryRecvError> {
+        let frame = self.queue.try_recv()?;
+        Ok(self.taken(frame))
+    }
+
+    fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod peer_queue_tests {
+    use super::*;
+
+    /// A peer queue is bounded in bytes as well as frames, and a frame taken off it gives its
+    /// bytes back.
+    #[tokio::test]
+    async fn a_peer_queue_drops_frames_beyond_its_bytes_and_frees_them_when_sent() {
+        let (frames, mut receiver) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
+        let queued_bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let queue = PeerQueue {
+            frames,
+            queued_bytes: queued_bytes.clone(),
+        };
+        assert!(queue.try_send(Bytes::from(vec![0u8; PEER_QUEUE_BYTES_MAX - 10])));
+        assert!(!queue.try_send(Bytes::from(vec![1u8; 20])), "over the byte bound");
+        assert!(queue.try_send(Bytes::from(vec![2u8; 10])));
+        let mut taken = Taken {
+            queue: &mut receiver,
+            queued_bytes: &queued_bytes,
+        };
+        assert_eq!(taken.recv().await.unwrap().len(), PEER_QUEUE_BYTES_MAX - 10);
+        assert!(queue.try_send(Bytes::from(vec![3u8; 20])));
+        assert_eq!(taken.try_recv().unwrap()[0], 2);
+        assert_eq!(taken.try_recv().unwrap()[0], 3);
+        assert_eq!(queued_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }

@@ -38,12 +38,60 @@ use crate::store::{Engine, Store, StoreConfig};
 
 /// Inputs waiting for the driver before senders are slowed down.
 pub const INBOX_INPUTS_MAX: usize = 16_384;
+/// Bytes (of the frames they came in) the inputs waiting for the driver may hold: the input
+/// count alone allows gigabytes when requests are megabytes. A frame that finds no room waits,
+/// which slows its sender's connection (TCP back-pressure) until the driver catches up.
+pub const INBOX_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Inputs the driver takes in one round before it persists and sends.
 pub const ROUND_INPUTS_MAX: usize = 1_024;
 /// Blocks sent to one subscriber per round while it catches up from the log.
 pub const SUBSCRIBER_CATCHUP_BLOCKS_PER_ROUND: u64 = 64;
 /// Client (gateway) connections one replica serves.
 pub const CLIENTS_MAX: usize = 64;
+
+/// The driver's inbox, bounded in inputs ([`INBOX_INPUTS_MAX`]) and in bytes ([`INBOX_BYTES_MAX`]).
+#[derive(Clone)]
+struct Inbox {
+    inputs: mpsc::Sender<Charged>,
+    /// One permit per KiB.
+    room: Arc<tokio::sync::Semaphore>,
+    bytes_max: usize,
+}
+
+/// An input and the room it takes in the inbox until the driver's round that takes it ends.
+struct Charged {
+    input: Input,
+    _room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Inbox {
+    fn new(bytes_max: usize) -> (Inbox, mpsc::Receiver<Charged>) {
+        let (inputs, receiver) = mpsc::channel(INBOX_INPUTS_MAX);
+        let room = Arc::new(tokio::sync::Semaphore::new(bytes_max / 1024));
+        (
+            Inbox {
+                inputs,
+                room,
+                bytes_max,
+            },
+            receiver,
+        )
+    }
+
+    /// Queues `input`, which arrived in `bytes` bytes; waits for room. Err when the driver is gone.
+    async fn send(&self, input: Input, bytes: usize) -> std::result::Result<(), ()> {
+        let room = if bytes == 0 {
+            None
+        } else {
+            let kib = bytes.div_ceil(1024).min(self.bytes_max / 1024) as u32;
+            Some(self.room.clone().acquire_many_owned(kib).await.map_err(|_| ())?)
+        };
+        self.inputs
+            .send(Charged { input, _room: room })
+            .await
+            .map_err(|_| ())
+    }
+}
 
 enum Input {
     Peer {
@@ -103,7 +151,7 @@ pub async fn run(
     let listener = TcpListener::bind(config.address())
         .await
         .map_err(|e| LedgerError::Config(format!("bind {}: {e}", config.address())))?;
-    let (inbox_tx, inbox) = mpsc::channel(INBOX_INPUTS_MAX);
+    let (inbox_tx, inbox) = Inbox::new(INBOX_BYTES_MAX);
     tokio::spawn(accept_loop(
         listener,
         inbox_tx.clone(),
@@ -111,16 +159,13 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let mut peers: HashMap<ReplicaId, mpsc::Sender<Bytes>> = HashMap::new();
+    let mut peers: HashMap<ReplicaId, net::PeerQueue> = HashMap::new();
     for info in &config.cluster.replicas {
         if info.id != id {
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
-            tokio::spawn(net::dial_and_send(
-                info.address,
-                NetMessage::HelloReplica { id },
-                rx,
-            ));
-            peers.insert(info.id, tx);
+            peers.insert(
+                info.id,
+                net::spawn_peer(info.address, NetMessage::HelloReplica { id }),
+            );
         }
     }
     let mut driver = Driver {
@@ -147,15 +192,19 @@ pub async fn run(
             }
             input = inbox.recv() => {
                 let Some(input) = input else { break };
-                let mut inputs = vec![input];
-                while inputs.len() < ROUND_INPUTS_MAX {
+                let mut charged = vec![input];
+                while charged.len() < ROUND_INPUTS_MAX {
                     match inbox.try_recv() {
-                        Ok(input) => inputs.push(input),
+                        Ok(input) => charged.push(input),
                         Err(_) => break,
                     }
                 }
                 metrics::gauge!("hoard_replica_inbox_depth", "replica" => id.to_string()).set(inbox.len() as f64);
+                // The room is given back once the round has taken the inputs.
+                let (inputs, room): (Vec<Input>, Vec<_>) =
+                    charged.into_iter().map(|c| (c.input, c._room)).unzip();
                 driver.round(inputs)?;
+                drop(room);
             }
             _ = sleep_until(deadline) => {
                 driver.fire_timers()?;
@@ -345,7 +394,7 @@ struct Driver {
     id: ReplicaId,
     replica: Replica<LedgerApp>,
     store: Box<dyn Store>,
-    peers: HashMap<ReplicaId, mpsc::Sender<Bytes>>,
+    peers: HashMap<ReplicaId, net::PeerQueue>,
     clients: HashMap<u64, mpsc::Sender<Bytes>>,
     subscribers: HashMap<u64, Subscriber>,
     timers: [Option<Instant>; 4],
@@ -540,7 +589,7 @@ impl Driver {
 
     fn send_to_peer(&self, to: ReplicaId, frame: Bytes) {
         if let Some(queue) = self.peers.get(&to) {
-            if queue.try_send(frame).is_err() {
+            if !queue.try_send(frame) {
                 metrics::counter!("hoard_replica_frames_dropped_total", "replica" => self.id.to_string(), "to" => "replica")
                     .increment(1);
             }
@@ -662,12 +711,7 @@ impl Driver {
     }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    inbox: mpsc::Sender<Input>,
-    n: usize,
-    mut shutdown: watch::Receiver<bool>,
-) {
+async fn accept_loop(listener: TcpListener, inbox: Inbox, n: usize, mut shutdown: watch::Receiver<bool>) {
     let clients = Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX + n));
     loop {
         let accepted = tokio::select! {
@@ -689,11 +733,7 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    inbox: mpsc::Sender<Input>,
-    n: usize,
-) -> std::result::Result<(), String> {
+async fn serve_connection(stream: TcpStream, inbox: Inbox, n: usize) -> std::result::Result<(), String> {
     net::tune(&stream);
     let (read, write) = stream.into_split();
     let mut frames = FramedRead::new(read, net::codec());
@@ -714,7 +754,11 @@ async fn serve_connection(
                         let message =
                             SignedMessage::from_bytes(&bytes, hoard_pbft::constants::MESSAGE_BYTES_MAX)
                                 .map_err(|e| e.to_string())?;
-                        if inbox.send(Input::Peer { from: id, message }).await.is_err() {
+                        if inbox
+                            .send(Input::Peer { from: id, message }, frame.len())
+                            .await
+                            .is_err()
+                        {
                             return Ok(());
                         }
                     }
@@ -726,10 +770,13 @@ async fn serve_connection(
         NetMessage::HelloClient { client } => {
             let (queue, mut outgoing) = mpsc::channel::<Bytes>(PEER_QUEUE_FRAMES_MAX);
             if inbox
-                .send(Input::ClientConnected {
-                    client,
-                    frames: queue,
-                })
+                .send(
+                    Input::ClientConnected {
+                        client,
+                        frames: queue,
+                    },
+                    0,
+                )
                 .await
                 .is_err()
             {
@@ -763,14 +810,14 @@ async fn serve_connection(
                         NetMessage::Subscribe { from_height } => Input::Subscribe { client, from_height },
                         other => return Err(format!("client {client} sent {other:?}")),
                     };
-                    if inbox.send(input).await.is_err() {
+                    if inbox.send(input, frame.len()).await.is_err() {
                         break;
                     }
                 }
                 Ok(())
             }
             .await;
-            let _ = inbox.send(Input::ClientGone { client }).await;
+            let _ = inbox.send(Input::ClientGone { client }, 0).await;
             writer.abort();
             result
         }
@@ -885,4 +932,47 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time from the primary's proposal to this replica's commit."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The inbox is bounded in bytes: a frame that finds no room waits until the driver's round
+    /// that took earlier inputs ends, then goes in.
+    #[tokio::test]
+    async fn the_inbox_makes_a_sender_wait_for_room_in_bytes() {
+        let (inbox, mut receiver) = Inbox::new(4 * 1024);
+        let gone = |client| Input::ClientGone { client };
+        inbox.send(gone(1), 3 * 1024).await.unwrap();
+        let waiting = tokio::spawn({
+            let inbox = inbox.clone();
+            async move { inbox.send(gone(2), 3 * 1024).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a second 3 KiB frame fit in a 4 KiB inbox"
+        );
+        // Inputs without a frame of their own (connections coming and going) never wait.
+        inbox.send(gone(3), 0).await.unwrap();
+        let first = receiver.recv().await.unwrap();
+        assert!(matches!(first.input, Input::ClientGone { client: 1 }));
+        assert!(matches!(
+            receiver.recv().await.unwrap().input,
+            Input::ClientGone { client: 3 }
+        ));
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("room came back")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            receiver.recv().await.unwrap().input,
+            Input::ClientGone { client: 2 }
+        ));
+    }
 }
