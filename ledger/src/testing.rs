@@ -239,6 +239,15 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Writes a cluster of `n` replicas for `genesis` into `dir` and starts every replica.
     pub fn start(dir: &std::path::Path, genesis: &Genesis, n: usize) -> LocalCluster {
+        // A failing test shows the replicas' view changes and warnings (captured otherwise);
+        // `RUST_LOG` overrides. The chain benchmark installs its own subscriber first.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "hoard_pbft=info,hoard_ledger=warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
         let keys: Vec<Keypair> = (0..n as u64).map(|i| key("replica", i)).collect();
         let addresses: Vec<_> = (0..n)
             .map(|_| (std::net::SocketAddr::from(([127, 0, 0, 1], free_port())), None))
