@@ -677,31 +677,58 @@ mod tests {
         std::iter::from_fn(|| outbound.try_recv().ok().map(|m| *m)).collect()
     }
 
-    /// The chain can commit an event (the batcher read it from the stream) before the stream
-    /// writer has handled its append's answer; the submitter must still hear `accepted` first.
-    #[test]
-    fn a_commit_before_the_append_answer_is_pushed_after_accepted() {
+    /// One event submitted by connection 1 with `request_id`, taken off the writer's queue (the
+    /// append is "in progress": the test decides how it ends with [`Events::written`]).
+    struct Submission {
+        events: Arc<Events>,
+        queues: EventQueues,
+        outbound: mpsc::Receiver<Box<ServerMessage>>,
+        event_id: EventId,
+        request: WriteRequest,
+    }
+
+    fn submit(player: &str, request_id: u64) -> Submission {
         let mut world = World::new(1);
-        let tx = world.register(TenantId(1), &key("alice", 0).public(), Custody::Custodial);
+        let tx = world.register(TenantId(1), &key(player, 0).public(), Custody::Custodial);
         let event_id = tx.decode_payload().expect("decodes").event_id;
-        let (events, mut queues, mut outbound) = pipeline(&world);
-        let origin = Origin::Connection {
-            conn: 1,
-            request_id: 9,
-        };
+        let (events, mut queues, outbound) = pipeline(&world);
+        let origin = Origin::Connection { conn: 1, request_id };
         assert!(matches!(
             events.submit(TenantId(1), event_id, &tx, "register_account", origin),
             Ok(Submitted::Queued)
         ));
         let request = queues.writer.try_recv().expect("queued for the writer");
-        let receipt = Receipt {
+        Submission {
+            events,
+            queues,
+            outbound,
+            event_id,
+            request,
+        }
+    }
+
+    fn receipt(event_id: EventId, height: u64, outcome: Outcome) -> Receipt {
+        Receipt {
             tenant: TenantId(1),
             event_id,
-            height: 3,
-            outcome: Outcome::Applied,
+            height,
+            outcome,
             duplicate: false,
-        };
-        events.on_receipt(&receipt, "register_account");
+        }
+    }
+
+    /// The chain can commit an event (the batcher read it from the stream) before the stream
+    /// writer has handled its append's answer; the submitter must still hear `accepted` first.
+    #[test]
+    fn a_commit_before_the_append_answer_is_pushed_after_accepted() {
+        let Submission {
+            events,
+            mut queues,
+            mut outbound,
+            event_id,
+            request,
+        } = submit("alice", 9);
+        events.on_receipt(&receipt(event_id, 3, Outcome::Applied), "register_account");
         assert!(
             drain(&mut outbound).is_empty(),
             "committed pushed before accepted"
@@ -731,26 +758,14 @@ mod tests {
     /// not `unavailable`.
     #[test]
     fn a_failed_append_whose_event_committed_answers_accepted_and_committed() {
-        let mut world = World::new(1);
-        let tx = world.register(TenantId(1), &key("bob", 0).public(), Custody::Custodial);
-        let event_id = tx.decode_payload().expect("decodes").event_id;
-        let (events, mut queues, mut outbound) = pipeline(&world);
-        let origin = Origin::Connection {
-            conn: 1,
-            request_id: 4,
-        };
-        assert!(events
-            .submit(TenantId(1), event_id, &tx, "register_account", origin)
-            .is_ok());
-        let request = queues.writer.try_recv().expect("queued");
-        let receipt = Receipt {
-            tenant: TenantId(1),
+        let Submission {
+            events,
+            mut outbound,
             event_id,
-            height: 2,
-            outcome: Outcome::Applied,
-            duplicate: false,
-        };
-        events.on_receipt(&receipt, "register_account");
+            request,
+            ..
+        } = submit("bob", 4);
+        events.on_receipt(&receipt(event_id, 2, Outcome::Applied), "register_account");
         events.written(request, false);
         let pushed = drain(&mut outbound);
         assert!(
@@ -769,39 +784,27 @@ mod tests {
     /// the later real commit reaches the submitter.
     #[test]
     fn a_window_full_receipt_keeps_the_event_in_flight() {
-        let mut world = World::new(1);
-        let tx = world.register(TenantId(1), &key("carol", 0).public(), Custody::Custodial);
-        let event_id = tx.decode_payload().expect("decodes").event_id;
-        let (events, mut queues, mut outbound) = pipeline(&world);
-        let origin = Origin::Connection {
-            conn: 1,
-            request_id: 5,
-        };
-        assert!(events
-            .submit(TenantId(1), event_id, &tx, "register_account", origin)
-            .is_ok());
-        events.written(queues.writer.try_recv().expect("queued"), true);
+        let Submission {
+            events,
+            mut outbound,
+            event_id,
+            request,
+            ..
+        } = submit("carol", 5);
+        events.written(request, true);
         assert!(matches!(
             drain(&mut outbound).as_slice(),
             [ServerMessage::Accepted { .. }]
         ));
-        let mut receipt = Receipt {
-            tenant: TenantId(1),
-            event_id,
-            height: 2,
-            outcome: Outcome::rejected(Rejection::WindowFull),
-            duplicate: false,
-        };
-        events.on_receipt(&receipt, "register_account");
+        let full = receipt(event_id, 2, Outcome::rejected(Rejection::WindowFull));
+        events.on_receipt(&full, "register_account");
         assert!(drain(&mut outbound).is_empty());
         assert_eq!(
             events.status(TenantId(1), &event_id),
             Some(true),
             "still in flight"
         );
-        receipt.height = 5;
-        receipt.outcome = Outcome::Applied;
-        events.on_receipt(&receipt, "register_account");
+        events.on_receipt(&receipt(event_id, 5, Outcome::Applied), "register_account");
         assert!(matches!(
             drain(&mut outbound).as_slice(),
             [ServerMessage::Committed { height: 5, .. }]
