@@ -11,14 +11,18 @@
 //! [`Clicks::failed`] reaches `g + 1` first, the flush that should have written it failed (strict
 //! connections answer `unavailable`; the click stays buffered for a later flush).
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
 use hoard_types::wire::{Click, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
+
+// `Pending::add` numbers the clicks of one message with u16.
+const _: () = assert!(CLICKS_PER_FRAME_MAX <= u16::MAX as usize);
 use hoard_types::{PublicKey, TenantId};
 
 use crate::constants::{CLICK_KEYS_PENDING_MAX, COUNTERS_PER_TENANT_MAX};
@@ -28,9 +32,119 @@ use crate::store::{ClickKey as Key, Store, StoreResult, CLICK_PART_KEYS_MAX};
 /// One flush part: its sequence number in this run and its click totals.
 type Part = (u64, Vec<(Key, u64)>);
 
+/// Shards of the pending map (a power of two). A `clicks` message locks each shard it touches
+/// once, so the two runtime threads rarely wait for each other.
+const PENDING_SHARDS: usize = 16;
+
+/// One pending click total: the key's hash (kept for rehashing), the key, the count.
+type Entry = (u64, Key, u64);
+
+/// The clicks absorbed since the last flush, summed per (tenant, counter, player), sharded by
+/// the key's hash. Counter names are interned ([`Clicks::intern`]): a name is one `Arc<str>` per
+/// tenant for the life of the gateway, so keys hash and compare the name by its address.
+struct Pending {
+    hasher: foldhash::fast::RandomState,
+    shards: Box<[Mutex<hashbrown::HashTable<Entry>>]>,
+    /// Keys in all shards (the bound [`CLICK_KEYS_PENDING_MAX`] is checked against it).
+    keys: AtomicUsize,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            hasher: foldhash::fast::RandomState::default(),
+            shards: (0..PENDING_SHARDS).map(|_| Mutex::default()).collect(),
+            keys: AtomicUsize::new(0),
+        }
+    }
+
+    fn hash(&self, tenant: TenantId, counter: &Arc<str>, player: &PublicKey) -> u64 {
+        // Fixed-size words hash faster than a byte slice (no length, no tail handling).
+        let word = |at: usize| u64::from_le_bytes(player.0[at..at + 8].try_into().expect("8 bytes"));
+        let counter = Arc::as_ptr(counter).cast::<u8>() as usize as u64;
+        self.hasher
+            .hash_one((tenant.0, counter, word(0), word(8), word(16), word(24)))
+    }
+
+    fn shard(hash: u64) -> usize {
+        // Bits that hashbrown uses neither for the bucket (low bits) nor the tag (top 7).
+        (hash >> 40) as usize & (PENDING_SHARDS - 1)
+    }
+
+    /// Adds `clicks`, whose counters were interned into `names` (`counter_of[i]` is click i's).
+    fn add(&self, tenant: TenantId, clicks: &[Click], names: &[Arc<str>], counter_of: &[u16]) {
+        // Order the clicks by shard (a counting sort), then lock each shard touched once.
+        let hashes: Vec<u64> = clicks
+            .iter()
+            .zip(counter_of)
+            .map(|(click, &c)| self.hash(tenant, &names[usize::from(c)], &click.0))
+            .collect();
+        let mut starts = [0usize; PENDING_SHARDS + 1];
+        for &hash in &hashes {
+            starts[Self::shard(hash) + 1] += 1;
+        }
+        for shard in 0..PENDING_SHARDS {
+            starts[shard + 1] += starts[shard];
+        }
+        let mut next = starts;
+        let mut order = vec![0u16; clicks.len()];
+        for (index, &hash) in hashes.iter().enumerate() {
+            let slot = &mut next[Self::shard(hash)];
+            order[*slot] = u16::try_from(index).expect("CLICKS_PER_FRAME_MAX fits u16");
+            *slot += 1;
+        }
+        for (shard, table) in self.shards.iter().enumerate() {
+            let mine = &order[starts[shard]..starts[shard + 1]];
+            if mine.is_empty() {
+                continue;
+            }
+            let mut table = table.lock().expect("click shard lock");
+            let mut new_keys = 0;
+            for &index in mine {
+                let index = usize::from(index);
+                let (click, hash) = (&clicks[index], hashes[index]);
+                let name = &names[usize::from(counter_of[index])];
+                let entry = table.entry(
+                    hash,
+                    |(_, (t, n, p), _)| *t == tenant && Arc::ptr_eq(n, name) && *p == click.0,
+                    |(h, _, _)| *h,
+                );
+                match entry {
+                    hashbrown::hash_table::Entry::Occupied(mut entry) => {
+                        entry.get_mut().2 += u64::from(click.2);
+                    }
+                    hashbrown::hash_table::Entry::Vacant(entry) => {
+                        entry.insert((hash, (tenant, name.clone(), click.0), u64::from(click.2)));
+                        new_keys += 1;
+                    }
+                }
+            }
+            // Counted under the shard's lock, as `drain` uncounts: the count never goes below
+            // the keys present.
+            self.keys.fetch_add(new_keys, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes every pending total out.
+    fn drain(&self) -> Vec<(Key, u64)> {
+        let mut drained = Vec::with_capacity(self.keys.load(Ordering::SeqCst));
+        for shard in self.shards.iter() {
+            let mut table = shard.lock().expect("click shard lock");
+            let before = drained.len();
+            drained.extend(table.drain().map(|(_, key, count)| (key, count)));
+            self.keys.fetch_sub(drained.len() - before, Ordering::SeqCst);
+        }
+        drained
+    }
+
+    fn len(&self) -> usize {
+        self.keys.load(Ordering::SeqCst)
+    }
+}
+
 /// The click aggregator.
 pub struct Clicks {
-    pending: DashMap<Key, u64>,
+    pending: Pending,
     /// Interned counter names per tenant (bounded by [`COUNTERS_PER_TENANT_MAX`]).
     counters: DashMap<TenantId, HashSet<Arc<str>>>,
     generation: AtomicU64,
@@ -55,7 +169,7 @@ pub struct ClickError {
 impl Clicks {
     pub fn new(store: Arc<Store>) -> Clicks {
         Clicks {
-            pending: DashMap::new(),
+            pending: Pending::new(),
             counters: DashMap::new(),
             generation: AtomicU64::new(0),
             flushed: tokio::sync::watch::channel(0).0,
@@ -122,6 +236,9 @@ impl Clicks {
             });
         }
         let mut total = 0u64;
+        // Clicks of one message usually name the same counter: a name equal to the previous
+        // click's was checked already.
+        let mut checked: Option<&str> = None;
         for Click(who, counter, count) in clicks {
             if let Some(player) = player {
                 if who != player {
@@ -131,11 +248,14 @@ impl Clicks {
                     });
                 }
             }
-            if !hoard_types::wire::counter_name_is_valid(counter) {
-                return Err(ClickError {
-                    code: ErrorCode::Invalid,
-                    message: format!("bad counter name {counter:?}"),
-                });
+            if checked != Some(counter.as_str()) {
+                if !hoard_types::wire::counter_name_is_valid(counter) {
+                    return Err(ClickError {
+                        code: ErrorCode::Invalid,
+                        message: format!("bad counter name {counter:?}"),
+                    });
+                }
+                checked = Some(counter);
             }
             if *count == 0 || *count > CLICK_COUNT_MAX {
                 return Err(ClickError {
@@ -151,6 +271,12 @@ impl Clicks {
     /// Adds validated clicks to the buffer. Refuses (`busy`) when too many keys are buffered
     /// (the store is not keeping up).
     pub fn absorb(&self, tenant: TenantId, clicks: &[Click]) -> Result<(), ClickError> {
+        if clicks.len() > CLICKS_PER_FRAME_MAX {
+            return Err(ClickError {
+                code: ErrorCode::TooLarge,
+                message: format!("at most {CLICKS_PER_FRAME_MAX} clicks per message"),
+            });
+        }
         if self.pending.len() >= CLICK_KEYS_PENDING_MAX {
             metrics::counter!(m::BUSY_TOTAL, "reason" => "clicks_pending").increment(1);
             return Err(ClickError {
@@ -158,10 +284,33 @@ impl Clicks {
                 message: "click buffer full: the click store is behind".into(),
             });
         }
-        for Click(player, counter, count) in clicks {
-            let counter = self.intern(tenant, counter)?;
-            *self.pending.entry((tenant, counter, *player)).or_insert(0) += u64::from(*count);
+        // Intern each distinct counter name of the message once (messages usually carry one or
+        // a few, and runs of the same): `names` holds them, `counter_of[i]` is click i's. At most
+        // COUNTERS_PER_TENANT_MAX distinct names get through `intern`, so a u16 holds the index.
+        let mut names: Vec<Arc<str>> = Vec::new();
+        let mut index_of: HashMap<&str, u16> = HashMap::new();
+        let mut last: Option<(&str, u16)> = None;
+        let mut counter_of: Vec<u16> = Vec::with_capacity(clicks.len());
+        for Click(_, counter, _) in clicks {
+            let index = match last {
+                Some((name, index)) if name == counter.as_str() => index,
+                _ => {
+                    let index = match index_of.get(counter.as_str()) {
+                        Some(&index) => index,
+                        None => {
+                            names.push(self.intern(tenant, counter)?);
+                            let index = u16::try_from(names.len() - 1).expect("counters per tenant fit u16");
+                            index_of.insert(counter, index);
+                            index
+                        }
+                    };
+                    last = Some((counter, index));
+                    index
+                }
+            };
+            counter_of.push(index);
         }
+        self.pending.add(tenant, clicks, &names, &counter_of);
         Ok(())
     }
 
@@ -177,11 +326,7 @@ impl Clicks {
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         // First the parts of failed flushes, in order; then what is buffered now.
         self.write_parts(&mut unapplied, generation).await?;
-        let mut drained: Vec<(Key, u64)> = Vec::new();
-        self.pending.retain(|key, count| {
-            drained.push((key.clone(), *count));
-            false
-        });
+        let drained = self.pending.drain();
         metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
         let mut drained = drained.into_iter().peekable();
         while drained.peek().is_some() {
@@ -293,5 +438,139 @@ impl Clicks {
         limit: usize,
     ) -> StoreResult<Vec<(PublicKey, u64)>> {
         self.store.leaderboard(tenant, counter, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn clicks() -> Clicks {
+        Clicks::new(Arc::new(Store::Embedded(Arc::new(
+            crate::store::EmbeddedStore::new(),
+        ))))
+    }
+
+    /// A deterministic message generator (xorshift): `n` clicks over `players` players and the
+    /// counters `names`, with runs of one counter and mixed ones.
+    fn message(seed: &mut u64, n: usize, players: u8, names: &[&str]) -> Vec<Click> {
+        let mut next = || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed
+        };
+        (0..n)
+            .map(|_| {
+                let player = PublicKey([(next() % u64::from(players)) as u8; 32]);
+                let name = names[(next() % names.len() as u64) as usize];
+                Click(player, name.into(), (next() % 9 + 1) as u32)
+            })
+            .collect()
+    }
+
+    type Totals = BTreeMap<(u64, String, [u8; 32]), u64>;
+
+    fn add_to(totals: &mut Totals, tenant: TenantId, clicks: &[Click]) {
+        for Click(player, counter, count) in clicks {
+            *totals.entry((tenant.0, counter.clone(), player.0)).or_default() += u64::from(*count);
+        }
+    }
+
+    fn drain_into(clicks: &Clicks, totals: &mut Totals) {
+        for ((tenant, counter, player), count) in clicks.pending.drain() {
+            *totals
+                .entry((tenant.0, counter.to_string(), player.0))
+                .or_default() += count;
+        }
+    }
+
+    #[test]
+    fn totals_drained_equal_the_clicks_absorbed_by_concurrent_connections() {
+        let clicks = clicks();
+        let mut drained = Totals::new();
+        let absorbed = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..3u64)
+                .map(|worker| {
+                    let clicks = &clicks;
+                    scope.spawn(move || {
+                        let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (worker + 1);
+                        let mut absorbed = Totals::new();
+                        for round in 0..300 {
+                            let tenant = TenantId(round % 2 + 1);
+                            let batch =
+                                message(&mut seed, 1 + round as usize % 700, 200, &["gold", "xp", "gems"]);
+                            Clicks::validate(&batch, None).unwrap_or_else(|e| panic!("{}", e.message));
+                            clicks
+                                .absorb(tenant, &batch)
+                                .unwrap_or_else(|e| panic!("{}", e.message));
+                            add_to(&mut absorbed, tenant, &batch);
+                        }
+                        absorbed
+                    })
+                })
+                .collect();
+            // Drain while the workers absorb, as the flusher does.
+            while !workers.iter().all(|w| w.is_finished()) {
+                drain_into(&clicks, &mut drained);
+            }
+            let mut absorbed = Totals::new();
+            for worker in workers {
+                for (key, count) in worker.join().expect("worker") {
+                    *absorbed.entry(key).or_default() += count;
+                }
+            }
+            absorbed
+        });
+        drain_into(&clicks, &mut drained);
+        assert_eq!(drained, absorbed);
+        assert_eq!(clicks.pending.len(), 0, "the key count follows the drains");
+    }
+
+    #[test]
+    fn one_key_per_tenant_counter_and_player_and_counter_names_are_interned_once() {
+        let clicks = clicks();
+        let alice = PublicKey([1; 32]);
+        let batch = vec![
+            Click(alice, "gold".into(), 1),
+            Click(alice, "xp".into(), 2),
+            Click(alice, "gold".into(), 3),
+            Click(alice, "gold".into(), 4),
+        ];
+        clicks
+            .absorb(TenantId(1), &batch)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        clicks
+            .absorb(TenantId(2), &batch)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(clicks.pending.len(), 4, "(tenant, counter) pairs for one player");
+        let mut drained = clicks.pending.drain();
+        drained.sort_by(|a, b| (a.0 .0, &*a.0 .1).cmp(&(b.0 .0, &*b.0 .1)));
+        let got: Vec<(u64, &str, u64)> = drained.iter().map(|((t, c, _), n)| (t.0, &**c, *n)).collect();
+        assert_eq!(got, [(1, "gold", 8), (1, "xp", 2), (2, "gold", 8), (2, "xp", 2)]);
+        // Interned: the name of a tenant's counter is one allocation, shared by its keys.
+        clicks
+            .absorb(TenantId(1), &batch[..1])
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        let again = clicks.pending.drain();
+        let first = drained
+            .iter()
+            .find(|((t, c, _), _)| t.0 == 1 && &**c == "gold")
+            .expect("gold");
+        assert!(Arc::ptr_eq(&again[0].0 .1, &first.0 .1));
+    }
+
+    #[test]
+    fn a_bad_counter_name_is_refused_after_a_run_of_good_ones() {
+        let alice = PublicKey([1; 32]);
+        let mut batch = vec![Click(alice, "gold".into(), 1); 3];
+        batch.push(Click(alice, "bad name".into(), 1));
+        let Err(error) = Clicks::validate(&batch, None) else {
+            panic!("a bad counter name was accepted")
+        };
+        assert_eq!(error.code, ErrorCode::Invalid);
+        assert!(error.message.contains("bad name"), "{}", error.message);
     }
 }

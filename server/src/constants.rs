@@ -20,6 +20,7 @@ pub const XACK_IDS_MAX: usize = 1024;
 pub const CLICK_KEYS_PENDING_MAX: usize = 2_000_000;
 /// Distinct counters per tenant.
 pub const COUNTERS_PER_TENANT_MAX: usize = 1024;
+const _: () = assert!(COUNTERS_PER_TENANT_MAX <= u16::MAX as usize);
 /// Redis commands in one click flush part (a flush of more keys is split into parts).
 pub const CLICK_FLUSH_COMMANDS_MAX: usize = 60_000;
 /// Open offers in the whole gateway.
