@@ -220,38 +220,75 @@ pub struct CeilingServer {
 }
 
 impl CeilingServer {
+    /// Starts the ceiling in this process, on a free loopback port.
     pub async fn start() -> anyhow::Result<CeilingServer> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("ws://{}{}", listener.local_addr()?, wire::WS_PATH);
         let clicks = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(serve_ceiling(listener, clicks.clone()));
+        Ok(CeilingServer { url, clicks, task })
+    }
+}
+
+/// Serves the ceiling on `listener`, adding every decoded click's count to `clicks`.
+async fn serve_ceiling(listener: TcpListener, clicks: Arc<AtomicU64>) {
+    let mut connections = JoinSet::new();
+    while let Ok((stream, _)) = listener.accept().await {
+        tune(&stream);
         let counter = clicks.clone();
-        let task = tokio::spawn(async move {
-            let mut connections = JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                tune(&stream);
-                let counter = counter.clone();
-                connections.spawn(async move {
-                    let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(
-                        stream,
-                        Some(hoard_server::connection::websocket_config()),
-                    )
-                    .await
-                    else {
-                        return;
-                    };
-                    while let Some(Ok(message)) = ws.next().await {
-                        if let Message::Binary(bytes) = message {
-                            if let Ok(ClientMessage::Clicks { clicks, .. }) = wire::decode_client(&bytes) {
-                                let count: u64 = clicks.iter().map(|c| u64::from(c.2)).sum();
-                                counter.fetch_add(count, Ordering::Relaxed);
-                            }
-                        }
+        connections.spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async_with_config(
+                stream,
+                Some(hoard_server::connection::websocket_config()),
+            )
+            .await
+            else {
+                return;
+            };
+            while let Some(Ok(message)) = ws.next().await {
+                if let Message::Binary(bytes) = message {
+                    if let Ok(ClientMessage::Clicks { clicks, .. }) = wire::decode_client(&bytes) {
+                        let count: u64 = clicks.iter().map(|c| u64::from(c.2)).sum();
+                        counter.fetch_add(count, Ordering::Relaxed);
                     }
-                });
-                while connections.try_join_next().is_some() {}
+                }
             }
         });
-        Ok(CeilingServer { url, clicks, task })
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+/// The name of the ceiling child process's click counter on its `/metrics`.
+pub const CEILING_CLICKS_METRIC: &str = "hoard_ceiling_clicks_total";
+
+/// The ceiling as a child process (`hoard-loadtest ceiling`): the WebSocket server on `ws`, and
+/// on `http` a minimal `/metrics` that answers [`CEILING_CLICKS_METRIC`]. Runs until killed.
+/// The benchmark runs it so when it runs the gateway as a child process, so that both servers
+/// stand in the same layout (own process, own runtime threads) beside the same click driver.
+pub async fn run_ceiling_process(ws: std::net::SocketAddr, http: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let clicks = Arc::new(AtomicU64::new(0));
+    let ws = TcpListener::bind(ws)
+        .await
+        .with_context(|| format!("binding {ws}"))?;
+    let http = TcpListener::bind(http)
+        .await
+        .with_context(|| format!("binding {http}"))?;
+    tokio::spawn(serve_ceiling(ws, clicks.clone()));
+    loop {
+        let (mut stream, _) = http.accept().await?;
+        let clicks = clicks.load(Ordering::Relaxed);
+        tokio::spawn(async move {
+            // One small request per connection (`crate::sys::http_get`); its text is not needed.
+            let mut request = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.read(&mut request)).await;
+            let body = format!("# TYPE {CEILING_CLICKS_METRIC} counter\n{CEILING_CLICKS_METRIC} {clicks}\n");
+            let response = format!(
+                "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(response.as_bytes()).await;
+        });
     }
 }
 
@@ -271,20 +308,49 @@ pub struct ClickFigure {
     pub redis_round_trips_per_click: Option<f64>,
 }
 
-/// Runs the ceiling once.
-pub async fn ceiling_once(load: &ClickLoad) -> anyhow::Result<ClickFigure> {
-    let server = CeilingServer::start().await?;
-    let counter = server.clicks.clone();
+/// Runs the ceiling once: in this process, or as a child process of `program` (this binary)
+/// when `program` is given.
+pub async fn ceiling_once(
+    load: &ClickLoad,
+    program: Option<&std::path::Path>,
+) -> anyhow::Result<ClickFigure> {
     let marks = Arc::new(std::sync::Mutex::new(Vec::new()));
     let marks_in = marks.clone();
-    let client = drive_clicks(&server.url, None, load, move |_| {
-        let counter = counter.clone();
+    let (url, count): (
+        String,
+        Box<dyn Fn() -> futures::future::BoxFuture<'static, u64> + Send + Sync>,
+    ) = match program {
+        None => {
+            let server = CeilingServer::start().await?;
+            let url = server.url.clone();
+            let server = Arc::new(server);
+            (
+                url,
+                Box::new(move || {
+                    let clicks = server.clicks.load(Ordering::Relaxed);
+                    Box::pin(async move { clicks })
+                }),
+            )
+        }
+        Some(program) => {
+            let child = Arc::new(CeilingProcess::start(program).await?);
+            let url = format!("ws://{}{}", child.ws, wire::WS_PATH);
+            (
+                url,
+                Box::new(move || {
+                    let child = child.clone();
+                    Box::pin(async move { child.clicks().await })
+                }),
+            )
+        }
+    };
+    let count = Arc::new(count);
+    let client = drive_clicks(&url, None, load, move |_| {
+        let count = count.clone();
         let marks = marks_in.clone();
         Box::pin(async move {
-            marks
-                .lock()
-                .expect("marks")
-                .push((Instant::now(), counter.load(Ordering::Relaxed)));
+            let clicks = count().await;
+            marks.lock().expect("marks").push((Instant::now(), clicks));
         })
     })
     .await?;
@@ -295,6 +361,52 @@ pub async fn ceiling_once(load: &ClickLoad) -> anyhow::Result<ClickFigure> {
         client,
         redis_round_trips_per_click: None,
     })
+}
+
+/// The ceiling as a child process (see [`run_ceiling_process`]); killed on drop.
+struct CeilingProcess {
+    ws: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+    _process: crate::stack::ChildProcess,
+}
+
+impl CeilingProcess {
+    async fn start(program: &std::path::Path) -> anyhow::Result<CeilingProcess> {
+        let free = || std::net::SocketAddr::from(([127, 0, 0, 1], hoard_ledger::testing::free_port()));
+        let (ws, http) = (free(), free());
+        let mut command = std::process::Command::new(program);
+        command
+            .arg("ceiling")
+            .arg("--ws")
+            .arg(ws.to_string())
+            .arg("--http")
+            .arg(http.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        let mut process = crate::stack::ChildProcess::spawn("ceiling", command)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while crate::sys::scrape(http).await.is_err() {
+            anyhow::ensure!(process.running(), "the ceiling process exited at start");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the ceiling process did not start in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(CeilingProcess {
+            ws,
+            http,
+            _process: process,
+        })
+    }
+
+    /// Clicks decoded so far (0 if the counter cannot be read).
+    async fn clicks(&self) -> u64 {
+        crate::sys::scrape(self.http)
+            .await
+            .map(|samples| crate::sys::sum(&samples, CEILING_CLICKS_METRIC) as u64)
+            .unwrap_or(0)
+    }
 }
 
 /// The gateway's own counters, read from its `/metrics`.
@@ -564,7 +676,7 @@ mod tests {
             warmup: Duration::from_millis(100),
             duration: Duration::from_millis(300),
         };
-        let figure = ceiling_once(&load).await.unwrap();
+        let figure = ceiling_once(&load, None).await.unwrap();
         assert!(figure.client.clicks_sent > 0);
         assert!(figure.server_clicks_per_second > 0.0);
     }

@@ -172,6 +172,16 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the ceiling server of `bench` (which starts it as a child process through this).
+    #[command(hide = true)]
+    Ceiling {
+        /// The WebSocket listener.
+        #[arg(long)]
+        ws: std::net::SocketAddr,
+        /// The `/metrics` listener (the decoded clicks counter).
+        #[arg(long)]
+        http: std::net::SocketAddr,
+    },
     /// Run the gateway (the stack starts a child-process gateway through this).
     #[command(hide = true)]
     Gateway {
@@ -244,6 +254,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Node { config } => runtime.block_on(stack::run_node(&config, None)),
+        Command::Ceiling { ws, http } => runtime.block_on(bench::run_ceiling_process(ws, http)),
         Command::Gateway { config, cluster } => {
             runtime.block_on(hoard_loadtest::gateway_process::run(&config, &cluster))
         }
@@ -415,6 +426,9 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     );
     out["replicas"] = json!(options.replicas);
     out["gateway_process"] = json!(options.gateway_process);
+    // The ceiling stands in the gateway's layout: a child process when the gateway is one.
+    let ceiling_program = options.gateway_process.then(|| options.node_program.clone());
+    out["ceiling_process"] = json!(ceiling_program.is_some());
     out["batch_max"] = json!(options.events_batch_max);
     let stack = Stack::start(options).await?;
     let load = ClickLoad {
@@ -432,7 +446,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut trips = Vec::new();
     let mut runs = Vec::new();
     for round in 1..=args.rounds {
-        let ceiling = bench::ceiling_once(&load).await?;
+        let ceiling = bench::ceiling_once(&load, ceiling_program.as_deref()).await?;
         println!(
             "[round {round}] (1) ceiling: {:.0} clicks/s decoded ({:.0} frames/s)",
             ceiling.server_clicks_per_second,
