@@ -16,6 +16,10 @@ pub const COMMIT_VIEWS_PER_REPLICA_MAX: usize = 2;
 pub const BATCHES_PER_SLOT_MAX: usize = 4;
 /// Most committed batches sent to a peer in one catch-up answer.
 pub const CATCHUP_BATCHES_MAX: u64 = 32;
+/// Default of `Config::catchup_bytes_max`: most batch bytes in one catch-up answer. Without a
+/// byte bound, 32 batches of up to 4 MiB each, signed and encoded for every lagging peer at every
+/// status tick, made a cluster that fell behind under overload grow by gigabytes.
+pub const CATCHUP_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Most executed request digests remembered to drop client retransmissions.
 pub const EXECUTED_REMEMBERED_MAX: usize = 65_536;
 /// Most pending requests a backup forwards to the primary per status tick.

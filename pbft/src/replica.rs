@@ -2035,7 +2035,11 @@ impl<A: App> Replica<A> {
                 }
             } else {
                 let end = self.last_executed.min(last_executed + CATCHUP_BATCHES_MAX);
+                let mut bytes = 0;
                 for seq in last_executed + 1..=end {
+                    if bytes >= self.config.catchup_bytes_max {
+                        break;
+                    }
                     let Some(slot) = self.slots.get(&seq) else {
                         continue;
                     };
@@ -2043,6 +2047,7 @@ impl<A: App> Replica<A> {
                         continue;
                     };
                     let (digest, batch) = (entry.digest, entry.batch);
+                    bytes += batch.size_bytes();
                     let commits: Vec<SignedMessage> = slot
                         .commits
                         .iter()

@@ -7,7 +7,7 @@ use hoard_types::crypto::{Hash, Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::constants::BATCHES_PER_SLOT_MAX;
-use crate::constants::{MESSAGE_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
+use crate::constants::{CATCHUP_BYTES_MAX, MESSAGE_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
 use crate::error::{Error, Result};
 use crate::message::{arc_bytes, Batch, CheckpointCert, MessageKind, PreparedCert, ReplicaId, SignedMessage};
 
@@ -45,6 +45,9 @@ pub struct Config {
     pub status_interval_ms: u64,
     /// How long to wait for a snapshot before asking another replica.
     pub state_transfer_timeout_ms: u64,
+    /// Most batch bytes of the commit proofs in one catch-up answer to a peer (the first
+    /// batch always goes, so that any batch can be caught up on).
+    pub catchup_bytes_max: usize,
 }
 
 impl Config {
@@ -66,6 +69,7 @@ impl Config {
             view_change_timeout_max_ms: 60_000,
             status_interval_ms: 200,
             state_transfer_timeout_ms: 2_000,
+            catchup_bytes_max: CATCHUP_BYTES_MAX,
         }
     }
 

@@ -536,3 +536,64 @@ fn a_new_view_with_a_forged_o_is_rejected() {
     }
     cluster.assert_agreement();
 }
+
+#[test]
+fn a_catch_up_answer_is_bounded_in_bytes_and_a_lagging_replica_still_catches_up() {
+    // Commit proofs carry whole batches: without a byte bound, one answer to a lagging peer
+    // held CATCHUP_BATCHES_MAX batches of up to 4 MiB each.
+    let mut cluster = Cluster::with_config(4, 16, 32, |config| config.catchup_bytes_max = 3_000);
+    cluster.drop = Box::new(|from, to, _| from == 3 || to == 3);
+    let requests: Vec<Request> = (0..12u64)
+        .map(|nonce| {
+            let mut payload = vec![0xa5; 1_000];
+            payload[..8].copy_from_slice(&nonce.to_le_bytes());
+            Request { client: 9, payload }
+        })
+        .collect();
+    for request in &requests {
+        cluster.submit(0, request.clone());
+        cluster.run(10);
+    }
+    let executed = cluster.last_executed(1);
+    assert!(executed >= 3, "the three others commit without replica 3");
+    assert_eq!(cluster.last_executed(3), 0, "replica 3 heard nothing");
+
+    // Replica 3 reports that it executed nothing; replica 1 answers with commit proofs.
+    let status = Message::Status {
+        view: 0,
+        in_view_change: false,
+        last_executed: 0,
+        stable_seq: 0,
+    }
+    .sign(3, &cluster.keypairs[3]);
+    let now = cluster.now;
+    let replica = cluster.nodes[1].as_mut().expect("replica 1 is up");
+    replica.set_now(now);
+    let mut sizes = Vec::new();
+    for output in replica.on_message(3, status) {
+        if let hoard_pbft::Output::Send { to: 3, msg } = output {
+            if let Message::CommitProof { batch, .. } = msg.message(usize::MAX).unwrap() {
+                sizes.push(batch.size_bytes());
+            }
+        }
+    }
+    assert!(!sizes.is_empty(), "a lagging peer gets commit proofs");
+    assert!(
+        (sizes.len() as u64) < executed,
+        "fewer proofs than batches behind: {sizes:?}"
+    );
+    let before_last: usize = sizes[..sizes.len() - 1].iter().sum();
+    assert!(
+        before_last < 3_000,
+        "the answer stops once the bound is reached: {sizes:?}"
+    );
+
+    // Answers of a few batches each still bring it all the way.
+    cluster.drop = Box::new(|_, _, _| false);
+    cluster.run(2_000);
+    cluster.assert_agreement();
+    assert!(cluster.converged());
+    for request in &requests {
+        assert!(cluster.executed_request(3, request));
+    }
+}

@@ -38,6 +38,8 @@ pub struct Cluster {
     pub rewrite: Option<(ReplicaId, Rewrite)>,
     pub checkpoint_interval: u64,
     pub window: u64,
+    /// Applied to every replica's configuration (also on restarts).
+    pub tweak: fn(&mut Config),
 }
 
 impl Cluster {
@@ -46,6 +48,11 @@ impl Cluster {
     }
 
     pub fn with_window(n: usize, checkpoint_interval: u64, window: u64) -> Cluster {
+        Cluster::with_config(n, checkpoint_interval, window, |_| {})
+    }
+
+    /// A cluster whose replicas' configurations are changed by `tweak`.
+    pub fn with_config(n: usize, checkpoint_interval: u64, window: u64, tweak: fn(&mut Config)) -> Cluster {
         let keypairs: Vec<Keypair> = (0..n).map(|i| Keypair::from_seed([i as u8 + 1; 32])).collect();
         let keys: Vec<PublicKey> = keypairs.iter().map(Keypair::public).collect();
         let mut cluster = Cluster {
@@ -63,6 +70,7 @@ impl Cluster {
             rewrite: None,
             checkpoint_interval,
             window,
+            tweak,
         };
         for id in 0..n as ReplicaId {
             let replica = Replica::new(cluster.config(id), TestApp::new()).unwrap();
@@ -85,6 +93,7 @@ impl Cluster {
         config.view_change_timeout_max_ms = 1_600;
         config.status_interval_ms = 50;
         config.state_transfer_timeout_ms = 200;
+        (self.tweak)(&mut config);
         config
     }
 
