@@ -306,6 +306,34 @@ pub struct ClickFigure {
     pub client: ClickRun,
     /// Gateway only: Redis pipelines (one round trip each) per click in the window.
     pub redis_round_trips_per_click: Option<f64>,
+    /// CPU cores the server process used over the window (None: it runs inside this process,
+    /// whose CPU is mixed with the click driver's).
+    pub server_cpu_cores: Option<f64>,
+    /// Gateway only: CPU cores redis-server used over the window.
+    pub store_cpu_cores: Option<f64>,
+}
+
+impl ClickFigure {
+    /// Clicks per CPU-second of the server process (and of redis-server, for the gateway): what
+    /// the ratio would be on equal cores, whatever share of the two the driver left each server.
+    pub fn clicks_per_cpu_second(&self) -> Option<f64> {
+        let cores = self.server_cpu_cores? + self.store_cpu_cores.unwrap_or(0.0);
+        (cores > 0.0).then(|| self.server_clicks_per_second / cores)
+    }
+}
+
+/// CPU seconds of `pid` (0 without one or when unreadable).
+fn cpu_of(pid: Option<u32>) -> f64 {
+    pid.and_then(crate::sys::cpu_seconds).unwrap_or(0.0)
+}
+
+/// CPU cores used between two readings `seconds` apart.
+fn cores(before: f64, after: f64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        (after - before) / seconds
+    } else {
+        0.0
+    }
 }
 
 /// Runs the ceiling once: in this process, or as a child process of `program` (this binary)
@@ -314,21 +342,19 @@ pub async fn ceiling_once(
     load: &ClickLoad,
     program: Option<&std::path::Path>,
 ) -> anyhow::Result<ClickFigure> {
+    /// Reads (clicks decoded, CPU seconds of the server process if it is a child).
+    type Reading = Box<dyn Fn() -> futures::future::BoxFuture<'static, (u64, Option<f64>)> + Send + Sync>;
     let marks = Arc::new(std::sync::Mutex::new(Vec::new()));
     let marks_in = marks.clone();
-    let (url, count): (
-        String,
-        Box<dyn Fn() -> futures::future::BoxFuture<'static, u64> + Send + Sync>,
-    ) = match program {
+    let (url, read): (String, Reading) = match program {
         None => {
-            let server = CeilingServer::start().await?;
+            let server = Arc::new(CeilingServer::start().await?);
             let url = server.url.clone();
-            let server = Arc::new(server);
             (
                 url,
                 Box::new(move || {
                     let clicks = server.clicks.load(Ordering::Relaxed);
-                    Box::pin(async move { clicks })
+                    Box::pin(async move { (clicks, None) })
                 }),
             )
         }
@@ -339,27 +365,33 @@ pub async fn ceiling_once(
                 url,
                 Box::new(move || {
                     let child = child.clone();
-                    Box::pin(async move { child.clicks().await })
+                    Box::pin(async move {
+                        let cpu = cpu_of(child.process.pid());
+                        (child.clicks().await, Some(cpu))
+                    })
                 }),
             )
         }
     };
-    let count = Arc::new(count);
+    let read = Arc::new(read);
     let client = drive_clicks(&url, None, load, move |_| {
-        let count = count.clone();
+        let read = read.clone();
         let marks = marks_in.clone();
         Box::pin(async move {
-            let clicks = count().await;
-            marks.lock().expect("marks").push((Instant::now(), clicks));
+            let (clicks, cpu) = read().await;
+            marks.lock().expect("marks").push((Instant::now(), clicks, cpu));
         })
     })
     .await?;
     let marks = marks.lock().expect("marks").clone();
+    let seconds = (marks[1].0 - marks[0].0).as_secs_f64();
     let rate = crate::stats::rate_between(marks[0].1, marks[1].1, marks[1].0 - marks[0].0);
     Ok(ClickFigure {
         server_clicks_per_second: rate,
         client,
         redis_round_trips_per_click: None,
+        server_cpu_cores: marks[0].2.zip(marks[1].2).map(|(a, b)| cores(a, b, seconds)),
+        store_cpu_cores: None,
     })
 }
 
@@ -367,7 +399,7 @@ pub async fn ceiling_once(
 struct CeilingProcess {
     ws: std::net::SocketAddr,
     http: std::net::SocketAddr,
-    _process: crate::stack::ChildProcess,
+    process: crate::stack::ChildProcess,
 }
 
 impl CeilingProcess {
@@ -393,11 +425,7 @@ impl CeilingProcess {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(CeilingProcess {
-            ws,
-            http,
-            _process: process,
-        })
+        Ok(CeilingProcess { ws, http, process })
     }
 
     /// Clicks decoded so far (0 if the counter cannot be read).
@@ -415,15 +443,26 @@ struct GatewayCounters {
     at: Option<Instant>,
     clicks: f64,
     flushes: f64,
+    /// CPU seconds of the gateway process and of redis-server.
+    cpu: (f64, f64),
 }
 
-async fn gateway_counters(metrics: std::net::SocketAddr) -> GatewayCounters {
+async fn gateway_counters(metrics: std::net::SocketAddr, pids: GatewayPids) -> GatewayCounters {
     let samples = crate::sys::scrape(metrics).await.unwrap_or_default();
     GatewayCounters {
         at: Some(Instant::now()),
         clicks: crate::sys::sum(&samples, "hoard_gateway_clicks_received_total"),
         flushes: crate::sys::sum(&samples, "hoard_gateway_click_flush_duration_seconds_count"),
+        cpu: (cpu_of(pids.gateway), cpu_of(pids.redis)),
     }
+}
+
+/// The processes whose CPU counts as the gateway's: the gateway child process (None when it
+/// runs inside the load generator) and redis-server (None: the embedded store).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GatewayPids {
+    pub gateway: Option<u32>,
+    pub redis: Option<u32>,
 }
 
 /// Runs the gateway click benchmark once against a running gateway.
@@ -433,13 +472,14 @@ pub async fn gateway_once(
     tenant: TenantId,
     studio: &Keypair,
     load: &ClickLoad,
+    pids: GatewayPids,
 ) -> anyhow::Result<ClickFigure> {
     let marks = Arc::new(std::sync::Mutex::new(Vec::new()));
     let marks_in = marks.clone();
     let client = drive_clicks(url, Some((tenant, studio.clone())), load, move |_| {
         let marks = marks_in.clone();
         Box::pin(async move {
-            let counters = gateway_counters(metrics).await;
+            let counters = gateway_counters(metrics, pids).await;
             marks.lock().expect("marks").push(counters);
         })
     })
@@ -453,6 +493,12 @@ pub async fn gateway_once(
         server_clicks_per_second: per_second(clicks as u64, elapsed),
         client,
         redis_round_trips_per_click: (clicks > 0.0).then(|| flushes / clicks),
+        server_cpu_cores: pids
+            .gateway
+            .map(|_| cores(before.cpu.0, after.cpu.0, elapsed.as_secs_f64())),
+        store_cpu_cores: pids
+            .redis
+            .map(|_| cores(before.cpu.1, after.cpu.1, elapsed.as_secs_f64())),
     })
 }
 

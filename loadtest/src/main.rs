@@ -445,12 +445,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let mut gateways = Vec::new();
     let mut trips = Vec::new();
     let mut runs = Vec::new();
+    // (ceiling, gateway) clicks per CPU-second, when both servers run as child processes.
+    let mut per_cpu = Vec::new();
     for round in 1..=args.rounds {
         let ceiling = bench::ceiling_once(&load, ceiling_program.as_deref()).await?;
         println!(
-            "[round {round}] (1) ceiling: {:.0} clicks/s decoded ({:.0} frames/s)",
+            "[round {round}] (1) ceiling: {:.0} clicks/s decoded ({:.0} frames/s){}",
             ceiling.server_clicks_per_second,
-            ceiling.server_clicks_per_second / load.clicks_per_frame as f64
+            ceiling.server_clicks_per_second / load.clicks_per_frame as f64,
+            cpu_note(&ceiling)
         );
         let gateway = bench::gateway_once(
             &stack.ws_url(),
@@ -458,13 +461,21 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             stack.tenant,
             &stack.studio,
             &load,
+            bench::GatewayPids {
+                gateway: stack.gateway_process.as_ref().and_then(|g| g.process.pid()),
+                redis: stack.redis.as_ref().and_then(|r| r.process.pid()),
+            },
         )
         .await?;
         println!(
-            "[round {round}] (2) gateway: {:.0} clicks/s absorbed, {:.6} Redis round trips per click",
+            "[round {round}] (2) gateway: {:.0} clicks/s absorbed, {:.6} Redis round trips per click{}",
             gateway.server_clicks_per_second,
-            gateway.redis_round_trips_per_click.unwrap_or(f64::NAN)
+            gateway.redis_round_trips_per_click.unwrap_or(f64::NAN),
+            cpu_note(&gateway)
         );
+        if let (Some(c), Some(g)) = (ceiling.clicks_per_cpu_second(), gateway.clicks_per_cpu_second()) {
+            per_cpu.push((c, g));
+        }
         ceilings.push(ceiling.server_clicks_per_second);
         gateways.push(gateway.server_clicks_per_second);
         if let Some(t) = gateway.redis_round_trips_per_click {
@@ -483,6 +494,17 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     out["gateway_clicks_per_second"] = json!(gateway);
     out["gateway_to_ceiling_ratio"] = json!(ratio);
     out["redis_round_trips_per_click"] = json!(median(&trips));
+    if !per_cpu.is_empty() {
+        let ceiling = median(&per_cpu.iter().map(|p| p.0).collect::<Vec<_>>()).unwrap_or(0.0);
+        let gateway = median(&per_cpu.iter().map(|p| p.1).collect::<Vec<_>>()).unwrap_or(0.0);
+        let ratio = if ceiling > 0.0 { gateway / ceiling } else { 0.0 };
+        println!(
+            "per CPU-second (gateway with redis-server): ceiling median {ceiling:.0}, gateway median {gateway:.0} clicks; ratio {ratio:.3}"
+        );
+        out["ceiling_clicks_per_cpu_second"] = json!(ceiling);
+        out["gateway_clicks_per_cpu_second"] = json!(gateway);
+        out["gateway_to_ceiling_ratio_per_cpu"] = json!(ratio);
+    }
 
     // (3) the chain alone.
     let cluster = hoard_ledger::cluster::Cluster::load(&stack.dir.join("cluster/cluster.toml"))?;
@@ -788,4 +810,13 @@ async fn grow(
         merge_json(path, out)?;
     }
     Ok(())
+}
+
+/// ", N cores[, redis M cores]" for a click figure whose server ran as a child process.
+fn cpu_note(figure: &bench::ClickFigure) -> String {
+    match (figure.server_cpu_cores, figure.store_cpu_cores) {
+        (Some(server), Some(store)) => format!(" ({server:.2} cores, redis-server {store:.2})"),
+        (Some(server), None) => format!(" ({server:.2} cores)"),
+        _ => String::new(),
+    }
 }

@@ -20,6 +20,8 @@ pub const CATCHUP_BATCHES_MAX: u64 = 32;
 /// byte bound, 32 batches of up to 4 MiB each, signed and encoded for every lagging peer at every
 /// status tick, made a cluster that fell behind under overload grow by gigabytes.
 pub const CATCHUP_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Default of `Config::pending_bytes_max`: request bytes waiting to be ordered per replica.
+pub const PENDING_BYTES_MAX: usize = 128 * 1024 * 1024;
 /// Most executed request digests remembered to drop client retransmissions.
 pub const EXECUTED_REMEMBERED_MAX: usize = 65_536;
 /// Most pending requests a backup forwards to the primary per status tick.

@@ -193,6 +193,8 @@ pub struct Replica<A: App> {
     next_seq: u64,
     last_timestamp_ms: u64,
     pending: BTreeMap<Hash, Request>,
+    /// Sum of `size_bytes` of `pending` (bounded by `Config::pending_bytes_max`).
+    pending_bytes: usize,
     pending_order: VecDeque<Hash>,
     /// Pending requests already in a pre-prepare of this view.
     proposed: BTreeSet<Hash>,
@@ -243,6 +245,7 @@ impl<A: App> Replica<A> {
             next_seq: last_executed,
             last_timestamp_ms: 0,
             pending: BTreeMap::new(),
+            pending_bytes: 0,
             pending_order: VecDeque::new(),
             proposed: BTreeSet::new(),
             executed_recent: BTreeSet::new(),
@@ -463,6 +466,7 @@ impl<A: App> Replica<A> {
         self.slots.len() <= 2 * window + 1
             && self.checkpoints.len() <= 2 * checkpoint_slots
             && self.pending.len() <= self.config.pending_requests_max
+            && self.pending_bytes <= self.config.pending_bytes_max
             && self.pending_order.len() <= 2 * self.config.pending_requests_max + 1
             && self.executed_recent.len() <= EXECUTED_REMEMBERED_MAX
             && self.view_changes.values().map(BTreeMap::len).sum::<usize>() <= self.n
@@ -694,10 +698,15 @@ impl<A: App> Replica<A> {
             self.stats.requests_dropped_total += 1;
             return Err(Error::Request("pending requests full"));
         }
+        if self.pending_bytes + request.size_bytes() > self.config.pending_bytes_max {
+            self.stats.requests_dropped_total += 1;
+            return Err(Error::Request("pending request bytes full"));
+        }
         if self.app.check_requests(std::slice::from_ref(&request)) != [true] {
             self.stats.requests_dropped_total += 1;
             return Err(Error::Request("request failed the app's check"));
         }
+        self.pending_bytes += request.size_bytes();
         self.pending.insert(digest, request.clone());
         self.pending_order.push_back(digest);
         if is_primary {
@@ -711,6 +720,12 @@ impl<A: App> Replica<A> {
             }
         }
         Ok(())
+    }
+
+    fn remove_pending(&mut self, digest: &Hash) {
+        if let Some(request) = self.pending.remove(digest) {
+            self.pending_bytes -= request.size_bytes();
+        }
     }
 
     fn compact_pending_order(&mut self) {
@@ -782,7 +797,7 @@ impl<A: App> Replica<A> {
                     valid.push(request);
                     valid_digests.push(*digest);
                 } else {
-                    self.pending.remove(digest);
+                    self.remove_pending(digest);
                     self.stats.requests_dropped_total += 1;
                 }
             }
@@ -1193,7 +1208,7 @@ impl<A: App> Replica<A> {
                 .zip(&executed.replies)
                 .zip(request_digests.iter().copied())
             {
-                self.pending.remove(&request_digest);
+                self.remove_pending(&request_digest);
                 self.proposed.remove(&request_digest);
                 if self.executed_recent.insert(request_digest) {
                     self.executed_order.push_back(request_digest);
@@ -2233,6 +2248,7 @@ impl<A: App> Replica<A> {
         });
         // Requests we held may have executed inside the snapshot; clients retransmit.
         self.pending.clear();
+        self.pending_bytes = 0;
         self.pending_order.clear();
         self.proposed.clear();
         self.cancel_view_change_timer(out);

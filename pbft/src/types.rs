@@ -7,7 +7,7 @@ use hoard_types::crypto::{Hash, Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
 use crate::constants::BATCHES_PER_SLOT_MAX;
-use crate::constants::{CATCHUP_BYTES_MAX, MESSAGE_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
+use crate::constants::{CATCHUP_BYTES_MAX, MESSAGE_BYTES_MAX, PENDING_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
 use crate::error::{Error, Result};
 use crate::message::{arc_bytes, Batch, CheckpointCert, MessageKind, PreparedCert, ReplicaId, SignedMessage};
 
@@ -32,6 +32,9 @@ pub struct Config {
     pub request_bytes_max: usize,
     /// Most requests waiting to be ordered and executed (primary pool / backup pending set).
     pub pending_requests_max: usize,
+    /// Most bytes (`Request::size_bytes`) of those requests: a count alone let 4,096 requests
+    /// of up to 4 MiB each hold gigabytes in a replica that fell behind.
+    pub pending_bytes_max: usize,
     /// Largest encoded message accepted.
     pub message_bytes_max: usize,
     /// The primary proposes a partial batch after this long.
@@ -63,6 +66,7 @@ impl Config {
             batch_bytes_max: 4 * 1024 * 1024,
             request_bytes_max: 4 * 1024 * 1024,
             pending_requests_max: 4096,
+            pending_bytes_max: PENDING_BYTES_MAX,
             message_bytes_max: 64 * 1024 * 1024,
             batch_timeout_ms: 5,
             view_change_timeout_ms: 2_000,
@@ -103,6 +107,9 @@ impl Config {
         }
         if self.batch_size_max == 0 || self.pending_requests_max < self.batch_size_max {
             return Err(Error::Config("need 0 < batch_size_max <= pending_requests_max"));
+        }
+        if self.pending_bytes_max < self.batch_bytes_max {
+            return Err(Error::Config("pending_bytes_max must hold a full batch"));
         }
         if self.request_bytes_max > self.batch_bytes_max {
             return Err(Error::Config("a request must fit in a batch"));

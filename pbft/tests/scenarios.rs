@@ -597,3 +597,40 @@ fn a_catch_up_answer_is_bounded_in_bytes_and_a_lagging_replica_still_catches_up(
         assert!(cluster.executed_request(3, request));
     }
 }
+
+#[test]
+fn pending_requests_are_bounded_in_bytes() {
+    let mut cluster = Cluster::with_config(4, 4, 8, |config| {
+        config.request_bytes_max = 1_024;
+        config.batch_bytes_max = 2_048;
+        config.pending_bytes_max = 3_000;
+    });
+    let request = |nonce: u64| {
+        let mut payload = vec![0x5a; 1_000];
+        payload[..8].copy_from_slice(&nonce.to_le_bytes());
+        Request { client: 9, payload }
+    };
+    // Backup 1 holds what it forwards until it executes; nothing is delivered meanwhile.
+    for nonce in 0..10 {
+        cluster.submit(1, request(nonce));
+    }
+    let backup = cluster.replica(1);
+    // 1,008 bytes each: two fit under 3,000, the other eight are dropped.
+    assert_eq!(backup.stats().requests_dropped_total, 8);
+    assert!(backup.memory_bounded());
+    // What was kept is ordered and executed once the messages flow; room frees up again.
+    cluster.run(500);
+    for nonce in 0..2 {
+        assert!(
+            cluster.executed_request(1, &request(nonce)),
+            "request {nonce} kept and executed"
+        );
+    }
+    cluster.submit(1, request(10));
+    cluster.run(500);
+    assert!(
+        cluster.executed_request(1, &request(10)),
+        "room again after execution"
+    );
+    assert_eq!(cluster.replica(1).stats().requests_dropped_total, 8);
+}
