@@ -81,3 +81,55 @@ async fn four_replicas_commit_agree_and_survive_a_restart() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_keeps_at_most_its_byte_budget_in_flight() {
+    use hoard_ledger::client::ClientLimits;
+    use hoard_ledger::cluster::{Cluster, ReplicaInfo};
+    use hoard_types::Transaction;
+    // Four replicas that never answer: nothing commits, so submissions pile up in the client.
+    let world = World::new(1);
+    let replicas = (0..4u32)
+        .map(|id| ReplicaInfo {
+            id,
+            public_key: key("replica", u64::from(id)).public().to_hex(),
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], hoard_ledger::testing::free_port())),
+            metrics: None,
+        })
+        .collect();
+    let cluster = Cluster::new(world.genesis(), replicas).unwrap();
+    let limits = ClientLimits {
+        requests_in_flight_max: 1_000,
+        bytes_in_flight_max: 1024 * 1024,
+    };
+    let client = ChainClient::connect_with(&cluster, 1, limits);
+    // Distinct requests of about 300 KB: three fit in 1 MiB, the other seven wait in `submit`.
+    let request = |n: u8| -> Vec<Transaction> {
+        (0..5)
+            .map(|_| Transaction {
+                payload: vec![n; 60_000],
+                signatures: Vec::new(),
+            })
+            .collect()
+    };
+    let submissions: Vec<_> = (0..10)
+        .map(|n| {
+            let (client, request) = (client.clone(), request(n));
+            tokio::spawn(async move { client.submit(&request).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (requests, bytes) = client.in_flight();
+    assert_eq!(requests, 3, "{bytes} bytes in flight");
+    assert!(bytes <= 1024 * 1024);
+    // A waiting submission that is dropped gives nothing back it did not take; one in flight
+    // frees its share, and the next waiting one goes.
+    submissions[0].abort();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.in_flight().0, 3);
+    for submission in &submissions {
+        submission.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(client.in_flight().0, 0);
+}

@@ -269,7 +269,10 @@ async fn main() -> anyhow::Result<()> {
                 std::process::Command::new(&hoard)
                     .args(["node", "--config"])
                     .arg(dir.path().join(format!("replica-{id}.toml")))
-                    .env("RUST_LOG", "warn")
+                    .env(
+                        "RUST_LOG",
+                        std::env::var("HOARD_REPLICA_LOG").unwrap_or_else(|_| "warn".into()),
+                    )
                     .spawn()?,
             );
         }
