@@ -99,6 +99,14 @@ pub struct CheckpointCert {
 pub enum Message {
     /// A client request forwarded by a backup to the primary.
     Request(Request),
+    /// A client request forwarded by a backup to the primary: only its digest is signed; the
+    /// request travels beside the signed bytes as a batch of one ([`SignedMessage::batch`]),
+    /// so that forwarding a request of megabytes costs one signature over 32 bytes (ed25519
+    /// hashes what it signs twice). Replicas forward requests this way; `Request` is still
+    /// accepted.
+    ForwardedRequest {
+        digest: Hash,
+    },
     /// The primary assigns the batch with digest `digest` to `seq` in `view`. Only the digest is
     /// signed; the batch travels beside the signed bytes ([`SignedMessage::batch`]).
     PrePrepare {
@@ -232,7 +240,7 @@ impl MessageKind {
 impl Message {
     pub fn kind(&self) -> MessageKind {
         match self {
-            Message::Request(_) => MessageKind::Request,
+            Message::Request(_) | Message::ForwardedRequest { .. } => MessageKind::Request,
             Message::PrePrepare { .. } => MessageKind::PrePrepare,
             Message::Prepare { .. } => MessageKind::Prepare,
             Message::Commit { .. } => MessageKind::Commit,
@@ -284,9 +292,10 @@ pub struct SignedMessage {
     #[serde(with = "arc_bytes")]
     pub payload: Arc<Vec<u8>>,
     pub signature: Signature,
-    /// A pre-prepare's batch. Not signed: whoever uses it checks that its digest is the signed
-    /// one. `None` on every other message, and on pre-prepares inside durable records (the
-    /// batch is persisted once per slot, [`crate::Record::Batch`]).
+    /// A pre-prepare's batch, or a forwarded request as a batch of one. Not signed: whoever
+    /// uses it checks that its digest is the signed one. `None` on every other message, and on
+    /// pre-prepares inside durable records (the batch is persisted once per slot,
+    /// [`crate::Record::Batch`]).
     #[serde(default)]
     pub batch: Option<Arc<Batch>>,
 }

@@ -685,9 +685,8 @@ impl<A: App> Replica<A> {
         if self.pending.contains_key(&digest) {
             if from_client && !is_primary {
                 // A client retransmission: the primary may not have it.
-                let msg = self.sign(&Message::Request(request));
                 let primary = self.primary(self.view);
-                self.send(out, MessageKind::Request, primary, msg);
+                self.forward(out, primary, request);
             }
             return Ok(());
         }
@@ -712,9 +711,8 @@ impl<A: App> Replica<A> {
         if is_primary {
             self.maybe_propose(false, out);
         } else {
-            let msg = self.sign(&Message::Request(request));
             let primary = self.primary(self.view);
-            self.send(out, MessageKind::Request, primary, msg);
+            self.forward(out, primary, request);
             if !self.view_change_timer_armed && !self.in_view_change {
                 self.arm_view_change_timer(out);
             }
@@ -726,6 +724,18 @@ impl<A: App> Replica<A> {
         if let Some(request) = self.pending.remove(digest) {
             self.pending_bytes -= request.size_bytes();
         }
+    }
+
+    /// Sends `request` to `to` as a [`Message::ForwardedRequest`] (its digest signed, the
+    /// request beside).
+    fn forward(&mut self, out: &mut Vec<Output>, to: ReplicaId, request: Request) {
+        let digest = request.digest();
+        let batch = Arc::new(Batch {
+            timestamp_ms: 0,
+            requests: vec![request],
+        });
+        let msg = self.sign(&Message::ForwardedRequest { digest }).with_batch(batch);
+        self.send(out, MessageKind::Request, to, msg);
     }
 
     fn compact_pending_order(&mut self) {
@@ -859,6 +869,26 @@ impl<A: App> Replica<A> {
         match message {
             Message::Request(request) => {
                 self.verifier.verify(&signed)?;
+                self.handle_request(request, false, out)
+            }
+            Message::ForwardedRequest { digest } => {
+                self.verifier.verify(&signed)?;
+                let request = match signed.batch.as_deref() {
+                    Some(Batch {
+                        timestamp_ms: 0,
+                        requests,
+                    }) if requests.len() == 1 => requests[0].clone(),
+                    _ => {
+                        return Err(Error::Malformed(
+                            "a forwarded request without one request beside it".into(),
+                        ))
+                    }
+                };
+                if request.digest() != digest {
+                    return Err(Error::Malformed(
+                        "the request beside a forwarded request has another digest".into(),
+                    ));
+                }
                 self.handle_request(request, false, out)
             }
             Message::PrePrepare { view, seq, digest } => self.on_pre_prepare(signed, view, seq, digest, out),
@@ -1922,8 +1952,7 @@ impl<A: App> Replica<A> {
             .cloned()
             .collect();
         for request in requests {
-            let msg = self.sign(&Message::Request(request));
-            self.send(out, MessageKind::Request, primary, msg);
+            self.forward(out, primary, request);
         }
     }
 

@@ -408,7 +408,9 @@ fn durable_state_stays_bounded_over_a_long_run() {
 fn a_lone_timeout_does_not_take_a_replica_out_of_the_view() {
     let mut cluster = Cluster::new(4);
     // Replica 3's forwards to the primary are lost: only it waits for its request.
-    cluster.drop = Box::new(|from, _, m| from == 3 && matches!(m, Message::Request(_)));
+    cluster.drop = Box::new(|from, _, m| {
+        from == 3 && matches!(m, Message::Request(_) | Message::ForwardedRequest { .. })
+    });
     cluster.submit(3, req(1));
     cluster.run(1_000);
     let replica = cluster.replica(3);
@@ -633,4 +635,36 @@ fn pending_requests_are_bounded_in_bytes() {
         "room again after execution"
     );
     assert_eq!(cluster.replica(1).stats().requests_dropped_total, 8);
+}
+
+#[test]
+fn a_forwarded_request_signs_its_digest_and_must_carry_the_request_it_names() {
+    let mut cluster = Cluster::new(4);
+    // A backup forwards what a client gave it: the primary orders it.
+    cluster.submit(2, req(1));
+    cluster.run(100);
+    assert!(cluster.executed_request(0, &req(1)), "forwarded and ordered");
+    assert!(
+        cluster.replica(0).stats().messages_received_total[hoard_pbft::MessageKind::Request.index()] >= 1
+    );
+
+    // A forwarded request whose request beside it is another one, or missing, is rejected.
+    let invalid_before = cluster.replica(0).stats().messages_invalid_total;
+    let signed = Message::ForwardedRequest {
+        digest: req(2).digest(),
+    }
+    .sign(2, &cluster.keypairs[2]);
+    let swapped = signed.clone().with_batch(Arc::new(Batch {
+        timestamp_ms: 0,
+        requests: vec![req(3)],
+    }));
+    let now = cluster.now;
+    let primary = cluster.nodes[0].as_mut().expect("primary is up");
+    primary.set_now(now);
+    primary.on_message(2, swapped);
+    primary.on_message(2, signed);
+    assert_eq!(primary.stats().messages_invalid_total, invalid_before + 2);
+    cluster.run(100);
+    assert!(!cluster.executed_request(0, &req(2)));
+    assert!(!cluster.executed_request(0, &req(3)));
 }
