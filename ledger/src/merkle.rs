@@ -171,29 +171,37 @@ impl MerkleTree {
     /// Sets (`Some`) or removes (`None`) the leaf for `key_hash`. The root is recomputed lazily.
     pub fn set(&mut self, key_hash: Hash, leaf: Option<Hash>) {
         let index = bucket_index(&key_hash, self.depth);
-        let bucket = &mut self.buckets[index];
-        let position = bucket.binary_search_by(|(key, _)| key.cmp(&key_hash));
-        let changed = match (position, leaf) {
-            (Ok(at), Some(leaf)) => {
-                let changed = bucket[at].1 != leaf;
-                bucket[at].1 = leaf;
-                changed
-            }
-            (Err(at), Some(leaf)) => {
-                bucket.insert(at, (key_hash, leaf));
-                self.leaf_count += 1;
-                true
-            }
-            (Ok(at), None) => {
-                bucket.remove(at);
-                self.leaf_count -= 1;
-                true
-            }
-            (Err(_), None) => false,
-        };
+        let (changed, added) = set_in_bucket(&mut self.buckets[index], &key_hash, leaf);
+        self.leaf_count = self.leaf_count.checked_add_signed(added).expect("leaf count in range");
         if changed && !self.dirty_mark[index] {
             self.dirty_mark[index] = true;
             self.dirty.push(index as u32);
+        }
+    }
+
+    /// Sets or removes many leaves at once, with the same result as calling [`MerkleTree::set`]
+    /// for each in turn (for a key given twice, the later entry wins). The leaves are sorted by
+    /// key hash, so that buckets are visited in memory order, and the bucket range is split
+    /// between cores: each bucket is touched by exactly one of them, and what changed is
+    /// gathered in bucket order, so the result does not depend on the number of threads.
+    pub fn set_many(&mut self, mut leaves: Vec<(Hash, Option<Hash>)>) {
+        // Stable, so that of two entries for one key the later stays later.
+        if leaves.len() >= PARALLEL_DIRTY_MIN {
+            leaves.par_sort_by(|a, b| a.0.cmp(&b.0));
+        } else {
+            leaves.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let mut changed = Vec::new();
+        let added = set_sorted(&mut self.buckets, 0, self.depth, &leaves, &mut changed);
+        self.leaf_count = self
+            .leaf_count
+            .checked_add_signed(added)
+            .expect("leaf count stays in range");
+        for index in changed {
+            if !self.dirty_mark[index as usize] {
+                self.dirty_mark[index as usize] = true;
+                self.dirty.push(index);
+            }
         }
     }
 
@@ -307,6 +315,62 @@ impl MerkleTree {
             bucket: self.buckets[index].clone(),
             siblings,
         }
+    }
+}
+
+/// Applies `leaves` (sorted by key hash, all falling in `buckets`, the buckets numbered from
+/// `first`) to their buckets; appends the numbers of the buckets that changed, in order, to
+/// `changed`, and returns how many leaves were added (negative: removed).
+fn set_sorted(
+    buckets: &mut [Vec<(Hash, Hash)>],
+    first: usize,
+    depth: u8,
+    leaves: &[(Hash, Option<Hash>)],
+    changed: &mut Vec<u32>,
+) -> i64 {
+    if leaves.len() >= PARALLEL_DIRTY_MIN && buckets.len() >= 2 {
+        let middle = buckets.len() / 2;
+        let split = leaves.partition_point(|(key, _)| bucket_index(key, depth) < first + middle);
+        let (low, high) = buckets.split_at_mut(middle);
+        let mut changed_high = Vec::new();
+        let (added_low, added_high) = rayon::join(
+            || set_sorted(low, first, depth, &leaves[..split], changed),
+            || set_sorted(high, first + middle, depth, &leaves[split..], &mut changed_high),
+        );
+        changed.append(&mut changed_high);
+        return added_low + added_high;
+    }
+    let mut added = 0;
+    for (key_hash, leaf) in leaves {
+        let index = bucket_index(key_hash, depth);
+        let (modified, delta) = set_in_bucket(&mut buckets[index - first], key_hash, *leaf);
+        added += delta;
+        if modified && changed.last() != Some(&(index as u32)) {
+            changed.push(index as u32);
+        }
+    }
+    added
+}
+
+/// Sets or removes one leaf of a sorted bucket; returns whether the bucket changed and how
+/// many leaves were added (-1, 0 or 1).
+fn set_in_bucket(bucket: &mut Vec<(Hash, Hash)>, key_hash: &Hash, leaf: Option<Hash>) -> (bool, i64) {
+    let position = bucket.binary_search_by(|(key, _)| key.cmp(key_hash));
+    match (position, leaf) {
+        (Ok(at), Some(leaf)) => {
+            let changed = bucket[at].1 != leaf;
+            bucket[at].1 = leaf;
+            (changed, 0)
+        }
+        (Err(at), Some(leaf)) => {
+            bucket.insert(at, (*key_hash, leaf));
+            (true, 1)
+        }
+        (Ok(at), None) => {
+            bucket.remove(at);
+            (true, -1)
+        }
+        (Err(_), None) => (false, 0),
     }
 }
 
@@ -448,6 +512,28 @@ mod tests {
         assert_eq!(rebuilt.clone().root(), root);
     }
 
+    /// Batches large enough to be split between cores agree with one `set` after another,
+    /// inserts, updates and removals alike.
+    #[test]
+    fn large_batches_agree_with_single_sets() {
+        let mut single = MerkleTree::new();
+        let mut batched = MerkleTree::new();
+        for round in 0..3u64 {
+            let batch: Vec<(Hash, Option<Hash>)> = (0..12_000u64)
+                .map(|i| {
+                    let (key, leaf) = kv(i * (round + 1) % 15_000, i + round);
+                    (key, (i % 5 != round).then_some(leaf))
+                })
+                .collect();
+            for (key, leaf) in &batch {
+                single.set(*key, *leaf);
+            }
+            batched.set_many(batch);
+            assert_eq!(batched.root(), single.root());
+            assert_eq!(batched.leaf_count(), single.leaf_count());
+        }
+    }
+
     proptest! {
         /// The root depends only on the final set of leaves (and the depth history), not on
         /// the order of updates or on when roots were taken in between.
@@ -470,6 +556,19 @@ mod tests {
             }
             prop_assert_eq!(fresh.root(), root);
             prop_assert_eq!(incremental.leaf_count(), model.len() as u64);
+            // The same updates in batches (keys repeat inside a batch: the later one wins).
+            let mut batched = MerkleTree::new();
+            let mut batch = Vec::new();
+            for (step, (key, value)) in ops.iter().enumerate() {
+                let (k, leaf) = kv(*key, value.unwrap_or(0));
+                batch.push((k, value.map(|_| leaf)));
+                if checkpoints[step] {
+                    batched.set_many(std::mem::take(&mut batch));
+                    batched.root();
+                }
+            }
+            batched.set_many(batch);
+            prop_assert_eq!(batched.root(), root);
         }
     }
 }

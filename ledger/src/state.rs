@@ -1118,9 +1118,7 @@ impl Ledger {
         } else {
             dirty.iter().map(leaf).collect()
         };
-        for (key, leaf) in leaves {
-            self.tree.set(key, leaf);
-        }
+        self.tree.set_many(leaves);
         self.tree.root()
     }
 
