@@ -183,7 +183,10 @@ impl MerkleTree {
     pub fn set(&mut self, key_hash: Hash, leaf: Option<Hash>) {
         let index = bucket_index(&key_hash, self.depth);
         let (changed, added) = set_in_bucket(&mut self.buckets[index], &key_hash, leaf);
-        self.leaf_count = self.leaf_count.checked_add_signed(added).expect("leaf count in range");
+        self.leaf_count = self
+            .leaf_count
+            .checked_add_signed(added)
+            .expect("leaf count in range");
         if changed && !self.dirty_mark[index] {
             self.dirty_mark[index] = true;
             self.dirty.push(index as u32);
@@ -198,9 +201,9 @@ impl MerkleTree {
     pub fn set_many(&mut self, mut leaves: Vec<(Hash, Option<Hash>)>) {
         // Stable, so that of two entries for one key the later stays later.
         if leaves.len() >= PARALLEL_DIRTY_MIN {
-            leaves.par_sort_by(|a, b| a.0.cmp(&b.0));
+            leaves.par_sort_by_key(|(key, _)| *key);
         } else {
-            leaves.sort_by(|a, b| a.0.cmp(&b.0));
+            leaves.sort_by_key(|(key, _)| *key);
         }
         let mut changed = Vec::new();
         let added = set_sorted(&mut self.buckets, 0, self.depth, &leaves, &mut changed);
