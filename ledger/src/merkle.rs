@@ -82,32 +82,42 @@ fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
     }
 }
 
-/// The chaining state after the node domain block.
-fn node_state() -> &'static [u32; 8] {
-    static STATE: OnceLock<[u32; 8]> = OnceLock::new();
-    STATE.get_or_init(|| {
-        let mut block = [0u8; 64];
-        block[..NODE_DOMAIN.len()].copy_from_slice(NODE_DOMAIN);
-        let mut state = SHA256_INITIAL_STATE;
-        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
-        state
-    })
+/// The SHA-256 chaining state after one block, `domain` zero-padded to 64 bytes.
+pub(crate) fn domain_state(domain: &[u8]) -> [u32; 8] {
+    let mut block = [0u8; 64];
+    block[..domain.len()].copy_from_slice(domain);
+    let mut state = SHA256_INITIAL_STATE;
+    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+    state
 }
 
-fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    if left == &Hash::ZERO && right == &Hash::ZERO {
-        return Hash::ZERO;
-    }
+/// One SHA-256 compression of the block `left || right` from `state`, the resulting 8 words
+/// written big-endian: a two-to-one hash for fixed-shape trees (every input has the same
+/// length, so no length padding is needed).
+pub(crate) fn compress_pair(state: &[u32; 8], left: &Hash, right: &Hash) -> Hash {
     let mut block = [0u8; 64];
     block[..32].copy_from_slice(&left.0);
     block[32..].copy_from_slice(&right.0);
-    let mut state = *node_state();
+    let mut state = *state;
     sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
     let mut out = [0u8; 32];
     for (bytes, word) in out.chunks_exact_mut(4).zip(state) {
         bytes.copy_from_slice(&word.to_be_bytes());
     }
     Hash(out)
+}
+
+/// The chaining state after the node domain block.
+fn node_state() -> &'static [u32; 8] {
+    static STATE: OnceLock<[u32; 8]> = OnceLock::new();
+    STATE.get_or_init(|| domain_state(NODE_DOMAIN))
+}
+
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    if left == &Hash::ZERO && right == &Hash::ZERO {
+        return Hash::ZERO;
+    }
+    compress_pair(node_state(), left, right)
 }
 
 fn root_hash(depth: u8, leaf_count: u64, top: &Hash) -> Hash {
