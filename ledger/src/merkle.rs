@@ -141,6 +141,9 @@ pub struct MerkleTree {
     /// Buckets changed since the last [`MerkleTree::root`].
     dirty: Vec<u32>,
     dirty_mark: Vec<bool>,
+    /// Buckets whose node [`MerkleTree::set_many`] has already hashed (while the bucket was in
+    /// cache), the nodes above them not yet.
+    hashed: Vec<u32>,
     root: Hash,
 }
 
@@ -165,6 +168,7 @@ impl MerkleTree {
             nodes: vec![Hash::ZERO; buckets * 2],
             dirty: Vec::new(),
             dirty_mark: vec![false; buckets],
+            hashed: Vec::new(),
             root: Hash::ZERO,
         };
         tree.root = root_hash(depth, 0, &Hash::ZERO);
@@ -207,7 +211,8 @@ impl MerkleTree {
     /// for each in turn (for a key given twice, the later entry wins). The leaves are sorted by
     /// key hash, so that buckets are visited in memory order, and the bucket range is split
     /// between cores: each bucket is touched by exactly one of them, and what changed is
-    /// gathered in bucket order, so the result does not depend on the number of threads.
+    /// gathered in bucket order, so the result does not depend on the number of threads. Each
+    /// changed bucket is hashed right after its update; [`MerkleTree::root`] hashes the rest.
     pub fn set_many(&mut self, mut leaves: Vec<(Hash, Option<Hash>)>) {
         // Stable, so that of two entries for one key the later stays later.
         if leaves.len() >= PARALLEL_DIRTY_MIN {
@@ -221,11 +226,10 @@ impl MerkleTree {
             .leaf_count
             .checked_add_signed(added)
             .expect("leaf count stays in range");
-        for index in changed {
-            if !self.dirty_mark[index as usize] {
-                self.dirty_mark[index as usize] = true;
-                self.dirty.push(index);
-            }
+        let base = 1usize << self.depth;
+        for (index, hash) in changed {
+            self.nodes[base + index as usize] = hash;
+            self.hashed.push(index);
         }
     }
 
@@ -238,7 +242,7 @@ impl MerkleTree {
         if depth > self.depth {
             self.grow(depth);
         }
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.hashed.is_empty() {
             return self.root;
         }
         let mut dirty = std::mem::take(&mut self.dirty);
@@ -264,6 +268,8 @@ impl MerkleTree {
         }
         // Walk up level by level; `level` holds the sorted, distinct dirty node indices.
         let mut level: Vec<usize> = hashed.into_iter().map(|(node, _)| node / 2).collect();
+        level.extend(self.hashed.drain(..).map(|b| (base + b as usize) / 2));
+        level.sort_unstable();
         level.dedup();
         while !level.is_empty() {
             let nodes = &self.nodes;
@@ -325,7 +331,10 @@ impl MerkleTree {
 
     /// A proof for `key_hash`, against the current root. Call [`MerkleTree::root`] first.
     pub fn prove(&self, key_hash: &Hash) -> Proof {
-        assert!(self.dirty.is_empty(), "prove() needs an up-to-date root");
+        assert!(
+            self.dirty.is_empty() && self.hashed.is_empty(),
+            "prove() needs an up-to-date root"
+        );
         let index = bucket_index(key_hash, self.depth);
         let mut siblings = Vec::with_capacity(self.depth as usize);
         let mut node = (1usize << self.depth) + index;
@@ -343,14 +352,14 @@ impl MerkleTree {
 }
 
 /// Applies `leaves` (sorted by key hash, all falling in `buckets`, the buckets numbered from
-/// `first`) to their buckets; appends the numbers of the buckets that changed, in order, to
-/// `changed`, and returns how many leaves were added (negative: removed).
+/// `first`) to their buckets; appends the number and new hash of each bucket that changed, in
+/// order, to `changed`, and returns how many leaves were added (negative: removed).
 fn set_sorted(
     buckets: &mut [Vec<(Hash, Hash)>],
     first: usize,
     depth: u8,
     leaves: &[(Hash, Option<Hash>)],
-    changed: &mut Vec<u32>,
+    changed: &mut Vec<(u32, Hash)>,
 ) -> i64 {
     if leaves.len() >= PARALLEL_DIRTY_MIN && buckets.len() >= 2 {
         let middle = buckets.len() / 2;
@@ -365,12 +374,18 @@ fn set_sorted(
         return added_low + added_high;
     }
     let mut added = 0;
-    for (key_hash, leaf) in leaves {
-        let index = bucket_index(key_hash, depth);
-        let (modified, delta) = set_in_bucket(&mut buckets[index - first], key_hash, *leaf);
-        added += delta;
-        if modified && changed.last() != Some(&(index as u32)) {
-            changed.push(index as u32);
+    let same_bucket = |a: &(Hash, _), b: &(Hash, _)| bucket_index(&a.0, depth) == bucket_index(&b.0, depth);
+    for group in leaves.chunk_by(same_bucket) {
+        let index = bucket_index(&group[0].0, depth);
+        let bucket = &mut buckets[index - first];
+        let mut modified = false;
+        for (key_hash, leaf) in group {
+            let (changed, delta) = set_in_bucket(bucket, key_hash, *leaf);
+            modified |= changed;
+            added += delta;
+        }
+        if modified {
+            changed.push((index as u32, bucket_hash(bucket)));
         }
     }
     added
@@ -567,6 +582,12 @@ mod tests {
                 single.set(*key, *leaf);
             }
             batched.set_many(batch);
+            // Single sets after a batch, before the root, into buckets the batch hashed.
+            for i in 0..50u64 {
+                let (key, leaf) = kv(i * 7, round);
+                single.set(key, Some(leaf));
+                batched.set(key, Some(leaf));
+            }
             assert_eq!(batched.root(), single.root());
             assert_eq!(batched.leaf_count(), single.leaf_count());
         }
