@@ -1,7 +1,11 @@
 //! Blocks: a header committing to the parent, the transactions, their outcomes and the state.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::merkle::{compress_pair, domain_state};
 
 use hoard_types::{Hash, Receipt, Transaction};
 
@@ -45,16 +49,24 @@ impl Block {
 }
 
 const TAG_LIST_LEAF: u8 = 0x10;
-const TAG_LIST_NODE: u8 = 0x11;
+/// The first block of every list node hash, zero-padded to 64 bytes.
+const LIST_NODE_DOMAIN: &[u8] = b"hoard/list/node/v1";
 
 /// The leaf a list root commits to for `bytes`: `SHA-256(0x10 || bytes)`.
 pub fn list_leaf(bytes: &[u8]) -> Hash {
     Hash::of_parts(&[&[TAG_LIST_LEAF], bytes])
 }
 
-/// A binary Merkle root over list leaves (made by [`list_leaf`]); a node is
-/// `SHA-256(0x11 || left || right)`, an odd node is carried up unchanged, the empty list has
-/// the zero root.
+/// A list node: one SHA-256 compression of `left || right` from the chaining state after the
+/// block `"hoard/list/node/v1"` zero-padded to 64 bytes (as the state tree's nodes, with their
+/// own domain; see `merkle`).
+pub fn list_node(left: &Hash, right: &Hash) -> Hash {
+    static STATE: OnceLock<[u32; 8]> = OnceLock::new();
+    compress_pair(STATE.get_or_init(|| domain_state(LIST_NODE_DOMAIN)), left, right)
+}
+
+/// A binary Merkle root over list leaves (made by [`list_leaf`]) and nodes (made by
+/// [`list_node`]); an odd node is carried up unchanged, the empty list has the zero root.
 pub fn list_root(leaves: impl Iterator<Item = Hash>) -> Hash {
     let mut level: Vec<Hash> = leaves.collect();
     if level.is_empty() {
@@ -64,7 +76,7 @@ pub fn list_root(leaves: impl Iterator<Item = Hash>) -> Hash {
         level = level
             .chunks(2)
             .map(|pair| match pair {
-                [left, right] => Hash::of_parts(&[&[TAG_LIST_NODE], &left.0, &right.0]),
+                [left, right] => list_node(left, right),
                 [single] => *single,
                 _ => unreachable!(),
             })
@@ -125,5 +137,39 @@ mod tests {
         assert_ne!(list_root([a, b, c].into_iter()), list_root([b, a, c].into_iter()));
         assert_ne!(list_root([a, b].into_iter()), list_root([a, b, c].into_iter()));
         assert_eq!(list_root([a, b, c].into_iter()), list_root([a, b, c].into_iter()));
+        assert_eq!(
+            list_root([a, b, c].into_iter()),
+            list_node(&list_node(&a, &b), &c)
+        );
+        assert_ne!(list_node(&a, &b), list_node(&b, &a));
+    }
+
+    /// A list node is SHA-256 of the domain block and `left || right`, stopped before the
+    /// final length block (the test beside `merkle::node_hash` checks that construction
+    /// against the sha2 crate); it differs from a state-tree node over the same pair.
+    #[test]
+    fn list_nodes_are_one_compression_in_their_own_domain() {
+        let left = list_leaf(b"left");
+        let right = list_leaf(b"right");
+        let mut domain = [0u8; 64];
+        domain[..LIST_NODE_DOMAIN.len()].copy_from_slice(LIST_NODE_DOMAIN);
+        let mut padding = [0u8; 64];
+        padding[0] = 0x80;
+        padding[56..].copy_from_slice(&1024u64.to_be_bytes());
+        let node = list_node(&left, &right);
+        let mut words = [0u32; 8];
+        for (word, bytes) in words.iter_mut().zip(node.0.chunks_exact(4)) {
+            *word = u32::from_be_bytes(bytes.try_into().unwrap());
+        }
+        sha2::compress256(
+            &mut words,
+            std::slice::from_ref(sha2::digest::generic_array::GenericArray::from_slice(&padding)),
+        );
+        let full: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+        assert_eq!(full, Hash::of_parts(&[&domain, &left.0, &right.0]).0);
+        assert_ne!(
+            node,
+            crate::merkle::compress_pair(&domain_state(b"hoard/merkle/node/v1"), &left, &right)
+        );
     }
 }

@@ -60,43 +60,64 @@ pub fn leaf_hash(key_hash: &Hash, value: &[u8]) -> Hash {
 }
 
 fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
+    /// Buckets up to this many leaves are laid out on the stack (twice the target fill).
+    const INLINE: usize = 2 * BUCKET_LEAVES_TARGET;
     if leaves.is_empty() {
         return Hash::ZERO;
     }
-    let mut hasher = Sha256::new();
-    hasher.update([TAG_BUCKET]);
-    for (_, leaf) in leaves {
-        hasher.update(leaf.0);
+    // One contiguous input: SHA-256 then runs its blocks in one go, instead of buffering
+    // 32 bytes at a time.
+    let hash_input = |input: &mut [u8]| {
+        input[0] = TAG_BUCKET;
+        for (slot, (_, leaf)) in input[1..].chunks_exact_mut(32).zip(leaves) {
+            slot.copy_from_slice(&leaf.0);
+        }
+        Hash(Sha256::digest(&*input).into())
+    };
+    let len = 1 + 32 * leaves.len();
+    if leaves.len() <= INLINE {
+        hash_input(&mut [0u8; 1 + 32 * INLINE][..len])
+    } else {
+        hash_input(&mut vec![0u8; len])
     }
-    Hash(hasher.finalize().into())
 }
 
-/// The chaining state after the node domain block.
-fn node_state() -> &'static [u32; 8] {
-    static STATE: OnceLock<[u32; 8]> = OnceLock::new();
-    STATE.get_or_init(|| {
-        let mut block = [0u8; 64];
-        block[..NODE_DOMAIN.len()].copy_from_slice(NODE_DOMAIN);
-        let mut state = SHA256_INITIAL_STATE;
-        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
-        state
-    })
+/// The SHA-256 chaining state after one block, `domain` zero-padded to 64 bytes.
+pub(crate) fn domain_state(domain: &[u8]) -> [u32; 8] {
+    let mut block = [0u8; 64];
+    block[..domain.len()].copy_from_slice(domain);
+    let mut state = SHA256_INITIAL_STATE;
+    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+    state
 }
 
-fn node_hash(left: &Hash, right: &Hash) -> Hash {
-    if left == &Hash::ZERO && right == &Hash::ZERO {
-        return Hash::ZERO;
-    }
+/// One SHA-256 compression of the block `left || right` from `state`, the resulting 8 words
+/// written big-endian: a two-to-one hash for fixed-shape trees (every input has the same
+/// length, so no length padding is needed).
+pub(crate) fn compress_pair(state: &[u32; 8], left: &Hash, right: &Hash) -> Hash {
     let mut block = [0u8; 64];
     block[..32].copy_from_slice(&left.0);
     block[32..].copy_from_slice(&right.0);
-    let mut state = *node_state();
+    let mut state = *state;
     sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
     let mut out = [0u8; 32];
     for (bytes, word) in out.chunks_exact_mut(4).zip(state) {
         bytes.copy_from_slice(&word.to_be_bytes());
     }
     Hash(out)
+}
+
+/// The chaining state after the node domain block.
+fn node_state() -> &'static [u32; 8] {
+    static STATE: OnceLock<[u32; 8]> = OnceLock::new();
+    STATE.get_or_init(|| domain_state(NODE_DOMAIN))
+}
+
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    if left == &Hash::ZERO && right == &Hash::ZERO {
+        return Hash::ZERO;
+    }
+    compress_pair(node_state(), left, right)
 }
 
 fn root_hash(depth: u8, leaf_count: u64, top: &Hash) -> Hash {
@@ -120,6 +141,9 @@ pub struct MerkleTree {
     /// Buckets changed since the last [`MerkleTree::root`].
     dirty: Vec<u32>,
     dirty_mark: Vec<bool>,
+    /// Buckets whose node [`MerkleTree::set_many`] has already hashed (while the bucket was in
+    /// cache), the nodes above them not yet.
+    hashed: Vec<u32>,
     root: Hash,
 }
 
@@ -144,6 +168,7 @@ impl MerkleTree {
             nodes: vec![Hash::ZERO; buckets * 2],
             dirty: Vec::new(),
             dirty_mark: vec![false; buckets],
+            hashed: Vec::new(),
             root: Hash::ZERO,
         };
         tree.root = root_hash(depth, 0, &Hash::ZERO);
@@ -171,29 +196,40 @@ impl MerkleTree {
     /// Sets (`Some`) or removes (`None`) the leaf for `key_hash`. The root is recomputed lazily.
     pub fn set(&mut self, key_hash: Hash, leaf: Option<Hash>) {
         let index = bucket_index(&key_hash, self.depth);
-        let bucket = &mut self.buckets[index];
-        let position = bucket.binary_search_by(|(key, _)| key.cmp(&key_hash));
-        let changed = match (position, leaf) {
-            (Ok(at), Some(leaf)) => {
-                let changed = bucket[at].1 != leaf;
-                bucket[at].1 = leaf;
-                changed
-            }
-            (Err(at), Some(leaf)) => {
-                bucket.insert(at, (key_hash, leaf));
-                self.leaf_count += 1;
-                true
-            }
-            (Ok(at), None) => {
-                bucket.remove(at);
-                self.leaf_count -= 1;
-                true
-            }
-            (Err(_), None) => false,
-        };
+        let (changed, added) = set_in_bucket(&mut self.buckets[index], &key_hash, leaf);
+        self.leaf_count = self
+            .leaf_count
+            .checked_add_signed(added)
+            .expect("leaf count in range");
         if changed && !self.dirty_mark[index] {
             self.dirty_mark[index] = true;
             self.dirty.push(index as u32);
+        }
+    }
+
+    /// Sets or removes many leaves at once, with the same result as calling [`MerkleTree::set`]
+    /// for each in turn (for a key given twice, the later entry wins). The leaves are sorted by
+    /// key hash, so that buckets are visited in memory order, and the bucket range is split
+    /// between cores: each bucket is touched by exactly one of them, and what changed is
+    /// gathered in bucket order, so the result does not depend on the number of threads. Each
+    /// changed bucket is hashed right after its update; [`MerkleTree::root`] hashes the rest.
+    pub fn set_many(&mut self, mut leaves: Vec<(Hash, Option<Hash>)>) {
+        // Stable, so that of two entries for one key the later stays later.
+        if leaves.len() >= PARALLEL_DIRTY_MIN {
+            leaves.par_sort_by_key(|(key, _)| *key);
+        } else {
+            leaves.sort_by_key(|(key, _)| *key);
+        }
+        let mut changed = Vec::new();
+        let added = set_sorted(&mut self.buckets, 0, self.depth, &leaves, &mut changed);
+        self.leaf_count = self
+            .leaf_count
+            .checked_add_signed(added)
+            .expect("leaf count stays in range");
+        let base = 1usize << self.depth;
+        for (index, hash) in changed {
+            self.nodes[base + index as usize] = hash;
+            self.hashed.push(index);
         }
     }
 
@@ -206,7 +242,7 @@ impl MerkleTree {
         if depth > self.depth {
             self.grow(depth);
         }
-        if self.dirty.is_empty() {
+        if self.dirty.is_empty() && self.hashed.is_empty() {
             return self.root;
         }
         let mut dirty = std::mem::take(&mut self.dirty);
@@ -232,6 +268,8 @@ impl MerkleTree {
         }
         // Walk up level by level; `level` holds the sorted, distinct dirty node indices.
         let mut level: Vec<usize> = hashed.into_iter().map(|(node, _)| node / 2).collect();
+        level.extend(self.hashed.drain(..).map(|b| (base + b as usize) / 2));
+        level.sort_unstable();
         level.dedup();
         while !level.is_empty() {
             let nodes = &self.nodes;
@@ -293,7 +331,10 @@ impl MerkleTree {
 
     /// A proof for `key_hash`, against the current root. Call [`MerkleTree::root`] first.
     pub fn prove(&self, key_hash: &Hash) -> Proof {
-        assert!(self.dirty.is_empty(), "prove() needs an up-to-date root");
+        assert!(
+            self.dirty.is_empty() && self.hashed.is_empty(),
+            "prove() needs an up-to-date root"
+        );
         let index = bucket_index(key_hash, self.depth);
         let mut siblings = Vec::with_capacity(self.depth as usize);
         let mut node = (1usize << self.depth) + index;
@@ -307,6 +348,68 @@ impl MerkleTree {
             bucket: self.buckets[index].clone(),
             siblings,
         }
+    }
+}
+
+/// Applies `leaves` (sorted by key hash, all falling in `buckets`, the buckets numbered from
+/// `first`) to their buckets; appends the number and new hash of each bucket that changed, in
+/// order, to `changed`, and returns how many leaves were added (negative: removed).
+fn set_sorted(
+    buckets: &mut [Vec<(Hash, Hash)>],
+    first: usize,
+    depth: u8,
+    leaves: &[(Hash, Option<Hash>)],
+    changed: &mut Vec<(u32, Hash)>,
+) -> i64 {
+    if leaves.len() >= PARALLEL_DIRTY_MIN && buckets.len() >= 2 {
+        let middle = buckets.len() / 2;
+        let split = leaves.partition_point(|(key, _)| bucket_index(key, depth) < first + middle);
+        let (low, high) = buckets.split_at_mut(middle);
+        let mut changed_high = Vec::new();
+        let (added_low, added_high) = rayon::join(
+            || set_sorted(low, first, depth, &leaves[..split], changed),
+            || set_sorted(high, first + middle, depth, &leaves[split..], &mut changed_high),
+        );
+        changed.append(&mut changed_high);
+        return added_low + added_high;
+    }
+    let mut added = 0;
+    let same_bucket = |a: &(Hash, _), b: &(Hash, _)| bucket_index(&a.0, depth) == bucket_index(&b.0, depth);
+    for group in leaves.chunk_by(same_bucket) {
+        let index = bucket_index(&group[0].0, depth);
+        let bucket = &mut buckets[index - first];
+        let mut modified = false;
+        for (key_hash, leaf) in group {
+            let (changed, delta) = set_in_bucket(bucket, key_hash, *leaf);
+            modified |= changed;
+            added += delta;
+        }
+        if modified {
+            changed.push((index as u32, bucket_hash(bucket)));
+        }
+    }
+    added
+}
+
+/// Sets or removes one leaf of a sorted bucket; returns whether the bucket changed and how
+/// many leaves were added (-1, 0 or 1).
+fn set_in_bucket(bucket: &mut Vec<(Hash, Hash)>, key_hash: &Hash, leaf: Option<Hash>) -> (bool, i64) {
+    let position = bucket.binary_search_by(|(key, _)| key.cmp(key_hash));
+    match (position, leaf) {
+        (Ok(at), Some(leaf)) => {
+            let changed = bucket[at].1 != leaf;
+            bucket[at].1 = leaf;
+            (changed, 0)
+        }
+        (Err(at), Some(leaf)) => {
+            bucket.insert(at, (*key_hash, leaf));
+            (true, 1)
+        }
+        (Ok(at), None) => {
+            bucket.remove(at);
+            (true, -1)
+        }
+        (Err(_), None) => (false, 0),
     }
 }
 
@@ -416,6 +519,20 @@ mod tests {
         assert_eq!(node_hash(&Hash::ZERO, &Hash::ZERO), Hash::ZERO);
     }
 
+    /// A bucket hashes as `SHA-256(0x01 || leaf_hash…)`, however many leaves it holds.
+    #[test]
+    fn bucket_hash_is_sha256_of_its_leaves() {
+        for len in [1u64, 2, 8, 9, 40] {
+            let leaves: Vec<(Hash, Hash)> = (0..len).map(|i| kv(i, i)).collect();
+            let mut input = vec![TAG_BUCKET];
+            for (_, leaf) in &leaves {
+                input.extend_from_slice(&leaf.0);
+            }
+            assert_eq!(bucket_hash(&leaves), Hash::of(&input), "{len} leaves");
+        }
+        assert_eq!(bucket_hash(&[]), Hash::ZERO);
+    }
+
     #[test]
     fn empty_trees_agree() {
         assert_eq!(MerkleTree::new().root(), MerkleTree::new().root());
@@ -448,6 +565,34 @@ mod tests {
         assert_eq!(rebuilt.clone().root(), root);
     }
 
+    /// Batches large enough to be split between cores agree with one `set` after another,
+    /// inserts, updates and removals alike.
+    #[test]
+    fn large_batches_agree_with_single_sets() {
+        let mut single = MerkleTree::new();
+        let mut batched = MerkleTree::new();
+        for round in 0..3u64 {
+            let batch: Vec<(Hash, Option<Hash>)> = (0..12_000u64)
+                .map(|i| {
+                    let (key, leaf) = kv(i * (round + 1) % 15_000, i + round);
+                    (key, (i % 5 != round).then_some(leaf))
+                })
+                .collect();
+            for (key, leaf) in &batch {
+                single.set(*key, *leaf);
+            }
+            batched.set_many(batch);
+            // Single sets after a batch, before the root, into buckets the batch hashed.
+            for i in 0..50u64 {
+                let (key, leaf) = kv(i * 7, round);
+                single.set(key, Some(leaf));
+                batched.set(key, Some(leaf));
+            }
+            assert_eq!(batched.root(), single.root());
+            assert_eq!(batched.leaf_count(), single.leaf_count());
+        }
+    }
+
     proptest! {
         /// The root depends only on the final set of leaves (and the depth history), not on
         /// the order of updates or on when roots were taken in between.
@@ -470,6 +615,19 @@ mod tests {
             }
             prop_assert_eq!(fresh.root(), root);
             prop_assert_eq!(incremental.leaf_count(), model.len() as u64);
+            // The same updates in batches (keys repeat inside a batch: the later one wins).
+            let mut batched = MerkleTree::new();
+            let mut batch = Vec::new();
+            for (step, (key, value)) in ops.iter().enumerate() {
+                let (k, leaf) = kv(*key, value.unwrap_or(0));
+                batch.push((k, value.map(|_| leaf)));
+                if checkpoints[step] {
+                    batched.set_many(std::mem::take(&mut batch));
+                    batched.root();
+                }
+            }
+            batched.set_many(batch);
+            prop_assert_eq!(batched.root(), root);
         }
     }
 }

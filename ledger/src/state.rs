@@ -257,6 +257,17 @@ enum Dirty {
     Window(TenantId, u64),
 }
 
+/// A balance, with what its commitment needs: the hash of its state key, computed once when
+/// the balance appears, and the height of the block that last marked it dirty.
+#[derive(Clone, Debug)]
+struct Balance {
+    amount: Amount,
+    key_hash: Hash,
+    /// A balance is listed in [`Ledger::dirty_balances`] at most once per block: when this is
+    /// below the height being applied.
+    dirty_at: u64,
+}
+
 #[derive(Clone, Debug)]
 struct CurrencyState {
     tenant: TenantId,
@@ -278,7 +289,11 @@ pub struct Ledger {
     currency_slots: Slots<CurrencyId>,
     classes: Vec<(TenantId, ClassId, ClassInfo)>,
     class_slots: Slots<ClassId>,
-    balances: FxHashMap<(u32, PublicKey), Amount>,
+    /// Non-zero balances between blocks. Inside a block a balance that reaches zero stays
+    /// (at zero) until the block's commitment, which removes it.
+    balances: FxHashMap<(u32, PublicKey), Balance>,
+    /// Balances changed by the block being applied, each once (see [`Balance::dirty_at`]).
+    dirty_balances: Vec<(u32, PublicKey)>,
     items: FxHashMap<(TenantId, ItemId), Item>,
     inventory: BTreeSet<(TenantId, PublicKey, ItemId)>,
     events: FxHashMap<(TenantId, EventId), EventRecord>,
@@ -339,6 +354,7 @@ impl Ledger {
             classes: Vec::new(),
             class_slots: Slots::default(),
             balances: FxHashMap::default(),
+            dirty_balances: Vec::new(),
             items: FxHashMap::default(),
             inventory: BTreeSet::new(),
             events: FxHashMap::default(),
@@ -914,23 +930,38 @@ impl Ledger {
     }
 
     fn credit(&mut self, slot: u32, account: &PublicKey, amount: Amount) {
-        let balance = self.balances.entry((slot, *account)).or_default();
-        *balance = balance
+        let height = self.head.height + 1;
+        let currency = &self.currencies[slot as usize];
+        let balance = self.balances.entry((slot, *account)).or_insert_with(|| Balance {
+            amount: Amount::ZERO,
+            key_hash: KeyRef::Balance(currency.tenant, &currency.id.0, account).hash(),
+            dirty_at: 0,
+        });
+        balance.amount = balance
+            .amount
             .checked_add(amount)
             .expect("balances are bounded by max_supply");
-        self.dirty.insert(Dirty::Balance(slot, *account));
+        if balance.dirty_at < height {
+            balance.dirty_at = height;
+            self.dirty_balances.push((slot, *account));
+        }
     }
 
+    /// Leaves a balance that reaches zero in place until the block's commitment.
     fn debit(&mut self, slot: u32, account: &PublicKey, amount: Amount) {
+        let height = self.head.height + 1;
         let balance = self
             .balances
             .get_mut(&(slot, *account))
             .expect("debit of a checked balance");
-        *balance = balance.checked_sub(amount).expect("debit of a checked balance");
-        if balance.is_zero() {
-            self.balances.remove(&(slot, *account));
+        balance.amount = balance
+            .amount
+            .checked_sub(amount)
+            .expect("debit of a checked balance");
+        if balance.dirty_at < height {
+            balance.dirty_at = height;
+            self.dirty_balances.push((slot, *account));
         }
-        self.dirty.insert(Dirty::Balance(slot, *account));
     }
 
     fn add_class_minted(&mut self, tenant: TenantId, slot: u32, units: Amount) -> Check {
@@ -1039,7 +1070,10 @@ impl Ledger {
     }
 
     fn balance_of(&self, slot: u32, account: &PublicKey) -> Amount {
-        self.balances.get(&(slot, *account)).copied().unwrap_or_default()
+        self.balances
+            .get(&(slot, *account))
+            .map(|b| b.amount)
+            .unwrap_or_default()
     }
 
     fn owned_stack(&self, tenant: TenantId, owner: &PublicKey, id: ItemId) -> Check<(ClassId, Amount)> {
@@ -1076,12 +1110,16 @@ impl Ledger {
     /// An entry's key hash and leaf hash (`None` when absent), without intermediate buffers
     /// for the frequent kinds.
     fn leaf(&self, dirty: &Dirty) -> (Hash, Option<Hash>) {
+        if let Dirty::Balance(slot, a) = dirty {
+            if let Some(balance) = self.balances.get(&(*slot, *a)) {
+                let leaf = (!balance.amount.is_zero())
+                    .then(|| leaf_hash(&balance.key_hash, &balance.amount.0.to_be_bytes()));
+                return (balance.key_hash, leaf);
+            }
+        }
         let key = self.key_ref(dirty).hash();
         let leaf = match dirty {
-            Dirty::Balance(slot, a) => self
-                .balances
-                .get(&(*slot, *a))
-                .map(|b| leaf_hash(&key, &b.0.to_be_bytes())),
+            Dirty::Balance(..) => None,
             Dirty::Window(t, e) => self
                 .windows
                 .get(&(*e, *t))
@@ -1102,7 +1140,8 @@ impl Ledger {
             Dirty::Balance(slot, a) => self
                 .balances
                 .get(&(*slot, *a))
-                .map(|b| b.0.to_be_bytes().to_vec()),
+                .filter(|b| !b.amount.is_zero())
+                .map(|b| b.amount.0.to_be_bytes().to_vec()),
             Dirty::Item(t, i) => self.items.get(&(*t, *i)).and_then(|v| encode(v)),
             Dirty::Window(t, e) => self.windows.get(&(*e, *t)).map(|w| w.digest().0.to_vec()),
         }
@@ -1111,16 +1150,31 @@ impl Ledger {
     /// Hashes what changed since the last block into the tree and returns the new root.
     fn commit_state(&mut self) -> Hash {
         let dirty: Vec<Dirty> = self.dirty.drain().collect();
+        let balances = std::mem::take(&mut self.dirty_balances);
         let this = &*self;
         let leaf = |d: &Dirty| this.leaf(d);
-        let leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
+        // A balance's key hash is cached; `None` for a balance that reached zero.
+        let balance_leaf = |(slot, account): &(u32, PublicKey)| this.leaf(&Dirty::Balance(*slot, *account));
+        let mut leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
             dirty.par_iter().map(leaf).collect()
         } else {
             dirty.iter().map(leaf).collect()
         };
-        for (key, leaf) in leaves {
-            self.tree.set(key, leaf);
+        if balances.len() >= PARALLEL_TRANSACTIONS_MIN {
+            leaves.par_extend(balances.par_iter().map(balance_leaf));
+        } else {
+            leaves.extend(balances.iter().map(balance_leaf));
         }
+        // Balances that reached zero leave the state with the block.
+        let first_balance = leaves.len() - balances.len();
+        for (key, (_, leaf)) in balances.iter().zip(&leaves[first_balance..]) {
+            if leaf.is_none() {
+                self.balances.remove(key);
+            }
+        }
+        self.tree.set_many(leaves);
+        self.dirty_balances = balances;
+        self.dirty_balances.clear();
         self.tree.root()
     }
 
@@ -1242,7 +1296,8 @@ impl Ledger {
     /// for every currency and class, `minted == held + burned`, and `minted <= max_supply`.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let mut held = vec![0u128; self.currencies.len()];
-        for ((slot, _), amount) in &self.balances {
+        for ((slot, _), balance) in &self.balances {
+            let amount = &balance.amount;
             if amount.is_zero() {
                 return Err("a zero balance is stored".into());
             }
@@ -1400,10 +1455,17 @@ fn default_window_cap() -> u64 {
 impl Ledger {
     /// The whole state, as bytes that [`Ledger::restore`] verifies against the state root.
     pub fn snapshot(&self) -> Vec<u8> {
-        assert!(self.dirty.is_empty(), "snapshots are taken between blocks");
+        assert!(
+            self.dirty.is_empty() && self.dirty_balances.is_empty(),
+            "snapshots are taken between blocks"
+        );
         let mut accounts: Vec<_> = self.accounts.iter().map(|((t, a), c)| (*t, *a, *c)).collect();
         accounts.sort_unstable_by_key(|(t, a, _)| (*t, *a));
-        let mut balances: Vec<_> = self.balances.iter().map(|((s, a), b)| (*s, *a, *b)).collect();
+        let mut balances: Vec<_> = self
+            .balances
+            .iter()
+            .map(|((s, a), b)| (*s, *a, b.amount))
+            .collect();
         balances.sort_unstable_by_key(|(s, a, _)| (*s, *a));
         let mut items: Vec<_> = self
             .items
@@ -1486,13 +1548,32 @@ impl Ledger {
             ledger.classes.push((tenant, id, info));
             dirty.push(Dirty::Class(tenant, slot));
         }
-        for (slot, account, amount) in snapshot.balances {
-            if slot as usize >= ledger.currencies.len() || amount.is_zero() {
-                return Err(LedgerError::Snapshot(
-                    "balance of an unknown currency, or zero".into(),
-                ));
-            }
-            ledger.balances.insert((slot, account), amount);
+        if snapshot
+            .balances
+            .iter()
+            .any(|(slot, _, amount)| *slot as usize >= ledger.currencies.len() || amount.is_zero())
+        {
+            return Err(LedgerError::Snapshot(
+                "balance of an unknown currency, or zero".into(),
+            ));
+        }
+        let currencies = &ledger.currencies;
+        let balances: Vec<_> = snapshot
+            .balances
+            .into_par_iter()
+            .map(|(slot, account, amount)| {
+                let currency = &currencies[slot as usize];
+                let key_hash = KeyRef::Balance(currency.tenant, &currency.id.0, &account).hash();
+                (slot, account, amount, key_hash)
+            })
+            .collect();
+        for (slot, account, amount, key_hash) in balances {
+            let balance = Balance {
+                amount,
+                key_hash,
+                dirty_at: 0,
+            };
+            ledger.balances.insert((slot, account), balance);
             dirty.push(Dirty::Balance(slot, account));
         }
         for (tenant, id, item) in snapshot.items {

@@ -724,6 +724,55 @@ fn holdings_are_provable_against_the_state_root() {
     assert!(value.is_none() && proof.verify(&root, &absent.encode(), None));
 }
 
+/// A balance that reaches zero leaves the state with its block, also when it is credited again
+/// in the same block; the incremental root always equals the one recomputed from a snapshot.
+#[test]
+fn balances_emptied_inside_a_block_leave_the_state() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let studio = chain.world.studio(A).clone();
+    let gold_id = CurrencyId::new("GOLD");
+    let alice_gold = StateKey::Balance(A, gold_id.clone(), alice.public());
+    let check_root = |chain: &Chain| {
+        let restored = Ledger::restore(&chain.ledger.snapshot(), None).unwrap();
+        assert_eq!(restored.state_root(), chain.ledger.state_root());
+    };
+    // Emptied, then credited again, in one block.
+    let w = &mut chain.world;
+    let emptied = w.transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 500);
+    let refilled = w.transfer(A, &studio, &bob.public(), &alice.public(), "GOLD", 200);
+    let too_much = w.transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 201);
+    let receipts = chain.block(vec![emptied, refilled, too_much]);
+    let outcomes: Vec<_> = receipts.into_iter().map(|r| r.outcome).collect();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Applied,
+            Outcome::Applied,
+            rejected(Rejection::InsufficientFunds)
+        ]
+    );
+    assert_eq!(chain.ledger.balance(A, &gold_id, &alice.public()), Amount(200));
+    check_root(&chain);
+    // Emptied for good: absent from the state, provably.
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 200);
+    assert_eq!(chain.one(tx), Outcome::Applied);
+    assert!(chain.ledger.balances(A, &alice.public()).is_empty());
+    let (value, proof) = chain.ledger.prove(&alice_gold);
+    assert!(value.is_none());
+    assert!(proof.verify(&chain.ledger.state_root(), &alice_gold.encode(), None));
+    check_root(&chain);
+    // Emptied and refilled by one block from an empty balance.
+    let w = &mut chain.world;
+    let refilled = w.transfer(A, &studio, &bob.public(), &alice.public(), "GOLD", 10);
+    let emptied = w.transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 10);
+    let receipts = chain.block(vec![refilled, emptied]);
+    assert!(receipts.iter().all(|r| r.outcome == Outcome::Applied));
+    assert!(chain.ledger.balances(A, &alice.public()).is_empty());
+    check_root(&chain);
+}
+
 /// The deduplication window is committed to by one entry per tenant and expiry height, whose
 /// value is the running digest of its events' records: provable, and gone once it expires.
 #[test]
