@@ -268,6 +268,16 @@ struct Balance {
     dirty_at: u64,
 }
 
+impl Balance {
+    /// Lists this balance (`key`) in `dirty` once per block, the block at `height`.
+    fn mark_dirty(&mut self, height: u64, key: (u32, PublicKey), dirty: &mut Vec<(u32, PublicKey)>) {
+        if self.dirty_at < height {
+            self.dirty_at = height;
+            dirty.push(key);
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct CurrencyState {
     tenant: TenantId,
@@ -941,10 +951,7 @@ impl Ledger {
             .amount
             .checked_add(amount)
             .expect("balances are bounded by max_supply");
-        if balance.dirty_at < height {
-            balance.dirty_at = height;
-            self.dirty_balances.push((slot, *account));
-        }
+        balance.mark_dirty(height, (slot, *account), &mut self.dirty_balances);
     }
 
     /// Leaves a balance that reaches zero in place until the block's commitment.
@@ -958,10 +965,7 @@ impl Ledger {
             .amount
             .checked_sub(amount)
             .expect("debit of a checked balance");
-        if balance.dirty_at < height {
-            balance.dirty_at = height;
-            self.dirty_balances.push((slot, *account));
-        }
+        balance.mark_dirty(height, (slot, *account), &mut self.dirty_balances);
     }
 
     fn add_class_minted(&mut self, tenant: TenantId, slot: u32, units: Amount) -> Check {

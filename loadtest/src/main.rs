@@ -483,9 +483,7 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         }
         runs.push(json!({"ceiling": ceiling, "gateway": gateway}));
     }
-    let ceiling = median(&ceilings).unwrap_or(0.0);
-    let gateway = median(&gateways).unwrap_or(0.0);
-    let ratio = if ceiling > 0.0 { gateway / ceiling } else { 0.0 };
+    let (ceiling, gateway, ratio) = medians_and_ratio(&ceilings, &gateways);
     println!(
         "(1) ceiling median {ceiling:.0} clicks/s; (2) gateway median {gateway:.0} clicks/s; ratio (2)/(1) = {ratio:.3}"
     );
@@ -495,9 +493,8 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     out["gateway_to_ceiling_ratio"] = json!(ratio);
     out["redis_round_trips_per_click"] = json!(median(&trips));
     if !per_cpu.is_empty() {
-        let ceiling = median(&per_cpu.iter().map(|p| p.0).collect::<Vec<_>>()).unwrap_or(0.0);
-        let gateway = median(&per_cpu.iter().map(|p| p.1).collect::<Vec<_>>()).unwrap_or(0.0);
-        let ratio = if ceiling > 0.0 { gateway / ceiling } else { 0.0 };
+        let (ceilings, gateways): (Vec<f64>, Vec<f64>) = per_cpu.into_iter().unzip();
+        let (ceiling, gateway, ratio) = medians_and_ratio(&ceilings, &gateways);
         println!(
             "per CPU-second (gateway with redis-server): ceiling median {ceiling:.0}, gateway median {gateway:.0} clicks; ratio {ratio:.3}"
         );
@@ -819,4 +816,13 @@ fn cpu_note(figure: &bench::ClickFigure) -> String {
         (Some(server), None) => format!(" ({server:.2} cores)"),
         _ => String::new(),
     }
+}
+
+/// The medians of the ceiling and gateway figures and the ratio of the gateway's to the
+/// ceiling's (0 without a ceiling).
+fn medians_and_ratio(ceilings: &[f64], gateways: &[f64]) -> (f64, f64, f64) {
+    let ceiling = median(ceilings).unwrap_or(0.0);
+    let gateway = median(gateways).unwrap_or(0.0);
+    let ratio = if ceiling > 0.0 { gateway / ceiling } else { 0.0 };
+    (ceiling, gateway, ratio)
 }

@@ -150,10 +150,13 @@ pub enum Message {
         last_executed: u64,
         stable_seq: u64,
     },
-    /// Catch-up: a batch and commit votes for it (2f+1 of them make a commit certificate).
+    /// Catch-up: the digest of a committed batch and commit votes for it (2f+1 of them make a
+    /// commit certificate). The batch travels beside the signed bytes
+    /// ([`SignedMessage::batch`]), as with a pre-prepare: the sender signs 32 bytes, not the
+    /// batch.
     CommitProof {
         seq: u64,
-        batch: Batch,
+        digest: Hash,
         commits: Vec<SignedMessage>,
     },
     /// The sender's stable checkpoint certificate (answer to a status that is too far behind).
@@ -292,7 +295,8 @@ pub struct SignedMessage {
     #[serde(with = "arc_bytes")]
     pub payload: Arc<Vec<u8>>,
     pub signature: Signature,
-    /// A pre-prepare's batch, or a forwarded request as a batch of one. Not signed: whoever
+    /// A pre-prepare's or commit proof's batch, or a forwarded request as a batch of one. Not
+    /// signed: whoever
     /// uses it checks that its digest is the signed one. `None` on every other message, and on
     /// pre-prepares inside durable records (the batch is persisted once per slot,
     /// [`crate::Record::Batch`]).

@@ -907,8 +907,8 @@ impl<A: App> Replica<A> {
                 last_executed,
                 stable_seq,
             } => self.on_status(signed, view, in_view_change, last_executed, stable_seq, out),
-            Message::CommitProof { seq, batch, commits } => {
-                self.on_commit_proof(signed, seq, batch, commits, out)
+            Message::CommitProof { seq, digest, commits } => {
+                self.on_commit_proof(signed, seq, digest, commits, out)
             }
             Message::StableCert { cert } => {
                 if cert.seq <= self.low && self.app_valid {
@@ -2098,11 +2098,9 @@ impl<A: App> Replica<A> {
                         .filter(|((_, v), (d, _))| *v == view && *d == digest)
                         .map(|(_, (_, m))| m.clone())
                         .collect();
-                    let msg = self.sign(&Message::CommitProof {
-                        seq,
-                        batch: (*batch).clone(),
-                        commits,
-                    });
+                    let msg = self
+                        .sign(&Message::CommitProof { seq, digest, commits })
+                        .with_batch(batch);
                     self.send(out, MessageKind::CommitProof, peer, msg);
                     answered = true;
                 }
@@ -2118,13 +2116,18 @@ impl<A: App> Replica<A> {
         &mut self,
         signed: SignedMessage,
         seq: u64,
-        batch: Batch,
+        signed_digest: Hash,
         commits: Vec<SignedMessage>,
         out: &mut Vec<Output>,
     ) -> Result<()> {
         if seq <= self.last_executed || !self.in_window(seq) {
             return Err(Error::Stale("commit proof for an executed or out-of-window seq"));
         }
+        let Some(batch) = signed.batch.clone() else {
+            return Err(Error::Malformed(
+                "a commit proof without its batch beside it".into(),
+            ));
+        };
         if self.slots.get(&seq).is_some_and(|s| s.committed.is_some()) {
             return Err(Error::Stale("already committed"));
         }
@@ -2134,8 +2137,13 @@ impl<A: App> Replica<A> {
             ));
         }
         self.check_batch_shape(&batch)?;
-        let entry = SlotBatch::new(Arc::new(batch));
+        let entry = SlotBatch::new(batch);
         let digest = entry.digest;
+        if digest != signed_digest {
+            return Err(Error::Malformed(
+                "the batch beside a commit proof has another digest".into(),
+            ));
+        }
         let mut parsed = Vec::with_capacity(commits.len());
         let mut signers = BTreeSet::new();
         for commit in &commits {

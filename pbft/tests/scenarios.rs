@@ -572,13 +572,32 @@ fn a_catch_up_answer_is_bounded_in_bytes_and_a_lagging_replica_still_catches_up(
     let replica = cluster.nodes[1].as_mut().expect("replica 1 is up");
     replica.set_now(now);
     let mut sizes = Vec::new();
+    let mut proofs = Vec::new();
     for output in replica.on_message(3, status) {
         if let hoard_pbft::Output::Send { to: 3, msg } = output {
-            if let Message::CommitProof { batch, .. } = msg.message(usize::MAX).unwrap() {
+            if let Message::CommitProof { digest, .. } = msg.message(usize::MAX).unwrap() {
+                let batch = msg
+                    .batch
+                    .as_ref()
+                    .expect("the batch travels beside a commit proof");
+                assert_eq!(batch.digest(), digest);
                 sizes.push(batch.size_bytes());
+                proofs.push(msg);
             }
         }
     }
+    // A proof is only as good as the batch beside it: another batch, or none, is rejected.
+    let lagging = cluster.nodes[3].as_mut().expect("replica 3 is up");
+    lagging.set_now(now);
+    let invalid_before = lagging.stats().messages_invalid_total;
+    let other = Arc::new(Batch {
+        timestamp_ms: 1,
+        requests: vec![req(99)],
+    });
+    lagging.on_message(1, proofs[0].clone().with_batch(other));
+    lagging.on_message(1, proofs[0].without_batch());
+    assert_eq!(lagging.stats().messages_invalid_total, invalid_before + 2);
+    assert_eq!(lagging.last_executed(), 0);
     assert!(!sizes.is_empty(), "a lagging peer gets commit proofs");
     assert!(
         (sizes.len() as u64) < executed,
