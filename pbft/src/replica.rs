@@ -101,6 +101,38 @@ impl Slot {
         }
     }
 
+    /// What a commit proof for this executed slot carries: the batch and the commits of one
+    /// view for it. The committed certificate when we hold one; otherwise (the slot was
+    /// executed from our block log after a restart, or its commits arrived after we executed)
+    /// the batch with the most commits of one view we hold for it. A lagging peer may hold
+    /// the other commits and lack only the batch: a new view re-proposes prepared slots by
+    /// digest, and the primary re-sends pre-prepares only to backups whose prepare it lacks.
+    /// The peer checks every commit and commits only on 2f+1 of one view for the digest.
+    fn catch_up_proof(&self) -> Option<(Hash, Arc<Batch>, Vec<SignedMessage>)> {
+        let (view, digest, batch) = match &self.committed {
+            Some((view, entry)) => (*view, entry.digest, entry.batch.clone()),
+            None => {
+                let mut counts: BTreeMap<(u64, Hash), usize> = BTreeMap::new();
+                for ((_, view), (digest, _)) in &self.commits {
+                    if self.batch(digest).is_some() {
+                        *counts.entry((*view, *digest)).or_default() += 1;
+                    }
+                }
+                let ((view, digest), _) = counts
+                    .into_iter()
+                    .max_by_key(|((view, _), count)| (*count, *view))?;
+                (view, digest, self.batch(&digest)?)
+            }
+        };
+        let commits: Vec<SignedMessage> = self
+            .commits
+            .iter()
+            .filter(|((_, v), (d, _))| *v == view && *d == digest)
+            .map(|(_, (_, m))| m.clone())
+            .collect();
+        Some((digest, batch, commits))
+    }
+
     /// Forget what belongs to an older view (prepared certificates and commits stay).
     fn enter_view(&mut self, view: u64) {
         if self.view < view {
@@ -470,6 +502,31 @@ impl<A: App> Replica<A> {
             && self.pending_order.len() <= 2 * self.config.pending_requests_max + 1
             && self.executed_recent.len() <= EXECUTED_REMEMBERED_MAX
             && self.view_changes.values().map(BTreeMap::len).sum::<usize>() <= self.n
+    }
+
+    /// One line per slot above the stable checkpoint, for failure reports: batches held,
+    /// pre-prepare, prepares, commits by view, prepared and committed.
+    pub fn describe_slots(&self) -> String {
+        let mut lines = Vec::new();
+        for (seq, slot) in &self.slots {
+            if *seq <= self.low {
+                continue;
+            }
+            let mut commits: BTreeMap<u64, usize> = BTreeMap::new();
+            for (_, view) in slot.commits.keys() {
+                *commits.entry(*view).or_default() += 1;
+            }
+            lines.push(format!(
+                "seq={seq} view={} batches={} pp={} prepares={} commits={commits:?} prepared={:?} committed={:?}",
+                slot.view,
+                slot.batches.len(),
+                slot.pre_prepare.as_ref().map_or("none", |(m, _)| if m.batch.is_some() { "with-batch" } else { "digest-only" }),
+                slot.prepares.len(),
+                slot.prepared.as_ref().map(|(v, ..)| *v),
+                slot.committed.as_ref().map(|(v, _)| *v),
+            ));
+        }
+        lines.join("\n")
     }
 
     /// Counters for the runtime to export.
@@ -2084,20 +2141,11 @@ impl<A: App> Replica<A> {
                     if bytes >= self.config.catchup_bytes_max {
                         break;
                     }
-                    let Some(slot) = self.slots.get(&seq) else {
+                    let Some((digest, batch, commits)) = self.slots.get(&seq).and_then(Slot::catch_up_proof)
+                    else {
                         continue;
                     };
-                    let Some((view, entry)) = slot.committed.clone() else {
-                        continue;
-                    };
-                    let (digest, batch) = (entry.digest, entry.batch);
                     bytes += batch.size_bytes();
-                    let commits: Vec<SignedMessage> = slot
-                        .commits
-                        .iter()
-                        .filter(|((_, v), (d, _))| *v == view && *d == digest)
-                        .map(|(_, (_, m))| m.clone())
-                        .collect();
                     let msg = self
                         .sign(&Message::CommitProof { seq, digest, commits })
                         .with_batch(batch);

@@ -530,6 +530,13 @@ where
                 })
                 .collect();
             let missing = self.must_execute.len();
+            if self.options.verbose {
+                for (i, node) in self.nodes.iter().enumerate() {
+                    if let Some(r) = &node.replica {
+                        eprintln!("r{i} slots:\n{}", r.describe_slots());
+                    }
+                }
+            }
             self.fail(
                 FailureKind::Liveness,
                 format!(

@@ -25,6 +25,7 @@ use hoard_types::wire::{Click, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX}
 const _: () = assert!(CLICKS_PER_FRAME_MAX <= u16::MAX as usize);
 use hoard_types::{PublicKey, TenantId};
 
+use crate::config::ClicksConfig;
 use crate::constants::{CLICK_KEYS_PENDING_MAX, COUNTERS_PER_TENANT_MAX};
 use crate::metrics as m;
 use crate::store::{ClickKey as Key, Store, StoreResult, CLICK_PART_KEYS_MAX};
@@ -321,12 +322,13 @@ impl Clicks {
     /// click is counted twice. Nothing new is drained while failed parts are outstanding (the
     /// buffer's bound then refuses clicks with `busy`); once they are written, the same flush
     /// drains and writes the buffer.
-    pub async fn flush(&self) -> StoreResult<()> {
+    pub async fn flush(&self) -> StoreResult<usize> {
         let mut unapplied = self.unapplied.lock().await;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         // First the parts of failed flushes, in order; then what is buffered now.
         self.write_parts(&mut unapplied, generation).await?;
         let drained = self.pending.drain();
+        let keys = drained.len();
         metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
         let mut drained = drained.into_iter().peekable();
         while drained.peek().is_some() {
@@ -336,7 +338,7 @@ impl Clicks {
         }
         self.write_parts(&mut unapplied, generation).await?;
         self.flushed.send_replace(generation);
-        Ok(())
+        Ok(keys)
     }
 
     /// Writes `unapplied` front to back, removing each part once the store has it; stops at the
@@ -377,28 +379,40 @@ impl Clicks {
                 .sum::<usize>()
     }
 
-    /// Flushes every `interval` until `shutdown`, then once more.
+    /// Flushes until `shutdown`, then once more: each flush starts [`ClicksConfig::flush_delay`]
+    /// after the start of the one before, for the keys that one wrote (the minimum interval
+    /// after a failed flush).
     pub async fn run_flusher(
         self: Arc<Clicks>,
-        interval: Duration,
+        config: ClicksConfig,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        // The first flush one interval after start (`interval` would tick at once, and a task
-        // that starts late would then flush the first clicks early).
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first flush one interval after start.
+        let mut next = tokio::time::Instant::now() + config.flush_delay(0);
         loop {
+            metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(
+                next.saturating_duration_since(tokio::time::Instant::now())
+                    .as_secs_f64(),
+            );
             tokio::select! {
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep_until(next) => {}
                 _ = crate::stopped(&mut shutdown) => break,
             }
-            if let Err(error) = self.flush().await {
-                tracing::warn!(%error, "click flush failed; retrying next interval");
-            }
+            let started = tokio::time::Instant::now();
+            let keys = match self.flush().await {
+                Ok(keys) => keys,
+                Err(error) => {
+                    tracing::warn!(%error, "click flush failed; retrying next interval");
+                    0
+                }
+            };
+            let delay = config.flush_delay(keys);
+            metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(delay.as_secs_f64());
+            next = started + delay;
         }
         for _ in 0..3 {
             match self.flush().await {
-                Ok(()) => return,
+                Ok(_) => return,
                 Err(error) => tracing::warn!(%error, "final click flush failed"),
             }
         }

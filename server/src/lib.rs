@@ -205,7 +205,7 @@ impl Gateway {
             ))
         });
         let flusher = tokio::spawn(clicks.clone().run_flusher(
-            Duration::from_millis(shared.config.clicks.flush_interval_ms),
+            shared.config.clicks.clone(),
             stop_background_rx.clone(),
         ));
         others.push(tokio::spawn(sweep_offers(

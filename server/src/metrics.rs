@@ -29,6 +29,7 @@ pub const CLICKS_FLUSHED_TOTAL: &str = "hoard_gateway_clicks_flushed_total";
 pub const CLICK_FLUSH_DURATION_SECONDS: &str = "hoard_gateway_click_flush_duration_seconds";
 pub const CLICK_FLUSH_FAILURES_TOTAL: &str = "hoard_gateway_click_flush_failures_total";
 pub const CLICK_KEYS_PENDING: &str = "hoard_gateway_click_keys_pending";
+pub const CLICK_FLUSH_INTERVAL_SECONDS: &str = "hoard_gateway_click_flush_interval_seconds";
 pub const EVENTS_ACCEPTED_TOTAL: &str = "hoard_gateway_events_accepted_total";
 pub const EVENTS_COMMITTED_TOTAL: &str = "hoard_gateway_events_committed_total";
 pub const REJECTIONS_TOTAL: &str = "hoard_gateway_rejections_total";
@@ -118,6 +119,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "counter",
         "",
         "Click flushes that failed (retried next interval)",
+    ),
+    (
+        CLICK_FLUSH_INTERVAL_SECONDS,
+        "gauge",
+        "",
+        "Time from the start of the last click flush to the next (grows with the keys a flush writes)",
     ),
     (
         CLICK_KEYS_PENDING,
