@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -389,11 +389,8 @@ impl Clicks {
     ) {
         // The first flush one interval after start.
         let mut next = tokio::time::Instant::now() + config.flush_delay(0);
+        metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(config.flush_delay(0).as_secs_f64());
         loop {
-            metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(
-                next.saturating_duration_since(tokio::time::Instant::now())
-                    .as_secs_f64(),
-            );
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = crate::stopped(&mut shutdown) => break,

@@ -239,7 +239,9 @@ impl ClicksConfig {
     /// aggregates nothing (each key is one click), so the key rate, not the click rate, is what
     /// Redis pays for; a longer interval sums more clicks per key.
     pub fn flush_delay(&self, keys: usize) -> Duration {
-        let paced_ms = (keys as u64).saturating_mul(1_000).div_ceil(self.flush_keys_per_second.max(1));
+        let paced_ms = (keys as u64)
+            .saturating_mul(1_000)
+            .div_ceil(self.flush_keys_per_second.max(1));
         Duration::from_millis(paced_ms.clamp(self.flush_interval_ms, self.flush_interval_max_ms))
     }
 }

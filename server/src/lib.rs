@@ -204,10 +204,11 @@ impl Gateway {
                 stop_background_rx.clone(),
             ))
         });
-        let flusher = tokio::spawn(clicks.clone().run_flusher(
-            shared.config.clicks.clone(),
-            stop_background_rx.clone(),
-        ));
+        let flusher = tokio::spawn(
+            clicks
+                .clone()
+                .run_flusher(shared.config.clicks.clone(), stop_background_rx.clone()),
+        );
         others.push(tokio::spawn(sweep_offers(
             shared.clone(),
             stop_background_rx.clone(),
