@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
@@ -322,13 +322,12 @@ impl Clicks {
     /// click is counted twice. Nothing new is drained while failed parts are outstanding (the
     /// buffer's bound then refuses clicks with `busy`); once they are written, the same flush
     /// drains and writes the buffer.
-    pub async fn flush(&self) -> StoreResult<usize> {
+    pub async fn flush(&self) -> StoreResult<()> {
         let mut unapplied = self.unapplied.lock().await;
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         // First the parts of failed flushes, in order; then what is buffered now.
         self.write_parts(&mut unapplied, generation).await?;
         let drained = self.pending.drain();
-        let keys = drained.len();
         metrics::gauge!(m::CLICK_KEYS_PENDING).set(self.pending.len() as f64);
         let mut drained = drained.into_iter().peekable();
         while drained.peek().is_some() {
@@ -338,7 +337,7 @@ impl Clicks {
         }
         self.write_parts(&mut unapplied, generation).await?;
         self.flushed.send_replace(generation);
-        Ok(keys)
+        Ok(())
     }
 
     /// Writes `unapplied` front to back, removing each part once the store has it; stops at the
@@ -380,36 +379,32 @@ impl Clicks {
     }
 
     /// Flushes until `shutdown`, then once more: each flush starts [`ClicksConfig::flush_delay`]
-    /// after the start of the one before, for the keys that one wrote (the minimum interval
-    /// after a failed flush).
+    /// after the start of the one before, for the time that one took.
     pub async fn run_flusher(
         self: Arc<Clicks>,
         config: ClicksConfig,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
         // The first flush one interval after start.
-        let mut next = tokio::time::Instant::now() + config.flush_delay(0);
-        metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(config.flush_delay(0).as_secs_f64());
+        let first = config.flush_delay(Duration::ZERO);
+        let mut next = tokio::time::Instant::now() + first;
+        metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(first.as_secs_f64());
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = crate::stopped(&mut shutdown) => break,
             }
             let started = tokio::time::Instant::now();
-            let keys = match self.flush().await {
-                Ok(keys) => keys,
-                Err(error) => {
-                    tracing::warn!(%error, "click flush failed; retrying next interval");
-                    0
-                }
-            };
-            let delay = config.flush_delay(keys);
+            if let Err(error) = self.flush().await {
+                tracing::warn!(%error, "click flush failed; retrying next interval");
+            }
+            let delay = config.flush_delay(started.elapsed());
             metrics::gauge!(m::CLICK_FLUSH_INTERVAL_SECONDS).set(delay.as_secs_f64());
             next = started + delay;
         }
         for _ in 0..3 {
             match self.flush().await {
-                Ok(_) => return,
+                Ok(()) => return,
                 Err(error) => tracing::warn!(%error, "final click flush failed"),
             }
         }

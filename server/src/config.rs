@@ -100,14 +100,14 @@ pub struct RedisConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct ClicksConfig {
     /// The shortest time between two flushes of buffered clicks to Redis (one script call per
-    /// flush part). The interval grows past it when a flush writes many keys, so that Redis
-    /// updates at most `flush_keys_per_second` keys per second (see [`ClicksConfig::flush_delay`]).
+    /// flush part). The interval grows past it when flushes take long, so that they keep Redis
+    /// busy at most `flush_busy_percent` of the time (see [`ClicksConfig::flush_delay`]).
     pub flush_interval_ms: u64,
     /// The longest time between two flushes: what a gateway crash can lose in default mode,
     /// how long a strict ack can wait, how stale counter reads may be.
     pub flush_interval_max_ms: u64,
-    /// Key updates per second the flusher may ask of Redis (each is four Redis operations).
-    pub flush_keys_per_second: u64,
+    /// The share of time (percent) click flushes may keep Redis busy.
+    pub flush_busy_percent: u32,
     /// Acknowledge clicks only after the flush that holds them succeeded.
     pub strict: bool,
 }
@@ -226,22 +226,23 @@ impl Default for ClicksConfig {
         ClicksConfig {
             flush_interval_ms: 20,
             flush_interval_max_ms: 1_000,
-            flush_keys_per_second: 100_000,
+            flush_busy_percent: 20,
             strict: false,
         }
     }
 }
 
 impl ClicksConfig {
-    /// The wait from the start of a flush that wrote `keys` keys to the start of the next:
-    /// long enough that `keys` spread over it stay within `flush_keys_per_second`, within
-    /// `flush_interval_ms..=flush_interval_max_ms`. At 10 clicks/s per player a short interval
-    /// aggregates nothing (each key is one click), so the key rate, not the click rate, is what
-    /// Redis pays for; a longer interval sums more clicks per key.
-    pub fn flush_delay(&self, keys: usize) -> Duration {
-        let paced_ms = (keys as u64)
-            .saturating_mul(1_000)
-            .div_ceil(self.flush_keys_per_second.max(1));
+    /// The wait from the start of a flush that took `spent` to the start of the next: long
+    /// enough that flushes keep Redis busy at most `flush_busy_percent` of the time, within
+    /// `flush_interval_ms..=flush_interval_max_ms`. A flush costs Redis about four operations
+    /// per (tenant, counter, player) key it writes, whatever the clicks per key: at 10 clicks/s
+    /// per player a 20 ms interval sums nothing (each key is one click), so many players need a
+    /// longer interval, which sums more clicks per key.
+    pub fn flush_delay(&self, spent: Duration) -> Duration {
+        let paced_ms = (spent.as_micros() as u64)
+            .saturating_mul(100)
+            .div_ceil(u64::from(self.flush_busy_percent.max(1)) * 1_000);
         Duration::from_millis(paced_ms.clamp(self.flush_interval_ms, self.flush_interval_max_ms))
     }
 }
@@ -324,10 +325,10 @@ impl GatewayConfig {
                 .parse()
                 .map_err(|e| parse_err("HOARD_GATEWAY_FLUSH_INTERVAL_MAX_MS", &e))?;
         }
-        if let Some(v) = lookup("HOARD_GATEWAY_FLUSH_KEYS_PER_SECOND") {
-            self.clicks.flush_keys_per_second = v
+        if let Some(v) = lookup("HOARD_GATEWAY_FLUSH_BUSY_PERCENT") {
+            self.clicks.flush_busy_percent = v
                 .parse()
-                .map_err(|e| parse_err("HOARD_GATEWAY_FLUSH_KEYS_PER_SECOND", &e))?;
+                .map_err(|e| parse_err("HOARD_GATEWAY_FLUSH_BUSY_PERCENT", &e))?;
         }
         if let Some(v) = lookup("HOARD_GATEWAY_STRICT_CLICKS") {
             self.clicks.strict = matches!(v.as_str(), "1" | "true" | "yes");
@@ -361,8 +362,8 @@ impl GatewayConfig {
         {
             return bad("clicks.flush_interval_max_ms must be flush_interval_ms..=10000".into());
         }
-        if self.clicks.flush_keys_per_second < 1_000 {
-            return bad("clicks.flush_keys_per_second must be at least 1000".into());
+        if self.clicks.flush_busy_percent == 0 || self.clicks.flush_busy_percent > 100 {
+            return bad("clicks.flush_busy_percent must be 1..=100".into());
         }
         if self.events.batch_max == 0
             || self.events.batch_max > hoard_types::constants::BLOCK_TRANSACTIONS_MAX
@@ -469,37 +470,40 @@ mod tests {
     }
 
     #[test]
-    fn the_flush_interval_grows_with_the_keys_a_flush_writes_within_its_bounds() {
+    fn the_flush_interval_grows_with_the_time_flushes_take_within_its_bounds() {
         let clicks = ClicksConfig {
             flush_interval_ms: 20,
             flush_interval_max_ms: 1_000,
-            flush_keys_per_second: 100_000,
+            flush_busy_percent: 20,
             strict: false,
         };
-        assert_eq!(clicks.flush_delay(0), Duration::from_millis(20));
-        assert_eq!(clicks.flush_delay(2_000), Duration::from_millis(20));
-        assert_eq!(clicks.flush_delay(2_001), Duration::from_millis(21));
-        assert_eq!(clicks.flush_delay(10_000), Duration::from_millis(100));
-        assert_eq!(clicks.flush_delay(100_000), Duration::from_millis(1_000));
-        assert_eq!(clicks.flush_delay(usize::MAX), Duration::from_millis(1_000));
+        let ms = Duration::from_millis;
+        assert_eq!(clicks.flush_delay(ms(0)), ms(20));
+        assert_eq!(clicks.flush_delay(ms(4)), ms(20));
+        assert_eq!(clicks.flush_delay(Duration::from_micros(4_001)), ms(21));
+        assert_eq!(clicks.flush_delay(ms(30)), ms(150));
+        assert_eq!(clicks.flush_delay(ms(200)), ms(1_000));
+        assert_eq!(clicks.flush_delay(Duration::MAX), ms(1_000));
         let mut config = GatewayConfig::default();
         config
             .apply_env(|name| match name {
                 "HOARD_GATEWAY_FLUSH_INTERVAL_MAX_MS" => Some("250".into()),
-                "HOARD_GATEWAY_FLUSH_KEYS_PER_SECOND" => Some("50000".into()),
+                "HOARD_GATEWAY_FLUSH_BUSY_PERCENT" => Some("50".into()),
                 _ => None,
             })
             .unwrap();
-        assert_eq!(config.clicks.flush_delay(10_000), Duration::from_millis(200));
-        assert_eq!(config.clicks.flush_delay(20_000), Duration::from_millis(250));
+        assert_eq!(config.clicks.flush_delay(ms(100)), ms(200));
+        assert_eq!(config.clicks.flush_delay(ms(200)), ms(250));
         let mut config = GatewayConfig::default();
         assert!(config
             .apply_env(|n| (n == "HOARD_GATEWAY_FLUSH_INTERVAL_MAX_MS").then(|| "10".into()))
             .is_err());
-        let mut config = GatewayConfig::default();
-        assert!(config
-            .apply_env(|n| (n == "HOARD_GATEWAY_FLUSH_KEYS_PER_SECOND").then(|| "0".into()))
-            .is_err());
+        for bad in ["0", "101"] {
+            let mut config = GatewayConfig::default();
+            assert!(config
+                .apply_env(|n| (n == "HOARD_GATEWAY_FLUSH_BUSY_PERCENT").then(|| bad.into()))
+                .is_err());
+        }
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         CLICK_FLUSH_INTERVAL_SECONDS,
         "gauge",
         "",
-        "Time from the start of the last click flush to the next (grows with the keys a flush writes)",
+        "Time from the start of the last click flush to the next (grows with the time flushes take)",
     ),
     (
         CLICK_KEYS_PENDING,
