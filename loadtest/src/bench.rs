@@ -60,7 +60,7 @@ pub struct ClickLoad {
 /// One `clicks` frame body: the clicks array, encoded once and reused with a new sequence number.
 pub fn encode_clicks_body(players: &[PublicKey], clicks: usize, offset: usize) -> Vec<u8> {
     let entries: Vec<Click> = (0..clicks)
-        .map(|i| Click(players[(offset + i) % players.len()], "gold".to_string(), 1))
+        .map(|i| Click(players[(offset + i) % players.len()], "gold".into(), 1))
         .collect();
     rmp_serde::to_vec(&entries).expect("clicks encode")
 }

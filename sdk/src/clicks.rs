@@ -215,7 +215,7 @@ mod tests {
             }
         }
         let expected: Vec<Click> = (0..5)
-            .map(|i| Click(players[i], counters[i].to_owned(), counts[i]))
+            .map(|i| Click(players[i], counters[i].into(), counts[i]))
             .collect();
         assert_eq!(decoded, expected);
         // The single-entry frame is byte-identical to the documented worked example's layout

@@ -481,7 +481,9 @@ mod tests {
 
     fn add_to(totals: &mut Totals, tenant: TenantId, clicks: &[Click]) {
         for Click(player, counter, count) in clicks {
-            *totals.entry((tenant.0, counter.clone(), player.0)).or_default() += u64::from(*count);
+            *totals
+                .entry((tenant.0, counter.to_string(), player.0))
+                .or_default() += u64::from(*count);
         }
     }
 

@@ -199,19 +199,49 @@ pub fn verify_one(item: &SignedMessage<'_>) -> Result<()> {
 macro_rules! bytes_array {
     ($module:ident, $n:expr) => {
         pub mod $module {
-            use serde::{Deserialize, Deserializer, Serializer};
+            use serde::{Deserializer, Serializer};
 
             pub fn serialize<S: Serializer>(value: &[u8; $n], serializer: S) -> Result<S::Ok, S::Error> {
                 serializer.serialize_bytes(value)
             }
 
+            /// Copies the bytes straight into the array (no allocation: keys and hashes are in
+            /// every message, and a `clicks` frame carries up to 2048 keys). Accepts a byte string
+            /// (MessagePack bin, what Hoard writes) or an array of integers.
             pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<[u8; $n], D::Error> {
-                let bytes: serde_bytes::ByteBuf = Deserialize::deserialize(deserializer)?;
-                let len = bytes.len();
-                bytes
-                    .into_vec()
-                    .try_into()
-                    .map_err(|_| serde::de::Error::invalid_length(len, &concat!(stringify!($n), " bytes")))
+                struct Visitor;
+
+                impl<'de> serde::de::Visitor<'de> for Visitor {
+                    type Value = [u8; $n];
+
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str(concat!(stringify!($n), " bytes"))
+                    }
+
+                    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<[u8; $n], E> {
+                        bytes
+                            .try_into()
+                            .map_err(|_| E::invalid_length(bytes.len(), &self))
+                    }
+
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<[u8; $n], A::Error> {
+                        let mut out = [0u8; $n];
+                        for (i, byte) in out.iter_mut().enumerate() {
+                            *byte = seq
+                                .next_element()?
+                                .ok_or_else(|| serde::de::Error::invalid_length(i, &self))?;
+                        }
+                        if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                            return Err(serde::de::Error::invalid_length($n + 1, &self));
+                        }
+                        Ok(out)
+                    }
+                }
+
+                deserializer.deserialize_bytes(Visitor)
             }
         }
     };
@@ -271,5 +301,27 @@ mod tests {
         assert_eq!(bytes.len(), 34, "a public key is a 32-byte msgpack bin");
         let back: PublicKey = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!(back, key.public());
+    }
+
+    #[test]
+    fn fixed_size_byte_fields_take_exactly_their_length_as_bin_or_array() {
+        let key = Keypair::from_seed([3; 32]).public();
+        // An array of 32 integers (what a client's generic encoder may write) decodes the same.
+        let as_array = rmp_serde::to_vec(&key.0.to_vec()).unwrap();
+        assert_eq!(rmp_serde::from_slice::<PublicKey>(&as_array).unwrap(), key);
+        for len in [0usize, 31, 33] {
+            let bin = rmp_serde::to_vec(&serde_bytes::Bytes::new(&vec![7u8; len])).unwrap();
+            let error = rmp_serde::from_slice::<PublicKey>(&bin).unwrap_err().to_string();
+            assert!(error.contains("32 bytes"), "{len} bytes: {error}");
+            let array = rmp_serde::to_vec(&vec![7u8; len]).unwrap();
+            assert!(
+                rmp_serde::from_slice::<PublicKey>(&array).is_err(),
+                "{len} integers"
+            );
+        }
+        let signature = Keypair::from_seed([3; 32]).sign(b"test", b"x");
+        let bytes = rmp_serde::to_vec(&signature).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Signature>(&bytes).unwrap(), signature);
+        assert!(rmp_serde::from_slice::<Signature>(&rmp_serde::to_vec(&key).unwrap()).is_err());
     }
 }

@@ -84,7 +84,152 @@ pub mod close_code {
 
 /// One click entry: `[player, counter, count]` (a MessagePack array, also when structs are maps).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Click(pub PublicKey, pub String, pub u32);
+pub struct Click(pub PublicKey, pub CounterName, pub u32);
+
+/// A click's counter name as it arrived (a MessagePack str). Names of up to
+/// [`COUNTER_NAME_BYTES_MAX`] bytes (every valid one) are held inline, so decoding a `clicks`
+/// frame of 2048 entries allocates nothing per entry; a longer name is kept on the heap so that
+/// the gateway can still refuse it as an invalid name (rather than as an undecodable frame).
+/// Whether a name is valid is [`counter_name_is_valid`]'s business, not this type's.
+#[derive(Clone)]
+pub struct CounterName(NameRepr);
+
+#[derive(Clone)]
+enum NameRepr {
+    Inline {
+        len: u8,
+        bytes: [u8; COUNTER_NAME_BYTES_MAX],
+    },
+    Heap(Box<str>),
+}
+
+impl CounterName {
+    pub fn new(name: &str) -> CounterName {
+        if name.len() <= COUNTER_NAME_BYTES_MAX {
+            let mut bytes = [0u8; COUNTER_NAME_BYTES_MAX];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            CounterName(NameRepr::Inline {
+                len: name.len() as u8,
+                bytes,
+            })
+        } else {
+            CounterName(NameRepr::Heap(name.into()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Copied from a `&str` whole, so valid UTF-8 (ASCII for any valid name).
+            NameRepr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).expect("copied from a str")
+            }
+            NameRepr::Heap(name) => name,
+        }
+    }
+}
+
+impl std::ops::Deref for CounterName {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for CounterName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for CounterName {
+    fn from(name: &str) -> CounterName {
+        CounterName::new(name)
+    }
+}
+
+impl From<String> for CounterName {
+    fn from(name: String) -> CounterName {
+        CounterName::new(&name)
+    }
+}
+
+impl From<&String> for CounterName {
+    fn from(name: &String) -> CounterName {
+        CounterName::new(name)
+    }
+}
+
+impl PartialEq for CounterName {
+    fn eq(&self, other: &CounterName) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for CounterName {}
+
+impl PartialEq<str> for CounterName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for CounterName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl std::hash::Hash for CounterName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl std::fmt::Debug for CounterName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for CounterName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for CounterName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for CounterName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<CounterName, D::Error> {
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = CounterName;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a counter name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<CounterName, E> {
+                Ok(CounterName::new(name))
+            }
+
+            // Like `String`: UTF-8 bytes (a MessagePack bin) are taken as the name.
+            fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<CounterName, E> {
+                std::str::from_utf8(bytes)
+                    .map(CounterName::new)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Bytes(bytes), &self))
+            }
+        }
+
+        deserializer.deserialize_str(Visitor)
+    }
+}
 
 /// Is `name` a valid counter name?
 pub fn counter_name_is_valid(name: &str) -> bool {
@@ -771,6 +916,30 @@ mod tests {
 
     fn key(seed: u8) -> Keypair {
         Keypair::from_seed([seed; 32])
+    }
+
+    #[test]
+    fn a_counter_name_is_a_msgpack_str_of_any_length_and_compares_as_one() {
+        for name in ["gold", "", "a-32-byte-name_0123456789abcdefg", &"x".repeat(200)] {
+            let counter = CounterName::from(name);
+            assert_eq!(counter.as_str(), name);
+            assert_eq!(counter, *name);
+            // Encoded exactly as a `String` would be, and decoded from one.
+            let bytes = rmp_serde::to_vec(&counter).unwrap();
+            assert_eq!(bytes, rmp_serde::to_vec(name).unwrap());
+            let back: CounterName = rmp_serde::from_slice(&bytes).unwrap();
+            assert_eq!(back, counter);
+            // A bin of UTF-8 bytes is taken too, as for `String`.
+            let bin = rmp_serde::to_vec(&serde_bytes::Bytes::new(name.as_bytes())).unwrap();
+            assert_eq!(rmp_serde::from_slice::<CounterName>(&bin).unwrap(), counter);
+        }
+        assert!(counter_name_is_valid(&CounterName::from(
+            "a-32-byte-name_0123456789abcdefg"
+        )));
+        assert!(!counter_name_is_valid(&CounterName::from("x".repeat(33))));
+        let not_utf8 = rmp_serde::to_vec(&serde_bytes::Bytes::new(&[0xff, 0xfe])).unwrap();
+        assert!(rmp_serde::from_slice::<CounterName>(&not_utf8).is_err());
+        assert!(rmp_serde::from_slice::<CounterName>(&rmp_serde::to_vec(&7u32).unwrap()).is_err());
     }
 
     fn every_client_message() -> Vec<ClientMessage> {
