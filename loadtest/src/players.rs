@@ -1141,7 +1141,10 @@ async fn settler(studio: Client, every: Duration, live: Arc<Live>, stop: Arc<Ato
                 live.settlement_entries
                     .fetch_add(u64::from(window.entries), Ordering::Relaxed);
             }
-            Err(error) => live.error(format!("settle:{}", reason(&error))),
+            Err(error) => {
+                tracing::warn!(%error, "settle_clicks failed");
+                live.error(format!("settle:{}", reason(&error)));
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
-use hoard_types::wire::{Click, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
+use hoard_types::wire::{Click, CounterName, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
 
 // `Pending::add` numbers the clicks of one message with u16.
 const _: () = assert!(CLICKS_PER_FRAME_MAX <= u16::MAX as usize);
@@ -239,7 +239,7 @@ impl Clicks {
         let mut total = 0u64;
         // Clicks of one message usually name the same counter: a name equal to the previous
         // click's was checked already.
-        let mut checked: Option<&str> = None;
+        let mut checked: Option<&CounterName> = None;
         for Click(who, counter, count) in clicks {
             if let Some(player) = player {
                 if who != player {
@@ -249,7 +249,7 @@ impl Clicks {
                     });
                 }
             }
-            if checked != Some(counter.as_str()) {
+            if checked != Some(counter) {
                 if !hoard_types::wire::counter_name_is_valid(counter) {
                     return Err(ClickError {
                         code: ErrorCode::Invalid,
@@ -290,11 +290,11 @@ impl Clicks {
         // COUNTERS_PER_TENANT_MAX distinct names get through `intern`, so a u16 holds the index.
         let mut names: Vec<Arc<str>> = Vec::new();
         let mut index_of: HashMap<&str, u16> = HashMap::new();
-        let mut last: Option<(&str, u16)> = None;
+        let mut last: Option<(&CounterName, u16)> = None;
         let mut counter_of: Vec<u16> = Vec::with_capacity(clicks.len());
         for Click(_, counter, _) in clicks {
             let index = match last {
-                Some((name, index)) if name == counter.as_str() => index,
+                Some((name, index)) if name == counter => index,
                 _ => {
                     let index = match index_of.get(counter.as_str()) {
                         Some(&index) => index,

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use hoard_types::constants::{EXPIRY_HORIZON_BLOCKS_MAX, SETTLEMENT_ENTRIES_MAX};
+use hoard_types::constants::{EXPIRY_HORIZON_BLOCKS_MAX, SETTLEMENT_ENTRIES_MAX, TX_PAYLOAD_BYTES_MAX};
 use hoard_types::wire::ErrorCode;
 use hoard_types::{
     Amount, CurrencyId, EventId, Grant, Keypair, PublicKey, Settlement, TenantId, Transaction, TxBody,
@@ -73,6 +73,34 @@ pub fn settlement_event_id(tenant: TenantId, window: u64, chunk: u32) -> EventId
     ])
 }
 
+/// Room in a settlement's payload for everything but its entries (chain id, tenant, event id,
+/// expiry, the body's tag and the entries' array header: under 100 bytes encoded).
+const SETTLEMENT_PAYLOAD_OVERHEAD_BYTES: usize = 256;
+
+/// Splits a window's entries into settlement transactions that each fit: at most
+/// [`SETTLEMENT_ENTRIES_MAX`] entries and a payload of at most [`TX_PAYLOAD_BYTES_MAX`] bytes
+/// (an entry is about 70 bytes, so a payload holds about 900, not 4,096: chunking by count
+/// alone made payloads of 280 KB that every gateway refused, and the window's stored plan
+/// then failed on every retry).
+fn settlement_chunks(entries: &[Settlement]) -> Vec<&[Settlement]> {
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    let mut bytes = SETTLEMENT_PAYLOAD_OVERHEAD_BYTES;
+    for (i, entry) in entries.iter().enumerate() {
+        let size = rmp_serde::to_vec(entry).expect("a settlement encodes").len();
+        if i > start && (i - start == SETTLEMENT_ENTRIES_MAX || bytes + size > TX_PAYLOAD_BYTES_MAX) {
+            chunks.push(&entries[start..i]);
+            start = i;
+            bytes = SETTLEMENT_PAYLOAD_OVERHEAD_BYTES;
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        chunks.push(&entries[start..]);
+    }
+    chunks
+}
+
 /// Settles one window of `tenant`.
 pub async fn settle(
     store: &Store,
@@ -122,8 +150,8 @@ pub async fn settle(
                 }
             }
             let expires_at = view.height() + EXPIRY_HORIZON_BLOCKS_MAX;
-            let transactions: Vec<Transaction> = entries
-                .chunks(SETTLEMENT_ENTRIES_MAX)
+            let transactions: Vec<Transaction> = settlement_chunks(&entries)
+                .into_iter()
                 .enumerate()
                 .map(|(chunk, entries)| {
                     TxPayload {
@@ -198,6 +226,54 @@ pub async fn settle(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settlement_chunks_fit_a_transaction_payload_and_keep_every_entry_in_order() {
+        let studio = Keypair::from_seed([4; 32]);
+        // The largest entries a rule can make: a 16-byte symbol and a u128 amount.
+        let entries: Vec<Settlement> = (0..10_000u32)
+            .map(|i| Settlement {
+                to: Keypair::from_seed([(i % 251) as u8; 32]).public(),
+                grant: Grant::Currency {
+                    currency: CurrencyId::new("GOLDGOLDGOLDGOLD"),
+                    amount: Amount(u128::MAX - u128::from(i)),
+                },
+            })
+            .collect();
+        let chunks = settlement_chunks(&entries);
+        assert!(
+            chunks.len() > 10_000 / SETTLEMENT_ENTRIES_MAX + 1,
+            "{} chunks",
+            chunks.len()
+        );
+        assert_eq!(chunks.concat(), entries);
+        for (chunk, entries) in chunks.iter().enumerate() {
+            assert!(!entries.is_empty() && entries.len() <= SETTLEMENT_ENTRIES_MAX);
+            let tx = TxPayload {
+                chain_id: u64::MAX,
+                tenant: TenantId(u64::MAX),
+                event_id: settlement_event_id(TenantId(u64::MAX), u64::MAX, chunk as u32),
+                expires_at: u64::MAX,
+                body: TxBody::Settle {
+                    entries: entries.to_vec(),
+                },
+            }
+            .sign(&[&studio]);
+            let payload = tx.decode_payload().expect("within the payload limit");
+            assert!(
+                tx.payload.len() <= TX_PAYLOAD_BYTES_MAX,
+                "{} bytes",
+                tx.payload.len()
+            );
+            assert_eq!(
+                payload.event_id,
+                settlement_event_id(TenantId(u64::MAX), u64::MAX, chunk as u32)
+            );
+        }
+        // A few entries make one transaction.
+        assert!(settlement_chunks(&entries[..10]).len() == 1);
+        assert!(settlement_chunks(&[]).is_empty());
+    }
 
     #[test]
     fn settlement_event_ids_differ_by_tenant_window_and_chunk() {

@@ -117,6 +117,14 @@ impl CounterName {
         }
     }
 
+    /// The name's bytes (no UTF-8 check).
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            NameRepr::Inline { len, bytes } => &bytes[..*len as usize],
+            NameRepr::Heap(name) => name.as_bytes(),
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // Copied from a `&str` whole, so valid UTF-8 (ASCII for any valid name).
@@ -161,8 +169,15 @@ impl From<&String> for CounterName {
 }
 
 impl PartialEq for CounterName {
+    /// Compares bytes (two inline names: one fixed-size array comparison, no UTF-8 check): the
+    /// gateway compares each click's name with the one before.
     fn eq(&self, other: &CounterName) -> bool {
-        self.as_str() == other.as_str()
+        match (&self.0, &other.0) {
+            (NameRepr::Inline { len: a, bytes: x }, NameRepr::Inline { len: b, bytes: y }) => {
+                a == b && x == y
+            }
+            _ => self.as_bytes() == other.as_bytes(),
+        }
     }
 }
 
@@ -182,7 +197,9 @@ impl PartialEq<&str> for CounterName {
 
 impl std::hash::Hash for CounterName {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state)
+        // As `str` hashes, so that a map keyed by names may be looked up either way.
+        state.write(self.as_bytes());
+        state.write_u8(0xff);
     }
 }
 
