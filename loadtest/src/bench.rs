@@ -51,7 +51,7 @@ pub const CHAIN_ACCOUNTS: usize = 1_000;
 pub struct ClickLoad {
     pub connections: usize,
     pub clicks_per_frame: usize,
-    /// Distinct players the clicks name (at most 15,000 keeps one gateway flush one pipeline).
+    /// Distinct players the clicks name (one gateway flush part holds 1,024 of them).
     pub players: usize,
     pub warmup: Duration,
     pub duration: Duration,
