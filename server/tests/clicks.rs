@@ -460,3 +460,62 @@ async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
     // script stays loaded in Redis across reconnections).
     assert_eq!(proxy.evalsha.load(Ordering::SeqCst), parts_sent + 1);
 }
+
+/// About 900 currency entries fit a 64 KiB settlement payload: a window paying 1,200 players is
+/// settled in two transactions (before, one of 4,096 entries went over the limit and the window
+/// answered `internal` on every retry).
+#[tokio::test]
+async fn a_window_paying_more_players_than_one_settlement_holds_is_settled_in_several() {
+    let store = TestStore::redis();
+    let mut gw = TestGateway::start(&store, |_| {}).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let currency = gw.world.define_currency(T1, "GOLD", 1_000_000_000);
+    assert_eq!(commit(&mut studio1, &currency).await.1, Outcome::Applied);
+    let players: Vec<hoard_types::Keypair> = (0..1_200).map(|i| key("payee", i)).collect();
+    // Registered in waves below the per-connection in-flight limit.
+    for wave in players.chunks(400) {
+        let mut waiting = std::collections::HashSet::new();
+        for player in wave {
+            let tx = gw.world.register(T1, &player.public(), Custody::Custodial);
+            waiting.insert(event_id_of(&tx));
+            let request_id = studio1.request_id();
+            studio1.send(&ClientMessage::Submit { request_id, tx }).await;
+        }
+        while !waiting.is_empty() {
+            match studio1.recv().await {
+                ServerMessage::Committed {
+                    event_id, outcome, ..
+                } => {
+                    assert_eq!(outcome, Outcome::Applied);
+                    waiting.remove(&event_id);
+                }
+                ServerMessage::Accepted { .. } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    let clicks: Vec<Click> = players
+        .iter()
+        .map(|p| Click(p.public(), "gold".into(), 250))
+        .collect();
+    assert_eq!(
+        click(&mut studio1, 1, clicks).await,
+        ServerMessage::ClicksAck { up_to: 1 }
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
+    let ServerMessage::Settlement {
+        entries, event_ids, ..
+    } = settled
+    else {
+        panic!("{settled:?}")
+    };
+    assert_eq!(entries, 1_200);
+    assert!(event_ids.len() >= 2, "{} transactions", event_ids.len());
+    for event_id in &event_ids {
+        wait_event(&gw, *event_id).await;
+    }
+    for player in [&players[0], &players[599], &players[1_199]] {
+        assert_eq!(balance(&mut studio1, player.public(), "GOLD").await, 2);
+    }
+}
