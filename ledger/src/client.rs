@@ -116,6 +116,9 @@ struct Pending {
     sent_at: Instant,
     next_retransmit: Instant,
     timeout: Duration,
+    /// Sent to the primary, whose connection was then lost: resent to every replica at the
+    /// retransmitter's next tick, whatever its timer.
+    orphaned: bool,
 }
 
 struct BlockTally {
@@ -141,6 +144,8 @@ struct Shared {
     in_flight_kib_max: u32,
     next_order: std::sync::atomic::AtomicU64,
     progress: Mutex<Progress>,
+    /// Whether each replica's connection is up (after its hello).
+    connected: Vec<std::sync::atomic::AtomicBool>,
 }
 
 /// What the retransmitter needs to tell a lost request from a queued one.
@@ -208,6 +213,11 @@ impl ChainClient {
             in_flight_kib_max: kib(limits.bytes_in_flight_max),
             next_order: std::sync::atomic::AtomicU64::new(0),
             progress: Mutex::new(Progress::default()),
+            connected: cluster
+                .replicas
+                .iter()
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
         });
         for (info, rx) in cluster.replicas.iter().zip(receivers) {
             tokio::spawn(connection(Arc::downgrade(&shared), info.id, info.address, rx));
@@ -272,12 +282,17 @@ impl ChainClient {
                     sent_at: now,
                     next_retransmit: now + timeout,
                     timeout,
+                    orphaned: false,
                 },
             );
         }
+        // To the primary; to every replica while we have no connection to it (it crashed or
+        // is cut off: the backups then forward the request and time the primary out).
         let primary = *self.shared.primary.lock().expect("primary lock");
-        self.shared
-            .send(Some(primary), NetMessage::Request(request).encode());
+        let to = self.shared.connected[primary as usize]
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then_some(primary);
+        self.shared.send(to, NetMessage::Request(request).encode());
         let result = rx.await;
         drop(_guard);
         drop(bytes_permit);
@@ -328,6 +343,22 @@ impl ChainClient {
 }
 
 impl Shared {
+    /// The connection to `replica` ended. If it is the primary (crashed, restarted, or cut off),
+    /// what we sent it may be lost with it: every pending request goes to all replicas at the
+    /// retransmitter's next tick instead of after its timer, so that the backups forward them
+    /// and start timing the primary out at once. (A primary that stops answering without
+    /// closing its connection is found by the timers alone.)
+    fn on_connection_lost(&self, replica: ReplicaId) {
+        self.connected[replica as usize].store(false, std::sync::atomic::Ordering::Relaxed);
+        if *self.primary.lock().expect("primary lock") != replica {
+            return;
+        }
+        let mut pending = self.pending.lock().expect("pending lock");
+        for entry in pending.values_mut() {
+            entry.orphaned = true;
+        }
+    }
+
     /// The first retransmission timeout: a multiple of the observed commit latency, bounded.
     fn first_retransmit(&self) -> Duration {
         let average = self.latency_average_us.load(std::sync::atomic::Ordering::Relaxed);
@@ -481,7 +512,9 @@ async fn retransmitter(shared: std::sync::Weak<Shared>) {
             let mut pending = shared.pending.lock().expect("pending lock");
             let mut due: Vec<(u64, Hash)> = pending
                 .iter()
-                .filter(|(_, entry)| entry.waiter.is_some() && entry.next_retransmit <= now)
+                .filter(|(_, entry)| {
+                    entry.waiter.is_some() && (entry.next_retransmit <= now || entry.orphaned)
+                })
                 .map(|(digest, entry)| (entry.order, *digest))
                 .collect();
             due.sort_unstable();
@@ -497,7 +530,7 @@ async fn retransmitter(shared: std::sync::Weak<Shared>) {
                 // the load that caused the delay.
                 let stalled = last_commit.is_none_or(|at| now.duration_since(at) >= entry.timeout);
                 let overtaken = newest_committed > entry.order;
-                if stalled || overtaken {
+                if stalled || overtaken || std::mem::take(&mut entry.orphaned) {
                     entry.timeout = (entry.timeout * 2).min(RETRANSMIT_AFTER_MAX);
                     entry.next_retransmit = now + entry.timeout;
                     resend.push(entry.payload.clone());
@@ -560,6 +593,9 @@ async fn connection(
             }
         }
         let (mut sink, mut stream) = framed.split();
+        if let Some(shared) = shared.upgrade() {
+            shared.connected[replica as usize].store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         loop {
             tokio::select! {
                 frame = outgoing.recv() => {
@@ -577,5 +613,8 @@ async fn connection(
             }
         }
         tracing::debug!(replica, %address, "replica connection lost; redialling");
+        if let Some(shared) = shared.upgrade() {
+            shared.on_connection_lost(replica);
+        }
     }
 }

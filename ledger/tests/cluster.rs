@@ -133,3 +133,87 @@ async fn the_client_keeps_at_most_its_byte_budget_in_flight() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(client.in_flight().0, 0);
 }
+
+#[tokio::test]
+async fn when_the_primary_connection_drops_pending_requests_go_to_every_replica_at_once() {
+    use futures::StreamExt;
+    use hoard_ledger::cluster::{Cluster, ReplicaInfo};
+    use hoard_ledger::net::{codec, NetMessage};
+    use hoard_types::Transaction;
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+    // Replica 0 (the primary of view 0) takes the request and then its process dies; replica 1
+    // records what reaches it. Replicas 2 and 3 are not there.
+    let listeners = [
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    ];
+    let world = World::new(1);
+    let replicas = (0..4u32)
+        .map(|id| ReplicaInfo {
+            id,
+            public_key: key("replica", u64::from(id)).public().to_hex(),
+            address: match listeners.get(id as usize) {
+                Some(listener) => listener.local_addr().unwrap(),
+                None => std::net::SocketAddr::from(([127, 0, 0, 1], hoard_ledger::testing::free_port())),
+            },
+            metrics: None,
+        })
+        .collect();
+    let cluster = Cluster::new(world.genesis(), replicas).unwrap();
+    let [primary, backup] = listeners;
+    let (backup_got, mut backup_requests) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (stream, _) = backup.accept().await.unwrap();
+        let mut framed = Framed::new(stream, codec());
+        while let Some(Ok(frame)) = framed.next().await {
+            if let Ok(NetMessage::Request(request)) = NetMessage::decode(&frame) {
+                let _ = backup_got.send((request, tokio::time::Instant::now()));
+            }
+        }
+    });
+    let client = ChainClient::connect(&cluster, 1);
+    let (stream, _) = primary.accept().await.unwrap();
+    let mut framed = Framed::new(stream, codec());
+    // Both connections up (the client sends to all replicas while it has none to the primary).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let submission = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .submit(&[Transaction {
+                    payload: vec![1; 100],
+                    signatures: Vec::new(),
+                }])
+                .await
+        })
+    };
+    loop {
+        let frame = framed
+            .next()
+            .await
+            .expect("the request reaches the primary")
+            .unwrap();
+        if matches!(NetMessage::decode(&frame), Ok(NetMessage::Request(_))) {
+            break;
+        }
+    }
+    assert!(
+        backup_requests.try_recv().is_err(),
+        "while the primary is up, the request goes to it alone"
+    );
+    drop(framed);
+    let lost_at = tokio::time::Instant::now();
+    let (_, arrived) = tokio::time::timeout(Duration::from_secs(5), backup_requests.recv())
+        .await
+        .expect("the backup gets the request")
+        .unwrap();
+    // No commit was ever observed, so the first retransmission timer is RETRANSMIT_AFTER
+    // (1 s) after the submission: the request came because the primary's connection dropped.
+    assert!(
+        arrived.duration_since(lost_at) < hoard_ledger::client::RETRANSMIT_AFTER / 2,
+        "resent {:?} after the primary's connection dropped",
+        arrived.duration_since(lost_at)
+    );
+    submission.abort();
+}
