@@ -118,6 +118,7 @@ impl CounterName {
     }
 
     /// The name's bytes (no UTF-8 check).
+    #[inline]
     pub fn as_bytes(&self) -> &[u8] {
         match &self.0 {
             NameRepr::Inline { len, bytes } => &bytes[..*len as usize],
@@ -125,6 +126,7 @@ impl CounterName {
         }
     }
 
+    #[inline]
     pub fn as_str(&self) -> &str {
         match &self.0 {
             // Copied from a `&str` whole, so valid UTF-8 (ASCII for any valid name).
@@ -139,6 +141,7 @@ impl CounterName {
 impl std::ops::Deref for CounterName {
     type Target = str;
 
+    #[inline]
     fn deref(&self) -> &str {
         self.as_str()
     }
@@ -171,6 +174,7 @@ impl From<&String> for CounterName {
 impl PartialEq for CounterName {
     /// Compares bytes (two inline names: one fixed-size array comparison, no UTF-8 check): the
     /// gateway compares each click's name with the one before.
+    #[inline]
     fn eq(&self, other: &CounterName) -> bool {
         match (&self.0, &other.0) {
             (NameRepr::Inline { len: a, bytes: x }, NameRepr::Inline { len: b, bytes: y }) => {
