@@ -530,7 +530,9 @@ async fn retransmitter(shared: std::sync::Weak<Shared>) {
                 // the load that caused the delay.
                 let stalled = last_commit.is_none_or(|at| now.duration_since(at) >= entry.timeout);
                 let overtaken = newest_committed > entry.order;
-                if stalled || overtaken || std::mem::take(&mut entry.orphaned) {
+                // Cleared whichever reason sends it now (else it would be due again next tick).
+                let orphaned = std::mem::take(&mut entry.orphaned);
+                if stalled || overtaken || orphaned {
                     entry.timeout = (entry.timeout * 2).min(RETRANSMIT_AFTER_MAX);
                     entry.next_retransmit = now + entry.timeout;
                     resend.push(entry.payload.clone());

@@ -147,12 +147,6 @@ impl std::ops::Deref for CounterName {
     }
 }
 
-impl AsRef<str> for CounterName {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl From<&str> for CounterName {
     fn from(name: &str) -> CounterName {
         CounterName::new(name)
@@ -162,12 +156,6 @@ impl From<&str> for CounterName {
 impl From<String> for CounterName {
     fn from(name: String) -> CounterName {
         CounterName::new(&name)
-    }
-}
-
-impl From<&String> for CounterName {
-    fn from(name: &String) -> CounterName {
-        CounterName::new(name)
     }
 }
 
