@@ -694,7 +694,13 @@ impl Ledger {
                 if from == to {
                     return Err(Rejection::SelfTransfer);
                 }
-                self.require_account(tenant, to)?;
+                let known = assets.iter().any(|asset| match asset {
+                    Asset::Currency { currency, .. } => self.holds_currency(tenant, currency, to),
+                    Asset::Item { .. } => false,
+                });
+                if !known {
+                    self.require_account(tenant, to)?;
+                }
                 self.check_gives(tenant, from, assets, false)?;
                 self.move_assets(tenant, from, to, assets);
             }
@@ -778,7 +784,13 @@ impl Ledger {
     }
 
     fn apply_grant(&mut self, tenant: TenantId, to: &PublicKey, grant: &Grant) -> Check {
-        self.require_account(tenant, to)?;
+        let known = match grant {
+            Grant::Currency { currency, .. } => self.holds_currency(tenant, currency, to),
+            _ => false,
+        };
+        if !known {
+            self.require_account(tenant, to)?;
+        }
         match grant {
             Grant::Currency { currency, amount } => {
                 let slot = self.currency_slot(tenant, currency)?;
@@ -1063,6 +1075,17 @@ impl Ledger {
         }
     }
 
+    /// Whether `account` holds a balance of `tenant`'s `currency`. Then it is a registered
+    /// account of `tenant` (balances are only credited to registered accounts and accounts are
+    /// never removed; [`Ledger::check_invariants`] checks it), so the accounts lookup, a cache
+    /// miss per settlement entry or transfer, can be skipped; and the balance is in cache for
+    /// the credit that follows. A `false` says nothing: the caller then looks the account up.
+    fn holds_currency(&self, tenant: TenantId, currency: &CurrencyId, account: &PublicKey) -> bool {
+        self.currency_slots
+            .get(tenant, currency)
+            .is_some_and(|slot| self.balances.contains_key(&(slot, *account)))
+    }
+
     fn currency_slot(&self, tenant: TenantId, currency: &CurrencyId) -> Check<u32> {
         self.currency_slots
             .get(tenant, currency)
@@ -1300,10 +1323,17 @@ impl Ledger {
     /// for every currency and class, `minted == held + burned`, and `minted <= max_supply`.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         let mut held = vec![0u128; self.currencies.len()];
-        for ((slot, _), balance) in &self.balances {
+        for ((slot, account), balance) in &self.balances {
             let amount = &balance.amount;
             if amount.is_zero() {
                 return Err("a zero balance is stored".into());
+            }
+            // `holds_currency` relies on this.
+            let tenant = self.currencies[*slot as usize].tenant;
+            if !self.accounts.contains_key(&(tenant, *account)) {
+                return Err(format!(
+                    "a balance of an account not registered with tenant {tenant:?}"
+                ));
             }
             held[*slot as usize] += amount.0;
         }
