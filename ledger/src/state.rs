@@ -13,14 +13,19 @@
 //!    marked duplicate, and nothing changes;
 //! 4. it has not expired (`expires_at >= height`) and does not reach past the window
 //!    (`expires_at <= height + EXPIRY_HORIZON_BLOCKS_MAX`);
-//! 5. the tenant exists, and the signers are exactly the authorities the body needs;
+//! 5. the tenant exists, and the signers are exactly the authorities the body needs; when they
+//!    are not, the rejection goes on to step 6 if a member of the tenant (its studio key or an
+//!    account registered with it) signed, and is returned unremembered otherwise;
 //! 6. the tenant's deduplication window has room (fewer than the genesis cap,
 //!    [`Genesis::window_cap`], events remembered), else `window_full`;
 //! 7. the body applies whole or not at all.
 //!
-//! Rejections at steps 1-6 are not remembered (the sender had no authority to claim the event
-//! id, so a forged or broken submission cannot block the real one). From step 7 on, the
-//! outcome, applied or rejected, is remembered until `expires_at` passes: resubmitting returns it.
+//! Rejections at steps 1-4, at step 5 without a member's signature, and at step 6 are not
+//! remembered: the sender had no authority to claim the event id (so a forged or broken
+//! submission cannot block the real one), or the window is full (the same event may come back).
+//! Every other outcome, applied or rejected, is remembered until `expires_at` passes:
+//! resubmitting returns it. (A member could claim any of its tenant's event ids anyway, with an
+//! authorised event that step 7 rejects; nothing signed outside a tenant reaches its window.)
 //! (A full window is a tenant's own back-pressure: its events wait for older ones to expire, and
 //! one tenant's load never fills another's window.)
 //!
@@ -510,13 +515,16 @@ impl Ledger {
         if payload.expires_at > height + EXPIRY_HORIZON_BLOCKS_MAX {
             return receipt(Outcome::rejected(Rejection::ExpiryTooFar), height, false);
         }
-        if let Err(reason) = self.authorize(payload, tx) {
-            return receipt(Outcome::rejected(reason), height, false);
+        let authorized = self.authorize(payload, tx);
+        if let Err(reason) = authorized {
+            if !self.signed_by_member(payload.tenant, tx) {
+                return receipt(Outcome::rejected(reason), height, false);
+            }
         }
         if self.window_counts.get(&payload.tenant).copied().unwrap_or(0) >= self.window_cap {
             return receipt(Outcome::rejected(Rejection::WindowFull), height, false);
         }
-        let outcome = match self.apply_body(payload.tenant, &payload.body) {
+        let outcome = match authorized.and_then(|()| self.apply_body(payload.tenant, &payload.body)) {
             Ok(outcome) => outcome,
             Err(reason) => Outcome::rejected(reason),
         };
@@ -589,6 +597,19 @@ impl Ledger {
         } else {
             Err(Rejection::MissingSignature)
         }
+    }
+
+    /// Whether a member of `tenant` signed `tx`: its studio key, or an account registered with
+    /// it. A member can claim any of the tenant's event ids anyway (an authorised event that
+    /// step 7 rejects is remembered), so its authorisation failures are remembered too, and
+    /// final; no one else's are, so that nothing signed outside a tenant writes to its window.
+    fn signed_by_member(&self, tenant: TenantId, tx: &Transaction) -> bool {
+        let Some(info) = self.tenants.get(&tenant) else {
+            return false;
+        };
+        tx.signatures.iter().any(|entry| {
+            entry.signer == info.studio_key || self.accounts.contains_key(&(tenant, entry.signer))
+        })
     }
 
     /// Who signs for `account`: the account itself, or the studio for a custodial account.

@@ -497,6 +497,62 @@ fn replays_on_another_chain_and_forged_event_ids_do_nothing() {
     assert_eq!(chain.one(real), Outcome::Applied);
 }
 
+/// An authorisation failure signed by a member of the tenant (its studio, or one of its
+/// accounts) is final like any other outcome: remembered, so that resubmitting the same event
+/// once it would pass returns the first rejection and changes nothing.
+#[test]
+fn a_members_authorisation_failure_is_remembered_and_final() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let studio = chain.world.studio(A).clone();
+    let carol = key("carol", 0);
+    // The studio burns from an account not registered yet: no one can sign for it.
+    let event = chain.world.next_event_id();
+    let burn = TxBody::Burn {
+        from: carol.public(),
+        assets: vec![gold(5)],
+    };
+    let early = chain.world.tx_with_id(A, event, burn.clone(), &[&studio]);
+    assert_eq!(chain.one(early.clone()), rejected(Rejection::UnknownAccount));
+    let setup = vec![
+        chain.world.register(A, &carol.public(), Custody::Custodial),
+        chain.world.mint_currency(A, &carol.public(), "GOLD", 5),
+    ];
+    assert!(chain.block(setup).iter().all(|r| r.outcome == Outcome::Applied));
+    let again = chain.block(vec![early]);
+    assert!(again[0].duplicate);
+    assert_eq!(again[0].outcome, rejected(Rejection::UnknownAccount));
+    assert_eq!(
+        chain
+            .ledger
+            .balance(A, &CurrencyId("GOLD".into()), &carol.public()),
+        Amount(5)
+    );
+    assert!(chain.ledger.event(A, &event).is_some());
+    // A custodial player signs its own transfer: the studio must. Remembered too.
+    let event = chain.world.next_event_id();
+    let body = TxBody::Transfer {
+        from: bob.public(),
+        to: alice.public(),
+        assets: vec![gold(1)],
+    };
+    let tx = chain.world.tx_with_id(A, event, body, &[&bob]);
+    assert_eq!(chain.one(tx.clone()), rejected(Rejection::MissingSignature));
+    let again = chain.block(vec![tx]);
+    assert!(again[0].duplicate);
+    // Someone outside the tenant gets the same kind of refusal, not remembered (the test
+    // above: the real event still applies).
+    let event = chain.world.next_event_id();
+    let body = TxBody::Transfer {
+        from: alice.public(),
+        to: bob.public(),
+        assets: vec![gold(1)],
+    };
+    let stranger = key("stranger", 0);
+    let forged = chain.world.tx_with_id(A, event, body, &[&stranger]);
+    assert_eq!(chain.one(forged), rejected(Rejection::MissingSignature));
+    assert!(chain.ledger.event(A, &event).is_none());
+}
+
 /// Nothing signed for tenant A reaches tenant B, for every transaction kind: studio A signing a
 /// transaction in B's namespace is refused as `wrong_tenant`, and transactions in A's namespace
 /// naming B's accounts or items find nothing. B's state root entries are untouched.
