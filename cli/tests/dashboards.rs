@@ -18,12 +18,14 @@
 //! redis-server die with it), also when an assertion fails.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+mod support;
+use support::Background;
 
 /// Seconds the demo's players play (longer than the checks need; the demo is stopped after them).
 const DEMO_DURATION_SECONDS: u64 = 120;
@@ -257,9 +259,10 @@ fn dashboards_against_a_live_stack() {
     );
 }
 
-/// `hoard demo --serve`, stopped on drop.
+/// `hoard demo --serve`, stopped on drop (SIGTERM: the demo stops its players, replicas and
+/// redis-server; then SIGKILL).
 struct Demo {
-    child: Child,
+    process: Background,
     /// What it printed up to its endpoints (the input of prometheus-from-demo.sh).
     log: PathBuf,
     gateway_metrics: SocketAddr,
@@ -268,87 +271,54 @@ struct Demo {
 
 impl Demo {
     fn start(dir: &Path) -> Demo {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
-            .args(["demo", "--serve", "--players", "200", "--clicks-per-second", "5"])
-            .args([
-                "--asset-event-share",
-                "0.05",
-                "--duration",
-                &DEMO_DURATION_SECONDS.to_string(),
-            ])
-            // Inside the scratch directory, so that it goes even if the demo is killed.
-            .arg("--data-dir")
-            .arg(dir.join("demo"))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start hoard demo");
-        let stdout = child.stdout.take().expect("stdout");
-        let (lines, received) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if lines.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut demo = Demo {
-            child,
-            log: dir.join("demo.log"),
-            gateway_metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
-            replica_metrics: Vec::new(),
-        };
-        let deadline = Instant::now() + DEMO_START_TIMEOUT;
-        let mut printed = String::new();
-        while demo.gateway_metrics.port() == 0 || demo.replica_metrics.len() < REPLICAS {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = received
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("hoard demo did not print its endpoints in time:\n{printed}"));
-            printed.push_str(&line);
-            printed.push('\n');
+        let duration = DEMO_DURATION_SECONDS.to_string();
+        // The data directory inside the scratch directory, so that it goes even if the demo is
+        // killed.
+        let data = dir.join("demo");
+        let args: Vec<&std::ffi::OsStr> = [
+            "demo",
+            "--serve",
+            "--players",
+            "200",
+            "--clicks-per-second",
+            "5",
+            "--asset-event-share",
+            "0.05",
+            "--duration",
+            &duration,
+            "--data-dir",
+        ]
+        .into_iter()
+        .map(std::ffi::OsStr::new)
+        .chain([data.as_os_str()])
+        .collect();
+        let mut process = Background::start(&args, "TERM");
+        let mut gateway_metrics = None;
+        let mut replica_metrics = Vec::new();
+        let printed = process.read_until(DEMO_START_TIMEOUT, |line| {
             let address = || {
                 let rest = line.split("http://").nth(1)?;
                 rest.split('/').next()?.parse::<SocketAddr>().ok()
             };
             if line.contains("gateway metrics:") {
-                demo.gateway_metrics = address().expect("gateway metrics address");
+                gateway_metrics = Some(address().expect("gateway metrics address"));
             } else if line.contains("replica") && line.contains("metrics:") {
-                demo.replica_metrics
-                    .push(address().expect("replica metrics address"));
+                replica_metrics.push(address().expect("replica metrics address"));
             }
+            gateway_metrics.is_some() && replica_metrics.len() >= REPLICAS
+        });
+        let log = dir.join("demo.log");
+        std::fs::write(&log, &printed).expect("write demo.log");
+        Demo {
+            process,
+            log,
+            gateway_metrics: gateway_metrics.expect("read until printed"),
+            replica_metrics,
         }
-        std::fs::write(&demo.log, &printed).expect("write demo.log");
-        // Keep draining its output so that it never blocks on a full pipe.
-        std::thread::spawn(move || while received.recv().is_ok() {});
-        demo
     }
 
     fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            panic!("hoard demo exited early: {status}");
-        }
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        // SIGTERM: the demo stops its players, replicas and redis-server; then SIGKILL.
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.assert_running();
     }
 }
 
