@@ -217,3 +217,59 @@ async fn when_the_primary_connection_drops_pending_requests_go_to_every_replica_
     );
     submission.abort();
 }
+
+/// Slot records at or below a stable checkpoint leave the disk (a few per round, after the
+/// round's messages): over 3 checkpoints (interval 64) of one replica, none at or below the
+/// second-last stable checkpoint is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_records_below_a_stable_checkpoint_are_deleted() {
+    const INTERVAL: u64 = 64;
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::new(1);
+    let cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
+    let client = ChainClient::connect(&cluster.cluster, 1);
+    let alice = key("alice", 0);
+    let setup = vec![
+        world.define_currency(T, "GOLD", 1_000_000),
+        world.register(T, &alice.public(), Custody::Custodial),
+    ];
+    tokio::time::timeout(Duration::from_secs(20), client.submit(&setup))
+        .await
+        .unwrap()
+        .unwrap();
+    // One request at a time: one slot each.
+    let mut height = 0;
+    while height < 3 * INTERVAL + 8 {
+        let tx = world.mint_currency(T, &alice.public(), "GOLD", 1);
+        height = tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx]))
+            .await
+            .unwrap()
+            .unwrap()
+            .height;
+    }
+    cluster.wait_for_height(height, Duration::from_secs(30)).await;
+    cluster.shutdown().await;
+    let config = hoard_ledger::cluster::NodeConfig::load(&dir.path().join("replica-0.toml")).unwrap();
+    let store = hoard_ledger::store::Engine::Sled
+        .open(&config.data_dir, hoard_ledger::store::StoreConfig::default())
+        .unwrap();
+    let slots: Vec<u64> = store
+        .records(b"pbft/slot/")
+        .unwrap()
+        .into_iter()
+        .map(|(key, _)| u64::from_be_bytes(key[10..18].try_into().unwrap()))
+        .collect();
+    assert!(
+        !slots.is_empty(),
+        "slots above the last stable checkpoint have records"
+    );
+    let stable = (height / INTERVAL) * INTERVAL;
+    assert!(
+        slots.iter().all(|seq| *seq > stable - INTERVAL),
+        "stable checkpoint {stable}: records left at {:?}",
+        slots
+            .iter()
+            .filter(|seq| **seq <= stable - INTERVAL)
+            .collect::<Vec<_>>()
+    );
+}
