@@ -16,6 +16,11 @@ pub const STREAM_WRITER_PIPELINE_MAX: usize = 512;
 pub const ACK_QUEUE_MAX: usize = 65_536;
 /// Stream entries acknowledged in one XACK.
 pub const XACK_IDS_MAX: usize = 1024;
+/// In-flight events one lost-entry sweep looks at (`Events::forget_lost`; one pipelined XRANGE
+/// per stream entry).
+pub const LOST_SWEEP_EVENTS_MAX: usize = 4096;
+/// How often the gateway looks for in-flight events whose stream entries Redis lost.
+pub const LOST_SWEEP_INTERVAL_MS: u64 = 5_000;
 /// Distinct (tenant, counter, player) keys buffered in memory between flushes. Over it: `busy`.
 pub const CLICK_KEYS_PENDING_MAX: usize = 2_000_000;
 /// Distinct counters per tenant.

@@ -430,6 +430,16 @@ impl EmbeddedStore {
         Ok(ids)
     }
 
+    /// Whether each entry is still in the stream (XRANGE `id id`).
+    pub fn present(&self, ids: &[String]) -> StoreResult<Vec<bool>> {
+        let ids = ids
+            .iter()
+            .map(|id| Id::parse(id))
+            .collect::<StoreResult<Vec<Id>>>()?;
+        let stream = lock(&self.stream);
+        Ok(ids.iter().map(|id| stream.entries.contains_key(id)).collect())
+    }
+
     /// XACK then XDEL.
     pub fn ack(&self, ids: &[String]) -> StoreResult<()> {
         let ids = ids

@@ -27,7 +27,9 @@ use hoard_types::{EventId, Hash, Outcome, Receipt, Rejection, TenantId, Transact
 
 use crate::chain::Chain;
 use crate::config::GatewayConfig;
-use crate::constants::{ACK_QUEUE_MAX, STREAM_WRITER_PIPELINE_MAX, STREAM_WRITER_QUEUE_MAX, XACK_IDS_MAX};
+use crate::constants::{
+    ACK_QUEUE_MAX, LOST_SWEEP_EVENTS_MAX, STREAM_WRITER_PIPELINE_MAX, STREAM_WRITER_QUEUE_MAX, XACK_IDS_MAX,
+};
 use crate::hub::{ConnId, Hub};
 use crate::metrics as m;
 use crate::store::{Store, StreamEntry, StreamReader};
@@ -68,6 +70,8 @@ struct InFlight {
     waiting: Vec<(ConnId, u64)>,
     durable: bool,
     accepted_at: Option<Instant>,
+    /// When this gateway began tracking the event (accepted here, or claimed).
+    tracked_at: Instant,
     /// The receipt, when the event committed before the writer saw its append's answer: the
     /// writer delivers it right after `accepted`, so that no connection hears `committed`
     /// before `accepted` (the batcher can read an entry, and the chain commit it, while the
@@ -160,6 +164,66 @@ impl Events {
         forgotten
     }
 
+    /// Forgets in-flight events whose stream entries are all gone although the ledger has not
+    /// committed them: Redis lost them without losing this gateway's marker (with AOF
+    /// `everysec`, the last second of writes before a crash), so nothing would ever submit them
+    /// and `event_status` would say `pending` for ever. Forgotten, they read `unknown`, and the
+    /// SDK resubmits them (appended again; the ledger keeps each event once). Looks at events
+    /// tracked for at least `older_than` (an entry is deleted only after its event committed, and
+    /// a committed event leaves the tracker first), at most [`LOST_SWEEP_EVENTS_MAX`] per call.
+    /// Returns how many were forgotten.
+    pub async fn forget_lost(&self, store: &Store, older_than: Duration) -> usize {
+        let candidates: Vec<((TenantId, EventId), Vec<String>)> = self
+            .tracker
+            .iter()
+            .filter(|e| e.durable && !e.stream_ids.is_empty() && e.tracked_at.elapsed() >= older_than)
+            .take(LOST_SWEEP_EVENTS_MAX)
+            .map(|e| (*e.key(), e.stream_ids.clone()))
+            .collect();
+        if candidates.is_empty() {
+            return 0;
+        }
+        let ids: Vec<String> = candidates
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        let present = match store.present(&ids).await {
+            Ok(present) => present,
+            Err(error) => {
+                tracing::debug!(%error, "lost-entry sweep skipped");
+                return 0;
+            }
+        };
+        let mut present = present.into_iter();
+        let mut conns = Vec::new();
+        let mut forgotten = 0;
+        for (key, ids) in candidates {
+            let any = present.by_ref().take(ids.len()).fold(false, |any, p| any | p);
+            if any || self.view.read(|l| l.event(key.0, &key.1).is_some()) {
+                continue;
+            }
+            // Unless a resubmission appended it again meanwhile.
+            if let Some((_, mut entry)) = self.tracker.remove_if(&key, |_, e| e.stream_ids == ids) {
+                forgotten += 1;
+                conns.append(&mut entry.conns);
+            }
+        }
+        for conn in conns {
+            if let Some(handle) = self.hub.get(conn) {
+                handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if forgotten > 0 {
+            metrics::counter!(m::EVENTS_LOST_TOTAL).increment(forgotten as u64);
+            metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
+            tracing::warn!(
+                forgotten,
+                "events in flight whose stream entries Redis lost were forgotten; their resubmissions are appended again"
+            );
+        }
+        forgotten
+    }
+
     /// Events in flight (accepted or claimed, not committed).
     pub fn in_flight(&self) -> usize {
         self.tracker.len()
@@ -242,6 +306,7 @@ impl Events {
                 waiting: Vec::new(),
                 durable: false,
                 accepted_at: Some(Instant::now()),
+                tracked_at: Instant::now(),
                 early_receipt: None,
             },
         );
@@ -342,8 +407,11 @@ impl Events {
 
     /// The stream writer's answer for one submission (`ok`: the append succeeded): `accepted`
     /// (or `unavailable`) to whoever waits, then a commit that arrived early.
-    pub(crate) fn written(&self, request: WriteRequest, ok: bool) {
+    /// The stream writer's answer for `request`: the id of its entry, or `None` when the
+    /// append failed.
+    pub(crate) fn written(&self, request: WriteRequest, stream_id: Option<String>) {
         let (tenant, event_id) = request.key;
+        let ok = stream_id.is_some();
         // The `accepted` pushes go out while the entry's lock is held, so that a receipt
         // handled at the same time pushes `committed` after them (see `early_receipt`).
         let mut entry = self.tracker.get_mut(&request.key);
@@ -352,6 +420,11 @@ impl Events {
             metrics::counter!(m::EVENTS_ACCEPTED_TOTAL, "kind" => request.kind).increment(1);
             let early = entry.as_mut().and_then(|entry| {
                 entry.durable = true;
+                if let Some(id) = stream_id {
+                    if !entry.stream_ids.contains(&id) {
+                        entry.stream_ids.push(id);
+                    }
+                }
                 for (conn, request_id) in std::mem::take(&mut entry.waiting) {
                     self.hub
                         .push(conn, ServerMessage::Accepted { request_id, event_id });
@@ -476,9 +549,11 @@ pub(crate) async fn run_writer(
         if let Err(error) = &result {
             tracing::warn!(%error, "appending to the event stream failed");
         }
-        let ok = result.is_ok();
+        let mut ids = result.ok().map(Vec::into_iter);
         for request in requests.drain(..) {
-            events.written(request, ok);
+            // One id per appended transaction, in order; none when the append failed.
+            let id = ids.as_mut().map(|ids| ids.next().expect("an id per transaction"));
+            events.written(request, id);
         }
     }
 }
@@ -615,6 +690,7 @@ pub async fn run_batcher(
                 waiting: Vec::new(),
                 durable: true,
                 accepted_at: None,
+                tracked_at: Instant::now(),
                 early_receipt: None,
             });
             if !in_flight.stream_ids.contains(&entry.id) {
@@ -734,7 +810,7 @@ mod tests {
             "committed pushed before accepted"
         );
         assert_eq!(events.in_flight(), 1);
-        events.written(request, true);
+        events.written(request, Some("7-0".into()));
         let pushed = drain(&mut outbound);
         assert!(
             matches!(
@@ -748,9 +824,9 @@ mod tests {
         );
         assert_eq!(events.in_flight(), 0);
         assert_eq!(
-            queues.acks.try_recv().ok(),
-            None,
-            "no stream id known yet: nothing to ack"
+            queues.acks.try_recv().ok().as_deref(),
+            Some("7-0"),
+            "the entry the writer appended is acknowledged"
         );
     }
 
@@ -766,7 +842,7 @@ mod tests {
             ..
         } = submit("bob", 4);
         events.on_receipt(&receipt(event_id, 2, Outcome::Applied), "register_account");
-        events.written(request, false);
+        events.written(request, None);
         let pushed = drain(&mut outbound);
         assert!(
             matches!(
@@ -791,7 +867,7 @@ mod tests {
             request,
             ..
         } = submit("carol", 5);
-        events.written(request, true);
+        events.written(request, Some("5-0".into()));
         assert!(matches!(
             drain(&mut outbound).as_slice(),
             [ServerMessage::Accepted { .. }]
@@ -810,5 +886,45 @@ mod tests {
             [ServerMessage::Committed { height: 5, .. }]
         ));
         assert_eq!(events.in_flight(), 0);
+    }
+
+    /// Redis lost an event's stream entry without losing the gateway's marker (the last second
+    /// of AOF `everysec`): nothing would submit the event again and it would stay `pending` for
+    /// ever. The sweep forgets it (`event_status`: unknown, so the SDK resubmits); an event whose
+    /// entry is still there stays, and nothing younger than the age given is looked at.
+    #[tokio::test]
+    async fn an_event_whose_stream_entry_was_lost_is_forgotten() {
+        let store = Store::Embedded(Arc::new(crate::embedded::EmbeddedStore::new()));
+        let mut world = World::new(1);
+        let txs = [
+            world.register(TenantId(1), &key("erin", 0).public(), Custody::Custodial),
+            world.register(TenantId(1), &key("frank", 0).public(), Custody::Custodial),
+        ];
+        let (events, mut queues, mut outbound) = pipeline(&world);
+        let mut ids = Vec::new();
+        for (request_id, tx) in txs.iter().enumerate() {
+            let event_id = tx.decode_payload().expect("decodes").event_id;
+            let origin = Origin::Connection {
+                conn: 1,
+                request_id: request_id as u64,
+            };
+            assert!(matches!(
+                events.submit(TenantId(1), event_id, tx, "register_account", origin),
+                Ok(Submitted::Queued)
+            ));
+            ids.push(event_id);
+        }
+        let kept = queues.writer.try_recv().expect("queued");
+        let lost = queues.writer.try_recv().expect("queued");
+        // The first entry is in the stream; the second one's id names nothing (lost).
+        let appended = store.append(&[kept.bytes.as_slice()]).await.expect("append");
+        events.written(kept, appended.into_iter().next());
+        events.written(lost, Some("1-0".into()));
+        assert_eq!(drain(&mut outbound).len(), 2, "both accepted");
+        assert_eq!(events.forget_lost(&store, Duration::from_secs(3600)).await, 0);
+        assert_eq!(events.forget_lost(&store, Duration::ZERO).await, 1);
+        assert_eq!(events.status(TenantId(1), &ids[0]), Some(true), "still in flight");
+        assert_eq!(events.status(TenantId(1), &ids[1]), None, "forgotten: unknown");
+        assert_eq!(events.forget_lost(&store, Duration::ZERO).await, 0);
     }
 }

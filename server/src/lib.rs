@@ -358,13 +358,23 @@ async fn sweep_offers(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// missing marker means Redis restarted without its data (no persistence, or a lost disk): the
 /// consumer group is created again and the events whose stream entries may be gone are
 /// forgotten (`event_status` then answers `unknown`), so that the SDK's resend of every event
-/// not seen committed appends them again; the ledger keeps each event once.
+/// not seen committed appends them again; the ledger keeps each event once. Every
+/// `LOST_SWEEP_INTERVAL_MS` it also forgets in-flight events whose stream entries are gone
+/// although the marker is not (`Events::forget_lost`: Redis with AOF `everysec` can lose the
+/// last second of writes and keep an older marker).
 async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut last_sweep = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = crate::stopped(&mut stop) => return,
+        }
+        // Entries Redis lost without losing the marker (the last second of AOF `everysec`).
+        if last_sweep.elapsed() >= Duration::from_millis(constants::LOST_SWEEP_INTERVAL_MS) {
+            last_sweep = tokio::time::Instant::now();
+            let older_than = Duration::from_millis(shared.config.events.claim_idle_ms);
+            shared.events.forget_lost(&shared.store, older_than).await;
         }
         let ok = match shared.store.check_marker(shared.events.consumer()).await {
             Ok(true) => true,

@@ -36,6 +36,7 @@ pub const REJECTIONS_TOTAL: &str = "hoard_gateway_rejections_total";
 pub const EVENTS_IN_FLIGHT: &str = "hoard_gateway_events_in_flight";
 pub const EVENTS_CLAIMED_TOTAL: &str = "hoard_gateway_events_claimed_total";
 pub const EVENTS_WINDOW_FULL_TOTAL: &str = "hoard_gateway_events_window_full_total";
+pub const EVENTS_LOST_TOTAL: &str = "hoard_gateway_events_lost_total";
 pub const BATCH_SIZE_TRANSACTIONS: &str = "hoard_gateway_batch_size_transactions";
 pub const BATCH_SUBMIT_FAILURES_TOTAL: &str = "hoard_gateway_batch_submit_failures_total";
 pub const COMMIT_LATENCY_SECONDS: &str = "hoard_gateway_commit_latency_seconds";
@@ -167,6 +168,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "counter",
         "",
         "Events the ledger refused because their tenant's deduplication window was full (kept in flight and resubmitted)",
+    ),
+    (
+        EVENTS_LOST_TOTAL,
+        "counter",
+        "",
+        "Events in flight whose stream entries Redis lost (all gone, not committed): forgotten so that their resubmissions are appended again",
     ),
     (
         BATCH_SIZE_TRANSACTIONS,

@@ -325,6 +325,14 @@ impl Store {
         }
     }
 
+    /// Whether each entry is still in the stream (Redis: one `XRANGE id id` each, pipelined).
+    pub async fn present(&self, ids: &[String]) -> StoreResult<Vec<bool>> {
+        match self {
+            Store::Redis(redis) => redis.checked(redis.present(ids).await).await,
+            Store::Embedded(embedded) => embedded.present(ids),
+        }
+    }
+
     /// Acknowledges entries for the group and deletes them from the stream.
     pub async fn ack(&self, ids: &[String]) -> StoreResult<()> {
         match self {
@@ -790,6 +798,16 @@ impl RedisStore {
             pipe.xadd(&self.stream, "*", &[(FIELD_TX, *bytes)]);
         }
         pipe.query_async(&mut connection).await
+    }
+
+    async fn present(&self, ids: &[String]) -> redis::RedisResult<Vec<bool>> {
+        let mut connection = self.handle.get().await?;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.xrange_count(&self.stream, id, id, 1);
+        }
+        let replies: Vec<redis::streams::StreamRangeReply> = pipe.query_async(&mut connection).await?;
+        Ok(replies.iter().map(|reply| !reply.ids.is_empty()).collect())
     }
 
     async fn ack(&self, ids: &[String]) -> redis::RedisResult<()> {

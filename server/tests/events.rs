@@ -568,3 +568,21 @@ async fn a_full_deduplication_window_delays_an_event_and_never_rejects_it() {
     assert!(counter_value(&metrics, "hoard_gateway_events_window_full_total") >= 1);
     gw.shutdown().await;
 }
+
+/// What the lost-entry sweep (`Events::forget_lost`) asks a real Redis: an appended entry is
+/// in the stream; an acknowledged one (XACK + XDEL) and an id never written are not.
+#[tokio::test]
+async fn the_stream_says_which_entries_it_still_holds() {
+    let redis = RedisServer::start();
+    let mut config = hoard_server::config::GatewayConfig::default();
+    config.redis.url = redis.url();
+    let store = hoard_server::store::Store::open(&config).unwrap();
+    store.ensure_group().await.unwrap();
+    let ids = store
+        .append(&[b"one".as_slice(), b"two".as_slice()])
+        .await
+        .unwrap();
+    store.ack(&ids[1..]).await.unwrap();
+    let asked = vec![ids[0].clone(), ids[1].clone(), "1-0".to_string()];
+    assert_eq!(store.present(&asked).await.unwrap(), vec![true, false, false]);
+}
