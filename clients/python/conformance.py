@@ -46,11 +46,10 @@ def short(x, n=600):
     return pretty(x, limit=n)
 
 
-async def submit_and_wait(conn, tx, event_id, timeout=COMMIT_TIMEOUT_S):
-    """`submit`, then the event's `committed`/`rejected` push: (answer, outcome), or (the error's
-    repr, None) when either fails."""
+async def try_submit_and_wait(conn, tx, timeout=COMMIT_TIMEOUT_S):
+    """`Conn.submit_and_wait`: (answer, outcome), or (the error's repr, None) when either fails."""
     try:
-        return await conn.submit(tx), await conn.outcome(event_id, timeout)
+        return await conn.submit_and_wait(tx, timeout)
     except Exception as e:  # noqa: BLE001
         return repr(e), None
 
@@ -415,7 +414,7 @@ class Suite:
 
         # 3.3: a custodial player's own signature is accepted by the gateway, then the ledger: missing_signature (final)
         ev, tx = await tbA.make(body("transfer", A.public, B.public, [asset_currency(GEM, 1)]), A)
-        acc, out = await submit_and_wait(pA, tx, ev, COMMIT_TIMEOUT_S)
+        acc, out = await try_submit_and_wait(pA, tx, COMMIT_TIMEOUT_S)
         check("custodial player submits its own transfer signed by itself -> accepted, then rejected "
               "{reason: missing_signature}", is_rejected(out, "missing_signature"), f"{short(acc)} {short(out)}")
         es = await s.call("event_status", event_id=ev)
@@ -423,7 +422,7 @@ class Suite:
               out is not None and es.get("state") == "committed" and es.get("height") == out[1].get("height")
               and es.get("outcome") == {"rejected": {"reason": "missing_signature"}}, short(es))
         _, tx2 = await tb.make(body("transfer", A.public, B.public, [asset_currency(GEM, 1)]), st, event_id=ev)
-        acc2, out2 = await submit_and_wait(s, tx2, ev, 15)
+        acc2, out2 = await try_submit_and_wait(s, tx2, 15)
         check("the same event id with a different (studio-signed, valid) transaction -> accepted, then the original "
               "rejected outcome; the new transaction is ignored",
               isinstance(acc2, dict) and acc2.get("event_id") == ev and out is not None
@@ -517,16 +516,13 @@ class Suite:
         ev, tx = await tb.make(body("mint", A.public, grant_currency(GEM, 7)), st)
         _, out1 = await s.submit_and_wait(tx, COMMIT_TIMEOUT_S)
         acc2 = await s.submit(tx)
-        try:
-            out2 = await s.outcome(ev, 15)
-        except asyncio.TimeoutError:
-            out2 = None
+        out2 = await s.outcome_or_none(ev, 15)
         check("resubmitting a committed event -> accepted and the original outcome pushed again",
               applied(out1) and acc2.get("event_id") == ev and out2 is not None and out2[1] == out1[1],
               f"{short(out1)} {short(out2)}")
         check("the resubmitted mint was credited once", await self.gem(s, A) == 902, "")
         _, txd = await tb.make(body("mint", A.public, grant_currency(GEM, 9)), st, event_id=ev)
-        acc3, out3 = await submit_and_wait(s, txd, ev, 15)
+        acc3, out3 = await try_submit_and_wait(s, txd, 15)
         check("a committed event id with a different transaction -> accepted, the original outcome, and the "
               "transaction ignored",
               isinstance(acc3, dict) and acc3.get("event_id") == ev and out3 is not None and out3[1] == out1[1]
@@ -567,10 +563,7 @@ class Suite:
         _, t = await tb.make(body("mint", P.public, grant_currency(GEM, 5)), st)
         _, o_ = await s.submit_and_wait(t, COMMIT_TIMEOUT_S)
         acc = await s.submit(tx)
-        try:
-            o2 = await s.outcome(ev, 15)
-        except asyncio.TimeoutError:
-            o2 = None
+        o2 = await s.outcome_or_none(ev, 15)
         es = await s.call("event_status", event_id=ev)
         gem_p = await self.gem(s, P)
         check("resubmitting it after the account is registered and funded -> accepted, the original rejection "
@@ -583,13 +576,13 @@ class Suite:
         X = Keypair()
         ev, tx = await tb.make(body("transfer", B.public, C.public, [asset_currency(GEM, 1)]), X)
         self.unremembered.add(ev)
-        acc, o1 = await submit_and_wait(s, tx, ev, COMMIT_TIMEOUT_S)
+        acc, o1 = await try_submit_and_wait(s, tx, COMMIT_TIMEOUT_S)
         check("studio submits a transfer signed only by a non-member key -> accepted, then rejected "
               "(missing_signature or unauthorized)", is_rejected(o1, "missing_signature", "unauthorized"),
               f"{short(acc)} {short(o1)}")
         _, txb = await TxBuilder(pB, self.T).make(body("transfer", B.public, C.public, [asset_currency(GEM, 1)]), B,
                                                  event_id=ev)
-        acc, o2 = await submit_and_wait(pB, txb, ev, COMMIT_TIMEOUT_S)
+        acc, o2 = await try_submit_and_wait(pB, txb, COMMIT_TIMEOUT_S)
         gb, gc = await self.gem(s, B), await self.gem(s, C)
         check("that event id stays free: the owner's own signed transaction with it -> accepted, applied",
               applied(o2) and gb == 1039 and gc == 1051,

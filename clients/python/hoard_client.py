@@ -364,6 +364,13 @@ class Conn:
         return await self.wait(lambda m: m[0] in ("committed", "rejected") and m[1].get("event_id") == event_id,
                                timeout)
 
+    async def outcome_or_none(self, event_id, timeout=30.0):
+        """Like `outcome`, but None when no push comes within `timeout`."""
+        try:
+            return await self.outcome(event_id, timeout)
+        except asyncio.TimeoutError:
+            return None
+
     async def submit_and_wait(self, tx, timeout=30.0):
         acc = await self.submit(tx)
         return acc, await self.outcome(payload_event_id(tx["payload"]), timeout)
