@@ -405,10 +405,9 @@ impl Events {
         }
     }
 
-    /// The stream writer's answer for one submission (`ok`: the append succeeded): `accepted`
-    /// (or `unavailable`) to whoever waits, then a commit that arrived early.
-    /// The stream writer's answer for `request`: the id of its entry, or `None` when the
-    /// append failed.
+    /// The stream writer's answer for one submission: the id of its stream entry, or `None`
+    /// when the append failed. `accepted` (or `unavailable`) to whoever waits, then a commit
+    /// that arrived early.
     pub(crate) fn written(&self, request: WriteRequest, stream_id: Option<String>) {
         let (tenant, event_id) = request.key;
         let ok = stream_id.is_some();
