@@ -586,3 +586,86 @@ async fn the_stream_says_which_entries_it_still_holds() {
     let asked = vec![ids[0].clone(), ids[1].clone(), "1-0".to_string()];
     assert_eq!(store.present(&asked).await.unwrap(), vec![true, false, false]);
 }
+
+/// Redis loses an accepted event's stream entry without losing the gateway's marker (AOF
+/// `everysec`: the last second before a crash; here an XDEL behind the gateway's back while the
+/// chain is paused). The gateway's sweep forgets the event (`event_status`: unknown), the
+/// client's resubmission is appended again, and once the chain moves the event applies once.
+#[tokio::test]
+async fn an_event_whose_stream_entry_redis_lost_is_forgotten_then_resubmitted_and_applied_once() {
+    let store = TestStore::redis();
+    let mut gw = TestGateway::start(&store, |c| c.events.claim_idle_ms = 500).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let alice = key("alice", 0);
+    let setup = [
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+        gw.world.register(T1, &alice.public(), Custody::Custodial),
+    ];
+    for tx in &setup {
+        assert_eq!(commit(&mut studio1, tx).await.1, Outcome::Applied);
+    }
+    gw.chain.set_paused(true);
+    let mint = gw.world.mint_currency(T1, &alice.public(), "GOLD", 7);
+    let event_id = event_id_of(&mint);
+    assert!(matches!(
+        submit(&mut studio1, &mint).await,
+        ServerMessage::Accepted { .. }
+    ));
+    // Redis loses the entry (and its pending record).
+    let redis = store.redis_server().expect("a real Redis");
+    let mut connection = redis.connection();
+    let stream = gw.gateway().shared().config.redis.stream.clone();
+    let group = gw.gateway().shared().config.redis.group.clone();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream)
+        .arg("-")
+        .arg("+")
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(entries.ids.len(), 1, "the accepted event is in the stream");
+    let id = entries.ids[0].id.clone();
+    let _: () = redis::cmd("XACK")
+        .arg(&stream)
+        .arg(&group)
+        .arg(&id)
+        .query(&mut connection)
+        .unwrap();
+    let _: () = redis::cmd("XDEL")
+        .arg(&stream)
+        .arg(&id)
+        .query(&mut connection)
+        .unwrap();
+    // Within a sweep interval plus claim_idle_ms, the event reads `unknown`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = request(&mut studio1, |request_id| ClientMessage::EventStatus {
+            request_id,
+            event_id,
+        })
+        .await;
+        match answer {
+            ServerMessage::EventStatus {
+                state: EventState::Unknown,
+                ..
+            } => break,
+            ServerMessage::EventStatus {
+                state: EventState::Pending,
+                ..
+            } => assert!(
+                std::time::Instant::now() < deadline,
+                "the lost event still reads pending"
+            ),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The client resubmits (the SDK does so for every accepted event that reads `unknown`).
+    assert!(matches!(
+        submit(&mut studio1, &mint).await,
+        ServerMessage::Accepted { .. }
+    ));
+    gw.chain.set_paused(false);
+    assert_eq!(wait_commit(&mut studio1, event_id).await.1, Outcome::Applied);
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 7);
+    gw.shutdown().await;
+}
