@@ -1,6 +1,6 @@
 //! A client in another language, written from `docs/PROTOCOL.md` alone (`clients/python/`),
-//! against `hoard dev`: 4 replica processes, a real redis-server (or the embedded store), the
-//! gateway. Every step asserts what the document says; a failure means the gateway and its
+//! against `hoard dev`: 4 replica processes, a real redis-server (and again with the embedded
+//! store), the gateway. Every step asserts what the document says; a failure means the gateway and its
 //! document disagree. Needs `/usr/bin/python3` with the Debian packages python3-msgpack,
 //! python3-websockets and python3-nacl (`scripts/test` installs them).
 
@@ -30,14 +30,24 @@ struct Dev {
 }
 
 impl Dev {
-    fn start(data: &Path) -> Dev {
+    /// `store`: `redis` or `embedded` (`hoard dev --store`).
+    fn start(data: &Path, store: &str) -> Dev {
         let ws = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
         let metrics = SocketAddr::from(([127, 0, 0, 1], free_port())).to_string();
-        let args: Vec<&OsStr> = ["dev", "--listen", &ws, "--metrics", &metrics, "--data-dir"]
-            .into_iter()
-            .map(OsStr::new)
-            .chain([data.as_os_str()])
-            .collect();
+        let args: Vec<&OsStr> = [
+            "dev",
+            "--store",
+            store,
+            "--listen",
+            &ws,
+            "--metrics",
+            &metrics,
+            "--data-dir",
+        ]
+        .into_iter()
+        .map(OsStr::new)
+        .chain([data.as_os_str()])
+        .collect();
         let mut process = Background::start(&args, "INT");
         let (mut url, mut tenant, mut studio_seed) = (String::new(), 0, String::new());
         let printed = process.read_until(DEV_START_TIMEOUT, |line| {
@@ -106,6 +116,17 @@ fn conformance(dev: &Dev) -> (bool, String) {
 
 #[test]
 fn a_client_written_from_the_protocol_document_alone_passes_every_step() {
+    passes_every_step_on("redis");
+}
+
+/// The same document holds for the embedded store (`hoard dev --store embedded`, the demo's
+/// fallback without redis-server).
+#[test]
+fn the_same_client_passes_every_step_with_the_embedded_store() {
+    passes_every_step_on("embedded");
+}
+
+fn passes_every_step_on(store: &str) {
     let probe = Command::new(PYTHON)
         .args(["-c", "import msgpack, websockets, nacl"])
         .output();
@@ -115,7 +136,7 @@ fn a_client_written_from_the_protocol_document_alone_passes_every_step() {
          (scripts/test installs them): {probe:?}"
     );
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let dev = Dev::start(&scratch.path().join("dev"));
+    let dev = Dev::start(&scratch.path().join("dev"), store);
     let (ok, output) = conformance(&dev);
     let last = output.lines().last().unwrap_or_default().to_string();
     assert!(ok, "conformance.py failed:\n{output}");
