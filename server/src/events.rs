@@ -198,6 +198,8 @@ impl Events {
         let mut conns = Vec::new();
         let mut forgotten = 0;
         for (key, ids) in candidates {
+            // All of this event's answers are consumed (not `any`, which would stop early and
+            // misalign the next event's).
             let any = present.by_ref().take(ids.len()).fold(false, |any, p| any | p);
             if any || self.view.read(|l| l.event(key.0, &key.1).is_some()) {
                 continue;

@@ -371,7 +371,9 @@ async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = crate::stopped(&mut stop) => return,
         }
         // Entries Redis lost without losing the marker (the last second of AOF `everysec`).
-        if last_sweep.elapsed() >= Duration::from_millis(constants::LOST_SWEEP_INTERVAL_MS) {
+        if shared.store.is_durable()
+            && last_sweep.elapsed() >= Duration::from_millis(constants::LOST_SWEEP_INTERVAL_MS)
+        {
             last_sweep = tokio::time::Instant::now();
             let older_than = Duration::from_millis(shared.config.events.claim_idle_ms);
             shared.events.forget_lost(&shared.store, older_than).await;
