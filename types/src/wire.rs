@@ -1161,6 +1161,81 @@ mod tests {
         assert_eq!(decode_client(&huge).unwrap_err().code(), ErrorCode::TooLarge);
     }
 
+    /// A frame nested far deeper than any message (here 200,000 levels, inside the frame
+    /// limit) is refused as malformed; decoding it must not exhaust the stack of the thread
+    /// that reads the connection (2 MiB, a tokio worker's default).
+    #[test]
+    fn deeply_nested_frames_are_malformed_and_do_not_exhaust_the_stack() {
+        const LEVELS: usize = 200_000;
+        let mut arrays = vec![0x81, 0xa6];
+        arrays.extend_from_slice(b"submit");
+        arrays.extend(std::iter::repeat_n(0x91, LEVELS));
+        arrays.push(0xc0);
+        let mut maps = vec![0x81, 0xa4];
+        maps.extend_from_slice(b"ping");
+        for _ in 0..LEVELS / 3 {
+            maps.extend_from_slice(&[0x81, 0xa1, b'a']);
+        }
+        maps.push(0xc0);
+        let mut unknown = vec![0x81, 0xa8];
+        unknown.extend_from_slice(b"teleport");
+        unknown.extend(std::iter::repeat_n(0x91, LEVELS));
+        unknown.push(0xc0);
+        for frame in [arrays, maps, unknown] {
+            assert!(frame.len() <= FRAME_BYTES_MAX);
+            let code = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || decode_client(&frame).map(|_| ()).map_err(|e| e.code()))
+                .unwrap()
+                .join()
+                .expect("decoding a deep frame does not overflow the stack");
+            assert!(
+                matches!(code, Err(ErrorCode::Malformed | ErrorCode::UnknownMessage)),
+                "{code:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any bytes at all decode to a message or to one of the typed decode errors.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(frame in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            if let Err(error) = decode_client(&frame) {
+                proptest::prop_assert!(matches!(error.code(), ErrorCode::Malformed | ErrorCode::UnknownMessage));
+            }
+        }
+
+        /// Valid frames damaged by a flipped byte, a cut, or an inserted byte: never a panic,
+        /// a typed error or a message that itself round-trips, and the request id of an
+        /// undamaged header is still recovered for the error answer.
+        #[test]
+        fn damaged_frames_get_typed_errors(
+            which in 0usize..64,
+            position in 0usize..4096,
+            byte in proptest::prelude::any::<u8>(),
+            damage in 0u8..3,
+        ) {
+            let messages = every_client_message();
+            let mut frame = encode(&messages[which % messages.len()]);
+            let at = position % frame.len();
+            match damage {
+                0 => frame[at] ^= byte | 1,
+                1 => frame.truncate(at),
+                _ => frame.insert(at, byte),
+            }
+            match decode_client(&frame) {
+                Ok(message) => {
+                    proptest::prop_assert_eq!(decode_client(&encode(&message)), Ok(message));
+                }
+                Err(error) => {
+                    proptest::prop_assert!(matches!(error.code(), ErrorCode::Malformed | ErrorCode::UnknownMessage));
+                }
+            }
+        }
+    }
+
     #[test]
     fn session_tokens_verify_expire_and_bind_their_fields() {
         let studio = key(3);
