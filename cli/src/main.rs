@@ -160,6 +160,8 @@ fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id
         })
         .collect();
     write_local_cluster(dir, &genesis, &addresses, &keys)?;
+    let gateway_file = dir.join("gateway.toml");
+    write_gateway_file(&gateway_file, &dir.join("cluster.toml"), &studio)?;
     println!("wrote a {replicas}-replica cluster to {}", dir.display());
     for i in 0..replicas {
         println!(
@@ -167,7 +169,50 @@ fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id
             dir.join(format!("replica-{i}.toml")).display()
         );
     }
+    println!(
+        "  hoard gateway --config {}   (needs redis-server on 127.0.0.1:6379)",
+        gateway_file.display()
+    );
     println!("studio key (tenant 1): {}", dir.join("studio-1.key").display());
+    Ok(())
+}
+
+/// A gateway file for a local cluster: the cluster backend, Redis on its default port, and
+/// tenant 1's studio key (which it signs settlements with), so it is written owner-only.
+fn write_gateway_file(
+    path: &std::path::Path,
+    cluster: &std::path::Path,
+    studio: &Keypair,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let cluster = std::fs::canonicalize(cluster)?;
+    let text = format!(
+        "# A gateway for this cluster (hoard cluster init). Every other key has its default: see\n\
+         # server/config/gateway.toml. This file holds tenant 1's studio key seed: keep it private.\n\
+         listen = \"127.0.0.1:8080\"\n\
+         http_listen = \"127.0.0.1:9100\"\n\
+         instance = \"gateway-a\"\n\
+         store = \"redis\"\n\
+         \n\
+         [redis]\n\
+         url = \"redis://127.0.0.1:6379\"\n\
+         \n\
+         [chain]\n\
+         backend = \"cluster\"\n\
+         cluster = {cluster}\n\
+         client_id = 1\n\
+         \n\
+         [[tenants]]\n\
+         id = 1\n\
+         studio_seed_hex = \"{seed}\"\n",
+        cluster = toml::Value::String(cluster.display().to_string()),
+        seed = studio.seed_hex(),
+    );
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(text.as_bytes())?;
     Ok(())
 }
 
@@ -208,5 +253,35 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `hoard cluster init` writes a gateway file that loads, runs the cluster backend on the
+    /// cluster file it wrote, and holds the studio key of the genesis tenant.
+    #[test]
+    fn cluster_init_writes_a_gateway_file_for_the_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        cluster_init(dir.path(), 4, 47_000, 9).unwrap();
+        let config = hoard_server::config::GatewayConfig::load(&dir.path().join("gateway.toml")).unwrap();
+        assert_eq!(config.chain.backend, "cluster");
+        let cluster_file = config.chain.cluster.clone().expect("a cluster file");
+        let cluster = hoard_ledger::cluster::Cluster::load(&cluster_file).unwrap();
+        assert_eq!(cluster.genesis.chain_id, 9);
+        let studio = config.tenants[0].studio_key().unwrap().expect("a studio key");
+        assert_eq!(config.tenants[0].id, 1);
+        assert_eq!(studio.public(), cluster.genesis.tenants[0].studio_key);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("gateway.toml"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "the gateway file holds a secret: owner only");
+        }
     }
 }

@@ -340,6 +340,15 @@ impl ChainClient {
     pub fn replicas(&self) -> usize {
         self.shared.n
     }
+
+    /// The replicas this client has a live connection to now.
+    pub fn connected_replicas(&self) -> usize {
+        self.shared
+            .connected
+            .iter()
+            .filter(|connected| connected.load(std::sync::atomic::Ordering::Relaxed))
+            .count()
+    }
 }
 
 impl Shared {

@@ -42,6 +42,12 @@ pub trait Chain: Send + Sync + 'static {
     fn submit(&self, batch: Vec<Transaction>) -> BoxFuture<'_, Result<(), ChainError>>;
     /// Committed blocks from `from_height` on, in order, without gaps, forever.
     fn follow(&self, from_height: u64) -> BoxStream<'static, Result<Arc<Block>, ChainError>>;
+    /// Replicas reachable now, and how many a commit needs the gateway to reach (f+1: its
+    /// matching replies certify a result). `/readyz` reports the chain ready when reachable
+    /// reaches needed. An in-process chain is always reachable: `(1, 1)`.
+    fn reachable(&self) -> (usize, usize) {
+        (1, 1)
+    }
 }
 
 /// An in-process chain: one ledger, ordered by arrival, executed immediately.
@@ -224,6 +230,11 @@ impl Chain for ClusterChain {
             }
             Ok(())
         })
+    }
+
+    fn reachable(&self) -> (usize, usize) {
+        let f = (self.client.replicas() - 1) / 3;
+        (self.client.connected_replicas(), f + 1)
     }
 
     fn follow(&self, from_height: u64) -> BoxStream<'static, Result<Arc<Block>, ChainError>> {

@@ -208,7 +208,14 @@ impl Connection {
         loop {
             let flow = tokio::select! {
                 biased;
-                _ = crate::stopped(&mut shutdown) => return Flow::Close(close_code::GOING_AWAY, "gateway shutting down"),
+                _ = crate::stopped(&mut shutdown) => {
+                    // The drain is over: what is queued for this client (commit pushes, acks)
+                    // is written before the close.
+                    while let Ok(message) = outbound.try_recv() {
+                        self.replies.push(*message);
+                    }
+                    Flow::Close(close_code::GOING_AWAY, "gateway shutting down")
+                }
                 _ = slow.notified() => {
                     metrics::counter!(m::SLOW_CONSUMERS_TOTAL).increment(1);
                     return Flow::Close(close_code::TRY_AGAIN_LATER, "client reads too slowly");
@@ -392,6 +399,26 @@ impl Connection {
             };
         };
         let tenant = auth.tenant;
+        // A draining gateway takes nothing new to write, but keeps the connection open for the
+        // pushes of what it already accepted (see `Gateway::shutdown`).
+        if self.shared.health.shutting_down.load(Ordering::Relaxed)
+            && matches!(
+                message,
+                ClientMessage::Clicks { .. }
+                    | ClientMessage::Submit { .. }
+                    | ClientMessage::Offer { .. }
+                    | ClientMessage::Accept { .. }
+                    | ClientMessage::Settle { .. }
+            )
+        {
+            self.error(
+                request_id,
+                ErrorCode::ShuttingDown,
+                "the gateway is draining before it stops: send this to another gateway",
+                None,
+            );
+            return Flow::Continue;
+        }
         // Rate limits: one token per message, per connection and per tenant.
         if let Err(wait) = self.messages.take(1) {
             return self.rate_limited(request_id, "connection", wait);

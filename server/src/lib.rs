@@ -83,6 +83,7 @@ pub struct Gateway {
     ws_addr: SocketAddr,
     http_addr: SocketAddr,
     shared: Arc<Shared>,
+    stop_accepting: watch::Sender<bool>,
     stop_connections: watch::Sender<bool>,
     stop_background: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
@@ -94,18 +95,24 @@ pub struct Gateway {
 /// Runs the gateway with the chain backend its config names until `shutdown` completes, then
 /// shuts down gracefully. The `hoard gateway --config gateway.toml` command calls this.
 pub async fn run(config: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let (chain, genesis): (Arc<dyn Chain>, Genesis) =
-        match (config.chain.backend.as_str(), &config.chain.cluster) {
-            ("cluster", Some(path)) => {
-                let cluster = hoard_ledger::cluster::Cluster::load(path)?;
-                let chain = chain::ClusterChain::connect(&cluster, config.chain.client_id);
-                (Arc::new(chain), cluster.genesis)
-            }
-            _ => {
-                let genesis = config.genesis()?;
-                (Arc::new(LocalChain::new(&genesis)), genesis)
-            }
-        };
+    let (chain, genesis): (Arc<dyn Chain>, Genesis) = match (
+        config.chain.backend.as_str(),
+        &config.chain.cluster,
+    ) {
+        ("cluster", Some(path)) => {
+            let cluster = hoard_ledger::cluster::Cluster::load(path)?;
+            let chain = chain::ClusterChain::connect(&cluster, config.chain.client_id);
+            (Arc::new(chain), cluster.genesis)
+        }
+        _ => {
+            tracing::warn!(
+                    "chain.backend = \"local\": an in-process ledger with no replicas, no consensus and \
+                     no disk (development only; set backend = \"cluster\" and chain.cluster for the PBFT replicas)"
+                );
+            let genesis = config.genesis()?;
+            (Arc::new(LocalChain::new(&genesis)), genesis)
+        }
+    };
     run_with_chain(config, chain, genesis, shutdown).await
 }
 
@@ -155,6 +162,7 @@ impl Gateway {
         let (events, queues) = events::Events::new(&config, consumer, hub.clone(), view.clone());
         store.check_marker(events.consumer()).await?;
         let clicks = Arc::new(clicks::Clicks::new(store.clone()));
+        let (stop_accepting, stop_accepting_rx) = watch::channel(false);
         let (stop_connections, stop_connections_rx) = watch::channel(false);
         let (stop_background, stop_background_rx) = watch::channel(false);
         let listener = TcpListener::bind(config.listen).await?;
@@ -217,6 +225,11 @@ impl Gateway {
             shared.clone(),
             stop_background_rx.clone(),
         )));
+        others.push(tokio::spawn(watch_chain(
+            chain.clone(),
+            health.clone(),
+            stop_background_rx.clone(),
+        )));
         for tenant in &shared.config.tenants {
             if tenant.settle_interval_ms > 0 && !tenant.rules.is_empty() {
                 others.push(tokio::spawn(settle_periodically(
@@ -233,11 +246,17 @@ impl Gateway {
             health.clone(),
             stop_background_rx.clone(),
         )));
-        let accept_task = tokio::spawn(accept_loop(shared.clone(), listener, stop_connections_rx));
+        let accept_task = tokio::spawn(accept_loop(
+            shared.clone(),
+            listener,
+            stop_accepting_rx,
+            stop_connections_rx,
+        ));
         Ok(Gateway {
             ws_addr,
             http_addr,
             shared,
+            stop_accepting,
             stop_connections,
             stop_background,
             accept_task,
@@ -264,12 +283,24 @@ impl Gateway {
         &self.shared
     }
 
-    /// Graceful shutdown: stop accepting, close connections with 1001, flush clicks, wait (up
-    /// to `drain_timeout_ms`) for accepted events to commit, then stop every task.
+    /// Graceful shutdown, in this order:
+    /// 1. `/readyz` turns 503, no new connection is accepted, and open connections are refused
+    ///    new clicks and asset events (`shutting_down`) but stay open;
+    /// 2. the clicks received so far are flushed (their strict-mode acks go out);
+    /// 3. accepted events are drained: up to `drain_timeout_ms` for them to commit, their
+    ///    pushes reaching the open connections (what does not commit in time stays in the
+    ///    stream for the next gateway);
+    /// 4. connections write what is queued for them and close with 1001;
+    /// 5. every background task stops (the flusher after one last flush).
     pub async fn shutdown(self) {
         self.shared.health.shutting_down.store(true, Ordering::Relaxed);
-        self.stop_connections.send_replace(true);
-        let _ = self.accept_task.await;
+        self.stop_accepting.send_replace(true);
+        for attempt in 1..=3 {
+            match self.shared.clicks.flush().await {
+                Ok(()) => break,
+                Err(error) => tracing::warn!(%error, attempt, "shutdown: click flush failed"),
+            }
+        }
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.shared.config.drain_timeout_ms);
         if self.batcher.is_some() {
@@ -283,8 +314,10 @@ impl Gateway {
                 );
             }
         }
-        // Give the acker a moment for the last XACKs.
+        // Give the acker a moment for the last XACKs, and the connections for the last pushes.
         tokio::time::sleep(Duration::from_millis(20)).await;
+        self.stop_connections.send_replace(true);
+        let _ = self.accept_task.await;
         self.stop_background.send_replace(true);
         let _ = self.flusher.await;
         if let Some(batcher) = self.batcher {
@@ -306,11 +339,19 @@ impl Gateway {
         for task in self.others {
             task.abort();
         }
+        self.stop_accepting.send_replace(true);
         self.stop_connections.send_replace(true);
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+/// Accepts connections until `stop_accepting`, then waits for the open ones: they end on their
+/// own or on `stop_connections` (closing with 1001), and are given 2 s for that.
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    mut stop_accepting: watch::Receiver<bool>,
+    mut stop_connections: watch::Receiver<bool>,
+) {
     let permits = Arc::new(Semaphore::new(shared.config.connections_max));
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -326,10 +367,16 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, mut stop: watch
                 });
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            _ = crate::stopped(&mut stop) => break,
+            _ = crate::stopped(&mut stop_accepting) => break,
         }
     }
     drop(listener);
+    loop {
+        tokio::select! {
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = crate::stopped(&mut stop_connections) => break,
+        }
+    }
     // Connections see the same signal and close with 1001; give them a moment.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while connections.join_next().await.is_some() {}
@@ -362,6 +409,22 @@ async fn sweep_offers(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 /// `LOST_SWEEP_INTERVAL_MS` it also forgets in-flight events whose stream entries are gone
 /// although the marker is not (`Events::forget_lost`: Redis with AOF `everysec` can lose the
 /// last second of writes and keep an older marker).
+/// Every 500 ms: whether the chain is reachable, for `/readyz` and its gauge.
+async fn watch_chain(chain: Arc<dyn Chain>, health: Arc<metrics::Health>, mut stop: watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        let (reachable, needed) = chain.reachable();
+        ::metrics::gauge!(metrics::CHAIN_REPLICAS_REACHABLE).set(reachable as f64);
+        health
+            .chain_reachable
+            .store(reachable >= needed, Ordering::Relaxed);
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = crate::stopped(&mut stop) => return,
+        }
+    }
+}
+
 async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut last_sweep = tokio::time::Instant::now();

@@ -46,6 +46,7 @@ pub const RATE_LIMITED_TOTAL: &str = "hoard_gateway_rate_limited_total";
 pub const BUSY_TOTAL: &str = "hoard_gateway_busy_total";
 pub const SLOW_CONSUMERS_TOTAL: &str = "hoard_gateway_slow_consumers_total";
 pub const CHAIN_HEIGHT: &str = "hoard_gateway_chain_height";
+pub const CHAIN_REPLICAS_REACHABLE: &str = "hoard_gateway_chain_replicas_reachable";
 pub const SETTLEMENTS_TOTAL: &str = "hoard_gateway_settlements_total";
 pub const SETTLEMENT_ENTRIES_TOTAL: &str = "hoard_gateway_settlement_entries_total";
 pub const OFFERS_OPEN: &str = "hoard_gateway_offers_open";
@@ -228,6 +229,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "gauge",
         "",
         "Height of the gateway's committed ledger copy",
+    ),
+    (
+        CHAIN_REPLICAS_REACHABLE,
+        "gauge",
+        "",
+        "Replicas the gateway's chain client is connected to (ready needs f+1)",
     ),
     (SETTLEMENTS_TOTAL, "counter", "", "Settlement windows cut"),
     (
@@ -417,8 +424,12 @@ fn record_process_memory() {
 /// Readiness inputs, set by the gateway's tasks.
 #[derive(Default)]
 pub struct Health {
+    /// The store answers and still holds this gateway's marker.
     pub redis_ok: AtomicBool,
+    /// The chain follower runs (it stops when the block stream ends or the copy diverges).
     pub chain_ok: AtomicBool,
+    /// At least f+1 replicas are connected ([`crate::chain::Chain::reachable`]).
+    pub chain_reachable: AtomicBool,
     pub shutting_down: AtomicBool,
 }
 
@@ -426,6 +437,7 @@ impl Health {
     pub fn ready(&self) -> bool {
         self.redis_ok.load(Ordering::Relaxed)
             && self.chain_ok.load(Ordering::Relaxed)
+            && self.chain_reachable.load(Ordering::Relaxed)
             && !self.shutting_down.load(Ordering::Relaxed)
     }
 }

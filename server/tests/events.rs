@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use hoard_ledger::testing::key;
 use hoard_server::testing::{RedisServer, TestGateway, TestStore, WsClient};
-use hoard_types::wire::{ClientMessage, ErrorCode, EventState, ServerMessage};
+use hoard_types::wire::{Click, ClientMessage, ErrorCode, EventState, ServerMessage};
 use hoard_types::{Custody, Outcome, TxBody};
 
 #[tokio::test]
@@ -323,6 +323,56 @@ async fn a_stalled_chain_turns_into_busy_not_memory_on(store: TestStore) {
     }
     assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
     gw.shutdown().await;
+}
+
+/// Graceful shutdown drains before it closes: `/readyz` turns 503, new events and clicks are
+/// refused with `shutting_down` while the connection stays open, an event accepted before the
+/// stop still reaches its connection as a `committed` push, and only then comes the 1001 close.
+#[tokio::test]
+async fn a_graceful_shutdown_pushes_drained_commits_before_it_closes() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |c| c.drain_timeout_ms = 20_000).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let chain = gw.chain.clone();
+    let http = gw.gateway().http_addr();
+    chain.set_paused(true);
+    let tx = gw
+        .world
+        .register(T1, &key("drained", 0).public(), Custody::Custodial);
+    let answer = submit(&mut studio1, &tx).await;
+    assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
+    let late = gw
+        .world
+        .register(T1, &key("late", 0).public(), Custody::Custodial);
+    let shutdown = tokio::spawn(gw.shutdown());
+    let started = std::time::Instant::now();
+    while http_get(http, "/readyz").await.starts_with("HTTP/1.1 200") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "readyz stays 200 while stopping"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_error(&submit(&mut studio1, &late).await, ErrorCode::ShuttingDown);
+    let request_id = studio1.request_id();
+    let clicks = studio1
+        .request(ClientMessage::Clicks {
+            request_id,
+            clicks: vec![Click(key("drained", 0).public(), "gold".into(), 1)],
+        })
+        .await;
+    assert_error(&clicks, ErrorCode::ShuttingDown);
+    // Reads are still answered while draining.
+    let head = request(&mut studio1, |request_id| ClientMessage::Head { request_id }).await;
+    assert!(matches!(head, ServerMessage::Head { .. }), "{head:?}");
+    chain.set_paused(false);
+    assert_eq!(
+        wait_commit(&mut studio1, event_id_of(&tx)).await.1,
+        Outcome::Applied
+    );
+    let close = studio1.closed().await.expect("a close frame");
+    assert_eq!(u16::from(close.code), hoard_types::wire::close_code::GOING_AWAY);
+    shutdown.await.unwrap();
 }
 
 #[tokio::test]
