@@ -37,7 +37,7 @@ use crate::constants::{
 /// Gateway runs whose last applied click flush the embedded store remembers.
 pub const CLICK_RUNS_MAX: usize = 16;
 
-use crate::store::{Claimed, ClickKey, StoreError, StoreResult, StreamEntry};
+use crate::store::{Claimed, ClickKey, SettleCut, StoreError, StoreResult, StreamEntry};
 
 /// The bounds of an embedded store (defaults: the `EMBEDDED_*` constants).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +83,7 @@ struct Tenant {
     /// Counter totals, by name.
     totals: BTreeMap<String, u64>,
     unsettled: HashMap<String, HashMap<PublicKey, u64>>,
-    /// The current settlement window (None: never set, read as 1).
+    /// The current settlement window (None: none cut yet).
     window: Option<u64>,
     windows: BTreeMap<u64, Window>,
 }
@@ -141,6 +141,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock leaves consistent data: each operation checks before it
     // changes anything.
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Microseconds since the Unix epoch (settlement window numbers).
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
@@ -300,9 +308,9 @@ impl EmbeddedStore {
 
     // ----- settlement windows: the semantics of the Redis scripts -----
 
-    pub fn settle_window(&self, tenant: TenantId) -> u64 {
+    pub fn settle_window(&self, tenant: TenantId) -> Option<u64> {
         let clicks = lock(&self.clicks);
-        clicks.tenants.get(&tenant).and_then(|t| t.window).unwrap_or(1)
+        clicks.tenants.get(&tenant).and_then(|t| t.window)
     }
 
     pub fn set_settle_window(&self, tenant: TenantId, window: u64) {
@@ -310,14 +318,24 @@ impl EmbeddedStore {
         clicks.tenants.entry(tenant).or_default().window = Some(window);
     }
 
-    /// The cut script: once per window, each counter's unsettled points (if any) replace the
-    /// window's snapshot of that counter.
-    pub fn settle_cut(&self, tenant: TenantId, window: u64, counters: &[&str]) -> bool {
+    /// The cut script (see `Store::settle_cut`), on this process's clock: this store is lost
+    /// with its process, and a restarted gateway's first cut reads a later clock than every cut
+    /// of the process before it.
+    pub fn settle_cut(&self, tenant: TenantId, counters: &[&str]) -> SettleCut {
+        self.settle_cut_at(tenant, counters, now_us())
+    }
+
+    /// [`EmbeddedStore::settle_cut`] with the clock reading `now_us` (microseconds).
+    fn settle_cut_at(&self, tenant: TenantId, counters: &[&str], now_us: u64) -> SettleCut {
         let mut clicks = lock(&self.clicks);
         let state = clicks.tenants.entry(tenant).or_default();
-        if state.windows.get(&window).is_some_and(|w| w.cut) {
-            return false;
+        if let Some(window) = state.window {
+            if state.windows.get(&window).is_some_and(|w| w.cut) {
+                return SettleCut { window, cut: false };
+            }
         }
+        let window = state.window.map_or(now_us, |current| current.max(now_us));
+        state.window = Some(window);
         let mut moved = Vec::new();
         for counter in counters {
             if let Some(points) = state.unsettled.remove(*counter) {
@@ -331,7 +349,7 @@ impl EmbeddedStore {
             entry.snapshot.insert(counter, points);
         }
         entry.cut = true;
-        true
+        SettleCut { window, cut: true }
     }
 
     pub fn settle_snapshot(&self, tenant: TenantId, window: u64, counter: &str) -> Vec<(String, u64)> {
@@ -387,7 +405,7 @@ impl EmbeddedStore {
     pub fn settle_advance(&self, tenant: TenantId, window: u64) -> bool {
         let mut clicks = lock(&self.clicks);
         let state = clicks.tenants.entry(tenant).or_default();
-        if state.window.unwrap_or(1) != window {
+        if state.window != Some(window) {
             return false;
         }
         state.window = Some(window + 1);
@@ -733,13 +751,14 @@ mod tests {
     fn only_the_newest_settled_windows_are_kept() {
         let store = small();
         let t = TenantId(1);
-        for window in 1..=4 {
-            assert!(store.settle_cut(t, window, &["gold"]));
-            store.settle_store_plan(t, window, &[window as u8], &[]);
-            assert!(store.settle_advance(t, window));
+        for i in 1..=4u8 {
+            let cut = store.settle_cut_at(t, &["gold"], u64::from(i) * 1_000);
+            assert!(cut.cut);
+            store.settle_store_plan(t, cut.window, &[i], &[]);
+            assert!(store.settle_advance(t, cut.window));
         }
-        assert_eq!(store.settle_plan(t, 1), None);
-        assert_eq!(store.settle_plan(t, 4), Some(vec![4]));
+        assert_eq!(store.settle_plan(t, 1_000), None);
+        assert_eq!(store.settle_plan(t, 4_000), Some(vec![4]));
     }
 
     fn key(n: u8) -> PublicKey {
@@ -831,28 +850,64 @@ mod tests {
         store
             .add_clicks(&clicks(&[(1, "gold", 250), (2, "gold", 40)]))
             .unwrap();
-        assert_eq!(store.settle_window(t), 1);
-        assert!(store.settle_cut(t, 1, &["gold", "wood"]));
-        // Clicks after the cut go to unsettled, not into the window.
+        assert_eq!(store.settle_window(t), None);
+        let w = 1_000;
+        let cut = SettleCut { window: w, cut: true };
+        assert_eq!(store.settle_cut_at(t, &["gold", "wood"], w), cut);
+        assert_eq!(store.settle_window(t), Some(w));
+        // Clicks after the cut go to unsettled, not into the window; a retry (even later) finds
+        // the window cut.
         store.add_clicks(&clicks(&[(1, "gold", 7)])).unwrap();
-        assert!(!store.settle_cut(t, 1, &["gold"]));
-        let mut snapshot = store.settle_snapshot(t, 1, "gold");
+        let again = SettleCut {
+            window: w,
+            cut: false,
+        };
+        assert_eq!(store.settle_cut_at(t, &["gold"], w + 500), again);
+        let mut snapshot = store.settle_snapshot(t, w, "gold");
         snapshot.sort();
         assert_eq!(snapshot, vec![(key(1).to_hex(), 250), (key(2).to_hex(), 40)]);
-        assert_eq!(store.settle_plan(t, 1), None);
+        assert_eq!(store.settle_plan(t, w), None);
         let carries = vec![("gold".to_string(), key(1).to_hex(), 50)];
-        assert_eq!(store.settle_store_plan(t, 1, b"first", &carries), b"first");
+        assert_eq!(store.settle_store_plan(t, w, b"first", &carries), b"first");
         // A second planner gets the first plan and adds no carries.
-        assert_eq!(store.settle_store_plan(t, 1, b"second", &carries), b"first");
+        assert_eq!(store.settle_store_plan(t, w, b"second", &carries), b"first");
         assert_eq!(store.unsettled(t, "gold").get(&key(1).to_hex()), Some(&57));
-        assert!(!store.settle_advance(t, 2));
-        assert!(store.settle_advance(t, 1));
-        assert!(!store.settle_advance(t, 1));
-        assert_eq!(store.settle_window(t), 2);
-        assert!(store.settle_snapshot(t, 1, "gold").is_empty());
-        // Redoing window 1 finds its cut flag and plan.
-        store.set_settle_window(t, 1);
-        assert!(!store.settle_cut(t, 1, &["gold"]));
-        assert_eq!(store.settle_plan(t, 1), Some(b"first".to_vec()));
+        assert!(!store.settle_advance(t, w + 1));
+        assert!(store.settle_advance(t, w));
+        assert!(!store.settle_advance(t, w));
+        assert_eq!(store.settle_window(t), Some(w + 1));
+        assert!(store.settle_snapshot(t, w, "gold").is_empty());
+        // Redoing the window finds its cut flag and plan.
+        store.set_settle_window(t, w);
+        assert_eq!(store.settle_cut_at(t, &["gold"], w + 900), again);
+        assert_eq!(store.settle_plan(t, w), Some(b"first".to_vec()));
+    }
+
+    #[test]
+    fn a_cut_numbers_its_window_from_the_clock_and_never_below_the_counter() {
+        let store = EmbeddedStore::new();
+        let t = TenantId(1);
+        let cut = |window| SettleCut { window, cut: true };
+        // The first window: the clock.
+        assert_eq!(store.settle_cut_at(t, &["gold"], 5_000), cut(5_000));
+        assert!(store.settle_advance(t, 5_000));
+        // After an advance the next window is the clock if it is ahead of the counter ...
+        assert_eq!(store.settle_cut_at(t, &["gold"], 9_000), cut(9_000));
+        assert!(store.settle_advance(t, 9_000));
+        // ... and the counter if the clock is behind it (stepped back, or two cuts in a
+        // microsecond): numbers only increase while the counter is kept.
+        assert_eq!(store.settle_cut_at(t, &["gold"], 2_000), cut(9_001));
+        assert!(store.settle_advance(t, 9_001));
+        // A current window whose cut flag is gone (an operator set an old window that was
+        // dropped) is not cut again: the cut numbers a new window.
+        store.set_settle_window(t, 7);
+        assert_eq!(store.settle_cut_at(t, &["gold"], 12_000), cut(12_000));
+        // A store that lost everything (a restarted gateway) starts from the clock, above
+        // every window the clock numbered before.
+        let restarted = EmbeddedStore::new();
+        assert_eq!(restarted.settle_cut_at(t, &["gold"], 13_000), cut(13_000));
+        // The wall clock: microseconds since the epoch (not milliseconds, not small numbers).
+        let real = EmbeddedStore::new().settle_cut(t, &["gold"]).window;
+        assert!(real > 1_600_000_000_000_000 && real < 1 << 53, "{real}");
     }
 }

@@ -1,21 +1,34 @@
 //! Settlement: turns accumulated click points into on-chain currency in batched, studio-signed
 //! `settle` transactions, exactly once per settlement window.
 //!
-//! Window `W` of a tenant (the store's current settlement window, [`Store::settle_window`]):
-//! 1. cut: atomically moves every ruled counter's unsettled points into window `W`'s snapshot
-//!    (only the first time; a flag marks the cut) ([`Store::settle_cut`]);
+//! Window `W` of a tenant:
+//! 1. cut: atomically opens window `W` and moves every ruled counter's unsettled points into its
+//!    snapshot, only the first time; a flag marks the cut, and a retry or another gateway gets
+//!    the same `W` ([`Store::settle_cut`]). `W` is chosen at the cut, from the clock in
+//!    microseconds (and above the previous window), so that no number is ever cut twice, even
+//!    after the store lost or rolled back its counter: the chain answers a committed event id
+//!    with its old outcome, so a number cut again would make that cut's points vanish;
 //! 2. plan: from the snapshot, `units = points / points_per_unit` for each registered player; the
 //!    plan (the signed transactions) is stored only if none is, and only then the remainders (and
 //!    unregistered players' points) go back to unsettled, atomically ([`Store::settle_store_plan`]);
 //! 3. submit: the plan's transactions go down the event pipeline (durable before we go on); their
 //!    event ids are `EventId::derive(["hoard/settle/v1", tenant, W, chunk])`;
-//! 4. advance: `W` becomes `W + 1` (compare-and-set, [`Store::settle_advance`]).
+//! 4. advance: the current window becomes `W + 1` (compare-and-set, [`Store::settle_advance`]),
+//!    the least number the next cut may take.
 //!
 //! With Redis each step is one Lua script (`store.rs`); the embedded store does the same under
 //! one lock.
 //!
 //! A crash or a concurrent gateway at any step redoes the same window from the same snapshot and
 //! plan: the same bytes with the same event ids, which the ledger applies once.
+//!
+//! If the store loses its data (Redis restarted without persistence, the embedded store with its
+//! gateway), the unsettled points and an open window's snapshot are lost with it; what is clicked
+//! afterwards is settled in new windows. If Redis comes back with older data (a snapshot, or AOF
+//! `everysec` missing its last second), a window the older data shows cut is redone as above; a
+//! window cut only after it is forgotten, and the points it took that the older data still
+//! holds as unsettled are settled again in a new window (the store cannot know the chain
+//! settled them): a rollback may re-grant, it never makes later points vanish.
 
 use std::sync::Arc;
 
@@ -111,11 +124,10 @@ pub async fn settle(
     studio: &Keypair,
     rules: &[ConversionRule],
 ) -> Result<Settled, SettleError> {
-    let window = store.settle_window(tenant).await?;
     let counters: Vec<&str> = rules.iter().map(|rule| rule.counter.as_str()).collect();
 
-    // 1. Cut.
-    store.settle_cut(tenant, window, &counters).await?;
+    // 1. Cut (and number the window).
+    let window = store.settle_cut(tenant, &counters).await?.window;
 
     // 2. Plan (once).
     let plan_bytes = match store.settle_plan(tenant, window).await? {

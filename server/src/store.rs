@@ -77,6 +77,15 @@ pub struct Claimed {
     pub entries: Vec<StreamEntry>,
 }
 
+/// What [`Store::settle_cut`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SettleCut {
+    /// The open window (cut by this call or before).
+    pub window: u64,
+    /// True if this call cut it.
+    pub cut: bool,
+}
+
 /// The gateway's store (see the module docs).
 pub enum Store {
     Redis(Box<RedisStore>),
@@ -209,16 +218,18 @@ impl Store {
 
     // ----- settlement windows (see `settlement`: cut, plan, advance) -----
 
-    /// The tenant's current settlement window (1 before the first).
-    pub async fn settle_window(&self, tenant: TenantId) -> StoreResult<u64> {
+    /// The tenant's current settlement window: the open one, or (after an advance) the lowest
+    /// number the next one may get. None before the first cut (or after Redis lost it).
+    pub async fn settle_window(&self, tenant: TenantId) -> StoreResult<Option<u64>> {
         match self {
             Store::Redis(redis) => redis.checked(redis.settle_window(tenant).await).await,
             Store::Embedded(embedded) => Ok(embedded.settle_window(tenant)),
         }
     }
 
-    /// Sets the current window (an operator redoing a window: always safe, a window's plan is
-    /// kept and its event ids are fixed).
+    /// Sets the current window (an operator redoing a window: always safe, a window whose cut
+    /// flag is still kept is redone from its plan; one whose cut flag is gone is not cut again,
+    /// the next cut numbers a new window).
     pub async fn set_settle_window(&self, tenant: TenantId, window: u64) -> StoreResult<()> {
         match self {
             Store::Redis(redis) => redis.checked(redis.set_settle_window(tenant, window).await).await,
@@ -229,16 +240,39 @@ impl Store {
         }
     }
 
-    /// Cut: the first time only for this window, moves each counter's unsettled points into the
-    /// window's snapshot (replacing it). True if this call cut.
-    pub async fn settle_cut(&self, tenant: TenantId, window: u64, counters: &[&str]) -> StoreResult<bool> {
+    /// Cut: opens the tenant's settlement window, atomically. If the current window is cut
+    /// already (a retry, or another gateway settling it), that window, unchanged. Otherwise a
+    /// new window numbered `max(current, clock)` (the clock in microseconds since the Unix
+    /// epoch: Redis's `TIME`, or this process's clock for the embedded store) becomes current,
+    /// each counter's unsettled points move into its snapshot, and its cut flag is set.
+    ///
+    /// Why the number is taken at the cut and from the clock: a window's event ids are derived
+    /// from its number, and the chain answers a committed event id with its old outcome, so a
+    /// number cut twice would make the second cut's points vanish. The store can lose its
+    /// counter (Redis restarted without persistence, the embedded store with its process) or
+    /// go back to an older one (Redis restored from a snapshot, or AOF `everysec` losing its
+    /// last second: the restored current window may have been cut and committed after it).
+    /// Numbering at the cut makes every number cut at most once whatever the store forgot:
+    /// - each window is numbered at least the clock reading of its cut, and more only when the
+    ///   counter is ahead of the clock, which needs more than one cut per microsecond (a cut
+    ///   follows the previous window's plan, durable submission and advance: never that fast);
+    ///   so every window cut before a loss is at most the clock reading of its cut, and a cut
+    ///   after the loss, being later, reads a higher clock;
+    /// - while the counter is kept, numbers only increase (`max`), whatever the clock does.
+    ///
+    /// The clock stepping backwards matters only together with such a loss: if the clock at the
+    /// first cut after the loss reads no more than a window cut before it, that number can be
+    /// cut again and its points vanish, until the clock passes the last number used. (Windows
+    /// are about a settle interval apart, so this takes a step back larger than the time since
+    /// the last cut before the loss.) Redis's clock is one clock for every gateway sharing it.
+    ///
+    /// An uncut current window has nothing to redo (no snapshot, no plan), so giving the next
+    /// cut a new number keeps retries idempotent: they find the window cut and reuse it, its
+    /// snapshot, plan and event ids.
+    pub async fn settle_cut(&self, tenant: TenantId, counters: &[&str]) -> StoreResult<SettleCut> {
         match self {
-            Store::Redis(redis) => {
-                redis
-                    .checked(redis.settle_cut(tenant, window, counters).await)
-                    .await
-            }
-            Store::Embedded(embedded) => Ok(embedded.settle_cut(tenant, window, counters)),
+            Store::Redis(redis) => redis.checked(redis.settle_cut(tenant, counters).await).await,
+            Store::Embedded(embedded) => Ok(embedded.settle_cut(tenant, counters)),
         }
     }
 
@@ -539,13 +573,29 @@ end
 return 1
 ";
 
+/// The cut ([`Store::settle_cut`] says why the number comes from the clock). KEYS[1] = the window
+/// counter, KEYS[2..] = each counter's unsettled hash; ARGV[1] = the tenant's settlement key
+/// prefix (`hoard:{7}:settle:`), ARGV[2..] = the counter names (same order). The window's own
+/// keys (`<prefix><W>:cut`, `<prefix><W>:c:<counter>`) depend on the number chosen here, so the
+/// script builds them: they carry the tenant's hash tag like its declared keys, so they are on
+/// the same Redis Cluster slot. `TIME` before writes needs effects replication (the default
+/// since Redis 5, the only mode since 7). Returns {window, 1 if cut now, 0 if it was cut}.
+/// Numbers are kept as decimal strings; the clock's (about 1.7e15) is exact in Lua's doubles.
 const CUT_SCRIPT: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 2, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RENAME', KEYS[i], KEYS[i + 1]) end
+local w = redis.call('GET', KEYS[1])
+if w and redis.call('EXISTS', ARGV[1] .. w .. ':cut') == 1 then return {w, 0} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local current = w and tonumber(w)
+if not current or current < now then w = string.format('%.0f', now) end
+redis.call('SET', KEYS[1], w)
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    redis.call('RENAME', KEYS[i], ARGV[1] .. w .. ':c:' .. ARGV[i])
+  end
 end
-redis.call('SET', KEYS[1], '1')
-return 1
+redis.call('SET', ARGV[1] .. w .. ':cut', '1')
+return {w, 1}
 ";
 
 const PLAN_SCRIPT: &str = r"
@@ -556,9 +606,10 @@ end
 return 1
 ";
 
+/// The advance: compare-and-set of the window counter (a counter lost since the cut is left
+/// missing: the next cut numbers a new window from the clock).
 const ADVANCE_SCRIPT: &str = r"
-local w = redis.call('GET', KEYS[1])
-if (w == false and ARGV[1] == '1') or w == ARGV[1] then
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2])
   return 1
 end
@@ -681,10 +732,9 @@ impl RedisStore {
         connection.hgetall(unsettled_key(tenant, counter)).await
     }
 
-    async fn settle_window(&self, tenant: TenantId) -> redis::RedisResult<u64> {
+    async fn settle_window(&self, tenant: TenantId) -> redis::RedisResult<Option<u64>> {
         let mut connection = self.handle.get().await?;
-        let window: Option<u64> = connection.get(settle_window_key(tenant)).await?;
-        Ok(window.unwrap_or(1))
+        connection.get(settle_window_key(tenant)).await
     }
 
     async fn set_settle_window(&self, tenant: TenantId, window: u64) -> redis::RedisResult<()> {
@@ -692,17 +742,19 @@ impl RedisStore {
         connection.set(settle_window_key(tenant), window).await
     }
 
-    async fn settle_cut(&self, tenant: TenantId, window: u64, counters: &[&str]) -> redis::RedisResult<bool> {
+    async fn settle_cut(&self, tenant: TenantId, counters: &[&str]) -> redis::RedisResult<SettleCut> {
         let mut connection = self.handle.get().await?;
-        let prefix = settle_prefix(tenant, window);
         let script = redis::Script::new(CUT_SCRIPT);
         let mut cut = script.prepare_invoke();
-        cut.key(format!("{prefix}:cut"));
+        cut.key(settle_window_key(tenant)).arg(settle_key_base(tenant));
         for counter in counters {
-            cut.key(unsettled_key(tenant, counter))
-                .key(snapshot_key(&prefix, counter));
+            cut.key(unsettled_key(tenant, counter)).arg(*counter);
         }
-        Ok(cut.invoke_async::<i64>(&mut connection).await? == 1)
+        let (window, now): (u64, i64) = cut.invoke_async(&mut connection).await?;
+        Ok(SettleCut {
+            window,
+            cut: now == 1,
+        })
     }
 
     async fn settle_snapshot(
@@ -841,14 +893,19 @@ pub fn unsettled_key(tenant: TenantId, counter: &str) -> String {
     format!("hoard:{{{}}}:unsettled:{counter}", tenant.0)
 }
 
-/// The next settlement window number of a tenant.
+/// A tenant's current settlement window number (see [`Store::settle_cut`]).
 pub fn settle_window_key(tenant: TenantId) -> String {
     format!("hoard:{{{}}}:settle:window", tenant.0)
 }
 
+/// What every settlement window key of a tenant starts with ([`CUT_SCRIPT`] appends the window).
+fn settle_key_base(tenant: TenantId) -> String {
+    format!("hoard:{{{}}}:settle:", tenant.0)
+}
+
 /// Key prefix of one settlement window's snapshot, plan and cut flag.
 pub fn settle_prefix(tenant: TenantId, window: u64) -> String {
-    format!("hoard:{{{}}}:settle:{window}", tenant.0)
+    format!("{}{window}", settle_key_base(tenant))
 }
 
 /// A window's snapshot of one counter: hash, field = player hex.

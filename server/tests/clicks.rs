@@ -166,7 +166,9 @@ async fn clicks_are_counted_and_settled_exactly_once(store: TestStore) {
     else {
         panic!("{settled:?}")
     };
-    assert_eq!((window, entries, event_ids.len()), (1, 2, 1));
+    assert_eq!((entries, event_ids.len()), (2, 1));
+    // Windows are numbered from the clock, in microseconds.
+    assert!(window > 1_600_000_000_000_000, "window {window}");
     wait_event(&gw, event_ids[0]).await;
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2);
     assert_eq!(balance(&mut studio1, carol.public(), "GOLD").await, 1);
@@ -175,32 +177,32 @@ async fn clicks_are_counted_and_settled_exactly_once(store: TestStore) {
     assert_eq!(unsettled.get(&carol.public().to_hex()), Some(&30));
     assert_eq!(unsettled.get(&bob.public().to_hex()), Some(&45));
 
-    // Nothing due: an empty window.
-    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
-    assert!(
-        matches!(
-            settled,
-            ServerMessage::Settlement {
-                window: 2,
-                entries: 0,
-                ..
-            }
-        ),
-        "{settled:?}"
-    );
+    let first = window;
 
-    // Settling window 1 again (a crash before the window advanced) changes nothing.
-    gw.store().set_settle_window(T1, 1).await.unwrap();
+    // Nothing due: an empty window, numbered above the first.
+    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
+    let ServerMessage::Settlement {
+        window: second,
+        entries: 0,
+        ..
+    } = settled
+    else {
+        panic!("{settled:?}")
+    };
+    assert!(second > first, "{first} then {second}");
+
+    // Settling the first window again (a crash before the window advanced) changes nothing.
+    gw.store().set_settle_window(T1, first).await.unwrap();
     let again = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
     let ServerMessage::Settlement {
-        window: 1,
+        window: again_window,
         event_ids: again_ids,
         ..
     } = again
     else {
         panic!("{again:?}")
     };
-    assert_eq!(again_ids, event_ids);
+    assert_eq!((again_window, again_ids), (first, event_ids));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2);
     assert_eq!(balance(&mut studio1, carol.public(), "GOLD").await, 1);
@@ -211,9 +213,9 @@ async fn clicks_are_counted_and_settled_exactly_once(store: TestStore) {
         ServerMessage::ClicksAck { up_to: 20 }
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    gw.store().set_settle_window(T1, 3).await.unwrap();
     let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
     let ServerMessage::Settlement {
+        window: third,
         event_ids,
         entries: 1,
         ..
@@ -221,6 +223,9 @@ async fn clicks_are_counted_and_settled_exactly_once(store: TestStore) {
     else {
         panic!("{settled:?}")
     };
+    // The redo advanced the counter to `first + 1`, below `second`: the cut's clock takes the
+    // window past both (before, this test had to skip the used number by hand).
+    assert!(third > second, "{second} then {third}");
     wait_event(&gw, event_ids[0]).await;
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 3);
 
@@ -518,4 +523,194 @@ async fn a_window_paying_more_players_than_one_settlement_holds_is_settled_in_se
     for player in [&players[0], &players[599], &players[1_199]] {
         assert_eq!(balance(&mut studio1, player.public(), "GOLD").await, 2);
     }
+}
+
+/// One `settle` request: (window, event ids, entries).
+async fn settle(client: &mut hoard_server::testing::WsClient) -> (u64, Vec<hoard_types::EventId>, u32) {
+    let settled = request(client, |request_id| ClientMessage::Settle { request_id }).await;
+    let ServerMessage::Settlement {
+        window,
+        event_ids,
+        entries,
+        ..
+    } = settled
+    else {
+        panic!("{settled:?}")
+    };
+    (window, event_ids, entries)
+}
+
+/// Clicks `points` gold for `player` and waits until the store holds them as unsettled.
+async fn click_gold(
+    gw: &TestGateway,
+    client: &mut hoard_server::testing::WsClient,
+    seq: u64,
+    player: &hoard_types::Keypair,
+    points: u32,
+) {
+    let before = unsettled_gold(gw, player).await;
+    assert_eq!(
+        click(client, seq, vec![Click(player.public(), "gold".into(), points)]).await,
+        ServerMessage::ClicksAck { up_to: seq }
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while unsettled_gold(gw, player).await != before + u64::from(points) {
+        assert!(tokio::time::Instant::now() < deadline, "clicks not flushed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn unsettled_gold(gw: &TestGateway, player: &hoard_types::Keypair) -> u64 {
+    let unsettled = gw.store().unsettled(T1, "gold").await.unwrap();
+    unsettled.get(&player.public().to_hex()).copied().unwrap_or(0)
+}
+
+/// Registers alice on T1 and defines GOLD; settles 250 of her points (window `first`, 2 GOLD)
+/// and then an empty window (`second`). Returns (alice, first, second).
+async fn settle_two_windows(
+    gw: &mut TestGateway,
+    studio1: &mut hoard_server::testing::WsClient,
+) -> (hoard_types::Keypair, u64, u64) {
+    let alice = key("alice", 0);
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000_000),
+    ] {
+        assert_eq!(commit(studio1, &tx).await.1, Outcome::Applied);
+    }
+    click_gold(gw, studio1, 1, &alice, 250).await;
+    let (first, event_ids, entries) = settle(studio1).await;
+    assert_eq!((entries, event_ids.len()), (1, 1));
+    wait_event(gw, event_ids[0]).await;
+    assert_eq!(balance(studio1, alice.public(), "GOLD").await, 2);
+    let (second, event_ids, entries) = settle(studio1).await;
+    assert_eq!((entries, event_ids.len()), (0, 0));
+    assert!(second > first, "{first} then {second}");
+    (alice, first, second)
+}
+
+/// After Redis loses everything (a restart without persistence: here FLUSHALL), the window
+/// counter is gone. Settlement must not start again at a window the chain already committed:
+/// its event ids would be answered with the old outcome and the new points would vanish.
+#[tokio::test]
+async fn settlement_windows_never_repeat_after_redis_loses_its_data() {
+    let store = TestStore::redis();
+    let mut gw = TestGateway::start(&store, |_| {}).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let (alice, first, second) = settle_two_windows(&mut gw, &mut studio1).await;
+
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut store.redis_server().unwrap().connection())
+        .unwrap();
+    click_gold(&gw, &mut studio1, 2, &alice, 300).await;
+    let (window, event_ids, entries) = settle(&mut studio1).await;
+    assert!(
+        window != first && window != second,
+        "window {window} reused ({first}, {second} were settled before the loss)"
+    );
+    assert_eq!((entries, event_ids.len()), (1, 1));
+    wait_event(&gw, event_ids[0]).await;
+    assert_eq!(
+        balance(&mut studio1, alice.public(), "GOLD").await,
+        2 + 3,
+        "the points clicked after the loss were minted"
+    );
+    gw.shutdown().await;
+}
+
+/// The embedded store is lost with its gateway: a restarted gateway must not reuse windows.
+#[tokio::test]
+async fn settlement_windows_never_repeat_after_an_embedded_gateway_restarts() {
+    let store = TestStore::embedded();
+    let mut gw = TestGateway::start(&store, |_| {}).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let (alice, first, second) = settle_two_windows(&mut gw, &mut studio1).await;
+
+    drop(studio1);
+    let chain = gw.chain.clone();
+    let world = std::mem::replace(&mut gw.world, hoard_ledger::testing::World::new(2));
+    let config = gw.config.clone();
+    gw.shutdown().await;
+    let gw = TestGateway::start_on(chain, world, config).await;
+    let mut studio1 = studio(&gw, T1).await;
+    // The restarted gateway has caught up with the chain (alice's 2 GOLD).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while balance(&mut studio1, alice.public(), "GOLD").await != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "view not caught up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    click_gold(&gw, &mut studio1, 1, &alice, 300).await;
+    let (window, event_ids, entries) = settle(&mut studio1).await;
+    assert!(
+        window != first && window != second,
+        "window {window} reused ({first}, {second} were settled before the restart)"
+    );
+    assert_eq!((entries, event_ids.len()), (1, 1));
+    wait_event(&gw, event_ids[0]).await;
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2 + 3);
+    gw.shutdown().await;
+}
+
+/// Every key of a Redis with its remaining time to live (DUMP/PTTL), and the restore
+/// (FLUSHALL, then RESTORE each): a Redis restarted from an older snapshot or AOF.
+fn dump_all(redis: &RedisServer) -> Vec<(String, i64, Vec<u8>)> {
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut connection).unwrap();
+    keys.into_iter()
+        .map(|key| {
+            let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut connection).unwrap();
+            let bytes: Vec<u8> = redis::cmd("DUMP").arg(&key).query(&mut connection).unwrap();
+            (key, ttl.max(0), bytes)
+        })
+        .collect()
+}
+
+fn restore_all(redis: &RedisServer, dump: &[(String, i64, Vec<u8>)]) {
+    let mut connection = redis.connection();
+    let _: () = redis::cmd("FLUSHALL").query(&mut connection).unwrap();
+    for (key, ttl, bytes) in dump {
+        let _: () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(*ttl)
+            .arg(bytes)
+            .query(&mut connection)
+            .unwrap();
+    }
+}
+
+/// Redis comes back from a snapshot taken before a window was cut (AOF `everysec` loses up to a
+/// second): the restored counter names a window that was cut and committed after the snapshot.
+/// Cutting it again would answer the new points with that window's old outcome. A window is
+/// numbered when it is cut, so the next cut gets a new number instead.
+#[tokio::test]
+async fn settlement_windows_never_repeat_after_redis_restores_an_older_snapshot() {
+    let store = TestStore::redis();
+    let redis = store.redis_server().unwrap();
+    let mut gw = TestGateway::start(&store, |_| {}).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let (alice, first, second) = settle_two_windows(&mut gw, &mut studio1).await;
+
+    click_gold(&gw, &mut studio1, 2, &alice, 300).await;
+    let snapshot = dump_all(redis);
+    let (third, event_ids, entries) = settle(&mut studio1).await;
+    assert_eq!((entries, event_ids.len()), (1, 1));
+    wait_event(&gw, event_ids[0]).await;
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2 + 3);
+
+    restore_all(redis, &snapshot);
+    assert_eq!(unsettled_gold(&gw, &alice).await, 50 + 300);
+    click_gold(&gw, &mut studio1, 3, &alice, 400).await;
+    let (window, event_ids, entries) = settle(&mut studio1).await;
+    assert!(
+        ![first, second, third].contains(&window),
+        "window {window} reused ({first}, {second}, {third} were cut before)"
+    );
+    assert_eq!((entries, event_ids.len()), (1, 1));
+    wait_event(&gw, event_ids[0]).await;
+    // The 400 new points are minted. The 350 points the snapshot held as unsettled were settled
+    // after it (in `third`); Redis cannot know that, so they are settled again: a Redis that
+    // goes back in time re-grants what it forgot was settled rather than losing new points.
+    assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2 + 3 + 7);
+    gw.shutdown().await;
 }
