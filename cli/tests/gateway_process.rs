@@ -1,15 +1,20 @@
 //! The gateway as a real `hoard gateway --config` process in front of four real `hoard node`
 //! replicas, with SDK clients submitting asset events at a steady rate:
 //!
-//! - the gateway process is killed with SIGKILL mid-load and a new one started on the same Redis
-//!   and cluster;
+//! - the gateway process is killed with SIGKILL mid-load; a second gateway process (another
+//!   consumer name, on addresses the SDK clients do not know, so that they cannot resend
+//!   anything) must claim the dead one's pending stream entries (XAUTOCLAIM) and see every event
+//!   that was in doubt committed; then the first gateway is started again for the SDK clients;
 //! - redis-server (no persistence) is killed with SIGKILL mid-load and a fresh, empty one started
-//!   on the same port.
+//!   on the same port; the gateway forgets the events whose entries went with it, and the SDK's
+//!   status checks and resends of every event not seen committed finish them.
 //!
-//! Either way every event the SDK submitted (and so every one that got `accepted`) must commit
-//! exactly once: the SDK resends whatever it has not seen committed, the gateway reclaims or
-//! re-appends stream entries, and the ledger deduplicates by event id. The end check reads the
-//! balance through the gateway and, after the replicas stop, from a replica's own store.
+//! Each crash happens only while at least [`MIN_IN_DOUBT`] events are in doubt (`accepted`, not
+//! committed): the replicas are paused (SIGSTOP) just before it, so that accepted events pile up
+//! uncommitted, and resumed (SIGCONT) after it. Every event the SDK submitted (and so every one
+//! that got `accepted`) must commit exactly once; the ledger deduplicates by event id. The end
+//! check reads the balance through the gateway and, after the replicas stop, from a replica's
+//! own store.
 //!
 //! The replicas (and their cluster files) come from `hoard_loadtest::stack` (the same code
 //! `hoard demo` uses); its in-process gateway is aborted at once and replaced by the processes
@@ -29,7 +34,8 @@ use hoard_sdk::{
     Keypair, Outcome, ReconnectPolicy, TenantId,
 };
 use hoard_server::config::{GatewayConfig, DEMO_STUDIO_SEED};
-use hoard_server::testing::{free_port, RedisServer};
+use hoard_server::metrics::EVENTS_CLAIMED_TOTAL;
+use hoard_server::testing::{free_port, RedisServer, REDIS_SERVER_PATH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TENANT: TenantId = TenantId(1);
@@ -38,6 +44,16 @@ const MINTS_PER_SECOND_PER_CLIENT: u64 = 40;
 const CLIENTS: usize = 2;
 /// How long everything may take to settle at the end.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(40);
+/// Accepted, uncommitted events there must be at the crash (a gateway kill, a Redis restart).
+const MIN_IN_DOUBT: usize = 10;
+/// How long the paused chain may take to leave [`MIN_IN_DOUBT`] events in doubt (at the load's
+/// rate that takes well under a second).
+const IN_DOUBT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the second gateway may take to claim the dead one's entries and see them committed.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(20);
+/// The gateway the SDK clients use (killed, then started again), and the one that takes over.
+const FIRST_INSTANCE: &str = "gateway-under-test";
+const SECOND_INSTANCE: &str = "gateway-second";
 
 /// A `hoard gateway --config <file>` child process (killed on drop).
 struct GatewayChild {
@@ -48,24 +64,31 @@ struct GatewayChild {
 }
 
 impl GatewayChild {
-    /// Writes the gateway's TOML configuration for the cluster and Redis; does not start it.
-    fn configure(dir: &Path, cluster: &Path, redis_url: &str) -> GatewayChild {
+    /// Writes the TOML configuration of gateway `instance` (its consumer name; also its chain
+    /// client id) for the cluster and Redis; does not start it.
+    fn configure(
+        dir: &Path,
+        cluster: &Path,
+        redis_url: &str,
+        instance: &str,
+        client_id: u64,
+    ) -> GatewayChild {
         let ws = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let mut config = GatewayConfig {
             listen: ws,
             http_listen: http,
-            instance: "gateway-under-test".into(),
+            instance: instance.into(),
             drain_timeout_ms: 5_000,
             ..GatewayConfig::default()
         };
         config.redis.url = redis_url.to_string();
         config.chain.backend = "cluster".into();
         config.chain.cluster = Some(cluster.to_path_buf());
-        config.chain.client_id = 11;
+        config.chain.client_id = client_id;
         config.events.claim_idle_ms = 1_000;
         config.limits.connection_messages_per_second = 100_000;
-        let config_path = dir.join("gateway.toml");
+        let config_path = dir.join(format!("{instance}.toml"));
         std::fs::write(&config_path, toml::to_string(&config).expect("config serialises")).unwrap();
         GatewayChild {
             config_path,
@@ -118,6 +141,56 @@ impl GatewayChild {
     fn url(&self) -> String {
         format!("ws://{}/v1", self.ws)
     }
+
+    async fn ready(&self) -> bool {
+        http_get(self.http, "/readyz").await.starts_with("HTTP/1.1 200")
+    }
+
+    /// The sum of a metric's series on the process's `/metrics` (0 when absent).
+    async fn metric(&self, name: &str) -> f64 {
+        let samples = hoard_loadtest::sys::scrape(self.http)
+            .await
+            .expect("the gateway serves /metrics");
+        hoard_loadtest::sys::sum(&samples, name)
+    }
+}
+
+/// SIGSTOP (`false`) or SIGCONT (`true`) to every replica: a chain that stalls (nothing commits;
+/// the gateway's requests wait in the replicas' sockets), then goes on.
+fn set_replicas_running(stack: &Stack, running: bool) {
+    let signal = if running { "-CONT" } else { "-STOP" };
+    let pids: Vec<String> = stack
+        .replicas
+        .iter()
+        .map(|r| r.process.pid().expect("replica running").to_string())
+        .collect();
+    let status = Command::new("kill")
+        .arg(signal)
+        .args(&pids)
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pids:?} failed");
+}
+
+/// How many stream entries are pending (delivered, not acknowledged) for `consumer` in the
+/// gateways' consumer group (XPENDING through redis-cli).
+fn pending_entries(redis: &RedisServer, consumer: &str) -> usize {
+    let config = GatewayConfig::default();
+    let output = Command::new(Path::new(REDIS_SERVER_PATH).with_file_name("redis-cli"))
+        .args(["-p", &redis.port().to_string(), "XPENDING"])
+        .args([&config.redis.stream, &config.redis.group])
+        .args(["-", "+", "1000000", consumer])
+        .stdin(Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && !text.starts_with("ERR"),
+        "XPENDING failed: {text} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Each entry prints as its id, consumer, idle time and delivery count, one per line.
+    text.lines().filter(|line| line.trim() == consumer).count()
 }
 
 async fn http_get(address: SocketAddr, path: &str) -> String {
@@ -197,14 +270,18 @@ impl Ledgerbook {
             .count()
     }
     /// Accepted but not resolved yet: the events a crash puts in doubt.
-    fn in_doubt(&self) -> usize {
+    fn doubted(&self) -> HashSet<EventId> {
         let resolved = self.resolved.lock().unwrap();
         self.accepted
             .lock()
             .unwrap()
             .iter()
             .filter(|e| !resolved.contains_key(e))
-            .count()
+            .copied()
+            .collect()
+    }
+    fn in_doubt(&self) -> usize {
+        self.doubted().len()
     }
 }
 
@@ -261,6 +338,22 @@ struct Load {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     book: Arc<Ledgerbook>,
+}
+
+/// Pauses the chain and waits until at least [`MIN_IN_DOUBT`] accepted events wait for it.
+async fn stall_chain_until_in_doubt(stack: &Stack, book: &Ledgerbook) {
+    set_replicas_running(stack, false);
+    let deadline = Instant::now() + IN_DOUBT_TIMEOUT;
+    while book.in_doubt() < MIN_IN_DOUBT {
+        assert!(
+            Instant::now() < deadline,
+            "with the chain paused, fewer than {MIN_IN_DOUBT} accepted events were in doubt after \
+             {IN_DOUBT_TIMEOUT:?} ({} in doubt, {} submitted): is the load running?",
+            book.in_doubt(),
+            book.submitted()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 async fn wait_progress(book: &Ledgerbook, what: &str, events: usize) {
@@ -400,8 +493,13 @@ async fn start_gateway_and_clients(
     redis: &RedisServer,
 ) -> (tempfile::TempDir, GatewayChild, Vec<Client>, hoard_sdk::PublicKey) {
     let dir = tempfile::tempdir().unwrap();
-    let mut gateway =
-        GatewayChild::configure(dir.path(), &stack.dir.join("cluster/cluster.toml"), &redis.url());
+    let mut gateway = GatewayChild::configure(
+        dir.path(),
+        &stack.dir.join("cluster/cluster.toml"),
+        &redis.url(),
+        FIRST_INSTANCE,
+        11,
+    );
     gateway.start().await;
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
@@ -416,19 +514,93 @@ async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process
     let started = Instant::now();
     let stack = replicas().await;
     let redis = RedisServer::start();
-    let (_dir, mut gateway, clients, alice) = start_gateway_and_clients(&stack, &redis).await;
+    let (dir, mut gateway, clients, alice) = start_gateway_and_clients(&stack, &redis).await;
 
     let book = Arc::new(Ledgerbook::default());
     let stop = Arc::new(AtomicBool::new(false));
     let load = start_load(&clients, alice, book.clone(), stop.clone(), Arc::default());
     wait_progress(&book, "before the kill", 40).await;
 
-    let in_doubt = book.in_doubt();
-    let unresolved = book.submitted() - book.resolved();
+    // The kill comes while the chain is paused and at least MIN_IN_DOUBT accepted events wait
+    // for it. Nothing commits until the replicas resume, so these stay in doubt.
+    stall_chain_until_in_doubt(&stack, &book).await;
     gateway.kill9();
-    eprintln!("killed the gateway with {unresolved} events unresolved, {in_doubt} of them accepted");
-    // The load goes on against nothing for a while: the SDK holds the events and reconnects.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let doubted = book.doubted();
+    let unresolved = book.submitted() - book.resolved();
+    // The dead gateway's entries: only an XAUTOCLAIM takes them off its consumer.
+    let dead_pending = pending_entries(&redis, FIRST_INSTANCE);
+    set_replicas_running(&stack, true);
+    eprintln!(
+        "killed the gateway with {unresolved} events unresolved, {} of them accepted; {dead_pending} \
+         stream entries pending for it",
+        doubted.len()
+    );
+    assert!(
+        doubted.len() >= MIN_IN_DOUBT,
+        "only {} accepted events in doubt at the kill",
+        doubted.len()
+    );
+    assert!(dead_pending > 0, "no stream entry pending for the killed gateway");
+
+    // A second gateway (another consumer, chain client and addresses) takes over. The SDK
+    // clients only know the dead gateway's address, so they resend nothing meanwhile. The events
+    // in doubt may commit from the dead gateway's own requests, still queued at the paused
+    // replicas; what proves the claim path is that the dead consumer's entries leave its pending
+    // list (only XAUTOCLAIM moves them), that the second gateway counts them claimed, and that it
+    // acknowledges them all.
+    let mut second = loop {
+        let second = GatewayChild::configure(
+            dir.path(),
+            &stack.dir.join("cluster/cluster.toml"),
+            &redis.url(),
+            SECOND_INSTANCE,
+            12,
+        );
+        if second.ws != gateway.ws && second.http != gateway.http {
+            break second;
+        }
+    };
+    second.start().await;
+    let observer = connect(&second.url()).await;
+    let deadline = Instant::now() + CLAIM_TIMEOUT;
+    let mut open = doubted.clone();
+    let claimed = loop {
+        let mut still_open = HashSet::new();
+        for event_id in &open {
+            let status = observer.event_status(*event_id).await.expect("event_status");
+            if status.state != EventState::Committed {
+                still_open.insert(*event_id);
+            }
+        }
+        open = still_open;
+        let dead_left = pending_entries(&redis, FIRST_INSTANCE);
+        let second_left = pending_entries(&redis, SECOND_INSTANCE);
+        let claimed = second.metric(EVENTS_CLAIMED_TOTAL).await as usize;
+        if open.is_empty() && dead_left == 0 && second_left == 0 && claimed >= dead_pending {
+            break claimed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {CLAIM_TIMEOUT:?} the second gateway has claimed {claimed} entries of the dead \
+             one's {dead_pending}; {dead_left} still pending for the dead gateway, {second_left} \
+             for the second; {} of the {} events in doubt not committed",
+            open.len(),
+            doubted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for client in &clients {
+        assert_eq!(
+            client.reconnect_count(),
+            0,
+            "an SDK client reached a gateway while the first one was down"
+        );
+    }
+    observer.close().await;
+    second.stop().await;
+
+    // The first gateway again, on its address and consumer name: the SDK clients reconnect and
+    // resend what they have not seen committed (answered from the ledger: committed already).
     gateway.start().await;
     wait_progress(&book, "after the restart", 40).await;
     let load = Load {
@@ -439,7 +611,9 @@ async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process
     };
     let events = stop_and_check(stack, &mut gateway, load, alice, true).await;
     eprintln!(
-        "{events} events committed exactly once in {:?}",
+        "RESULT kill9: in_doubt={} dead_pending={dead_pending} claimed={claimed}; {events} events \
+         committed exactly once in {:?}",
+        doubted.len(),
         started.elapsed()
     );
 }
@@ -458,13 +632,40 @@ async fn every_event_commits_exactly_once_when_redis_restarts_empty_under_load()
     wait_progress(&book, "before Redis dies", 40).await;
 
     // Redis dies with the stream (accepted, uncommitted entries), the consumer group and the
-    // click totals; a fresh, empty one takes its port while the load goes on.
+    // click totals, while the chain is paused and at least MIN_IN_DOUBT accepted events wait for
+    // it; a fresh, empty one takes its port while the load goes on.
+    stall_chain_until_in_doubt(&stack, &book).await;
     let in_doubt = book.in_doubt();
     redis.kill();
     eprintln!("killed redis-server with {in_doubt} accepted events not committed");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        in_doubt >= MIN_IN_DOUBT,
+        "only {in_doubt} accepted events in doubt when Redis died"
+    );
+    // The gateway notices (not ready) ...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gateway.ready().await {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway stayed ready without Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     redis.restart_empty();
     let clicks_at_restart = clicks_sent.load(Ordering::Relaxed);
+    // ... and is ready again only once it found its marker key gone, created the consumer group
+    // again and forgot the events in flight. Only then does the chain go on: the commits of the
+    // events in doubt reach the gateway after it forgot them, so the SDK learns of each through
+    // its own status check or resend, not through the gateway's `committed` push.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gateway.ready().await {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway did not get ready on the new Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set_replicas_running(&stack, true);
     wait_progress(&book, "after Redis restarted", 40).await;
     stop.store(true, Ordering::Relaxed);
 
@@ -501,7 +702,8 @@ async fn every_event_commits_exactly_once_when_redis_restarts_empty_under_load()
     };
     let events = stop_and_check(stack, &mut gateway, load, alice, false).await;
     eprintln!(
-        "{events} events committed exactly once, {counted} of {sent} clicks counted, in {:?}",
+        "RESULT redis: in_doubt={in_doubt}; {events} events committed exactly once, {counted} of \
+         {sent} clicks counted, in {:?}",
         started.elapsed()
     );
 }
