@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -1028,6 +1028,21 @@ impl Connection {
     }
 
     fn submit(&mut self, tenant: TenantId, request_id: u64, tx: &Transaction, payload: &TxPayload) -> Flow {
+        self.submit_then(tenant, request_id, tx, payload, None);
+        Flow::Continue
+    }
+
+    /// Submits; `durable` (if given) hears `Ok` once the event is durable (at once when it is
+    /// already), an error or a drop otherwise. Returns whether the event is durable already
+    /// (`Some(true)`), queued (`Some(false)`), or refused (`None`; the error answer is queued).
+    fn submit_then(
+        &mut self,
+        tenant: TenantId,
+        request_id: u64,
+        tx: &Transaction,
+        payload: &TxPayload,
+        durable: Option<oneshot::Sender<Result<(), ErrorCode>>>,
+    ) -> Option<bool> {
         if self.handle.in_flight.load(Ordering::Relaxed) >= EVENTS_IN_FLIGHT_PER_CONNECTION_MAX {
             metrics::counter!(m::BUSY_TOTAL, "reason" => "connection_in_flight").increment(1);
             let retry = self.shared.config.events.busy_retry_after_ms;
@@ -1037,23 +1052,27 @@ impl Connection {
                 "too many events in flight on this connection",
                 Some(retry),
             );
-            return Flow::Continue;
+            return None;
         }
         let kind = crate::view::kind_of(&payload.body);
         let origin = Origin::Connection {
             conn: self.id,
             request_id,
+            durable,
         };
         match self
             .shared
             .events
             .submit(tenant, payload.event_id, tx, kind, origin)
         {
-            Ok(Submitted::Queued) => {}
-            Ok(Submitted::AlreadyInFlight) => self.replies.push(ServerMessage::Accepted {
-                request_id,
-                event_id: payload.event_id,
-            }),
+            Ok(Submitted::Queued) => Some(false),
+            Ok(Submitted::AlreadyInFlight) => {
+                self.replies.push(ServerMessage::Accepted {
+                    request_id,
+                    event_id: payload.event_id,
+                });
+                Some(true)
+            }
             Ok(Submitted::AlreadyCommitted { height, outcome }) => {
                 self.replies.push(ServerMessage::Accepted {
                     request_id,
@@ -1061,10 +1080,13 @@ impl Connection {
                 });
                 self.replies
                     .push(commit_message(payload.event_id, height, &outcome));
+                Some(true)
             }
-            Err(refused) => self.error(request_id, refused.code, refused.message, refused.retry_after_ms),
+            Err(refused) => {
+                self.error(request_id, refused.code, refused.message, refused.retry_after_ms);
+                None
+            }
         }
-        Flow::Continue
     }
 
     fn on_offer(
@@ -1249,16 +1271,24 @@ impl Connection {
             self.error(request_id, ErrorCode::NotFound, "the offer just closed", None);
             return Flow::Continue;
         }
-        let before = self.replies.len();
-        self.submit(tenant, request_id, &tx, &payload);
-        let refused = self.replies[before..]
-            .iter()
-            .any(|r| matches!(r, ServerMessage::Error { .. }));
-        if refused {
-            // Not durable: the offer stays open for another try.
-            let _ = self.shared.offers.open(tenant, offer);
-        } else {
-            self.close_offer(tenant, &offer, OfferCloseReason::Accepted);
+        // The offer is out of the book (no second accept), but closed as `accepted` only once
+        // the swap is durable: if the stream write fails, the offer opens again for another try.
+        let (durable, durable_rx) = oneshot::channel();
+        match self.submit_then(tenant, request_id, &tx, &payload, Some(durable)) {
+            None => {
+                let _ = self.shared.offers.open(tenant, offer);
+            }
+            Some(true) => self.close_offer(tenant, &offer, OfferCloseReason::Accepted),
+            Some(false) => {
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    if let Ok(Ok(())) = durable_rx.await {
+                        close_offer_everywhere(&shared, tenant, &offer, OfferCloseReason::Accepted);
+                    } else {
+                        let _ = shared.offers.open(tenant, offer);
+                    }
+                });
+            }
         }
         Flow::Continue
     }

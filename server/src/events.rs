@@ -37,8 +37,13 @@ use crate::view::ChainView;
 
 /// Who wants to hear that an event was accepted.
 pub enum Origin {
-    /// A connection's request.
-    Connection { conn: ConnId, request_id: u64 },
+    /// A connection's request; `durable` (an `accept`'s) hears once the event is durable, or
+    /// that it will not be.
+    Connection {
+        conn: ConnId,
+        request_id: u64,
+        durable: Option<oneshot::Sender<Result<(), ErrorCode>>>,
+    },
     /// An internal caller (settlement) that waits for durability.
     Internal(oneshot::Sender<Result<(), ErrorCode>>),
 }
@@ -260,7 +265,11 @@ impl Events {
             .view
             .read(|l| l.event(tenant, &event_id).map(|(h, o)| (h, o.clone())))
         {
-            if let Origin::Internal(reply) = origin {
+            if let Origin::Internal(reply)
+            | Origin::Connection {
+                durable: Some(reply), ..
+            } = origin
+            {
                 let _ = reply.send(Ok(()));
             }
             return Ok(Submitted::AlreadyCommitted { height, outcome });
@@ -285,11 +294,16 @@ impl Events {
                 }
             }
             return match origin {
-                Origin::Connection { conn, request_id } if !entry.durable => {
+                // (A `durable` listener here hears nothing: it is dropped, which it takes for
+                // "not durable".)
+                Origin::Connection { conn, request_id, .. } if !entry.durable => {
                     entry.waiting.push((conn, request_id));
                     Ok(Submitted::Queued)
                 }
-                Origin::Internal(reply) => {
+                Origin::Internal(reply)
+                | Origin::Connection {
+                    durable: Some(reply), ..
+                } => {
                     let _ = reply.send(Ok(()));
                     Ok(Submitted::AlreadyInFlight)
                 }
@@ -433,9 +447,16 @@ impl Events {
                 entry.early_receipt.take()
             });
             match request.origin {
-                Origin::Connection { conn, request_id } => {
+                Origin::Connection {
+                    conn,
+                    request_id,
+                    durable,
+                } => {
                     self.hub
                         .push(conn, ServerMessage::Accepted { request_id, event_id });
+                    if let Some(durable) = durable {
+                        let _ = durable.send(Ok(()));
+                    }
                 }
                 Origin::Internal(reply) => {
                     let _ = reply.send(Ok(()));
@@ -467,8 +488,15 @@ impl Events {
                 }
             }
             match request.origin {
-                Origin::Connection { conn, request_id } => {
+                Origin::Connection {
+                    conn,
+                    request_id,
+                    durable,
+                } => {
                     self.hub.push(conn, error(request_id));
+                    if let Some(durable) = durable {
+                        let _ = durable.send(Err(ErrorCode::Unavailable));
+                    }
                 }
                 Origin::Internal(reply) => {
                     let _ = reply.send(Err(ErrorCode::Unavailable));
@@ -769,7 +797,11 @@ mod tests {
         let tx = world.register(TenantId(1), &key(player, 0).public(), Custody::Custodial);
         let event_id = tx.decode_payload().expect("decodes").event_id;
         let (events, mut queues, outbound) = pipeline(&world);
-        let origin = Origin::Connection { conn: 1, request_id };
+        let origin = Origin::Connection {
+            conn: 1,
+            request_id,
+            durable: None,
+        };
         assert!(matches!(
             events.submit(TenantId(1), event_id, &tx, "register_account", origin),
             Ok(Submitted::Queued)
@@ -908,6 +940,7 @@ mod tests {
             let origin = Origin::Connection {
                 conn: 1,
                 request_id: request_id as u64,
+                durable: None,
             };
             assert!(matches!(
                 events.submit(TenantId(1), event_id, tx, "register_account", origin),

@@ -375,6 +375,93 @@ async fn a_graceful_shutdown_pushes_drained_commits_before_it_closes() {
     shutdown.await.unwrap();
 }
 
+/// An accept whose swap cannot be made durable (Redis hangs; the stream write times out) gets
+/// `unavailable`, and the offer is not closed: it is back in the book, and accepting it again
+/// once Redis answers settles the swap.
+#[tokio::test]
+async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |c| c.redis.command_timeout_ms = 300).await;
+    let alice = key("alice", 0);
+    let bob = key("bob", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
+        gw.world.register(T1, &bob.public(), Custody::SelfCustody),
+        gw.world.define_currency(T1, "GOLD", 1_000),
+        gw.world.define_class(T1, "sword", false, 10),
+        gw.world.mint_currency(T1, &alice.public(), "GOLD", 100),
+        gw.world.mint_unique(T1, &bob.public(), "sword", 7),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    let mut alice_conn = player(&gw, T1, &alice).await;
+    let mut bob_conn = player(&gw, T1, &bob).await;
+    let body = TxBody::Swap {
+        left: hoard_types::SwapSide {
+            account: alice.public(),
+            gives: vec![hoard_types::Asset::Currency {
+                currency: hoard_types::CurrencyId::new("GOLD"),
+                amount: hoard_types::Amount(40),
+            }],
+        },
+        right: hoard_types::SwapSide {
+            account: bob.public(),
+            gives: vec![hoard_types::Asset::Item {
+                item: hoard_types::ItemId(7),
+            }],
+        },
+    };
+    let offer_tx = gw.world.tx(T1, body, &[&alice]);
+    let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
+        request_id,
+        tx: offer_tx,
+        ttl_ms: 60_000,
+    })
+    .await;
+    let ServerMessage::OfferOpened { offer, .. } = opened else {
+        panic!("{opened:?}")
+    };
+    let signature = bob.sign(hoard_types::tx::TX_SIGNING_DOMAIN, &offer.tx.payload);
+    let accept = |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: Some(signature),
+    };
+
+    redis.set_running(false);
+    let refused = request(&mut bob_conn, accept).await;
+    redis.set_running(true);
+    assert_error(&refused, ErrorCode::Unavailable);
+    let listed = request(&mut alice_conn, |request_id| ClientMessage::Offers { request_id }).await;
+    let ServerMessage::Offers { offers, .. } = listed else {
+        panic!("{listed:?}")
+    };
+    assert!(
+        offers.iter().any(|o| o.offer_id == offer.offer_id),
+        "the offer is open again after an accept that was not durable: {offers:?}"
+    );
+
+    let accepted = request(&mut bob_conn, accept).await;
+    assert!(matches!(accepted, ServerMessage::Accepted { .. }), "{accepted:?}");
+    assert_eq!(
+        wait_commit(&mut bob_conn, offer.offer_id).await.1,
+        Outcome::Applied
+    );
+    alice_conn
+        .recv_until(|m| {
+            matches!(
+                m,
+                ServerMessage::OfferClosed {
+                    reason: hoard_types::wire::OfferCloseReason::Accepted,
+                    ..
+                }
+            )
+        })
+        .await;
+    gw.shutdown().await;
+}
+
 #[tokio::test]
 async fn players_trade_through_offers_as_one_atomic_swap() {
     let redis = RedisServer::start();
