@@ -143,30 +143,96 @@ impl Events {
     }
 
     /// Redis lost its data (it restarted without persistence, see `watch_redis` in `lib.rs`):
-    /// the stream entries of events already durable may be gone with it. Forgets those events so
-    /// that `event_status` answers `unknown` and a resubmission appends them again (the SDK
-    /// resends every event it has not seen committed); the ledger's deduplication keeps each
-    /// event once whichever copy commits. Events still waiting for their append stay. Returns
-    /// how many were forgotten.
-    pub fn forget_durable(&self) -> usize {
+    /// the stream entries of events already durable may be gone with it. Forgets those whose
+    /// entries the stream no longer holds (and those whose entry ids are not known), so that
+    /// `event_status` answers `unknown` and a resubmission appends them again (the SDK resends
+    /// every event it has not seen committed); the ledger's deduplication keeps each event once
+    /// whichever copy commits. Events appended to the restarted Redis before the loss was
+    /// noticed keep their entries, so they stay tracked and their commit is still pushed; events
+    /// still waiting for their append stay too. If the stream cannot be read, every durable
+    /// event is forgotten (the safe side: resubmissions are deduplicated). Returns how many
+    /// were forgotten.
+    pub async fn forget_durable(&self, store: &Store) -> usize {
+        let mut unknown_ids = Vec::new();
+        let mut candidates = Vec::new();
+        for entry in self.tracker.iter().filter(|e| e.durable) {
+            if entry.stream_ids.is_empty() {
+                unknown_ids.push(*entry.key());
+            } else {
+                candidates.push((*entry.key(), entry.stream_ids.clone()));
+            }
+        }
         let mut conns = Vec::new();
         let mut forgotten = 0;
-        self.tracker.retain(|_, entry| {
-            if entry.durable {
+        for key in unknown_ids {
+            if let Some((_, mut entry)) = self
+                .tracker
+                .remove_if(&key, |_, e| e.durable && e.stream_ids.is_empty())
+            {
                 forgotten += 1;
                 conns.append(&mut entry.conns);
-                false
-            } else {
-                true
             }
-        });
-        for conn in conns.iter() {
-            if let Some(handle) = self.hub.get(*conn) {
+        }
+        for chunk in candidates.chunks(LOST_SWEEP_EVENTS_MAX) {
+            match self.absent(store, chunk).await {
+                Ok(absent) => {
+                    for (key, ids) in absent {
+                        if let Some((_, mut entry)) =
+                            self.tracker.remove_if(&key, |_, e| &e.stream_ids == ids)
+                        {
+                            forgotten += 1;
+                            conns.append(&mut entry.conns);
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the stream cannot be read: forgetting every durable event");
+                    for (key, ids) in chunk {
+                        if let Some((_, mut entry)) = self.tracker.remove_if(key, |_, e| &e.stream_ids == ids)
+                        {
+                            forgotten += 1;
+                            conns.append(&mut entry.conns);
+                        }
+                    }
+                }
+            }
+        }
+        self.release(conns);
+        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
+        forgotten
+    }
+
+    /// Of `candidates` (event, its stream entry ids), those whose entries are all gone from the
+    /// stream and which the ledger has not committed.
+    async fn absent<'a>(
+        &self,
+        store: &Store,
+        candidates: &'a [((TenantId, EventId), Vec<String>)],
+    ) -> Result<Vec<((TenantId, EventId), &'a Vec<String>)>, crate::store::StoreError> {
+        let ids: Vec<String> = candidates
+            .iter()
+            .flat_map(|(_, ids)| ids.iter().cloned())
+            .collect();
+        let mut present = store.present(&ids).await?.into_iter();
+        let mut absent = Vec::new();
+        for (key, ids) in candidates {
+            // All of this event's answers are consumed (not `any`, which would stop early and
+            // misalign the next event's).
+            let any = present.by_ref().take(ids.len()).fold(false, |any, p| any | p);
+            if !any && !self.view.read(|l| l.event(key.0, &key.1).is_some()) {
+                absent.push((*key, ids));
+            }
+        }
+        Ok(absent)
+    }
+
+    /// Gives back the in-flight slots of forgotten events' connections.
+    fn release(&self, conns: Vec<ConnId>) {
+        for conn in conns {
+            if let Some(handle) = self.hub.get(conn) {
                 handle.in_flight.fetch_sub(1, Ordering::Relaxed);
             }
         }
-        metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
-        forgotten
     }
 
     /// Forgets in-flight events whose stream entries are all gone although the ledger has not
@@ -188,38 +254,23 @@ impl Events {
         if candidates.is_empty() {
             return 0;
         }
-        let ids: Vec<String> = candidates
-            .iter()
-            .flat_map(|(_, ids)| ids.iter().cloned())
-            .collect();
-        let present = match store.present(&ids).await {
-            Ok(present) => present,
+        let absent = match self.absent(store, &candidates).await {
+            Ok(absent) => absent,
             Err(error) => {
                 tracing::debug!(%error, "lost-entry sweep skipped");
                 return 0;
             }
         };
-        let mut present = present.into_iter();
         let mut conns = Vec::new();
         let mut forgotten = 0;
-        for (key, ids) in candidates {
-            // All of this event's answers are consumed (not `any`, which would stop early and
-            // misalign the next event's).
-            let any = present.by_ref().take(ids.len()).fold(false, |any, p| any | p);
-            if any || self.view.read(|l| l.event(key.0, &key.1).is_some()) {
-                continue;
-            }
+        for (key, ids) in absent {
             // Unless a resubmission appended it again meanwhile.
-            if let Some((_, mut entry)) = self.tracker.remove_if(&key, |_, e| e.stream_ids == ids) {
+            if let Some((_, mut entry)) = self.tracker.remove_if(&key, |_, e| &e.stream_ids == ids) {
                 forgotten += 1;
                 conns.append(&mut entry.conns);
             }
         }
-        for conn in conns {
-            if let Some(handle) = self.hub.get(conn) {
-                handle.in_flight.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
+        self.release(conns);
         if forgotten > 0 {
             metrics::counter!(m::EVENTS_LOST_TOTAL).increment(forgotten as u64);
             metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
@@ -960,5 +1011,57 @@ mod tests {
         assert_eq!(events.status(TenantId(1), &ids[0]), Some(true), "still in flight");
         assert_eq!(events.status(TenantId(1), &ids[1]), None, "forgotten: unknown");
         assert_eq!(events.forget_lost(&store, Duration::ZERO).await, 0);
+    }
+
+    /// After Redis lost its data, only the events whose entries the (restarted) stream does not
+    /// hold are forgotten: one appended to it before the loss was noticed stays in flight (its
+    /// commit is still pushed), as does one whose append has not been answered yet.
+    #[tokio::test]
+    async fn after_a_data_loss_only_events_missing_from_the_stream_are_forgotten() {
+        let store = Store::Embedded(Arc::new(crate::embedded::EmbeddedStore::new()));
+        let mut world = World::new(1);
+        let txs = [
+            world.register(TenantId(1), &key("gina", 0).public(), Custody::Custodial),
+            world.register(TenantId(1), &key("hank", 0).public(), Custody::Custodial),
+            world.register(TenantId(1), &key("ivy", 0).public(), Custody::Custodial),
+        ];
+        let (events, mut queues, mut outbound) = pipeline(&world);
+        let mut ids = Vec::new();
+        for (request_id, tx) in txs.iter().enumerate() {
+            let event_id = tx.decode_payload().expect("decodes").event_id;
+            let origin = Origin::Connection {
+                conn: 1,
+                request_id: request_id as u64,
+                durable: None,
+            };
+            assert!(matches!(
+                events.submit(TenantId(1), event_id, tx, "register_account", origin),
+                Ok(Submitted::Queued)
+            ));
+            ids.push(event_id);
+        }
+        let before_loss = queues.writer.try_recv().expect("queued");
+        let after_loss = queues.writer.try_recv().expect("queued");
+        let _unanswered = queues.writer.try_recv().expect("queued");
+        // The first entry went down with the old Redis; the second is in the restarted one.
+        events.written(before_loss, Some("1-0".into()));
+        let appended = store
+            .append(&[after_loss.bytes.as_slice()])
+            .await
+            .expect("append");
+        events.written(after_loss, appended.into_iter().next());
+        assert_eq!(drain(&mut outbound).len(), 2, "two accepted");
+        assert_eq!(events.forget_durable(&store).await, 1);
+        assert_eq!(events.status(TenantId(1), &ids[0]), None, "forgotten: unknown");
+        assert_eq!(
+            events.status(TenantId(1), &ids[1]),
+            Some(true),
+            "in the stream: still tracked"
+        );
+        assert_eq!(
+            events.status(TenantId(1), &ids[2]),
+            Some(false),
+            "not yet durable: still tracked"
+        );
     }
 }

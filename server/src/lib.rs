@@ -445,7 +445,7 @@ async fn watch_redis(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             Ok(true) => true,
             Ok(false) => {
                 let group = shared.store.ensure_group().await;
-                let forgotten = shared.events.forget_durable();
+                let forgotten = shared.events.forget_durable(&shared.store).await;
                 tracing::warn!(
                     forgotten,
                     "Redis lost its data (this gateway's marker key is gone): consumer group created \
