@@ -380,6 +380,11 @@ impl Connection {
         };
         metrics::counter!(m::MESSAGES_RECEIVED_TOTAL, "kind" => message.name()).increment(1);
         let request_id = message.request_id();
+        // The connection's bucket counts every message, before authentication too (a flood of
+        // pings while unauthenticated is limited like any other).
+        if let Err(wait) = self.messages.take(1) {
+            return self.rate_limited(request_id, "connection", wait);
+        }
         let Some(auth) = self.auth.as_ref() else {
             return match message {
                 ClientMessage::AuthStudio {
@@ -419,10 +424,7 @@ impl Connection {
             );
             return Flow::Continue;
         }
-        // Rate limits: one token per message, per connection and per tenant.
-        if let Err(wait) = self.messages.take(1) {
-            return self.rate_limited(request_id, "connection", wait);
-        }
+        // The tenant's bucket: one token per message of any of its connections.
         if let Err(wait) = self.shared.tenant_messages.take(tenant, 1) {
             return self.rate_limited(request_id, "tenant", wait);
         }
@@ -901,6 +903,19 @@ impl Connection {
             }
             Err(error) => return self.protocol_error(request_id, error.code, error.message),
         };
+        // A bucket holds at most one second's worth: a message counting more clicks than that
+        // could never pass, so it is refused as too large instead of `rate_limited` for ever.
+        let limits = &self.shared.config.limits;
+        let most = limits
+            .connection_clicks_per_second
+            .min(limits.tenant_clicks_per_second);
+        if total > u64::from(most) {
+            return self.protocol_error(
+                request_id,
+                ErrorCode::TooLarge,
+                format!("{total} clicks in one message: more than the {most} per second this connection may send; split it"),
+            );
+        }
         if let Err(wait) = self.clicks.take(total) {
             return self.rate_limited(request_id, "connection", wait);
         }

@@ -325,6 +325,69 @@ async fn a_stalled_chain_turns_into_busy_not_memory_on(store: TestStore) {
     gw.shutdown().await;
 }
 
+/// Reads answer from committed state only: an accepted event that has not committed yet (the
+/// chain is paused) changes no balance, inventory or item owner until its commit.
+#[tokio::test]
+async fn reads_see_an_accepted_event_only_once_it_commits() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let alice = key("alice", 0).public();
+    for tx in [
+        gw.world.register(T1, &alice, Custody::Custodial),
+        gw.world.define_currency(T1, "GOLD", 1_000),
+        gw.world.define_class(T1, "sword", false, 10),
+        gw.world.mint_currency(T1, &alice, "GOLD", 10),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    gw.chain.set_paused(true);
+    let gold = gw.world.mint_currency(T1, &alice, "GOLD", 5);
+    let sword = gw.world.mint_unique(T1, &alice, "sword", 3);
+    for tx in [&gold, &sword] {
+        let answer = submit(&mut studio1, tx).await;
+        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
+    }
+    assert_eq!(
+        balance(&mut studio1, alice, "GOLD").await,
+        10,
+        "uncommitted mint not visible"
+    );
+    let inventory = request(&mut studio1, |request_id| ClientMessage::Inventory {
+        request_id,
+        account: alice,
+    })
+    .await;
+    assert!(
+        matches!(inventory, ServerMessage::Inventory { ref items, .. } if items.is_empty()),
+        "{inventory:?}"
+    );
+    let item = request(&mut studio1, |request_id| ClientMessage::Item {
+        request_id,
+        item: hoard_types::ItemId(3),
+    })
+    .await;
+    assert!(matches!(item, ServerMessage::Item { item: None, .. }), "{item:?}");
+    gw.chain.set_paused(false);
+    for tx in [&gold, &sword] {
+        assert_eq!(
+            wait_commit(&mut studio1, event_id_of(tx)).await.1,
+            Outcome::Applied
+        );
+    }
+    assert_eq!(balance(&mut studio1, alice, "GOLD").await, 15);
+    let item = request(&mut studio1, |request_id| ClientMessage::Item {
+        request_id,
+        item: hoard_types::ItemId(3),
+    })
+    .await;
+    assert!(
+        matches!(item, ServerMessage::Item { item: Some(ref i), .. } if i.owner == alice),
+        "{item:?}"
+    );
+    gw.shutdown().await;
+}
+
 /// Graceful shutdown drains before it closes: `/readyz` turns 503, new events and clicks are
 /// refused with `shutting_down` while the connection stays open, an event accepted before the
 /// stop still reaches its connection as a `committed` push, and only then comes the 1001 close.

@@ -131,6 +131,42 @@ async fn bad_input_gets_typed_errors_and_the_right_close_codes() {
         }
     }
     assert!(limited >= 50, "only {limited} of 100 rate limited");
+    // The same before authentication: pings do not escape the connection's bucket.
+    let mut anonymous_flood = WsClient::connect(&gw.url()).await;
+    for request_id in 1..=100u64 {
+        anonymous_flood.send(&ClientMessage::Ping { request_id }).await;
+    }
+    let mut limited = 0;
+    for _ in 0..100 {
+        if let ServerMessage::Error {
+            code: ErrorCode::RateLimited,
+            ..
+        } = anonymous_flood.recv().await
+        {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited >= 50,
+        "only {limited} of 100 unauthenticated pings rate limited"
+    );
+
+    // A clicks message counting more than a second's worth of the connection's click bucket
+    // (1,000,000 by default) could never pass: too_large, not rate_limited for ever.
+    let mut clicker = studio(&gw, T1).await;
+    let whale = key("p", 5).public();
+    let request_id = clicker.request_id();
+    let answer = clicker
+        .request(ClientMessage::Clicks {
+            request_id,
+            clicks: vec![
+                wire::Click(whale, "gold".into(), wire::CLICK_COUNT_MAX),
+                wire::Click(whale, "gold".into(), wire::CLICK_COUNT_MAX),
+            ],
+        })
+        .await;
+    assert_error(&answer, ErrorCode::TooLarge);
+    assert_alive(&mut clicker).await;
 
     // Frames over the limit: 1009.
     let mut big = studio(&gw, T1).await;
