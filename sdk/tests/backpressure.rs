@@ -35,7 +35,7 @@ async fn submits_wait_for_a_permit_when_the_in_flight_limit_is_reached() {
 
     // A second gateway with a batcher, on the same chain and Redis, claims the pending events
     // and commits them: the permits come back and the fifth submit proceeds.
-    let chain = stack.gateway.chain.clone();
+    let chain = stack.gateway.chain().clone();
     let mut config = stack.gateway.config.clone();
     config.events.batcher = true;
     let world = hoard_ledger::testing::World::new(2);
@@ -196,7 +196,7 @@ async fn a_busy_gateway_is_retried_after_the_delay_it_asks_for() {
     let mut config = stack.gateway.config.clone();
     config.events.batcher = true;
     let world = hoard_ledger::testing::World::new(2);
-    let backend: std::sync::Arc<dyn hoard_server::Chain> = std::sync::Arc::new(stack.gateway.chain.clone());
+    let backend: std::sync::Arc<dyn hoard_server::Chain> = std::sync::Arc::new(stack.gateway.chain().clone());
     let second = hoard_server::Gateway::start(config, backend, &world.genesis())
         .await
         .unwrap();

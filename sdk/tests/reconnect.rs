@@ -135,7 +135,7 @@ async fn grants_survive_a_gateway_crash_and_restart_on_the_same_address() {
         handles.push(studio.mint(players[index % 4], grant).await.unwrap());
     }
     // Crash the gateway (no drain), then start another one on the same port, chain and Redis.
-    let chain = stack.gateway.chain.clone();
+    let chain = stack.gateway.chain().clone();
     let mut config = stack.gateway.config.clone();
     config.listen = address;
     stack.gateway.gateway.take().expect("running").abort();

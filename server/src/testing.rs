@@ -225,12 +225,15 @@ impl StoreUnderTest for TestStore {
     }
 }
 
-/// A gateway on free loopback ports over an in-process chain, with two test tenants (ids 1 and
-/// 2, keys from `hoard_ledger::testing::World`), each with the rule "100 `gold` → 1 GOLD" and
-/// the studio key configured.
+/// A gateway on free loopback ports with two test tenants (ids 1 and 2, keys from
+/// `hoard_ledger::testing::World`), each with the rule "100 `gold` → 1 GOLD" and the studio key
+/// configured; over an in-process chain ([`TestGateway::start`]) or a real 4-replica PBFT
+/// cluster on loopback TCP ([`TestGateway::start_on_cluster`]).
 pub struct TestGateway {
     pub gateway: Option<Gateway>,
-    pub chain: LocalChain,
+    chain: Option<LocalChain>,
+    /// The replicas, when on a cluster (dropped after the gateway).
+    pub cluster: Option<(hoard_ledger::testing::LocalCluster, tempfile::TempDir)>,
     pub world: World,
     pub config: GatewayConfig,
 }
@@ -273,13 +276,35 @@ impl TestGateway {
         TestGateway::start_on(chain, world, config).await
     }
 
+    /// Starts a gateway with [`test_config`], adjusted by `tweak`, on a real 4-replica PBFT
+    /// cluster (replica tasks of this process, on loopback TCP, with their stores on disk).
+    /// Needs a multi-threaded runtime.
+    pub async fn start_on_cluster(
+        redis: &impl StoreUnderTest,
+        tweak: impl FnOnce(&mut GatewayConfig),
+    ) -> TestGateway {
+        init_test_log();
+        let world = World::new(2);
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let cluster = hoard_ledger::testing::LocalCluster::start(dir.path(), &world.genesis(), 4);
+        let backend: Arc<dyn Chain> = Arc::new(crate::chain::ClusterChain::connect(&cluster.cluster, 1));
+        let mut config = test_config(redis, &world);
+        tweak(&mut config);
+        let gateway = Gateway::start(config.clone(), backend, &world.genesis())
+            .await
+            .expect("gateway starts");
+        TestGateway {
+            gateway: Some(gateway),
+            chain: None,
+            cluster: Some((cluster, dir)),
+            world,
+            config,
+        }
+    }
+
     /// Starts a gateway on an existing chain (a second gateway of the same cluster).
     pub async fn start_on(chain: LocalChain, world: World, config: GatewayConfig) -> TestGateway {
-        // `RUST_LOG=hoard_server=debug cargo nextest run ...` shows a failing test's gateway log.
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
+        init_test_log();
         let genesis: Genesis = world.genesis();
         let backend: Arc<dyn Chain> = Arc::new(chain.clone());
         let gateway = Gateway::start(config.clone(), backend, &genesis)
@@ -287,10 +312,18 @@ impl TestGateway {
             .expect("gateway starts");
         TestGateway {
             gateway: Some(gateway),
-            chain,
+            chain: Some(chain),
+            cluster: None,
             world,
             config,
         }
+    }
+
+    /// The in-process chain (to pause it, or to start a second gateway on it).
+    pub fn chain(&self) -> &LocalChain {
+        self.chain
+            .as_ref()
+            .expect("this test needs the in-process chain, not a cluster")
     }
 
     pub fn gateway(&self) -> &Gateway {
@@ -329,7 +362,18 @@ impl TestGateway {
         if let Some(gateway) = self.gateway.take() {
             gateway.shutdown().await;
         }
+        if let Some((cluster, _dir)) = self.cluster.take() {
+            cluster.shutdown().await;
+        }
     }
+}
+
+/// `RUST_LOG=hoard_server=debug cargo nextest run ...` shows a failing test's gateway log.
+fn init_test_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 fn now_unix_ms() -> u64 {

@@ -35,8 +35,19 @@ async fn clicks_are_counted_in_the_embedded_store_and_settled_exactly_once() {
     clicks_are_counted_and_settled_exactly_once(TestStore::embedded()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clicks_are_counted_and_settled_exactly_once_through_the_pbft_cluster() {
+    let store = TestStore::redis();
+    let gw = TestGateway::start_on_cluster(&store, |_| {}).await;
+    clicks_are_counted_and_settled_exactly_once_with(&store, gw).await;
+}
+
 async fn clicks_are_counted_and_settled_exactly_once(store: TestStore) {
-    let mut gw = TestGateway::start(&store, |_| {}).await;
+    let gw = TestGateway::start(&store, |_| {}).await;
+    clicks_are_counted_and_settled_exactly_once_with(&store, gw).await;
+}
+
+async fn clicks_are_counted_and_settled_exactly_once_with(store: &TestStore, mut gw: TestGateway) {
     let (alice, bob, carol) = (key("alice", 0), key("bob", 0), key("carol", 0));
     let mut studio1 = studio(&gw, T1).await;
     let gold = |p: &hoard_types::Keypair, n| Click(p.public(), "gold".into(), n);
@@ -627,7 +638,7 @@ async fn settlement_windows_never_repeat_after_an_embedded_gateway_restarts() {
     let (alice, first, second) = settle_two_windows(&mut gw, &mut studio1).await;
 
     drop(studio1);
-    let chain = gw.chain.clone();
+    let chain = gw.chain().clone();
     let world = std::mem::replace(&mut gw.world, hoard_ledger::testing::World::new(2));
     let config = gw.config.clone();
     gw.shutdown().await;

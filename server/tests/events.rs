@@ -24,8 +24,19 @@ async fn events_commit_once_through_the_embedded_store() {
     events_commit_once_reads_follow_and_players_are_confined_on(TestStore::embedded()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_commit_once_through_the_pbft_cluster() {
+    let store = TestStore::redis();
+    let gw = TestGateway::start_on_cluster(&store, |_| {}).await;
+    events_commit_once_reads_follow_and_players_are_confined_with(gw).await;
+}
+
 async fn events_commit_once_reads_follow_and_players_are_confined_on(store: TestStore) {
-    let mut gw = TestGateway::start(&store, |_| {}).await;
+    let gw = TestGateway::start(&store, |_| {}).await;
+    events_commit_once_reads_follow_and_players_are_confined_with(gw).await;
+}
+
+async fn events_commit_once_reads_follow_and_players_are_confined_with(mut gw: TestGateway) {
     let alice = key("alice", 0);
     let bob = key("bob", 0);
     let mut studio1 = studio(&gw, T1).await;
@@ -142,10 +153,40 @@ async fn events_commit_once_reads_follow_and_players_are_confined_on(store: Test
         "{first:?}"
     );
 
-    // The gateway's ledger copy equals the chain's.
-    gw.wait_height(gw.chain.height()).await;
-    let ours = gw.gateway().shared().view.read(|l| l.state_root());
-    assert_eq!(ours, gw.chain.with_ledger(|l| l.state_root()));
+    // The gateway's ledger copy equals the chain's (every replica's, on a cluster).
+    let ours = match &gw.cluster {
+        None => {
+            gw.wait_height(gw.chain().height()).await;
+            let root = gw.chain().with_ledger(|l| l.state_root());
+            assert_eq!(gw.gateway().shared().view.read(|l| l.state_root()), root);
+            root
+        }
+        Some((cluster, _)) => {
+            // No more blocks come: wait until every replica and the gateway's copy are at one
+            // height, then their roots must be equal.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let ours = gw.gateway().shared().view.read(|l| (l.height(), l.state_root()));
+                let replicas: Vec<_> = cluster
+                    .statuses
+                    .iter()
+                    .map(|s| (s.borrow().height, s.borrow().state_root))
+                    .collect();
+                if replicas.iter().all(|(height, _)| *height == ours.0) {
+                    for (_, root) in &replicas {
+                        assert_eq!(*root, ours.1, "a replica and the gateway differ at {}", ours.0);
+                    }
+                    break ours.1;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "heights never met: gateway {ours:?}, replicas {replicas:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_ne!(ours, hoard_types::Hash::ZERO);
     gw.shutdown().await;
 }
 
@@ -164,8 +205,8 @@ async fn a_second_gateway_finishes_what_a_crashed_one_accepted_exactly_once() {
     for tx in &setup {
         assert_eq!(commit(&mut studio_a, tx).await.1, Outcome::Applied);
     }
-    let start_height = a.chain.height();
-    a.chain.set_paused(true);
+    let start_height = a.chain().height();
+    a.chain().set_paused(true);
     let mut txs = Vec::new();
     for _ in 0..20 {
         txs.push(a.world.mint_currency(T1, &alice.public(), "GOLD", 10));
@@ -192,7 +233,7 @@ async fn a_second_gateway_finishes_what_a_crashed_one_accepted_exactly_once() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let chain = a.chain.clone();
+    let chain = a.chain().clone();
     let world = std::mem::replace(&mut a.world, hoard_ledger::testing::World::new(2));
     let mut config = a.config.clone();
     a.gateway.take().expect("running").abort();
@@ -271,7 +312,7 @@ async fn a_stalled_chain_turns_into_busy_not_memory_with_the_embedded_store() {
 async fn a_stalled_chain_turns_into_busy_not_memory_on(store: TestStore) {
     let mut gw = TestGateway::start(&store, |c| c.events.pending_max = 3).await;
     let mut studio1 = studio(&gw, T1).await;
-    gw.chain.set_paused(true);
+    gw.chain().set_paused(true);
     let mut accepted = Vec::new();
     for index in 0..3 {
         let tx = gw
@@ -314,7 +355,7 @@ async fn a_stalled_chain_turns_into_busy_not_memory_on(store: TestStore) {
     payload.event_id = event_id_of(&accepted[1]);
     forged = payload.sign(&[gw.studio(T1)]);
     assert_error(&submit(&mut studio1, &forged).await, ErrorCode::Replay);
-    gw.chain.set_paused(false);
+    gw.chain().set_paused(false);
     for tx in &accepted {
         assert_eq!(
             wait_commit(&mut studio1, event_id_of(tx)).await.1,
@@ -341,7 +382,7 @@ async fn reads_see_an_accepted_event_only_once_it_commits() {
     ] {
         assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
     }
-    gw.chain.set_paused(true);
+    gw.chain().set_paused(true);
     let gold = gw.world.mint_currency(T1, &alice, "GOLD", 5);
     let sword = gw.world.mint_unique(T1, &alice, "sword", 3);
     for tx in [&gold, &sword] {
@@ -368,7 +409,7 @@ async fn reads_see_an_accepted_event_only_once_it_commits() {
     })
     .await;
     assert!(matches!(item, ServerMessage::Item { item: None, .. }), "{item:?}");
-    gw.chain.set_paused(false);
+    gw.chain().set_paused(false);
     for tx in [&gold, &sword] {
         assert_eq!(
             wait_commit(&mut studio1, event_id_of(tx)).await.1,
@@ -396,7 +437,7 @@ async fn a_graceful_shutdown_pushes_drained_commits_before_it_closes() {
     let redis = RedisServer::start();
     let mut gw = TestGateway::start(&redis, |c| c.drain_timeout_ms = 20_000).await;
     let mut studio1 = studio(&gw, T1).await;
-    let chain = gw.chain.clone();
+    let chain = gw.chain().clone();
     let http = gw.gateway().http_addr();
     chain.set_paused(true);
     let tx = gw
@@ -522,6 +563,56 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
             )
         })
         .await;
+    gw.shutdown().await;
+}
+
+/// Backpressure on the real cluster: with two of four replicas down nothing commits (2f+1 = 3),
+/// accepted events stay in flight up to `pending_max`, the next gets `busy`; once the replicas
+/// are back, every accepted event commits once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_pbft_cluster_turns_into_busy_and_everything_commits_once_it_is_back() {
+    let store = TestStore::redis();
+    let mut gw = TestGateway::start_on_cluster(&store, |c| c.events.pending_max = 3).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let first = gw.world.register(T1, &key("q", 0).public(), Custody::Custodial);
+    assert_eq!(commit(&mut studio1, &first).await.1, Outcome::Applied);
+    {
+        let (cluster, _) = gw.cluster.as_mut().expect("on a cluster");
+        cluster.stop(2).await;
+        cluster.stop(3).await;
+    }
+    let mut accepted = Vec::new();
+    for index in 1..=3 {
+        let tx = gw
+            .world
+            .register(T1, &key("q", index).public(), Custody::Custodial);
+        let answer = submit(&mut studio1, &tx).await;
+        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
+        accepted.push(tx);
+    }
+    let late = gw.world.register(T1, &key("q", 9).public(), Custody::Custodial);
+    match submit(&mut studio1, &late).await {
+        ServerMessage::Error {
+            code: ErrorCode::Busy,
+            retry_after_ms: Some(ms),
+            ..
+        } => assert!(ms > 0),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    {
+        let (cluster, _) = gw.cluster.as_mut().expect("on a cluster");
+        cluster.restart(2);
+        cluster.restart(3);
+    }
+    for tx in &accepted {
+        assert_eq!(
+            wait_commit(&mut studio1, event_id_of(tx)).await.1,
+            Outcome::Applied
+        );
+    }
+    assert_eq!(commit(&mut studio1, &late).await.1, Outcome::Applied);
+    // Once each: resubmitting an accepted event answers its one outcome.
+    assert_eq!(commit(&mut studio1, &accepted[0]).await.1, Outcome::Applied);
     gw.shutdown().await;
 }
 
@@ -804,7 +895,7 @@ async fn an_event_whose_stream_entry_redis_lost_is_forgotten_then_resubmitted_an
     for tx in &setup {
         assert_eq!(commit(&mut studio1, tx).await.1, Outcome::Applied);
     }
-    gw.chain.set_paused(true);
+    gw.chain().set_paused(true);
     let mint = gw.world.mint_currency(T1, &alice.public(), "GOLD", 7);
     let event_id = event_id_of(&mint);
     assert!(matches!(
@@ -864,7 +955,7 @@ async fn an_event_whose_stream_entry_redis_lost_is_forgotten_then_resubmitted_an
         submit(&mut studio1, &mint).await,
         ServerMessage::Accepted { .. }
     ));
-    gw.chain.set_paused(false);
+    gw.chain().set_paused(false);
     assert_eq!(wait_commit(&mut studio1, event_id).await.1, Outcome::Applied);
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 7);
     gw.shutdown().await;

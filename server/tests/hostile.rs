@@ -203,7 +203,18 @@ async fn bad_input_gets_typed_errors_and_the_right_close_codes() {
 #[tokio::test]
 async fn no_connection_reaches_another_tenants_data() {
     let redis = RedisServer::start();
-    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    let gw = TestGateway::start(&redis, |_| {}).await;
+    no_connection_reaches_another_tenants_data_with(gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_connection_reaches_another_tenants_data_through_the_pbft_cluster() {
+    let redis = RedisServer::start();
+    let gw = TestGateway::start_on_cluster(&redis, |_| {}).await;
+    no_connection_reaches_another_tenants_data_with(gw).await;
+}
+
+async fn no_connection_reaches_another_tenants_data_with(mut gw: TestGateway) {
     let alice = key("alice", 0);
     let eve = key("eve", 0);
     let mut studio1 = studio(&gw, T1).await;
