@@ -389,6 +389,8 @@ impl Events {
         }) {
             Ok(()) => {
                 metrics::gauge!(m::EVENTS_IN_FLIGHT).set(self.tracker.len() as f64);
+                metrics::gauge!(m::STREAM_WRITER_QUEUE_DEPTH)
+                    .set((self.writer.max_capacity() - self.writer.capacity()) as f64);
                 Ok(Submitted::Queued)
             }
             Err(_) => {
@@ -485,6 +487,10 @@ impl Events {
         if ok || committed {
             metrics::counter!(m::EVENTS_ACCEPTED_TOTAL, "kind" => request.kind).increment(1);
             let early = entry.as_mut().and_then(|entry| {
+                if !entry.durable && entry.accepted_at.is_some() {
+                    // The commit latency counts from `accepted` (durable), not from the request.
+                    entry.accepted_at = Some(Instant::now());
+                }
                 entry.durable = true;
                 if let Some(id) = stream_id {
                     if !entry.stream_ids.contains(&id) {
@@ -619,7 +625,8 @@ pub(crate) async fn run_writer(
         if writer.recv_many(&mut requests, STREAM_WRITER_PIPELINE_MAX).await == 0 {
             return;
         }
-        metrics::gauge!(m::STREAM_WRITER_QUEUE_DEPTH).set(writer.len() as f64);
+        // What the writer faces: the requests in hand and those still queued behind them.
+        metrics::gauge!(m::STREAM_WRITER_QUEUE_DEPTH).set((requests.len() + writer.len()) as f64);
         let started = Instant::now();
         let transactions: Vec<&[u8]> = requests.iter().map(|r| r.bytes.as_slice()).collect();
         let result = store.append(&transactions).await;

@@ -192,13 +192,13 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         COMMIT_LATENCY_SECONDS,
         "histogram",
         "",
-        "From accepted to committed, for events accepted by this gateway",
+        "From `accepted` (durable in the stream) to the commit this gateway saw, for events accepted by this gateway (not those it claimed from another)",
     ),
     (
         STREAM_WRITER_QUEUE_DEPTH,
         "gauge",
         "",
-        "Submissions waiting to be written to the Redis stream",
+        "Submissions waiting to be written to the Redis stream (set on each submission and each write)",
     ),
     (
         STREAM_WRITE_DURATION_SECONDS,

@@ -379,3 +379,81 @@ async fn health_readiness_and_metrics_are_served() {
     assert!(http_get(address, "/nope").await.starts_with("HTTP/1.1 404"));
     gw.shutdown().await;
 }
+
+/// A WebSocket protocol violation (a frame with a reserved opcode, written on a raw socket after
+/// the handshake) closes the connection with 1002; the gateway keeps serving others.
+#[tokio::test]
+async fn a_websocket_protocol_violation_closes_with_1002() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let gw = TestGateway::start(&redis, |_| {}).await;
+    let mut socket = tokio::net::TcpStream::connect(gw.gateway().ws_addr())
+        .await
+        .unwrap();
+    socket
+        .write_all(
+            b"GET /v1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    // The handshake answer first (bytes after the request would be refused as junk).
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let head_end = loop {
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), socket.read(&mut buffer))
+            .await
+            .expect("a handshake answer in time")
+            .unwrap();
+        assert!(
+            read > 0,
+            "closed before answering: {:?}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&buffer[..read]);
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    assert!(
+        received.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&received[..head_end])
+    );
+    // FIN + reserved opcode 0x3, masked, empty payload.
+    socket.write_all(&[0x83, 0x80, 1, 2, 3, 4]).await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        socket.read_to_end(&mut received),
+    )
+    .await
+    .expect("the gateway closes the socket")
+    .unwrap();
+    // Server frames are unmasked: walk them to the close frame and read its code.
+    let mut at = head_end;
+    let mut close_code = None;
+    while at + 2 <= received.len() {
+        let opcode = received[at] & 0x0f;
+        let (len, header) = match received[at + 1] & 0x7f {
+            126 => (
+                u16::from_be_bytes([received[at + 2], received[at + 3]]) as usize,
+                4,
+            ),
+            127 => (
+                u64::from_be_bytes(received[at + 2..at + 10].try_into().unwrap()) as usize,
+                10,
+            ),
+            len => (len as usize, 2),
+        };
+        let payload = &received[at + header..(at + header + len).min(received.len())];
+        if opcode == 0x8 {
+            close_code = Some(u16::from_be_bytes([payload[0], payload[1]]));
+            break;
+        }
+        at += header + len;
+    }
+    assert_eq!(close_code, Some(close_code::PROTOCOL_ERROR));
+    let mut bystander = studio(&gw, T1).await;
+    assert_alive(&mut bystander).await;
+    gw.shutdown().await;
+}
