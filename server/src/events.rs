@@ -979,6 +979,26 @@ mod tests {
         assert_eq!(events.in_flight(), 0);
     }
 
+    /// Submits `txs` as connection 1's requests 0, 1, ...; each is queued for the writer.
+    fn submit_all(events: &Events, txs: &[Transaction]) -> Vec<EventId> {
+        txs.iter()
+            .enumerate()
+            .map(|(request_id, tx)| {
+                let event_id = tx.decode_payload().expect("decodes").event_id;
+                let origin = Origin::Connection {
+                    conn: 1,
+                    request_id: request_id as u64,
+                    durable: None,
+                };
+                assert!(matches!(
+                    events.submit(TenantId(1), event_id, tx, "register_account", origin),
+                    Ok(Submitted::Queued)
+                ));
+                event_id
+            })
+            .collect()
+    }
+
     /// Redis lost an event's stream entry without losing the gateway's marker (the last second
     /// of AOF `everysec`): nothing would submit the event again and it would stay `pending` for
     /// ever. The sweep forgets it (`event_status`: unknown, so the SDK resubmits); an event whose
@@ -992,20 +1012,7 @@ mod tests {
             world.register(TenantId(1), &key("frank", 0).public(), Custody::Custodial),
         ];
         let (events, mut queues, mut outbound) = pipeline(&world);
-        let mut ids = Vec::new();
-        for (request_id, tx) in txs.iter().enumerate() {
-            let event_id = tx.decode_payload().expect("decodes").event_id;
-            let origin = Origin::Connection {
-                conn: 1,
-                request_id: request_id as u64,
-                durable: None,
-            };
-            assert!(matches!(
-                events.submit(TenantId(1), event_id, tx, "register_account", origin),
-                Ok(Submitted::Queued)
-            ));
-            ids.push(event_id);
-        }
+        let ids = submit_all(&events, &txs);
         let kept = queues.writer.try_recv().expect("queued");
         let lost = queues.writer.try_recv().expect("queued");
         // The first entry is in the stream; the second one's id names nothing (lost).
@@ -1033,20 +1040,7 @@ mod tests {
             world.register(TenantId(1), &key("ivy", 0).public(), Custody::Custodial),
         ];
         let (events, mut queues, mut outbound) = pipeline(&world);
-        let mut ids = Vec::new();
-        for (request_id, tx) in txs.iter().enumerate() {
-            let event_id = tx.decode_payload().expect("decodes").event_id;
-            let origin = Origin::Connection {
-                conn: 1,
-                request_id: request_id as u64,
-                durable: None,
-            };
-            assert!(matches!(
-                events.submit(TenantId(1), event_id, tx, "register_account", origin),
-                Ok(Submitted::Queued)
-            ));
-            ids.push(event_id);
-        }
+        let ids = submit_all(&events, &txs);
         let before_loss = queues.writer.try_recv().expect("queued");
         let after_loss = queues.writer.try_recv().expect("queued");
         let _unanswered = queues.writer.try_recv().expect("queued");

@@ -167,16 +167,7 @@ async fn clicks_are_counted_and_settled_exactly_once_with(store: &TestStore, mut
     ] {
         assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
     }
-    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
-    let ServerMessage::Settlement {
-        window,
-        event_ids,
-        entries,
-        ..
-    } = settled
-    else {
-        panic!("{settled:?}")
-    };
+    let (window, event_ids, entries) = settle(&mut studio1).await;
     assert_eq!((entries, event_ids.len()), (2, 1));
     // Windows are numbered from the clock, in microseconds.
     assert!(window > 1_600_000_000_000_000, "window {window}");
@@ -191,15 +182,8 @@ async fn clicks_are_counted_and_settled_exactly_once_with(store: &TestStore, mut
     let first = window;
 
     // Nothing due: an empty window, numbered above the first.
-    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
-    let ServerMessage::Settlement {
-        window: second,
-        entries: 0,
-        ..
-    } = settled
-    else {
-        panic!("{settled:?}")
-    };
+    let (second, _, entries) = settle(&mut studio1).await;
+    assert_eq!(entries, 0);
     assert!(second > first, "{first} then {second}");
 
     // Settling the first window again (a crash before the window advanced) changes nothing.
@@ -224,16 +208,8 @@ async fn clicks_are_counted_and_settled_exactly_once_with(store: &TestStore, mut
         ServerMessage::ClicksAck { up_to: 20 }
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
-    let ServerMessage::Settlement {
-        window: third,
-        event_ids,
-        entries: 1,
-        ..
-    } = settled
-    else {
-        panic!("{settled:?}")
-    };
+    let (third, event_ids, entries) = settle(&mut studio1).await;
+    assert_eq!(entries, 1);
     // The redo advanced the counter to `first + 1`, below `second`: the cut's clock takes the
     // window past both (before, this test had to skip the used number by hand).
     assert!(third > second, "{second} then {third}");
@@ -519,13 +495,7 @@ async fn a_window_paying_more_players_than_one_settlement_holds_is_settled_in_se
         ServerMessage::ClicksAck { up_to: 1 }
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let settled = request(&mut studio1, |request_id| ClientMessage::Settle { request_id }).await;
-    let ServerMessage::Settlement {
-        entries, event_ids, ..
-    } = settled
-    else {
-        panic!("{settled:?}")
-    };
+    let (_, event_ids, entries) = settle(&mut studio1).await;
     assert_eq!(entries, 1_200);
     assert!(event_ids.len() >= 2, "{} transactions", event_ids.len());
     for event_id in &event_ids {

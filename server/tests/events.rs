@@ -313,24 +313,7 @@ async fn a_stalled_chain_turns_into_busy_not_memory_on(store: TestStore) {
     let mut gw = TestGateway::start(&store, |c| c.events.pending_max = 3).await;
     let mut studio1 = studio(&gw, T1).await;
     gw.chain().set_paused(true);
-    let mut accepted = Vec::new();
-    for index in 0..3 {
-        let tx = gw
-            .world
-            .register(T1, &key("p", index).public(), Custody::Custodial);
-        let answer = submit(&mut studio1, &tx).await;
-        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
-        accepted.push(tx);
-    }
-    let tx = gw.world.register(T1, &key("p", 9).public(), Custody::Custodial);
-    match submit(&mut studio1, &tx).await {
-        ServerMessage::Error {
-            code: ErrorCode::Busy,
-            retry_after_ms: Some(ms),
-            ..
-        } => assert!(ms > 0),
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (accepted, tx) = fill_until_busy(&mut gw, &mut studio1, "p", 3).await;
     // Pending is visible, then everything commits once the chain moves again.
     let status = request(&mut studio1, |request_id| ClientMessage::EventStatus {
         request_id,
@@ -501,22 +484,7 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
     }
     let mut alice_conn = player(&gw, T1, &alice).await;
     let mut bob_conn = player(&gw, T1, &bob).await;
-    let body = TxBody::Swap {
-        left: hoard_types::SwapSide {
-            account: alice.public(),
-            gives: vec![hoard_types::Asset::Currency {
-                currency: hoard_types::CurrencyId::new("GOLD"),
-                amount: hoard_types::Amount(40),
-            }],
-        },
-        right: hoard_types::SwapSide {
-            account: bob.public(),
-            gives: vec![hoard_types::Asset::Item {
-                item: hoard_types::ItemId(7),
-            }],
-        },
-    };
-    let offer_tx = gw.world.tx(T1, body, &[&alice]);
+    let offer_tx = gold_for_item(&mut gw.world, &alice, &bob.public(), 7, 40);
     let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
         request_id,
         tx: offer_tx,
@@ -552,17 +520,7 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
         wait_commit(&mut bob_conn, offer.offer_id).await.1,
         Outcome::Applied
     );
-    alice_conn
-        .recv_until(|m| {
-            matches!(
-                m,
-                ServerMessage::OfferClosed {
-                    reason: hoard_types::wire::OfferCloseReason::Accepted,
-                    ..
-                }
-            )
-        })
-        .await;
+    offer_closed_accepted(&mut alice_conn).await;
     gw.shutdown().await;
 }
 
@@ -581,24 +539,7 @@ async fn a_stalled_pbft_cluster_turns_into_busy_and_everything_commits_once_it_i
         cluster.stop(2).await;
         cluster.stop(3).await;
     }
-    let mut accepted = Vec::new();
-    for index in 1..=3 {
-        let tx = gw
-            .world
-            .register(T1, &key("q", index).public(), Custody::Custodial);
-        let answer = submit(&mut studio1, &tx).await;
-        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
-        accepted.push(tx);
-    }
-    let late = gw.world.register(T1, &key("q", 9).public(), Custody::Custodial);
-    match submit(&mut studio1, &late).await {
-        ServerMessage::Error {
-            code: ErrorCode::Busy,
-            retry_after_ms: Some(ms),
-            ..
-        } => assert!(ms > 0),
-        other => panic!("expected busy, got {other:?}"),
-    }
+    let (accepted, late) = fill_until_busy(&mut gw, &mut studio1, "r", 3).await;
     {
         let (cluster, _) = gw.cluster.as_mut().expect("on a cluster");
         cluster.restart(2);
@@ -639,25 +580,10 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
     }
     let mut alice_conn = player(&gw, T1, &alice).await;
     let mut bob_conn = player(&gw, T1, &bob).await;
-    let swap =
-        |world: &mut hoard_ledger::testing::World, taker: &hoard_types::PublicKey, item: u64, gold: u128| {
-            let body = TxBody::Swap {
-                left: hoard_types::SwapSide {
-                    account: alice.public(),
-                    gives: vec![hoard_types::Asset::Currency {
-                        currency: hoard_types::CurrencyId::new("GOLD"),
-                        amount: hoard_types::Amount(gold),
-                    }],
-                },
-                right: hoard_types::SwapSide {
-                    account: *taker,
-                    gives: vec![hoard_types::Asset::Item {
-                        item: hoard_types::ItemId(item),
-                    }],
-                },
-            };
-            world.tx(T1, body, &[&alice])
-        };
+    let swap = |world: &mut hoard_ledger::testing::World,
+                taker: &hoard_types::PublicKey,
+                item: u64,
+                gold: u128| { gold_for_item(world, &alice, taker, item, gold) };
 
     // Offer, then accept with the taker's signature.
     let offer_tx = swap(&mut gw.world, &bob.public(), 7, 50);
@@ -702,17 +628,7 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
         wait_commit(&mut bob_conn, offer.offer_id).await.1,
         Outcome::Applied
     );
-    alice_conn
-        .recv_until(|m| {
-            matches!(
-                m,
-                ServerMessage::OfferClosed {
-                    reason: hoard_types::wire::OfferCloseReason::Accepted,
-                    ..
-                }
-            )
-        })
-        .await;
+    offer_closed_accepted(&mut alice_conn).await;
     let inventory = request(&mut alice_conn, |request_id| ClientMessage::Inventory {
         request_id,
         account: alice.public(),
@@ -959,4 +875,76 @@ async fn an_event_whose_stream_entry_redis_lost_is_forgotten_then_resubmitted_an
     assert_eq!(wait_commit(&mut studio1, event_id).await.1, Outcome::Applied);
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 7);
     gw.shutdown().await;
+}
+
+/// A swap: `maker` gives `gold` GOLD for `taker`'s unique item `item`, signed by the maker.
+fn gold_for_item(
+    world: &mut hoard_ledger::testing::World,
+    maker: &hoard_types::Keypair,
+    taker: &hoard_types::PublicKey,
+    item: u64,
+    gold: u128,
+) -> hoard_types::Transaction {
+    let body = TxBody::Swap {
+        left: hoard_types::SwapSide {
+            account: maker.public(),
+            gives: vec![hoard_types::Asset::Currency {
+                currency: hoard_types::CurrencyId::new("GOLD"),
+                amount: hoard_types::Amount(gold),
+            }],
+        },
+        right: hoard_types::SwapSide {
+            account: *taker,
+            gives: vec![hoard_types::Asset::Item {
+                item: hoard_types::ItemId(item),
+            }],
+        },
+    };
+    world.tx(T1, body, &[maker])
+}
+
+/// Waits for an `offer_closed {reason: accepted}` push.
+async fn offer_closed_accepted(client: &mut WsClient) {
+    client
+        .recv_until(|m| {
+            matches!(
+                m,
+                ServerMessage::OfferClosed {
+                    reason: hoard_types::wire::OfferCloseReason::Accepted,
+                    ..
+                }
+            )
+        })
+        .await;
+}
+
+/// Submits `pending_max` registrations (accepted, none can commit), then one more, which must get
+/// `busy` with a retry hint. Returns the accepted transactions and the refused one.
+async fn fill_until_busy(
+    gw: &mut TestGateway,
+    studio: &mut WsClient,
+    label: &str,
+    pending_max: u64,
+) -> (Vec<hoard_types::Transaction>, hoard_types::Transaction) {
+    let mut accepted = Vec::new();
+    for index in 0..pending_max {
+        let tx = gw
+            .world
+            .register(T1, &key(label, index).public(), Custody::Custodial);
+        let answer = submit(studio, &tx).await;
+        assert!(matches!(answer, ServerMessage::Accepted { .. }), "{answer:?}");
+        accepted.push(tx);
+    }
+    let refused = gw
+        .world
+        .register(T1, &key(label, 999).public(), Custody::Custodial);
+    match submit(studio, &refused).await {
+        ServerMessage::Error {
+            code: ErrorCode::Busy,
+            retry_after_ms: Some(ms),
+            ..
+        } => assert!(ms > 0),
+        other => panic!("expected busy, got {other:?}"),
+    }
+    (accepted, refused)
 }
