@@ -743,6 +743,10 @@ class Suite:
                        for a in answers)
         check("settle -> settlement {request_id, window: u64, event_ids: [EventId], entries: u32}", ok_types,
               short(answers))
+        windows = [a.get("window") for a in answers if isinstance(a.get("window"), int)]
+        check("window numbers are the cut's clock in microseconds (over 1.6e15), increasing, below 2^53",
+              len(windows) == len(answers) and all(1_600_000_000_000_000 < w < 2 ** 53 for w in windows)
+              and all(b > a for a, b in zip(windows, windows[1:])), short(windows))
         check("a window holding one paid player -> entries 1, one event id (one chunk)",
               got is not None and got["entries"] == 1 and len(got["event_ids"]) == 1,
               f"{short(answers)} (the gateway's own interval may take a window first; 4 tries)")
