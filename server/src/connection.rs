@@ -612,6 +612,7 @@ impl Connection {
                         &shared.store,
                         &shared.events,
                         &shared.view,
+                        &shared.settle_marks,
                         shared.chain_id,
                         tenant,
                         &studio,

@@ -73,6 +73,9 @@ pub struct Shared {
     pub studio_keys: HashMap<TenantId, Keypair>,
     pub tenant_messages: ratelimit::TenantBuckets,
     pub tenant_clicks: ratelimit::TenantBuckets,
+    /// How far this gateway advanced each tenant's settlement window (detects a store that
+    /// went back).
+    pub settle_marks: settlement::Marks,
     pub health: Arc<metrics::Health>,
     /// Becomes true when connections must close (1001).
     pub stop_connections: watch::Receiver<bool>,
@@ -180,6 +183,7 @@ impl Gateway {
             studio_keys,
             tenant_messages: ratelimit::TenantBuckets::new(config.limits.tenant_messages_per_second),
             tenant_clicks: ratelimit::TenantBuckets::new(config.limits.tenant_clicks_per_second),
+            settle_marks: settlement::Marks::default(),
             health: health.clone(),
             stop_connections: stop_connections_rx.clone(),
             config,
@@ -485,6 +489,7 @@ async fn settle_periodically(
             &shared.store,
             &shared.events,
             &shared.view,
+            &shared.settle_marks,
             shared.chain_id,
             tenant,
             &studio,

@@ -49,6 +49,7 @@ pub const CHAIN_HEIGHT: &str = "hoard_gateway_chain_height";
 pub const CHAIN_REPLICAS_REACHABLE: &str = "hoard_gateway_chain_replicas_reachable";
 pub const SETTLEMENTS_TOTAL: &str = "hoard_gateway_settlements_total";
 pub const SETTLEMENT_ENTRIES_TOTAL: &str = "hoard_gateway_settlement_entries_total";
+pub const SETTLEMENT_STORE_REGRESSIONS_TOTAL: &str = "hoard_gateway_settlement_store_regressions_total";
 pub const OFFERS_OPEN: &str = "hoard_gateway_offers_open";
 pub const OFFERS_CLOSED_TOTAL: &str = "hoard_gateway_offers_closed_total";
 pub const SUBSCRIPTIONS_OPEN: &str = "hoard_gateway_subscriptions_open";
@@ -242,6 +243,12 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         "counter",
         "",
         "Entries in settle transactions submitted",
+    ),
+    (
+        SETTLEMENT_STORE_REGRESSIONS_TOTAL,
+        "counter",
+        "",
+        "Settlements that found the store's window counter behind what this gateway advanced it to (Redis lost or rolled back its data): points may be settled twice or lost",
     ),
     (OFFERS_OPEN, "gauge", "", "Open trade offers"),
     (

@@ -28,7 +28,9 @@
 //! `everysec` missing its last second), a window the older data shows cut is redone as above; a
 //! window cut only after it is forgotten, and the points it took that the older data still
 //! holds as unsettled are settled again in a new window (the store cannot know the chain
-//! settled them): a rollback may re-grant, it never makes later points vanish.
+//! settled them): a rollback may re-grant, it never makes later points vanish. Neither is
+//! silent: a gateway that finds the counter behind what it advanced it to reports it
+//! ([`Marks`]).
 
 use std::sync::Arc;
 
@@ -114,17 +116,55 @@ fn settlement_chunks(entries: &[Settlement]) -> Vec<&[Settlement]> {
     chunks
 }
 
+/// The window counter value this gateway last advanced each tenant to. The counter never goes
+/// down in normal operation (every gateway only advances it), so finding it below this mark (or
+/// gone) means the store lost or rolled back its data: settlement then goes on (see the module
+/// docs for what that may re-grant or lose), but never silently: it is logged as an error and
+/// counted in `hoard_gateway_settlement_store_regressions_total`.
+#[derive(Default)]
+pub struct Marks(dashmap::DashMap<TenantId, u64>);
+
+impl Marks {
+    /// Checks the counter `current` against the mark; true if it went back.
+    fn regressed(&self, tenant: TenantId, current: Option<u64>) -> bool {
+        let Some(mark) = self.0.get(&tenant).map(|m| *m) else {
+            return false;
+        };
+        if current.is_some_and(|current| current >= mark) {
+            return false;
+        }
+        metrics::counter!(m::SETTLEMENT_STORE_REGRESSIONS_TOTAL).increment(1);
+        tracing::error!(
+            tenant = tenant.0,
+            mark,
+            current,
+            "the click store's settlement window went back (Redis lost or rolled back its data): \
+             click points it shows unsettled may have been settled already, and points clicked \
+             in the lost interval are gone"
+        );
+        true
+    }
+
+    fn advanced(&self, tenant: TenantId, to: u64) {
+        let mut mark = self.0.entry(tenant).or_insert(to);
+        *mark = (*mark).max(to);
+    }
+}
+
 /// Settles one window of `tenant`.
+#[allow(clippy::too_many_arguments)]
 pub async fn settle(
     store: &Store,
     events: &Arc<Events>,
     view: &ChainView,
+    marks: &Marks,
     chain_id: u64,
     tenant: TenantId,
     studio: &Keypair,
     rules: &[ConversionRule],
 ) -> Result<Settled, SettleError> {
     let counters: Vec<&str> = rules.iter().map(|rule| rule.counter.as_str()).collect();
+    marks.regressed(tenant, store.settle_window(tenant).await?);
 
     // 1. Cut (and number the window).
     let window = store.settle_cut(tenant, &counters).await?.window;
@@ -224,7 +264,9 @@ pub async fn settle(
     }
 
     // 4. Advance (the window's snapshot goes, its plan ages out).
-    if store.settle_advance(tenant, window, &counters).await? {
+    let advanced = store.settle_advance(tenant, window, &counters).await?;
+    marks.advanced(tenant, window + 1);
+    if advanced {
         metrics::counter!(m::SETTLEMENTS_TOTAL).increment(1);
         metrics::counter!(m::SETTLEMENT_ENTRIES_TOTAL).increment(u64::from(entries));
     }

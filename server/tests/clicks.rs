@@ -579,12 +579,14 @@ async fn settlement_windows_never_repeat_after_redis_loses_its_data() {
     let mut gw = TestGateway::start(&store, |_| {}).await;
     let mut studio1 = studio(&gw, T1).await;
     let (alice, first, second) = settle_two_windows(&mut gw, &mut studio1).await;
+    assert_eq!(regressions(&gw).await, 0, "normal settlements raise no alarm");
 
     let _: () = redis::cmd("FLUSHALL")
         .query(&mut store.redis_server().unwrap().connection())
         .unwrap();
     click_gold(&gw, &mut studio1, 2, &alice, 300).await;
     let (window, event_ids, entries) = settle(&mut studio1).await;
+    assert_eq!(regressions(&gw).await, 1, "the loss is reported, not silent");
     assert!(
         window != first && window != second,
         "window {window} reused ({first}, {second} were settled before the loss)"
@@ -679,6 +681,7 @@ async fn settlement_windows_never_repeat_after_redis_restores_an_older_snapshot(
     wait_event(&gw, event_ids[0]).await;
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2 + 3);
 
+    assert_eq!(regressions(&gw).await, 0, "normal settlements raise no alarm");
     restore_all(redis, &snapshot);
     assert_eq!(unsettled_gold(&gw, &alice).await, 50 + 300);
     click_gold(&gw, &mut studio1, 3, &alice, 400).await;
@@ -689,9 +692,16 @@ async fn settlement_windows_never_repeat_after_redis_restores_an_older_snapshot(
     );
     assert_eq!((entries, event_ids.len()), (1, 1));
     wait_event(&gw, event_ids[0]).await;
+    assert_eq!(regressions(&gw).await, 1, "the rollback is reported, not silent");
     // The 400 new points are minted. The 350 points the snapshot held as unsettled were settled
     // after it (in `third`); Redis cannot know that, so they are settled again: a Redis that
     // goes back in time re-grants what it forgot was settled rather than losing new points.
     assert_eq!(balance(&mut studio1, alice.public(), "GOLD").await, 2 + 3 + 7);
     gw.shutdown().await;
+}
+
+/// `hoard_gateway_settlement_store_regressions_total` on the gateway's `/metrics`.
+async fn regressions(gw: &TestGateway) -> u64 {
+    let metrics = http_get(gw.gateway().http_addr(), "/metrics").await;
+    counter_value(&metrics, "hoard_gateway_settlement_store_regressions_total")
 }
