@@ -485,15 +485,7 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
     let mut alice_conn = player(&gw, T1, &alice).await;
     let mut bob_conn = player(&gw, T1, &bob).await;
     let offer_tx = gold_for_item(&mut gw.world, &alice, &bob.public(), 7, 40);
-    let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
-        request_id,
-        tx: offer_tx,
-        ttl_ms: 60_000,
-    })
-    .await;
-    let ServerMessage::OfferOpened { offer, .. } = opened else {
-        panic!("{opened:?}")
-    };
+    let offer = open_offer(&mut alice_conn, offer_tx, 60_000).await;
     let signature = bob.sign(hoard_types::tx::TX_SIGNING_DOMAIN, &offer.tx.payload);
     let accept = |request_id| ClientMessage::Accept {
         request_id,
@@ -587,15 +579,7 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
 
     // Offer, then accept with the taker's signature.
     let offer_tx = swap(&mut gw.world, &bob.public(), 7, 50);
-    let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
-        request_id,
-        tx: offer_tx.clone(),
-        ttl_ms: 60_000,
-    })
-    .await;
-    let ServerMessage::OfferOpened { offer, .. } = opened else {
-        panic!("{opened:?}")
-    };
+    let offer = open_offer(&mut alice_conn, offer_tx.clone(), 60_000).await;
     let received = bob_conn
         .recv_until(|m| matches!(m, ServerMessage::OfferReceived { .. }))
         .await;
@@ -651,15 +635,7 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
     // A custodial taker: the gateway signs with the studio key.
     let mut carol_conn = player(&gw, T1, &carol).await;
     let offer_tx = swap(&mut gw.world, &carol.public(), 8, 10);
-    let opened = request(&mut alice_conn, |request_id| ClientMessage::Offer {
-        request_id,
-        tx: offer_tx,
-        ttl_ms: 60_000,
-    })
-    .await;
-    let ServerMessage::OfferOpened { offer, .. } = opened else {
-        panic!("{opened:?}")
-    };
+    let offer = open_offer(&mut alice_conn, offer_tx, 60_000).await;
     let accepted = request(&mut carol_conn, |request_id| ClientMessage::Accept {
         request_id,
         offer_id: offer.offer_id,
@@ -674,16 +650,7 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
 
     // Cancel and expiry.
     let offer_tx = swap(&mut gw.world, &bob.public(), 7, 1);
-    let ServerMessage::OfferOpened { offer, .. } =
-        request(&mut alice_conn, |request_id| ClientMessage::Offer {
-            request_id,
-            tx: offer_tx,
-            ttl_ms: 60_000,
-        })
-        .await
-    else {
-        panic!()
-    };
+    let offer = open_offer(&mut alice_conn, offer_tx, 60_000).await;
     let request_id = alice_conn.request_id();
     alice_conn
         .send(&ClientMessage::Cancel {
@@ -704,16 +671,7 @@ async fn players_trade_through_offers_as_one_atomic_swap() {
         }
     ));
     let offer_tx = swap(&mut gw.world, &bob.public(), 7, 2);
-    let ServerMessage::OfferOpened { offer: short, .. } =
-        request(&mut alice_conn, |request_id| ClientMessage::Offer {
-            request_id,
-            tx: offer_tx,
-            ttl_ms: 50,
-        })
-        .await
-    else {
-        panic!()
-    };
+    let short = open_offer(&mut alice_conn, offer_tx, 50).await;
     let closed = bob_conn
         .recv_until(
             |m| matches!(m, ServerMessage::OfferClosed { offer_id, .. } if *offer_id == short.offer_id),
@@ -947,4 +905,22 @@ async fn fill_until_busy(
         other => panic!("expected busy, got {other:?}"),
     }
     (accepted, refused)
+}
+
+/// Sends `offer {tx, ttl_ms}` and returns the opened offer.
+async fn open_offer(
+    maker: &mut WsClient,
+    tx: hoard_types::Transaction,
+    ttl_ms: u64,
+) -> hoard_types::wire::OfferInfo {
+    let opened = request(maker, |request_id| ClientMessage::Offer {
+        request_id,
+        tx,
+        ttl_ms,
+    })
+    .await;
+    let ServerMessage::OfferOpened { offer, .. } = opened else {
+        panic!("{opened:?}")
+    };
+    offer
 }
