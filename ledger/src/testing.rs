@@ -217,13 +217,45 @@ impl World {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound then released: good enough for tests and the demo).
+/// A free TCP port on 127.0.0.1 for a server that binds it later: a child process, or a
+/// replica whose address goes into a cluster file before it starts.
+///
+/// `bind(0)` would hand out ports from the kernel's ephemeral range, where every outgoing
+/// connection of every concurrent test also takes its local port, and where concurrent
+/// `bind(0)` callers collide. So the port is drawn at random below that range
+/// (`ip_local_port_range`), checked free by binding it, and never handed out twice by this
+/// process. Another process may still take it before the server binds: starters of child
+/// processes retry on fresh ports when one exits at start.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use rand::Rng;
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if ephemeral_low > LOW + 1_000 {
+        let mut rng = rand::thread_rng();
+        for _ in 0..1_000 {
+            let port = rng.gen_range(LOW..ephemeral_low);
+            if handed_out.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                handed_out.push(port);
+                return port;
+            }
+        }
+    }
+    // No room below the ephemeral range: let the kernel choose.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
         .expect("bind a free port")
-        .local_addr()
-        .expect("address")
-        .port()
+        .port();
+    handed_out.push(port);
+    port
 }
 
 /// Replicas running as tasks of this process, on free loopback ports, with their data under
@@ -336,6 +368,28 @@ impl LocalCluster {
     pub async fn shutdown(mut self) {
         for id in 0..self.stops.len() {
             self.stop(id).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        let ports: Vec<u16> = (0..200).map(|_| free_port()).collect();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len(), "a port handed out twice");
+        for port in ports {
+            if ephemeral_low > 11_000 {
+                assert!(port < ephemeral_low, "{port} is in the ephemeral range");
+            }
+            std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
         }
     }
 }

@@ -42,6 +42,29 @@ impl GatewayProcess {
         config: &GatewayConfig,
         logs: bool,
     ) -> anyhow::Result<GatewayProcess> {
+        // A port picked free can be taken by another process before the gateway binds it
+        // (the gateway then exits at start): again on fresh ports, when the caller left the
+        // choice to us.
+        let fixed = config.listen.port() != 0 && config.http_listen.port() != 0;
+        let mut attempt = 1;
+        loop {
+            match GatewayProcess::start_once(program, dir, cluster, config, logs).await {
+                Err(error) if !fixed && attempt < 3 => {
+                    tracing::warn!(%error, attempt, "the gateway did not start: again on fresh ports");
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn start_once(
+        program: &Path,
+        dir: &Path,
+        cluster: &Path,
+        config: &GatewayConfig,
+        logs: bool,
+    ) -> anyhow::Result<GatewayProcess> {
         let mut config = config.clone();
         for address in [&mut config.listen, &mut config.http_listen] {
             if address.port() == 0 {
@@ -67,7 +90,9 @@ impl GatewayProcess {
         let mut process = ChildProcess::spawn("gateway", command)?;
         let deadline = Instant::now() + GATEWAY_START_TIMEOUT;
         loop {
-            if crate::sys::scrape(config.http_listen).await.is_ok() {
+            if crate::sys::scrape(config.http_listen).await.is_ok()
+                && tokio::net::TcpStream::connect(config.listen).await.is_ok()
+            {
                 break;
             }
             if !process.running() {
@@ -77,6 +102,10 @@ impl GatewayProcess {
                 bail!("the gateway process did not start in {GATEWAY_START_TIMEOUT:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !process.running() {
+            bail!("the gateway process exited at start (see its log above)");
         }
         Ok(GatewayProcess {
             process,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use hoard_ledger::cluster::{write_local_cluster, NodeConfig};
+use hoard_ledger::cluster::{write_local_cluster, Cluster, NodeConfig};
 use hoard_ledger::store::{Engine, StoreConfig};
 use hoard_ledger::{Block, Genesis, Ledger};
 use hoard_server::chain::ClusterChain;
@@ -277,6 +277,86 @@ async fn ping(port: u16) -> bool {
     ) && &answer == b"+PONG\r\n"
 }
 
+/// How many times [`Stack::start`] starts the replicas on fresh ports before it gives up.
+const REPLICA_START_ATTEMPTS: u32 = 3;
+
+/// Writes a cluster of `options.replicas` on free ports into `cluster_dir` and starts one
+/// replica process per member. Returns once every replica serves `/metrics`, accepts on its
+/// consensus port and still runs; on error, the replicas started are killed (dropped).
+async fn start_replicas(
+    options: &StackOptions,
+    cluster_dir: &Path,
+    genesis: &Genesis,
+) -> anyhow::Result<(Cluster, Vec<ReplicaProcess>)> {
+    let keys: Vec<Keypair> = (0..options.replicas).map(|_| Keypair::generate()).collect();
+    let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..options.replicas)
+        .map(|_| {
+            (
+                SocketAddr::from(([127, 0, 0, 1], hoard_ledger::testing::free_port())),
+                Some(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    hoard_ledger::testing::free_port(),
+                ))),
+            )
+        })
+        .collect();
+    let cluster = write_local_cluster(cluster_dir, genesis, &addresses, &keys)?;
+    let mut replicas = Vec::new();
+    for (id, (address, metrics)) in addresses.iter().enumerate() {
+        let config = cluster_dir.join(format!("replica-{id}.toml"));
+        let node = NodeConfig::load(&config)?;
+        let mut command = Command::new(&options.node_program);
+        command
+            .arg("node")
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("HOARD_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(if options.children_logs {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit());
+        replicas.push(ReplicaProcess {
+            id,
+            process: ChildProcess::spawn(&format!("replica {id}"), command)?,
+            address: *address,
+            metrics: metrics.expect("set above"),
+            data_dir: node.data_dir,
+        });
+    }
+    // Ready: `/metrics` answers (installed first thing) and the consensus port accepts (bound
+    // after recovery). Then every replica must still run: one that lost its port exits.
+    let deadline = Instant::now() + START_TIMEOUT;
+    for replica in &mut replicas {
+        loop {
+            if crate::sys::scrape(replica.metrics).await.is_ok()
+                && tokio::net::TcpStream::connect(replica.address).await.is_ok()
+            {
+                break;
+            }
+            if !replica.process.running() {
+                bail!("replica {} exited at start (see its log above)", replica.id);
+            }
+            if Instant::now() > deadline {
+                bail!("replica {} did not start in {START_TIMEOUT:?}", replica.id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for replica in &mut replicas {
+        if !replica.process.running() {
+            bail!("replica {} exited at start (see its log above)", replica.id);
+        }
+    }
+    Ok((cluster, replicas))
+}
+
 /// One replica as the stack started it.
 pub struct ReplicaProcess {
     pub id: usize,
@@ -357,63 +437,20 @@ impl Stack {
 
         let genesis = demo_genesis();
         let cluster_dir = dir.join("cluster");
-        let keys: Vec<Keypair> = (0..options.replicas).map(|_| Keypair::generate()).collect();
-        let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..options.replicas)
-            .map(|_| {
-                (
-                    SocketAddr::from(([127, 0, 0, 1], hoard_ledger::testing::free_port())),
-                    Some(SocketAddr::from((
-                        [127, 0, 0, 1],
-                        hoard_ledger::testing::free_port(),
-                    ))),
-                )
-            })
-            .collect();
-        let cluster = write_local_cluster(&cluster_dir, &genesis, &addresses, &keys)?;
-        let mut replicas = Vec::new();
-        for (id, (address, metrics)) in addresses.iter().enumerate() {
-            let config = cluster_dir.join(format!("replica-{id}.toml"));
-            let node = NodeConfig::load(&config)?;
-            let mut command = Command::new(&options.node_program);
-            command
-                .arg("node")
-                .arg("--config")
-                .arg(&config)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("HOARD_NODE_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(if options.children_logs {
-                    Stdio::inherit()
-                } else {
-                    Stdio::null()
-                })
-                .stderr(Stdio::inherit());
-            replicas.push(ReplicaProcess {
-                id,
-                process: ChildProcess::spawn(&format!("replica {id}"), command)?,
-                address: *address,
-                metrics: metrics.expect("set above"),
-                data_dir: node.data_dir,
-            });
-        }
-        // Wait for the replicas' metrics endpoints (they install them first thing).
-        let deadline = Instant::now() + START_TIMEOUT;
-        for replica in &mut replicas {
-            loop {
-                if crate::sys::scrape(replica.metrics).await.is_ok() {
-                    break;
+        // A port picked free can be taken by another process before the replica binds it
+        // (the replica then exits at start): start the whole cluster again on fresh ports.
+        let mut attempt = 1;
+        let (cluster, replicas) = loop {
+            match start_replicas(&options, &cluster_dir, &genesis).await {
+                Ok(started) => break started,
+                Err(error) if attempt < REPLICA_START_ATTEMPTS => {
+                    tracing::warn!(%error, attempt, "replicas did not start: again on fresh ports");
+                    std::fs::remove_dir_all(&cluster_dir)?;
+                    attempt += 1;
                 }
-                if !replica.process.running() {
-                    bail!("replica {} exited at start (see its log above)", replica.id);
-                }
-                if Instant::now() > deadline {
-                    bail!("replica {} did not start in {START_TIMEOUT:?}", replica.id);
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(error) => return Err(error),
             }
-        }
+        };
 
         let mut config = gateway_config(&options, redis.as_ref().map(|r| r.url()).unwrap_or_default());
         if redis.is_none() {

@@ -16,7 +16,6 @@
 //!
 //! Everything binds 127.0.0.1 only; the Redis process is killed when [`RedisServer`] drops.
 
-use std::net::TcpListener as StdTcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,13 +46,7 @@ pub struct RedisServer {
     _dir: tempfile::TempDir,
 }
 
-/// A free loopback port (bound and released; good enough for tests).
-pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+pub use hoard_ledger::testing::free_port;
 
 impl RedisServer {
     /// Starts redis-server and waits until it answers.
