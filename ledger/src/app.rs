@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use hoard_pbft::{App, AppError, Executed, Request};
+use hoard_pbft::{App, AppError, Executed, Request, Snapshot};
 use hoard_types::tx::verify_transactions;
 use hoard_types::{Receipt, Transaction};
 
@@ -194,8 +194,11 @@ impl App for LedgerApp {
         self.ledger.head().hash().0
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        self.ledger.snapshot()
+    fn snapshot(&self) -> Snapshot {
+        // Inside the consensus step: copy now, sort and encode when the bytes are needed
+        // (the node's snapshot writer thread, or a state transfer).
+        let view = self.ledger.snapshot_view();
+        Snapshot::deferred(move || view.encode())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<[u8; 32], AppError> {

@@ -1503,6 +1503,20 @@ struct Snapshot {
     window_cap: u64,
 }
 
+/// The state copied by [`Ledger::snapshot_view`], not yet encoded.
+pub struct SnapshotView(Snapshot);
+
+impl SnapshotView {
+    /// The [`Ledger::snapshot`] bytes: entries sorted by key, then MessagePack.
+    pub fn encode(mut self) -> Vec<u8> {
+        let snapshot = &mut self.0;
+        snapshot.accounts.sort_unstable_by_key(|(t, a, _)| (*t, *a));
+        snapshot.balances.sort_unstable_by_key(|(s, a, _)| (*s, *a));
+        snapshot.items.sort_unstable_by_key(|(t, i, _)| (*t, *i));
+        rmp_serde::to_vec(snapshot).expect("snapshot serialises")
+    }
+}
+
 fn default_window_cap() -> u64 {
     hoard_types::constants::DEDUP_WINDOW_EVENTS_PER_TENANT_MAX
 }
@@ -1510,24 +1524,28 @@ fn default_window_cap() -> u64 {
 impl Ledger {
     /// The whole state, as bytes that [`Ledger::restore`] verifies against the state root.
     pub fn snapshot(&self) -> Vec<u8> {
+        self.snapshot_view().encode()
+    }
+
+    /// A copy of the whole state, taken between blocks, that [`SnapshotView::encode`] turns
+    /// into [`Ledger::snapshot`] bytes later, on any thread. Taking it copies the entries
+    /// (unsorted); sorting and encoding, the larger part, are left to `encode`.
+    pub fn snapshot_view(&self) -> SnapshotView {
         assert!(
             self.dirty.is_empty() && self.dirty_balances.is_empty(),
             "snapshots are taken between blocks"
         );
-        let mut accounts: Vec<_> = self.accounts.iter().map(|((t, a), c)| (*t, *a, *c)).collect();
-        accounts.sort_unstable_by_key(|(t, a, _)| (*t, *a));
-        let mut balances: Vec<_> = self
+        let accounts: Vec<_> = self.accounts.iter().map(|((t, a), c)| (*t, *a, *c)).collect();
+        let balances: Vec<_> = self
             .balances
             .iter()
             .map(|((s, a), b)| (*s, *a, b.amount))
             .collect();
-        balances.sort_unstable_by_key(|(s, a, _)| (*s, *a));
-        let mut items: Vec<_> = self
+        let items: Vec<_> = self
             .items
             .iter()
             .map(|((t, i), item)| (*t, *i, item.clone()))
             .collect();
-        items.sort_unstable_by_key(|(t, i, _)| (*t, *i));
         let events: Vec<_> = self
             .windows
             .iter()
@@ -1538,7 +1556,7 @@ impl Ledger {
                     .map(|event| (*tenant, *event, self.events[&(*tenant, *event)].clone()))
             })
             .collect();
-        let snapshot = Snapshot {
+        SnapshotView(Snapshot {
             chain_id: self.chain_id,
             operator: self.operator,
             head: self.head.clone(),
@@ -1555,8 +1573,7 @@ impl Ledger {
             items,
             events,
             window_cap: self.window_cap,
-        };
-        rmp_serde::to_vec(&snapshot).expect("snapshot serialises")
+        })
     }
 
     /// Rebuilds a ledger from [`Ledger::snapshot`] bytes and checks them: the recomputed state

@@ -26,7 +26,7 @@ pub mod replica;
 pub mod sim;
 pub mod types;
 
-pub use app::{App, AppError, Executed, TestApp};
+pub use app::{App, AppError, Executed, Snapshot, TestApp};
 pub use error::{Error, Result};
 pub use message::{
     Batch, CheckpointCert, Message, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use hoard_types::crypto::Hash;
 use tracing::{debug, info, warn};
 
-use crate::app::App;
+use crate::app::{App, Snapshot};
 use crate::constants::{
     BATCHES_PER_SLOT_MAX, CATCHUP_BATCHES_MAX, COMMIT_VIEWS_PER_REPLICA_MAX, EXECUTED_REMEMBERED_MAX,
     FORWARD_PER_TICK_MAX, VIEWS_AHEAD_MAX, VIEW_CHANGE_BACKOFF_SHIFT_MAX,
@@ -149,7 +149,7 @@ impl Slot {
 #[derive(Clone, Debug, Default)]
 struct CheckpointSlot {
     /// Our digest and snapshot at this seq, once executed.
-    own: Option<(Hash, Arc<Vec<u8>>, SignedMessage)>,
+    own: Option<(Hash, Snapshot, SignedMessage)>,
     votes: BTreeMap<ReplicaId, (Hash, SignedMessage)>,
 }
 
@@ -218,7 +218,7 @@ pub struct Replica<A: App> {
     last_executed: u64,
     stable: Option<CheckpointCert>,
     /// The newest stable checkpoint we hold a snapshot of (what we serve to others).
-    stable_snapshot: Option<(CheckpointCert, Arc<Vec<u8>>)>,
+    stable_snapshot: Option<(CheckpointCert, Snapshot)>,
     slots: BTreeMap<u64, Slot>,
     checkpoints: BTreeMap<u64, CheckpointSlot>,
     /// Primary: the last sequence number assigned in this view.
@@ -312,7 +312,7 @@ impl<A: App> Replica<A> {
             if replica.app.last_executed() < cert.seq {
                 let digest = replica
                     .app
-                    .restore(&snapshot)
+                    .restore(snapshot.bytes())
                     .map_err(|e| Error::App(e.to_string()))?;
                 if digest != cert.digest.0 || replica.app.last_executed() != cert.seq {
                     return Err(Error::App(
@@ -460,6 +460,13 @@ impl<A: App> Replica<A> {
 
     pub fn in_view_change(&self) -> bool {
         self.in_view_change
+    }
+
+    /// The stable checkpoint we serve to replicas that fetch state, with its snapshot.
+    pub fn stable_snapshot(&self) -> Option<(&CheckpointCert, &Snapshot)> {
+        self.stable_snapshot
+            .as_ref()
+            .map(|(cert, snapshot)| (cert, snapshot))
     }
 
     pub fn is_primary(&self) -> bool {
@@ -1346,7 +1353,7 @@ impl<A: App> Replica<A> {
     // Checkpoints and garbage collection
 
     fn take_checkpoint(&mut self, seq: u64, digest: Hash, out: &mut Vec<Output>) {
-        let snapshot = Arc::new(self.app.snapshot());
+        let snapshot = self.app.snapshot();
         let msg = self.sign(&Message::Checkpoint { seq, digest });
         let me = self.config.id;
         let entry = self.checkpoints.entry(seq).or_default();
@@ -1450,7 +1457,7 @@ impl<A: App> Replica<A> {
         self.make_stable(cert, snapshot, out);
     }
 
-    fn make_stable(&mut self, cert: CheckpointCert, snapshot: Arc<Vec<u8>>, out: &mut Vec<Output>) {
+    fn make_stable(&mut self, cert: CheckpointCert, snapshot: Snapshot, out: &mut Vec<Output>) {
         let seq = cert.seq;
         let digest = cert.digest;
         self.stable_snapshot = Some((cert.clone(), snapshot.clone()));
@@ -2288,7 +2295,7 @@ impl<A: App> Replica<A> {
         self.snapshot_served_ms[peer as usize] = self.now_ms.max(1);
         let msg = self.sign(&Message::Snapshot {
             cert,
-            snapshot: (*snapshot).clone(),
+            snapshot: snapshot.bytes().to_vec(),
         });
         self.send(out, MessageKind::Snapshot, peer, msg);
         Ok(())
@@ -2337,7 +2344,7 @@ impl<A: App> Replica<A> {
         self.pending_order.clear();
         self.proposed.clear();
         self.cancel_view_change_timer(out);
-        let snapshot = Arc::new(snapshot);
+        let snapshot = Snapshot::ready(snapshot);
         out.push(Output::StateTransferred { seq });
         if seq > self.low {
             self.make_stable(cert, snapshot, out);

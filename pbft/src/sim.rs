@@ -736,7 +736,7 @@ where
         let disk = self.nodes[node as usize].disk.clone();
         let mut app = (self.make_app)(node);
         if let Some(snapshot) = &disk.durable.stable_snapshot {
-            if let Err(e) = app.restore(snapshot) {
+            if let Err(e) = app.restore(snapshot.bytes()) {
                 self.fail(FailureKind::Recovery, format!("r{node}: snapshot restore: {e}"));
                 return;
             }

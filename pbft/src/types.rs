@@ -6,10 +6,11 @@ use std::sync::Arc;
 use hoard_types::crypto::{Hash, Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::app::Snapshot;
 use crate::constants::BATCHES_PER_SLOT_MAX;
 use crate::constants::{CATCHUP_BYTES_MAX, MESSAGE_BYTES_MAX, PENDING_BYTES_MAX, REPLICAS_MAX, REPLICAS_MIN};
 use crate::error::{Error, Result};
-use crate::message::{arc_bytes, Batch, CheckpointCert, MessageKind, PreparedCert, ReplicaId, SignedMessage};
+use crate::message::{Batch, CheckpointCert, MessageKind, PreparedCert, ReplicaId, SignedMessage};
 
 /// A replica's configuration. All durations are milliseconds; the driver owns the clock.
 #[derive(Clone, Debug)]
@@ -239,8 +240,7 @@ pub enum Record {
     /// A checkpoint became stable; its snapshot (the app state at `cert.seq`).
     StableCheckpoint {
         cert: CheckpointCert,
-        #[serde(with = "arc_bytes")]
-        snapshot: Arc<Vec<u8>>,
+        snapshot: Snapshot,
     },
 }
 
@@ -264,27 +264,8 @@ pub struct DurableState {
     /// The new-view message that started `view`.
     pub new_view: Option<SignedMessage>,
     pub stable: Option<CheckpointCert>,
-    #[serde(with = "option_arc_bytes")]
-    pub stable_snapshot: Option<Arc<Vec<u8>>>,
+    pub stable_snapshot: Option<Snapshot>,
     pub slots: BTreeMap<u64, DurableSlot>,
-}
-
-mod option_arc_bytes {
-    use std::sync::Arc;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Option<Arc<Vec<u8>>>, serializer: S) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(bytes) => serializer.serialize_some(serde_bytes::Bytes::new(bytes)),
-            None => serializer.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Arc<Vec<u8>>>, D::Error> {
-        let bytes: Option<serde_bytes::ByteBuf> = Deserialize::deserialize(deserializer)?;
-        Ok(bytes.map(|b| Arc::new(b.into_vec())))
-    }
 }
 
 impl DurableState {
@@ -490,7 +471,7 @@ mod tests {
         };
         state.apply(Record::StableCheckpoint {
             cert,
-            snapshot: Arc::new(vec![1, 2, 3]),
+            snapshot: Snapshot::ready(vec![1, 2, 3]),
         });
         assert_eq!(state.stable_seq(), 8);
         assert!(!state.slots.contains_key(&5) && state.slots.contains_key(&9));

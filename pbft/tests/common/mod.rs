@@ -225,7 +225,7 @@ impl Cluster {
     pub fn restart_from(&mut self, id: ReplicaId, disk: Disk) {
         let mut app = TestApp::new();
         if let Some(snapshot) = &disk.durable.stable_snapshot {
-            app.restore(snapshot).unwrap();
+            app.restore(snapshot.bytes()).unwrap();
         }
         for block in &disk.blocks {
             if block.seq == app.last_executed() + 1 {
