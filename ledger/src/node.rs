@@ -1085,33 +1085,9 @@ mod tests {
     /// placeholder its record holds) to replicas that fetch state.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_recovered_replica_serves_its_stable_checkpoint_snapshot_from_disk() {
-        use crate::testing::{key, LocalCluster, World};
-        const T: hoard_types::TenantId = hoard_types::TenantId(1);
         let dir = tempfile::tempdir().unwrap();
-        let mut world = World::new(1);
-        let cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
-        let client = crate::client::ChainClient::connect(&cluster.cluster, 1);
-        let alice = key("alice", 0);
-        let setup = vec![
-            world.define_currency(T, "GOLD", 1_000_000),
-            world.register(T, &alice.public(), hoard_types::Custody::Custodial),
-        ];
-        tokio::time::timeout(Duration::from_secs(20), client.submit(&setup))
-            .await
-            .unwrap()
-            .unwrap();
         let interval = crate::cluster::ConsensusTuning::default().checkpoint_interval;
-        let mut height = 0;
-        while height < 2 * interval + 8 {
-            let tx = world.mint_currency(T, &alice.public(), "GOLD", 1);
-            height = tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx]))
-                .await
-                .unwrap()
-                .unwrap()
-                .height;
-        }
-        cluster.wait_for_height(height, Duration::from_secs(30)).await;
-        cluster.shutdown().await;
+        crate::testing::commit_one_per_slot(dir.path(), 2 * interval + 8).await;
 
         let config = NodeConfig::load(&dir.path().join("replica-0.toml")).unwrap();
         let mut store = Engine::Sled

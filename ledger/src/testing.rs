@@ -372,6 +372,38 @@ impl LocalCluster {
     }
 }
 
+/// Starts 4 replicas in `dir` (tenant 1), commits one GOLD mint per request (one slot each) until
+/// the chain is at least `min_height` high, waits for every replica to get there and stops them,
+/// their disks left in `dir`. Returns the height reached.
+pub async fn commit_one_per_slot(dir: &std::path::Path, min_height: u64) -> u64 {
+    use std::time::Duration;
+    const T: TenantId = TenantId(1);
+    let mut world = World::new(1);
+    let cluster = LocalCluster::start(dir, &world.genesis(), 4);
+    let client = crate::client::ChainClient::connect(&cluster.cluster, 1);
+    let alice = key("alice", 0);
+    let setup = vec![
+        world.define_currency(T, "GOLD", 1_000_000),
+        world.register(T, &alice.public(), Custody::Custodial),
+    ];
+    tokio::time::timeout(Duration::from_secs(20), client.submit(&setup))
+        .await
+        .expect("setup committed in time")
+        .expect("setup committed");
+    let mut height = 0;
+    while height < min_height {
+        let tx = world.mint_currency(T, &alice.public(), "GOLD", 1);
+        height = tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx]))
+            .await
+            .expect("a mint committed in time")
+            .expect("a mint committed")
+            .height;
+    }
+    cluster.wait_for_height(height, Duration::from_secs(30)).await;
+    cluster.shutdown().await;
+    height
+}
+
 #[cfg(test)]
 mod tests {
     use super::free_port;

@@ -225,30 +225,8 @@ async fn when_the_primary_connection_drops_pending_requests_go_to_every_replica_
 async fn slot_records_below_a_stable_checkpoint_are_deleted() {
     const INTERVAL: u64 = 64;
     let dir = tempfile::tempdir().unwrap();
-    let mut world = World::new(1);
-    let cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
-    let client = ChainClient::connect(&cluster.cluster, 1);
-    let alice = key("alice", 0);
-    let setup = vec![
-        world.define_currency(T, "GOLD", 1_000_000),
-        world.register(T, &alice.public(), Custody::Custodial),
-    ];
-    tokio::time::timeout(Duration::from_secs(20), client.submit(&setup))
-        .await
-        .unwrap()
-        .unwrap();
     // One request at a time: one slot each.
-    let mut height = 0;
-    while height < 3 * INTERVAL + 8 {
-        let tx = world.mint_currency(T, &alice.public(), "GOLD", 1);
-        height = tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx]))
-            .await
-            .unwrap()
-            .unwrap()
-            .height;
-    }
-    cluster.wait_for_height(height, Duration::from_secs(30)).await;
-    cluster.shutdown().await;
+    let height = hoard_ledger::testing::commit_one_per_slot(dir.path(), 3 * INTERVAL + 8).await;
     let config = hoard_ledger::cluster::NodeConfig::load(&dir.path().join("replica-0.toml")).unwrap();
     let store = hoard_ledger::store::Engine::Sled
         .open(&config.data_dir, hoard_ledger::store::StoreConfig::default())
