@@ -218,12 +218,20 @@ pub async fn run(
                 driver.fire_timers()?;
             }
         }
+        // The select is biased towards the inbox, which a loaded replica never empties: take
+        // encoded snapshots after every round too, or they would wait until the load stops
+        // (and the encoder, its queue full, would leave every checkpoint to the round).
+        while let Ok((cert, snapshot)) = encoded.try_recv() {
+            driver.write_stable(cert, &snapshot)?;
+        }
     }
-    // Snapshots still being encoded are written before the last sync.
-    driver.snapshots.finish();
-    while let Ok((cert, snapshot)) = encoded.try_recv() {
+    // Snapshots still being encoded are written before the last sync: the encoder finishes its
+    // queue and exits, which closes the channel.
+    driver.snapshots.stop_taking_jobs();
+    while let Some((cert, snapshot)) = encoded.recv().await {
         driver.write_stable(cert, &snapshot)?;
     }
+    driver.snapshots.join();
     driver.store.sync().map_err(storage)?;
     tracing::info!(
         replica = id,
@@ -496,9 +504,13 @@ impl SnapshotEncoder {
         }
     }
 
-    /// Stops taking jobs and waits for the ones queued.
-    fn finish(&mut self) {
+    /// Stops taking jobs: the thread encodes the ones queued, then exits (closing its channel).
+    fn stop_taking_jobs(&mut self) {
         self.jobs = None;
+    }
+
+    /// Waits for the thread (after [`SnapshotEncoder::stop_taking_jobs`] and draining its channel).
+    fn join(&mut self) {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
