@@ -140,7 +140,12 @@ pub async fn run(
             },
         )
         .map_err(storage)?;
-    let (replica, recovered, slot_keys) = recover(&config, store.as_mut())?;
+    let Recovered {
+        replica,
+        recovered,
+        slot_keys,
+        snapshot_height,
+    } = recover(&config, store.as_mut())?;
     tracing::info!(
         replica = id,
         height = replica.last_executed(),
@@ -183,6 +188,7 @@ pub async fn run(
         garbage: std::collections::VecDeque::new(),
         snapshots: SnapshotEncoder::start(id, encoded_tx),
         stable_persisted: 0,
+        snapshot_persisted: snapshot_height,
     };
     let outputs = driver.replica.start();
     driver.perform(outputs)?;
@@ -312,18 +318,26 @@ pub fn inspect(data_dir: &std::path::Path, genesis: &crate::genesis::Genesis) ->
     let store = Engine::Sled
         .open(data_dir, StoreConfig::default())
         .map_err(storage)?;
-    rebuild_ledger(genesis, store.as_ref()).map(|(ledger, _)| ledger)
+    rebuild_ledger(genesis, store.as_ref()).map(|rebuilt| rebuilt.ledger)
 }
 
-/// The latest snapshot plus the blocks after it; also returns the replayed blocks.
-fn rebuild_ledger(
-    genesis: &crate::genesis::Genesis,
-    store: &dyn Store,
-) -> Result<(Ledger, std::collections::VecDeque<(Block, usize)>)> {
-    let mut ledger = match store.latest_snapshot().map_err(storage)? {
+/// A ledger rebuilt from a store.
+struct Rebuilt {
+    ledger: Ledger,
+    /// The replayed blocks, the latest ones (bounded like [`LedgerApp`]'s recent blocks), with
+    /// their encoded sizes.
+    blocks: std::collections::VecDeque<(Block, usize)>,
+    /// The snapshot it started from, with its height.
+    snapshot: Option<(u64, Vec<u8>)>,
+}
+
+/// The latest snapshot plus the blocks after it.
+fn rebuild_ledger(genesis: &crate::genesis::Genesis, store: &dyn Store) -> Result<Rebuilt> {
+    let snapshot = store.latest_snapshot().map_err(storage)?;
+    let mut ledger = match &snapshot {
         Some((height, bytes)) => {
-            let ledger = Ledger::restore(&bytes, None)?;
-            if ledger.height() != height || ledger.chain_id() != genesis.chain_id {
+            let ledger = Ledger::restore(bytes, None)?;
+            if ledger.height() != *height || ledger.chain_id() != genesis.chain_id {
                 return Err(LedgerError::Snapshot(format!(
                     "snapshot at {height} is not this chain's"
                 )));
@@ -351,15 +365,21 @@ fn rebuild_ledger(
             held -= dropped;
         }
     }
-    Ok((ledger, blocks))
+    Ok(Rebuilt {
+        ledger,
+        blocks,
+        snapshot,
+    })
 }
 
 /// Rebuilds the replica from the store: snapshot, replayed blocks, consensus records.
-fn recover(
-    config: &NodeConfig,
-    store: &mut dyn Store,
-) -> Result<(Replica<LedgerApp>, bool, std::collections::BTreeSet<Vec<u8>>)> {
-    let (ledger, app_blocks) = rebuild_ledger(&config.cluster.genesis, store)?;
+fn recover(config: &NodeConfig, store: &mut dyn Store) -> Result<Recovered> {
+    let Rebuilt {
+        ledger,
+        blocks: app_blocks,
+        snapshot: mut latest_snapshot,
+    } = rebuild_ledger(&config.cluster.genesis, store)?;
+    let snapshot_height = latest_snapshot.as_ref().map_or(0, |(height, _)| *height);
     let last = ledger.height();
     let mut app = LedgerApp::new(ledger);
     for (block, bytes) in app_blocks {
@@ -393,7 +413,12 @@ fn recover(
     // it, or state transfers from this replica would get an empty snapshot until its next
     // stable checkpoint.
     if let Some(cert) = &durable.stable {
-        let bytes = store.snapshot_at(cert.seq).map_err(storage)?.ok_or_else(|| {
+        let bytes = match latest_snapshot.take() {
+            // Usually the latest snapshot, which the ledger was just rebuilt from.
+            Some((height, bytes)) if height == cert.seq => Some(bytes),
+            _ => store.snapshot_at(cert.seq).map_err(storage)?,
+        };
+        let bytes = bytes.ok_or_else(|| {
             LedgerError::Storage(format!(
                 "stable checkpoint {} has no snapshot in the store",
                 cert.seq
@@ -408,7 +433,23 @@ fn recover(
         Replica::new(replica_config, app)
     }
     .map_err(|e| LedgerError::Config(e.to_string()))?;
-    Ok((replica, recovered, slot_keys))
+    Ok(Recovered {
+        replica,
+        recovered,
+        slot_keys,
+        snapshot_height,
+    })
+}
+
+/// A replica rebuilt from its store, and what its driver needs to know of the store.
+struct Recovered {
+    replica: Replica<LedgerApp>,
+    /// Whether the store held anything (else the replica starts fresh).
+    recovered: bool,
+    /// Keys of the slot records on disk.
+    slot_keys: std::collections::BTreeSet<Vec<u8>>,
+    /// The latest snapshot's height in the store (0: none).
+    snapshot_height: u64,
 }
 
 /// The consensus configuration for this node.
@@ -449,6 +490,8 @@ struct Driver {
     snapshots: SnapshotEncoder,
     /// The newest stable checkpoint written (snapshot and record).
     stable_persisted: u64,
+    /// The height of the newest snapshot in the store (0: none). Snapshots only move forward.
+    snapshot_persisted: u64,
 }
 
 /// Stable checkpoints waiting for their snapshot's encoding, at most; one more makes the round
@@ -668,12 +711,11 @@ impl Driver {
                 Output::StableCheckpoint { seq, .. } => {
                     tracing::debug!(replica = self.id, seq, "stable checkpoint");
                 }
-                Output::StateTransferred { seq } => {
+                Output::StateTransferred { seq, snapshot } => {
                     tracing::info!(replica = self.id, seq, "state transferred");
+                    // The block log restarts after `seq`: the snapshot received is its base.
                     if self.store.last_height().map_err(storage)? < seq {
-                        self.store
-                            .put_snapshot(seq, &self.replica.app().ledger().snapshot())
-                            .map_err(storage)?;
+                        self.put_snapshot(seq, &snapshot)?;
                         wrote = true;
                     }
                 }
@@ -742,6 +784,13 @@ impl Driver {
         self.store.put_record(&key, &value).map_err(storage)
     }
 
+    /// Stores the snapshot taken at `seq`, newer than any in the store (asserted by the store).
+    fn put_snapshot(&mut self, seq: u64, snapshot: &Snapshot) -> Result<()> {
+        self.store.put_snapshot(seq, snapshot.bytes()).map_err(storage)?;
+        self.snapshot_persisted = seq;
+        Ok(())
+    }
+
     /// Writes a stable checkpoint: its snapshot, then the record naming it (without the
     /// snapshot); the slot records at or below it become garbage. Synced with the next round's
     /// writes. A checkpoint older than one already written (an encoding that finished after a
@@ -751,9 +800,9 @@ impl Driver {
         if seq <= self.stable_persisted {
             return Ok(());
         }
-        // Stable checkpoints only move forward, so this never goes below the latest snapshot.
-        if self.store.snapshot_at(seq).map_err(storage)?.is_none() {
-            self.store.put_snapshot(seq, snapshot.bytes()).map_err(storage)?;
+        // A state transfer to `seq` wrote this snapshot already.
+        if seq > self.snapshot_persisted {
+            self.put_snapshot(seq, snapshot)?;
         }
         // Slots at or below a stable checkpoint are garbage: deleted over the next rounds.
         let mut above = SLOT_KEY_PREFIX.to_vec();
@@ -1110,9 +1159,10 @@ mod tests {
         assert!(snapshot_height >= interval, "snapshot at {snapshot_height}");
         let restored = Ledger::restore(&bytes, None).unwrap();
         assert_eq!(restored.height(), snapshot_height);
-        let (replica, recovered, _) = recover(&config, store.as_mut()).unwrap();
-        assert!(recovered);
-        let (cert, snapshot) = replica.stable_snapshot().expect("a stable checkpoint");
+        let recovered = recover(&config, store.as_mut()).unwrap();
+        assert!(recovered.recovered);
+        assert_eq!(recovered.snapshot_height, snapshot_height);
+        let (cert, snapshot) = recovered.replica.stable_snapshot().expect("a stable checkpoint");
         assert_eq!(cert.seq, snapshot_height, "the record names the latest snapshot");
         assert_eq!(snapshot.bytes(), &bytes[..], "served from the snapshot table");
         assert_eq!(restored.head().hash().0, cert.digest.0);

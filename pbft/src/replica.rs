@@ -2345,7 +2345,10 @@ impl<A: App> Replica<A> {
         self.proposed.clear();
         self.cancel_view_change_timer(out);
         let snapshot = Snapshot::ready(snapshot);
-        out.push(Output::StateTransferred { seq });
+        out.push(Output::StateTransferred {
+            seq,
+            snapshot: snapshot.clone(),
+        });
         if seq > self.low {
             self.make_stable(cert, snapshot, out);
         }

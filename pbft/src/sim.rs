@@ -874,7 +874,7 @@ where
                 }
                 Output::Reply { .. } => {}
                 Output::StableCheckpoint { .. } => {}
-                Output::StateTransferred { seq } => {
+                Output::StateTransferred { seq, .. } => {
                     self.log(|| format!("r{id} state transferred to {seq}"));
                     self.nodes[id as usize].disk.blocks.clear();
                 }

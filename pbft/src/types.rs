@@ -197,9 +197,12 @@ pub enum Output {
         seq: u64,
         digest: Hash,
     },
-    /// The app was replaced by a snapshot at `seq` (the block log restarts after `seq`).
+    /// The app was replaced by `snapshot`, taken at `seq` and verified against 2f+1 checkpoint
+    /// signatures (the block log restarts after `seq`). The bytes are the ones received, so the
+    /// host can store them without encoding its new state again.
     StateTransferred {
         seq: u64,
+        snapshot: Snapshot,
     },
 }
 

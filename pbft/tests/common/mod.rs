@@ -130,7 +130,7 @@ impl Cluster {
                     self.disks[id as usize].blocks.push(committed.clone());
                     self.executed[id as usize].push(committed);
                 }
-                Output::StateTransferred { seq } => {
+                Output::StateTransferred { seq, .. } => {
                     self.disks[id as usize].blocks.clear();
                     self.transferred[id as usize].push(seq);
                 }
