@@ -1,7 +1,8 @@
 //! Four real `hoard node` processes under a steady load: kill -9 a backup, then the primary,
-//! restart each. The cluster keeps committing (a view change happens), the restarted replicas
-//! catch up, and at the end all four hold the same height and state root and every
-//! acknowledged transaction is in the ledger exactly once.
+//! restart each once the others' stable checkpoint has passed it. The cluster keeps committing
+//! (a view change happens), the restarted replicas catch up by state transfer, and at the end
+//! all four hold the same height and state root and every acknowledged transaction is in the
+//! ledger exactly once.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -166,12 +167,39 @@ fn replicas_survive_kill_9_of_a_backup_and_the_primary() {
             std::thread::sleep(Duration::from_millis(50));
         }
     };
+    // A killed replica stays down until the others' stable checkpoint has passed the height the
+    // cluster had when it died: the log below that checkpoint is gone from every peer, so the
+    // restarted replica can only catch up by state transfer.
+    let kill_and_outrun = |nodes: &mut [Node], down: usize| {
+        nodes[down].kill9();
+        let height_at_death = nodes
+            .iter()
+            .filter_map(|n| n.gauge("hoard_replica_height"))
+            .max()
+            .unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stable = (0..nodes.len())
+                .filter(|i| *i != down)
+                .map(|i| nodes[i].gauge("hoard_replica_stable_checkpoint"))
+                .collect::<Option<Vec<u64>>>()
+                .and_then(|stable| stable.into_iter().min());
+            if stable.is_some_and(|stable| stable > height_at_death) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the others' stable checkpoint ({stable:?}) never passed {height_at_death} with replica {down} down"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     wait_for_progress("at start");
-    nodes[3].kill9();
+    kill_and_outrun(&mut nodes, 3);
     wait_for_progress("with a backup down");
     nodes[3].start();
     wait_for_progress("after the backup restarted");
-    nodes[0].kill9();
+    kill_and_outrun(&mut nodes, 0);
     wait_for_progress("with the primary down (a view change)");
     nodes[0].start();
     wait_for_progress("after the primary restarted");
@@ -200,6 +228,13 @@ fn replicas_survive_kill_9_of_a_backup_and_the_primary() {
         views.iter().all(|v| v.unwrap_or(0) >= 1),
         "the primary's death forced a view change: {views:?}"
     );
+    for restarted in [3, 0] {
+        let transfers = nodes[restarted].gauge("hoard_replica_state_transfers_total");
+        assert!(
+            transfers.is_some_and(|count| count >= 1),
+            "replica {restarted} caught up without a state transfer: {transfers:?}"
+        );
+    }
     for node in &mut nodes {
         node.terminate();
     }
