@@ -372,35 +372,73 @@ impl LocalCluster {
     }
 }
 
-/// Starts 4 replicas in `dir` (tenant 1), commits one GOLD mint per request (one slot each) until
-/// the chain is at least `min_height` high, waits for every replica to get there and stops them,
-/// their disks left in `dir`. Returns the height reached.
-pub async fn commit_one_per_slot(dir: &std::path::Path, min_height: u64) -> u64 {
-    use std::time::Duration;
-    const T: TenantId = TenantId(1);
-    let mut world = World::new(1);
-    let cluster = LocalCluster::start(dir, &world.genesis(), 4);
-    let client = crate::client::ChainClient::connect(&cluster.cluster, 1);
-    let alice = key("alice", 0);
-    let setup = vec![
-        world.define_currency(T, "GOLD", 1_000_000),
-        world.register(T, &alice.public(), Custody::Custodial),
-    ];
-    tokio::time::timeout(Duration::from_secs(20), client.submit(&setup))
-        .await
-        .expect("setup committed in time")
-        .expect("setup committed");
-    let mut height = 0;
-    while height < min_height {
-        let tx = world.mint_currency(T, &alice.public(), "GOLD", 1);
-        height = tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx]))
+/// Replicas in a directory with tenant 1's GOLD defined and a custodial account, alice, that
+/// holds it, and a client that commits one mint per request (one slot each).
+pub struct MintingCluster {
+    pub cluster: LocalCluster,
+    pub client: crate::client::ChainClient,
+    world: World,
+    alice: Keypair,
+}
+
+impl MintingCluster {
+    const TENANT: TenantId = TenantId(1);
+
+    /// Starts 4 replicas in `dir` and commits the setup.
+    pub async fn start(dir: &std::path::Path) -> MintingCluster {
+        let mut world = World::new(1);
+        let cluster = LocalCluster::start(dir, &world.genesis(), 4);
+        let client = crate::client::ChainClient::connect(&cluster.cluster, 1);
+        let alice = key("alice", 0);
+        let setup = vec![
+            world.define_currency(Self::TENANT, "GOLD", 1_000_000),
+            world.register(Self::TENANT, &alice.public(), Custody::Custodial),
+        ];
+        tokio::time::timeout(std::time::Duration::from_secs(20), client.submit(&setup))
             .await
-            .expect("a mint committed in time")
-            .expect("a mint committed")
-            .height;
+            .expect("setup committed in time")
+            .expect("setup committed");
+        MintingCluster {
+            cluster,
+            client,
+            world,
+            alice,
+        }
     }
-    cluster.wait_for_height(height, Duration::from_secs(30)).await;
-    cluster.shutdown().await;
+
+    pub fn genesis(&self) -> Genesis {
+        self.world.genesis()
+    }
+
+    /// Commits one mint of 1 GOLD per request until the chain is at least `min_height` high;
+    /// returns the height reached.
+    pub async fn mint_until(&mut self, min_height: u64) -> u64 {
+        let mut height = 0;
+        while height < min_height {
+            let tx = self
+                .world
+                .mint_currency(Self::TENANT, &self.alice.public(), "GOLD", 1);
+            height = tokio::time::timeout(std::time::Duration::from_secs(20), self.client.submit(&[tx]))
+                .await
+                .expect("a mint committed in time")
+                .expect("a mint committed")
+                .height;
+        }
+        height
+    }
+}
+
+/// Starts 4 replicas in `dir` (a [`MintingCluster`]), commits one mint per slot until the chain
+/// is at least `min_height` high, waits for every replica to get there and stops them, their
+/// disks left in `dir`. Returns the height reached.
+pub async fn commit_one_per_slot(dir: &std::path::Path, min_height: u64) -> u64 {
+    let mut minting = MintingCluster::start(dir).await;
+    let height = minting.mint_until(min_height).await;
+    minting
+        .cluster
+        .wait_for_height(height, std::time::Duration::from_secs(30))
+        .await;
+    minting.cluster.shutdown().await;
     height
 }
 

@@ -260,42 +260,24 @@ async fn slot_records_below_a_stable_checkpoint_are_deleted() {
 async fn a_replica_that_lost_its_disk_rejoins_by_state_transfer_and_rebuilds_from_the_snapshot_it_received() {
     const INTERVAL: u64 = 64;
     let dir = tempfile::tempdir().unwrap();
-    let mut world = World::new(1);
-    let genesis = world.genesis();
-    let mut cluster = LocalCluster::start(dir.path(), &genesis, 4);
-    let client = ChainClient::connect(&cluster.cluster, 1);
-    let alice = key("alice", 0);
-    let setup = vec![
-        world.define_currency(T, "GOLD", 1_000_000),
-        world.register(T, &alice.public(), Custody::Custodial),
-    ];
-    tokio::time::timeout(Duration::from_secs(20), client.submit(&setup))
-        .await
-        .unwrap()
-        .unwrap();
-
-    cluster.stop(3).await;
+    let mut minting = hoard_ledger::testing::MintingCluster::start(dir.path()).await;
+    let genesis = minting.genesis();
+    minting.cluster.stop(3).await;
     let config = |id: usize| {
         hoard_ledger::cluster::NodeConfig::load(&dir.path().join(format!("replica-{id}.toml"))).unwrap()
     };
     std::fs::remove_dir_all(&config(3).data_dir).unwrap();
-    // One request at a time: one slot each.
-    let mut height = 0;
-    while height < 2 * INTERVAL + 8 {
-        let tx = world.mint_currency(T, &alice.public(), "GOLD", 1);
-        height = tokio::time::timeout(Duration::from_secs(20), client.submit(&[tx]))
-            .await
-            .unwrap()
-            .unwrap()
-            .height;
-    }
-    cluster.restart(3);
-    let statuses = cluster.wait_for_height(height, Duration::from_secs(60)).await;
+    let height = minting.mint_until(2 * INTERVAL + 8).await;
+    minting.cluster.restart(3);
+    let statuses = minting
+        .cluster
+        .wait_for_height(height, Duration::from_secs(60))
+        .await;
     assert!(
         statuses.iter().all(|s| s.state_root == statuses[0].state_root),
         "{statuses:?}"
     );
-    cluster.shutdown().await;
+    minting.cluster.shutdown().await;
 
     let store = hoard_ledger::store::Engine::Sled
         .open(&config(3).data_dir, hoard_ledger::store::StoreConfig::default())
