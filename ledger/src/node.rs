@@ -793,11 +793,13 @@ impl Driver {
 
     /// Writes a stable checkpoint: its snapshot, then the record naming it (without the
     /// snapshot); the slot records at or below it become garbage. Synced with the next round's
-    /// writes. A checkpoint older than one already written (an encoding that finished after a
-    /// state transfer wrote a newer one) is dropped.
+    /// writes. A checkpoint older than a stable checkpoint or a snapshot already written (an
+    /// encoding that finished after a state transfer stored a newer snapshot) is dropped: its
+    /// record would name a snapshot the store no longer keeps as its base, and the newer
+    /// checkpoint's record follows.
     fn write_stable(&mut self, cert: CheckpointCert, snapshot: &Snapshot) -> Result<()> {
         let seq = cert.seq;
-        if seq <= self.stable_persisted {
+        if seq <= self.stable_persisted || seq < self.snapshot_persisted {
             return Ok(());
         }
         // A state transfer to `seq` wrote this snapshot already.
