@@ -430,10 +430,14 @@ async fn a_subscriber_that_does_not_read_is_closed_with_1013_and_the_rest_are_se
     ] {
         assert_eq!(commit(&mut producer, &tx).await.1, Outcome::Applied);
     }
+    // The bound only stops a broken gateway from looping forever: how many rounds it takes
+    // depends on how far the kernel grows the loopback socket's send buffer (up to a few MB of
+    // pushes beside the queue). It took 41 rounds of 500 in three runs on 2026-11-29, just past
+    // the earlier bound of 40, which then failed a CI run.
     let mut rounds = 0;
     loop {
         rounds += 1;
-        assert!(rounds <= 40, "the subscriber was never closed");
+        assert!(rounds <= 200, "the subscriber was never closed");
         let txs: Vec<_> = (0..500)
             .map(|_| gw.world.mint_currency(T1, &alice.public(), "GOLD", 1))
             .collect();
