@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hoard_loadtest::stack::{rebuild, ChildProcess, Stack, StackOptions};
+use hoard_loadtest::stack::{ChildProcess, Stack, StackOptions};
 use hoard_sdk::{
     Amount, Client, ClientOptions, Committed, Credentials, CurrencyId, Custody, EventId, EventState, Grant,
     Keypair, Outcome, ReconnectPolicy, TenantId,
@@ -457,7 +457,7 @@ async fn stop_and_check(
     for replica in &mut stack.replicas {
         replica.process.stop(Duration::from_secs(10)).await;
     }
-    let ledger = rebuild(&stack.replicas[0].data_dir, &stack.genesis).expect("replica 0's state");
+    let ledger = hoard_ledger::node::inspect(&stack.replicas[0].data_dir, &stack.genesis).expect("replica 0's state");
     ledger.check_invariants().expect("supply conserved");
     assert_eq!(
         ledger.balance(TENANT, &CurrencyId::new("GOLD"), &alice),

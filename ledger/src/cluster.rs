@@ -16,6 +16,7 @@
 //! cluster = "cluster.toml"
 //! key = "replica-0.key"         # hex ed25519 seed
 //! data_dir = "data/replica-0"
+//! engine = "redb"               # optional: "redb" (default) or "sled"
 //! ```
 
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use hoard_types::{Keypair, PublicKey};
 
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
+use crate::store::Engine;
 
 /// One replica as the cluster file lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,9 +128,21 @@ pub struct NodeFile {
     /// about 7 MiB/s while every block was kept).
     #[serde(default = "default_retention_bytes")]
     pub block_retention_bytes: u64,
+    /// The storage engine of `data_dir`: `redb` (the default: fdatasync on every commit, and
+    /// the shorter latency tails in the chain benchmark) or `sled`. A replica refuses a data
+    /// directory that holds the other engine's store.
+    #[serde(default = "default_engine")]
+    pub engine: Engine,
     /// Consensus tuning; defaults suit a local cluster.
     #[serde(default)]
     pub consensus: ConsensusTuning,
+}
+
+/// The storage engine of a replica whose node file names none.
+pub const ENGINE_DEFAULT: Engine = Engine::Redb;
+
+fn default_engine() -> Engine {
+    ENGINE_DEFAULT
 }
 
 fn default_retention() -> u64 {
@@ -173,6 +187,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub block_retention_blocks: u64,
     pub block_retention_bytes: u64,
+    pub engine: Engine,
     pub consensus: ConsensusTuning,
 }
 
@@ -189,14 +204,20 @@ impl NodeConfig {
             data_dir: relative_to(path, &file.data_dir),
             block_retention_blocks: file.block_retention_blocks,
             block_retention_bytes: file.block_retention_bytes,
+            engine: file.engine,
             consensus: file.consensus,
         };
         config.check()?;
         Ok(config)
     }
 
-    /// The key must be the one the cluster file lists for this id.
+    /// The key must be the one the cluster file lists for this id, and the engine durable.
     pub fn check(&self) -> Result<()> {
+        if self.engine == Engine::Mem {
+            return Err(LedgerError::Config(
+                "engine \"mem\" keeps nothing across a restart: a replica needs \"redb\" or \"sled\"".into(),
+            ));
+        }
         let listed =
             self.cluster.keys.get(self.id as usize).ok_or_else(|| {
                 LedgerError::Config(format!("replica {} is not in the cluster file", self.id))
@@ -291,10 +312,51 @@ pub fn write_local_cluster(
             data_dir: PathBuf::from(format!("replica-{id}")),
             block_retention_blocks: default_retention(),
             block_retention_bytes: default_retention_bytes(),
+            engine: ENGINE_DEFAULT,
             consensus: ConsensusTuning::default(),
         };
         let text = toml::to_string_pretty(&node).expect("node file serialises");
         std::fs::write(dir.join(format!("replica-{id}.toml")), text).map_err(|e| config(dir, e))?;
     }
     Ok(cluster)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{key, World};
+
+    #[test]
+    fn a_node_file_names_its_engine_redb_by_default_and_never_mem() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Keypair> = (0..4).map(|i| key("replica", i)).collect();
+        let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..4)
+            .map(|i| (SocketAddr::from(([127, 0, 0, 1], 7100 + i)), None))
+            .collect();
+        write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys).unwrap();
+        let path = dir.path().join("replica-0.toml");
+        assert_eq!(NodeConfig::load(&path).unwrap().engine, ENGINE_DEFAULT);
+        let written = std::fs::read_to_string(&path).unwrap();
+        let without_engine: String = written
+            .lines()
+            .filter(|line| !line.starts_with("engine"))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        assert_ne!(without_engine, written, "the node file names its engine");
+        std::fs::write(&path, &without_engine).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().engine, Engine::Redb);
+        let with = |engine: &str| {
+            std::fs::write(&path, format!("engine = \"{engine}\"\n{without_engine}")).unwrap();
+            NodeConfig::load(&path)
+        };
+        assert_eq!(with("sled").unwrap().engine, Engine::Sled);
+        for refused in ["mem", "rocksdb"] {
+            match with(refused) {
+                Err(LedgerError::Config(message)) => {
+                    assert!(message.contains(refused) || message.contains("mem"), "{message}")
+                }
+                other => panic!("engine {refused}: {other:?}"),
+            }
+        }
+    }
 }

@@ -130,7 +130,8 @@ pub async fn run(
     status: Option<watch::Sender<NodeStatus>>,
 ) -> Result<()> {
     let id = config.id;
-    let mut store = Engine::Sled
+    let mut store = config
+        .engine
         .open(
             &config.data_dir,
             StoreConfig {
@@ -313,11 +314,12 @@ fn record_key(record: &Record) -> Vec<u8> {
 }
 
 /// Rebuilds a stopped replica's ledger from its data directory (the latest snapshot and the
-/// blocks after it, each checked against its header), to compare replicas after a run.
+/// blocks after it, each checked against its header), to compare replicas after a run. The
+/// engine is the one whose store the directory holds.
 pub fn inspect(data_dir: &std::path::Path, genesis: &crate::genesis::Genesis) -> Result<Ledger> {
-    let store = Engine::Sled
-        .open(data_dir, StoreConfig::default())
-        .map_err(storage)?;
+    let engine = Engine::detect(data_dir)
+        .ok_or_else(|| LedgerError::Storage(format!("no store in {}", data_dir.display())))?;
+    let store = engine.open(data_dir, StoreConfig::default()).map_err(storage)?;
     rebuild_ledger(genesis, store.as_ref()).map(|rebuilt| rebuilt.ledger)
 }
 
@@ -1153,7 +1155,8 @@ mod tests {
         crate::testing::commit_one_per_slot(dir.path(), 2 * interval + 8).await;
 
         let config = NodeConfig::load(&dir.path().join("replica-0.toml")).unwrap();
-        let mut store = Engine::Sled
+        let mut store = config
+            .engine
             .open(&config.data_dir, StoreConfig::default())
             .unwrap();
         let (snapshot_height, bytes) = store.latest_snapshot().unwrap().expect("a snapshot was written");

@@ -228,7 +228,8 @@ async fn slot_records_below_a_stable_checkpoint_are_deleted() {
     // One request at a time: one slot each.
     let height = hoard_ledger::testing::commit_one_per_slot(dir.path(), 3 * INTERVAL + 8).await;
     let config = hoard_ledger::cluster::NodeConfig::load(&dir.path().join("replica-0.toml")).unwrap();
-    let store = hoard_ledger::store::Engine::Sled
+    let store = config
+        .engine
         .open(&config.data_dir, hoard_ledger::store::StoreConfig::default())
         .unwrap();
     let slots: Vec<u64> = store
@@ -279,7 +280,8 @@ async fn a_replica_that_lost_its_disk_rejoins_by_state_transfer_and_rebuilds_fro
     );
     minting.cluster.shutdown().await;
 
-    let store = hoard_ledger::store::Engine::Sled
+    let store = config(3)
+        .engine
         .open(&config(3).data_dir, hoard_ledger::store::StoreConfig::default())
         .unwrap();
     let (base, _) = store

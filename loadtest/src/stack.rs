@@ -24,8 +24,7 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use hoard_ledger::cluster::{write_local_cluster, Cluster, NodeConfig};
-use hoard_ledger::store::{Engine, StoreConfig};
-use hoard_ledger::{Block, Genesis, Ledger};
+use hoard_ledger::Genesis;
 use hoard_server::chain::ClusterChain;
 use hoard_server::config::{demo_genesis, GatewayConfig, StoreBackend, DEMO_STUDIO_SEED};
 use hoard_server::{Chain, Gateway};
@@ -594,7 +593,7 @@ impl Stack {
         let mut states = Vec::new();
         let mut invariants_hold = true;
         for replica in &self.replicas {
-            let ledger = rebuild(&replica.data_dir, &self.genesis)
+            let ledger = hoard_ledger::node::inspect(&replica.data_dir, &self.genesis)
                 .with_context(|| format!("rebuilding replica {}'s state", replica.id))?;
             let state = (ledger.height(), ledger.state_root());
             lines.push(format!(
@@ -700,25 +699,6 @@ pub fn gateway_config(options: &StackOptions, redis_url: String) -> GatewayConfi
         tenant.settle_interval_ms = options.settle_interval_ms;
     }
     config
-}
-
-/// Rebuilds a stopped replica's ledger from its store: the latest snapshot, then every block
-/// after it (each checked against its header's roots by `apply_block`).
-pub fn rebuild(data_dir: &Path, genesis: &Genesis) -> anyhow::Result<Ledger> {
-    let store = Engine::Sled.open(data_dir, StoreConfig::default())?;
-    let mut ledger = match store.latest_snapshot()? {
-        Some((_, bytes)) => Ledger::restore(&bytes, None)?,
-        None => Ledger::new(genesis),
-    };
-    let last = store.last_height()?;
-    while ledger.height() < last {
-        let height = ledger.height() + 1;
-        let bytes = store
-            .block(height)?
-            .with_context(|| format!("block {height} missing (last {last})"))?;
-        ledger.apply_block(&Block::decode(&bytes)?)?;
-    }
-    Ok(ledger)
 }
 
 /// Runs one replica until SIGTERM or Ctrl-C (what `node --config` does in `hoard` and

@@ -523,3 +523,28 @@ fn mem_sync_each_write_survives_crash() {
     assert_eq!(store.last_height().unwrap(), 3);
     assert_eq!(store.records(b"view").unwrap().len(), 1);
 }
+
+/// A directory holding one engine's store is refused by the other (which would otherwise start
+/// an empty store beside it), and `Engine::detect` names the engine that wrote it.
+#[test]
+fn a_store_directory_is_opened_only_by_the_engine_that_wrote_it() {
+    for (written, other) in [(Engine::Sled, Engine::Redb), (Engine::Redb, Engine::Sled)] {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Engine::detect(dir.path()), None);
+        {
+            let mut store = written.open(dir.path(), StoreConfig::default()).unwrap();
+            append_range(store.as_mut(), 1..=2);
+            store.sync().unwrap();
+        }
+        assert_eq!(Engine::detect(dir.path()), Some(written));
+        match other.open(dir.path(), StoreConfig::default()) {
+            Err(StoreError::OtherEngine { found, wanted }) => {
+                assert_eq!((found, wanted), (written.name(), other.name()));
+            }
+            Err(error) => panic!("{} opening a {} store: {error}", other.name(), written.name()),
+            Ok(_) => panic!("{} opened a {} store", other.name(), written.name()),
+        }
+        let store = written.open(dir.path(), StoreConfig::default()).unwrap();
+        assert_eq!(store.last_height().unwrap(), 2);
+    }
+}

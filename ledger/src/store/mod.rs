@@ -129,6 +129,13 @@ pub enum StoreError {
     /// The file system failed.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The directory holds another engine's store: opening it with this engine would start an
+    /// empty store beside the real one (a replica would forget what it signed).
+    #[error("the directory holds a {found} store, not {wanted}")]
+    OtherEngine {
+        found: &'static str,
+        wanted: &'static str,
+    },
 }
 
 /// How bad a failure a write survives. Ordered from weakest to strongest.
@@ -166,8 +173,8 @@ pub struct StoreConfig {
     pub block_retention_bytes: u64,
     /// Make every write durable before it returns (one sync per write) instead of at [`Store::sync`].
     pub sync_each_write: bool,
-    /// sled's page cache, bytes (sled's own default is 1 GiB, which a replica fills in minutes
-    /// under load: the soak run saw each replica grow towards it).
+    /// The engine's page cache, bytes (sled's and redb's own defaults are 1 GiB, which a replica
+    /// filled in minutes under load: the soak run saw each replica grow towards it).
     pub cache_bytes: u64,
 }
 
@@ -245,7 +252,8 @@ pub trait Store: Send {
 }
 
 /// The storage engines, for configuration files and command lines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// [`SledStore`].
     Sled,
@@ -275,8 +283,26 @@ impl Engine {
         }
     }
 
+    /// The engine whose store directory `dir` holds (by the files each engine creates), if any.
+    pub fn detect(dir: &Path) -> Option<Engine> {
+        if dir.join(sled_store::SLED_DIR_NAME).exists() {
+            Some(Engine::Sled)
+        } else if dir.join(redb_store::REDB_FILE_NAME).exists() {
+            Some(Engine::Redb)
+        } else {
+            None
+        }
+    }
+
     /// Opens (or creates) a store of this engine in directory `dir`.
+    /// Refuses a directory that holds another engine's store ([`StoreError::OtherEngine`]).
     pub fn open(self, dir: &Path, config: StoreConfig) -> Result<Box<dyn Store>> {
+        if let Some(found) = Engine::detect(dir).filter(|found| *found != self && self != Engine::Mem) {
+            return Err(StoreError::OtherEngine {
+                found: found.name(),
+                wanted: self.name(),
+            });
+        }
         Ok(match self {
             Engine::Sled => Box::new(SledStore::open(dir, config)?),
             Engine::Redb => Box::new(RedbStore::open(dir, config)?),

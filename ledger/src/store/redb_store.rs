@@ -56,8 +56,14 @@ impl RedbStore {
     /// Opens (or creates, atomically) the store in directory `dir` (file `ledger.redb`).
     pub fn open(dir: &Path, config: StoreConfig) -> Result<RedbStore> {
         let path = dir.join(REDB_FILE_NAME);
+        // redb's own cache default is 1 GiB: bound it like sled's.
+        let builder = || {
+            let mut builder = redb::Builder::new();
+            builder.set_cache_size(usize::try_from(config.cache_bytes).unwrap_or(usize::MAX));
+            builder
+        };
         super::create_atomically(&path, |creating| {
-            let db = redb::Database::create(creating)?;
+            let db = builder().create(creating)?;
             let mut store = RedbStore {
                 db,
                 config,
@@ -72,7 +78,7 @@ impl RedbStore {
                 Ok(())
             })
         })?;
-        let db = redb::Database::open(&path)?;
+        let db = builder().open(&path)?;
         let mut sizes = BlockSizes::default();
         {
             let transaction = db.begin_read()?;
