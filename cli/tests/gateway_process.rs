@@ -457,7 +457,8 @@ async fn stop_and_check(
     for replica in &mut stack.replicas {
         replica.process.stop(Duration::from_secs(10)).await;
     }
-    let ledger = hoard_ledger::node::inspect(&stack.replicas[0].data_dir, &stack.genesis).expect("replica 0's state");
+    let ledger =
+        hoard_ledger::node::inspect(&stack.replicas[0].data_dir, &stack.genesis).expect("replica 0's state");
     ledger.check_invariants().expect("supply conserved");
     assert_eq!(
         ledger.balance(TENANT, &CurrencyId::new("GOLD"), &alice),

@@ -4,8 +4,12 @@
 //! - this file: the [`Store`] trait, [`StoreConfig`], [`Durability`], [`StoreError`], the store's limits.
 //! - `frame`: the checksummed frame every stored value is wrapped in (checked right before a write and
 //!   right after a read).
-//! - [`sled_store`]: [`SledStore`], the production engine (one `sled::Db`, three trees).
-//! - [`redb_store`]: [`RedbStore`], redb 4 for comparison (one file, three tables).
+//! - [`redb_store`]: [`RedbStore`], redb 4 (one file, three tables): a replica's default engine.
+//! - [`sled_store`]: [`SledStore`], sled 0.34 (one `sled::Db`, three trees), selectable per replica
+//!   (`engine = "sled"` in the node file). redb is the default because of figures: in the 4-process
+//!   chain benchmark sled's background work put 50-600 ms stalls into the commit latency's tail
+//!   that redb did not (BENCHMARKS.md, "The store engine"), and redb's sync survives power loss.
+//!   [`Engine::open`] refuses a directory that holds the other engine's store.
 //! - [`mem`]: [`MemStore`], in memory for the simulator, with [`MemStore::crash`] dropping unsynced writes.
 //! - [`bench`](mod@bench): durable append throughput of any engine, for the ledger benchmark.
 //! - [`testkit`]: deterministic block, snapshot and record content for the crash test.
