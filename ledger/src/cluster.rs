@@ -17,6 +17,7 @@
 //! key = "replica-0.key"         # hex ed25519 seed
 //! data_dir = "data/replica-0"
 //! engine = "redb"               # optional: "redb" (default) or "sled"
+//! cache_bytes = 67108864        # optional: the store's page cache (64 MiB)
 //! ```
 
 use std::net::SocketAddr;
@@ -133,6 +134,10 @@ pub struct NodeFile {
     /// directory that holds the other engine's store.
     #[serde(default = "default_engine")]
     pub engine: Engine,
+    /// The store's page cache, bytes (64 MiB by default). At 200,000 events/s a replica on
+    /// redb needed more: BENCHMARKS.md, "The store engine".
+    #[serde(default = "default_cache_bytes")]
+    pub cache_bytes: u64,
     /// Consensus tuning; defaults suit a local cluster.
     #[serde(default)]
     pub consensus: ConsensusTuning,
@@ -143,6 +148,10 @@ pub const ENGINE_DEFAULT: Engine = Engine::Redb;
 
 fn default_engine() -> Engine {
     ENGINE_DEFAULT
+}
+
+fn default_cache_bytes() -> u64 {
+    crate::store::CACHE_BYTES_DEFAULT
 }
 
 fn default_retention() -> u64 {
@@ -188,6 +197,7 @@ pub struct NodeConfig {
     pub block_retention_blocks: u64,
     pub block_retention_bytes: u64,
     pub engine: Engine,
+    pub cache_bytes: u64,
     pub consensus: ConsensusTuning,
 }
 
@@ -205,6 +215,7 @@ impl NodeConfig {
             block_retention_blocks: file.block_retention_blocks,
             block_retention_bytes: file.block_retention_bytes,
             engine: file.engine,
+            cache_bytes: file.cache_bytes,
             consensus: file.consensus,
         };
         config.check()?;
@@ -313,6 +324,7 @@ pub fn write_local_cluster(
             block_retention_blocks: default_retention(),
             block_retention_bytes: default_retention_bytes(),
             engine: ENGINE_DEFAULT,
+            cache_bytes: default_cache_bytes(),
             consensus: ConsensusTuning::default(),
         };
         let text = toml::to_string_pretty(&node).expect("node file serialises");
@@ -339,7 +351,7 @@ mod tests {
         let written = std::fs::read_to_string(&path).unwrap();
         let without_engine: String = written
             .lines()
-            .filter(|line| !line.starts_with("engine"))
+            .filter(|line| !line.starts_with("engine") && !line.starts_with("cache_bytes"))
             .map(|line| format!("{line}\n"))
             .collect();
         assert_ne!(without_engine, written, "the node file names its engine");
@@ -350,6 +362,12 @@ mod tests {
             NodeConfig::load(&path)
         };
         assert_eq!(with("sled").unwrap().engine, Engine::Sled);
+        assert_eq!(
+            NodeConfig::load(&path).unwrap().cache_bytes,
+            crate::store::CACHE_BYTES_DEFAULT
+        );
+        std::fs::write(&path, format!("cache_bytes = 1073741824\n{without_engine}")).unwrap();
+        assert_eq!(NodeConfig::load(&path).unwrap().cache_bytes, 1 << 30);
         for (refused, because) in [
             ("mem", "keeps nothing across a restart"),
             ("rocksdb", "unknown variant"),

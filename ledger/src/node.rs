@@ -137,6 +137,7 @@ pub async fn run(
             StoreConfig {
                 block_retention_blocks: config.block_retention_blocks,
                 block_retention_bytes: config.block_retention_bytes,
+                cache_bytes: config.cache_bytes,
                 ..StoreConfig::default()
             },
         )
