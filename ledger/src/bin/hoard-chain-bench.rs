@@ -68,6 +68,11 @@ struct Args {
     /// Seconds per reported interval of the soak run.
     #[arg(long, default_value_t = 10)]
     soak_interval_seconds: u64,
+    /// Each transaction expires this many blocks above the highest commit the client has seen
+    /// (the SDK's default margin). The replicas remember every event until it expires, so this
+    /// sets the size of their deduplication window once a run is longer than the margin.
+    #[arg(long, default_value_t = 10_000)]
+    expiry_blocks: u64,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -106,16 +111,32 @@ struct Results {
 
 const T: TenantId = TenantId(1);
 
+/// The replica processes, killed when the bench ends, also by an error.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 struct Workload {
     world: World,
     players: Vec<Keypair>,
     entries: usize,
     per_request: usize,
     next: u64,
+    /// The highest committed height seen, and the expiry margin above it.
+    head: u64,
+    expiry_blocks: u64,
 }
 
 impl Workload {
     fn request(&mut self) -> Vec<Transaction> {
+        self.world.expires_at = self.head + self.expiry_blocks;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.next);
         (0..self.per_request)
             .map(|_| {
@@ -139,6 +160,8 @@ struct Run {
     latencies: Histogram<u64>,
     committed_events: u64,
     commit_times: Vec<Instant>,
+    /// The highest height a request committed at.
+    height: u64,
 }
 
 /// Offers `rate` events/s for `seconds`, then waits for the stragglers (up to 10 s).
@@ -164,6 +187,7 @@ async fn run_at(
         latencies: Histogram::new_with_bounds(1, 120_000_000, 3).unwrap(),
         committed_events: 0,
         commit_times: Vec::new(),
+        height: 0,
     }));
     let start = Instant::now();
     let mut handles = Vec::with_capacity(requests as usize);
@@ -189,6 +213,7 @@ async fn run_at(
             if let Ok(committed) = client.submit(&transactions).await {
                 let done = Instant::now();
                 let mut run = run.lock().unwrap();
+                run.height = run.height.max(committed.height);
                 let micros = done.saturating_duration_since(scheduled).as_micros() as u64;
                 run.latencies.record(micros.max(1)).ok();
                 run.committed_events += committed
@@ -225,6 +250,8 @@ async fn run_at(
         .expect("all tasks done or dropped")
         .into_inner()
         .unwrap();
+    let mut w = workload.lock().unwrap();
+    w.head = w.head.max(run.height);
     (run, elapsed)
 }
 
@@ -243,9 +270,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let dir = tempfile::tempdir()?;
     let mut world = World::new(1);
-    world.expires_at = 90_000;
     let genesis = world.genesis();
-    let mut children: Vec<std::process::Child> = Vec::new();
+    let mut children = Children(Vec::new());
     let mut local = None;
     let cluster = if args.processes {
         let keys: Vec<Keypair> = (0..args.replicas as u64).map(|i| key("replica", i)).collect();
@@ -265,7 +291,7 @@ async fn main() -> anyhow::Result<()> {
             hoard.display()
         );
         for id in 0..args.replicas {
-            children.push(
+            children.0.push(
                 std::process::Command::new(&hoard)
                     .args(["node", "--config"])
                     .arg(dir.path().join(format!("replica-{id}.toml")))
@@ -291,8 +317,11 @@ async fn main() -> anyhow::Result<()> {
             .iter()
             .map(|p| world.register(T, &p.public(), Custody::Custodial)),
     );
+    let mut head = 0;
     for chunk in setup.chunks(2000) {
-        tokio::time::timeout(Duration::from_secs(60), client.submit(chunk)).await??;
+        head = tokio::time::timeout(Duration::from_secs(60), client.submit(chunk))
+            .await??
+            .height;
     }
     let events_per_request = args.entries_per_transaction * args.transactions_per_request;
     let workload = Arc::new(Mutex::new(Workload {
@@ -301,6 +330,8 @@ async fn main() -> anyhow::Result<()> {
         entries: args.entries_per_transaction,
         per_request: args.transactions_per_request,
         next: 1,
+        head,
+        expiry_blocks: args.expiry_blocks,
     }));
     println!(
         "{} replicas ({}), {} events per request ({} settlements of {} entries)",
@@ -370,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
             let (run, elapsed) = run_at(&client, &workload, rate, interval, None).await;
             let resident_memory_bytes: Vec<u64> = if args.processes {
                 children
+                    .0
                     .iter()
                     .map(|c| hoard_ledger::node::resident_memory_bytes_of(&c.id().to_string()).unwrap_or(0))
                     .collect()
@@ -403,7 +435,7 @@ async fn main() -> anyhow::Result<()> {
     // The primary (whichever replica it is by now: overload may have changed the view) stops
     // a second into a half-rate run.
     let stop_primary: Box<dyn FnOnce() + Send> = if args.processes {
-        let pids: Vec<i32> = children.iter().map(|c| c.id() as i32).collect();
+        let pids: Vec<i32> = children.0.iter().map(|c| c.id() as i32).collect();
         let client = client.clone();
         Box::new(move || {
             let primary = client.primary() as usize;
@@ -442,10 +474,7 @@ async fn main() -> anyhow::Result<()> {
     let stall_ms = (stall.as_secs_f64() * 1000.0).round();
     println!("view change: longest gap between commits {stall_ms} ms");
 
-    for mut child in children {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(children);
     let results = Results {
         replicas: args.replicas,
         processes: args.processes,
