@@ -27,4 +27,4 @@ pub mod testing;
 pub use block::{Block, BlockHeader};
 pub use error::{LedgerError, Result};
 pub use genesis::{Genesis, GenesisTenant};
-pub use state::{ClassInfo, CurrencyInfo, Ledger, SnapshotView, StateKey, TenantInfo};
+pub use state::{ClassInfo, CurrencyInfo, Ledger, RecordedOutcome, SnapshotView, StateKey, TenantInfo};

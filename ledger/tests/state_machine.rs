@@ -1,7 +1,7 @@
 //! The asset state machine, rule by rule, through real signed transactions.
 
 use hoard_ledger::testing::{key, World};
-use hoard_ledger::{Ledger, StateKey};
+use hoard_ledger::{Ledger, RecordedOutcome, StateKey};
 use hoard_types::{
     Amount, Asset, ClassId, CurrencyId, Custody, Grant, Hash, ItemId, ItemKind, Keypair, Outcome, Receipt,
     Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody,
@@ -379,6 +379,65 @@ fn settlement_reports_each_entry() {
         chain.ledger.balance(A, &CurrencyId::new("GOLD"), &bob.public()),
         Amount(7)
     );
+}
+
+/// The window keeps a settlement whose entries all applied as its entry count
+/// (`RecordedOutcome::SettledAll`), yet a duplicate gets the whole outcome back, from the
+/// ledger and from one restored from its snapshot, and both agree on the state root.
+#[test]
+fn a_settled_outcome_is_remembered_compactly_and_returned_whole() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let grant = |to: &Keypair, currency: &str| Settlement {
+        to: to.public(),
+        grant: Grant::Currency {
+            currency: CurrencyId::new(currency),
+            amount: Amount(1),
+        },
+    };
+    let all = chain.world.studio_tx(
+        A,
+        TxBody::Settle {
+            entries: vec![grant(&alice, "GOLD"), grant(&bob, "GOLD")],
+        },
+    );
+    let mixed = chain.world.studio_tx(
+        A,
+        TxBody::Settle {
+            entries: vec![grant(&alice, "GOLD"), grant(&bob, "GEMS")],
+        },
+    );
+    let first = chain.block(vec![all.clone(), mixed.clone()]);
+    let all_outcome = Outcome::Settled {
+        entries: vec![None, None],
+    };
+    let mixed_outcome = Outcome::Settled {
+        entries: vec![None, Some(Rejection::UnknownCurrency)],
+    };
+    assert_eq!(first[0].outcome, all_outcome);
+    assert_eq!(first[1].outcome, mixed_outcome);
+    assert_eq!(
+        RecordedOutcome::new(all_outcome.clone()),
+        RecordedOutcome::SettledAll { entries: 2 }
+    );
+    assert_eq!(RecordedOutcome::new(all_outcome.clone()).outcome(), all_outcome);
+    assert_eq!(
+        RecordedOutcome::new(mixed_outcome.clone()),
+        RecordedOutcome::Outcome(mixed_outcome.clone())
+    );
+    let restored = Ledger::restore(&chain.ledger.snapshot(), Some(chain.ledger.head().hash())).unwrap();
+    assert_eq!(restored.state_root(), chain.ledger.state_root());
+    for (receipt, outcome) in first.iter().zip([&all_outcome, &mixed_outcome]) {
+        for ledger in [&chain.ledger, &restored] {
+            assert_eq!(
+                ledger.event(A, &receipt.event_id),
+                Some((receipt.height, outcome.clone()))
+            );
+        }
+    }
+    let again = chain.block(vec![all, mixed]);
+    assert!(again.iter().all(|r| r.duplicate));
+    assert_eq!(again[0].outcome, all_outcome);
+    assert_eq!(again[1].outcome, mixed_outcome);
 }
 
 /// The window is bounded in events per tenant, not only in blocks: a full window refuses new

@@ -731,9 +731,7 @@ impl Connection {
                 Flow::Continue
             }
             ClientMessage::EventStatus { request_id, event_id } => {
-                let committed = shared
-                    .view
-                    .read(|l| l.event(tenant, &event_id).map(|(h, o)| (h, o.clone())));
+                let committed = shared.view.read(|l| l.event(tenant, &event_id));
                 let reply = match committed {
                     Some((height, outcome)) => ServerMessage::EventStatus {
                         request_id,

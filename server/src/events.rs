@@ -219,7 +219,7 @@ impl Events {
             // All of this event's answers are consumed (not `any`, which would stop early and
             // misalign the next event's).
             let any = present.by_ref().take(ids.len()).fold(false, |any, p| any | p);
-            if !any && !self.view.read(|l| l.event(key.0, &key.1).is_some()) {
+            if !any && !self.view.read(|l| l.has_event(key.0, &key.1)) {
                 absent.push((*key, ids));
             }
         }
@@ -312,10 +312,7 @@ impl Events {
         origin: Origin,
     ) -> Result<Submitted, Refused> {
         let key = (tenant, event_id);
-        if let Some((height, outcome)) = self
-            .view
-            .read(|l| l.event(tenant, &event_id).map(|(h, o)| (h, o.clone())))
-        {
+        if let Some((height, outcome)) = self.view.read(|l| l.event(tenant, &event_id)) {
             if let Origin::Internal(reply)
             | Origin::Connection {
                 durable: Some(reply), ..
@@ -752,7 +749,7 @@ pub async fn run_batcher(
             let key = (payload.tenant, payload.event_id);
             if events
                 .view
-                .read(|l| l.event(payload.tenant, &payload.event_id).is_some())
+                .read(|l| l.has_event(payload.tenant, &payload.event_id))
             {
                 // Already committed (a crash between commit and XACK): nothing to resubmit.
                 let _ = events.acks.try_send(entry.id.clone());
@@ -762,7 +759,7 @@ pub async fn run_batcher(
                             tenant: payload.tenant,
                             event_id: payload.event_id,
                             height,
-                            outcome: outcome.clone(),
+                            outcome,
                             duplicate: true,
                         })
                 }) {
