@@ -386,29 +386,18 @@ impl MintingCluster {
 
     /// Starts 4 replicas in `dir` and commits the setup.
     pub async fn start(dir: &std::path::Path) -> MintingCluster {
-        Self::start_with_accounts(dir, 0).await
-    }
-
-    /// Starts 4 replicas in `dir` and commits the setup, with `accounts` more accounts
-    /// registered (a state larger than the blocks that follow).
-    pub async fn start_with_accounts(dir: &std::path::Path, accounts: u64) -> MintingCluster {
         let mut world = World::new(1);
         let cluster = LocalCluster::start(dir, &world.genesis(), 4);
         let client = crate::client::ChainClient::connect(&cluster.cluster, 1);
         let alice = key("alice", 0);
-        let mut setup = vec![
+        let setup = vec![
             world.define_currency(Self::TENANT, "GOLD", 1_000_000),
             world.register(Self::TENANT, &alice.public(), Custody::Custodial),
         ];
-        for index in 0..accounts {
-            setup.push(world.register(Self::TENANT, &key("account", index).public(), Custody::Custodial));
-        }
-        for chunk in setup.chunks(1000) {
-            tokio::time::timeout(std::time::Duration::from_secs(20), client.submit(chunk))
-                .await
-                .expect("setup committed in time")
-                .expect("setup committed");
-        }
+        tokio::time::timeout(std::time::Duration::from_secs(20), client.submit(&setup))
+            .await
+            .expect("setup committed in time")
+            .expect("setup committed");
         MintingCluster {
             cluster,
             client,
