@@ -440,6 +440,32 @@ fn a_settled_outcome_is_remembered_compactly_and_returned_whole() {
     assert_eq!(again[1].outcome, mixed_outcome);
 }
 
+/// A snapshot view shares the windows' records with the ledger instead of copying them: events
+/// remembered after the view was taken, in the same window and in a new one, stay out of it.
+#[test]
+fn a_snapshot_view_is_not_changed_by_later_events() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let tx = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 1);
+    chain.block(vec![tx]);
+    let view = chain.ledger.snapshot_view();
+    let bytes = chain.ledger.snapshot();
+    let head = chain.ledger.head().hash();
+    let same_window = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 2);
+    chain.block(vec![same_window]);
+    chain.world.expires_at += 1;
+    let new_window = chain
+        .world
+        .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 3);
+    chain.block(vec![new_window]);
+    assert_eq!(view.encode(), bytes);
+    let restored = Ledger::restore(&bytes, Some(head)).unwrap();
+    assert_eq!(restored.events_remembered() + 2, chain.ledger.events_remembered());
+}
+
 /// The window is bounded in events per tenant, not only in blocks: a full window refuses new
 /// events of that tenant (not remembered, so the same event applies later), never another's.
 #[test]
