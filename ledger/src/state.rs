@@ -102,11 +102,14 @@ pub struct EventRecord {
 /// An outcome as the deduplication window keeps it. A settlement whose entries all applied,
 /// the usual case, is kept as its entry count: one `None` per entry made a 500-entry
 /// settlement's record 600 bytes instead of about 100, in memory and in every snapshot.
+/// The variants have one-letter names in snapshots: the name is encoded with every record.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RecordedOutcome {
     /// Any outcome, as it was.
+    #[serde(rename = "o")]
     Outcome(Outcome),
     /// `Outcome::Settled` with this many entries, every one applied.
+    #[serde(rename = "s")]
     SettledAll { entries: u32 },
 }
 
