@@ -972,6 +972,8 @@ impl Driver {
             .absolute(stats.state_transfers_completed_total);
         metrics::counter!("hoard_replica_messages_invalid_total", "replica" => label.clone())
             .absolute(stats.messages_invalid_total);
+        metrics::counter!("hoard_replica_replies_resent_total", "replica" => label.clone())
+            .absolute(stats.replies_resent_total);
         for kind in MessageKind::ALL {
             let name = kind.as_str();
             metrics::counter!("hoard_replica_messages_received_total", "replica" => label.clone(), "kind" => name)
@@ -1187,6 +1189,10 @@ pub fn describe_metrics() {
     describe_counter!(
         "hoard_replica_state_transfers_total",
         "State transfers this replica completed."
+    );
+    describe_counter!(
+        "hoard_replica_replies_resent_total",
+        "Client retransmissions of executed requests answered with the reply remembered."
     );
     describe_counter!(
         "hoard_replica_messages_invalid_total",

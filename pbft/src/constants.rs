@@ -22,8 +22,12 @@ pub const CATCHUP_BATCHES_MAX: u64 = 32;
 pub const CATCHUP_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Default of `Config::pending_bytes_max`: request bytes waiting to be ordered per replica.
 pub const PENDING_BYTES_MAX: usize = 128 * 1024 * 1024;
-/// Most executed request digests remembered to drop client retransmissions.
+/// Most executed requests remembered, with their replies, to answer client retransmissions
+/// (see `executed`).
 pub const EXECUTED_REMEMBERED_MAX: usize = 65_536;
+/// Most reply bytes remembered for client retransmissions: seconds of replies at the chain's
+/// measured peak, longer than the client's longest retransmission interval (8 s).
+pub const REPLIES_REMEMBERED_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Most pending requests a backup forwards to the primary per status tick.
 pub const FORWARD_PER_TICK_MAX: usize = 16;
 /// Exponent cap of the view-change timeout's exponential backoff.

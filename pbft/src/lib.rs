@@ -13,6 +13,7 @@
 //! - [`app`]: the [`App`] trait the ledger implements, and [`TestApp`] for tests.
 //! - [`sim`]: the deterministic simulator (network, disk, clock, faults, workload), generic
 //!   over the app; `src/bin/pbft-sim.rs` runs it with [`TestApp`].
+//! - [`executed`]: recently executed requests and their replies, for client retransmissions.
 //! - [`constants`]: limits, with units in their names. [`error`]: the one error enum.
 //!
 //! See `pbft/README.md` for the protocol choices (view-change variant, state transfer,
@@ -21,6 +22,7 @@
 pub mod app;
 pub mod constants;
 pub mod error;
+pub mod executed;
 pub mod message;
 pub mod replica;
 pub mod sim;

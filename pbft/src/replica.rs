@@ -15,10 +15,11 @@ use tracing::{debug, info, warn};
 
 use crate::app::{App, Snapshot};
 use crate::constants::{
-    BATCHES_PER_SLOT_MAX, CATCHUP_BATCHES_MAX, COMMIT_VIEWS_PER_REPLICA_MAX, EXECUTED_REMEMBERED_MAX,
-    FORWARD_PER_TICK_MAX, VIEWS_AHEAD_MAX, VIEW_CHANGE_BACKOFF_SHIFT_MAX,
+    BATCHES_PER_SLOT_MAX, CATCHUP_BATCHES_MAX, COMMIT_VIEWS_PER_REPLICA_MAX, FORWARD_PER_TICK_MAX,
+    VIEWS_AHEAD_MAX, VIEW_CHANGE_BACKOFF_SHIFT_MAX,
 };
 use crate::error::{Error, Result};
+use crate::executed::ExecutedRequests;
 use crate::message::{
     Batch, CheckpointCert, Message, MessageKind, PreparedCert, ReplicaId, Request, SignedMessage, Verifier,
 };
@@ -230,8 +231,8 @@ pub struct Replica<A: App> {
     pending_order: VecDeque<Hash>,
     /// Pending requests already in a pre-prepare of this view.
     proposed: BTreeSet<Hash>,
-    executed_recent: BTreeSet<Hash>,
-    executed_order: VecDeque<Hash>,
+    /// Recently executed requests and their replies, to answer retransmissions.
+    executed_recent: ExecutedRequests,
     batch_timer_armed: bool,
     view_change_timer_armed: bool,
     view_changes: BTreeMap<u64, BTreeMap<ReplicaId, ViewChangeInfo>>,
@@ -280,8 +281,7 @@ impl<A: App> Replica<A> {
             pending_bytes: 0,
             pending_order: VecDeque::new(),
             proposed: BTreeSet::new(),
-            executed_recent: BTreeSet::new(),
-            executed_order: VecDeque::new(),
+            executed_recent: ExecutedRequests::default(),
             batch_timer_armed: false,
             view_change_timer_armed: false,
             view_changes: BTreeMap::new(),
@@ -507,7 +507,7 @@ impl<A: App> Replica<A> {
             && self.pending.len() <= self.config.pending_requests_max
             && self.pending_bytes <= self.config.pending_bytes_max
             && self.pending_order.len() <= 2 * self.config.pending_requests_max + 1
-            && self.executed_recent.len() <= EXECUTED_REMEMBERED_MAX
+            && self.executed_recent.bounded()
             && self.view_changes.values().map(BTreeMap::len).sum::<usize>() <= self.n
     }
 
@@ -742,8 +742,20 @@ impl<A: App> Replica<A> {
             return Err(Error::Request("payload too large"));
         }
         let digest = request.digest();
-        if self.executed_recent.contains(&digest) {
-            return Err(Error::Stale("request already executed"));
+        if let Some(executed) = self.executed_recent.get(&digest) {
+            // Its reply may not have reached the client (the request came by forwarding
+            // before the client connected here, or the client's queue was full): answer again.
+            if !from_client {
+                return Err(Error::Stale("forwarded request already executed"));
+            }
+            out.push(Output::Reply {
+                client: request.client,
+                seq: executed.seq,
+                request_digest: digest,
+                reply: executed.reply.clone(),
+            });
+            self.stats.replies_resent_total += 1;
+            return Ok(());
         }
         let is_primary = self.is_primary() && !self.in_view_change;
         if self.pending.contains_key(&digest) {
@@ -1292,14 +1304,7 @@ impl<A: App> Replica<A> {
             {
                 self.remove_pending(&request_digest);
                 self.proposed.remove(&request_digest);
-                if self.executed_recent.insert(request_digest) {
-                    self.executed_order.push_back(request_digest);
-                    if self.executed_order.len() > EXECUTED_REMEMBERED_MAX {
-                        if let Some(old) = self.executed_order.pop_front() {
-                            self.executed_recent.remove(&old);
-                        }
-                    }
-                }
+                self.executed_recent.insert(request_digest, seq, reply);
                 replies.push(Output::Reply {
                     client: request.client,
                     seq,

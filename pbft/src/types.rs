@@ -370,6 +370,8 @@ pub struct Stats {
     pub state_transfers_started_total: u64,
     pub state_transfers_completed_total: u64,
     pub requests_dropped_total: u64,
+    /// Client retransmissions of executed requests answered with their remembered reply.
+    pub replies_resent_total: u64,
     /// Messages received, by [`MessageKind::index`].
     pub messages_received_total: [u64; MessageKind::COUNT],
     /// Messages sent or broadcast (one per output), by kind.

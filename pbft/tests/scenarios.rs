@@ -619,6 +619,50 @@ fn a_catch_up_answer_is_bounded_in_bytes_and_a_lagging_replica_still_catches_up(
     }
 }
 
+/// A reply can miss its client (it connected to a replica after the commit, or its queue was
+/// full). Its retransmission is answered from each replica's remembered replies, with the seq
+/// and reply of the one execution: nothing is ordered or executed again.
+#[test]
+fn a_retransmitted_executed_request_is_answered_with_its_reply_and_not_executed_again() {
+    let mut cluster = Cluster::new(4);
+    let request = cluster.request(1, 9, 1);
+    cluster.run(200);
+    let digest = request.digest();
+    let first: Vec<_> = (0..4)
+        .map(|id| {
+            let replies = &cluster.replies[id];
+            assert_eq!(replies.len(), 1, "replica {id} replied once");
+            replies[0].clone()
+        })
+        .collect();
+    assert!(first
+        .iter()
+        .all(|reply| reply.0 == 9 && reply.2 == digest && *reply == first[0]));
+    let executed: Vec<u64> = (0..4).map(|id| cluster.last_executed(id)).collect();
+
+    for replies in &mut cluster.replies {
+        replies.clear();
+    }
+    cluster.submit_all(request.clone());
+    cluster.run(200);
+    for id in 0..4 {
+        assert_eq!(
+            cluster.replies[id as usize],
+            vec![first[0].clone()],
+            "replica {id} answered again"
+        );
+        assert_eq!(cluster.replica(id).stats().replies_resent_total, 1);
+        assert_eq!(
+            cluster.last_executed(id),
+            executed[id as usize],
+            "nothing executed again"
+        );
+        assert!(cluster.replica(id).memory_bounded());
+    }
+    let total: usize = cluster.executed[0].iter().map(|c| c.batch.requests.len()).sum();
+    assert_eq!(total, 1, "the request executed once");
+}
+
 #[test]
 fn pending_requests_are_bounded_in_bytes() {
     let mut cluster = Cluster::with_config(4, 4, 8, |config| {

@@ -9,7 +9,10 @@ use hoard_pbft::{
     App, Committed, Config, DurableState, Message, Output, Record, Replica, ReplicaId, Request,
     SignedMessage, TestApp, Timer,
 };
-use hoard_types::crypto::{Keypair, PublicKey};
+use hoard_types::crypto::{Hash, Keypair, PublicKey};
+
+/// A reply a replica emitted: (client, seq, request digest, reply).
+pub type Reply = (u64, u64, Hash, Vec<u8>);
 
 #[derive(Clone, Default)]
 pub struct Disk {
@@ -31,6 +34,8 @@ pub struct Cluster {
     pub timers: BTreeMap<(ReplicaId, Timer), u64>,
     pub now: u64,
     pub executed: Vec<Vec<Committed>>,
+    /// Replies each replica emitted.
+    pub replies: Vec<Vec<Reply>>,
     pub transferred: Vec<Vec<u64>>,
     /// Return true to drop a message from -> to.
     pub drop: DropFilter,
@@ -65,6 +70,7 @@ impl Cluster {
             timers: BTreeMap::new(),
             now: 1,
             executed: vec![Vec::new(); n],
+            replies: vec![Vec::new(); n],
             transferred: vec![Vec::new(); n],
             drop: Box::new(|_, _, _| false),
             rewrite: None,
@@ -134,7 +140,13 @@ impl Cluster {
                     self.disks[id as usize].blocks.clear();
                     self.transferred[id as usize].push(seq);
                 }
-                Output::Reply { .. } | Output::StableCheckpoint { .. } => {}
+                Output::Reply {
+                    client,
+                    seq,
+                    request_digest,
+                    reply,
+                } => self.replies[id as usize].push((client, seq, request_digest, reply)),
+                Output::StableCheckpoint { .. } => {}
             }
         }
     }
