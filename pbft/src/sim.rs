@@ -9,7 +9,9 @@
 //! execute different batches or digests at one seq, every executed request was submitted, the
 //! app's invariant holds, memory stays bounded) and a liveness phase (faults heal; every
 //! honest replica must reach the same seq and digest, and every submitted request must
-//! execute, within bounded simulated time). Fault rates are drawn per seed and printed with it.
+//! execute and be answered at its client by f+1 matching replies, within bounded simulated
+//! time). A client retransmits to every replica until it has its answer, as `ChainClient` does;
+//! replies are lost like messages while faults are active. Fault rates are drawn per seed and printed with it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -154,6 +156,8 @@ pub struct SeedReport {
     pub executed_seq: u64,
     pub requests_submitted: u64,
     pub requests_executed: u64,
+    /// Requests whose client got f+1 matching replies.
+    pub requests_answered: u64,
     pub view_changes: u64,
     pub state_transfers: u64,
     pub crashes: u64,
@@ -165,6 +169,30 @@ pub struct SeedReport {
 impl SeedReport {
     pub fn ok(&self) -> bool {
         self.failure.is_none()
+    }
+}
+
+/// The one-seed summary the simulator commands print.
+impl fmt::Display for SeedReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed={} {} executed_seq={} requests={}/{} answered={} view_changes={} state_transfers={} \
+             crashes={} messages={} simulated_ms={} events={}\n  params: {}",
+            self.seed,
+            if self.ok() { "ok" } else { "FAILED" },
+            self.executed_seq,
+            self.requests_executed,
+            self.requests_submitted,
+            self.requests_answered,
+            self.view_changes,
+            self.state_transfers,
+            self.crashes,
+            self.messages_delivered,
+            self.simulated_ms,
+            self.events,
+            self.params
+        )
     }
 }
 
@@ -244,12 +272,25 @@ struct Sim<'a, A: App, MA, MR> {
     partition: Option<Vec<bool>>,
     /// seq -> (batch digest, app digest, first replica to execute it)
     history: BTreeMap<u64, (Hash, [u8; 32], ReplicaId)>,
-    requests: Vec<(Request, bool)>,
+    requests: Vec<SimRequest>,
     request_index: BTreeMap<Hash, usize>,
     must_execute: BTreeSet<usize>,
+    /// Requests the app accepts whose client has not yet got f+1 matching replies.
+    must_answer: BTreeSet<usize>,
     nonce: u64,
     failure: Option<(FailureKind, String)>,
     report: SeedReport,
+}
+
+/// A submitted request, as its client sees it.
+struct SimRequest {
+    request: Request,
+    /// Some honest replica executed it.
+    executed: bool,
+    /// Its client got f+1 matching replies (and stopped retransmitting).
+    answered: bool,
+    /// Replies so far, by replica: (seq, reply).
+    replies: BTreeMap<ReplicaId, (u64, Vec<u8>)>,
 }
 
 /// Runs one seed. `make_app(id)` builds a fresh app (at genesis) for replica `id`;
@@ -288,6 +329,7 @@ where
         executed_seq: 0,
         requests_submitted: 0,
         requests_executed: 0,
+        requests_answered: 0,
         view_changes: 0,
         state_transfers: 0,
         crashes: 0,
@@ -314,6 +356,7 @@ where
         requests: Vec::new(),
         request_index: BTreeMap::new(),
         must_execute: BTreeSet::new(),
+        must_answer: BTreeSet::new(),
         nonce: 0,
         failure: None,
         report,
@@ -530,6 +573,7 @@ where
                 })
                 .collect();
             let missing = self.must_execute.len();
+            let unanswered = self.must_answer.len();
             if self.options.verbose {
                 for (i, node) in self.nodes.iter().enumerate() {
                     if let Some(r) = &node.replica {
@@ -540,7 +584,8 @@ where
             self.fail(
                 FailureKind::Liveness,
                 format!(
-                    "not converged {}ms after healing: {} ({missing} requests not executed)",
+                    "not converged {}ms after healing: {} ({missing} requests not executed, \
+                     {unanswered} not answered at their clients)",
                     self.options.liveness_ms,
                     state.join(" ")
                 ),
@@ -556,7 +601,8 @@ where
             }
         }
         self.report.requests_submitted = self.requests.len() as u64;
-        self.report.requests_executed = self.requests.iter().filter(|(_, done)| *done).count() as u64;
+        self.report.requests_executed = self.requests.iter().filter(|r| r.executed).count() as u64;
+        self.report.requests_answered = self.requests.iter().filter(|r| r.answered).count() as u64;
     }
 
     fn exp_ms(&mut self, rate_per_s: f64) -> u64 {
@@ -599,7 +645,7 @@ where
 
     /// Every honest replica at the same seq and digest, and every submitted request executed.
     fn converged(&self) -> bool {
-        if !self.must_execute.is_empty() {
+        if !self.must_execute.is_empty() || !self.must_answer.is_empty() {
             return false;
         }
         let mut seen: Option<(u64, [u8; 32])> = None;
@@ -660,10 +706,10 @@ where
                 }
             }
             Event::Retransmit { request } => {
-                if self.requests[request].1 {
+                if self.requests[request].answered {
                     return;
                 }
-                let req = self.requests[request].0.clone();
+                let req = self.requests[request].request.clone();
                 for id in 0..self.n() as ReplicaId {
                     self.deliver_request(id, req.clone());
                 }
@@ -785,11 +831,17 @@ where
             return;
         }
         let index = self.requests.len();
-        self.requests.push((request.clone(), false));
+        self.requests.push(SimRequest {
+            request: request.clone(),
+            executed: false,
+            answered: false,
+            replies: BTreeMap::new(),
+        });
         self.request_index.insert(digest, index);
         self.report.requests_submitted += 1;
         if self.check_app.check_requests(std::slice::from_ref(&request)) == [true] {
             self.must_execute.insert(index);
+            self.must_answer.insert(index);
         }
         // First to one replica (the one the client believes is the primary); later to all.
         let target = self.rng.gen_range(0..self.n() as ReplicaId);
@@ -872,13 +924,53 @@ where
                     }
                     self.check_committed(id, &committed);
                 }
-                Output::Reply { .. } => {}
+                Output::Reply {
+                    seq,
+                    request_digest,
+                    reply,
+                    ..
+                } => self.on_reply(id, seq, request_digest, reply),
                 Output::StableCheckpoint { .. } => {}
                 Output::StateTransferred { seq, .. } => {
                     self.log(|| format!("r{id} state transferred to {seq}"));
                     self.nodes[id as usize].disk.blocks.clear();
                 }
             }
+        }
+    }
+
+    /// A reply from replica `id` reaches the request's client (unless lost while faults are
+    /// active); f+1 matching replies from honest replicas answer the request.
+    fn on_reply(&mut self, id: ReplicaId, seq: u64, request_digest: Hash, reply: Vec<u8>) {
+        if self.nodes[id as usize].byzantine {
+            return;
+        }
+        if self.faults_active && self.rng.gen_bool(self.params.loss) {
+            return;
+        }
+        let Some(&index) = self.request_index.get(&request_digest) else {
+            self.fail(
+                FailureKind::Forged,
+                format!("r{id} replied to a request never submitted"),
+            );
+            return;
+        };
+        let f = (self.n() - 1) / 3;
+        let entry = &mut self.requests[index];
+        if entry.answered {
+            return;
+        }
+        entry.replies.insert(id, (seq, reply));
+        let (seq, reply) = &entry.replies[&id];
+        let matching = entry
+            .replies
+            .values()
+            .filter(|(s, r)| s == seq && r == reply)
+            .count();
+        if matching > f {
+            entry.answered = true;
+            entry.replies.clear();
+            self.must_answer.remove(&index);
         }
     }
 
@@ -904,7 +996,7 @@ where
             match self.request_index.get(&request.digest()) {
                 Some(index) => {
                     let index = *index;
-                    self.requests[index].1 = true;
+                    self.requests[index].executed = true;
                     self.must_execute.remove(&index);
                 }
                 None => {
@@ -1144,10 +1236,11 @@ where
     let failures = reports.iter().filter(|r| !r.ok()).count();
     let sum = |f: fn(&SeedReport) -> u64| reports.iter().map(f).sum::<u64>();
     println!(
-        "replicas={replicas} requests_executed={}/{} view_changes={} state_transfers={} crashes={} messages={} \
+        "replicas={replicas} requests_executed={}/{} requests_answered={} view_changes={} state_transfers={} crashes={} messages={} \
          simulated_ms={}",
         sum(|r| r.requests_executed),
         sum(|r| r.requests_submitted),
+        sum(|r| r.requests_answered),
         sum(|r| r.view_changes),
         sum(|r| r.state_transfers),
         sum(|r| r.crashes),

@@ -26,6 +26,11 @@ fn check(first_seed: u64, count: u64, replicas: usize) {
     assert!(failures.is_empty(), "failing seeds: {failures:?}");
     // The runs were meaningful: work was done and faults did happen.
     let executed: u64 = reports.iter().map(|r| r.requests_executed).sum();
+    let answered: u64 = reports.iter().map(|r| r.requests_answered).sum();
+    assert_eq!(
+        answered, executed,
+        "every executed request answered at its client"
+    );
     let view_changes: u64 = reports.iter().map(|r| r.view_changes).sum();
     let transfers: u64 = reports.iter().map(|r| r.state_transfers).sum();
     let crashes: u64 = reports.iter().map(|r| r.crashes).sum();
@@ -61,6 +66,7 @@ fn seeds_without_faults_execute_everything() {
     for report in reports {
         assert!(report.ok());
         assert_eq!(report.requests_executed, report.requests_submitted);
+        assert_eq!(report.requests_answered, report.requests_submitted);
         assert_eq!(report.view_changes, 0);
     }
 }

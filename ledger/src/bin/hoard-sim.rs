@@ -54,18 +54,7 @@ fn main() -> ExitCode {
         None => {
             let report = run_seed(args.seed, args.replicas, make_app, make_request, &options);
             print_failure(&report, &options);
-            println!(
-                "seed={} {} executed_seq={} requests={}/{} view_changes={} state_transfers={} crashes={}\n  params: {}",
-                report.seed,
-                if report.ok() { "ok" } else { "FAILED" },
-                report.executed_seq,
-                report.requests_executed,
-                report.requests_submitted,
-                report.view_changes,
-                report.state_transfers,
-                report.crashes,
-                report.params
-            );
+            println!("{report}");
             println!("seeds=1 failures={}", usize::from(!report.ok()));
             usize::from(!report.ok())
         }

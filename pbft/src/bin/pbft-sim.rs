@@ -54,22 +54,7 @@ fn main() -> ExitCode {
         None => {
             let report = run_seed(seed, replicas, |_| TestApp::new(), test_request, &options);
             hoard_pbft::sim::print_failure(&report, &options);
-            println!(
-                "seed={} {} executed_seq={} requests={}/{} view_changes={} state_transfers={} crashes={} \
-                 messages={} simulated_ms={} events={}\n  params: {}",
-                report.seed,
-                if report.ok() { "ok" } else { "FAILED" },
-                report.executed_seq,
-                report.requests_executed,
-                report.requests_submitted,
-                report.view_changes,
-                report.state_transfers,
-                report.crashes,
-                report.messages_delivered,
-                report.simulated_ms,
-                report.events,
-                report.params
-            );
+            println!("{report}");
             println!("seeds=1 failures={}", usize::from(!report.ok()));
             vec![report]
         }
