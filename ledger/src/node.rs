@@ -740,6 +740,7 @@ impl Driver {
                     if self.store.last_height().map_err(storage)? < committed.seq {
                         let bytes = block.encode();
                         self.store.append_block(committed.seq, &bytes).map_err(storage)?;
+                        self.count_written("block", bytes.len());
                         self.log_bytes_since_snapshot += bytes.len() as u64;
                         wrote = true;
                     }
@@ -792,7 +793,10 @@ impl Driver {
             // multi-threaded runtime, hand this worker's other tasks (peers' connections, other
             // replicas in one process, clients) to another thread meanwhile.
             let store = &mut self.store;
+            let started = Instant::now();
             off_the_runtime(move || store.sync()).map_err(storage)?;
+            metrics::histogram!("hoard_replica_store_sync_seconds", "replica" => label.clone())
+                .record(started.elapsed().as_secs_f64());
         }
         for (to, msg) in sends {
             let frame = NetMessage::Consensus(msg.to_bytes()).encode();
@@ -858,13 +862,27 @@ impl Driver {
         if key.starts_with(SLOT_KEY_PREFIX) {
             self.slot_keys.insert(key.clone());
         }
-        self.store.put_record(&key, &value).map_err(storage)
+        self.put_record(&key, &value)
+    }
+
+    fn put_record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.store.put_record(key, value).map_err(storage)?;
+        self.count_written("record", value.len());
+        Ok(())
+    }
+
+    /// Counts bytes handed to the store by kind (`record`, `block`, `snapshot`): what this
+    /// replica writes, before the engine's own pages and journal.
+    fn count_written(&self, kind: &'static str, bytes: usize) {
+        metrics::counter!("hoard_replica_store_written_bytes_total", "replica" => self.id.to_string(), "kind" => kind)
+            .increment(bytes as u64);
     }
 
     /// Stores the snapshot taken at `seq`, newer than any in the store (asserted by the store).
     fn put_snapshot(&mut self, seq: u64, snapshot: &Snapshot) -> Result<()> {
         let bytes = snapshot.bytes();
         self.store.put_snapshot(seq, bytes).map_err(storage)?;
+        self.count_written("snapshot", bytes.len());
         self.snapshot_persisted = seq;
         self.snapshot_bytes = bytes.len() as u64;
         // Blocks after `seq` appended while the snapshot was being encoded are not counted: the
@@ -899,9 +917,7 @@ impl Driver {
             snapshot: Snapshot::ready(Vec::new()),
         };
         let value = rmp_serde::to_vec(&light).expect("records encode");
-        self.store
-            .put_record(&record_key(&light), &value)
-            .map_err(storage)?;
+        self.put_record(&record_key(&light), &value)?;
         self.stable_persisted = seq;
         Ok(())
     }
@@ -1185,6 +1201,16 @@ pub fn describe_metrics() {
         "hoard_replica_snapshot_encode_seconds",
         Unit::Seconds,
         "Time to sort and encode one stable checkpoint's snapshot on the encoder thread."
+    );
+    describe_histogram!(
+        "hoard_replica_store_sync_seconds",
+        Unit::Seconds,
+        "Time of each round's store sync, the durability barrier before this replica's messages leave."
+    );
+    describe_counter!(
+        "hoard_replica_store_written_bytes_total",
+        Unit::Bytes,
+        "Bytes handed to the store, by kind (record, block, snapshot), before the engine's own overhead."
     );
     describe_counter!(
         "hoard_replica_state_transfers_total",
