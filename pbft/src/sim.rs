@@ -11,7 +11,8 @@
 //! honest replica must reach the same seq and digest, and every submitted request must
 //! execute and be answered at its client by f+1 matching replies, within bounded simulated
 //! time). A client retransmits to every replica until it has its answer, as `ChainClient` does;
-//! replies are lost like messages while faults are active. Fault rates are drawn per seed and printed with it.
+//! replies are lost like messages while faults are active. Fault rates are drawn per seed and
+//! printed with it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -643,7 +644,8 @@ where
         // Outstanding requests are retransmitted by their clients.
     }
 
-    /// Every honest replica at the same seq and digest, and every submitted request executed.
+    /// Every honest replica at the same seq and digest, and every accepted request executed and
+    /// answered at its client.
     fn converged(&self) -> bool {
         if !self.must_execute.is_empty() || !self.must_answer.is_empty() {
             return false;
