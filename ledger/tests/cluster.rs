@@ -134,6 +134,47 @@ async fn the_client_keeps_at_most_its_byte_budget_in_flight() {
     assert_eq!(client.in_flight().0, 0);
 }
 
+/// A client whose replies were lost (here: a gateway that restarted after its request committed
+/// and sends the same request again under the same client id) is answered from the replicas'
+/// remembered replies: the original height and receipts, and nothing is ordered again. Before
+/// replicas remembered replies, every such retransmission was dropped as already executed and the
+/// client waited for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_again_after_it_committed_gets_its_original_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::new(1);
+    let cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
+    let alice = key("alice", 0);
+    let setup = vec![
+        world.define_currency(T, "GOLD", 1_000_000),
+        world.register(T, &alice.public(), Custody::Custodial),
+    ];
+    let first = ChainClient::connect(&cluster.cluster, 7);
+    let committed = tokio::time::timeout(Duration::from_secs(20), first.submit(&setup))
+        .await
+        .expect("committed in time")
+        .expect("committed");
+    drop(first);
+    cluster
+        .wait_for_height(committed.height, Duration::from_secs(10))
+        .await;
+
+    let restarted = ChainClient::connect(&cluster.cluster, 7);
+    let answered = tokio::time::timeout(Duration::from_secs(10), restarted.submit(&setup))
+        .await
+        .expect("answered from the remembered replies")
+        .expect("answered");
+    assert_eq!(answered, committed, "the original height and receipts");
+    let statuses = cluster
+        .wait_for_height(committed.height, Duration::from_secs(10))
+        .await;
+    assert!(
+        statuses.iter().all(|s| s.height == committed.height),
+        "the request was ordered again: {statuses:?}"
+    );
+    cluster.shutdown().await;
+}
+
 #[tokio::test]
 async fn when_the_primary_connection_drops_pending_requests_go_to_every_replica_at_once() {
     use futures::StreamExt;
