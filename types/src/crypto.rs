@@ -173,18 +173,37 @@ pub struct SignedMessage<'a> {
     pub signature: &'a Signature,
 }
 
+/// Distinct keys [`verify_batch`] remembers within one call: a batch of a studio's transactions
+/// names one key many times, and decompressing a key costs about a fifth of a verification.
+const BATCH_KEYS_REMEMBERED: usize = 8;
+
 /// Checks many signatures at once with ed25519 batch verification (about 2.5x the rate of
 /// one-by-one verification on this kind of machine). The `message`s must already include
 /// their domain. On failure the caller falls back to checking one by one to find the culprit.
+/// One item is checked alone ([`verify_one`], strict): a batch of one costs more than that.
 pub fn verify_batch(items: &[SignedMessage<'_>]) -> Result<()> {
-    if items.is_empty() {
-        return Ok(());
+    match items {
+        [] => return Ok(()),
+        [item] => return verify_one(item),
+        _ => {}
     }
     let mut keys = Vec::with_capacity(items.len());
     let mut signatures = Vec::with_capacity(items.len());
     let mut messages: Vec<&[u8]> = Vec::with_capacity(items.len());
+    let mut remembered: Vec<(&PublicKey, ed25519_dalek::VerifyingKey)> = Vec::new();
     for item in items {
-        keys.push(ed25519_dalek::VerifyingKey::from_bytes(&item.key.0).map_err(|_| Error::BadSignature)?);
+        let key = match remembered.iter().find(|(bytes, _)| *bytes == item.key) {
+            Some((_, key)) => *key,
+            None => {
+                let key =
+                    ed25519_dalek::VerifyingKey::from_bytes(&item.key.0).map_err(|_| Error::BadSignature)?;
+                if remembered.len() < BATCH_KEYS_REMEMBERED {
+                    remembered.push((item.key, key));
+                }
+                key
+            }
+        };
+        keys.push(key);
         signatures.push(ed25519_dalek::Signature::from_bytes(&item.signature.0));
         messages.push(item.message);
     }
@@ -290,6 +309,35 @@ mod tests {
         batch(&signatures).unwrap();
         signatures[3].0[0] ^= 1;
         assert_eq!(batch(&signatures), Err(Error::BadSignature));
+    }
+
+    #[test]
+    fn batches_with_repeated_keys_and_batches_of_one_verify_exactly() {
+        // 12 distinct keys over 30 items: more keys than a batch remembers, each used again.
+        let keys: Vec<Keypair> = (0..12u8).map(|i| Keypair::from_seed([i + 40; 32])).collect();
+        let publics: Vec<PublicKey> = (0..30).map(|i| keys[i % 12].public()).collect();
+        let messages: Vec<Vec<u8>> = (0..30u8).map(|i| vec![i; 24]).collect();
+        let mut signatures: Vec<Signature> = (0..30).map(|i| keys[i % 12].sign(&[], &messages[i])).collect();
+        let items = |signatures: &[Signature], range: std::ops::Range<usize>| -> Result<()> {
+            let items: Vec<SignedMessage<'_>> = range
+                .map(|i| SignedMessage {
+                    key: &publics[i],
+                    message: &messages[i],
+                    signature: &signatures[i],
+                })
+                .collect();
+            verify_batch(&items)
+        };
+        items(&signatures, 0..30).unwrap();
+        items(&signatures, 7..8).unwrap();
+        // Two signatures of one key (items 13 and 25), swapped between its messages: refused.
+        signatures.swap(13, 25);
+        assert_eq!(items(&signatures, 0..30), Err(Error::BadSignature));
+        signatures.swap(13, 25);
+        signatures[29].0[5] ^= 1;
+        assert_eq!(items(&signatures, 0..30), Err(Error::BadSignature));
+        assert_eq!(items(&signatures, 29..30), Err(Error::BadSignature));
+        items(&signatures, 0..29).unwrap();
     }
 
     #[test]

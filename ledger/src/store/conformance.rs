@@ -195,12 +195,21 @@ fn snapshot_installed_above_the_log(engine: Engine) {
     assert_eq!(store.last_height().unwrap(), 100);
     // Retention 0 and the snapshot covers them: the old blocks go.
     assert_eq!(store.block(5).unwrap(), None);
+    store.sync().unwrap();
+    drop(store);
+    // The heights a store keeps in memory are read back at open: here from the snapshot alone.
+    let mut store = fixture.open();
+    assert_eq!(store.last_height().unwrap(), 100);
     store.append_block(101, b"next").unwrap();
     assert_eq!(store.last_height().unwrap(), 101);
     assert_eq!(
         store.blocks(101, 10, usize::MAX).unwrap(),
         vec![(101, b"next".to_vec())]
     );
+    store.sync().unwrap();
+    drop(store);
+    let store = fixture.open();
+    assert_eq!(store.last_height().unwrap(), 101);
 }
 
 fn prune_respects_snapshots_and_retention(engine: Engine) {

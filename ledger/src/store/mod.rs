@@ -386,18 +386,32 @@ fn prune_limit(
         .min(last_height.saturating_sub(retention).max(over_bytes))
 }
 
-/// The stored size of every block in a store, oldest first: what the byte retention counts.
+/// The stored size of every block in a store, oldest first: what the byte retention counts; and the
+/// highest block height ever appended.
+///
+/// Stores keep this (and their snapshots' heights) in memory, updated after each write commits, so
+/// that [`Store::last_height`] reads no storage: asking a redb or sled table for its last entry
+/// reads that entry's value as well, and the last snapshot is the whole state (on redb, a `pread`
+/// of every snapshot byte per call: a quarter of a replica's CPU at 2,000 events/s, measured).
 #[derive(Debug, Default)]
 pub(crate) struct BlockSizes {
     sizes: std::collections::VecDeque<(u64, u64)>,
     bytes: u64,
+    last: u64,
 }
 
 impl BlockSizes {
     pub(crate) fn push(&mut self, height: u64, len: usize) {
         debug_assert!(self.sizes.back().is_none_or(|(last, _)| *last < height));
+        debug_assert!(height > self.last);
         self.sizes.push_back((height, len as u64));
         self.bytes += len as u64;
+        self.last = height;
+    }
+
+    /// The highest height pushed (pruning does not lower it); 0 before any.
+    pub(crate) fn last(&self) -> u64 {
+        self.last
     }
 
     /// Forgets the blocks at or below `limit` (they were pruned).

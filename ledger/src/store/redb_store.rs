@@ -48,8 +48,10 @@ pub struct RedbStore {
     config: StoreConfig,
     /// A non-durable commit happened since the last durable one.
     unsynced: bool,
-    /// Stored size of each block, for the byte retention.
+    /// Stored size of each block, for the byte retention, and the last block's height.
     sizes: BlockSizes,
+    /// Heights of the kept snapshots, ascending (at most [`SNAPSHOTS_KEPT_COUNT`]).
+    snapshot_heights: Vec<u64>,
 }
 
 impl RedbStore {
@@ -69,6 +71,7 @@ impl RedbStore {
                 config,
                 unsynced: false,
                 sizes: BlockSizes::default(),
+                snapshot_heights: Vec::new(),
             };
             // Create the tables so that read transactions always find them.
             store.write(true, |transaction| {
@@ -80,11 +83,15 @@ impl RedbStore {
         })?;
         let db = builder().open(&path)?;
         let mut sizes = BlockSizes::default();
+        let mut snapshot_heights = Vec::with_capacity(SNAPSHOTS_KEPT_COUNT + 1);
         {
             let transaction = db.begin_read()?;
             for entry in transaction.open_table(BLOCKS)?.iter()? {
                 let (height, stored) = entry?;
                 sizes.push(height.value(), stored.value().len());
+            }
+            for entry in transaction.open_table(SNAPSHOTS)?.iter()? {
+                snapshot_heights.push(entry?.0.value());
             }
         }
         let store = RedbStore {
@@ -92,6 +99,7 @@ impl RedbStore {
             config,
             unsynced: false,
             sizes,
+            snapshot_heights,
         };
         tracing::debug!(dir = %dir.display(), last_height = store.last_height()?, "redb store opened");
         Ok(store)
@@ -109,17 +117,6 @@ impl RedbStore {
         transaction.commit()?;
         self.unsynced = !durable;
         Ok(value)
-    }
-
-    /// Heights of the kept snapshots, ascending.
-    fn snapshot_heights(&self) -> Result<Vec<u64>> {
-        let transaction = self.db.begin_read()?;
-        let table = transaction.open_table(SNAPSHOTS)?;
-        let mut heights = Vec::with_capacity(SNAPSHOTS_KEPT_COUNT + 1);
-        for entry in table.iter()? {
-            heights.push(entry?.0.value());
-        }
-        Ok(heights)
     }
 
     /// Writes a raw value under block `height`, bypassing the frame: for corruption tests.
@@ -205,22 +202,14 @@ impl Store for RedbStore {
     }
 
     fn last_height(&self) -> Result<u64> {
-        let transaction = self.db.begin_read()?;
-        let last_block = transaction
-            .open_table(BLOCKS)?
-            .last()?
-            .map_or(0, |(key, _)| key.value());
-        let last_snapshot = transaction
-            .open_table(SNAPSHOTS)?
-            .last()?
-            .map_or(0, |(key, _)| key.value());
-        Ok(last_block.max(last_snapshot))
+        let last_snapshot = self.snapshot_heights.last().copied().unwrap_or(0);
+        Ok(self.sizes.last().max(last_snapshot))
     }
 
     fn put_snapshot(&mut self, height: u64, snapshot: &[u8]) -> Result<()> {
         assert!(height >= 1, "put_snapshot: height 0");
         check_size("snapshot", snapshot.len(), SNAPSHOT_BYTES_MAX)?;
-        let mut heights = self.snapshot_heights()?;
+        let mut heights = self.snapshot_heights.clone();
         let latest = heights.last().copied().unwrap_or(0);
         assert!(
             height >= latest,
@@ -239,6 +228,8 @@ impl Store for RedbStore {
             }
             Ok(())
         })?;
+        heights.drain(..evicted);
+        self.snapshot_heights = heights;
         self.prune_blocks_below(u64::MAX)
     }
 
@@ -265,7 +256,7 @@ impl Store for RedbStore {
     }
 
     fn prune_blocks_below(&mut self, height: u64) -> Result<()> {
-        let oldest_snapshot = self.snapshot_heights()?.first().copied();
+        let oldest_snapshot = self.snapshot_heights.first().copied();
         let limit = prune_limit(
             height,
             self.last_height()?,

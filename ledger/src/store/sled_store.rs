@@ -25,8 +25,10 @@ pub struct SledStore {
     snapshots: sled::Tree,
     records: sled::Tree,
     config: StoreConfig,
-    /// Stored size of each block, for the byte retention.
+    /// Stored size of each block, for the byte retention, and the last block's height.
     sizes: BlockSizes,
+    /// Heights of the kept snapshots, ascending (at most [`SNAPSHOTS_KEPT_COUNT`]).
+    snapshot_heights: Vec<u64>,
 }
 
 impl SledStore {
@@ -49,6 +51,10 @@ impl SledStore {
             let (key, stored) = entry?;
             sizes.push(frame::key_height("block", &key)?, stored.len());
         }
+        let mut snapshot_heights = Vec::with_capacity(SNAPSHOTS_KEPT_COUNT + 1);
+        for key in snapshots.iter().keys() {
+            snapshot_heights.push(frame::key_height("snapshot", &key?)?);
+        }
         let store = SledStore {
             db,
             blocks,
@@ -56,6 +62,7 @@ impl SledStore {
             records,
             config,
             sizes,
+            snapshot_heights,
         };
         tracing::debug!(dir = %dir.display(), last_height = store.last_height()?, "sled store opened");
         Ok(store)
@@ -72,22 +79,6 @@ impl SledStore {
             self.db.flush()?;
         }
         Ok(())
-    }
-
-    fn last_key(tree: &sled::Tree, what: &'static str) -> Result<u64> {
-        match tree.last()? {
-            Some((key, _)) => frame::key_height(what, &key),
-            None => Ok(0),
-        }
-    }
-
-    /// Heights of the kept snapshots, ascending.
-    fn snapshot_heights(&self) -> Result<Vec<u64>> {
-        let mut heights = Vec::with_capacity(SNAPSHOTS_KEPT_COUNT + 1);
-        for key in self.snapshots.iter().keys() {
-            heights.push(frame::key_height("snapshot", &key?)?);
-        }
-        Ok(heights)
     }
 }
 
@@ -208,13 +199,14 @@ impl Store for SledStore {
     }
 
     fn last_height(&self) -> Result<u64> {
-        Ok(Self::last_key(&self.blocks, "block")?.max(Self::last_key(&self.snapshots, "snapshot")?))
+        let last_snapshot = self.snapshot_heights.last().copied().unwrap_or(0);
+        Ok(self.sizes.last().max(last_snapshot))
     }
 
     fn put_snapshot(&mut self, height: u64, snapshot: &[u8]) -> Result<()> {
         assert!(height >= 1, "put_snapshot: height 0");
         check_size("snapshot", snapshot.len(), SNAPSHOT_BYTES_MAX)?;
-        let mut heights = self.snapshot_heights()?;
+        let mut heights = self.snapshot_heights.clone();
         let latest = heights.last().copied().unwrap_or(0);
         assert!(
             height >= latest,
@@ -231,6 +223,8 @@ impl Store for SledStore {
             batch.remove(&frame::height_key(*old)[..]);
         }
         self.snapshots.apply_batch(batch)?;
+        heights.drain(..evicted);
+        self.snapshot_heights = heights;
         self.after_write()?;
         self.prune_blocks_below(u64::MAX)
     }
@@ -259,7 +253,7 @@ impl Store for SledStore {
     }
 
     fn prune_blocks_below(&mut self, height: u64) -> Result<()> {
-        let oldest_snapshot = self.snapshot_heights()?.first().copied();
+        let oldest_snapshot = self.snapshot_heights.first().copied();
         let limit = prune_limit(
             height,
             self.last_height()?,
