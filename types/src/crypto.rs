@@ -289,6 +289,23 @@ mod tests {
         );
     }
 
+    /// [`verify_batch`] over the items `range` of parallel lists of keys, messages and signatures.
+    fn verify_items(
+        publics: &[PublicKey],
+        messages: &[Vec<u8>],
+        signatures: &[Signature],
+        range: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let items: Vec<SignedMessage<'_>> = range
+            .map(|i| SignedMessage {
+                key: &publics[i],
+                message: &messages[i],
+                signature: &signatures[i],
+            })
+            .collect();
+        verify_batch(&items)
+    }
+
     #[test]
     fn batch_verification_finds_a_bad_signature() {
         let keys: Vec<Keypair> = (0..8u8).map(|i| Keypair::from_seed([i; 32])).collect();
@@ -296,16 +313,7 @@ mod tests {
         let messages: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 40]).collect();
         let mut signatures: Vec<Signature> =
             keys.iter().zip(&messages).map(|(k, m)| k.sign(&[], m)).collect();
-        let batch = |signatures: &[Signature]| {
-            let items: Vec<SignedMessage<'_>> = (0..8)
-                .map(|i| SignedMessage {
-                    key: &publics[i],
-                    message: &messages[i],
-                    signature: &signatures[i],
-                })
-                .collect();
-            verify_batch(&items)
-        };
+        let batch = |signatures: &[Signature]| verify_items(&publics, &messages, signatures, 0..8);
         batch(&signatures).unwrap();
         signatures[3].0[0] ^= 1;
         assert_eq!(batch(&signatures), Err(Error::BadSignature));
@@ -318,15 +326,8 @@ mod tests {
         let publics: Vec<PublicKey> = (0..30).map(|i| keys[i % 12].public()).collect();
         let messages: Vec<Vec<u8>> = (0..30u8).map(|i| vec![i; 24]).collect();
         let mut signatures: Vec<Signature> = (0..30).map(|i| keys[i % 12].sign(&[], &messages[i])).collect();
-        let items = |signatures: &[Signature], range: std::ops::Range<usize>| -> Result<()> {
-            let items: Vec<SignedMessage<'_>> = range
-                .map(|i| SignedMessage {
-                    key: &publics[i],
-                    message: &messages[i],
-                    signature: &signatures[i],
-                })
-                .collect();
-            verify_batch(&items)
+        let items = |signatures: &[Signature], range: std::ops::Range<usize>| {
+            verify_items(&publics, &messages, signatures, range)
         };
         items(&signatures, 0..30).unwrap();
         items(&signatures, 7..8).unwrap();
