@@ -195,7 +195,7 @@ pub async fn run(
         snapshot_persisted: snapshot_height,
         snapshot_bytes,
         log_bytes_since_snapshot: replayed_bytes,
-        metrics: StatusMetrics::register(id),
+        metrics: ReplicaMetrics::register(id),
     };
     let outputs = driver.replica.start();
     driver.perform(outputs)?;
@@ -217,7 +217,7 @@ pub async fn run(
                         Err(_) => break,
                     }
                 }
-                metrics::gauge!("hoard_replica_inbox_depth", "replica" => id.to_string()).set(inbox.len() as f64);
+                driver.metrics.inbox_depth.set(inbox.len() as f64);
                 // The room is given back once the round has taken the inputs.
                 let (inputs, room): (Vec<Input>, Vec<_>) =
                     charged.into_iter().map(|c| (c.input, c._room)).unzip();
@@ -537,20 +537,47 @@ struct Driver {
     /// written: together they say when the next one is due ([`snapshot_due`]).
     snapshot_bytes: u64,
     log_bytes_since_snapshot: u64,
-    /// The status metrics, published every round.
-    metrics: StatusMetrics,
+    /// The replica's metric handles.
+    metrics: ReplicaMetrics,
 }
 
 /// How often the process's resident memory is read for `process_resident_memory_bytes` (a read
 /// of `/proc/self/status`; the other status metrics are published every round).
 const RESIDENT_MEMORY_READ_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The handles of the metrics [`Driver::publish_status`] sets every round, registered once: a
+/// What the driver hands to the store, for `hoard_replica_store_written_bytes_total{kind}`.
+#[derive(Clone, Copy)]
+enum Written {
+    Record,
+    Block,
+    Snapshot,
+}
+
+impl Written {
+    fn as_str(self) -> &'static str {
+        match self {
+            Written::Record => "record",
+            Written::Block => "block",
+            Written::Snapshot => "snapshot",
+        }
+    }
+}
+
+/// The handles of the metrics the driver sets every round or block, registered once: a
 /// `metrics::gauge!` with labels builds its key and looks it up in the registry on every call,
-/// and with the `/proc` read of the resident memory that was about 6% of a replica's CPU at 100
-/// events/s, where rounds are many and small (perf, `hoard dev` with `hoard-loadtest run
-/// --players 1000`).
-struct StatusMetrics {
+/// and with the `/proc` read of the resident memory [`Driver::publish_status`] alone was about 6%
+/// of a replica's CPU at 100 events/s, where rounds are many and small (perf, `hoard dev` with
+/// `hoard-loadtest run --players 1000`).
+struct ReplicaMetrics {
+    inbox_depth: metrics::Gauge,
+    committed_transactions: metrics::Counter,
+    batch_transactions: metrics::Histogram,
+    commit_latency: metrics::Histogram,
+    frames_dropped_to_client: metrics::Counter,
+    frames_dropped_to_replica: metrics::Counter,
+    store_sync: metrics::Histogram,
+    /// By [`Written`].
+    written_bytes: [metrics::Counter; 3],
     height: metrics::Gauge,
     view: metrics::Gauge,
     stable_checkpoint: metrics::Gauge,
@@ -567,8 +594,8 @@ struct StatusMetrics {
     resident_memory_read_at: Option<Instant>,
 }
 
-impl StatusMetrics {
-    fn register(id: ReplicaId) -> StatusMetrics {
+impl ReplicaMetrics {
+    fn register(id: ReplicaId) -> ReplicaMetrics {
         let label = id.to_string();
         let by_kind = |name: &'static str| {
             MessageKind::ALL
@@ -576,7 +603,16 @@ impl StatusMetrics {
                 .map(|kind| metrics::counter!(name, "replica" => label.clone(), "kind" => kind.as_str()))
                 .collect()
         };
-        StatusMetrics {
+        let written = |kind: Written| metrics::counter!("hoard_replica_store_written_bytes_total", "replica" => label.clone(), "kind" => kind.as_str());
+        ReplicaMetrics {
+            inbox_depth: metrics::gauge!("hoard_replica_inbox_depth", "replica" => label.clone()),
+            committed_transactions: metrics::counter!("hoard_replica_committed_transactions_total", "replica" => label.clone()),
+            batch_transactions: metrics::histogram!("hoard_replica_batch_transactions", "replica" => label.clone()),
+            commit_latency: metrics::histogram!("hoard_replica_commit_latency_seconds", "replica" => label.clone()),
+            frames_dropped_to_client: metrics::counter!("hoard_replica_frames_dropped_total", "replica" => label.clone(), "to" => "client"),
+            frames_dropped_to_replica: metrics::counter!("hoard_replica_frames_dropped_total", "replica" => label.clone(), "to" => "replica"),
+            store_sync: metrics::histogram!("hoard_replica_store_sync_seconds", "replica" => label.clone()),
+            written_bytes: [Written::Record, Written::Block, Written::Snapshot].map(written),
             height: metrics::gauge!("hoard_replica_height", "replica" => label.clone()),
             view: metrics::gauge!("hoard_replica_view", "replica" => label.clone()),
             stable_checkpoint: metrics::gauge!("hoard_replica_stable_checkpoint", "replica" => label.clone()),
@@ -796,7 +832,6 @@ impl Driver {
     fn perform(&mut self, outputs: Vec<Output>) -> Result<()> {
         let mut sends: Vec<(Option<ReplicaId>, SignedMessage)> = Vec::new();
         let mut wrote = false;
-        let label = self.id.to_string();
         for output in outputs {
             match output {
                 Output::Send { to, msg } => sends.push((Some(to), msg)),
@@ -823,19 +858,18 @@ impl Driver {
                     if self.store.last_height().map_err(storage)? < committed.seq {
                         let bytes = block.encode();
                         self.store.append_block(committed.seq, &bytes).map_err(storage)?;
-                        self.count_written("block", bytes.len());
+                        self.count_written(Written::Block, bytes.len());
                         self.log_bytes_since_snapshot += bytes.len() as u64;
                         wrote = true;
                     }
                     let transactions = block.transactions.len() as f64;
-                    metrics::counter!("hoard_replica_committed_transactions_total", "replica" => label.clone())
+                    self.metrics
+                        .committed_transactions
                         .increment(block.transactions.len() as u64);
-                    metrics::histogram!("hoard_replica_batch_transactions", "replica" => label.clone())
-                        .record(transactions);
+                    self.metrics.batch_transactions.record(transactions);
                     if committed.timestamp_ms > 0 {
                         let latency = now_ms().saturating_sub(committed.timestamp_ms) as f64 / 1000.0;
-                        metrics::histogram!("hoard_replica_commit_latency_seconds", "replica" => label.clone())
-                            .record(latency);
+                        self.metrics.commit_latency.record(latency);
                     }
                 }
                 Output::Reply {
@@ -854,7 +888,7 @@ impl Driver {
                     .encode();
                     if let Some(queue) = self.clients.get(&client) {
                         if queue.try_send(frame).is_err() {
-                            metrics::counter!("hoard_replica_frames_dropped_total", "replica" => label.clone(), "to" => "client").increment(1);
+                            self.metrics.frames_dropped_to_client.increment(1);
                         }
                     }
                 }
@@ -878,8 +912,7 @@ impl Driver {
             let store = &mut self.store;
             let started = Instant::now();
             off_the_runtime(move || store.sync()).map_err(storage)?;
-            metrics::histogram!("hoard_replica_store_sync_seconds", "replica" => label.clone())
-                .record(started.elapsed().as_secs_f64());
+            self.metrics.store_sync.record(started.elapsed().as_secs_f64());
         }
         for (to, msg) in sends {
             let frame = NetMessage::Consensus(msg.to_bytes()).encode();
@@ -909,8 +942,7 @@ impl Driver {
     fn send_to_peer(&self, to: ReplicaId, frame: Bytes) {
         if let Some(queue) = self.peers.get(&to) {
             if !queue.try_send(frame) {
-                metrics::counter!("hoard_replica_frames_dropped_total", "replica" => self.id.to_string(), "to" => "replica")
-                    .increment(1);
+                self.metrics.frames_dropped_to_replica.increment(1);
             }
         }
     }
@@ -950,22 +982,21 @@ impl Driver {
 
     fn put_record(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         self.store.put_record(key, value).map_err(storage)?;
-        self.count_written("record", value.len());
+        self.count_written(Written::Record, value.len());
         Ok(())
     }
 
     /// Counts bytes handed to the store by kind (`record`, `block`, `snapshot`): what this
     /// replica writes, before the engine's own pages and journal.
-    fn count_written(&self, kind: &'static str, bytes: usize) {
-        metrics::counter!("hoard_replica_store_written_bytes_total", "replica" => self.id.to_string(), "kind" => kind)
-            .increment(bytes as u64);
+    fn count_written(&self, kind: Written, bytes: usize) {
+        self.metrics.written_bytes[kind as usize].increment(bytes as u64);
     }
 
     /// Stores the snapshot taken at `seq`, newer than any in the store (asserted by the store).
     fn put_snapshot(&mut self, seq: u64, snapshot: &Snapshot) -> Result<()> {
         let bytes = snapshot.bytes();
         self.store.put_snapshot(seq, bytes).map_err(storage)?;
-        self.count_written("snapshot", bytes.len());
+        self.count_written(Written::Snapshot, bytes.len());
         self.snapshot_persisted = seq;
         self.snapshot_bytes = bytes.len() as u64;
         // Blocks after `seq` appended while the snapshot was being encoded are not counted: the
