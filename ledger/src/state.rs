@@ -82,6 +82,7 @@ where
         (a(), b())
     }
 }
+
 /// Largest number of decimals a currency may declare (u128 holds 38 decimal digits).
 pub const CURRENCY_DECIMALS_MAX: u8 = 36;
 
@@ -504,8 +505,8 @@ impl Ledger {
         } else {
             transactions.iter().enumerate().map(decode).collect()
         };
-        // The transactions' root does not depend on the state: it is hashed on another core
-        // while this one applies them in order.
+        // The transactions' root does not depend on the state: for a large block it is hashed on
+        // another core while this one applies them in order.
         let parallel = transactions.len() >= PARALLEL_TRANSACTIONS_MIN
             || transactions.iter().map(|tx| tx.payload.len()).sum::<usize>() >= PARALLEL_BLOCK_BYTES_MIN;
         let (receipts, tx_root) = join_if(
