@@ -11,7 +11,7 @@
 //! [`Clicks::failed`] reaches `g + 1` first, the flush that should have written it failed (strict
 //! connections answer `unavailable`; the click stays buffered for a later flush).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,6 @@ use dashmap::DashMap;
 
 use hoard_types::wire::{Click, CounterName, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
 
-// `Pending::add` numbers the clicks of one message with u16.
-const _: () = assert!(CLICKS_PER_FRAME_MAX <= u16::MAX as usize);
 use hoard_types::{PublicKey, TenantId};
 
 use crate::config::ClicksConfig;
@@ -33,20 +31,35 @@ use crate::store::{ClickKey as Key, Store, StoreResult, CLICK_PART_KEYS_MAX};
 /// One flush part: its sequence number in this run and its click totals.
 type Part = (u64, Vec<(Key, u64)>);
 
-/// Shards of the pending map (a power of two). A `clicks` message locks each shard it touches
-/// once, so the two runtime threads rarely wait for each other.
-const PENDING_SHARDS: usize = 16;
-
-/// One pending click total: the key's hash (kept for rehashing), the key, the count.
+/// One pending click total: the key's hash (kept for rehashing and for merging tables), the key,
+/// the count.
 type Entry = (u64, Key, u64);
 
-/// The clicks absorbed since the last flush, summed per (tenant, counter, player), sharded by
-/// the key's hash. Counter names are interned ([`Clicks::intern`]): a name is one `Arc<str>` per
-/// tenant for the life of the gateway, so keys hash and compare the name by its address.
+/// A table shrinks after a drain when its capacity is over this many times the keys it held (and
+/// over [`TABLE_KEEP_MIN`] slots): a connection whose players left does not keep their room.
+const TABLE_SHRINK_RATIO: usize = 4;
+const TABLE_KEEP_MIN: usize = 64;
+
+/// One connection's click totals since the last flush, summed per (tenant, counter, player).
+///
+/// Each connection sums into its own table: its players are the ones it carries (a game server's,
+/// or one player's), so the table stays small and in the cache of the thread serving the
+/// connection, and its lock is only ever contended by the flusher's drain. A key that two
+/// connections click is merged when the tables are drained.
+#[derive(Default)]
+pub struct ClickTable {
+    entries: Mutex<hashbrown::HashTable<Entry>>,
+}
+
+/// The clicks absorbed since the last flush: every connection's [`ClickTable`]. Counter names are
+/// interned ([`Clicks::intern`]): a name is one `Arc<str>` per tenant for the life of the
+/// gateway, so keys hash and compare the name by its address.
 struct Pending {
     hasher: foldhash::fast::RandomState,
-    shards: Box<[Mutex<hashbrown::HashTable<Entry>>]>,
-    /// Keys in all shards (the bound [`CLICK_KEYS_PENDING_MAX`] is checked against it).
+    /// The tables of live connections, and of closed ones until their clicks are drained (at
+    /// most one per connection: the gateway's connection limit bounds it).
+    tables: Mutex<Vec<Arc<ClickTable>>>,
+    /// Keys in all tables (the bound [`CLICK_KEYS_PENDING_MAX`] is checked against it).
     keys: AtomicUsize,
 }
 
@@ -54,7 +67,7 @@ impl Pending {
     fn new() -> Pending {
         Pending {
             hasher: foldhash::fast::RandomState::default(),
-            shards: (0..PENDING_SHARDS).map(|_| Mutex::default()).collect(),
+            tables: Mutex::default(),
             keys: AtomicUsize::new(0),
         }
     }
@@ -67,45 +80,23 @@ impl Pending {
             .hash_one((tenant.0, counter, word(0), word(8), word(16), word(24)))
     }
 
-    fn shard(hash: u64) -> usize {
-        // Bits that hashbrown uses neither for the bucket (low bits) nor the tag (top 7).
-        (hash >> 40) as usize & (PENDING_SHARDS - 1)
+    /// A new table, drained by every [`Pending::drain`] from now on.
+    fn table(&self) -> Arc<ClickTable> {
+        let table = Arc::new(ClickTable::default());
+        self.tables.lock().expect("click tables lock").push(table.clone());
+        table
     }
 
-    /// Adds `clicks`, whose counters were interned into `names` (`counter_of[i]` is click i's).
-    fn add(&self, tenant: TenantId, clicks: &[Click], names: &[Arc<str>], counter_of: &[u16]) {
-        // Order the clicks by shard (a counting sort), then lock each shard touched once.
-        let hashes: Vec<u64> = clicks
-            .iter()
-            .zip(counter_of)
-            .map(|(click, &c)| self.hash(tenant, &names[usize::from(c)], &click.0))
-            .collect();
-        let mut starts = [0usize; PENDING_SHARDS + 1];
-        for &hash in &hashes {
-            starts[Self::shard(hash) + 1] += 1;
-        }
-        for shard in 0..PENDING_SHARDS {
-            starts[shard + 1] += starts[shard];
-        }
-        let mut next = starts;
-        let mut order = vec![0u16; clicks.len()];
-        for (index, &hash) in hashes.iter().enumerate() {
-            let slot = &mut next[Self::shard(hash)];
-            order[*slot] = u16::try_from(index).expect("CLICKS_PER_FRAME_MAX fits u16");
-            *slot += 1;
-        }
-        for (shard, table) in self.shards.iter().enumerate() {
-            let mine = &order[starts[shard]..starts[shard + 1]];
-            if mine.is_empty() {
-                continue;
-            }
-            let mut table = table.lock().expect("click shard lock");
-            let mut new_keys = 0;
-            for &index in mine {
-                let index = usize::from(index);
-                let (click, hash) = (&clicks[index], hashes[index]);
-                let name = &names[usize::from(counter_of[index])];
-                let entry = table.entry(
+    /// Adds `clicks` to `table`. `runs` cuts `clicks` into runs naming one counter each: (the
+    /// run's first click, its interned counter name), in order.
+    fn add(&self, table: &ClickTable, tenant: TenantId, clicks: &[Click], runs: &[(usize, Arc<str>)]) {
+        let mut entries = table.entries.lock().expect("click table lock");
+        let mut new_keys = 0;
+        for (run, (start, name)) in runs.iter().enumerate() {
+            let end = runs.get(run + 1).map_or(clicks.len(), |(next, _)| *next);
+            for click in &clicks[*start..end] {
+                let hash = self.hash(tenant, name, &click.0);
+                let entry = entries.entry(
                     hash,
                     |(_, (t, n, p), _)| *t == tenant && Arc::ptr_eq(n, name) && *p == click.0,
                     |(h, _, _)| *h,
@@ -120,22 +111,39 @@ impl Pending {
                     }
                 }
             }
-            // Counted under the shard's lock, as `drain` uncounts: the count never goes below
-            // the keys present.
-            self.keys.fetch_add(new_keys, Ordering::SeqCst);
         }
+        // Counted under the table's lock, as `drain` uncounts: the count never goes below the
+        // keys present.
+        self.keys.fetch_add(new_keys, Ordering::SeqCst);
     }
 
-    /// Takes every pending total out.
+    /// Takes every pending total out, one entry per key, and forgets the tables of closed
+    /// connections once drained.
     fn drain(&self) -> Vec<(Key, u64)> {
-        let mut drained = Vec::with_capacity(self.keys.load(Ordering::SeqCst));
-        for shard in self.shards.iter() {
-            let mut table = shard.lock().expect("click shard lock");
-            let before = drained.len();
-            drained.extend(table.drain().map(|(_, key, count)| (key, count)));
-            self.keys.fetch_sub(drained.len() - before, Ordering::SeqCst);
-        }
-        drained
+        let mut merged: hashbrown::HashTable<Entry> =
+            hashbrown::HashTable::with_capacity(self.keys.load(Ordering::SeqCst));
+        let mut tables = self.tables.lock().expect("click tables lock");
+        tables.retain(|table| {
+            let mut entries = table.entries.lock().expect("click table lock");
+            let held = entries.len();
+            for (hash, key, count) in entries.drain() {
+                let same = |(_, (t, n, p), _): &Entry| *t == key.0 && Arc::ptr_eq(n, &key.1) && *p == key.2;
+                let entry = merged.entry(hash, same, |(h, _, _)| *h);
+                match entry {
+                    hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().2 += count,
+                    hashbrown::hash_table::Entry::Vacant(entry) => {
+                        entry.insert((hash, key, count));
+                    }
+                }
+            }
+            if entries.capacity() > TABLE_KEEP_MIN.max(held * TABLE_SHRINK_RATIO) {
+                entries.shrink_to(held, |(h, _, _)| *h);
+            }
+            self.keys.fetch_sub(held, Ordering::SeqCst);
+            // A table nobody else holds belongs to a closed connection: nothing can add to it.
+            Arc::strong_count(table) > 1
+        });
+        merged.into_iter().map(|(_, key, count)| (key, count)).collect()
     }
 
     fn len(&self) -> usize {
@@ -269,9 +277,14 @@ impl Clicks {
         Ok(total)
     }
 
-    /// Adds validated clicks to the buffer. Refuses (`busy`) when too many keys are buffered
-    /// (the store is not keeping up).
-    pub fn absorb(&self, tenant: TenantId, clicks: &[Click]) -> Result<(), ClickError> {
+    /// A table for one connection's clicks ([`Clicks::absorb`] into it).
+    pub fn table(&self) -> Arc<ClickTable> {
+        self.pending.table()
+    }
+
+    /// Adds validated clicks to `table`. Refuses (`busy`) when too many keys are buffered (the
+    /// store is not keeping up).
+    pub fn absorb(&self, table: &ClickTable, tenant: TenantId, clicks: &[Click]) -> Result<(), ClickError> {
         if clicks.len() > CLICKS_PER_FRAME_MAX {
             return Err(ClickError {
                 code: ErrorCode::TooLarge,
@@ -285,33 +298,17 @@ impl Clicks {
                 message: "click buffer full: the click store is behind".into(),
             });
         }
-        // Intern each distinct counter name of the message once (messages usually carry one or
-        // a few, and runs of the same): `names` holds them, `counter_of[i]` is click i's. At most
-        // COUNTERS_PER_TENANT_MAX distinct names get through `intern`, so a u16 holds the index.
-        let mut names: Vec<Arc<str>> = Vec::new();
-        let mut index_of: HashMap<&str, u16> = HashMap::new();
-        let mut last: Option<(&CounterName, u16)> = None;
-        let mut counter_of: Vec<u16> = Vec::with_capacity(clicks.len());
-        for Click(_, counter, _) in clicks {
-            let index = match last {
-                Some((name, index)) if name == counter => index,
-                _ => {
-                    let index = match index_of.get(counter.as_str()) {
-                        Some(&index) => index,
-                        None => {
-                            names.push(self.intern(tenant, counter)?);
-                            let index = u16::try_from(names.len() - 1).expect("counters per tenant fit u16");
-                            index_of.insert(counter, index);
-                            index
-                        }
-                    };
-                    last = Some((counter, index));
-                    index
-                }
-            };
-            counter_of.push(index);
+        // Messages usually name one counter, or runs of the same: a name is interned once per
+        // run, before anything is added (a name `intern` refuses refuses the whole message).
+        let mut runs: Vec<(usize, Arc<str>)> = Vec::with_capacity(1);
+        let mut last: Option<&CounterName> = None;
+        for (index, Click(_, counter, _)) in clicks.iter().enumerate() {
+            if last != Some(counter) {
+                runs.push((index, self.intern(tenant, counter)?));
+                last = Some(counter);
+            }
         }
-        self.pending.add(tenant, clicks, &names, &counter_of);
+        self.pending.add(table, tenant, clicks, &runs);
         Ok(())
     }
 
@@ -506,15 +503,21 @@ mod tests {
                     scope.spawn(move || {
                         let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (worker + 1);
                         let mut absorbed = Totals::new();
+                        // A connection's table; the last worker's is dropped (its connection
+                        // closed) halfway, and a new one opened: nothing it held is lost.
+                        let mut table = clicks.table();
                         for round in 0..300 {
                             let tenant = TenantId(round % 2 + 1);
                             let batch =
                                 message(&mut seed, 1 + round as usize % 700, 200, &["gold", "xp", "gems"]);
                             Clicks::validate(&batch, None).unwrap_or_else(|e| panic!("{}", e.message));
                             clicks
-                                .absorb(tenant, &batch)
+                                .absorb(&table, tenant, &batch)
                                 .unwrap_or_else(|e| panic!("{}", e.message));
                             add_to(&mut absorbed, tenant, &batch);
+                            if worker == 2 && round == 150 {
+                                table = clicks.table();
+                            }
                         }
                         absorbed
                     })
@@ -535,11 +538,19 @@ mod tests {
         drain_into(&clicks, &mut drained);
         assert_eq!(drained, absorbed);
         assert_eq!(clicks.pending.len(), 0, "the key count follows the drains");
+        let tables = clicks.pending.tables.lock().expect("lock").len();
+        assert_eq!(
+            tables, 0,
+            "the tables of closed connections are forgotten once drained"
+        );
     }
 
     #[test]
     fn one_key_per_tenant_counter_and_player_and_counter_names_are_interned_once() {
         let clicks = clicks();
+        // Two connections' tables (one per tenant, as connections are) and a third connection
+        // of tenant 1 clicking the same keys: drained, they are merged.
+        let (one, two, three) = (clicks.table(), clicks.table(), clicks.table());
         let alice = PublicKey([1; 32]);
         let batch = vec![
             Click(alice, "gold".into(), 1),
@@ -548,19 +559,24 @@ mod tests {
             Click(alice, "gold".into(), 4),
         ];
         clicks
-            .absorb(TenantId(1), &batch)
+            .absorb(&one, TenantId(1), &batch)
             .unwrap_or_else(|e| panic!("{}", e.message));
         clicks
-            .absorb(TenantId(2), &batch)
+            .absorb(&two, TenantId(2), &batch)
             .unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!(clicks.pending.len(), 4, "(tenant, counter) pairs for one player");
+        clicks
+            .absorb(&three, TenantId(1), &batch[1..2])
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!(clicks.pending.len(), 5, "one more key in the third table");
         let mut drained = clicks.pending.drain();
+        assert_eq!(clicks.pending.len(), 0);
         drained.sort_by(|a, b| (a.0 .0, &*a.0 .1).cmp(&(b.0 .0, &*b.0 .1)));
         let got: Vec<(u64, &str, u64)> = drained.iter().map(|((t, c, _), n)| (t.0, &**c, *n)).collect();
-        assert_eq!(got, [(1, "gold", 8), (1, "xp", 2), (2, "gold", 8), (2, "xp", 2)]);
+        assert_eq!(got, [(1, "gold", 8), (1, "xp", 4), (2, "gold", 8), (2, "xp", 2)]);
         // Interned: the name of a tenant's counter is one allocation, shared by its keys.
         clicks
-            .absorb(TenantId(1), &batch[..1])
+            .absorb(&one, TenantId(1), &batch[..1])
             .unwrap_or_else(|e| panic!("{}", e.message));
         let again = clicks.pending.drain();
         let first = drained

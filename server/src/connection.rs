@@ -100,6 +100,8 @@ struct Connection {
     last_click_seq: Option<u64>,
     /// Non-strict: the newest absorbed `clicks` not acked yet.
     click_ack: Option<u64>,
+    /// This connection's click totals (from its first `clicks`; drained by the flusher).
+    click_table: Option<Arc<crate::clicks::ClickTable>>,
     /// Strict: (sequence, flush generation that must complete).
     strict_acks: VecDeque<(u64, u64)>,
     messages: TokenBucket,
@@ -143,6 +145,7 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, refuse: bool) {
         protocol_errors: 0,
         last_click_seq: None,
         click_ack: None,
+        click_table: None,
         strict_acks: VecDeque::new(),
         messages: TokenBucket::new(limits.connection_messages_per_second),
         clicks: TokenBucket::new(limits.connection_clicks_per_second),
@@ -921,7 +924,8 @@ impl Connection {
         if let Err(wait) = self.shared.tenant_clicks.take(tenant, total) {
             return self.rate_limited(request_id, "tenant", wait);
         }
-        if let Err(error) = self.shared.clicks.absorb(tenant, clicks) {
+        let table = self.click_table.get_or_insert_with(|| self.shared.clicks.table());
+        if let Err(error) = self.shared.clicks.absorb(table, tenant, clicks) {
             let retry =
                 (error.code == ErrorCode::Busy).then_some(self.shared.config.clicks.flush_interval_ms);
             self.error(request_id, error.code, error.message, retry);
