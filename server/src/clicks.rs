@@ -31,24 +31,62 @@ use crate::store::{ClickKey as Key, Store, StoreResult, CLICK_PART_KEYS_MAX};
 /// One flush part: its sequence number in this run and its click totals.
 type Part = (u64, Vec<(Key, u64)>);
 
-/// One pending click total: the key's hash (kept for rehashing and for merging tables), the key,
-/// the count.
+/// A click total in [`Pending::drain`]'s merge: the key's hash, the key, the count.
 type Entry = (u64, Key, u64);
 
-/// A table shrinks after a drain when its capacity is over this many times the keys it held (and
-/// over [`TABLE_KEEP_MIN`] slots): a connection whose players left does not keep their room.
+/// A table shrinks after a drain when it has over this many times the slots its keys needed (and
+/// over [`TABLE_SLOTS_MIN`]): a connection whose players left does not keep their room.
 const TABLE_SHRINK_RATIO: usize = 4;
-const TABLE_KEEP_MIN: usize = 64;
+/// The fewest slots of a table that holds anything.
+const TABLE_SLOTS_MIN: usize = 64;
+/// How many clicks ahead [`Pending::add`] prefetches the slot a click will probe first, so that
+/// the cache misses of a message's clicks overlap instead of following each other.
+const PREFETCH_AHEAD: usize = 8;
 
-/// One connection's click totals since the last flush, summed per (tenant, counter, player).
+/// One (counter, player) total of a [`ClickTable`]. `count == 0` marks an empty slot (a click
+/// counts at least 1).
+#[derive(Clone, Copy)]
+struct Slot {
+    player: PublicKey,
+    /// The address of the counter's interned name.
+    counter: usize,
+    count: u64,
+}
+
+const EMPTY: Slot = Slot {
+    player: PublicKey([0; 32]),
+    counter: 0,
+    count: 0,
+};
+
+/// The interned name's address: what a table keys a counter by.
+fn address(name: &Arc<str>) -> usize {
+    Arc::as_ptr(name).cast::<u8>() as usize
+}
+
+/// One connection's click totals since the last flush, summed per (counter, player); the
+/// connection's tenant is the table's.
 ///
 /// Each connection sums into its own table: its players are the ones it carries (a game server's,
 /// or one player's), so the table stays small and in the cache of the thread serving the
 /// connection, and its lock is only ever contended by the flusher's drain. A key that two
 /// connections click is merged when the tables are drained.
-#[derive(Default)]
 pub struct ClickTable {
-    entries: Mutex<hashbrown::HashTable<Entry>>,
+    tenant: TenantId,
+    counts: Mutex<Counts>,
+}
+
+/// An open-addressing table with linear probing: a power of two of slots (or none), at most half
+/// of them full, so that a probe usually ends at its first slot, which `add` prefetches.
+#[derive(Default)]
+struct Counts {
+    slots: Vec<Slot>,
+    /// Full slots.
+    len: usize,
+    /// The interned names of the counters in `slots`, ordered by address.
+    names: Vec<Arc<str>>,
+    /// Scratch: the hash of each click of the message being added.
+    hashes: Vec<u64>,
 }
 
 /// The clicks absorbed since the last flush: every connection's [`ClickTable`]. Counter names are
@@ -72,46 +110,97 @@ impl Pending {
         }
     }
 
-    fn hash(&self, tenant: TenantId, counter: &Arc<str>, player: &PublicKey) -> u64 {
+    /// A (counter, player) key's hash in a table.
+    fn hash(&self, counter: usize, player: &PublicKey) -> u64 {
         // Fixed-size words hash faster than a byte slice (no length, no tail handling).
         let word = |at: usize| u64::from_le_bytes(player.0[at..at + 8].try_into().expect("8 bytes"));
-        let counter = Arc::as_ptr(counter).cast::<u8>() as usize as u64;
         self.hasher
-            .hash_one((tenant.0, counter, word(0), word(8), word(16), word(24)))
+            .hash_one((counter as u64, word(0), word(8), word(16), word(24)))
     }
 
-    /// A new table, drained by every [`Pending::drain`] from now on.
-    fn table(&self) -> Arc<ClickTable> {
-        let table = Arc::new(ClickTable::default());
+    /// A new table for `tenant`'s clicks, drained by every [`Pending::drain`] from now on.
+    fn table(&self, tenant: TenantId) -> Arc<ClickTable> {
+        let table = Arc::new(ClickTable {
+            tenant,
+            counts: Mutex::default(),
+        });
         self.tables.lock().expect("click tables lock").push(table.clone());
         table
     }
 
     /// Adds `clicks` to `table`. `runs` cuts `clicks` into runs naming one counter each: (the
     /// run's first click, its interned counter name), in order.
-    fn add(&self, table: &ClickTable, tenant: TenantId, clicks: &[Click], runs: &[(usize, Arc<str>)]) {
-        let mut entries = table.entries.lock().expect("click table lock");
-        let mut new_keys = 0;
+    fn add(&self, table: &ClickTable, clicks: &[Click], runs: &[(usize, Arc<str>)]) {
+        let mut counts = table.counts.lock().expect("click table lock");
+        let Counts {
+            slots,
+            len,
+            names,
+            hashes,
+        } = &mut *counts;
+        // At most half full after this message.
+        let needed = ((*len + clicks.len()) * 2)
+            .next_power_of_two()
+            .max(TABLE_SLOTS_MIN);
+        if slots.len() < needed {
+            let old = std::mem::replace(slots, vec![EMPTY; needed]);
+            for slot in old.into_iter().filter(|slot| slot.count != 0) {
+                let mask = slots.len() - 1;
+                let mut at = self.hash(slot.counter, &slot.player) as usize & mask;
+                while slots[at].count != 0 {
+                    at = (at + 1) & mask;
+                }
+                slots[at] = slot;
+            }
+        }
+        let mask = slots.len() - 1;
+        hashes.clear();
         for (run, (start, name)) in runs.iter().enumerate() {
             let end = runs.get(run + 1).map_or(clicks.len(), |(next, _)| *next);
-            for click in &clicks[*start..end] {
-                let hash = self.hash(tenant, name, &click.0);
-                let entry = entries.entry(
-                    hash,
-                    |(_, (t, n, p), _)| *t == tenant && Arc::ptr_eq(n, name) && *p == click.0,
-                    |(h, _, _)| *h,
-                );
-                match entry {
-                    hashbrown::hash_table::Entry::Occupied(mut entry) => {
-                        entry.get_mut().2 += u64::from(click.2);
-                    }
-                    hashbrown::hash_table::Entry::Vacant(entry) => {
-                        entry.insert((hash, (tenant, name.clone(), click.0), u64::from(click.2)));
+            if let Err(at) = names.binary_search_by_key(&address(name), address) {
+                names.insert(at, name.clone());
+            }
+            let counter = address(name);
+            hashes.extend(
+                clicks[*start..end]
+                    .iter()
+                    .map(|click| self.hash(counter, &click.0)),
+            );
+        }
+        let mut new_keys = 0;
+        let mut index = 0;
+        for (run, (start, name)) in runs.iter().enumerate() {
+            let end = runs.get(run + 1).map_or(clicks.len(), |(next, _)| *next);
+            let counter = address(name);
+            for Click(player, _, count) in &clicks[*start..end] {
+                if let Some(ahead) = hashes.get(index + PREFETCH_AHEAD) {
+                    prefetch(&slots[*ahead as usize & mask]);
+                }
+                let mut at = hashes[index] as usize & mask;
+                index += 1;
+                if *count == 0 {
+                    continue; // refused by `validate`; nothing to add
+                }
+                loop {
+                    let slot = &mut slots[at];
+                    if slot.count == 0 {
+                        *slot = Slot {
+                            player: *player,
+                            counter,
+                            count: u64::from(*count),
+                        };
                         new_keys += 1;
+                        break;
                     }
+                    if slot.counter == counter && slot.player == *player {
+                        slot.count += u64::from(*count);
+                        break;
+                    }
+                    at = (at + 1) & mask;
                 }
             }
         }
+        *len += new_keys;
         // Counted under the table's lock, as `drain` uncounts: the count never goes below the
         // keys present.
         self.keys.fetch_add(new_keys, Ordering::SeqCst);
@@ -124,20 +213,34 @@ impl Pending {
             hashbrown::HashTable::with_capacity(self.keys.load(Ordering::SeqCst));
         let mut tables = self.tables.lock().expect("click tables lock");
         tables.retain(|table| {
-            let mut entries = table.entries.lock().expect("click table lock");
-            let held = entries.len();
-            for (hash, key, count) in entries.drain() {
-                let same = |(_, (t, n, p), _): &Entry| *t == key.0 && Arc::ptr_eq(n, &key.1) && *p == key.2;
-                let entry = merged.entry(hash, same, |(h, _, _)| *h);
-                match entry {
+            let mut counts = table.counts.lock().expect("click table lock");
+            let Counts {
+                slots, len, names, ..
+            } = &mut *counts;
+            let tenant = table.tenant;
+            for slot in slots.iter_mut().filter(|slot| slot.count != 0) {
+                let Slot {
+                    player,
+                    counter,
+                    count,
+                } = std::mem::replace(slot, EMPTY);
+                let name = match names.binary_search_by_key(&counter, address) {
+                    Ok(at) => &names[at],
+                    Err(_) => unreachable!("a table holds the name of every counter in its slots"),
+                };
+                let hash = self.hasher.hash_one((tenant.0, self.hash(counter, &player)));
+                let same = |(_, (t, n, p), _): &Entry| *t == tenant && Arc::ptr_eq(n, name) && *p == player;
+                match merged.entry(hash, same, |(h, _, _)| *h) {
                     hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().2 += count,
                     hashbrown::hash_table::Entry::Vacant(entry) => {
-                        entry.insert((hash, key, count));
+                        entry.insert((hash, (tenant, name.clone(), player), count));
                     }
                 }
             }
-            if entries.capacity() > TABLE_KEEP_MIN.max(held * TABLE_SHRINK_RATIO) {
-                entries.shrink_to(held, |(h, _, _)| *h);
+            let held = std::mem::take(len);
+            names.clear();
+            if slots.len() > TABLE_SLOTS_MIN.max(held * 2 * TABLE_SHRINK_RATIO) {
+                *slots = Vec::new();
             }
             self.keys.fetch_sub(held, Ordering::SeqCst);
             // A table nobody else holds belongs to a closed connection: nothing can add to it.
@@ -277,14 +380,15 @@ impl Clicks {
         Ok(total)
     }
 
-    /// A table for one connection's clicks ([`Clicks::absorb`] into it).
-    pub fn table(&self) -> Arc<ClickTable> {
-        self.pending.table()
+    /// A table for one connection's clicks, of `tenant` ([`Clicks::absorb`] into it).
+    pub fn table(&self, tenant: TenantId) -> Arc<ClickTable> {
+        self.pending.table(tenant)
     }
 
     /// Adds validated clicks to `table`. Refuses (`busy`) when too many keys are buffered (the
     /// store is not keeping up).
-    pub fn absorb(&self, table: &ClickTable, tenant: TenantId, clicks: &[Click]) -> Result<(), ClickError> {
+    pub fn absorb(&self, table: &ClickTable, clicks: &[Click]) -> Result<(), ClickError> {
+        let tenant = table.tenant;
         if clicks.len() > CLICKS_PER_FRAME_MAX {
             return Err(ClickError {
                 code: ErrorCode::TooLarge,
@@ -308,7 +412,7 @@ impl Clicks {
                 last = Some(counter);
             }
         }
-        self.pending.add(table, tenant, clicks, &runs);
+        self.pending.add(table, clicks, &runs);
         Ok(())
     }
 
@@ -444,6 +548,20 @@ impl Clicks {
     }
 }
 
+/// Asks the CPU to bring `slot` into the cache; a hint, with no effect on the program's results.
+#[inline(always)]
+fn prefetch(slot: &Slot) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing the program sees and cannot fault, whatever the address;
+    // the target feature it needs (SSE) is part of every x86_64 CPU.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(slot).cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = slot;
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -458,7 +576,7 @@ mod tests {
 
     /// A deterministic message generator (xorshift): `n` clicks over `players` players and the
     /// counters `names`, with runs of one counter and mixed ones.
-    fn message(seed: &mut u64, n: usize, players: u8, names: &[&str]) -> Vec<Click> {
+    fn message(seed: &mut u64, n: usize, players: u16, names: &[&str]) -> Vec<Click> {
         let mut next = || {
             *seed ^= *seed << 13;
             *seed ^= *seed >> 7;
@@ -467,7 +585,9 @@ mod tests {
         };
         (0..n)
             .map(|_| {
-                let player = PublicKey([(next() % u64::from(players)) as u8; 32]);
+                let index = (next() % u64::from(players)) as u16;
+                let mut player = PublicKey([0xa5; 32]);
+                player.0[..2].copy_from_slice(&index.to_le_bytes());
                 let name = names[(next() % names.len() as u64) as usize];
                 Click(player, name.into(), (next() % 9 + 1) as u32)
             })
@@ -503,20 +623,21 @@ mod tests {
                     scope.spawn(move || {
                         let mut seed = 0x9e37_79b9_7f4a_7c15 ^ (worker + 1);
                         let mut absorbed = Totals::new();
-                        // A connection's table; the last worker's is dropped (its connection
-                        // closed) halfway, and a new one opened: nothing it held is lost.
-                        let mut table = clicks.table();
+                        // A connection of each tenant; the last worker's are dropped (their
+                        // connections closed) halfway, and new ones opened: nothing they held
+                        // is lost.
+                        let mut tables = [clicks.table(TenantId(1)), clicks.table(TenantId(2))];
                         for round in 0..300 {
                             let tenant = TenantId(round % 2 + 1);
                             let batch =
                                 message(&mut seed, 1 + round as usize % 700, 200, &["gold", "xp", "gems"]);
                             Clicks::validate(&batch, None).unwrap_or_else(|e| panic!("{}", e.message));
                             clicks
-                                .absorb(&table, tenant, &batch)
+                                .absorb(&tables[round as usize % 2], &batch)
                                 .unwrap_or_else(|e| panic!("{}", e.message));
                             add_to(&mut absorbed, tenant, &batch);
                             if worker == 2 && round == 150 {
-                                table = clicks.table();
+                                tables = [clicks.table(TenantId(1)), clicks.table(TenantId(2))];
                             }
                         }
                         absorbed
@@ -550,7 +671,11 @@ mod tests {
         let clicks = clicks();
         // Two connections' tables (one per tenant, as connections are) and a third connection
         // of tenant 1 clicking the same keys: drained, they are merged.
-        let (one, two, three) = (clicks.table(), clicks.table(), clicks.table());
+        let (one, two, three) = (
+            clicks.table(TenantId(1)),
+            clicks.table(TenantId(2)),
+            clicks.table(TenantId(1)),
+        );
         let alice = PublicKey([1; 32]);
         let batch = vec![
             Click(alice, "gold".into(), 1),
@@ -559,14 +684,14 @@ mod tests {
             Click(alice, "gold".into(), 4),
         ];
         clicks
-            .absorb(&one, TenantId(1), &batch)
+            .absorb(&one, &batch)
             .unwrap_or_else(|e| panic!("{}", e.message));
         clicks
-            .absorb(&two, TenantId(2), &batch)
+            .absorb(&two, &batch)
             .unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!(clicks.pending.len(), 4, "(tenant, counter) pairs for one player");
         clicks
-            .absorb(&three, TenantId(1), &batch[1..2])
+            .absorb(&three, &batch[1..2])
             .unwrap_or_else(|e| panic!("{}", e.message));
         assert_eq!(clicks.pending.len(), 5, "one more key in the third table");
         let mut drained = clicks.pending.drain();
@@ -576,7 +701,7 @@ mod tests {
         assert_eq!(got, [(1, "gold", 8), (1, "xp", 4), (2, "gold", 8), (2, "xp", 2)]);
         // Interned: the name of a tenant's counter is one allocation, shared by its keys.
         clicks
-            .absorb(&one, TenantId(1), &batch[..1])
+            .absorb(&one, &batch[..1])
             .unwrap_or_else(|e| panic!("{}", e.message));
         let again = clicks.pending.drain();
         let first = drained
@@ -584,6 +709,43 @@ mod tests {
             .find(|((t, c, _), _)| t.0 == 1 && &**c == "gold")
             .expect("gold");
         assert!(Arc::ptr_eq(&again[0].0 .1, &first.0 .1));
+    }
+
+    #[test]
+    fn a_table_grows_with_its_keys_and_shrinks_after_a_drain_that_held_few() {
+        let clicks = clicks();
+        let table = clicks.table(TenantId(7));
+        let mut seed = 7;
+        let mut absorbed = Totals::new();
+        // Many distinct keys (4,000 players on two counters) in messages of 1,000 clicks: the
+        // table grows several times, and runs of equal keys collide in the probes.
+        for _ in 0..20 {
+            let batch = message(&mut seed, 1_000, 4_000, &["gold", "xp"]);
+            clicks
+                .absorb(&table, &batch)
+                .unwrap_or_else(|e| panic!("{}", e.message));
+            add_to(&mut absorbed, TenantId(7), &batch);
+        }
+        let slots = |table: &ClickTable| table.counts.lock().expect("lock").slots.len();
+        let keys = clicks.pending.len();
+        assert!(
+            slots(&table) >= 2 * keys,
+            "at most half full: {} slots for {keys} keys",
+            slots(&table)
+        );
+        let mut drained = Totals::new();
+        drain_into(&clicks, &mut drained);
+        assert_eq!(drained, absorbed);
+        // The next drain holds one key: the room of thousands is given back.
+        let one = vec![Click(PublicKey([3; 32]), "gold".into(), 5)];
+        clicks
+            .absorb(&table, &one)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        drained.clear();
+        drain_into(&clicks, &mut drained);
+        assert_eq!(drained.into_values().collect::<Vec<_>>(), [5]);
+        assert!(slots(&table) <= TABLE_SLOTS_MIN, "{} slots kept", slots(&table));
+        assert_eq!(clicks.pending.len(), 0);
     }
 
     #[test]

@@ -924,8 +924,10 @@ impl Connection {
         if let Err(wait) = self.shared.tenant_clicks.take(tenant, total) {
             return self.rate_limited(request_id, "tenant", wait);
         }
-        let table = self.click_table.get_or_insert_with(|| self.shared.clicks.table());
-        if let Err(error) = self.shared.clicks.absorb(table, tenant, clicks) {
+        let table = self
+            .click_table
+            .get_or_insert_with(|| self.shared.clicks.table(tenant));
+        if let Err(error) = self.shared.clicks.absorb(table, clicks) {
             let retry =
                 (error.code == ErrorCode::Busy).then_some(self.shared.config.clicks.flush_interval_ms);
             self.error(request_id, error.code, error.message, retry);

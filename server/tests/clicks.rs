@@ -398,6 +398,7 @@ async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
     config.redis.url = format!("redis://127.0.0.1:{}/", proxy.port);
     let store = std::sync::Arc::new(store::Store::open(&config).unwrap());
     let clicks = hoard_server::clicks::Clicks::new(store.clone());
+    let table = clicks.table(T1);
     let (alice, bob) = (key("alice", 0), key("bob", 0));
     let mut sent = [0u64; 2];
     // Flush parts sent to Redis (each flush here writes one part per batch it holds).
@@ -410,7 +411,7 @@ async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
         sent[0] += u64::from(3 + round);
         sent[1] += u64::from(10 * (round + 1));
         clicks
-            .absorb(T1, &batch)
+            .absorb(&table, &batch)
             .unwrap_or_else(|e| panic!("{}", e.message));
         // Rounds 1 and 4: Redis applies the flush, its reply is lost, the flush fails.
         if round == 1 || round == 4 {
@@ -421,7 +422,7 @@ async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
             // More clicks come while the failed part waits for its retry: the next flush
             // sends the failed part again (skipped by Redis), then these.
             clicks
-                .absorb(T1, &[Click(alice.public(), "gold".into(), 1)])
+                .absorb(&table, &[Click(alice.public(), "gold".into(), 1)])
                 .unwrap_or_else(|e| panic!("{}", e.message));
             sent[0] += 1;
             parts_sent += 1;
