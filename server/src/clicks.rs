@@ -41,7 +41,7 @@ const TABLE_SHRINK_RATIO: usize = 4;
 const TABLE_SLOTS_MIN: usize = 64;
 /// How many clicks ahead [`Pending::add`] prefetches the slot a click will probe first, so that
 /// the cache misses of a message's clicks overlap instead of following each other.
-const PREFETCH_AHEAD: usize = 8;
+const PREFETCH_AHEAD: usize = 16;
 
 /// One (counter, player) total of a [`ClickTable`]. `count == 0` marks an empty slot (a click
 /// counts at least 1).
@@ -85,6 +85,9 @@ struct Counts {
     len: usize,
     /// The interned names of the counters in `slots`, ordered by address.
     names: Vec<Arc<str>>,
+    /// Scratch for the message being added: (first click, counter address) of each run of
+    /// clicks naming one counter.
+    runs: Vec<(usize, usize)>,
     /// Scratch: the hash of each click of the message being added.
     hashes: Vec<u64>,
 }
@@ -128,14 +131,21 @@ impl Pending {
         table
     }
 
-    /// Adds `clicks` to `table`. `runs` cuts `clicks` into runs naming one counter each: (the
-    /// run's first click, its interned counter name), in order.
-    fn add(&self, table: &ClickTable, clicks: &[Click], runs: &[(usize, Arc<str>)]) {
+    /// Adds `clicks` to `table`, each counter name interned by `intern` (once per run of clicks
+    /// naming the same counter). A name `intern` refuses refuses the whole message: nothing of it
+    /// is added.
+    fn add(
+        &self,
+        table: &ClickTable,
+        clicks: &[Click],
+        mut intern: impl FnMut(&CounterName) -> Result<Arc<str>, ClickError>,
+    ) -> Result<(), ClickError> {
         let mut counts = table.counts.lock().expect("click table lock");
         let Counts {
             slots,
             len,
             names,
+            runs,
             hashes,
         } = &mut *counts;
         // At most half full after this message.
@@ -154,33 +164,42 @@ impl Pending {
             }
         }
         let mask = slots.len() - 1;
+        // First every click's hash (and its run's counter), then the probes, each prefetched
+        // a few clicks ahead.
         hashes.clear();
-        for (run, (start, name)) in runs.iter().enumerate() {
-            let end = runs.get(run + 1).map_or(clicks.len(), |(next, _)| *next);
-            if let Err(at) = names.binary_search_by_key(&address(name), address) {
-                names.insert(at, name.clone());
-            }
-            let counter = address(name);
-            hashes.extend(
-                clicks[*start..end]
-                    .iter()
-                    .map(|click| self.hash(counter, &click.0)),
-            );
+        runs.clear();
+        let mut last: Option<(&CounterName, usize)> = None;
+        for (index, Click(player, counter, _)) in clicks.iter().enumerate() {
+            let counter = match last {
+                Some((name, address)) if name == counter => address,
+                _ => {
+                    let name = intern(counter)?;
+                    let at = match names.binary_search_by_key(&address(&name), address) {
+                        Ok(at) => at,
+                        Err(at) => {
+                            names.insert(at, name);
+                            at
+                        }
+                    };
+                    let found = address(&names[at]);
+                    runs.push((index, found));
+                    last = Some((counter, found));
+                    found
+                }
+            };
+            hashes.push(self.hash(counter, player));
         }
         let mut new_keys = 0;
-        let mut index = 0;
-        for (run, (start, name)) in runs.iter().enumerate() {
+        for (run, &(start, counter)) in runs.iter().enumerate() {
             let end = runs.get(run + 1).map_or(clicks.len(), |(next, _)| *next);
-            let counter = address(name);
-            for Click(player, _, count) in &clicks[*start..end] {
+            for (index, Click(player, _, count)) in clicks.iter().enumerate().take(end).skip(start) {
                 if let Some(ahead) = hashes.get(index + PREFETCH_AHEAD) {
                     prefetch(&slots[*ahead as usize & mask]);
                 }
-                let mut at = hashes[index] as usize & mask;
-                index += 1;
                 if *count == 0 {
                     continue; // refused by `validate`; nothing to add
                 }
+                let mut at = hashes[index] as usize & mask;
                 loop {
                     let slot = &mut slots[at];
                     if slot.count == 0 {
@@ -204,6 +223,7 @@ impl Pending {
         // Counted under the table's lock, as `drain` uncounts: the count never goes below the
         // keys present.
         self.keys.fetch_add(new_keys, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Takes every pending total out, one entry per key, and forgets the tables of closed
@@ -402,18 +422,8 @@ impl Clicks {
                 message: "click buffer full: the click store is behind".into(),
             });
         }
-        // Messages usually name one counter, or runs of the same: a name is interned once per
-        // run, before anything is added (a name `intern` refuses refuses the whole message).
-        let mut runs: Vec<(usize, Arc<str>)> = Vec::with_capacity(1);
-        let mut last: Option<&CounterName> = None;
-        for (index, Click(_, counter, _)) in clicks.iter().enumerate() {
-            if last != Some(counter) {
-                runs.push((index, self.intern(tenant, counter)?));
-                last = Some(counter);
-            }
-        }
-        self.pending.add(table, clicks, &runs);
-        Ok(())
+        self.pending
+            .add(table, clicks, |counter| self.intern(tenant, counter))
     }
 
     /// Writes everything buffered to the store, in parts of at most [`CLICK_PART_KEYS_MAX`] keys,
