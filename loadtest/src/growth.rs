@@ -46,8 +46,102 @@ pub struct GrowthRow {
     pub replica_cpu_ms_per_event: f64,
     pub gateway_rss_bytes: u64,
     pub replica_rss_bytes_max: u64,
+    /// What the replicas' stores and views did in the window (from their `/metrics`): a row
+    /// whose tail is a disk stall or a view change says so.
+    #[serde(default)]
+    pub replicas_window: ReplicaWindow,
     /// Why this run would not count as sustained under the ladder's limits (None: it would).
     pub not_sustained: Option<String>,
+}
+
+/// The replicas' store syncs and view changes over a window, all replicas together, from the
+/// differences of their `/metrics` (`hoard_replica_store_sync_seconds`,
+/// `hoard_replica_view_changes_total`) at its start and end.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaWindow {
+    pub store_syncs: u64,
+    /// Syncs that took longer than 100 ms (one stalls every round in flight on that replica).
+    pub store_syncs_over_100ms: u64,
+    /// The slowest sync took at most this long: the histogram's smallest bucket bound that holds
+    /// every sync of the window (None: no sync, or one over the largest bound, 5 s).
+    pub store_sync_slowest_at_most_seconds: Option<f64>,
+    pub view_changes: u64,
+}
+
+/// One replica's counters at one moment: (store sync histogram buckets as (bound, cumulative
+/// count), sync count, view changes).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReplicaCounters {
+    sync_buckets: Vec<(f64, f64)>,
+    syncs: f64,
+    view_changes: f64,
+}
+
+impl ReplicaCounters {
+    /// Reads them from a replica's parsed `/metrics`.
+    pub fn from_samples(samples: &[crate::sys::Sample]) -> ReplicaCounters {
+        let mut sync_buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|s| s.name == "hoard_replica_store_sync_seconds_bucket")
+            .filter_map(|s| Some((label(&s.labels, "le")?.parse::<f64>().ok()?, s.value)))
+            .collect();
+        sync_buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        ReplicaCounters {
+            sync_buckets,
+            syncs: crate::sys::sum(samples, "hoard_replica_store_sync_seconds_count"),
+            view_changes: crate::sys::sum(samples, "hoard_replica_view_changes_total"),
+        }
+    }
+
+    async fn scrape(address: std::net::SocketAddr) -> ReplicaCounters {
+        match crate::sys::scrape(address).await {
+            Ok(samples) => ReplicaCounters::from_samples(&samples),
+            Err(error) => {
+                tracing::warn!(%address, %error, "replica metrics unreadable: its row counts nothing for it");
+                ReplicaCounters::default()
+            }
+        }
+    }
+}
+
+/// The value of label `name` in `{a="x",name="y"}`.
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let start = labels.find(&format!("{name}=\""))? + name.len() + 2;
+    let length = labels[start..].find('"')?;
+    Some(&labels[start..start + length])
+}
+
+impl ReplicaWindow {
+    /// Adds one replica's window, from its counters at the start and at the end.
+    pub fn add(&mut self, before: &ReplicaCounters, after: &ReplicaCounters) {
+        let delta = |a: f64, b: f64| (a - b).max(0.0) as u64;
+        let syncs = delta(after.syncs, before.syncs);
+        let at = |counters: &ReplicaCounters, bound: f64| {
+            counters
+                .sync_buckets
+                .iter()
+                .find(|(le, _)| *le == bound)
+                .map_or(0.0, |(_, n)| *n)
+        };
+        self.store_syncs += syncs;
+        self.store_syncs_over_100ms += syncs.saturating_sub(delta(at(after, 0.1), at(before, 0.1)));
+        self.view_changes += delta(after.view_changes, before.view_changes);
+        if syncs == 0 {
+            return;
+        }
+        let slowest = after
+            .sync_buckets
+            .iter()
+            .filter(|(le, _)| le.is_finite())
+            .find(|(le, _)| delta(at(after, *le), at(before, *le)) == syncs)
+            .map(|(le, _)| *le);
+        self.store_sync_slowest_at_most_seconds = match (self.store_sync_slowest_at_most_seconds, slowest) {
+            (_, None) => None,
+            (None, Some(le)) if self.store_syncs == syncs => Some(le),
+            (None, Some(_)) => None,
+            (Some(seen), Some(le)) => Some(seen.max(le)),
+        };
+    }
 }
 
 fn cpu(pids: &[Option<u32>]) -> f64 {
@@ -77,9 +171,16 @@ pub async fn run_once(
     let gateway_pid = [stack.gateway_pid()];
     let replica_pids: Vec<Option<u32>> = stack.replicas.iter().map(|r| r.process.pid()).collect();
     let simulation = Simulation::start(config).await?;
+    let counters =
+        || futures::future::join_all(stack.replicas.iter().map(|r| ReplicaCounters::scrape(r.metrics)));
+    let counters_before = counters().await;
     let (gateway_before, replicas_before) = (cpu(&gateway_pid), cpu(&replica_pids));
     let report = simulation.run_for(std::future::pending()).await;
     let (gateway_after, replicas_after) = (cpu(&gateway_pid), cpu(&replica_pids));
+    let mut replicas_window = ReplicaWindow::default();
+    for (before, after) in counters_before.iter().zip(counters().await.iter()) {
+        replicas_window.add(before, after);
+    }
     let wall = report.duration_seconds.max(1e-9);
     let gateway_cpu = gateway_after - gateway_before;
     let replica_cpu = replicas_after - replicas_before;
@@ -122,6 +223,7 @@ pub async fn run_once(
         },
         gateway_rss_bytes: gateway_rss,
         replica_rss_bytes_max: replica_rss.iter().copied().max().unwrap_or(0),
+        replicas_window,
         not_sustained: ladder_verdict(
             limits,
             report.click_ack.p99_ms,
@@ -136,7 +238,8 @@ pub fn print_row(row: &GrowthRow) {
     println!(
         "  replicas {} batch {} players {} ({} direct): clicks {:.0}/s (offered {:.0}), events {:.1}/s committed; \
          click ack p99 {:.1} ms; accept-to-commit p50 {:.1} p99 {:.1} ms; errors {}; gateway {:.2} cores ({:.2} us/click), \
-         replicas {:.2} cores ({:.2} ms/event); gateway RSS {} MB{}{}",
+         replicas {:.2} cores ({:.2} ms/event); gateway RSS {} MB; replica store syncs {} ({} over 100 ms, slowest <= {}), \
+         view changes {}{}{}",
         row.replicas,
         row.batch_max,
         row.players,
@@ -153,10 +256,71 @@ pub fn print_row(row: &GrowthRow) {
         row.replica_cores,
         row.replica_cpu_ms_per_event,
         row.gateway_rss_bytes / 1_000_000,
+        row.replicas_window.store_syncs,
+        row.replicas_window.store_syncs_over_100ms,
+        row.replicas_window
+            .store_sync_slowest_at_most_seconds
+            .map_or("-".to_string(), |s| format!("{:.0} ms", s * 1e3)),
+        row.replicas_window.view_changes,
         if row.schedule_kept { "" } else { "; SIMULATOR BEHIND SCHEDULE" },
         row.not_sustained
             .as_ref()
             .map(|r| format!("; NOT SUSTAINED: {r}"))
             .unwrap_or_default()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters(text: &str) -> ReplicaCounters {
+        ReplicaCounters::from_samples(&crate::sys::parse_metrics(text))
+    }
+
+    fn replica(syncs: [u64; 4], views: u64) -> String {
+        // Cumulative counts at le 0.01, 0.1, 0.5, +Inf.
+        let [a, b, c, d] = syncs;
+        format!(
+            "hoard_replica_store_sync_seconds_bucket{{replica=\"0\",le=\"0.01\"}} {a}\n\
+             hoard_replica_store_sync_seconds_bucket{{replica=\"0\",le=\"0.1\"}} {b}\n\
+             hoard_replica_store_sync_seconds_bucket{{replica=\"0\",le=\"0.5\"}} {c}\n\
+             hoard_replica_store_sync_seconds_bucket{{replica=\"0\",le=\"+Inf\"}} {d}\n\
+             hoard_replica_store_sync_seconds_count{{replica=\"0\"}} {d}\n\
+             hoard_replica_view_changes_total{{replica=\"0\"}} {views}\n"
+        )
+    }
+
+    #[test]
+    fn a_window_counts_slow_syncs_and_bounds_the_slowest_from_the_histogram_differences() {
+        let mut window = ReplicaWindow::default();
+        // Replica A: 100 syncs, 3 of them between 0.1 and 0.5 s; one view change.
+        window.add(
+            &counters(&replica([50, 60, 60, 60], 2)),
+            &counters(&replica([147, 157, 160, 160], 3)),
+        );
+        assert_eq!(window.store_syncs, 100);
+        assert_eq!(window.store_syncs_over_100ms, 3);
+        assert_eq!(window.store_sync_slowest_at_most_seconds, Some(0.5));
+        assert_eq!(window.view_changes, 1);
+        // Replica B: 10 syncs, all under 10 ms (slow ones before the window do not count).
+        window.add(
+            &counters(&replica([5, 5, 9, 9], 0)),
+            &counters(&replica([15, 15, 19, 19], 0)),
+        );
+        assert_eq!(window.store_syncs, 110);
+        assert_eq!(window.store_syncs_over_100ms, 3);
+        assert_eq!(window.store_sync_slowest_at_most_seconds, Some(0.5));
+        // Replica C: one sync over the largest finite bound: the slowest is unbounded.
+        window.add(
+            &counters(&replica([0, 0, 0, 0], 0)),
+            &counters(&replica([0, 0, 0, 1], 0)),
+        );
+        assert_eq!(window.store_syncs_over_100ms, 4);
+        assert_eq!(window.store_sync_slowest_at_most_seconds, None);
+        // Unreadable metrics (empty counters) count nothing.
+        let mut empty = ReplicaWindow::default();
+        empty.add(&ReplicaCounters::default(), &ReplicaCounters::default());
+        assert_eq!(empty, ReplicaWindow::default());
+    }
 }
