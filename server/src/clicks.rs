@@ -37,8 +37,9 @@ type Entry = (u64, Key, u64);
 /// A table shrinks after a drain when it has over this many times the slots its keys needed (and
 /// over [`TABLE_SLOTS_MIN`]): a connection whose players left does not keep their room.
 const TABLE_SHRINK_RATIO: usize = 4;
-/// The fewest slots of a table that holds anything.
-const TABLE_SLOTS_MIN: usize = 64;
+/// The fewest slots of a table that holds anything (a player's own connection needs a few: one
+/// key per counter it clicks).
+const TABLE_SLOTS_MIN: usize = 8;
 /// How many clicks ahead [`Pending::add`] prefetches the slot a click will probe first, so that
 /// the cache misses of a message's clicks overlap instead of following each other.
 const PREFETCH_AHEAD: usize = 16;
@@ -85,11 +86,6 @@ struct Counts {
     len: usize,
     /// The interned names of the counters in `slots`, ordered by address.
     names: Vec<Arc<str>>,
-    /// Scratch for the message being added: (first click, counter address) of each run of
-    /// clicks naming one counter.
-    runs: Vec<(usize, usize)>,
-    /// Scratch: the hash of each click of the message being added.
-    hashes: Vec<u64>,
 }
 
 /// The clicks absorbed since the last flush: every connection's [`ClickTable`]. Counter names are
@@ -141,13 +137,7 @@ impl Pending {
         mut intern: impl FnMut(&CounterName) -> Result<Arc<str>, ClickError>,
     ) -> Result<(), ClickError> {
         let mut counts = table.counts.lock().expect("click table lock");
-        let Counts {
-            slots,
-            len,
-            names,
-            runs,
-            hashes,
-        } = &mut *counts;
+        let Counts { slots, len, names } = &mut *counts;
         // At most half full after this message.
         let needed = ((*len + clicks.len()) * 2)
             .next_power_of_two()
@@ -165,9 +155,11 @@ impl Pending {
         }
         let mask = slots.len() - 1;
         // First every click's hash (and its run's counter), then the probes, each prefetched
-        // a few clicks ahead.
-        hashes.clear();
-        runs.clear();
+        // a few clicks ahead. `runs`: (first click, counter address) of each run of clicks
+        // naming one counter. Allocated per message, so that no connection keeps the room of its
+        // largest message.
+        let mut hashes: Vec<u64> = Vec::with_capacity(clicks.len());
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(1);
         let mut last: Option<(&CounterName, usize)> = None;
         for (index, Click(player, counter, _)) in clicks.iter().enumerate() {
             let counter = match last {
@@ -234,9 +226,7 @@ impl Pending {
         let mut tables = self.tables.lock().expect("click tables lock");
         tables.retain(|table| {
             let mut counts = table.counts.lock().expect("click table lock");
-            let Counts {
-                slots, len, names, ..
-            } = &mut *counts;
+            let Counts { slots, len, names } = &mut *counts;
             let tenant = table.tenant;
             for slot in slots.iter_mut().filter(|slot| slot.count != 0) {
                 let Slot {
