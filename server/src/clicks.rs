@@ -93,18 +93,25 @@ struct Counts {
 /// gateway, so keys hash and compare the name by its address.
 struct Pending {
     hasher: foldhash::fast::RandomState,
-    /// The tables of live connections, and of closed ones until their clicks are drained (at
-    /// most one per connection: the gateway's connection limit bounds it).
+    /// The tables of live connections (at most one per connection: the gateway's connection
+    /// limit bounds them). A closing connection retires its table ([`Pending::retire`]).
     tables: Mutex<Vec<Arc<ClickTable>>>,
-    /// Keys in all tables (the bound [`CLICK_KEYS_PENDING_MAX`] is checked against it).
+    /// The totals of retired tables, until the next drain.
+    orphans: Mutex<Merged>,
+    /// Keys in all tables and in `orphans` (the bound [`CLICK_KEYS_PENDING_MAX`] is checked
+    /// against it).
     keys: AtomicUsize,
 }
+
+/// Totals merged from tables, one entry per (tenant, counter, player).
+type Merged = hashbrown::HashTable<Entry>;
 
 impl Pending {
     fn new() -> Pending {
         Pending {
             hasher: foldhash::fast::RandomState::default(),
             tables: Mutex::default(),
+            orphans: Mutex::default(),
             keys: AtomicUsize::new(0),
         }
     }
@@ -218,45 +225,68 @@ impl Pending {
         Ok(())
     }
 
-    /// Takes every pending total out, one entry per key, and forgets the tables of closed
-    /// connections once drained.
-    fn drain(&self) -> Vec<(Key, u64)> {
-        let mut merged: hashbrown::HashTable<Entry> =
-            hashbrown::HashTable::with_capacity(self.keys.load(Ordering::SeqCst));
-        let mut tables = self.tables.lock().expect("click tables lock");
-        tables.retain(|table| {
-            let mut counts = table.counts.lock().expect("click table lock");
-            let Counts { slots, len, names } = &mut *counts;
-            let tenant = table.tenant;
-            for slot in slots.iter_mut().filter(|slot| slot.count != 0) {
-                let Slot {
-                    player,
-                    counter,
-                    count,
-                } = std::mem::replace(slot, EMPTY);
-                let name = match names.binary_search_by_key(&counter, address) {
-                    Ok(at) => &names[at],
-                    Err(_) => unreachable!("a table holds the name of every counter in its slots"),
-                };
-                let hash = self.hasher.hash_one((tenant.0, self.hash(counter, &player)));
-                let same = |(_, (t, n, p), _): &Entry| *t == tenant && Arc::ptr_eq(n, name) && *p == player;
-                match merged.entry(hash, same, |(h, _, _)| *h) {
-                    hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().2 += count,
-                    hashbrown::hash_table::Entry::Vacant(entry) => {
-                        entry.insert((hash, (tenant, name.clone(), player), count));
-                    }
+    /// Moves everything `table` holds into `merged`; returns the keys that were in the table
+    /// and the keys that merging added to `merged` (fewer when a key was in both).
+    fn empty_into(&self, table: &ClickTable, merged: &mut Merged) -> (usize, usize) {
+        let mut counts = table.counts.lock().expect("click table lock");
+        let Counts { slots, len, names } = &mut *counts;
+        let tenant = table.tenant;
+        let mut added = 0;
+        for slot in slots.iter_mut().filter(|slot| slot.count != 0) {
+            let Slot {
+                player,
+                counter,
+                count,
+            } = std::mem::replace(slot, EMPTY);
+            let name = match names.binary_search_by_key(&counter, address) {
+                Ok(at) => &names[at],
+                Err(_) => unreachable!("a table holds the name of every counter in its slots"),
+            };
+            let hash = self.hasher.hash_one((tenant.0, self.hash(counter, &player)));
+            let same = |(_, (t, n, p), _): &Entry| *t == tenant && Arc::ptr_eq(n, name) && *p == player;
+            match merged.entry(hash, same, |(h, _, _)| *h) {
+                hashbrown::hash_table::Entry::Occupied(mut entry) => entry.get_mut().2 += count,
+                hashbrown::hash_table::Entry::Vacant(entry) => {
+                    entry.insert((hash, (tenant, name.clone(), player), count));
+                    added += 1;
                 }
             }
-            let held = std::mem::take(len);
-            names.clear();
-            if slots.len() > TABLE_SLOTS_MIN.max(held * 2 * TABLE_SHRINK_RATIO) {
-                *slots = Vec::new();
-            }
-            self.keys.fetch_sub(held, Ordering::SeqCst);
-            // A table nobody else holds belongs to a closed connection: nothing can add to it.
+        }
+        let held = std::mem::take(len);
+        names.clear();
+        if slots.len() > TABLE_SLOTS_MIN.max(held * 2 * TABLE_SHRINK_RATIO) {
+            *slots = Vec::new();
+        }
+        (held, added)
+    }
+
+    /// Takes every pending total out, one entry per key.
+    fn drain(&self) -> Vec<(Key, u64)> {
+        let mut tables = self.tables.lock().expect("click tables lock");
+        let mut merged = std::mem::take(&mut *self.orphans.lock().expect("click orphans lock"));
+        merged.reserve(self.keys.load(Ordering::SeqCst), |(h, _, _)| *h);
+        let mut removed = merged.len();
+        tables.retain(|table| {
+            removed += self.empty_into(table, &mut merged).0;
+            // A table nobody else holds was dropped without being retired: nothing can add to it.
             Arc::strong_count(table) > 1
         });
+        self.keys.fetch_sub(removed, Ordering::SeqCst);
         merged.into_iter().map(|(_, key, count)| (key, count)).collect()
+    }
+
+    /// Forgets `table` (its connection is closing); what it holds waits in `orphans` for the
+    /// next drain, so that the tables kept are those of live connections, whatever the flushes do.
+    fn retire(&self, table: &Arc<ClickTable>) {
+        let mut tables = self.tables.lock().expect("click tables lock");
+        let Some(at) = tables.iter().position(|t| Arc::ptr_eq(t, table)) else {
+            return;
+        };
+        tables.swap_remove(at);
+        let mut orphans = self.orphans.lock().expect("click orphans lock");
+        let (held, added) = self.empty_into(table, &mut orphans);
+        // Counted under the locks, as `drain` uncounts: never below the keys present.
+        self.keys.fetch_sub(held - added, Ordering::SeqCst);
     }
 
     fn len(&self) -> usize {
@@ -393,6 +423,12 @@ impl Clicks {
     /// A table for one connection's clicks, of `tenant` ([`Clicks::absorb`] into it).
     pub fn table(&self, tenant: TenantId) -> Arc<ClickTable> {
         self.pending.table(tenant)
+    }
+
+    /// Gives up a connection's table when the connection ends: its clicks are kept for the next
+    /// flush, the table itself is forgotten.
+    pub fn retire(&self, table: &Arc<ClickTable>) {
+        self.pending.retire(table);
     }
 
     /// Adds validated clicks to `table`. Refuses (`busy`) when too many keys are buffered (the
@@ -637,6 +673,13 @@ mod tests {
                                 .unwrap_or_else(|e| panic!("{}", e.message));
                             add_to(&mut absorbed, tenant, &batch);
                             if worker == 2 && round == 150 {
+                                // Connections closing: retired, or (worker 1) dropped unretired.
+                                for table in &tables {
+                                    clicks.retire(table);
+                                }
+                                tables = [clicks.table(TenantId(1)), clicks.table(TenantId(2))];
+                            }
+                            if worker == 1 && round == 200 {
                                 tables = [clicks.table(TenantId(1)), clicks.table(TenantId(2))];
                             }
                         }
@@ -709,6 +752,34 @@ mod tests {
             .find(|((t, c, _), _)| t.0 == 1 && &**c == "gold")
             .expect("gold");
         assert!(Arc::ptr_eq(&again[0].0 .1, &first.0 .1));
+    }
+
+    #[test]
+    fn a_retired_table_is_forgotten_and_its_clicks_wait_for_the_next_drain() {
+        let clicks = clicks();
+        let (one, two) = (clicks.table(TenantId(3)), clicks.table(TenantId(3)));
+        let mut seed = 3;
+        let batch = message(&mut seed, 300, 50, &["gold", "xp"]);
+        let mut absorbed = Totals::new();
+        for table in [&one, &two] {
+            clicks
+                .absorb(table, &batch)
+                .unwrap_or_else(|e| panic!("{}", e.message));
+            add_to(&mut absorbed, TenantId(3), &batch);
+        }
+        let distinct = clicks.pending.len() / 2;
+        let registered = || clicks.pending.tables.lock().expect("lock").len();
+        clicks.retire(&one);
+        assert_eq!((registered(), clicks.pending.len()), (1, 2 * distinct));
+        // The second table's keys merge with the first's, waiting in the orphans.
+        clicks.retire(&two);
+        assert_eq!((registered(), clicks.pending.len()), (0, distinct));
+        clicks.retire(&two); // again: nothing
+        assert_eq!(clicks.pending.len(), distinct);
+        let mut drained = Totals::new();
+        drain_into(&clicks, &mut drained);
+        assert_eq!(drained, absorbed);
+        assert_eq!(clicks.pending.len(), 0);
     }
 
     #[test]

@@ -109,6 +109,16 @@ struct Connection {
     subscriptions: HashSet<u64>,
 }
 
+impl Drop for Connection {
+    /// However the connection ends (closed, failed, or its task aborted), its click table is
+    /// retired: its clicks wait for the next flush, and the table is forgotten.
+    fn drop(&mut self) {
+        if let Some(table) = self.click_table.take() {
+            self.shared.clicks.retire(&table);
+        }
+    }
+}
+
 /// Serves one accepted TCP connection until it closes. `refuse` answers the handshake and closes
 /// at once with 1013 (connection limit).
 pub async fn serve(shared: Arc<Shared>, stream: TcpStream, refuse: bool) {
