@@ -409,9 +409,11 @@ impl BlockSizes {
         self.last = height;
     }
 
-    /// The highest height pushed (pruning does not lower it); 0 before any.
-    pub(crate) fn last(&self) -> u64 {
-        self.last
+    /// [`Store::last_height`] of a store with these blocks and snapshots at `snapshot_heights`
+    /// (ascending): the highest of the highest block pushed (pruning does not lower it; 0 before
+    /// any) and the latest snapshot.
+    pub(crate) fn last_height(&self, snapshot_heights: &[u64]) -> u64 {
+        self.last.max(snapshot_heights.last().copied().unwrap_or(0))
     }
 
     /// Forgets the blocks at or below `limit` (they were pruned).

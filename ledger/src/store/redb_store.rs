@@ -202,8 +202,7 @@ impl Store for RedbStore {
     }
 
     fn last_height(&self) -> Result<u64> {
-        let last_snapshot = self.snapshot_heights.last().copied().unwrap_or(0);
-        Ok(self.sizes.last().max(last_snapshot))
+        Ok(self.sizes.last_height(&self.snapshot_heights))
     }
 
     fn put_snapshot(&mut self, height: u64, snapshot: &[u8]) -> Result<()> {
