@@ -93,12 +93,14 @@ impl ReplicaCounters {
         }
     }
 
-    async fn scrape(address: std::net::SocketAddr) -> ReplicaCounters {
+    /// None (and a warning) when the replica's metrics cannot be read: the row then counts
+    /// nothing for that replica.
+    async fn scrape(address: std::net::SocketAddr) -> Option<ReplicaCounters> {
         match crate::sys::scrape(address).await {
-            Ok(samples) => ReplicaCounters::from_samples(&samples),
+            Ok(samples) => Some(ReplicaCounters::from_samples(&samples)),
             Err(error) => {
-                tracing::warn!(%address, %error, "replica metrics unreadable: its row counts nothing for it");
-                ReplicaCounters::default()
+                tracing::warn!(%address, %error, "replica metrics unreadable: the row counts nothing for this replica");
+                None
             }
         }
     }
@@ -179,7 +181,9 @@ pub async fn run_once(
     let (gateway_after, replicas_after) = (cpu(&gateway_pid), cpu(&replica_pids));
     let mut replicas_window = ReplicaWindow::default();
     for (before, after) in counters_before.iter().zip(counters().await.iter()) {
-        replicas_window.add(before, after);
+        if let (Some(before), Some(after)) = (before, after) {
+            replicas_window.add(before, after);
+        }
     }
     let wall = report.duration_seconds.max(1e-9);
     let gateway_cpu = gateway_after - gateway_before;
@@ -318,7 +322,7 @@ mod tests {
         );
         assert_eq!(window.store_syncs_over_100ms, 4);
         assert_eq!(window.store_sync_slowest_at_most_seconds, None);
-        // Unreadable metrics (empty counters) count nothing.
+        // A replica without the metrics (empty counters) counts nothing.
         let mut empty = ReplicaWindow::default();
         empty.add(&ReplicaCounters::default(), &ReplicaCounters::default());
         assert_eq!(empty, ReplicaWindow::default());
