@@ -116,12 +116,24 @@ impl Pending {
         }
     }
 
-    /// A (counter, player) key's hash in a table.
-    fn hash(&self, counter: usize, player: &PublicKey) -> u64 {
+    /// A player key's hash: the part of a table key's hash that [`Clicks::check`] computes while
+    /// it reads the message.
+    fn player_hash(&self, player: &PublicKey) -> u64 {
         // Fixed-size words hash faster than a byte slice (no length, no tail handling).
         let word = |at: usize| u64::from_le_bytes(player.0[at..at + 8].try_into().expect("8 bytes"));
-        self.hasher
-            .hash_one((counter as u64, word(0), word(8), word(16), word(24)))
+        // A tuple: an array would hash as a slice (a length, then the words as bytes).
+        self.hasher.hash_one((word(0), word(8), word(16), word(24)))
+    }
+
+    /// A (counter, player) key's hash in a table, from the player's hash and the counter's
+    /// interned name address (mixed by a folded multiply, so every bit of it counts).
+    fn key_hash(player_hash: u64, counter: usize) -> u64 {
+        let product = u128::from(counter as u64) * 0x9e37_79b9_7f4a_7c15;
+        player_hash ^ (product as u64) ^ ((product >> 64) as u64)
+    }
+
+    fn hash(&self, counter: usize, player: &PublicKey) -> u64 {
+        Self::key_hash(self.player_hash(player), counter)
     }
 
     /// A new table for `tenant`'s clicks, drained by every [`Pending::drain`] from now on.
@@ -134,17 +146,21 @@ impl Pending {
         table
     }
 
-    /// Adds `clicks` to `table`, each counter name interned by `intern` (once per run of clicks
-    /// naming the same counter). A name `intern` refuses refuses the whole message: nothing of it
-    /// is added.
-    fn add(
-        &self,
-        table: &ClickTable,
-        clicks: &[Click],
-        mut intern: impl FnMut(&CounterName) -> Result<Arc<str>, ClickError>,
-    ) -> Result<(), ClickError> {
+    /// Adds a checked message to `table`; `names[i]` is the interned counter name of its run `i`.
+    fn add(&self, table: &ClickTable, checked: Checked, names: Vec<Arc<str>>) {
+        let Checked {
+            clicks,
+            runs,
+            mut hashes,
+            ..
+        } = checked;
+        debug_assert_eq!(runs.len(), names.len());
         let mut counts = table.counts.lock().expect("click table lock");
-        let Counts { slots, len, names } = &mut *counts;
+        let Counts {
+            slots,
+            len,
+            names: held_names,
+        } = &mut *counts;
         // At most half full after this message.
         let needed = ((*len + clicks.len()) * 2)
             .next_power_of_two()
@@ -161,42 +177,28 @@ impl Pending {
             }
         }
         let mask = slots.len() - 1;
-        // First every click's hash (and its run's counter), then the probes, each prefetched
-        // a few clicks ahead. `runs`: (first click, counter address) of each run of clicks
-        // naming one counter. Allocated per message, so that no connection keeps the room of its
-        // largest message.
-        let mut hashes: Vec<u64> = Vec::with_capacity(clicks.len());
-        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(1);
-        let mut last: Option<(&CounterName, usize)> = None;
-        for (index, Click(player, counter, _)) in clicks.iter().enumerate() {
-            let counter = match last {
-                Some((name, address)) if name == counter => address,
-                _ => {
-                    let name = intern(counter)?;
-                    let at = match names.binary_search_by_key(&address(&name), address) {
-                        Ok(at) => at,
-                        Err(at) => {
-                            names.insert(at, name);
-                            at
-                        }
-                    };
-                    let found = address(&names[at]);
-                    runs.push((index, found));
-                    last = Some((counter, found));
-                    found
-                }
-            };
-            hashes.push(self.hash(counter, player));
+        // Each run's counter into the players' hashes (a pass over the hashes alone), then the
+        // probes, each prefetched a few clicks ahead.
+        let mut counters = Vec::with_capacity(runs.len());
+        for (run, name) in names.into_iter().enumerate() {
+            let counter = address(&name);
+            if let Err(at) = held_names.binary_search_by_key(&counter, address) {
+                held_names.insert(at, name);
+            }
+            let end = runs.get(run + 1).copied().unwrap_or(clicks.len());
+            for hash in &mut hashes[runs[run]..end] {
+                *hash = Self::key_hash(*hash, counter);
+            }
+            counters.push(counter);
         }
         let mut new_keys = 0;
-        for (run, &(start, counter)) in runs.iter().enumerate() {
-            let end = runs.get(run + 1).map_or(clicks.len(), |(next, _)| *next);
+        for (run, &start) in runs.iter().enumerate() {
+            let end = runs.get(run + 1).copied().unwrap_or(clicks.len());
+            let counter = counters[run];
             for (index, Click(player, _, count)) in clicks.iter().enumerate().take(end).skip(start) {
+                debug_assert!(*count >= 1, "`check` refuses a count of 0, the empty slot's mark");
                 if let Some(ahead) = hashes.get(index + PREFETCH_AHEAD) {
                     prefetch(&slots[*ahead as usize & mask]);
-                }
-                if *count == 0 {
-                    continue; // refused by `validate`; nothing to add
                 }
                 let mut at = hashes[index] as usize & mask;
                 loop {
@@ -222,7 +224,6 @@ impl Pending {
         // Counted under the table's lock, as `drain` uncounts: the count never goes below the
         // keys present.
         self.keys.fetch_add(new_keys, Ordering::SeqCst);
-        Ok(())
     }
 
     /// Moves everything `table` holds into `merged`; returns the keys that were in the table
@@ -312,6 +313,17 @@ pub struct Clicks {
     unapplied: tokio::sync::Mutex<VecDeque<Part>>,
 }
 
+/// A `clicks` message that passed [`Clicks::check`], ready for [`Clicks::absorb`].
+pub struct Checked<'a> {
+    clicks: &'a [Click],
+    /// The clicks' counts, summed.
+    pub total: u64,
+    /// The first click of each run of clicks naming one counter.
+    runs: Vec<usize>,
+    /// Each click's player hash ([`Pending::player_hash`]).
+    hashes: Vec<u64>,
+}
+
 /// A refused `clicks` message.
 pub struct ClickError {
     pub code: ErrorCode,
@@ -371,7 +383,13 @@ impl Clicks {
     }
 
     /// Checks a whole `clicks` message; `player` restricts it to one player (player connections).
-    pub fn validate(clicks: &[Click], player: Option<&PublicKey>) -> Result<u64, ClickError> {
+    /// The one pass over the message also hashes each click's player and finds the runs of
+    /// clicks naming one counter, for [`Clicks::absorb`].
+    pub fn check<'a>(
+        &self,
+        clicks: &'a [Click],
+        player: Option<&PublicKey>,
+    ) -> Result<Checked<'a>, ClickError> {
         if clicks.is_empty() {
             return Err(ClickError {
                 code: ErrorCode::Invalid,
@@ -388,10 +406,12 @@ impl Clicks {
             });
         }
         let mut total = 0u64;
+        let mut runs = Vec::with_capacity(1);
+        let mut hashes = Vec::with_capacity(clicks.len());
         // Clicks of one message usually name the same counter: a name equal to the previous
         // click's was checked already.
-        let mut checked: Option<&CounterName> = None;
-        for Click(who, counter, count) in clicks {
+        let mut last: Option<&CounterName> = None;
+        for (index, Click(who, counter, count)) in clicks.iter().enumerate() {
             if let Some(player) = player {
                 if who != player {
                     return Err(ClickError {
@@ -400,14 +420,15 @@ impl Clicks {
                     });
                 }
             }
-            if checked != Some(counter) {
+            if last != Some(counter) {
                 if !hoard_types::wire::counter_name_is_valid(counter) {
                     return Err(ClickError {
                         code: ErrorCode::Invalid,
                         message: format!("bad counter name {counter:?}"),
                     });
                 }
-                checked = Some(counter);
+                runs.push(index);
+                last = Some(counter);
             }
             if *count == 0 || *count > CLICK_COUNT_MAX {
                 return Err(ClickError {
@@ -416,8 +437,14 @@ impl Clicks {
                 });
             }
             total += u64::from(*count);
+            hashes.push(self.pending.player_hash(who));
         }
-        Ok(total)
+        Ok(Checked {
+            clicks,
+            total,
+            runs,
+            hashes,
+        })
     }
 
     /// A table for one connection's clicks, of `tenant` ([`Clicks::absorb`] into it).
@@ -431,16 +458,10 @@ impl Clicks {
         self.pending.retire(table);
     }
 
-    /// Adds validated clicks to `table`. Refuses (`busy`) when too many keys are buffered (the
-    /// store is not keeping up).
-    pub fn absorb(&self, table: &ClickTable, clicks: &[Click]) -> Result<(), ClickError> {
-        let tenant = table.tenant;
-        if clicks.len() > CLICKS_PER_FRAME_MAX {
-            return Err(ClickError {
-                code: ErrorCode::TooLarge,
-                message: format!("at most {CLICKS_PER_FRAME_MAX} clicks per message"),
-            });
-        }
+    /// Adds a checked message to `table`. Refuses (`busy`) when too many keys are buffered (the
+    /// store is not keeping up), and refuses the whole message, adding nothing, when one of its
+    /// counters would be one too many for the tenant.
+    pub fn absorb(&self, table: &ClickTable, checked: Checked) -> Result<(), ClickError> {
         if self.pending.len() >= CLICK_KEYS_PENDING_MAX {
             metrics::counter!(m::BUSY_TOTAL, "reason" => "clicks_pending").increment(1);
             return Err(ClickError {
@@ -448,8 +469,13 @@ impl Clicks {
                 message: "click buffer full: the click store is behind".into(),
             });
         }
-        self.pending
-            .add(table, clicks, |counter| self.intern(tenant, counter))
+        let names = checked
+            .runs
+            .iter()
+            .map(|&start| self.intern(table.tenant, &checked.clicks[start].1))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.pending.add(table, checked, names);
+        Ok(())
     }
 
     /// Writes everything buffered to the store, in parts of at most [`CLICK_PART_KEYS_MAX`] keys,
@@ -640,6 +666,16 @@ mod tests {
         }
     }
 
+    /// Checks and absorbs `batch` into `table`, as a connection does.
+    fn absorb(clicks: &Clicks, table: &ClickTable, batch: &[Click]) {
+        let checked = clicks
+            .check(batch, None)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+        clicks
+            .absorb(table, checked)
+            .unwrap_or_else(|e| panic!("{}", e.message));
+    }
+
     fn drain_into(clicks: &Clicks, totals: &mut Totals) {
         for ((tenant, counter, player), count) in clicks.pending.drain() {
             *totals
@@ -667,10 +703,7 @@ mod tests {
                             let tenant = TenantId(round % 2 + 1);
                             let batch =
                                 message(&mut seed, 1 + round as usize % 700, 200, &["gold", "xp", "gems"]);
-                            Clicks::validate(&batch, None).unwrap_or_else(|e| panic!("{}", e.message));
-                            clicks
-                                .absorb(&tables[round as usize % 2], &batch)
-                                .unwrap_or_else(|e| panic!("{}", e.message));
+                            absorb(clicks, &tables[round as usize % 2], &batch);
                             add_to(&mut absorbed, tenant, &batch);
                             if worker == 2 && round == 150 {
                                 // Connections closing: retired, or (worker 1) dropped unretired.
@@ -726,16 +759,10 @@ mod tests {
             Click(alice, "gold".into(), 3),
             Click(alice, "gold".into(), 4),
         ];
-        clicks
-            .absorb(&one, &batch)
-            .unwrap_or_else(|e| panic!("{}", e.message));
-        clicks
-            .absorb(&two, &batch)
-            .unwrap_or_else(|e| panic!("{}", e.message));
+        absorb(&clicks, &one, &batch);
+        absorb(&clicks, &two, &batch);
         assert_eq!(clicks.pending.len(), 4, "(tenant, counter) pairs for one player");
-        clicks
-            .absorb(&three, &batch[1..2])
-            .unwrap_or_else(|e| panic!("{}", e.message));
+        absorb(&clicks, &three, &batch[1..2]);
         assert_eq!(clicks.pending.len(), 5, "one more key in the third table");
         let mut drained = clicks.pending.drain();
         assert_eq!(clicks.pending.len(), 0);
@@ -743,9 +770,7 @@ mod tests {
         let got: Vec<(u64, &str, u64)> = drained.iter().map(|((t, c, _), n)| (t.0, &**c, *n)).collect();
         assert_eq!(got, [(1, "gold", 8), (1, "xp", 4), (2, "gold", 8), (2, "xp", 2)]);
         // Interned: the name of a tenant's counter is one allocation, shared by its keys.
-        clicks
-            .absorb(&one, &batch[..1])
-            .unwrap_or_else(|e| panic!("{}", e.message));
+        absorb(&clicks, &one, &batch[..1]);
         let again = clicks.pending.drain();
         let first = drained
             .iter()
@@ -762,9 +787,7 @@ mod tests {
         let batch = message(&mut seed, 300, 50, &["gold", "xp"]);
         let mut absorbed = Totals::new();
         for table in [&one, &two] {
-            clicks
-                .absorb(table, &batch)
-                .unwrap_or_else(|e| panic!("{}", e.message));
+            absorb(&clicks, table, &batch);
             add_to(&mut absorbed, TenantId(3), &batch);
         }
         let distinct = clicks.pending.len() / 2;
@@ -792,9 +815,7 @@ mod tests {
         // table grows several times, and runs of equal keys collide in the probes.
         for _ in 0..20 {
             let batch = message(&mut seed, 1_000, 4_000, &["gold", "xp"]);
-            clicks
-                .absorb(&table, &batch)
-                .unwrap_or_else(|e| panic!("{}", e.message));
+            absorb(&clicks, &table, &batch);
             add_to(&mut absorbed, TenantId(7), &batch);
         }
         let slots = |table: &ClickTable| table.counts.lock().expect("lock").slots.len();
@@ -809,9 +830,7 @@ mod tests {
         assert_eq!(drained, absorbed);
         // The next drain holds one key: the room of thousands is given back.
         let one = vec![Click(PublicKey([3; 32]), "gold".into(), 5)];
-        clicks
-            .absorb(&table, &one)
-            .unwrap_or_else(|e| panic!("{}", e.message));
+        absorb(&clicks, &table, &one);
         drained.clear();
         drain_into(&clicks, &mut drained);
         assert_eq!(drained.into_values().collect::<Vec<_>>(), [5]);
@@ -824,7 +843,7 @@ mod tests {
         let alice = PublicKey([1; 32]);
         let mut batch = vec![Click(alice, "gold".into(), 1); 3];
         batch.push(Click(alice, "bad name".into(), 1));
-        let Err(error) = Clicks::validate(&batch, None) else {
+        let Err(error) = clicks().check(&batch, None) else {
             panic!("a bad counter name was accepted")
         };
         assert_eq!(error.code, ErrorCode::Invalid);

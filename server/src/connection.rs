@@ -908,13 +908,14 @@ impl Connection {
         if self.last_click_seq.is_some_and(|last| request_id <= last) {
             return self.protocol_error(request_id, ErrorCode::Invalid, "clicks request_id must increase");
         }
-        let total = match crate::clicks::Clicks::validate(clicks, player.as_ref()) {
-            Ok(total) => total,
+        let checked = match self.shared.clicks.check(clicks, player.as_ref()) {
+            Ok(checked) => checked,
             Err(error) if error.code == ErrorCode::Forbidden => {
                 return self.forbidden(request_id, &error.message)
             }
             Err(error) => return self.protocol_error(request_id, error.code, error.message),
         };
+        let total = checked.total;
         // A bucket holds at most one second's worth: a message counting more clicks than that
         // could never pass, so it is refused as too large instead of `rate_limited` for ever.
         let limits = &self.shared.config.limits;
@@ -937,7 +938,7 @@ impl Connection {
         let table = self
             .click_table
             .get_or_insert_with(|| self.shared.clicks.table(tenant));
-        if let Err(error) = self.shared.clicks.absorb(table, clicks) {
+        if let Err(error) = self.shared.clicks.absorb(table, checked) {
             let retry =
                 (error.code == ErrorCode::Busy).then_some(self.shared.config.clicks.flush_interval_ms);
             self.error(request_id, error.code, error.message, retry);

@@ -410,8 +410,11 @@ async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
         ];
         sent[0] += u64::from(3 + round);
         sent[1] += u64::from(10 * (round + 1));
+        let checked = clicks
+            .check(&batch, None)
+            .unwrap_or_else(|e| panic!("{}", e.message));
         clicks
-            .absorb(&table, &batch)
+            .absorb(&table, checked)
             .unwrap_or_else(|e| panic!("{}", e.message));
         // Rounds 1 and 4: Redis applies the flush, its reply is lost, the flush fails.
         if round == 1 || round == 4 {
@@ -421,8 +424,12 @@ async fn a_flush_whose_reply_is_lost_is_retried_and_counted_once() {
             assert!(!proxy.armed.load(Ordering::SeqCst));
             // More clicks come while the failed part waits for its retry: the next flush
             // sends the failed part again (skipped by Redis), then these.
+            let more = [Click(alice.public(), "gold".into(), 1)];
+            let checked = clicks
+                .check(&more, None)
+                .unwrap_or_else(|e| panic!("{}", e.message));
             clicks
-                .absorb(&table, &[Click(alice.public(), "gold".into(), 1)])
+                .absorb(&table, checked)
                 .unwrap_or_else(|e| panic!("{}", e.message));
             sent[0] += 1;
             parts_sent += 1;
