@@ -939,8 +939,11 @@ impl Connection {
             .click_table
             .get_or_insert_with(|| self.shared.clicks.table(tenant));
         if let Err(error) = self.shared.clicks.absorb(table, checked) {
-            let retry =
-                (error.code == ErrorCode::Busy).then_some(self.shared.config.clicks.flush_interval_ms);
+            if error.code != ErrorCode::Busy {
+                // One counter name too many for the tenant: `invalid`, a protocol error.
+                return self.protocol_error(request_id, error.code, error.message);
+            }
+            let retry = Some(self.shared.config.clicks.flush_interval_ms);
             self.error(request_id, error.code, error.message, retry);
             return Flow::Continue;
         }

@@ -713,3 +713,30 @@ async fn regressions(gw: &TestGateway) -> u64 {
     let metrics = http_get(gw.gateway().http_addr(), "/metrics").await;
     counter_value(&metrics, "hoard_gateway_settlement_store_regressions_total")
 }
+
+#[tokio::test]
+async fn a_counter_name_one_past_the_tenants_limit_refuses_its_whole_message() {
+    let store = TestStore::embedded();
+    let gw = TestGateway::start(&store, |_| {}).await;
+    let mut studio1 = studio(&gw, T1).await;
+    let alice = key("alice", 0);
+    let named = |i: usize| Click(alice.public(), format!("c{i}").as_str().into(), 1);
+    // The tenant's first COUNTERS_PER_TENANT_MAX (1024) names, in one message.
+    let ack = click(&mut studio1, 1, (0..1024).map(named).collect()).await;
+    assert_eq!(ack, ServerMessage::ClicksAck { up_to: 1 });
+    // One more name, after a click on a known one: refused whole, `invalid`.
+    let refused = click(&mut studio1, 2, vec![named(0), named(1024)]).await;
+    assert_error(&refused, ErrorCode::Invalid);
+    // Known names still pass, and nothing of the refused message was counted.
+    let ack = click(&mut studio1, 3, vec![named(0)]).await;
+    assert_eq!(ack, ServerMessage::ClicksAck { up_to: 3 });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let total = |counter: &'static str| {
+        let store = gw.store();
+        let player = alice.public();
+        async move { store.player_total(T1, counter, &player).await.unwrap() }
+    };
+    assert_eq!(total("c0").await, 2);
+    assert_eq!(total("c1023").await, 1);
+    assert_eq!(total("c1024").await, 0);
+}
