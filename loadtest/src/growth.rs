@@ -66,6 +66,9 @@ pub struct ReplicaWindow {
     /// every sync of the window (None: no sync, or one over the largest bound, 5 s).
     pub store_sync_slowest_at_most_seconds: Option<f64>,
     pub view_changes: u64,
+    /// A replica of the window had a sync over the largest bound (the slowest is then unbounded).
+    #[serde(skip)]
+    over_largest_bound: bool,
 }
 
 /// One replica's counters at one moment: (store sync histogram buckets as (bound, cumulative
@@ -137,12 +140,16 @@ impl ReplicaWindow {
             .filter(|(le, _)| le.is_finite())
             .find(|(le, _)| delta(at(after, *le), at(before, *le)) == syncs)
             .map(|(le, _)| *le);
-        self.store_sync_slowest_at_most_seconds = match (self.store_sync_slowest_at_most_seconds, slowest) {
-            (_, None) => None,
-            (None, Some(le)) if self.store_syncs == syncs => Some(le),
-            (None, Some(_)) => None,
-            (Some(seen), Some(le)) => Some(seen.max(le)),
-        };
+        match slowest {
+            None => self.over_largest_bound = true,
+            Some(le) => {
+                let seen = self.store_sync_slowest_at_most_seconds.unwrap_or(0.0);
+                self.store_sync_slowest_at_most_seconds = Some(seen.max(le));
+            }
+        }
+        if self.over_largest_bound {
+            self.store_sync_slowest_at_most_seconds = None;
+        }
     }
 }
 

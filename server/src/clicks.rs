@@ -179,22 +179,21 @@ impl Pending {
         let mask = slots.len() - 1;
         // Each run's counter into the players' hashes (a pass over the hashes alone), then the
         // probes, each prefetched a few clicks ahead.
-        let mut counters = Vec::with_capacity(runs.len());
+        // `spans`: (first click, end, counter address) of each run.
+        let mut spans = Vec::with_capacity(runs.len());
         for (run, name) in names.into_iter().enumerate() {
             let counter = address(&name);
             if let Err(at) = held_names.binary_search_by_key(&counter, address) {
                 held_names.insert(at, name);
             }
-            let end = runs.get(run + 1).copied().unwrap_or(clicks.len());
-            for hash in &mut hashes[runs[run]..end] {
+            let (start, end) = (runs[run], runs.get(run + 1).copied().unwrap_or(clicks.len()));
+            for hash in &mut hashes[start..end] {
                 *hash = Self::key_hash(*hash, counter);
             }
-            counters.push(counter);
+            spans.push((start, end, counter));
         }
         let mut new_keys = 0;
-        for (run, &start) in runs.iter().enumerate() {
-            let end = runs.get(run + 1).copied().unwrap_or(clicks.len());
-            let counter = counters[run];
+        for (start, end, counter) in spans {
             for (index, Click(player, _, count)) in clicks.iter().enumerate().take(end).skip(start) {
                 debug_assert!(*count >= 1, "`check` refuses a count of 0, the empty slot's mark");
                 if let Some(ahead) = hashes.get(index + PREFETCH_AHEAD) {
