@@ -740,3 +740,93 @@ async fn a_counter_name_one_past_the_tenants_limit_refuses_its_whole_message() {
     assert_eq!(total("c1023").await, 1);
     assert_eq!(total("c1024").await, 0);
 }
+
+#[tokio::test]
+async fn a_flush_part_of_two_tenants_and_two_counters_lands_on_every_key_once_in_redis() {
+    a_flush_part_of_two_tenants_and_two_counters_lands_on_every_key_once(TestStore::redis()).await;
+}
+
+#[tokio::test]
+async fn a_flush_part_of_two_tenants_and_two_counters_lands_on_every_key_once_in_the_embedded_store() {
+    a_flush_part_of_two_tenants_and_two_counters_lands_on_every_key_once(TestStore::embedded()).await;
+}
+
+/// One flush part, its keys interleaved across tenants and counters (Redis takes each (tenant,
+/// counter) group's keys once): every per-player total, counter total, leaderboard and unsettled
+/// hash gets exactly its clicks, and the same part again (a retried flush) changes nothing.
+async fn a_flush_part_of_two_tenants_and_two_counters_lands_on_every_key_once(test_store: TestStore) {
+    let config = hoard_server::testing::test_config(&test_store, &hoard_ledger::testing::World::new(2));
+    let store = store::Store::open(&config).unwrap();
+    let (alice, bob, carol) = (
+        key("alice", 0).public(),
+        key("bob", 0).public(),
+        key("carol", 0).public(),
+    );
+    let name = |counter: &str| -> std::sync::Arc<str> { counter.into() };
+    let part: Vec<(store::ClickKey, u64)> = vec![
+        ((T1, name("gold"), alice), 5),
+        ((T1, name("gems"), alice), 7),
+        ((T1, name("gold"), bob), 3),
+        ((T2, name("gold"), alice), 11),
+        ((T2, name("gems"), carol), 13),
+        ((T1, name("gold"), carol), 2),
+    ];
+    let check = |store: store::Store, alice_gold: u64| async move {
+        let totals = [
+            (T1, "gold", 5 + 3 + 2 + (alice_gold - 5)),
+            (T1, "gems", 7),
+            (T2, "gold", 11),
+            (T2, "gems", 13),
+        ];
+        for (tenant, counter, total) in totals {
+            assert_eq!(
+                store.counter_total(tenant, counter).await.unwrap(),
+                total,
+                "{tenant:?} {counter}"
+            );
+        }
+        let players = [
+            (T1, "gold", alice, alice_gold),
+            (T1, "gold", bob, 3),
+            (T1, "gold", carol, 2),
+            (T1, "gems", alice, 7),
+            (T1, "gems", bob, 0),
+            (T2, "gold", alice, 11),
+            (T2, "gold", carol, 0),
+            (T2, "gems", carol, 13),
+        ];
+        for (tenant, counter, player, total) in players {
+            assert_eq!(
+                store.player_total(tenant, counter, &player).await.unwrap(),
+                total,
+                "{tenant:?} {counter}"
+            );
+        }
+        assert_eq!(
+            store.leaderboard(T1, "gold", 10).await.unwrap(),
+            vec![(alice, alice_gold), (bob, 3), (carol, 2)]
+        );
+        assert_eq!(
+            store.leaderboard(T2, "gems", 10).await.unwrap(),
+            vec![(carol, 13)]
+        );
+        let unsettled = store.unsettled(T1, "gold").await.unwrap();
+        let expected: std::collections::HashMap<String, u64> = [
+            (alice.to_hex(), alice_gold),
+            (bob.to_hex(), 3),
+            (carol.to_hex(), 2),
+        ]
+        .into();
+        assert_eq!(unsettled, expected);
+        store
+    };
+    assert!(store.add_clicks("run-a", 1, &part).await.unwrap());
+    let store = check(store, 5).await;
+    assert!(
+        !store.add_clicks("run-a", 1, &part).await.unwrap(),
+        "a retried part is applied once"
+    );
+    let store = check(store, 5).await;
+    assert!(store.add_clicks("run-a", 2, &part[..1]).await.unwrap());
+    check(store, 10).await;
+}

@@ -67,12 +67,15 @@ impl PublicKey {
         hex::encode(self.0)
     }
 
+    /// Parses 64 hex digits (surrounding whitespace ignored), straight into the key's bytes: the
+    /// gateway parses one per player of every settlement window it reads back from Redis.
     pub fn from_hex(text: &str) -> Result<PublicKey> {
-        let bytes = hex::decode(text.trim()).map_err(|_| Error::Malformed("public key is not hex"))?;
-        let array: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| Error::Malformed("public key is not 32 bytes"))?;
-        Ok(PublicKey(array))
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut key).map_err(|e| match e {
+            hex::FromHexError::InvalidStringLength => Error::Malformed("public key is not 32 bytes"),
+            _ => Error::Malformed("public key is not hex"),
+        })?;
+        Ok(PublicKey(key))
     }
 
     /// Checks `signature` over `domain || message`. Uses strict verification (no malleable
@@ -287,6 +290,24 @@ mod tests {
             key.public().verify(b"hoard/a", b"hellO", &signature),
             Err(Error::BadSignature)
         );
+    }
+
+    #[test]
+    fn public_keys_parse_from_64_hex_digits_and_nothing_else() {
+        let key = Keypair::from_seed([9; 32]).public();
+        let text = key.to_hex();
+        assert_eq!(PublicKey::from_hex(&text), Ok(key));
+        assert_eq!(
+            PublicKey::from_hex(&format!(" {}\n", text.to_uppercase())),
+            Ok(key)
+        );
+        let not_hex = Err(Error::Malformed("public key is not hex"));
+        let not_32 = Err(Error::Malformed("public key is not 32 bytes"));
+        assert_eq!(PublicKey::from_hex(&text[..63]), not_hex);
+        assert_eq!(PublicKey::from_hex(&format!("{}zz", &text[..62])), not_hex);
+        assert_eq!(PublicKey::from_hex(&text[..62]), not_32);
+        assert_eq!(PublicKey::from_hex(&format!("{text}00")), not_32);
+        assert_eq!(PublicKey::from_hex(""), not_32);
     }
 
     /// [`verify_batch`] over the items `range` of parallel lists of keys, messages and signatures.
