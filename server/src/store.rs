@@ -550,7 +550,7 @@ pub struct RedisStore {
 /// ARGV[1] = sequence number, ARGV[2] = the run key's TTL, ARGV[3] = g, the (tenant, counter)
 /// groups. Then per group: KEYS counter, leaderboard, unsettled, totals and ARGV counter name, the
 /// group's sum, m (its players), then m times player, count. Each key is declared once per group,
-/// not once per player: Redis parses a fifth of the arguments it did with keys per player.
+/// not once per player: Redis parses two strings per click key instead of five.
 /// Returns 1 if applied, 0 if already applied.
 pub const FLUSH_SCRIPT: &str = r"
 local seq = tonumber(ARGV[1])
