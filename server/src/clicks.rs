@@ -267,9 +267,13 @@ impl Pending {
         merged.reserve(self.keys.load(Ordering::SeqCst), |(h, _, _)| *h);
         let mut removed = merged.len();
         tables.retain(|table| {
+            // A table nobody else holds was dropped without being retired: nothing can add to it
+            // any more (under this lock no one can take a new reference), so it goes once
+            // emptied. Asked before emptying: a table still held can be added to, then dropped,
+            // right after it is emptied, and is then emptied again by the next drain.
+            let dropped = Arc::strong_count(table) == 1;
             removed += self.empty_into(table, &mut merged).0;
-            // A table nobody else holds was dropped without being retired: nothing can add to it.
-            Arc::strong_count(table) > 1
+            !dropped
         });
         self.keys.fetch_sub(removed, Ordering::SeqCst);
         merged.into_iter().map(|(_, key, count)| (key, count)).collect()
