@@ -673,8 +673,10 @@ impl RedisStore {
                 .arg(counter)
                 .arg(sum)
                 .arg(players.len());
+            let mut hex = [0u8; 64];
             for (player, count) in players {
-                invocation.arg(player.to_hex()).arg(count);
+                hex::encode_to_slice(player.0, &mut hex).expect("32 bytes are 64 hex digits");
+                invocation.arg(&hex[..]).arg(count);
             }
         }
         // EVALSHA; on NOSCRIPT (first use, or Redis restarted) redis-rs loads it and retries.
