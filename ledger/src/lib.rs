@@ -5,6 +5,7 @@
 //! - [`state`]: the deterministic asset state machine ([`Ledger`]): tenants, accounts,
 //!   currencies, item classes, items, swaps, settlements, the deduplication window. Pure: no
 //!   I/O, clock or randomness.
+//! - [`prefetch`]: loading the state's scattered memory ahead of use (hints only).
 //! - [`merkle`]: the incremental bucketed Merkle tree behind the state root, and proofs.
 //! - [`block`]: block headers, blocks, list roots over transactions and receipts.
 //! - [`genesis`]: the genesis file (chain id, operator key, initial tenants).
@@ -19,6 +20,7 @@ pub mod genesis;
 pub mod merkle;
 pub mod net;
 pub mod node;
+pub mod prefetch;
 pub mod sim;
 pub mod state;
 pub mod store;

@@ -30,6 +30,8 @@ use sha2::{Digest, Sha256};
 
 use hoard_types::crypto::Hash;
 
+use crate::prefetch::{prefetch, prefetch_slice};
+
 /// The tree deepens when the average bucket holds more leaves than this.
 pub const BUCKET_LEAVES_TARGET: usize = 4;
 /// Depth of a new, empty tree.
@@ -276,12 +278,24 @@ impl MerkleTree {
             let computed: Vec<Hash> = if level.len() >= PARALLEL_DIRTY_MIN {
                 level
                     .par_iter()
-                    .map(|&n| node_hash(&nodes[2 * n], &nodes[2 * n + 1]))
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        if let Some(&ahead) = level.get(i + PREFETCH_LEAVES_AHEAD) {
+                            prefetch(&nodes[2 * ahead]);
+                        }
+                        node_hash(&nodes[2 * n], &nodes[2 * n + 1])
+                    })
                     .collect()
             } else {
                 level
                     .iter()
-                    .map(|&n| node_hash(&nodes[2 * n], &nodes[2 * n + 1]))
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        if let Some(&ahead) = level.get(i + PREFETCH_LEAVES_AHEAD) {
+                            prefetch(&nodes[2 * ahead]);
+                        }
+                        node_hash(&nodes[2 * n], &nodes[2 * n + 1])
+                    })
                     .collect()
             };
             for (&node, hash) in level.iter().zip(computed) {
@@ -375,7 +389,18 @@ fn set_sorted(
     }
     let mut added = 0;
     let same_bucket = |a: &(Hash, _), b: &(Hash, _)| bucket_index(&a.0, depth) == bucket_index(&b.0, depth);
+    let mut at = 0;
     for group in leaves.chunk_by(same_bucket) {
+        // The buckets a block changes are scattered over memory, and a bucket's search touches
+        // one cache line per leaf it compares: start loading the buckets of the leaves ahead,
+        // so that their misses overlap this one's work instead of following it.
+        if let Some((key, _)) = leaves.get(at + 2 * PREFETCH_LEAVES_AHEAD) {
+            prefetch(&buckets[bucket_index(key, depth) - first]);
+        }
+        if let Some((key, _)) = leaves.get(at + PREFETCH_LEAVES_AHEAD) {
+            prefetch_slice(&buckets[bucket_index(key, depth) - first]);
+        }
+        at += group.len();
         let index = bucket_index(&group[0].0, depth);
         let bucket = &mut buckets[index - first];
         let mut modified = false;
@@ -390,6 +415,10 @@ fn set_sorted(
     }
     added
 }
+
+/// How far ahead (in leaves) [`set_sorted`] starts loading buckets: their vectors' headers
+/// twice as far, their leaves this far.
+const PREFETCH_LEAVES_AHEAD: usize = 8;
 
 /// Sets or removes one leaf of a sorted bucket; returns whether the bucket changed and how
 /// many leaves were added (-1, 0 or 1).

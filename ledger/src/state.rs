@@ -57,9 +57,14 @@ use crate::block::{list_root, receipt_leaf, transaction_leaf, Block, BlockHeader
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
 use crate::merkle::{leaf_hash, MerkleTree, Proof};
+use crate::prefetch::{prefetch_entry, PrefetchMap};
 
 /// Below this many transactions a block is decoded and hashed on one thread.
 const PARALLEL_TRANSACTIONS_MIN: usize = 512;
+/// How many transactions (or settlement entries) ahead the apply loop starts loading the state
+/// entries one reads ([`Ledger::prefetch_transaction`], [`Ledger::prefetch_grant`]). Measured
+/// with `hoard-ledger-bench --phases a` (BENCHMARKS.md): 4 and 16 gained little, 128 less than 48.
+const PREFETCH_AHEAD: usize = 48;
 /// Below this many payload bytes a block's roots are hashed on the applying thread, not beside it
 /// on the pool's: handing a job to the pool wakes a worker, which then spins in `sched_yield`
 /// before it sleeps again, and for a small block that costs more than the hashing it moves
@@ -351,7 +356,7 @@ enum Dirty {
 }
 
 /// A balance, with what its commitment needs: the hash of its state key, computed once when
-/// the balance appears, and the height of the block that last marked it dirty.
+/// the balance appears, and where the block that last changed it keeps its dirty copy.
 #[derive(Clone, Debug)]
 struct Balance {
     amount: Amount,
@@ -359,14 +364,34 @@ struct Balance {
     /// A balance is listed in [`Ledger::dirty_balances`] at most once per block: when this is
     /// below the height being applied.
     dirty_at: u64,
+    /// Its position in [`Ledger::dirty_balances`] while `dirty_at` is the height being applied.
+    dirty_index: u32,
+}
+
+/// A balance changed by the block being applied, with its latest amount: the block's
+/// commitment hashes these without looking the balances up again.
+#[derive(Clone, Debug)]
+struct DirtyBalance {
+    key: (u32, PublicKey),
+    key_hash: Hash,
+    amount: Amount,
 }
 
 impl Balance {
-    /// Lists this balance (`key`) in `dirty` once per block, the block at `height`.
-    fn mark_dirty(&mut self, height: u64, key: (u32, PublicKey), dirty: &mut Vec<(u32, PublicKey)>) {
+    /// Records this balance's new amount in `dirty`, where the block at `height` lists it once.
+    fn mark_dirty(&mut self, height: u64, key: (u32, PublicKey), dirty: &mut Vec<DirtyBalance>) {
         if self.dirty_at < height {
             self.dirty_at = height;
-            dirty.push(key);
+            self.dirty_index = u32::try_from(dirty.len()).expect("a block changes fewer than 2^32 balances");
+            dirty.push(DirtyBalance {
+                key,
+                key_hash: self.key_hash,
+                amount: self.amount,
+            });
+        } else {
+            let entry = &mut dirty[self.dirty_index as usize];
+            debug_assert_eq!(entry.key, key, "a dirty balance's index points at its entry");
+            entry.amount = self.amount;
         }
     }
 }
@@ -386,7 +411,7 @@ pub struct Ledger {
     head: BlockHeader,
     tenants: BTreeMap<TenantId, TenantInfo>,
     studio_keys: FxHashMap<PublicKey, TenantId>,
-    accounts: FxHashMap<(TenantId, PublicKey), Custody>,
+    accounts: PrefetchMap<(TenantId, PublicKey), Custody>,
     /// Currencies by slot (slots are handed out in definition order, the same on every replica).
     currencies: Vec<CurrencyState>,
     currency_slots: Slots<CurrencyId>,
@@ -394,13 +419,14 @@ pub struct Ledger {
     class_slots: Slots<ClassId>,
     /// Non-zero balances between blocks. Inside a block a balance that reaches zero stays
     /// (at zero) until the block's commitment, which removes it.
-    balances: FxHashMap<(u32, PublicKey), Balance>,
-    /// Balances changed by the block being applied, each once (see [`Balance::dirty_at`]).
-    dirty_balances: Vec<(u32, PublicKey)>,
+    balances: PrefetchMap<(u32, PublicKey), Balance>,
+    /// Balances changed by the block being applied, each once (see [`Balance::dirty_at`]),
+    /// with their latest amounts.
+    dirty_balances: Vec<DirtyBalance>,
     items: FxHashMap<(TenantId, ItemId), Item>,
     inventory: BTreeSet<(TenantId, PublicKey, ItemId)>,
     /// Where each remembered event's record is: its window's expiry height and its index there.
-    events: FxHashMap<(TenantId, EventId), (u64, u32)>,
+    events: PrefetchMap<(TenantId, EventId), (u64, u32)>,
     /// The deduplication window by `(expires_at, tenant)`: what expires first comes first.
     windows: BTreeMap<(u64, TenantId), Window>,
     /// Events each tenant's window holds (the sum of its windows' lengths).
@@ -452,16 +478,16 @@ impl Ledger {
             head,
             tenants: BTreeMap::new(),
             studio_keys: FxHashMap::default(),
-            accounts: FxHashMap::default(),
+            accounts: PrefetchMap::default(),
             currencies: Vec::new(),
             currency_slots: Slots::default(),
             classes: Vec::new(),
             class_slots: Slots::default(),
-            balances: FxHashMap::default(),
+            balances: PrefetchMap::default(),
             dirty_balances: Vec::new(),
             items: FxHashMap::default(),
             inventory: BTreeSet::new(),
-            events: FxHashMap::default(),
+            events: PrefetchMap::default(),
             windows: BTreeMap::new(),
             tree: MerkleTree::new(),
             dirty: FxHashSet::default(),
@@ -515,7 +541,13 @@ impl Ledger {
                 let receipts: Vec<Receipt> = transactions
                     .iter()
                     .zip(&payloads)
-                    .map(|(tx, payload)| self.apply_transaction(height, tx, payload.as_ref()))
+                    .enumerate()
+                    .map(|(index, (tx, payload))| {
+                        if let Some(Some(ahead)) = payloads.get(index + PREFETCH_AHEAD) {
+                            self.prefetch_transaction(ahead);
+                        }
+                        self.apply_transaction(height, tx, payload.as_ref())
+                    })
                     .collect();
                 receipts
             },
@@ -580,6 +612,49 @@ impl Ledger {
     }
 
     // ----- one transaction -----
+
+    /// Starts loading the entries a transaction's application reads first: its event's place
+    /// in the deduplication index; for a transfer or a burn the giving account and the balances
+    /// it moves; for a mint what its grant reads. A hint: it changes nothing.
+    fn prefetch_transaction(&self, payload: &TxPayload) {
+        let tenant = payload.tenant;
+        prefetch_entry(&self.events, &(tenant, payload.event_id));
+        let balances = |account: &PublicKey, assets: &[Asset]| {
+            for asset in assets {
+                if let Asset::Currency { currency, .. } = asset {
+                    if let Some(slot) = self.currency_slots.get(tenant, currency) {
+                        prefetch_entry(&self.balances, &(slot, *account));
+                    }
+                }
+            }
+        };
+        match &payload.body {
+            TxBody::Transfer { from, to, assets } => {
+                prefetch_entry(&self.accounts, &(tenant, *from));
+                balances(from, assets);
+                balances(to, assets);
+            }
+            TxBody::Burn { from, assets } => {
+                prefetch_entry(&self.accounts, &(tenant, *from));
+                balances(from, assets);
+            }
+            TxBody::Mint { to, grant } => self.prefetch_grant(tenant, to, grant),
+            _ => {}
+        }
+    }
+
+    /// Starts loading what a grant to `to` reads: for currency, the balance it credits (which
+    /// usually spares the accounts lookup), else the account.
+    fn prefetch_grant(&self, tenant: TenantId, to: &PublicKey, grant: &Grant) {
+        match grant {
+            Grant::Currency { currency, .. } => {
+                if let Some(slot) = self.currency_slots.get(tenant, currency) {
+                    prefetch_entry(&self.balances, &(slot, *to));
+                }
+            }
+            _ => prefetch_entry(&self.accounts, &(tenant, *to)),
+        }
+    }
 
     fn apply_transaction(&mut self, height: u64, tx: &Transaction, payload: Option<&TxPayload>) -> Receipt {
         let Some(payload) = payload else {
@@ -879,7 +954,13 @@ impl Ledger {
         }
         let results = entries
             .iter()
-            .map(|entry| self.apply_grant(tenant, &entry.to, &entry.grant).err())
+            .enumerate()
+            .map(|(index, entry)| {
+                if let Some(ahead) = entries.get(index + PREFETCH_AHEAD) {
+                    self.prefetch_grant(tenant, &ahead.to, &ahead.grant);
+                }
+                self.apply_grant(tenant, &entry.to, &entry.grant).err()
+            })
             .collect();
         Ok(Outcome::Settled { entries: results })
     }
@@ -1074,6 +1155,7 @@ impl Ledger {
             amount: Amount::ZERO,
             key_hash: KeyRef::Balance(currency.tenant, &currency.id.0, account).hash(),
             dirty_at: 0,
+            dirty_index: 0,
         });
         balance.amount = balance
             .amount
@@ -1290,8 +1372,12 @@ impl Ledger {
         let balances = std::mem::take(&mut self.dirty_balances);
         let this = &*self;
         let leaf = |d: &Dirty| this.leaf(d);
-        // A balance's key hash is cached; `None` for a balance that reached zero.
-        let balance_leaf = |(slot, account): &(u32, PublicKey)| this.leaf(&Dirty::Balance(*slot, *account));
+        // A balance's key hash and latest amount were recorded as it changed; `None` for a
+        // balance that reached zero.
+        let balance_leaf = |b: &DirtyBalance| {
+            let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &b.amount.0.to_be_bytes()));
+            (b.key_hash, leaf)
+        };
         let mut leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
             dirty.par_iter().map(leaf).collect()
         } else {
@@ -1303,10 +1389,9 @@ impl Ledger {
             leaves.extend(balances.iter().map(balance_leaf));
         }
         // Balances that reached zero leave the state with the block.
-        let first_balance = leaves.len() - balances.len();
-        for (key, (_, leaf)) in balances.iter().zip(&leaves[first_balance..]) {
-            if leaf.is_none() {
-                self.balances.remove(key);
+        for balance in &balances {
+            if balance.amount.is_zero() {
+                self.balances.remove(&balance.key);
             }
         }
         self.tree.set_many(leaves);
@@ -1765,6 +1850,7 @@ impl Ledger {
                 amount,
                 key_hash,
                 dirty_at: 0,
+                dirty_index: 0,
             };
             ledger.balances.insert((slot, account), balance);
             dirty.push(Dirty::Balance(slot, account));

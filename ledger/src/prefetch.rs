@@ -1,0 +1,93 @@
+//! Loading memory ahead of use. A block's work is scattered over a state far larger than the
+//! caches: every transfer reads entries of several hash maps, and every changed balance a bucket
+//! of the Merkle tree, each a cache miss. Done one after the other, those misses are most of the
+//! apply's time; announced a few items ahead, they overlap. A prefetch is a hint: it changes no
+//! result, only when memory arrives.
+
+use std::hash::{BuildHasher, Hash};
+
+use rustc_hash::FxBuildHasher;
+
+/// A hash map whose entries can be prefetched ([`prefetch_entry`]): hashbrown's, with the
+/// deterministic Fx hash.
+pub type PrefetchMap<K, V> = hashbrown_raw::HashMap<K, V, FxBuildHasher>;
+
+/// Asks the CPU to start loading the cache line holding `address`. Any address will do: a
+/// prefetch never faults and reads nothing into the program.
+#[inline(always)]
+pub fn prefetch_address(address: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `_mm_prefetch` only hints the cache; it neither dereferences the pointer for the
+    // program nor faults on an invalid address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(address.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = address;
+}
+
+/// [`prefetch_address`] for the first cache line of `value`.
+#[inline(always)]
+pub fn prefetch<T>(value: &T) {
+    prefetch_address((value as *const T).cast::<u8>());
+}
+
+/// [`prefetch_address`] for every cache line of `items`.
+#[inline(always)]
+pub fn prefetch_slice<T>(items: &[T]) {
+    const LINE: usize = 64;
+    let bytes = std::mem::size_of_val(items);
+    let start = items.as_ptr().cast::<u8>();
+    let mut offset = 0;
+    while offset < bytes {
+        prefetch_address(start.wrapping_add(offset));
+        offset += LINE;
+    }
+    if bytes > 0 {
+        prefetch_address(start.wrapping_add(bytes - 1));
+    }
+}
+
+/// How many entries from its home position [`prefetch_entry`] loads: a key sits at its home
+/// position only when that was free, otherwise usually in one of the next few.
+const ENTRIES_FROM_HOME: usize = 3;
+
+/// Starts loading what a lookup of `key` in `map` reads: the group of control bytes at the
+/// key's home position and the entries from there on (where the key usually is). hashbrown's
+/// layout: entry `i` lies at `data_end - (i + 1)`, the control bytes from `data_end` on, and a
+/// lookup starts at position `hash & (buckets - 1)`, probing the positions after it.
+#[inline(always)]
+pub fn prefetch_entry<K: Hash, V>(map: &PrefetchMap<K, V>, key: &K) {
+    let table = map.raw_table();
+    let position = (map.hasher().hash_one(key) as usize) & (table.buckets() - 1);
+    let end = table.data_end().as_ptr();
+    prefetch_address(end.cast::<u8>().wrapping_add(position));
+    // Entries `position + ENTRIES_FROM_HOME - 1` down to `position`, lowest address first.
+    let first = end.wrapping_sub(position + ENTRIES_FROM_HOME).cast::<u8>();
+    let bytes = ENTRIES_FROM_HOME * std::mem::size_of::<(K, V)>();
+    let mut offset = 0;
+    while offset < bytes {
+        prefetch_address(first.wrapping_add(offset));
+        offset += 64;
+    }
+    prefetch_address(first.wrapping_add(bytes - 1));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetching_changes_no_entry_and_accepts_any_map() {
+        let mut map: PrefetchMap<u64, u64> = PrefetchMap::default();
+        prefetch_entry(&map, &7);
+        for key in 0..10_000u64 {
+            map.insert(key, key * 3);
+            prefetch_entry(&map, &(key + 1));
+        }
+        prefetch_slice::<u64>(&[]);
+        prefetch_slice(&[1u8; 200]);
+        assert!((0..10_000u64).all(|key| map.get(&key) == Some(&(key * 3))));
+    }
+}
