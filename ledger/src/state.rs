@@ -57,7 +57,7 @@ use crate::block::{list_root, receipt_leaf, transaction_leaf, Block, BlockHeader
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
 use crate::merkle::{leaf_hash, MerkleTree, Proof};
-use crate::prefetch::{prefetch_entry, PrefetchMap};
+use crate::prefetch::{prefetch_entry, prefetch_slice, PrefetchMap};
 
 /// Below this many transactions a block is decoded and hashed on one thread.
 const PARALLEL_TRANSACTIONS_MIN: usize = 512;
@@ -439,6 +439,29 @@ pub struct Ledger {
 
 type Check<T = ()> = std::result::Result<T, Rejection>;
 
+/// The assets a transfer or burn moves, if that is what `payload` is.
+fn moved_assets(payload: &TxPayload) -> &[Asset] {
+    match &payload.body {
+        TxBody::Transfer { assets, .. } | TxBody::Burn { assets, .. } => assets,
+        _ => &[],
+    }
+}
+
+/// Starts loading a transaction's asset list (the first step before
+/// [`Ledger::prefetch_transaction`]).
+fn prefetch_assets(payload: &TxPayload) {
+    prefetch_slice(moved_assets(payload));
+}
+
+/// Starts loading the names of the currencies a transaction moves (the second step).
+fn prefetch_currency_names(payload: &TxPayload) {
+    for asset in moved_assets(payload) {
+        if let Asset::Currency { currency, .. } = asset {
+            prefetch_slice(currency.0.as_bytes());
+        }
+    }
+}
+
 impl Ledger {
     /// The state at height 0: the genesis tenants, nothing else.
     pub fn new(genesis: &Genesis) -> Ledger {
@@ -543,6 +566,14 @@ impl Ledger {
                     .zip(&payloads)
                     .enumerate()
                     .map(|(index, (tx, payload))| {
+                        // In three steps, as each reads what the one before loaded: the
+                        // transaction's asset list, the currency names in it, then the state.
+                        if let Some(Some(ahead)) = payloads.get(index + 3 * PREFETCH_AHEAD) {
+                            prefetch_assets(ahead);
+                        }
+                        if let Some(Some(ahead)) = payloads.get(index + 2 * PREFETCH_AHEAD) {
+                            prefetch_currency_names(ahead);
+                        }
                         if let Some(Some(ahead)) = payloads.get(index + PREFETCH_AHEAD) {
                             self.prefetch_transaction(ahead);
                         }

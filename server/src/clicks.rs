@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 
+use hoard_ledger::prefetch::prefetch;
 use hoard_types::wire::{Click, CounterName, ErrorCode, CLICKS_PER_FRAME_MAX, CLICK_COUNT_MAX};
 
 use hoard_types::{PublicKey, TenantId};
@@ -611,20 +612,6 @@ impl Clicks {
     ) -> StoreResult<Vec<(PublicKey, u64)>> {
         self.store.leaderboard(tenant, counter, limit).await
     }
-}
-
-/// Asks the CPU to bring `slot` into the cache; a hint, with no effect on the program's results.
-#[inline(always)]
-fn prefetch(slot: &Slot) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch reads nothing the program sees and cannot fault, whatever the address;
-    // the target feature it needs (SSE) is part of every x86_64 CPU.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(slot).cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = slot;
 }
 
 #[cfg(test)]
