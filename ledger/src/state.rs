@@ -37,7 +37,7 @@
 //! (which lists the events in window order) is still checked against the state root whole.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -542,20 +542,26 @@ impl Ledger {
         self.expire_events(height);
         // Past the block limit a transaction is not applied (a faulty proposer's oversized
         // block is refused entry by entry, deterministically, instead of crashing replicas).
-        let decode = |(index, tx): (usize, &Transaction)| {
+        let decode = |index: usize| {
             if index < BLOCK_TRANSACTIONS_MAX {
-                tx.decode_payload().ok()
+                transactions[index].decode_payload().ok()
             } else {
                 None
             }
         };
-        let payloads: Vec<Option<TxPayload>> = if transactions.len() >= PARALLEL_TRANSACTIONS_MIN {
-            transactions.par_iter().enumerate().map(decode).collect()
-        } else {
-            transactions.iter().enumerate().map(decode).collect()
+        // Each payload is decoded once, by whichever thread needs it first: for a large block
+        // the second core decodes ahead of the apply (then hashes the transactions' root, which
+        // does not depend on the state), and the apply decodes itself whatever it reaches first.
+        let payloads: Vec<OnceLock<Option<TxPayload>>> =
+            transactions.iter().map(|_| OnceLock::new()).collect();
+        let payload = |index: usize| payloads[index].get_or_init(|| decode(index)).as_ref();
+        // What the prefetches read ahead: only payloads already decoded (a hint needs no more).
+        let decoded = |index: usize| {
+            payloads
+                .get(index)
+                .and_then(OnceLock::get)
+                .and_then(Option::as_ref)
         };
-        // The transactions' root does not depend on the state: for a large block it is hashed on
-        // another core while this one applies them in order.
         let parallel = transactions.len() >= PARALLEL_TRANSACTIONS_MIN
             || transactions.iter().map(|tx| tx.payload.len()).sum::<usize>() >= PARALLEL_BLOCK_BYTES_MIN;
         let (receipts, tx_root) = join_if(
@@ -563,26 +569,32 @@ impl Ledger {
             || {
                 let receipts: Vec<Receipt> = transactions
                     .iter()
-                    .zip(&payloads)
                     .enumerate()
-                    .map(|(index, (tx, payload))| {
+                    .map(|(index, tx)| {
                         // In three steps, as each reads what the one before loaded: the
                         // transaction's asset list, the currency names in it, then the state.
-                        if let Some(Some(ahead)) = payloads.get(index + 3 * PREFETCH_AHEAD) {
+                        if let Some(ahead) = decoded(index + 3 * PREFETCH_AHEAD) {
                             prefetch_assets(ahead);
                         }
-                        if let Some(Some(ahead)) = payloads.get(index + 2 * PREFETCH_AHEAD) {
+                        if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
                             prefetch_currency_names(ahead);
                         }
-                        if let Some(Some(ahead)) = payloads.get(index + PREFETCH_AHEAD) {
+                        if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
                             self.prefetch_transaction(ahead);
                         }
-                        self.apply_transaction(height, tx, payload.as_ref())
+                        self.apply_transaction(height, tx, payload(index))
                     })
                     .collect();
                 receipts
             },
-            || list_root(leaves(&transactions, transaction_leaf).into_iter()),
+            || {
+                if parallel {
+                    (0..transactions.len()).for_each(|index| {
+                        payload(index);
+                    });
+                }
+                list_root(leaves(&transactions, transaction_leaf).into_iter())
+            },
         );
         let (state_root, outcome_root) = join_if(
             parallel,

@@ -964,3 +964,54 @@ fn the_deduplication_window_is_committed_and_provable() {
     assert_eq!(chain.ledger.state_entries(), entries - 1);
     assert_eq!(chain.ledger.events_remembered(), 0);
 }
+
+/// A block large enough to be decoded on the second core while it applies: its transactions
+/// still apply in block order (the first 500 one-gold transfers drain alice, the rest are refused
+/// for want of funds), undecodable ones are refused as malformed where they stand, and a
+/// follower agrees on every root.
+#[test]
+fn a_large_block_applies_in_order_around_undecodable_transactions() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let follower_start = chain.ledger.clone();
+    let garbage = |i: usize| i % 50 == 7;
+    let transactions: Vec<Transaction> = (0..800)
+        .map(|i| {
+            if garbage(i) {
+                Transaction {
+                    payload: vec![0xc1, i as u8],
+                    signatures: vec![],
+                }
+            } else {
+                chain
+                    .world
+                    .transfer(A, &alice, &alice.public(), &bob.public(), "GOLD", 1)
+            }
+        })
+        .collect();
+    let (block, receipts) = chain.ledger.execute(5_000, transactions);
+    chain.ledger.check_invariants().expect("invariants hold");
+    let mut valid = 0;
+    for (i, receipt) in receipts.iter().enumerate() {
+        if garbage(i) {
+            assert_eq!(receipt.outcome, rejected(Rejection::Malformed), "transaction {i}");
+        } else {
+            valid += 1;
+            let expected = if valid <= 500 {
+                Outcome::Applied
+            } else {
+                rejected(Rejection::InsufficientFunds)
+            };
+            assert_eq!(receipt.outcome, expected, "transaction {i}");
+        }
+    }
+    assert_eq!(valid, 784);
+    let gold = CurrencyId::new("GOLD");
+    assert_eq!(chain.ledger.balance(A, &gold, &alice.public()), Amount::ZERO);
+    assert_eq!(chain.ledger.balance(A, &gold, &bob.public()), Amount(500));
+    let mut follower = follower_start;
+    assert_eq!(
+        follower.apply_block(&block).expect("the follower agrees"),
+        receipts
+    );
+    assert_eq!(follower.state_root(), chain.ledger.state_root());
+}
