@@ -1,9 +1,9 @@
-//! Loading memory ahead of use (the ledger's apply and Merkle tree; the gateway's click tables).
-//! A block's work is scattered over a state far larger than the
-//! caches: every transfer reads entries of several hash maps, and every changed balance a bucket
-//! of the Merkle tree, each a cache miss. Done one after the other, those misses are most of the
-//! apply's time; announced a few items ahead, they overlap. A prefetch is a hint: it changes no
-//! result, only when memory arrives.
+//! Loading memory ahead of use: the ledger's apply and Merkle tree, and the gateway's click
+//! tables. A block's work is scattered over a state far larger than the caches: every transfer
+//! reads entries of several hash maps, and every changed balance a bucket of the Merkle tree,
+//! each a cache miss. Taken one after the other, those misses are most of the apply's time;
+//! announced some items ahead, they overlap. A prefetch is a hint: it changes no result, only
+//! when memory arrives.
 
 use std::hash::{BuildHasher, Hash};
 
@@ -38,9 +38,13 @@ pub fn prefetch<T>(value: &T) {
 /// [`prefetch_address`] for every cache line of `items`.
 #[inline(always)]
 pub fn prefetch_slice<T>(items: &[T]) {
+    prefetch_bytes(items.as_ptr().cast::<u8>(), std::mem::size_of_val(items));
+}
+
+/// [`prefetch_address`] for every cache line of the `bytes` bytes from `start`.
+#[inline(always)]
+fn prefetch_bytes(start: *const u8, bytes: usize) {
     const LINE: usize = 64;
-    let bytes = std::mem::size_of_val(items);
-    let start = items.as_ptr().cast::<u8>();
     let mut offset = 0;
     while offset < bytes {
         prefetch_address(start.wrapping_add(offset));
@@ -66,14 +70,10 @@ pub fn prefetch_entry<K: Hash, V>(map: &PrefetchMap<K, V>, key: &K) {
     let end = table.data_end().as_ptr();
     prefetch_address(end.cast::<u8>().wrapping_add(position));
     // Entries `position + ENTRIES_FROM_HOME - 1` down to `position`, lowest address first.
-    let first = end.wrapping_sub(position + ENTRIES_FROM_HOME).cast::<u8>();
-    let bytes = ENTRIES_FROM_HOME * std::mem::size_of::<(K, V)>();
-    let mut offset = 0;
-    while offset < bytes {
-        prefetch_address(first.wrapping_add(offset));
-        offset += 64;
-    }
-    prefetch_address(first.wrapping_add(bytes - 1));
+    prefetch_bytes(
+        end.wrapping_sub(position + ENTRIES_FROM_HOME).cast::<u8>(),
+        ENTRIES_FROM_HOME * std::mem::size_of::<(K, V)>(),
+    );
 }
 
 #[cfg(test)]
