@@ -65,7 +65,10 @@ struct Results {
     block_size: usize,
     players: usize,
     threads: usize,
+    /// The median of the rounds below.
     apply_events_per_second: f64,
+    /// Every round of (a), in the order run.
+    apply_rounds_events_per_second: Vec<f64>,
     durable_events_per_second: f64,
     durable_engine: &'static str,
     durable_redb_events_per_second: f64,
@@ -156,11 +159,11 @@ fn main() -> anyhow::Result<()> {
 
     let blocks: Vec<Vec<Transaction>> = unsigned_path.chunks(args.block_size).map(<[_]>::to_vec).collect();
     let mut apply = 0.0;
+    let mut apply_rounds = Vec::new();
     let mut state_entries = 0;
     let (mut snapshot_bytes, mut snapshot_copy_ms, mut snapshot_encode_ms) = (0, 0.0, 0.0);
     if phase("a") {
         // (a) apply, with each block's state root: rounds on fresh ledgers, the median kept.
-        let mut rates = Vec::new();
         let mut last = None;
         for round in 1..=args.apply_rounds {
             let mut ledger = fresh();
@@ -173,20 +176,22 @@ fn main() -> anyhow::Result<()> {
                 debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
             }
             let seconds = started.elapsed().as_secs_f64();
-            rates.push(args.events as f64 / seconds);
-            eprintln!("(a) round {round}: {:.0} events/s ({seconds:.2} s)", rates[round - 1]);
+            let rate = args.events as f64 / seconds;
+            apply_rounds.push(rate);
+            eprintln!("(a) round {round}: {rate:.0} events/s ({seconds:.2} s)");
             ledger.check_invariants().map_err(anyhow::Error::msg)?;
             last = Some(ledger);
         }
         let ledger = last.context("--apply-rounds must be at least 1")?;
-        rates.sort_by(f64::total_cmp);
-        apply = rates[rates.len() / 2];
+        let mut sorted = apply_rounds.clone();
+        sorted.sort_by(f64::total_cmp);
+        apply = sorted[sorted.len() / 2];
         state_entries = ledger.state_entries();
         println!(
-            "(a) apply + state root:        {apply:>12.0} events/s  (median of {} rounds of {} events: {})",
-            rates.len(),
+            "(a) apply + state root:        {apply:>12.0} events/s  (median of {} round(s) of {} events: {})",
+            apply_rounds.len(),
             args.events,
-            rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+            apply_rounds.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
         );
         // A checkpoint's cost to the consensus round: the state copy it takes now
         // (`snapshot_view`), against the sorting and encoding left to the encoder thread, which
@@ -290,6 +295,7 @@ fn main() -> anyhow::Result<()> {
         players: args.players,
         threads,
         apply_events_per_second: apply.round(),
+        apply_rounds_events_per_second: apply_rounds.iter().map(|r| r.round()).collect(),
         durable_events_per_second: durable[0].round(),
         durable_engine: "sled",
         durable_redb_events_per_second: durable[1].round(),
