@@ -191,7 +191,11 @@ fn main() -> anyhow::Result<()> {
             "(a) apply + state root:        {apply:>12.0} events/s  (median of {} round(s) of {} events: {})",
             apply_rounds.len(),
             args.events,
-            apply_rounds.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+            apply_rounds
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         // A checkpoint's cost to the consensus round: the state copy it takes now
         // (`snapshot_view`), against the sorting and encoding left to the encoder thread, which
