@@ -64,15 +64,34 @@ pub fn leaf_hash(key_hash: &Hash, value: &[u8]) -> Hash {
     if value.len() > ONE_BLOCK_VALUE_MAX {
         return Hash::of_parts(&[&[TAG_LEAF], &key_hash.0, value]);
     }
-    // The same SHA-256, padded here: one compression, without the hasher's buffering.
     let length = 1 + 32 + value.len();
     let mut block = [0u8; 64];
     block[0] = TAG_LEAF;
     block[1..33].copy_from_slice(&key_hash.0);
     block[33..length].copy_from_slice(value);
-    block[length] = 0x80;
-    block[56..].copy_from_slice(&(8 * length as u64).to_be_bytes());
-    compress_block(&SHA256_INITIAL_STATE, &block)
+    sha256_in_place(&mut block, length)
+}
+
+/// Bytes an input of `length` bytes takes once SHA-256 has padded it: the input, the byte
+/// 0x80, zeros, and the 8-byte length, to a multiple of 64.
+const fn padded_len(length: usize) -> usize {
+    (length + 9).div_ceil(64) * 64
+}
+
+/// SHA-256 of `buffer[..length]`, padded in place (`buffer` holds at least
+/// [`padded_len`]`(length)` bytes): the same hash as the sha2 crate's, without its buffering of
+/// the input, for the short inputs the tree hashes by the million.
+fn sha256_in_place(buffer: &mut [u8], length: usize) -> Hash {
+    let padded = &mut buffer[..padded_len(length)];
+    let end = padded.len();
+    padded[length] = 0x80;
+    padded[length + 1..end - 8].fill(0);
+    padded[end - 8..].copy_from_slice(&(8 * length as u64).to_be_bytes());
+    let mut state = SHA256_INITIAL_STATE;
+    for block in padded.chunks_exact(64) {
+        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(block)));
+    }
+    state_hash(&state)
 }
 
 fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
@@ -81,20 +100,20 @@ fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
     if leaves.is_empty() {
         return Hash::ZERO;
     }
-    // One contiguous input: SHA-256 then runs its blocks in one go, instead of buffering
-    // 32 bytes at a time.
-    let hash_input = |input: &mut [u8]| {
-        input[0] = TAG_BUCKET;
-        for (slot, (_, leaf)) in input[1..].chunks_exact_mut(32).zip(leaves) {
+    // One contiguous input, padded in place: SHA-256 then runs its blocks in one go, instead
+    // of buffering 32 bytes at a time.
+    let length = 1 + 32 * leaves.len();
+    let hash_input = |buffer: &mut [u8]| {
+        buffer[0] = TAG_BUCKET;
+        for (slot, (_, leaf)) in buffer[1..length].chunks_exact_mut(32).zip(leaves) {
             slot.copy_from_slice(&leaf.0);
         }
-        Hash(Sha256::digest(&*input).into())
+        sha256_in_place(buffer, length)
     };
-    let len = 1 + 32 * leaves.len();
     if leaves.len() <= INLINE {
-        hash_input(&mut [0u8; 1 + 32 * INLINE][..len])
+        hash_input(&mut [0u8; padded_len(1 + 32 * INLINE)])
     } else {
-        hash_input(&mut vec![0u8; len])
+        hash_input(&mut vec![0u8; padded_len(length)])
     }
 }
 
@@ -122,6 +141,11 @@ pub(crate) fn compress_pair(state: &[u32; 8], left: &Hash, right: &Hash) -> Hash
 fn compress_block(state: &[u32; 8], block: &[u8; 64]) -> Hash {
     let mut state = *state;
     sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(block)));
+    state_hash(&state)
+}
+
+/// A SHA-256 chaining state as a hash: its 8 words big-endian.
+fn state_hash(state: &[u32; 8]) -> Hash {
     let mut out = [0u8; 32];
     for (bytes, word) in out.chunks_exact_mut(4).zip(state) {
         bytes.copy_from_slice(&word.to_be_bytes());
@@ -539,6 +563,38 @@ mod tests {
             input.extend_from_slice(&value);
             let expected: [u8; 32] = Sha256::digest(&input).into();
             assert_eq!(leaf_hash(&key, &value), Hash(expected), "value of {length} bytes");
+        }
+    }
+
+    /// Padding in place gives SHA-256 for every length, across the block boundaries (55, 56
+    /// and 64 bytes and their multiples), whatever the buffer held past the input.
+    #[test]
+    fn sha256_in_place_is_sha256() {
+        for length in 0..=300 {
+            let input: Vec<u8> = (0..length).map(|i| (i * 31 + 7) as u8).collect();
+            let mut buffer = vec![0xa5u8; padded_len(length) + 17];
+            buffer[..length].copy_from_slice(&input);
+            let expected: [u8; 32] = Sha256::digest(&input).into();
+            assert_eq!(
+                sha256_in_place(&mut buffer, length),
+                Hash(expected),
+                "{length} bytes"
+            );
+        }
+    }
+
+    /// A bucket hashes as SHA-256 of its tag and its leaf hashes, on the stack and on the heap.
+    #[test]
+    fn bucket_hash_is_sha256_of_tag_and_leaves() {
+        assert_eq!(bucket_hash(&[]), Hash::ZERO);
+        for count in 1..=3 * BUCKET_LEAVES_TARGET {
+            let leaves: Vec<(Hash, Hash)> = (0..count as u64).map(|i| kv(i, i * 3)).collect();
+            let mut input = vec![TAG_BUCKET];
+            for (_, leaf) in &leaves {
+                input.extend_from_slice(&leaf.0);
+            }
+            let expected: [u8; 32] = Sha256::digest(&input).into();
+            assert_eq!(bucket_hash(&leaves), Hash(expected), "{count} leaves");
         }
     }
 
