@@ -26,7 +26,6 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::digest::generic_array::GenericArray;
-use sha2::{Digest, Sha256};
 
 use hoard_types::crypto::Hash;
 
@@ -544,6 +543,7 @@ impl Proof {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sha2::{Digest, Sha256};
     use std::collections::BTreeMap;
 
     fn kv(i: u64, v: u64) -> (Hash, Hash) {
