@@ -132,14 +132,8 @@ pub(crate) fn compress_pair(state: &[u32; 8], left: &Hash, right: &Hash) -> Hash
     let mut block = [0u8; 64];
     block[..32].copy_from_slice(&left.0);
     block[32..].copy_from_slice(&right.0);
-    compress_block(state, &block)
-}
-
-/// One application of SHA-256's compression function to `block` from `state`, the resulting
-/// state written big-endian.
-fn compress_block(state: &[u32; 8], block: &[u8; 64]) -> Hash {
     let mut state = *state;
-    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(block)));
+    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
     state_hash(&state)
 }
 
