@@ -252,13 +252,9 @@ impl MerkleTree {
     /// between cores: each bucket is touched by exactly one of them, and what changed is
     /// gathered in bucket order, so the result does not depend on the number of threads. Each
     /// changed bucket is hashed right after its update; [`MerkleTree::root`] hashes the rest.
-    pub fn set_many(&mut self, mut leaves: Vec<(Hash, Option<Hash>)>) {
+    pub fn set_many(&mut self, leaves: Vec<(Hash, Option<Hash>)>) {
         // Stable, so that of two entries for one key the later stays later.
-        if leaves.len() >= PARALLEL_DIRTY_MIN {
-            leaves.par_sort_by_key(|(key, _)| *key);
-        } else {
-            leaves.sort_by_key(|(key, _)| *key);
-        }
+        let leaves = sorted_by_key(&leaves);
         let mut changed = Vec::new();
         let added = set_sorted(&mut self.buckets, 0, self.depth, &leaves, &mut changed);
         self.leaf_count = self
@@ -400,6 +396,40 @@ impl MerkleTree {
             siblings,
         }
     }
+}
+
+/// `leaves` in key hash order, and of two entries for one key the later still later (a stable
+/// sort). Sorted as 16-byte words, each a key's first 8 bytes and the entry's position, instead
+/// of moving the 65-byte entries around; only entries whose keys share their first 8 bytes
+/// (rare: 100,000 random keys have about a 3-in-10^10 chance of one such pair) are then ordered
+/// by their whole key.
+fn sorted_by_key(leaves: &[(Hash, Option<Hash>)]) -> Vec<(Hash, Option<Hash>)> {
+    let prefix = |key: &Hash| u64::from_be_bytes(key.0[..8].try_into().expect("8 bytes"));
+    let mut order: Vec<u128> = leaves
+        .iter()
+        .enumerate()
+        .map(|(position, (key, _))| (u128::from(prefix(key)) << 64) | position as u128)
+        .collect();
+    if order.len() >= PARALLEL_DIRTY_MIN {
+        order.par_sort_unstable();
+    } else {
+        order.sort_unstable();
+    }
+    let entry = |word: u128| &leaves[word as u64 as usize];
+    // Runs of one prefix: by whole key, then (positions being unique) by position.
+    let mut start = 0;
+    while start < order.len() {
+        let run_prefix = order[start] >> 64;
+        let mut end = start + 1;
+        while end < order.len() && order[end] >> 64 == run_prefix {
+            end += 1;
+        }
+        if end - start > 1 {
+            order[start..end].sort_unstable_by(|a, b| entry(*a).0.cmp(&entry(*b).0).then(a.cmp(b)));
+        }
+        start = end;
+    }
+    order.into_iter().map(|word| *entry(word)).collect()
 }
 
 /// Applies `leaves` (sorted by key hash, all falling in `buckets`, the buckets numbered from
@@ -704,6 +734,29 @@ mod tests {
             }
             assert_eq!(batched.root(), single.root());
             assert_eq!(batched.leaf_count(), single.leaf_count());
+        }
+    }
+
+    /// The word sort is the stable sort by key, also for keys that share their first 8 bytes
+    /// and for keys given more than once, in a batch small or large enough to be split.
+    #[test]
+    fn word_sort_is_the_stable_sort_by_key() {
+        for size in [0usize, 1, 2, 7, 300, 3 * PARALLEL_DIRTY_MIN] {
+            let leaves: Vec<(Hash, Option<Hash>)> = (0..size as u64)
+                .map(|i| {
+                    let mut key = Hash::of(&(i % 97).to_be_bytes());
+                    // Every third key shares its first 8 bytes with one of 5 others, and
+                    // differs from them only further on, in an order unrelated to `i`.
+                    if i % 3 == 0 {
+                        key.0[..8].copy_from_slice(&[0x42; 8]);
+                        key.0[31] = (i % 5) as u8;
+                    }
+                    (key, (i % 4 != 0).then(|| Hash::of(&i.to_le_bytes())))
+                })
+                .collect();
+            let mut expected = leaves.clone();
+            expected.sort_by_key(|(key, _)| *key);
+            assert_eq!(sorted_by_key(&leaves), expected, "{size} leaves");
         }
     }
 
