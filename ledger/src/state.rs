@@ -37,6 +37,7 @@
 //! (which lists the events in window order) is still checked against the state root whole.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
@@ -85,6 +86,31 @@ where
         rayon::join(a, b)
     } else {
         (a(), b())
+    }
+}
+
+/// [`join_if`], where `b` learns whether it runs beside `a`, on another thread, at the same time
+/// (rayon's `migrated`); never when not `parallel`.
+fn join_context_if<A, B, RA, RB>(parallel: bool, a: A, b: B) -> (RA, RB)
+where
+    A: FnOnce() -> RA + Send,
+    B: FnOnce(bool) -> RB + Send,
+    RA: Send,
+    RB: Send,
+{
+    if parallel {
+        rayon::join_context(|_| a(), |context| b(context.migrated()))
+    } else {
+        (a(), b(false))
+    }
+}
+
+/// Stores `true` when dropped: on a scope's end, also by unwinding.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
     }
 }
 
@@ -564,43 +590,74 @@ impl Ledger {
         };
         let parallel = transactions.len() >= PARALLEL_TRANSACTIONS_MIN
             || transactions.iter().map(|tx| tx.payload.len()).sum::<usize>() >= PARALLEL_BLOCK_BYTES_MIN;
-        let (receipts, tx_root) = join_if(
+        // Each receipt is published as the apply makes it. The second core, once done with
+        // the payloads and the transactions' root, hashes the receipts' leaves as they appear,
+        // in time it would otherwise spend waiting for the apply; what it has not reached when
+        // the apply ends is hashed beside the state commitment.
+        let published: Vec<OnceLock<Receipt>> = transactions.iter().map(|_| OnceLock::new()).collect();
+        let applied = AtomicBool::new(false);
+        let ((), (tx_root, mut receipt_leaves)) = join_context_if(
             parallel,
             || {
-                let receipts: Vec<Receipt> = transactions
-                    .iter()
-                    .enumerate()
-                    .map(|(index, tx)| {
-                        // In three steps, as each reads what the one before loaded: the
-                        // transaction's asset list, the currency names in it, then the state.
-                        if let Some(ahead) = decoded(index + 3 * PREFETCH_AHEAD) {
-                            prefetch_assets(ahead);
-                        }
-                        if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
-                            prefetch_currency_names(ahead);
-                        }
-                        if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
-                            self.prefetch_transaction(ahead);
-                        }
-                        self.apply_transaction(height, tx, payload(index))
-                    })
-                    .collect();
-                receipts
+                // Set when the apply ends, also by unwinding: the receipts' hasher stops then.
+                let _applied = SetOnDrop(&applied);
+                for (index, tx) in transactions.iter().enumerate() {
+                    // In three steps, as each reads what the one before loaded: the
+                    // transaction's asset list, the currency names in it, then the state.
+                    if let Some(ahead) = decoded(index + 3 * PREFETCH_AHEAD) {
+                        prefetch_assets(ahead);
+                    }
+                    if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
+                        prefetch_currency_names(ahead);
+                    }
+                    if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
+                        self.prefetch_transaction(ahead);
+                    }
+                    let receipt = self.apply_transaction(height, tx, payload(index));
+                    assert!(
+                        published[index].set(receipt).is_ok(),
+                        "one receipt per transaction"
+                    );
+                }
             },
-            || {
+            |beside_the_apply| {
                 if parallel {
                     (0..transactions.len()).for_each(|index| {
                         payload(index);
                     });
                 }
-                list_root(leaves(&transactions, transaction_leaf).into_iter())
+                let tx_root = list_root(leaves(&transactions, transaction_leaf).into_iter());
+                let mut receipt_leaves = Vec::with_capacity(transactions.len());
+                // Only on another thread than the apply's: on the same one, this runs after
+                // the apply, or inside it (where rayon may run a queued job while the apply
+                // waits on one of its own), and waiting for receipts there would never end.
+                if beside_the_apply {
+                    'receipts: for slot in &published {
+                        let receipt = loop {
+                            if let Some(receipt) = slot.get() {
+                                break receipt;
+                            }
+                            if applied.load(Ordering::Acquire) && slot.get().is_none() {
+                                break 'receipts;
+                            }
+                            std::thread::yield_now();
+                        };
+                        receipt_leaves.push(receipt_leaf(receipt));
+                    }
+                }
+                (tx_root, receipt_leaves)
             },
         );
+        let receipts: Vec<Receipt> = published
+            .into_iter()
+            .map(|slot| slot.into_inner().expect("the apply published every receipt"))
+            .collect();
         let (state_root, outcome_root) = join_if(
             parallel,
             || self.commit_state(),
             || {
-                let root = list_root(leaves(&receipts, receipt_leaf).into_iter());
+                receipt_leaves.extend(leaves(&receipts[receipt_leaves.len()..], receipt_leaf));
+                let root = list_root(receipt_leaves.into_iter());
                 if parallel {
                     // Freed on every core, as they were allocated.
                     payloads.into_par_iter().for_each(drop);

@@ -1,5 +1,6 @@
 //! The asset state machine, rule by rule, through real signed transactions.
 
+use hoard_ledger::block::{list_root, receipt_leaf, transaction_leaf};
 use hoard_ledger::testing::{key, World};
 use hoard_ledger::{Ledger, RecordedOutcome, StateKey};
 use hoard_types::{
@@ -1008,10 +1009,67 @@ fn a_large_block_applies_in_order_around_undecodable_transactions() {
     let gold = CurrencyId::new("GOLD");
     assert_eq!(chain.ledger.balance(A, &gold, &alice.public()), Amount::ZERO);
     assert_eq!(chain.ledger.balance(A, &gold, &bob.public()), Amount(500));
+    // The roots are those of the block's lists, whichever core hashed which leaf.
+    assert_eq!(
+        block.header.tx_root,
+        list_root(block.transactions.iter().map(transaction_leaf))
+    );
+    assert_eq!(
+        block.header.outcome_root,
+        list_root(receipts.iter().map(receipt_leaf))
+    );
     let mut follower = follower_start;
     assert_eq!(
         follower.apply_block(&block).expect("the follower agrees"),
         receipts
     );
     assert_eq!(follower.state_root(), chain.ledger.state_root());
+}
+
+/// A large block gives the same block, receipts and state on a pool of 1, 2 or 4 threads: with
+/// one, the receipts' hasher runs on the apply's thread and must not wait for the apply; with
+/// more, it follows the apply from another thread, or does not get to.
+#[test]
+fn a_large_block_is_the_same_on_any_number_of_threads() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let studio = chain.world.studio(A).clone();
+    let transactions: Vec<Transaction> = (0..2_000)
+        .map(|i| {
+            // Bob is custodial: the studio signs for him.
+            let (signer, from, to) = if i % 3 == 0 {
+                (&studio, &bob, &alice)
+            } else {
+                (&alice, &alice, &bob)
+            };
+            chain
+                .world
+                .transfer(A, signer, &from.public(), &to.public(), "GOLD", 1 + i % 7)
+        })
+        .collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a pool");
+        let mut ledger = chain.ledger.clone();
+        let (block, receipts) = pool.install(|| ledger.execute(5_000, transactions.clone()));
+        ledger.check_invariants().expect("invariants hold");
+        assert_eq!(
+            block.header.outcome_root,
+            list_root(receipts.iter().map(receipt_leaf)),
+            "{threads} threads"
+        );
+        (block, receipts, ledger.state_root())
+    };
+    let one = run(1);
+    assert!(one.1.iter().any(|r| r.outcome == Outcome::Applied));
+    assert!(one
+        .1
+        .iter()
+        .any(|r| r.outcome == rejected(Rejection::InsufficientFunds)));
+    for threads in [2, 4] {
+        for _ in 0..3 {
+            assert!(run(threads) == one, "{threads} threads");
+        }
+    }
 }
