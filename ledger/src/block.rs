@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::merkle::{compress_pair, domain_state};
+use crate::merkle::{compress_pair, compress_pair_x2, domain_state};
 
 use hoard_types::{Hash, Receipt, Transaction};
 
@@ -61,8 +61,12 @@ pub fn list_leaf(bytes: &[u8]) -> Hash {
 /// block `"hoard/list/node/v1"` zero-padded to 64 bytes (as the state tree's nodes, with their
 /// own domain; see `merkle`).
 pub fn list_node(left: &Hash, right: &Hash) -> Hash {
+    compress_pair(list_node_state(), left, right)
+}
+
+fn list_node_state() -> &'static [u32; 8] {
     static STATE: OnceLock<[u32; 8]> = OnceLock::new();
-    compress_pair(STATE.get_or_init(|| domain_state(LIST_NODE_DOMAIN)), left, right)
+    STATE.get_or_init(|| domain_state(LIST_NODE_DOMAIN))
 }
 
 /// A binary Merkle root over list leaves (made by [`list_leaf`]) and nodes (made by
@@ -73,14 +77,21 @@ pub fn list_root(leaves: impl Iterator<Item = Hash>) -> Hash {
         return Hash::ZERO;
     }
     while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|pair| match pair {
-                [left, right] => list_node(left, right),
-                [single] => *single,
-                _ => unreachable!(),
-            })
-            .collect();
+        // Two nodes at a time (`compress_pair_x2`), from four hashes of this level.
+        let mut next = Vec::with_capacity(level.len().div_ceil(2));
+        let mut fours = level.chunks_exact(4);
+        for four in &mut fours {
+            let (left, right) =
+                compress_pair_x2(list_node_state(), (&four[0], &four[1]), (&four[2], &four[3]));
+            next.push(left);
+            next.push(right);
+        }
+        next.extend(fours.remainder().chunks(2).map(|pair| match pair {
+            [left, right] => list_node(left, right),
+            [single] => *single,
+            _ => unreachable!(),
+        }));
+        level = next;
     }
     level[0]
 }
@@ -126,6 +137,36 @@ mod tests {
             receipt_leaf(&receipt),
             list_leaf(&rmp_serde::to_vec(&receipt).unwrap())
         );
+    }
+
+    /// The root of every length up to 40 is the plain pairwise one: each level's nodes from
+    /// adjacent pairs, an odd last hash carried up as it is.
+    #[test]
+    fn list_root_is_the_pairwise_root_at_every_length() {
+        fn pairwise(level: Vec<Hash>) -> Hash {
+            if level.len() == 1 {
+                return level[0];
+            }
+            let next = level
+                .chunks(2)
+                .map(|pair| {
+                    if pair.len() == 2 {
+                        list_node(&pair[0], &pair[1])
+                    } else {
+                        pair[0]
+                    }
+                })
+                .collect();
+            pairwise(next)
+        }
+        for length in 1..=40u32 {
+            let leaves: Vec<Hash> = (0..length).map(|i| list_leaf(&i.to_be_bytes())).collect();
+            assert_eq!(
+                list_root(leaves.clone().into_iter()),
+                pairwise(leaves),
+                "{length} leaves"
+            );
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod merkle;
 pub mod net;
 pub mod node;
 pub mod prefetch;
+pub mod sha256x2;
 pub mod sim;
 pub mod state;
 pub mod store;

@@ -25,11 +25,11 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use sha2::digest::generic_array::GenericArray;
 
 use hoard_types::crypto::Hash;
 
 use crate::prefetch::{prefetch, prefetch_slice};
+use crate::sha256x2;
 
 /// The tree deepens when the average bucket holds more leaves than this.
 pub const BUCKET_LEAVES_TARGET: usize = 4;
@@ -37,6 +37,8 @@ pub const BUCKET_LEAVES_TARGET: usize = 4;
 pub const DEPTH_MIN: u8 = 4;
 /// Deepest tree: 2^26 buckets, which at the target fill is about 268 million leaves.
 pub const DEPTH_MAX: u8 = 26;
+/// The smallest share of a level's nodes one thread hashes (even, so that pairs stay whole).
+const NODES_PER_TASK: usize = 512;
 /// Below this many dirty buckets, hashing stays on one thread (rayon's overhead would dominate).
 const PARALLEL_DIRTY_MIN: usize = 2048;
 
@@ -88,7 +90,7 @@ fn sha256_in_place(buffer: &mut [u8], length: usize) -> Hash {
     padded[end - 8..].copy_from_slice(&(8 * length as u64).to_be_bytes());
     let mut state = SHA256_INITIAL_STATE;
     for block in padded.chunks_exact(64) {
-        sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(block)));
+        sha256x2::compress(&mut state, block.try_into().expect("64-byte blocks"));
     }
     state_hash(&state)
 }
@@ -121,7 +123,7 @@ pub(crate) fn domain_state(domain: &[u8]) -> [u32; 8] {
     let mut block = [0u8; 64];
     block[..domain.len()].copy_from_slice(domain);
     let mut state = SHA256_INITIAL_STATE;
-    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
+    sha256x2::compress(&mut state, &block);
     state
 }
 
@@ -129,12 +131,29 @@ pub(crate) fn domain_state(domain: &[u8]) -> [u32; 8] {
 /// written big-endian: a two-to-one hash for fixed-shape trees (every input has the same
 /// length, so no length padding is needed).
 pub(crate) fn compress_pair(state: &[u32; 8], left: &Hash, right: &Hash) -> Hash {
+    let mut state = *state;
+    sha256x2::compress(&mut state, &pair_block(left, right));
+    state_hash(&state)
+}
+
+/// [`compress_pair`] of two pairs at once ([`sha256x2`]): `(a, b)`.
+pub(crate) fn compress_pair_x2(state: &[u32; 8], a: (&Hash, &Hash), b: (&Hash, &Hash)) -> (Hash, Hash) {
+    let (mut state_a, mut state_b) = (*state, *state);
+    sha256x2::compress_x2(
+        &mut state_a,
+        &[pair_block(a.0, a.1)],
+        &mut state_b,
+        &[pair_block(b.0, b.1)],
+    );
+    (state_hash(&state_a), state_hash(&state_b))
+}
+
+/// The 64-byte block `left || right`.
+fn pair_block(left: &Hash, right: &Hash) -> [u8; 64] {
     let mut block = [0u8; 64];
     block[..32].copy_from_slice(&left.0);
     block[32..].copy_from_slice(&right.0);
-    let mut state = *state;
-    sha2::compress256(&mut state, std::slice::from_ref(GenericArray::from_slice(&block)));
-    state_hash(&state)
+    block
 }
 
 /// A SHA-256 chaining state as a hash: its 8 words big-endian.
@@ -157,6 +176,27 @@ fn node_hash(left: &Hash, right: &Hash) -> Hash {
         return Hash::ZERO;
     }
     compress_pair(node_state(), left, right)
+}
+
+/// The nodes `level` (heap indices) from their children in `nodes`, into `out`, two at a time.
+fn hash_nodes(nodes: &[Hash], level: &[usize], out: &mut [Hash]) {
+    let children = |node: usize| (&nodes[2 * node], &nodes[2 * node + 1]);
+    let zero = |(left, right): (&Hash, &Hash)| left == &Hash::ZERO && right == &Hash::ZERO;
+    for (at, (pair, out)) in level.chunks(2).zip(out.chunks_mut(2)).enumerate() {
+        for &ahead in level.iter().skip(2 * at + PREFETCH_LEAVES_AHEAD).take(2) {
+            prefetch(&nodes[2 * ahead]);
+        }
+        match (pair, out) {
+            ([a, b], [out_a, out_b]) => {
+                let (a, b) = (children(*a), children(*b));
+                let (hash_a, hash_b) = compress_pair_x2(node_state(), a, b);
+                *out_a = if zero(a) { Hash::ZERO } else { hash_a };
+                *out_b = if zero(b) { Hash::ZERO } else { hash_b };
+            }
+            ([a], [out_a]) => *out_a = node_hash(&nodes[2 * a], &nodes[2 * a + 1]),
+            _ => unreachable!("`out` is as long as `level`"),
+        }
+    }
 }
 
 fn root_hash(depth: u8, leaf_count: u64, top: &Hash) -> Hash {
@@ -308,29 +348,15 @@ impl MerkleTree {
         level.dedup();
         while !level.is_empty() {
             let nodes = &self.nodes;
-            let computed: Vec<Hash> = if level.len() >= PARALLEL_DIRTY_MIN {
-                level
-                    .par_iter()
-                    .enumerate()
-                    .map(|(i, &n)| {
-                        if let Some(&ahead) = level.get(i + PREFETCH_LEAVES_AHEAD) {
-                            prefetch(&nodes[2 * ahead]);
-                        }
-                        node_hash(&nodes[2 * n], &nodes[2 * n + 1])
-                    })
-                    .collect()
+            let mut computed = vec![Hash::ZERO; level.len()];
+            if level.len() >= PARALLEL_DIRTY_MIN {
+                computed
+                    .par_chunks_mut(NODES_PER_TASK)
+                    .zip(level.par_chunks(NODES_PER_TASK))
+                    .for_each(|(out, level)| hash_nodes(nodes, level, out));
             } else {
-                level
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &n)| {
-                        if let Some(&ahead) = level.get(i + PREFETCH_LEAVES_AHEAD) {
-                            prefetch(&nodes[2 * ahead]);
-                        }
-                        node_hash(&nodes[2 * n], &nodes[2 * n + 1])
-                    })
-                    .collect()
-            };
+                hash_nodes(nodes, &level, &mut computed);
+            }
             for (&node, hash) in level.iter().zip(computed) {
                 self.nodes[node] = hash;
             }
@@ -567,6 +593,7 @@ impl Proof {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use sha2::digest::generic_array::GenericArray;
     use sha2::{Digest, Sha256};
     use std::collections::BTreeMap;
 
