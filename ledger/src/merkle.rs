@@ -59,18 +59,36 @@ pub fn key_hash(key: &[u8]) -> Hash {
 
 /// The hash of a leaf: binds the key to its value.
 pub fn leaf_hash(key_hash: &Hash, value: &[u8]) -> Hash {
+    match leaf_block(key_hash, value) {
+        Some((mut block, length)) => sha256_in_place(&mut block, length),
+        None => Hash::of_parts(&[&[TAG_LEAF], &key_hash.0, value]),
+    }
+}
+
+/// [`leaf_hash`] of two leaves at once ([`sha256x2`]) when each fits one block, as balances do.
+pub fn leaf_hash_x2(a: (&Hash, &[u8]), b: (&Hash, &[u8])) -> (Hash, Hash) {
+    match (leaf_block(a.0, a.1), leaf_block(b.0, b.1)) {
+        (Some((mut block_a, length_a)), Some((mut block_b, length_b))) => {
+            sha256_in_place_x2(&mut block_a, length_a, &mut block_b, length_b)
+        }
+        _ => (leaf_hash(a.0, a.1), leaf_hash(b.0, b.1)),
+    }
+}
+
+/// A leaf's input and its length in one block, when it fits with SHA-256's padding.
+fn leaf_block(key_hash: &Hash, value: &[u8]) -> Option<([u8; 64], usize)> {
     /// Longest value whose leaf input, SHA-256's padding byte and 8-byte length fit one
     /// 64-byte block (a balance's 16 bytes do).
     const ONE_BLOCK_VALUE_MAX: usize = 64 - 1 - 32 - 1 - 8;
     if value.len() > ONE_BLOCK_VALUE_MAX {
-        return Hash::of_parts(&[&[TAG_LEAF], &key_hash.0, value]);
+        return None;
     }
     let length = 1 + 32 + value.len();
     let mut block = [0u8; 64];
     block[0] = TAG_LEAF;
     block[1..33].copy_from_slice(&key_hash.0);
     block[33..length].copy_from_slice(value);
-    sha256_in_place(&mut block, length)
+    Some((block, length))
 }
 
 /// Bytes an input of `length` bytes takes once SHA-256 has padded it: the input, the byte
@@ -79,42 +97,75 @@ const fn padded_len(length: usize) -> usize {
     (length + 9).div_ceil(64) * 64
 }
 
-/// SHA-256 of `buffer[..length]`, padded in place (`buffer` holds at least
-/// [`padded_len`]`(length)` bytes): the same hash as the sha2 crate's, without its buffering of
-/// the input, for the short inputs the tree hashes by the million.
-fn sha256_in_place(buffer: &mut [u8], length: usize) -> Hash {
+/// Pads `buffer[..length]` in place as SHA-256 does (`buffer` holds at least
+/// [`padded_len`]`(length)` bytes) and returns the padded input's blocks.
+fn pad(buffer: &mut [u8], length: usize) -> &[[u8; 64]] {
     let padded = &mut buffer[..padded_len(length)];
     let end = padded.len();
     padded[length] = 0x80;
     padded[length + 1..end - 8].fill(0);
     padded[end - 8..].copy_from_slice(&(8 * length as u64).to_be_bytes());
+    padded.as_chunks::<64>().0
+}
+
+/// SHA-256 of `buffer[..length]`, padded in place ([`pad`]): the same hash as the sha2 crate's,
+/// without its buffering of the input, for the short inputs the tree hashes by the million.
+fn sha256_in_place(buffer: &mut [u8], length: usize) -> Hash {
     let mut state = SHA256_INITIAL_STATE;
-    for block in padded.chunks_exact(64) {
-        sha256x2::compress(&mut state, block.try_into().expect("64-byte blocks"));
+    for block in pad(buffer, length) {
+        sha256x2::compress(&mut state, block);
     }
     state_hash(&state)
 }
 
+/// [`sha256_in_place`] of two inputs at once ([`sha256x2`]).
+fn sha256_in_place_x2(a: &mut [u8], length_a: usize, b: &mut [u8], length_b: usize) -> (Hash, Hash) {
+    let (mut state_a, mut state_b) = (SHA256_INITIAL_STATE, SHA256_INITIAL_STATE);
+    sha256x2::compress_x2(&mut state_a, pad(a, length_a), &mut state_b, pad(b, length_b));
+    (state_hash(&state_a), state_hash(&state_b))
+}
+
 fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
-    /// Buckets up to this many leaves are laid out on the stack (twice the target fill).
-    const INLINE: usize = 2 * BUCKET_LEAVES_TARGET;
     if leaves.is_empty() {
         return Hash::ZERO;
     }
-    // One contiguous input, padded in place: SHA-256 then runs its blocks in one go, instead
-    // of buffering 32 bytes at a time.
+    with_bucket_input(leaves, sha256_in_place)
+}
+
+/// [`bucket_hash`] of two buckets at once ([`sha256x2`]).
+fn bucket_hash_x2(a: &[(Hash, Hash)], b: &[(Hash, Hash)]) -> (Hash, Hash) {
+    if a.is_empty() || b.is_empty() {
+        return (bucket_hash(a), bucket_hash(b));
+    }
+    with_bucket_input(a, |input_a, length_a| {
+        with_bucket_input(b, |input_b, length_b| {
+            sha256_in_place_x2(input_a, length_a, input_b, length_b)
+        })
+    })
+}
+
+/// Calls `hash` with a buffer holding a non-empty bucket's input, `0x01 || leaf_hash…`, and its
+/// length, with room to pad it in place: one contiguous input, so that SHA-256 runs its blocks in
+/// one go instead of buffering 32 bytes at a time.
+fn with_bucket_input<R>(leaves: &[(Hash, Hash)], hash: impl FnOnce(&mut [u8], usize) -> R) -> R {
+    /// Buckets up to this many leaves are laid out on the stack (twice the target fill).
+    const INLINE: usize = 2 * BUCKET_LEAVES_TARGET;
+    debug_assert!(!leaves.is_empty(), "an empty bucket's hash is the zero hash");
     let length = 1 + 32 * leaves.len();
-    let hash_input = |buffer: &mut [u8]| {
+    let fill = |buffer: &mut [u8]| {
         buffer[0] = TAG_BUCKET;
         for (slot, (_, leaf)) in buffer[1..length].chunks_exact_mut(32).zip(leaves) {
             slot.copy_from_slice(&leaf.0);
         }
-        sha256_in_place(buffer, length)
     };
     if leaves.len() <= INLINE {
-        hash_input(&mut [0u8; padded_len(1 + 32 * INLINE)])
+        let mut buffer = [0u8; padded_len(1 + 32 * INLINE)];
+        fill(&mut buffer);
+        hash(&mut buffer, length)
     } else {
-        hash_input(&mut vec![0u8; padded_len(length)])
+        let mut buffer = vec![0u8; padded_len(length)];
+        fill(&mut buffer);
+        hash(&mut buffer, length)
     }
 }
 
@@ -290,8 +341,9 @@ impl MerkleTree {
     /// for each in turn (for a key given twice, the later entry wins). The leaves are sorted by
     /// key hash, so that buckets are visited in memory order, and the bucket range is split
     /// between cores: each bucket is touched by exactly one of them, and what changed is
-    /// gathered in bucket order, so the result does not depend on the number of threads. Each
-    /// changed bucket is hashed right after its update; [`MerkleTree::root`] hashes the rest.
+    /// gathered in bucket order, so the result does not depend on the number of threads. Changed
+    /// buckets are hashed soon after their update, two at a time (each with the one changed before
+    /// it); [`MerkleTree::root`] hashes the rest.
     pub fn set_many(&mut self, leaves: Vec<(Hash, Option<Hash>)>) {
         // Stable, so that of two entries for one key the later stays later.
         let leaves = sorted_by_key(&leaves);
@@ -483,6 +535,8 @@ fn set_sorted(
     let mut added = 0;
     let same_bucket = |a: &(Hash, _), b: &(Hash, _)| bucket_index(&a.0, depth) == bucket_index(&b.0, depth);
     let mut at = 0;
+    // A changed bucket waiting for another to be hashed with.
+    let mut pending: Option<usize> = None;
     for group in leaves.chunk_by(same_bucket) {
         // The buckets a block changes are scattered over memory, and a bucket's search touches
         // one cache line per leaf it compares: start loading the buckets of the leaves ahead,
@@ -503,8 +557,21 @@ fn set_sorted(
             added += delta;
         }
         if modified {
-            changed.push((index as u32, bucket_hash(bucket)));
+            // Hashed two at a time: this bucket with the one changed before it, both still
+            // in cache.
+            match pending.take() {
+                None => pending = Some(index),
+                Some(previous) => {
+                    let (hash_previous, hash) =
+                        bucket_hash_x2(&buckets[previous - first], &buckets[index - first]);
+                    changed.push((previous as u32, hash_previous));
+                    changed.push((index as u32, hash));
+                }
+            }
         }
+    }
+    if let Some(previous) = pending {
+        changed.push((previous as u32, bucket_hash(&buckets[previous - first])));
     }
     added
 }
@@ -647,6 +714,63 @@ mod tests {
             let expected: [u8; 32] = Sha256::digest(&input).into();
             assert_eq!(bucket_hash(&leaves), Hash(expected), "{count} leaves");
         }
+    }
+
+    /// Two buckets, two leaves or two nodes hashed at once hash as each alone: buckets of every
+    /// size up to three times the target (empty, on the stack, on the heap) against each other,
+    /// leaves with values of every length up to 64 bytes (one block or more), and nodes with zero
+    /// children on either side.
+    #[test]
+    fn two_at_once_hash_as_each_alone() {
+        let bucket =
+            |count: u64| -> Vec<(Hash, Hash)> { (0..count).map(|i| kv(i + 100 * count, i)).collect() };
+        for count_a in 0..=3 * BUCKET_LEAVES_TARGET as u64 {
+            for count_b in 0..=3 * BUCKET_LEAVES_TARGET as u64 {
+                let (a, b) = (bucket(count_a), bucket(count_b));
+                assert_eq!(
+                    bucket_hash_x2(&a, &b),
+                    (bucket_hash(&a), bucket_hash(&b)),
+                    "buckets of {count_a} and {count_b}"
+                );
+            }
+        }
+        let value = [7u8; 64];
+        for length_a in 0..=64 {
+            for length_b in [0, 16, 22, 23, length_a] {
+                let (key_a, key_b) = (Hash::of(&[length_a as u8]), Hash::of(b"b"));
+                assert_eq!(
+                    leaf_hash_x2((&key_a, &value[..length_a]), (&key_b, &value[..length_b])),
+                    (
+                        leaf_hash(&key_a, &value[..length_a]),
+                        leaf_hash(&key_b, &value[..length_b])
+                    ),
+                    "values of {length_a} and {length_b} bytes"
+                );
+            }
+        }
+        let nodes = [
+            Hash::ZERO,
+            Hash::ZERO,
+            Hash::of(b"x"),
+            Hash::ZERO,
+            Hash::ZERO,
+            Hash::of(b"y"),
+            Hash::of(b"z"),
+            Hash::of(b"w"),
+        ];
+        // Nodes 4 to 7 have children 8 to 15: both zero, the right zero, the left zero, neither.
+        let mut padded = vec![Hash::of(b"unused"); 8];
+        padded.extend_from_slice(&nodes);
+        for level in [&[4usize, 5, 6, 7][..], &[4, 5, 6], &[5, 7], &[4]] {
+            let mut out = vec![Hash::of(b"stale"); level.len()];
+            hash_nodes(&padded, level, &mut out);
+            let alone: Vec<Hash> = level
+                .iter()
+                .map(|&n| node_hash(&padded[2 * n], &padded[2 * n + 1]))
+                .collect();
+            assert_eq!(out, alone, "level {level:?}");
+        }
+        assert_eq!(node_hash(&Hash::ZERO, &Hash::ZERO), Hash::ZERO);
     }
 
     /// The node construction is SHA-256 without its final length block: hashing the domain

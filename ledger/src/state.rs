@@ -57,7 +57,7 @@ use hoard_types::{
 use crate::block::{list_root, receipt_leaf, transaction_leaf, Block, BlockHeader};
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
-use crate::merkle::{leaf_hash, MerkleTree, Proof};
+use crate::merkle::{leaf_hash, leaf_hash_x2, MerkleTree, Proof};
 use crate::prefetch::{prefetch_entry, prefetch_slice, PrefetchMap};
 
 /// Below this many transactions a block is decoded and hashed on one thread.
@@ -1474,9 +1474,23 @@ impl Ledger {
         let leaf = |d: &Dirty| this.leaf(d);
         // A balance's key hash and latest amount were recorded as it changed; `None` for a
         // balance that reached zero.
-        let balance_leaf = |b: &DirtyBalance| {
-            let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &b.amount.0.to_be_bytes()));
-            (b.key_hash, leaf)
+        // Two at a time ([`leaf_hash_x2`]) where both have an amount.
+        let balance_leaves = |pair: &[DirtyBalance]| {
+            let amount = |b: &DirtyBalance| b.amount.0.to_be_bytes();
+            match pair {
+                [a, b] if !a.amount.is_zero() && !b.amount.is_zero() => {
+                    let (leaf_a, leaf_b) = leaf_hash_x2((&a.key_hash, &amount(a)), (&b.key_hash, &amount(b)));
+                    [Some((a.key_hash, Some(leaf_a))), Some((b.key_hash, Some(leaf_b)))]
+                }
+                _ => {
+                    let mut leaves = [None, None];
+                    for (out, b) in leaves.iter_mut().zip(pair) {
+                        let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &amount(b)));
+                        *out = Some((b.key_hash, leaf));
+                    }
+                    leaves
+                }
+            }
         };
         let mut leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
             dirty.par_iter().map(leaf).collect()
@@ -1484,9 +1498,17 @@ impl Ledger {
             dirty.iter().map(leaf).collect()
         };
         if balances.len() >= PARALLEL_TRANSACTIONS_MIN {
-            leaves.par_extend(balances.par_iter().map(balance_leaf));
+            leaves.par_extend(
+                balances
+                    .par_chunks(2)
+                    .flat_map_iter(|pair| balance_leaves(pair).into_iter().flatten()),
+            );
         } else {
-            leaves.extend(balances.iter().map(balance_leaf));
+            leaves.extend(
+                balances
+                    .chunks(2)
+                    .flat_map(|pair| balance_leaves(pair).into_iter().flatten()),
+            );
         }
         // Balances that reached zero leave the state with the block.
         for balance in &balances {
