@@ -23,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 
+use hoard_ledger::sha256x2;
 use hoard_ledger::store::{Engine, StoreConfig};
 use hoard_ledger::testing::{key, World};
 use hoard_ledger::Ledger;
@@ -50,8 +51,8 @@ struct Args {
     /// Rounds of (a), each on a fresh ledger; (a) reports their median.
     #[arg(long, default_value_t = 3)]
     apply_rounds: usize,
-    /// Which figures to measure: any of `a`, `b`, `c` (c includes its ceiling d).
-    #[arg(long, default_value = "a,b,c", value_delimiter = ',')]
+    /// Which figures to measure: any of `s`, `a`, `b`, `c` (c includes its ceiling d).
+    #[arg(long, default_value = "s,a,b,c", value_delimiter = ',')]
     phases: Vec<String>,
     /// Write the results here as JSON.
     #[arg(long)]
@@ -78,6 +79,10 @@ struct Results {
     batch_verify_ceiling_per_second: f64,
     signed_to_ceiling_ratio: f64,
     state_entries: u64,
+    /// (s) SHA-256 compressions per second on one thread, one at a time and two interleaved
+    /// (`sha256x2`), medians of 5.
+    sha256_compressions_per_second: f64,
+    sha256_x2_compressions_per_second: f64,
     /// The final state of (a) as a checkpoint snapshot: its size, the copy the consensus round
     /// takes, and the sort + encode left to the encoder thread (milliseconds, medians of 3).
     snapshot_bytes: u64,
@@ -94,6 +99,15 @@ fn main() -> anyhow::Result<()> {
     );
     let threads = rayon::current_num_threads();
     let phase = |name: &str| args.phases.iter().any(|p| p == name);
+    let (mut sha_one, mut sha_two) = (0.0, 0.0);
+    if phase("s") {
+        (sha_one, sha_two) = sha256_rates();
+        println!(
+            "(s) SHA-256 compressions, one thread: one at a time {sha_one:.0}/s, two interleaved \
+             {sha_two:.0}/s ({:.2}x; medians of 5)",
+            sha_two / sha_one
+        );
+    }
     eprintln!(
         "setup: {} players, {} + {} transfers signed by their players (threads: {threads})",
         args.players, args.events, args.signed_events
@@ -309,6 +323,8 @@ fn main() -> anyhow::Result<()> {
         batch_verify_ceiling_per_second: 0.0,
         signed_to_ceiling_ratio: 0.0,
         state_entries,
+        sha256_compressions_per_second: sha_one.round(),
+        sha256_x2_compressions_per_second: sha_two.round(),
         snapshot_bytes,
         snapshot_copy_ms: (snapshot_copy_ms * 10.0).round() / 10.0,
         snapshot_encode_ms: (snapshot_encode_ms * 10.0).round() / 10.0,
@@ -377,6 +393,38 @@ fn main() -> anyhow::Result<()> {
     results.batch_verify_ceiling_per_second = ceiling.round();
     results.signed_to_ceiling_ratio = (signed / ceiling * 100.0).round() / 100.0;
     write_results(&args, results)
+}
+
+/// (s): SHA-256 compressions per second on this thread, one at a time and two interleaved
+/// (`sha256x2`), over 2^18 blocks each: what hashing the tree's nodes two at a time can gain.
+fn sha256_rates() -> (f64, f64) {
+    let blocks: Vec<[u8; 64]> = (0..1usize << 18)
+        .map(|i| std::array::from_fn(|j| (i * 31 + j * 7) as u8))
+        .collect();
+    let median = |mut rates: Vec<f64>| {
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    };
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    let mut sink = 0u32;
+    for _ in 0..5 {
+        let started = Instant::now();
+        for block in &blocks {
+            let mut state = [1u32; 8];
+            sha256x2::compress(&mut state, block);
+            sink ^= state[0];
+        }
+        one.push(blocks.len() as f64 / started.elapsed().as_secs_f64());
+        let started = Instant::now();
+        for pair in blocks.chunks_exact(2) {
+            let (mut a, mut b) = ([1u32; 8], [2u32; 8]);
+            sha256x2::compress_x2(&mut a, &pair[..1], &mut b, &pair[1..]);
+            sink ^= a[0] ^ b[0];
+        }
+        two.push(blocks.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(sink);
+    (median(one), median(two))
 }
 
 fn write_results(args: &Args, results: Results) -> anyhow::Result<()> {
