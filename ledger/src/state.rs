@@ -73,25 +73,11 @@ const PREFETCH_AHEAD: usize = 48;
 /// their CPU in those spins). 64 KiB is about 300 transfers or two settlements of 500 entries.
 const PARALLEL_BLOCK_BYTES_MIN: usize = 64 * 1024;
 
-/// `rayon::join(a, b)` when `parallel`, else `(a(), b())` on this thread. Either way the results
-/// are the same (nothing here depends on which thread ran what).
+/// `rayon::join(a, b)` when `parallel`, else `(a(), b())` on this thread. `b` learns whether it
+/// runs beside `a`, on another thread at the same time (rayon's `migrated`; never when not
+/// `parallel`). Either way the results are the same (nothing here depends on which thread ran
+/// what).
 fn join_if<A, B, RA, RB>(parallel: bool, a: A, b: B) -> (RA, RB)
-where
-    A: FnOnce() -> RA + Send,
-    B: FnOnce() -> RB + Send,
-    RA: Send,
-    RB: Send,
-{
-    if parallel {
-        rayon::join(a, b)
-    } else {
-        (a(), b())
-    }
-}
-
-/// [`join_if`], where `b` learns whether it runs beside `a`, on another thread, at the same time
-/// (rayon's `migrated`); never when not `parallel`.
-fn join_context_if<A, B, RA, RB>(parallel: bool, a: A, b: B) -> (RA, RB)
 where
     A: FnOnce() -> RA + Send,
     B: FnOnce(bool) -> RB + Send,
@@ -596,7 +582,7 @@ impl Ledger {
         // the apply ends is hashed beside the state commitment.
         let published: Vec<OnceLock<Receipt>> = transactions.iter().map(|_| OnceLock::new()).collect();
         let applied = AtomicBool::new(false);
-        let ((), (tx_root, mut receipt_leaves)) = join_context_if(
+        let ((), (tx_root, mut receipt_leaves)) = join_if(
             parallel,
             || {
                 // Set when the apply ends, also by unwinding: the receipts' hasher stops then.
@@ -655,7 +641,7 @@ impl Ledger {
         let (state_root, outcome_root) = join_if(
             parallel,
             || self.commit_state(),
-            || {
+            |_| {
                 receipt_leaves.extend(leaves(&receipts[receipt_leaves.len()..], receipt_leaf));
                 let root = list_root(receipt_leaves.into_iter());
                 if parallel {
