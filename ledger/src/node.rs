@@ -380,25 +380,49 @@ fn rebuild_ledger(
     let mut blocks = std::collections::VecDeque::new();
     let mut held = 0usize;
     let mut replayed_bytes = 0u64;
-    while ledger.height() < last {
-        let height = ledger.height() + 1;
-        let bytes = store.block(height).map_err(storage)?.ok_or_else(|| {
-            LedgerError::Storage(format!("block {height} missing from the log (last is {last})"))
+    // Pipelined ([`Ledger::apply_blocks`]): each block's commitment beside the next one's
+    // apply. In two runs when the capture height falls inside, as its snapshot is taken there.
+    let stops = match capture {
+        Some(height) if height > ledger.height() && height < last => vec![height, last],
+        _ => vec![last],
+    };
+    for stop in stops {
+        // The encoded size of each block read and not yet handed back, in order.
+        let sizes = std::cell::RefCell::new(std::collections::VecDeque::new());
+        let mut read_error = None;
+        let reads = (ledger.height() + 1..=stop).map_while(|height| {
+            let read = store.block(height).map_err(storage).and_then(|bytes| {
+                let bytes = bytes.ok_or_else(|| {
+                    LedgerError::Storage(format!("block {height} missing from the log (last is {last})"))
+                })?;
+                let block = Block::decode(&bytes)?;
+                sizes.borrow_mut().push_back(bytes.len());
+                Ok(block)
+            });
+            read.map_err(|error| read_error = Some(error)).ok()
+        });
+        ledger.apply_blocks(reads, |block, _receipts| {
+            let size = sizes
+                .borrow_mut()
+                .pop_front()
+                .expect("a size for every block read");
+            replayed_bytes += size as u64;
+            blocks.push_back((block, size));
+            held += size;
+            while blocks.len() > crate::app::RECENT_BLOCKS_MAX
+                || (held > crate::app::RECENT_BLOCKS_BYTES_MAX && blocks.len() > 1)
+            {
+                let (_, dropped) = blocks.pop_front().expect("not empty");
+                held -= dropped;
+            }
+            Ok(())
         })?;
-        let block = Block::decode(&bytes)?;
-        ledger.apply_block(&block)?;
-        if capture == Some(height) {
+        if let Some(error) = read_error {
+            return Err(error);
+        }
+        if capture == Some(ledger.height()) && captured.is_none() {
             let view = ledger.snapshot_view();
             captured = Some(Snapshot::deferred(move || view.encode()));
-        }
-        replayed_bytes += bytes.len() as u64;
-        blocks.push_back((block, bytes.len()));
-        held += bytes.len();
-        while blocks.len() > crate::app::RECENT_BLOCKS_MAX
-            || (held > crate::app::RECENT_BLOCKS_BYTES_MAX && blocks.len() > 1)
-        {
-            let (_, dropped) = blocks.pop_front().expect("not empty");
-            held -= dropped;
         }
     }
     Ok(Rebuilt {

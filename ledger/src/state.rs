@@ -100,6 +100,131 @@ impl Drop for SetOnDrop<'_> {
     }
 }
 
+/// A block applied to the state, its commitment not yet computed: what [`commit`] needs,
+/// captured when the apply ended ([`Ledger::apply`]).
+struct Applied {
+    height: u64,
+    timestamp_ms: u64,
+    transactions: Vec<Transaction>,
+    /// Freed beside the commitment, on every core, as they were allocated.
+    payloads: Vec<OnceLock<Option<TxPayload>>>,
+    /// Whether the block was large enough to be applied on two cores (so is its commitment).
+    parallel: bool,
+    tx_root: Hash,
+    receipts: Vec<Receipt>,
+    /// The leaves of the first receipts, hashed beside the apply.
+    receipt_leaves: Vec<Hash>,
+    changed: Changes,
+}
+
+/// The state entries a block changed, as its commitment takes them ([`Ledger::take_changes`]).
+struct Changes {
+    /// Entries other than balances: key hash and leaf hash (`None`: removed).
+    leaves: Vec<(Hash, Option<Hash>)>,
+    /// Balances, with their amounts after the block (zero: removed).
+    balances: Vec<DirtyBalance>,
+}
+
+impl Changes {
+    /// Hashes the changes into `tree` and returns its new root.
+    fn commit(self, tree: &mut MerkleTree, parallel: bool) -> Hash {
+        let Changes { mut leaves, balances } = self;
+        // Two at a time ([`leaf_hash_x2`]) where both have an amount.
+        let balance_leaves = |pair: &[DirtyBalance]| {
+            let amount = |b: &DirtyBalance| b.amount.0.to_be_bytes();
+            match pair {
+                [a, b] if !a.amount.is_zero() && !b.amount.is_zero() => {
+                    let (leaf_a, leaf_b) = leaf_hash_x2((&a.key_hash, &amount(a)), (&b.key_hash, &amount(b)));
+                    [Some((a.key_hash, Some(leaf_a))), Some((b.key_hash, Some(leaf_b)))]
+                }
+                _ => {
+                    let mut leaves = [None, None];
+                    for (out, b) in leaves.iter_mut().zip(pair) {
+                        let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &amount(b)));
+                        *out = Some((b.key_hash, leaf));
+                    }
+                    leaves
+                }
+            }
+        };
+        if parallel && balances.len() >= PARALLEL_TRANSACTIONS_MIN {
+            leaves.par_extend(
+                balances
+                    .par_chunks(2)
+                    .flat_map_iter(|pair| balance_leaves(pair).into_iter().flatten()),
+            );
+        } else {
+            leaves.extend(
+                balances
+                    .chunks(2)
+                    .flat_map(|pair| balance_leaves(pair).into_iter().flatten()),
+            );
+        }
+        tree.set_many(leaves);
+        tree.root()
+    }
+}
+
+/// Checks a block header computed here against the one it was given.
+fn agree(ours: &BlockHeader, theirs: &BlockHeader) -> Result<()> {
+    let checks = [
+        ("parent", ours.parent, theirs.parent),
+        ("tx_root", ours.tx_root, theirs.tx_root),
+        ("outcome_root", ours.outcome_root, theirs.outcome_root),
+        ("state_root", ours.state_root, theirs.state_root),
+    ];
+    for (what, ours_hash, theirs_hash) in checks {
+        if ours_hash != theirs_hash {
+            return Err(LedgerError::Diverged {
+                height: theirs.height,
+                what,
+                ours: ours_hash,
+                theirs: theirs_hash,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Completes an applied block on `tree` (the state tree after the block before it, whose header
+/// is `parent`): its state root and its outcomes' root, side by side, then its header.
+fn commit(tree: &mut MerkleTree, parent: &BlockHeader, applied: Applied) -> (Block, Vec<Receipt>) {
+    let Applied {
+        height,
+        timestamp_ms,
+        transactions,
+        payloads,
+        parallel,
+        tx_root,
+        receipts,
+        mut receipt_leaves,
+        changed,
+    } = applied;
+    assert_eq!(height, parent.height + 1, "blocks are committed in order");
+    let (state_root, outcome_root) = join_if(
+        parallel,
+        || changed.commit(tree, parallel),
+        |_| {
+            receipt_leaves.extend(leaves(&receipts[receipt_leaves.len()..], receipt_leaf));
+            let root = list_root(receipt_leaves.into_iter());
+            if parallel {
+                // Freed on every core, as they were allocated.
+                payloads.into_par_iter().for_each(drop);
+            }
+            root
+        },
+    );
+    let header = BlockHeader {
+        height,
+        parent: parent.hash(),
+        timestamp_ms,
+        tx_root,
+        outcome_root,
+        state_root,
+    };
+    (Block { header, transactions }, receipts)
+}
+
 /// Largest number of decimals a currency may declare (u128 holds 38 decimal digits).
 pub const CURRENCY_DECIMALS_MAX: u8 = 36;
 
@@ -421,6 +546,9 @@ pub struct Ledger {
     chain_id: u64,
     operator: PublicKey,
     head: BlockHeader,
+    /// The height of the block being applied; between blocks, of the last one applied (ahead of
+    /// `head` while a pipelined block's commitment is still being computed).
+    applying: u64,
     tenants: BTreeMap<TenantId, TenantInfo>,
     studio_keys: FxHashMap<PublicKey, TenantId>,
     accounts: PrefetchMap<(TenantId, PublicKey), Custody>,
@@ -499,7 +627,8 @@ impl Ledger {
                 },
             );
         }
-        ledger.head.state_root = ledger.commit_state();
+        let changes = ledger.take_changes();
+        ledger.head.state_root = changes.commit(&mut ledger.tree, false);
         ledger
     }
 
@@ -510,6 +639,7 @@ impl Ledger {
             window_counts: FxHashMap::default(),
             window_cap,
             operator,
+            applying: head.height,
             head,
             tenants: BTreeMap::new(),
             studio_keys: FxHashMap::default(),
@@ -550,7 +680,71 @@ impl Ledger {
     /// one receipt per transaction. Signatures must have been verified cryptographically before
     /// (consensus does it before ordering); who must sign is checked here.
     pub fn execute(&mut self, timestamp_ms: u64, transactions: Vec<Transaction>) -> (Block, Vec<Receipt>) {
-        let height = self.head.height + 1;
+        let applied = self.apply(self.head.height + 1, timestamp_ms, transactions, || ());
+        let (block, receipts) = commit(&mut self.tree, &self.head, applied);
+        self.head = block.header.clone();
+        (block, receipts)
+    }
+
+    /// Executes blocks one after the other, with the same blocks and receipts as
+    /// [`Ledger::execute`] on each in turn, but each block's commitment (its state root and its
+    /// outcomes' root) is computed on the second core while the next block applies: a block's
+    /// state root is a function of the state after it, captured when its apply ends, so it does
+    /// not wait for the next apply, nor the next apply for it. `each` gets every block with its
+    /// receipts, in order, as soon as its commitment is done (the last one when `blocks` ends).
+    ///
+    /// On an error from `each` the blocks after the one it refused are not executed, except the
+    /// one already applied beside that one's commitment: the ledger then stands after that
+    /// block, whole (its head, state and state root agree).
+    pub fn execute_pipelined<E>(
+        &mut self,
+        blocks: impl IntoIterator<Item = (u64, Vec<Transaction>)>,
+        mut each: impl FnMut(Block, Vec<Receipt>) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        let mut pending: Option<Applied> = None;
+        let mut outcome = Ok(());
+        for (timestamp_ms, transactions) in blocks {
+            let height = pending.as_ref().map_or(self.head.height, |p| p.height) + 1;
+            let previous = pending.take();
+            // The tree is the commitment's alone while the apply changes the rest.
+            let mut tree = std::mem::take(&mut self.tree);
+            let parent = &self.head.clone();
+            let mut completed = None;
+            let applied = self.apply(height, timestamp_ms, transactions, || {
+                completed = previous.map(|previous| commit(&mut tree, parent, previous));
+            });
+            self.tree = tree;
+            pending = Some(applied);
+            if let Some((block, receipts)) = completed {
+                self.head = block.header.clone();
+                outcome = each(block, receipts);
+                if outcome.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Some(last) = pending {
+            let (block, receipts) = commit(&mut self.tree, &self.head, last);
+            self.head = block.header.clone();
+            if outcome.is_ok() {
+                outcome = each(block, receipts);
+            }
+        }
+        outcome
+    }
+
+    /// Applies `transactions` as the block at `height` (the one after the last applied) and
+    /// captures what its commitment needs ([`commit`]). `beside` runs on the second core once the
+    /// payloads are decoded (after the apply for a small block).
+    fn apply(
+        &mut self,
+        height: u64,
+        timestamp_ms: u64,
+        transactions: Vec<Transaction>,
+        beside: impl FnOnce() + Send,
+    ) -> Applied {
+        assert_eq!(height, self.applying + 1, "blocks apply in order");
+        self.applying = height;
         self.expire_events(height);
         // Past the block limit a transaction is not applied (a faulty proposer's oversized
         // block is refused entry by entry, deterministically, instead of crashing replicas).
@@ -562,8 +756,8 @@ impl Ledger {
             }
         };
         // Each payload is decoded once, by whichever thread needs it first: for a large block
-        // the second core decodes ahead of the apply (then hashes the transactions' root, which
-        // does not depend on the state), and the apply decodes itself whatever it reaches first.
+        // the second core decodes ahead of the apply, and the apply decodes itself whatever it
+        // reaches first.
         let payloads: Vec<OnceLock<Option<TxPayload>>> =
             transactions.iter().map(|_| OnceLock::new()).collect();
         let payload = |index: usize| payloads[index].get_or_init(|| decode(index)).as_ref();
@@ -576,35 +770,63 @@ impl Ledger {
         };
         let parallel = transactions.len() >= PARALLEL_TRANSACTIONS_MIN
             || transactions.iter().map(|tx| tx.payload.len()).sum::<usize>() >= PARALLEL_BLOCK_BYTES_MIN;
-        // Each receipt is published as the apply makes it. The second core, once done with
-        // the payloads and the transactions' root, hashes the receipts' leaves as they appear,
-        // in time it would otherwise spend waiting for the apply; what it has not reached when
-        // the apply ends is hashed beside the state commitment.
+        // Each receipt is published as the apply makes it. The transactions' root and the
+        // receipts' leaves (which do not depend on the state) are hashed by whichever core is
+        // free first: the second, once done with the payloads (and `beside`), hashing the
+        // receipts as they appear, in time it would otherwise spend waiting for the apply; or
+        // the apply's, once the apply ends, when `beside` keeps the second core longer.
         let published: Vec<OnceLock<Receipt>> = transactions.iter().map(|_| OnceLock::new()).collect();
         let applied = AtomicBool::new(false);
-        let ((), (tx_root, mut receipt_leaves)) = join_if(
+        let lists_claimed = AtomicBool::new(false);
+        // `wait`: whether to wait for receipts not yet published, until the apply ends; what is
+        // left is hashed beside the state commitment.
+        let hash_lists = |wait: bool| {
+            if lists_claimed.swap(true, Ordering::AcqRel) {
+                return None;
+            }
+            let tx_root = list_root(leaves(&transactions, transaction_leaf).into_iter());
+            let mut receipt_leaves = Vec::with_capacity(transactions.len());
+            'receipts: for slot in &published {
+                let receipt = loop {
+                    if let Some(receipt) = slot.get() {
+                        break receipt;
+                    }
+                    if !wait || (applied.load(Ordering::Acquire) && slot.get().is_none()) {
+                        break 'receipts;
+                    }
+                    std::thread::yield_now();
+                };
+                receipt_leaves.push(receipt_leaf(receipt));
+            }
+            Some((tx_root, receipt_leaves))
+        };
+        let ((changed, lists_a), lists_b) = join_if(
             parallel,
             || {
-                // Set when the apply ends, also by unwinding: the receipts' hasher stops then.
-                let _applied = SetOnDrop(&applied);
-                for (index, tx) in transactions.iter().enumerate() {
-                    // In three steps, as each reads what the one before loaded: the
-                    // transaction's asset list, the currency names in it, then the state.
-                    if let Some(ahead) = decoded(index + 3 * PREFETCH_AHEAD) {
-                        prefetch_assets(ahead);
+                {
+                    // Set when the apply ends, also by unwinding: the receipts' hasher stops then.
+                    let _applied = SetOnDrop(&applied);
+                    for (index, tx) in transactions.iter().enumerate() {
+                        // In three steps, as each reads what the one before loaded: the
+                        // transaction's asset list, the currency names in it, then the state.
+                        if let Some(ahead) = decoded(index + 3 * PREFETCH_AHEAD) {
+                            prefetch_assets(ahead);
+                        }
+                        if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
+                            prefetch_currency_names(ahead);
+                        }
+                        if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
+                            self.prefetch_transaction(ahead);
+                        }
+                        let receipt = self.apply_transaction(height, tx, payload(index));
+                        assert!(
+                            published[index].set(receipt).is_ok(),
+                            "one receipt per transaction"
+                        );
                     }
-                    if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
-                        prefetch_currency_names(ahead);
-                    }
-                    if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
-                        self.prefetch_transaction(ahead);
-                    }
-                    let receipt = self.apply_transaction(height, tx, payload(index));
-                    assert!(
-                        published[index].set(receipt).is_ok(),
-                        "one receipt per transaction"
-                    );
                 }
+                let changed = self.take_changes();
+                (changed, hash_lists(false))
             },
             |beside_the_apply| {
                 if parallel {
@@ -612,55 +834,29 @@ impl Ledger {
                         payload(index);
                     });
                 }
-                let tx_root = list_root(leaves(&transactions, transaction_leaf).into_iter());
-                let mut receipt_leaves = Vec::with_capacity(transactions.len());
-                // Only on another thread than the apply's: on the same one, this runs after
-                // the apply, or inside it (where rayon may run a queued job while the apply
+                beside();
+                // Waiting only on another thread than the apply's: on the same one, this runs
+                // after the apply, or inside it (where rayon may run a queued job while the apply
                 // waits on one of its own), and waiting for receipts there would never end.
-                if beside_the_apply {
-                    'receipts: for slot in &published {
-                        let receipt = loop {
-                            if let Some(receipt) = slot.get() {
-                                break receipt;
-                            }
-                            if applied.load(Ordering::Acquire) && slot.get().is_none() {
-                                break 'receipts;
-                            }
-                            std::thread::yield_now();
-                        };
-                        receipt_leaves.push(receipt_leaf(receipt));
-                    }
-                }
-                (tx_root, receipt_leaves)
+                hash_lists(beside_the_apply)
             },
         );
+        let (tx_root, receipt_leaves) = lists_a.or(lists_b).expect("one side hashed the lists");
         let receipts: Vec<Receipt> = published
             .into_iter()
             .map(|slot| slot.into_inner().expect("the apply published every receipt"))
             .collect();
-        let (state_root, outcome_root) = join_if(
-            parallel,
-            || self.commit_state(),
-            |_| {
-                receipt_leaves.extend(leaves(&receipts[receipt_leaves.len()..], receipt_leaf));
-                let root = list_root(receipt_leaves.into_iter());
-                if parallel {
-                    // Freed on every core, as they were allocated.
-                    payloads.into_par_iter().for_each(drop);
-                }
-                root
-            },
-        );
-        let header = BlockHeader {
+        Applied {
             height,
-            parent: self.head.hash(),
             timestamp_ms,
+            transactions,
+            payloads,
+            parallel,
             tx_root,
-            outcome_root,
-            state_root,
-        };
-        self.head = header.clone();
-        (Block { header, transactions }, receipts)
+            receipts,
+            receipt_leaves,
+            changed,
+        }
     }
 
     /// The follower's path: applies a block executed elsewhere, and checks that every root
@@ -674,27 +870,48 @@ impl Ledger {
             });
         }
         let (ours, receipts) = self.execute(block.header.timestamp_ms, block.transactions.clone());
-        let checks = [
-            ("parent", ours.header.parent, block.header.parent),
-            ("tx_root", ours.header.tx_root, block.header.tx_root),
-            (
-                "outcome_root",
-                ours.header.outcome_root,
-                block.header.outcome_root,
-            ),
-            ("state_root", ours.header.state_root, block.header.state_root),
-        ];
-        for (what, ours, theirs) in checks {
-            if ours != theirs {
-                return Err(LedgerError::Diverged {
-                    height: block.header.height,
-                    what,
-                    ours,
-                    theirs,
-                });
-            }
-        }
+        agree(&ours.header, &block.header)?;
         Ok(receipts)
+    }
+
+    /// The follower's path for a run of blocks (a replay): [`Ledger::apply_block`] on each in
+    /// turn, pipelined as [`Ledger::execute_pipelined`] is. `each` gets every block, its roots
+    /// checked, with its receipts, in order. Stops at the first block that is out of order or
+    /// disagrees, or that `each` refuses; the ledger then stands after that block or the one
+    /// after it, whole (its head, state and state root agree), and after
+    /// [`LedgerError::Diverged`] must be thrown away and rebuilt.
+    pub fn apply_blocks(
+        &mut self,
+        blocks: impl IntoIterator<Item = Block>,
+        mut each: impl FnMut(Block, Vec<Receipt>) -> Result<()>,
+    ) -> Result<()> {
+        // The headers of the blocks being executed (at most two: one applying, one committing).
+        let headers = std::cell::RefCell::new(std::collections::VecDeque::new());
+        let mut out_of_order = None;
+        let mut next = self.head.height + 1;
+        let inputs = blocks.into_iter().map_while(|block| {
+            if block.header.height != next {
+                out_of_order = Some(LedgerError::OutOfOrder {
+                    height: block.header.height,
+                    expected: next,
+                });
+                return None;
+            }
+            next += 1;
+            let Block { header, transactions } = block;
+            let timestamp_ms = header.timestamp_ms;
+            headers.borrow_mut().push_back(header);
+            Some((timestamp_ms, transactions))
+        });
+        self.execute_pipelined(inputs, |ours, receipts| {
+            let theirs = headers
+                .borrow_mut()
+                .pop_front()
+                .expect("a header for every block executed");
+            agree(&ours.header, &theirs)?;
+            each(ours, receipts)
+        })?;
+        out_of_order.map_or(Ok(()), Err)
     }
 
     // ----- one transaction -----
@@ -1235,7 +1452,7 @@ impl Ledger {
     }
 
     fn credit(&mut self, slot: u32, account: &PublicKey, amount: Amount) {
-        let height = self.head.height + 1;
+        let height = self.applying;
         let currency = &self.currencies[slot as usize];
         let balance = self.balances.entry((slot, *account)).or_insert_with(|| Balance {
             amount: Amount::ZERO,
@@ -1252,7 +1469,7 @@ impl Ledger {
 
     /// Leaves a balance that reaches zero in place until the block's commitment.
     fn debit(&mut self, slot: u32, account: &PublicKey, amount: Amount) {
-        let height = self.head.height + 1;
+        let height = self.applying;
         let balance = self
             .balances
             .get_mut(&(slot, *account))
@@ -1452,60 +1669,27 @@ impl Ledger {
         }
     }
 
-    /// Hashes what changed since the last block into the tree and returns the new root.
-    fn commit_state(&mut self) -> Hash {
+    /// What the block just applied changed, for its commitment: the leaves of the entries other
+    /// than balances, hashed now (they are read from the state, which the next block changes),
+    /// and the balances with their amounts after the block (recorded as they changed, so not
+    /// read again). Balances that reached zero leave the state here, with the block.
+    fn take_changes(&mut self) -> Changes {
         let dirty: Vec<Dirty> = self.dirty.drain().collect();
-        let balances = std::mem::take(&mut self.dirty_balances);
         let this = &*self;
         let leaf = |d: &Dirty| this.leaf(d);
-        // A balance's key hash and latest amount were recorded as it changed; `None` for a
-        // balance that reached zero.
-        // Two at a time ([`leaf_hash_x2`]) where both have an amount.
-        let balance_leaves = |pair: &[DirtyBalance]| {
-            let amount = |b: &DirtyBalance| b.amount.0.to_be_bytes();
-            match pair {
-                [a, b] if !a.amount.is_zero() && !b.amount.is_zero() => {
-                    let (leaf_a, leaf_b) = leaf_hash_x2((&a.key_hash, &amount(a)), (&b.key_hash, &amount(b)));
-                    [Some((a.key_hash, Some(leaf_a))), Some((b.key_hash, Some(leaf_b)))]
-                }
-                _ => {
-                    let mut leaves = [None, None];
-                    for (out, b) in leaves.iter_mut().zip(pair) {
-                        let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &amount(b)));
-                        *out = Some((b.key_hash, leaf));
-                    }
-                    leaves
-                }
-            }
-        };
-        let mut leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
+        let leaves = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
             dirty.par_iter().map(leaf).collect()
         } else {
             dirty.iter().map(leaf).collect()
         };
-        if balances.len() >= PARALLEL_TRANSACTIONS_MIN {
-            leaves.par_extend(
-                balances
-                    .par_chunks(2)
-                    .flat_map_iter(|pair| balance_leaves(pair).into_iter().flatten()),
-            );
-        } else {
-            leaves.extend(
-                balances
-                    .chunks(2)
-                    .flat_map(|pair| balance_leaves(pair).into_iter().flatten()),
-            );
-        }
-        // Balances that reached zero leave the state with the block.
+        let capacity = self.dirty_balances.len();
+        let balances = std::mem::replace(&mut self.dirty_balances, Vec::with_capacity(capacity));
         for balance in &balances {
             if balance.amount.is_zero() {
                 self.balances.remove(&balance.key);
             }
         }
-        self.tree.set_many(leaves);
-        self.dirty_balances = balances;
-        self.dirty_balances.clear();
-        self.tree.root()
+        Changes { leaves, balances }
     }
 
     // ----- reads (committed state only: between blocks nothing is uncommitted) -----

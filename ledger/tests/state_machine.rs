@@ -2,7 +2,7 @@
 
 use hoard_ledger::block::{list_root, receipt_leaf, transaction_leaf};
 use hoard_ledger::testing::{key, World};
-use hoard_ledger::{Ledger, RecordedOutcome, StateKey};
+use hoard_ledger::{Block, Ledger, RecordedOutcome, StateKey};
 use hoard_types::{
     Amount, Asset, ClassId, CurrencyId, Custody, Grant, Hash, ItemId, ItemKind, Keypair, Outcome, Receipt,
     Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody,
@@ -1072,4 +1072,193 @@ fn a_large_block_is_the_same_on_any_number_of_threads() {
             assert!(run(threads) == one, "{threads} threads");
         }
     }
+}
+
+/// A run of blocks for the pipelined tests, from `chain`'s state: large ones (decoded and hashed
+/// on two cores) and small ones; transfers both ways (some refused for want of funds, bob's
+/// balance reaching zero and leaving the state), arrows minted, undecodable transactions, a
+/// resubmitted event, and events that expire two blocks on (their windows leave the state
+/// mid-run).
+fn varied_blocks(chain: &mut Chain, alice: &Keypair, bob: &Keypair) -> Vec<(u64, Vec<Transaction>)> {
+    let studio = chain.world.studio(A).clone();
+    let height = chain.ledger.height();
+    let sizes = [600, 1, 0, 900, 3, 700, 40, 2];
+    let mut blocks: Vec<(u64, Vec<Transaction>)> = Vec::new();
+    for (n, size) in sizes.into_iter().enumerate() {
+        let n = n as u64;
+        chain.world.expires_at = if n.is_multiple_of(2) {
+            height + n + 3
+        } else {
+            50_000
+        };
+        let mut transactions: Vec<Transaction> = (0..size as u64)
+            .map(|i| match i % 5 {
+                0 => chain.world.transfer(
+                    A,
+                    &studio,
+                    &bob.public(),
+                    &alice.public(),
+                    "GOLD",
+                    1 + u128::from(i % 3),
+                ),
+                1 | 2 => chain
+                    .world
+                    .transfer(A, alice, &alice.public(), &bob.public(), "GOLD", 1),
+                3 => chain
+                    .world
+                    .mint_stack(A, &alice.public(), "arrow", 1_000 * (n + 1) + i, 1),
+                _ => Transaction {
+                    payload: vec![0xc1, i as u8],
+                    signatures: vec![],
+                },
+            })
+            .collect();
+        if n == 3 {
+            transactions.push(blocks[1].1[0].clone());
+        }
+        blocks.push((1_000 * (n + 1), transactions));
+    }
+    chain.world.expires_at = 50_000;
+    blocks
+}
+
+/// Blocks executed pipelined (each block's commitment beside the next one's apply) are the
+/// blocks executed one at a time: the same headers, receipts and final state, on a pool of 1, 2
+/// or 4 threads; and a follower replaying them pipelined agrees with every root.
+#[test]
+fn pipelined_blocks_are_those_executed_one_at_a_time() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let blocks = varied_blocks(&mut chain, &alice, &bob);
+    let start = chain.ledger.clone();
+    let pool = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("a pool")
+    };
+    let mut ledger = start.clone();
+    let serial: Vec<(Block, Vec<Receipt>)> = pool(2).install(|| {
+        blocks
+            .iter()
+            .map(|(time, transactions)| ledger.execute(*time, transactions.clone()))
+            .collect()
+    });
+    ledger.check_invariants().expect("invariants hold");
+    let receipts: Vec<&Receipt> = serial.iter().flat_map(|(_, r)| r).collect();
+    for outcome in [
+        Outcome::Applied,
+        rejected(Rejection::InsufficientFunds),
+        rejected(Rejection::Malformed),
+    ] {
+        assert!(receipts.iter().any(|r| r.outcome == outcome), "{outcome:?}");
+    }
+    assert!(receipts.iter().any(|r| r.duplicate));
+    for threads in [1, 2, 4] {
+        for _ in 0..2 {
+            let mut pipelined = start.clone();
+            let mut out = Vec::new();
+            pool(threads)
+                .install(|| {
+                    pipelined.execute_pipelined(blocks.clone(), |block, receipts| {
+                        out.push((block, receipts));
+                        Ok::<(), ()>(())
+                    })
+                })
+                .expect("no refusal");
+            pipelined.check_invariants().expect("invariants hold");
+            assert!(out == serial, "{threads} threads");
+            assert_eq!(pipelined.head(), ledger.head());
+            assert_eq!(pipelined.snapshot(), ledger.snapshot(), "{threads} threads");
+        }
+    }
+    let mut follower = start.clone();
+    let mut replayed = Vec::new();
+    follower
+        .apply_blocks(
+            serial.iter().map(|(block, _)| block.clone()),
+            |block, receipts| {
+                replayed.push((block, receipts));
+                Ok(())
+            },
+        )
+        .expect("the follower agrees");
+    assert!(replayed == serial);
+    assert_eq!(follower.snapshot(), ledger.snapshot());
+}
+
+/// When the consumer of pipelined blocks refuses one, the blocks after it are not executed,
+/// except the one already applied beside its commitment: the ledger stands after that one,
+/// whole, as a ledger that executed those blocks one at a time.
+#[test]
+fn a_refused_pipelined_block_leaves_the_ledger_whole() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let blocks = varied_blocks(&mut chain, &alice, &bob);
+    let start = chain.ledger.clone();
+    let mut serial = start.clone();
+    for (time, transactions) in &blocks[..3] {
+        serial.execute(*time, transactions.clone());
+    }
+    let mut ledger = start.clone();
+    let mut seen = 0;
+    let refused = ledger.execute_pipelined(blocks.clone(), |block, _| {
+        seen += 1;
+        if seen == 2 {
+            Err(block.header.height)
+        } else {
+            Ok(())
+        }
+    });
+    assert_eq!(refused, Err(start.height() + 2));
+    assert_eq!(ledger.height(), start.height() + 3);
+    ledger.check_invariants().expect("invariants hold");
+    assert_eq!(ledger.head(), serial.head());
+    assert_eq!(ledger.snapshot(), serial.snapshot());
+    // And it goes on from there.
+    let (time, transactions) = &blocks[3];
+    assert!(ledger.execute(*time, transactions.clone()) == serial.execute(*time, transactions.clone()));
+}
+
+/// A pipelined replay stops at a block whose roots disagree (the ledger then stands after it or
+/// the one after it, and must be thrown away) and at a block out of order, with the error that
+/// names it; every block before it was handed over, checked.
+#[test]
+fn a_pipelined_replay_stops_at_a_diverging_or_missing_block() {
+    let (mut chain, alice, bob) = Chain::with_players();
+    let blocks = varied_blocks(&mut chain, &alice, &bob);
+    let start = chain.ledger.clone();
+    let mut leader = start.clone();
+    let executed: Vec<Block> = blocks
+        .into_iter()
+        .map(|(time, transactions)| leader.execute(time, transactions).0)
+        .collect();
+    let replay = |blocks: Vec<Block>| {
+        let mut follower = start.clone();
+        let mut heights = Vec::new();
+        let result = follower.apply_blocks(blocks, |block, _| {
+            heights.push(block.header.height);
+            Ok(())
+        });
+        (result, heights)
+    };
+    let first = start.height() + 1;
+    let mut tampered = executed.clone();
+    tampered[4].header.state_root = Hash([7; 32]);
+    let (result, heights) = replay(tampered);
+    match result {
+        Err(hoard_ledger::LedgerError::Diverged { height, what, .. }) => {
+            assert_eq!((height, what), (first + 4, "state_root"));
+        }
+        other => panic!("expected a divergence, got {other:?}"),
+    }
+    assert_eq!(heights, (first..first + 4).collect::<Vec<_>>());
+    let mut gap = executed.clone();
+    gap.remove(5);
+    let (result, heights) = replay(gap);
+    match result {
+        Err(hoard_ledger::LedgerError::OutOfOrder { height, expected }) => {
+            assert_eq!((height, expected), (first + 6, first + 5));
+        }
+        other => panic!("expected a block out of order, got {other:?}"),
+    }
+    assert_eq!(heights, (first..first + 5).collect::<Vec<_>>());
 }

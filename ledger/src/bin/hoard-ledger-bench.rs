@@ -70,6 +70,10 @@ struct Results {
     apply_events_per_second: f64,
     /// Every round of (a), in the order run.
     apply_rounds_events_per_second: Vec<f64>,
+    /// (a) with blocks executed one after the other, each commitment before the next apply (the
+    /// path consensus takes), and its rounds.
+    apply_serial_events_per_second: f64,
+    apply_serial_rounds_events_per_second: Vec<f64>,
     durable_events_per_second: f64,
     durable_engine: &'static str,
     durable_redb_events_per_second: f64,
@@ -174,42 +178,73 @@ fn main() -> anyhow::Result<()> {
     let blocks: Vec<Vec<Transaction>> = unsigned_path.chunks(args.block_size).map(<[_]>::to_vec).collect();
     let mut apply = 0.0;
     let mut apply_rounds = Vec::new();
+    let (mut apply_serial, mut apply_serial_rounds) = (0.0, Vec::new());
     let mut state_entries = 0;
     let (mut snapshot_bytes, mut snapshot_copy_ms, mut snapshot_encode_ms) = (0, 0.0, 0.0);
     if phase("a") {
         // (a) apply, with each block's state root: rounds on fresh ledgers, the median kept.
+        // Each round runs both paths, in alternating order: blocks executed one after the other
+        // (`execute`, as consensus does) and pipelined (`execute_pipelined`, as a replay does:
+        // each block's commitment beside the next block's apply). Both must end at the same state
+        // root.
         let mut last = None;
+        let mut pipelined_first = false;
         for round in 1..=args.apply_rounds {
-            let mut ledger = fresh();
-            let run = blocks.clone();
-            // A profiler attaches on this line (scripts/flamegraph): what follows is (a) alone.
-            eprintln!("(a) round {round}: applying {} events", args.events);
-            let started = Instant::now();
-            for (n, transactions) in run.into_iter().enumerate() {
-                let (_, receipts) = ledger.execute(n as u64, transactions);
-                debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
+            let mut roots = Vec::new();
+            for pipelined in [pipelined_first, !pipelined_first] {
+                let mut ledger = fresh();
+                let run = blocks.clone();
+                let path = if pipelined { "pipelined" } else { "serial" };
+                // A profiler attaches on this line (scripts/flamegraph): what follows is (a) alone.
+                eprintln!("(a) round {round}: applying {} events {path}", args.events);
+                let started = Instant::now();
+                if pipelined {
+                    let run = run.into_iter().enumerate().map(|(n, block)| (n as u64, block));
+                    ledger.execute_pipelined(run, |_, receipts| {
+                        debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
+                        Ok::<(), std::convert::Infallible>(())
+                    })?;
+                } else {
+                    for (n, transactions) in run.into_iter().enumerate() {
+                        let (_, receipts) = ledger.execute(n as u64, transactions);
+                        debug_assert!(receipts.iter().all(|r| r.outcome.is_applied()));
+                    }
+                }
+                let seconds = started.elapsed().as_secs_f64();
+                let rate = args.events as f64 / seconds;
+                if pipelined {
+                    apply_rounds.push(rate);
+                } else {
+                    apply_serial_rounds.push(rate);
+                }
+                eprintln!("(a) round {round}: {rate:.0} events/s ({seconds:.2} s) {path}");
+                ledger.check_invariants().map_err(anyhow::Error::msg)?;
+                roots.push(ledger.state_root());
+                last = Some(ledger);
             }
-            let seconds = started.elapsed().as_secs_f64();
-            let rate = args.events as f64 / seconds;
-            apply_rounds.push(rate);
-            eprintln!("(a) round {round}: {rate:.0} events/s ({seconds:.2} s)");
-            ledger.check_invariants().map_err(anyhow::Error::msg)?;
-            last = Some(ledger);
+            anyhow::ensure!(roots[0] == roots[1], "pipelined and serial apply disagree");
+            pipelined_first = !pipelined_first;
         }
         let ledger = last.context("--apply-rounds must be at least 1")?;
-        let mut sorted = apply_rounds.clone();
-        sorted.sort_by(f64::total_cmp);
-        apply = sorted[sorted.len() / 2];
+        apply = median(&apply_rounds);
+        apply_serial = median(&apply_serial_rounds);
         state_entries = ledger.state_entries();
-        println!(
-            "(a) apply + state root:        {apply:>12.0} events/s  (median of {} round(s) of {} events: {})",
-            apply_rounds.len(),
-            args.events,
-            apply_rounds
+        let list = |rounds: &[f64]| {
+            rounds
                 .iter()
                 .map(|r| format!("{r:.0}"))
                 .collect::<Vec<_>>()
                 .join(", ")
+        };
+        println!(
+            "(a) apply + state root:        {apply:>12.0} events/s  pipelined (median of {} round(s) of {} events: {})",
+            apply_rounds.len(),
+            args.events,
+            list(&apply_rounds)
+        );
+        println!(
+            "    one block after another:   {apply_serial:>12.0} events/s  ({})",
+            list(&apply_serial_rounds)
         );
         // A checkpoint's cost to the consensus round: the state copy it takes now
         // (`snapshot_view`), against the sorting and encoding left to the encoder thread, which
@@ -314,6 +349,8 @@ fn main() -> anyhow::Result<()> {
         threads,
         apply_events_per_second: apply.round(),
         apply_rounds_events_per_second: apply_rounds.iter().map(|r| r.round()).collect(),
+        apply_serial_events_per_second: apply_serial,
+        apply_serial_rounds_events_per_second: apply_serial_rounds.iter().map(|r| r.round()).collect(),
         durable_events_per_second: durable[0].round(),
         durable_engine: "sled",
         durable_redb_events_per_second: durable[1].round(),
@@ -401,10 +438,6 @@ fn sha256_rates() -> (f64, f64) {
     let blocks: Vec<[u8; 64]> = (0..1usize << 18)
         .map(|i| std::array::from_fn(|j| (i * 31 + j * 7) as u8))
         .collect();
-    let median = |mut rates: Vec<f64>| {
-        rates.sort_by(f64::total_cmp);
-        rates[rates.len() / 2]
-    };
     let (mut one, mut two) = (Vec::new(), Vec::new());
     let mut sink = 0u32;
     for _ in 0..5 {
@@ -424,7 +457,14 @@ fn sha256_rates() -> (f64, f64) {
         two.push(blocks.len() as f64 / started.elapsed().as_secs_f64());
     }
     std::hint::black_box(sink);
-    (median(one), median(two))
+    (median(&one), median(&two))
+}
+
+/// The median of `rates` (the upper one of an even count).
+fn median(rates: &[f64]) -> f64 {
+    let mut sorted = rates.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 fn write_results(args: &Args, results: Results) -> anyhow::Result<()> {
