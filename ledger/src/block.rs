@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::merkle::{compress_pair, compress_pair_x2, domain_state};
+use crate::merkle::{compress_pair, compress_pair_x2, domain_state, tagged_sha256_x2};
 
 use hoard_types::{Hash, Receipt, Transaction};
 
@@ -101,6 +101,17 @@ pub fn transaction_leaf(transaction: &Transaction) -> Hash {
     list_leaf(&transaction.payload)
 }
 
+/// [`list_leaf`] of two byte strings at once (`sha256x2`), for short ones; one after the other
+/// otherwise.
+pub fn list_leaf_x2(a: &[u8], b: &[u8]) -> (Hash, Hash) {
+    tagged_sha256_x2(TAG_LIST_LEAF, a, b).unwrap_or_else(|| (list_leaf(a), list_leaf(b)))
+}
+
+/// [`transaction_leaf`] of two transactions at once.
+pub fn transaction_leaf_x2(a: &Transaction, b: &Transaction) -> (Hash, Hash) {
+    list_leaf_x2(&a.payload, &b.payload)
+}
+
 /// A receipt's leaf under `outcome_root`: over its MessagePack encoding (streamed into the
 /// hash, the same bytes as `list_leaf(&rmp_serde::to_vec(receipt))`).
 pub fn receipt_leaf(receipt: &Receipt) -> Hash {
@@ -137,6 +148,28 @@ mod tests {
             receipt_leaf(&receipt),
             list_leaf(&rmp_serde::to_vec(&receipt).unwrap())
         );
+    }
+
+    /// Two leaves at once are the two one at a time: for every pair of lengths on both sides of
+    /// each SHA-256 block boundary and of the inline limits (past the last it falls back).
+    #[test]
+    fn two_leaves_at_once_are_each_alone() {
+        let bytes = |length: usize, seed: u8| -> Vec<u8> {
+            (0..length).map(|i| (i as u8).wrapping_mul(29) ^ seed).collect()
+        };
+        let lengths: Vec<usize> = (0..=130)
+            .chain([183, 184, 190, 191, 247, 248, 300, 373, 374, 375, 376, 600])
+            .collect();
+        for &a in &lengths {
+            for &b in [0, 1, 54, 55, 56, 63, 64, 119, 120, 374, 375, 1000].iter() {
+                let (x, y) = (bytes(a, 1), bytes(b, 2));
+                assert_eq!(
+                    list_leaf_x2(&x, &y),
+                    (list_leaf(&x), list_leaf(&y)),
+                    "{a} and {b} bytes"
+                );
+            }
+        }
     }
 
     /// The root of every length up to 40 is the plain pairwise one: each level's nodes from

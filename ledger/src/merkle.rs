@@ -125,6 +125,35 @@ fn sha256_in_place_x2(a: &mut [u8], length_a: usize, b: &mut [u8], length_b: usi
     (state_hash(&state_a), state_hash(&state_b))
 }
 
+/// `(SHA-256(tag || a), SHA-256(tag || b))`, the two at once ([`sha256x2`]), when each input
+/// fits [`TAGGED_INLINE_BYTES`] once padded (`None` otherwise): short messages hashed by the
+/// thousand, such as a block's transactions and receipts.
+pub(crate) fn tagged_sha256_x2(tag: u8, a: &[u8], b: &[u8]) -> Option<(Hash, Hash)> {
+    let longest = padded_len(1 + a.len().max(b.len()));
+    if longest <= 192 {
+        Some(tagged_sha256_x2_in::<192>(tag, a, b))
+    } else if longest <= TAGGED_INLINE_BYTES {
+        Some(tagged_sha256_x2_in::<TAGGED_INLINE_BYTES>(tag, a, b))
+    } else {
+        None
+    }
+}
+
+/// [`tagged_sha256_x2`] in buffers of `N` bytes, which hold both inputs padded.
+fn tagged_sha256_x2_in<const N: usize>(tag: u8, a: &[u8], b: &[u8]) -> (Hash, Hash) {
+    let (length_a, length_b) = (1 + a.len(), 1 + b.len());
+    let mut buffer_a = [0u8; N];
+    let mut buffer_b = [0u8; N];
+    buffer_a[0] = tag;
+    buffer_a[1..length_a].copy_from_slice(a);
+    buffer_b[0] = tag;
+    buffer_b[1..length_b].copy_from_slice(b);
+    sha256_in_place_x2(&mut buffer_a, length_a, &mut buffer_b, length_b)
+}
+
+/// The longest padded input [`tagged_sha256_x2`] lays out on the stack.
+const TAGGED_INLINE_BYTES: usize = 384;
+
 fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
     if leaves.is_empty() {
         return Hash::ZERO;

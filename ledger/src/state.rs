@@ -54,7 +54,7 @@ use hoard_types::{
     PublicKey, Receipt, Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody, TxPayload,
 };
 
-use crate::block::{list_root, receipt_leaf, transaction_leaf, Block, BlockHeader};
+use crate::block::{list_root, receipt_leaf, transaction_leaf, transaction_leaf_x2, Block, BlockHeader};
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
 use crate::merkle::{leaf_hash, leaf_hash_x2, MerkleTree, Proof};
@@ -119,49 +119,58 @@ struct Applied {
 
 /// The state entries a block changed, as its commitment takes them ([`Ledger::take_changes`]).
 struct Changes {
-    /// Entries other than balances: key hash and leaf hash (`None`: removed).
+    /// Key hash and leaf hash (`None`: removed) of each.
     leaves: Vec<(Hash, Option<Hash>)>,
-    /// Balances, with their amounts after the block (zero: removed).
-    balances: Vec<DirtyBalance>,
 }
 
 impl Changes {
     /// Hashes the changes into `tree` and returns its new root.
-    fn commit(self, tree: &mut MerkleTree, parallel: bool) -> Hash {
-        let Changes { mut leaves, balances } = self;
-        // Two at a time ([`leaf_hash_x2`]) where both have an amount.
-        let balance_leaves = |pair: &[DirtyBalance]| {
-            let amount = |b: &DirtyBalance| b.amount.0.to_be_bytes();
-            match pair {
-                [a, b] if !a.amount.is_zero() && !b.amount.is_zero() => {
-                    let (leaf_a, leaf_b) = leaf_hash_x2((&a.key_hash, &amount(a)), (&b.key_hash, &amount(b)));
-                    [Some((a.key_hash, Some(leaf_a))), Some((b.key_hash, Some(leaf_b)))]
-                }
-                _ => {
-                    let mut leaves = [None, None];
-                    for (out, b) in leaves.iter_mut().zip(pair) {
-                        let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &amount(b)));
-                        *out = Some((b.key_hash, leaf));
-                    }
-                    leaves
-                }
-            }
-        };
-        if parallel && balances.len() >= PARALLEL_TRANSACTIONS_MIN {
-            leaves.par_extend(
-                balances
-                    .par_chunks(2)
-                    .flat_map_iter(|pair| balance_leaves(pair).into_iter().flatten()),
-            );
-        } else {
-            leaves.extend(
-                balances
-                    .chunks(2)
-                    .flat_map(|pair| balance_leaves(pair).into_iter().flatten()),
-            );
-        }
-        tree.set_many(leaves);
+    fn commit(self, tree: &mut MerkleTree) -> Hash {
+        tree.set_many(self.leaves);
         tree.root()
+    }
+}
+
+/// Appends to `leaves` one leaf per changed balance: its key hash, and its leaf hash (`None`
+/// when it reached zero).
+fn balance_leaves(leaves: &mut Vec<(Hash, Option<Hash>)>, balances: &[DirtyBalance]) {
+    // Two at a time ([`leaf_hash_x2`]) where both have an amount.
+    let leaves_of = |pair: &[DirtyBalance]| {
+        let amount = |b: &DirtyBalance| b.amount.0.to_be_bytes();
+        match pair {
+            [a, b] if !a.amount.is_zero() && !b.amount.is_zero() => {
+                let (leaf_a, leaf_b) = leaf_hash_x2((&a.key_hash, &amount(a)), (&b.key_hash, &amount(b)));
+                [Some((a.key_hash, Some(leaf_a))), Some((b.key_hash, Some(leaf_b)))]
+            }
+            _ => {
+                let mut leaves = [None, None];
+                for (out, b) in leaves.iter_mut().zip(pair) {
+                    let leaf = (!b.amount.is_zero()).then(|| leaf_hash(&b.key_hash, &amount(b)));
+                    *out = Some((b.key_hash, leaf));
+                }
+                leaves
+            }
+        }
+    };
+    // One entry per balance, written in place.
+    let start = leaves.len();
+    leaves.resize(start + balances.len(), (Hash::ZERO, None));
+    let fill = |(out, pair): (&mut [(Hash, Option<Hash>)], &[DirtyBalance])| {
+        for (out, leaf) in out.iter_mut().zip(leaves_of(pair).into_iter().flatten()) {
+            *out = leaf;
+        }
+    };
+    if balances.len() >= PARALLEL_TRANSACTIONS_MIN {
+        leaves[start..]
+            .par_chunks_mut(2)
+            .zip(balances.par_chunks(2))
+            .with_min_len(256)
+            .for_each(fill);
+    } else {
+        leaves[start..]
+            .chunks_mut(2)
+            .zip(balances.chunks(2))
+            .for_each(fill);
     }
 }
 
@@ -203,7 +212,7 @@ fn commit(tree: &mut MerkleTree, parent: &BlockHeader, applied: Applied) -> (Blo
     assert_eq!(height, parent.height + 1, "blocks are committed in order");
     let (state_root, outcome_root) = join_if(
         parallel,
-        || changed.commit(tree, parallel),
+        || changed.commit(tree),
         |_| {
             receipt_leaves.extend(leaves(&receipts[receipt_leaves.len()..], receipt_leaf));
             let root = list_root(receipt_leaves.into_iter());
@@ -628,7 +637,7 @@ impl Ledger {
             );
         }
         let changes = ledger.take_changes();
-        ledger.head.state_root = changes.commit(&mut ledger.tree, false);
+        ledger.head.state_root = changes.commit(&mut ledger.tree);
         ledger
     }
 
@@ -784,7 +793,7 @@ impl Ledger {
             if lists_claimed.swap(true, Ordering::AcqRel) {
                 return None;
             }
-            let tx_root = list_root(leaves(&transactions, transaction_leaf).into_iter());
+            let tx_root = list_root(transaction_leaves(&transactions).into_iter());
             let mut receipt_leaves = Vec::with_capacity(transactions.len());
             'receipts: for slot in &published {
                 let receipt = loop {
@@ -1677,19 +1686,21 @@ impl Ledger {
         let dirty: Vec<Dirty> = self.dirty.drain().collect();
         let this = &*self;
         let leaf = |d: &Dirty| this.leaf(d);
-        let leaves = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
+        let mut leaves: Vec<(Hash, Option<Hash>)> = if dirty.len() >= PARALLEL_TRANSACTIONS_MIN {
             dirty.par_iter().map(leaf).collect()
         } else {
             dirty.iter().map(leaf).collect()
         };
-        let capacity = self.dirty_balances.len();
-        let balances = std::mem::replace(&mut self.dirty_balances, Vec::with_capacity(capacity));
+        let balances = std::mem::take(&mut self.dirty_balances);
+        balance_leaves(&mut leaves, &balances);
         for balance in &balances {
             if balance.amount.is_zero() {
                 self.balances.remove(&balance.key);
             }
         }
-        Changes { leaves, balances }
+        self.dirty_balances = balances;
+        self.dirty_balances.clear();
+        Changes { leaves }
     }
 
     // ----- reads (committed state only: between blocks nothing is uncommitted) -----
@@ -1929,6 +1940,25 @@ impl<K: std::hash::Hash + Eq> Slots<K> {
 }
 
 /// List-root leaves, hashed on every core when there are many.
+/// The transactions' leaves, two at a time.
+fn transaction_leaves(transactions: &[Transaction]) -> Vec<Hash> {
+    let mut out = vec![Hash::ZERO; transactions.len()];
+    let pair = |(out, pair): (&mut [Hash], &[Transaction])| match pair {
+        [a, b] => (out[0], out[1]) = transaction_leaf_x2(a, b),
+        [last] => out[0] = transaction_leaf(last),
+        _ => unreachable!("chunks of two"),
+    };
+    if transactions.len() >= PARALLEL_TRANSACTIONS_MIN {
+        out.par_chunks_mut(2)
+            .zip(transactions.par_chunks(2))
+            .with_min_len(64)
+            .for_each(pair);
+    } else {
+        out.chunks_mut(2).zip(transactions.chunks(2)).for_each(pair);
+    }
+    out
+}
+
 fn leaves<T: Sync>(items: &[T], leaf: fn(&T) -> Hash) -> Vec<Hash> {
     if items.len() >= PARALLEL_TRANSACTIONS_MIN {
         items.par_iter().map(leaf).collect()
