@@ -112,6 +112,25 @@ pub fn transaction_leaf_x2(a: &Transaction, b: &Transaction) -> (Hash, Hash) {
     list_leaf_x2(&a.payload, &b.payload)
 }
 
+/// [`receipt_leaf`] of two receipts at once, when their encodings are short, as most are (a
+/// settlement's lists the outcome of every entry); one after the other otherwise.
+pub fn receipt_leaf_x2(a: &Receipt, b: &Receipt) -> (Hash, Hash) {
+    /// Room for a receipt whose outcome is a word or two: its leaf is one SHA-256 block.
+    const SHORT: usize = 64;
+    /// MessagePack of `receipt` in `buffer`, if it fits.
+    fn encode<'b>(receipt: &Receipt, buffer: &'b mut [u8; SHORT]) -> Option<&'b [u8]> {
+        let mut rest = &mut buffer[..];
+        rmp_serde::encode::write(&mut rest, receipt).ok()?;
+        let written = SHORT - rest.len();
+        Some(&buffer[..written])
+    }
+    let (mut buffer_a, mut buffer_b) = ([0u8; SHORT], [0u8; SHORT]);
+    match (encode(a, &mut buffer_a), encode(b, &mut buffer_b)) {
+        (Some(a), Some(b)) => list_leaf_x2(a, b),
+        _ => (receipt_leaf(a), receipt_leaf(b)),
+    }
+}
+
 /// A receipt's leaf under `outcome_root`: over its MessagePack encoding (streamed into the
 /// hash, the same bytes as `list_leaf(&rmp_serde::to_vec(receipt))`).
 pub fn receipt_leaf(receipt: &Receipt) -> Hash {
@@ -169,6 +188,33 @@ mod tests {
                     "{a} and {b} bytes"
                 );
             }
+        }
+    }
+
+    /// Two receipts' leaves at once are each alone's, short and long (a settlement's outcome of
+    /// 400 entries does not fit the short buffer).
+    #[test]
+    fn two_receipt_leaves_at_once_are_each_alone() {
+        let receipt = |entries: usize, height: u64| Receipt {
+            tenant: hoard_types::TenantId(3),
+            event_id: hoard_types::EventId::from_u128(u128::from(height) * 7),
+            height,
+            outcome: if entries == 0 {
+                hoard_types::Outcome::Applied
+            } else {
+                hoard_types::Outcome::Settled {
+                    entries: vec![Some(hoard_types::Rejection::UnknownAccount); entries],
+                }
+            },
+            duplicate: height.is_multiple_of(2),
+        };
+        for (a, b) in [(0, 0), (0, 1), (1, 0), (3, 400), (400, 0), (400, 400)] {
+            let (x, y) = (receipt(a, 11), receipt(b, 1 << 40));
+            assert_eq!(
+                receipt_leaf_x2(&x, &y),
+                (receipt_leaf(&x), receipt_leaf(&y)),
+                "{a} and {b} entries"
+            );
         }
     }
 

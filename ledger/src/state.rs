@@ -54,7 +54,9 @@ use hoard_types::{
     PublicKey, Receipt, Rejection, Settlement, SwapSide, TenantId, Transaction, TxBody, TxPayload,
 };
 
-use crate::block::{list_root, receipt_leaf, transaction_leaf, transaction_leaf_x2, Block, BlockHeader};
+use crate::block::{
+    list_root, receipt_leaf, receipt_leaf_x2, transaction_leaf, transaction_leaf_x2, Block, BlockHeader,
+};
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
 use crate::merkle::{leaf_hash, leaf_hash_x2, MerkleTree, Proof};
@@ -214,7 +216,11 @@ fn commit(tree: &mut MerkleTree, parent: &BlockHeader, applied: Applied) -> (Blo
         parallel,
         || changed.commit(tree),
         |_| {
-            receipt_leaves.extend(leaves(&receipts[receipt_leaves.len()..], receipt_leaf));
+            receipt_leaves.extend(leaves(
+                &receipts[receipt_leaves.len()..],
+                receipt_leaf,
+                receipt_leaf_x2,
+            ));
             let root = list_root(receipt_leaves.into_iter());
             if parallel {
                 // Freed on every core, as they were allocated.
@@ -793,19 +799,30 @@ impl Ledger {
             if lists_claimed.swap(true, Ordering::AcqRel) {
                 return None;
             }
-            let tx_root = list_root(transaction_leaves(&transactions).into_iter());
+            let tx_root = list_root(leaves(&transactions, transaction_leaf, transaction_leaf_x2).into_iter());
             let mut receipt_leaves = Vec::with_capacity(transactions.len());
-            'receipts: for slot in &published {
-                let receipt = loop {
-                    if let Some(receipt) = slot.get() {
-                        break receipt;
+            // Two at a time; a receipt whose pair is not hashed here is left with the rest.
+            'receipts: for pair in published.chunks(2) {
+                let mut receipts = [None, None];
+                for (slot, receipt) in pair.iter().zip(&mut receipts) {
+                    *receipt = Some(loop {
+                        if let Some(receipt) = slot.get() {
+                            break receipt;
+                        }
+                        if !wait || (applied.load(Ordering::Acquire) && slot.get().is_none()) {
+                            break 'receipts;
+                        }
+                        std::thread::yield_now();
+                    });
+                }
+                match receipts {
+                    [Some(a), Some(b)] => {
+                        let (a, b) = receipt_leaf_x2(a, b);
+                        receipt_leaves.extend([a, b]);
                     }
-                    if !wait || (applied.load(Ordering::Acquire) && slot.get().is_none()) {
-                        break 'receipts;
-                    }
-                    std::thread::yield_now();
-                };
-                receipt_leaves.push(receipt_leaf(receipt));
+                    [Some(last), None] => receipt_leaves.push(receipt_leaf(last)),
+                    _ => unreachable!("a pair holds one or two receipts"),
+                }
             }
             Some((tx_root, receipt_leaves))
         };
@@ -1939,32 +1956,24 @@ impl<K: std::hash::Hash + Eq> Slots<K> {
     }
 }
 
-/// List-root leaves, hashed on every core when there are many.
-/// The transactions' leaves, two at a time.
-fn transaction_leaves(transactions: &[Transaction]) -> Vec<Hash> {
-    let mut out = vec![Hash::ZERO; transactions.len()];
-    let pair = |(out, pair): (&mut [Hash], &[Transaction])| match pair {
-        [a, b] => (out[0], out[1]) = transaction_leaf_x2(a, b),
-        [last] => out[0] = transaction_leaf(last),
+/// List-root leaves, two at a time (`leaf_x2`; the last alone when they are odd), hashed on
+/// every core when there are many.
+fn leaves<T: Sync>(items: &[T], leaf: fn(&T) -> Hash, leaf_x2: fn(&T, &T) -> (Hash, Hash)) -> Vec<Hash> {
+    let mut out = vec![Hash::ZERO; items.len()];
+    let pair = |(out, pair): (&mut [Hash], &[T])| match pair {
+        [a, b] => (out[0], out[1]) = leaf_x2(a, b),
+        [last] => out[0] = leaf(last),
         _ => unreachable!("chunks of two"),
     };
-    if transactions.len() >= PARALLEL_TRANSACTIONS_MIN {
+    if items.len() >= PARALLEL_TRANSACTIONS_MIN {
         out.par_chunks_mut(2)
-            .zip(transactions.par_chunks(2))
+            .zip(items.par_chunks(2))
             .with_min_len(64)
             .for_each(pair);
     } else {
-        out.chunks_mut(2).zip(transactions.chunks(2)).for_each(pair);
+        out.chunks_mut(2).zip(items.chunks(2)).for_each(pair);
     }
     out
-}
-
-fn leaves<T: Sync>(items: &[T], leaf: fn(&T) -> Hash) -> Vec<Hash> {
-    if items.len() >= PARALLEL_TRANSACTIONS_MIN {
-        items.par_iter().map(leaf).collect()
-    } else {
-        items.iter().map(leaf).collect()
-    }
 }
 
 fn same_asset(a: &Asset, b: &Asset) -> bool {
