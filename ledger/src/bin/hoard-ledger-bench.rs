@@ -359,7 +359,7 @@ fn main() -> anyhow::Result<()> {
         threads,
         apply_events_per_second: apply.round(),
         apply_rounds_events_per_second: apply_rounds.iter().map(|r| r.round()).collect(),
-        apply_serial_events_per_second: apply_serial,
+        apply_serial_events_per_second: apply_serial.round(),
         apply_serial_rounds_events_per_second: apply_serial_rounds.iter().map(|r| r.round()).collect(),
         durable_events_per_second: durable[0].round(),
         durable_engine: "sled",
