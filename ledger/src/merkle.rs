@@ -130,8 +130,8 @@ fn sha256_in_place_x2(a: &mut [u8], length_a: usize, b: &mut [u8], length_b: usi
 /// thousand, such as a block's transactions and receipts.
 pub(crate) fn tagged_sha256_x2(tag: u8, a: &[u8], b: &[u8]) -> Option<(Hash, Hash)> {
     let longest = padded_len(1 + a.len().max(b.len()));
-    if longest <= 192 {
-        Some(tagged_sha256_x2_in::<192>(tag, a, b))
+    if longest <= TAGGED_SHORT_BYTES {
+        Some(tagged_sha256_x2_in::<TAGGED_SHORT_BYTES>(tag, a, b))
     } else if longest <= TAGGED_INLINE_BYTES {
         Some(tagged_sha256_x2_in::<TAGGED_INLINE_BYTES>(tag, a, b))
     } else {
@@ -153,6 +153,10 @@ fn tagged_sha256_x2_in<const N: usize>(tag: u8, a: &[u8], b: &[u8]) -> (Hash, Ha
 
 /// The longest padded input [`tagged_sha256_x2`] lays out on the stack.
 const TAGGED_INLINE_BYTES: usize = 384;
+/// Inputs up to this padded length (a transfer's payload of about 140 bytes) get buffers of this
+/// size: zeroing two buffers of the larger size for each pair cost more than the interleaving
+/// gained (BENCHMARKS.md, seventeenth session).
+const TAGGED_SHORT_BYTES: usize = 192;
 
 fn bucket_hash(leaves: &[(Hash, Hash)]) -> Hash {
     if leaves.is_empty() {
