@@ -5,6 +5,8 @@
 //! filled in) and one [`Receipt`] per transaction. It is pure and deterministic: no I/O, no
 //! clock, no randomness, no hash-map iteration in anything hashed or applied (the Merkle tree
 //! orders by key hash; snapshots sort). Two ledgers fed the same blocks report the same roots.
+//! [`Ledger::execute_pipelined`] and [`Ledger::apply_blocks`] (a replay) give the same blocks
+//! with each block's commitment computed on the second core while the next block applies.
 //!
 //! Rules, in the order they are checked for each transaction:
 //! 1. the payload decodes and respects the limits, else `malformed`;
