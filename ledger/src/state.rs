@@ -803,28 +803,26 @@ impl Ledger {
             }
             let tx_root = list_root(leaves(&transactions, transaction_leaf, transaction_leaf_x2).into_iter());
             let mut receipt_leaves = Vec::with_capacity(transactions.len());
+            // Receipt `index` once published; `None` once there is none to wait for.
+            let receipt = |index: usize| loop {
+                if let Some(receipt) = published[index].get() {
+                    return Some(receipt);
+                }
+                if !wait || (applied.load(Ordering::Acquire) && published[index].get().is_none()) {
+                    return None;
+                }
+                std::thread::yield_now();
+            };
             // Two at a time; a receipt whose pair is not hashed here is left with the rest.
-            'receipts: for pair in published.chunks(2) {
-                let mut receipts = [None, None];
-                for (slot, receipt) in pair.iter().zip(&mut receipts) {
-                    *receipt = Some(loop {
-                        if let Some(receipt) = slot.get() {
-                            break receipt;
-                        }
-                        if !wait || (applied.load(Ordering::Acquire) && slot.get().is_none()) {
-                            break 'receipts;
-                        }
-                        std::thread::yield_now();
-                    });
+            for first in (0..published.len()).step_by(2) {
+                let Some(a) = receipt(first) else { break };
+                if first + 1 == published.len() {
+                    receipt_leaves.push(receipt_leaf(a));
+                    break;
                 }
-                match receipts {
-                    [Some(a), Some(b)] => {
-                        let (a, b) = receipt_leaf_x2(a, b);
-                        receipt_leaves.extend([a, b]);
-                    }
-                    [Some(last), None] => receipt_leaves.push(receipt_leaf(last)),
-                    _ => unreachable!("a pair holds one or two receipts"),
-                }
+                let Some(b) = receipt(first + 1) else { break };
+                let (a, b) = receipt_leaf_x2(a, b);
+                receipt_leaves.extend([a, b]);
             }
             Some((tx_root, receipt_leaves))
         };
