@@ -7,6 +7,8 @@
 //! chain, for another tenant, after its expiry, or a second time (the event id is deduplicated
 //! until the expiry height passes).
 
+mod fast;
+
 use serde::{Deserialize, Serialize};
 
 use crate::asset::Amount;
@@ -143,7 +145,12 @@ impl Transaction {
         if self.signatures.len() > TX_SIGNATURES_MAX {
             return Err(Error::Malformed("too many signatures"));
         }
-        rmp_serde::from_slice(&self.payload).map_err(|e| Error::Decode(e.to_string()))
+        // The commonest bodies in their usual form are read directly (a ledger decodes every
+        // transaction of every block); rmp-serde decides the rest.
+        match fast::payload(&self.payload) {
+            Some(payload) => Ok(payload),
+            None => rmp_serde::from_slice(&self.payload).map_err(|e| Error::Decode(e.to_string())),
+        }
     }
 
     /// The transaction's id: the hash of its payload (signatures excluded, so that re-signing

@@ -11,7 +11,9 @@
 //! writer thread appends and syncs block N while block N+1 applies, as a replica can), (c)
 //! player-signed transfers including signature verification (a verifier thread batch-verifies
 //! block N+1 while block N applies), next to (d) the raw ed25519 batch-verification rate
-//! measured in the same run with the same parallelism, the ceiling for (c).
+//! measured in the same run with the same parallelism, the ceiling for (c). Two microbenchmarks
+//! go with them: (s) SHA-256 compressions one at a time and two interleaved, and (p) decoding a
+//! transfer's payload with rmp-serde and with `Transaction::decode_payload`.
 //!
 //! `--phases a` runs only (a) (for instruction counts under callgrind; see BENCHMARKS.md).
 
@@ -53,8 +55,8 @@ struct Args {
     /// Rounds of (a), each on a fresh ledger; (a) reports their median.
     #[arg(long, default_value_t = 3)]
     apply_rounds: usize,
-    /// Which figures to measure: any of `s`, `a`, `b`, `c` (c includes its ceiling d).
-    #[arg(long, default_value = "s,a,b,c", value_delimiter = ',')]
+    /// Which figures to measure: any of `s`, `p`, `a`, `b`, `c` (c includes its ceiling d).
+    #[arg(long, default_value = "s,p,a,b,c", value_delimiter = ',')]
     phases: Vec<String>,
     /// Write the results here as JSON.
     #[arg(long)]
@@ -89,6 +91,10 @@ struct Results {
     /// (`sha256x2`), medians of 5.
     sha256_compressions_per_second: f64,
     sha256_x2_compressions_per_second: f64,
+    /// (p) nanoseconds to decode one of (a)'s transfer payloads: rmp-serde, and
+    /// `Transaction::decode_payload` (which reads common bodies directly), medians of 5.
+    decode_serde_ns: f64,
+    decode_direct_ns: f64,
     /// The final state of (a) as a checkpoint snapshot: its size, the copy the consensus round
     /// takes, and the sort + encode left to the encoder thread (milliseconds, medians of 3).
     snapshot_bytes: u64,
@@ -165,6 +171,17 @@ fn main() -> anyhow::Result<()> {
         args.events + args.signed_events,
         started.elapsed()
     );
+
+    let (mut decode_serde_ns, mut decode_direct_ns) = (0.0, 0.0);
+    if phase("p") {
+        (decode_serde_ns, decode_direct_ns) =
+            decode_costs(&unsigned_path[..unsigned_path.len().min(200_000)]);
+        println!(
+            "(p) payload decoding: rmp-serde {decode_serde_ns:.0} ns, decode_payload {decode_direct_ns:.0} ns \
+             ({:.2}x; medians of 5)",
+            decode_serde_ns / decode_direct_ns
+        );
+    }
 
     let genesis = world.genesis();
     let fresh_with_blocks = || {
@@ -372,6 +389,8 @@ fn main() -> anyhow::Result<()> {
         state_entries,
         sha256_compressions_per_second: sha_one.round(),
         sha256_x2_compressions_per_second: sha_two.round(),
+        decode_serde_ns: decode_serde_ns.round(),
+        decode_direct_ns: decode_direct_ns.round(),
         snapshot_bytes,
         snapshot_copy_ms: (snapshot_copy_ms * 10.0).round() / 10.0,
         snapshot_encode_ms: (snapshot_encode_ms * 10.0).round() / 10.0,
@@ -468,6 +487,27 @@ fn sha256_rates() -> (f64, f64) {
     }
     std::hint::black_box(sink);
     (median(&one), median(&two))
+}
+
+/// (p): nanoseconds per payload of `transactions` decoded with rmp-serde and with
+/// `decode_payload`, alternated five times, each payload dropped as the ledger drops it.
+fn decode_costs(transactions: &[Transaction]) -> (f64, f64) {
+    let (mut serde, mut direct) = (Vec::new(), Vec::new());
+    let per_payload = |started: Instant| started.elapsed().as_nanos() as f64 / transactions.len() as f64;
+    for _ in 0..5 {
+        let started = Instant::now();
+        for tx in transactions {
+            let payload: hoard_types::TxPayload = rmp_serde::from_slice(&tx.payload).expect("decodes");
+            std::hint::black_box(payload);
+        }
+        serde.push(per_payload(started));
+        let started = Instant::now();
+        for tx in transactions {
+            std::hint::black_box(tx.decode_payload().expect("decodes"));
+        }
+        direct.push(per_payload(started));
+    }
+    (median(&serde), median(&direct))
 }
 
 /// The median of `rates` (the upper one of an even count).
