@@ -356,11 +356,22 @@ impl Window {
         }
     }
 
-    /// Adds an event to the running hash only.
+    /// Adds an event to the running hash only: the record's bytes gathered first, then hashed
+    /// in one call (each call to the hasher has a fixed cost, and a record is a few dozen
+    /// bytes); an outcome too long for the buffer is streamed into the hasher instead.
     fn absorb(&mut self, event: &EventId, height: u64, outcome: &Outcome) {
-        self.hasher.update(event.0);
-        self.hasher.update(height.to_be_bytes());
-        rmp_serde::encode::write(&mut HashWriter(&mut self.hasher), outcome).expect("outcomes serialise");
+        const HEAD: usize = 16 + 8;
+        let mut record = [0u8; 128];
+        record[..16].copy_from_slice(&event.0);
+        record[16..HEAD].copy_from_slice(&height.to_be_bytes());
+        let mut rest = std::io::Cursor::new(&mut record[HEAD..]);
+        if rmp_serde::encode::write(&mut rest, outcome).is_ok() {
+            let length = HEAD + rest.position() as usize;
+            self.hasher.update(&record[..length]);
+        } else {
+            self.hasher.update(&record[..HEAD]);
+            rmp_serde::encode::write(&mut HashWriter(&mut self.hasher), outcome).expect("outcomes serialise");
+        }
     }
 
     /// Remembers an event; returns its index in the window.
@@ -948,11 +959,14 @@ impl Ledger {
     fn prefetch_transaction(&self, payload: &TxPayload) {
         let tenant = payload.tenant;
         prefetch_entry(&self.events, &(tenant, payload.event_id));
-        let balances = |account: &PublicKey, assets: &[Asset]| {
+        // Each currency's slot looked up once for both accounts.
+        let balances = |accounts: &[&PublicKey], assets: &[Asset]| {
             for asset in assets {
                 if let Asset::Currency { currency, .. } = asset {
                     if let Some(slot) = self.currency_slots.get(tenant, currency) {
-                        prefetch_entry(&self.balances, &(slot, *account));
+                        for account in accounts {
+                            prefetch_entry(&self.balances, &(slot, **account));
+                        }
                     }
                 }
             }
@@ -960,12 +974,11 @@ impl Ledger {
         match &payload.body {
             TxBody::Transfer { from, to, assets } => {
                 prefetch_entry(&self.accounts, &(tenant, *from));
-                balances(from, assets);
-                balances(to, assets);
+                balances(&[from, to], assets);
             }
             TxBody::Burn { from, assets } => {
                 prefetch_entry(&self.accounts, &(tenant, *from));
-                balances(from, assets);
+                balances(&[from], assets);
             }
             TxBody::Mint { to, grant } => self.prefetch_grant(tenant, to, grant),
             _ => {}
@@ -2365,6 +2378,39 @@ mod tests {
         let mut leaves = ledger.take_changes().leaves;
         leaves.sort();
         (verdict, balances, leaves)
+    }
+
+    #[test]
+    fn window_digest_is_sha256_of_its_records() {
+        let settled = |entries: usize| Outcome::Settled {
+            entries: (0..entries)
+                .map(|i| (i % 3 == 0).then_some(Rejection::InsufficientFunds))
+                .collect(),
+        };
+        // Short outcomes are hashed from the stack buffer, long ones streamed.
+        let outcomes = [
+            Outcome::Applied,
+            Outcome::rejected(Rejection::UnknownAccount),
+            settled(3),
+            settled(500),
+        ];
+        let records: Vec<(EventId, u64, Outcome)> = outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, outcome)| (EventId::from_u128(i as u128 + 1), 10 + i as u64, outcome))
+            .collect();
+        assert!(rmp_serde::to_vec(&records[3].2).unwrap().len() > 128);
+        let mut expected = Sha256::new();
+        expected.update(WINDOW_DOMAIN);
+        expected.update(7u64.to_be_bytes());
+        expected.update(99u64.to_be_bytes());
+        for (event, height, outcome) in &records {
+            expected.update(event.0);
+            expected.update(height.to_be_bytes());
+            expected.update(rmp_serde::to_vec(outcome).unwrap());
+        }
+        let digest = window_digest(TenantId(7), 99, records.iter().map(|(e, h, o)| (e, *h, o)));
+        assert_eq!(digest.0, <[u8; 32]>::from(expected.finalize()));
     }
 
     proptest! {
