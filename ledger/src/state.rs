@@ -125,14 +125,11 @@ struct Applied {
 struct Changes {
     /// Key hash and leaf hash (`None`: removed) of each.
     leaves: Vec<(Hash, Option<Hash>)>,
-    /// Changed balances whose leaves are not hashed yet: the commitment hashes them.
-    balances: Vec<DirtyBalance>,
 }
 
 impl Changes {
     /// Hashes the changes into `tree` and returns its new root.
-    fn commit(mut self, tree: &mut MerkleTree) -> Hash {
-        balance_leaves(&mut self.leaves, &self.balances);
+    fn commit(self, tree: &mut MerkleTree) -> Hash {
         tree.set_many(self.leaves);
         tree.root()
     }
@@ -658,7 +655,7 @@ impl Ledger {
                 },
             );
         }
-        let changes = ledger.take_changes(true);
+        let changes = ledger.take_changes();
         ledger.head.state_root = changes.commit(&mut ledger.tree);
         ledger
     }
@@ -865,10 +862,7 @@ impl Ledger {
                         );
                     }
                 }
-                // The balances' leaves are hashed here while the other core is still busy (it
-                // has not claimed the lists: pipelined, with the previous block's commitment),
-                // else left to this block's commitment, which runs beside the next apply.
-                let changed = self.take_changes(!lists_claimed.load(Ordering::Acquire));
+                let changed = self.take_changes();
                 (changed, hash_lists(false))
             },
             |beside_the_apply| {
@@ -1775,9 +1769,8 @@ impl Ledger {
     /// What the block just applied changed, for its commitment: the leaves of the entries other
     /// than balances, hashed now (they are read from the state, which the next block changes),
     /// and the balances with their amounts after the block (recorded as they changed, so not
-    /// read again), their leaves hashed now when `hash_balances`, else left to the commitment.
-    /// Balances that reached zero leave the state here, with the block.
-    fn take_changes(&mut self, hash_balances: bool) -> Changes {
+    /// read again). Balances that reached zero leave the state here, with the block.
+    fn take_changes(&mut self) -> Changes {
         let dirty: Vec<Dirty> = self.dirty.drain().collect();
         let this = &*self;
         let leaf = |d: &Dirty| this.leaf(d);
@@ -1786,23 +1779,16 @@ impl Ledger {
         } else {
             dirty.iter().map(leaf).collect()
         };
-        for balance in &self.dirty_balances {
+        let balances = std::mem::take(&mut self.dirty_balances);
+        balance_leaves(&mut leaves, &balances);
+        for balance in &balances {
             if balance.amount.is_zero() {
                 self.balances.remove(&balance.key);
             }
         }
-        if hash_balances {
-            balance_leaves(&mut leaves, &self.dirty_balances);
-            self.dirty_balances.clear();
-            Changes {
-                leaves,
-                balances: Vec::new(),
-            }
-        } else {
-            let capacity = self.dirty_balances.capacity();
-            let balances = std::mem::replace(&mut self.dirty_balances, Vec::with_capacity(capacity));
-            Changes { leaves, balances }
-        }
+        self.dirty_balances = balances;
+        self.dirty_balances.clear();
+        Changes { leaves }
     }
 
     // ----- reads (committed state only: between blocks nothing is uncommitted) -----
@@ -2389,39 +2375,9 @@ mod tests {
     fn after(mut ledger: Ledger, verdict: Check) -> After {
         let mut balances: Vec<_> = ledger.balances.iter().map(|(k, b)| (*k, b.amount.0)).collect();
         balances.sort();
-        let mut leaves = ledger.take_changes(true).leaves;
+        let mut leaves = ledger.take_changes().leaves;
         leaves.sort();
         (verdict, balances, leaves)
-    }
-
-    #[test]
-    fn balance_leaves_hashed_now_or_in_the_commitment_give_one_root() {
-        // Account 0's GOLD goes to zero (its leaf removed), account 2's grows, account 1's GEM
-        // moves to an account that had none.
-        let (mut ledger, keys) = ledger([(3, 0), (0, 2), (1, 0)], [0, 0]);
-        let gem = CurrencyId::new("GEM");
-        assert!(ledger
-            .transfer_currency(T, &keys[0], &keys[2], &CurrencyId::new("GOLD"), Amount(3))
-            .is_ok());
-        assert!(ledger
-            .transfer_currency(T, &keys[1], &keys[0], &gem, Amount(1))
-            .is_ok());
-        let roots: Vec<Hash> = [true, false]
-            .into_iter()
-            .map(|hash_balances| {
-                let mut ledger = ledger.clone();
-                let changes = ledger.take_changes(hash_balances);
-                assert_eq!(changes.balances.is_empty(), hash_balances);
-                let mut tree = ledger.tree.clone();
-                changes.commit(&mut tree)
-            })
-            .collect();
-        assert_eq!(roots[0], roots[1]);
-        assert_ne!(
-            roots[0],
-            ledger.tree.clone().root(),
-            "the transfers changed the state"
-        );
     }
 
     #[test]
