@@ -100,12 +100,17 @@ impl<'a> Reader<'a> {
         self.bin::<16>().map(|bytes| Amount(u128::from_be_bytes(bytes)))
     }
 
+    /// The fields of a currency asset or grant: `[currency, amount]`.
+    fn currency_amount(&mut self) -> Option<(CurrencyId, Amount)> {
+        self.marker(0x92)?;
+        let currency = CurrencyId(self.str()?.to_owned());
+        Some((currency, self.amount()?))
+    }
+
     fn asset(&mut self) -> Option<Asset> {
         match self.variant()? {
             "currency" => {
-                self.marker(0x92)?;
-                let currency = CurrencyId(self.str()?.to_owned());
-                let amount = self.amount()?;
+                let (currency, amount) = self.currency_amount()?;
                 Some(Asset::Currency { currency, amount })
             }
             "item" => {
@@ -130,9 +135,7 @@ impl<'a> Reader<'a> {
     fn grant(&mut self) -> Option<Grant> {
         match self.variant()? {
             "currency" => {
-                self.marker(0x92)?;
-                let currency = CurrencyId(self.str()?.to_owned());
-                let amount = self.amount()?;
+                let (currency, amount) = self.currency_amount()?;
                 Some(Grant::Currency { currency, amount })
             }
             "unique" => {
