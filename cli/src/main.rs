@@ -21,6 +21,10 @@ use hoard_ledger::cluster::{save_key, write_local_cluster, NodeConfig};
 use hoard_ledger::{Genesis, GenesisTenant};
 use hoard_types::{Keypair, TenantId};
 
+/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "hoard",

@@ -321,6 +321,10 @@ impl RecordedOutcome {
 /// The domain a window digest starts with.
 const WINDOW_DOMAIN: &[u8] = b"hoard/window/v1\0";
 
+/// `Outcome::Applied` in MessagePack as rmp-serde writes it (a unit variant is its name, here
+/// `applied`, as a fixstr): what [`Window::absorb`] writes for it without the serializer.
+const APPLIED_MSGPACK: &[u8] = b"\xa7applied";
+
 /// One event as its window keeps it.
 #[derive(Clone, Debug)]
 struct WindowRecord {
@@ -342,6 +346,9 @@ struct WindowRecord {
 struct Window {
     records: Arc<Vec<WindowRecord>>,
     hasher: Sha256,
+    /// The height of the last block that listed this window in [`Ledger::dirty`]: a block lists
+    /// it once, not once per event.
+    dirty_at: u64,
 }
 
 impl Window {
@@ -353,6 +360,7 @@ impl Window {
         Window {
             records: Arc::new(Vec::new()),
             hasher,
+            dirty_at: 0,
         }
     }
 
@@ -364,6 +372,12 @@ impl Window {
         let mut record = [0u8; 128];
         record[..16].copy_from_slice(&event.0);
         record[16..HEAD].copy_from_slice(&height.to_be_bytes());
+        // The commonest outcome by far is written as its bytes, no serializer.
+        if let Outcome::Applied = outcome {
+            record[HEAD..HEAD + APPLIED_MSGPACK.len()].copy_from_slice(APPLIED_MSGPACK);
+            self.hasher.update(&record[..HEAD + APPLIED_MSGPACK.len()]);
+            return;
+        }
         let mut rest = std::io::Cursor::new(&mut record[HEAD..]);
         if rmp_serde::encode::write(&mut rest, outcome).is_ok() {
             let length = HEAD + rest.position() as usize;
@@ -1622,13 +1636,16 @@ impl Ledger {
         expires_at: u64,
         outcome: Outcome,
     ) {
-        let index = self
+        let window = self
             .windows
             .entry((expires_at, tenant))
-            .or_insert_with(|| Window::new(tenant, expires_at))
-            .push(event, height, outcome);
+            .or_insert_with(|| Window::new(tenant, expires_at));
+        let index = window.push(event, height, outcome);
+        if window.dirty_at < height {
+            window.dirty_at = height;
+            self.dirty.insert(Dirty::Window(tenant, expires_at));
+        }
         *self.window_counts.entry(tenant).or_default() += 1;
-        self.dirty.insert(Dirty::Window(tenant, expires_at));
         self.events.insert((tenant, event), (expires_at, index));
     }
 
@@ -2400,6 +2417,7 @@ mod tests {
             .map(|(i, outcome)| (EventId::from_u128(i as u128 + 1), 10 + i as u64, outcome))
             .collect();
         assert!(rmp_serde::to_vec(&records[3].2).unwrap().len() > 128);
+        assert_eq!(rmp_serde::to_vec(&Outcome::Applied).unwrap(), APPLIED_MSGPACK);
         let mut expected = Sha256::new();
         expected.update(WINDOW_DOMAIN);
         expected.update(7u64.to_be_bytes());

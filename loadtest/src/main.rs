@@ -14,6 +14,10 @@ use hoard_loadtest::stack::{self, Stack, StackOptions};
 use hoard_loadtest::stats::{median, LadderLimits};
 use hoard_types::{Keypair, TenantId};
 
+/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "hoard-loadtest", about = "Simulated players and benchmarks for Hoard")]
 struct Cli {

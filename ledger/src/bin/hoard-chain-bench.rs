@@ -30,6 +30,10 @@ use serde::Serialize;
 
 use hoard_ledger::client::ChainClient;
 use hoard_ledger::testing::{key, LocalCluster, World};
+
+/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use hoard_types::{Amount, CurrencyId, Custody, Grant, Keypair, Settlement, TenantId, Transaction, TxBody};
 
 #[derive(Parser)]

@@ -28,6 +28,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use hoard_ledger::sha256x2;
+
+/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use hoard_ledger::store::{Engine, StoreConfig};
 use hoard_ledger::testing::{key, World};
 use hoard_ledger::Ledger;
