@@ -30,11 +30,11 @@ use serde::Serialize;
 
 use hoard_ledger::client::ChainClient;
 use hoard_ledger::testing::{key, LocalCluster, World};
+use hoard_types::{Amount, CurrencyId, Custody, Grant, Keypair, Settlement, TenantId, Transaction, TxBody};
 
 /// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use hoard_types::{Amount, CurrencyId, Custody, Grant, Keypair, Settlement, TenantId, Transaction, TxBody};
 
 #[derive(Parser)]
 #[command(about = "Committed events/s and commit latency of a PBFT cluster on loopback, open loop")]

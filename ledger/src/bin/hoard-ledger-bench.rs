@@ -28,17 +28,16 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use hoard_ledger::sha256x2;
-
-/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use hoard_ledger::store::{Engine, StoreConfig};
 use hoard_ledger::testing::{key, World};
 use hoard_ledger::Ledger;
 use hoard_types::crypto::{verify_batch, SignedMessage};
 use hoard_types::tx::verify_transactions;
 use hoard_types::{Custody, Keypair, Outcome, TenantId, Transaction};
+
+/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
