@@ -21,9 +21,9 @@ use hoard_ledger::cluster::{save_key, write_local_cluster, NodeConfig};
 use hoard_ledger::{Genesis, GenesisTenant};
 use hoard_types::{Keypair, TenantId};
 
-/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+/// mimalloc for a replica (`node`), the system's allocator for the rest: ARCHITECTURE.md, "Memory".
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: hoard_ledger::alloc::RoleAllocator = hoard_ledger::alloc::RoleAllocator;
 
 #[derive(Parser)]
 #[command(
@@ -221,6 +221,7 @@ fn write_gateway_file(
 }
 
 async fn node(config: PathBuf, metrics: Option<SocketAddr>) -> anyhow::Result<()> {
+    tracing::info!(allocator = hoard_ledger::alloc::name(), "replica starting");
     let config = NodeConfig::load(&config).with_context(|| format!("loading {}", config.display()))?;
     if let Some(address) = metrics.or(config.metrics_address()) {
         hoard_ledger::node::install_metrics(address)?;

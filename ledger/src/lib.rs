@@ -11,6 +11,7 @@
 //! - [`genesis`]: the genesis file (chain id, operator key, initial tenants).
 //! - [`error`]: operating errors (business rejections are `hoard_types::Outcome`s, not errors).
 
+pub mod alloc;
 pub mod app;
 pub mod block;
 pub mod client;

@@ -14,9 +14,9 @@ use hoard_loadtest::stack::{self, Stack, StackOptions};
 use hoard_loadtest::stats::{median, LadderLimits};
 use hoard_types::{Keypair, TenantId};
 
-/// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
+/// mimalloc for a replica (`node`), the system's allocator for the rest: ARCHITECTURE.md, "Memory".
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: hoard_ledger::alloc::RoleAllocator = hoard_ledger::alloc::RoleAllocator;
 
 #[derive(Parser)]
 #[command(name = "hoard-loadtest", about = "Simulated players and benchmarks for Hoard")]
