@@ -117,8 +117,16 @@ pub fn transaction_leaf_x2(a: &Transaction, b: &Transaction) -> (Hash, Hash) {
 pub fn receipt_leaf_x2(a: &Receipt, b: &Receipt) -> (Hash, Hash) {
     /// Room for a receipt whose outcome is a word or two: its leaf is one SHA-256 block.
     const SHORT: usize = 64;
-    /// MessagePack of `receipt` in `buffer`, if it fits.
+    const _: () = assert!(Receipt::APPLIED_ENCODED_MAX <= SHORT);
+    /// MessagePack of `receipt` in `buffer`, if it fits: an applied one's written directly
+    /// (the same bytes), any other by rmp-serde.
     fn encode<'b>(receipt: &Receipt, buffer: &'b mut [u8; SHORT]) -> Option<&'b [u8]> {
+        let applied: &mut [u8; Receipt::APPLIED_ENCODED_MAX] = (&mut buffer[..Receipt::APPLIED_ENCODED_MAX])
+            .try_into()
+            .expect("fits");
+        if let Some(length) = receipt.encode_applied(applied) {
+            return Some(&buffer[..length]);
+        }
         let mut rest = &mut buffer[..];
         rmp_serde::encode::write(&mut rest, receipt).ok()?;
         let written = SHORT - rest.len();
@@ -134,6 +142,10 @@ pub fn receipt_leaf_x2(a: &Receipt, b: &Receipt) -> (Hash, Hash) {
 /// A receipt's leaf under `outcome_root`: over its MessagePack encoding (streamed into the
 /// hash, the same bytes as `list_leaf(&rmp_serde::to_vec(receipt))`).
 pub fn receipt_leaf(receipt: &Receipt) -> Hash {
+    let mut applied = [0u8; Receipt::APPLIED_ENCODED_MAX];
+    if let Some(length) = receipt.encode_applied(&mut applied) {
+        return list_leaf(&applied[..length]);
+    }
     struct Writer(Sha256);
     impl std::io::Write for Writer {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
