@@ -372,14 +372,14 @@ impl MerkleTree {
 
     /// Sets or removes many leaves at once, with the same result as calling [`MerkleTree::set`]
     /// for each in turn (for a key given twice, the later entry wins). The leaves are sorted by
-    /// key hash, so that buckets are visited in memory order, and the bucket range is split
+    /// bucket, so that buckets are visited in memory order, and the bucket range is split
     /// between cores: each bucket is touched by exactly one of them, and what changed is
     /// gathered in bucket order, so the result does not depend on the number of threads. Changed
     /// buckets are hashed soon after their update, two at a time (each with the one changed before
     /// it); [`MerkleTree::root`] hashes the rest.
     pub fn set_many(&mut self, leaves: Vec<(Hash, Option<Hash>)>) {
         // Stable, so that of two entries for one key the later stays later.
-        let leaves = sorted_by_key(&leaves);
+        let leaves = sorted_by_bucket(&leaves, self.depth);
         let mut changed = Vec::new();
         let added = set_sorted(&mut self.buckets, 0, self.depth, &leaves, &mut changed);
         self.leaf_count = self
@@ -509,41 +509,30 @@ impl MerkleTree {
     }
 }
 
-/// `leaves` in key hash order, and of two entries for one key the later still later (a stable
-/// sort). Sorted as 16-byte words, each a key's first 8 bytes and the entry's position, instead
-/// of moving the 65-byte entries around; only entries whose keys share their first 8 bytes
-/// (rare: 100,000 random keys have about a 3-in-10^10 chance of one such pair) are then ordered
-/// by their whole key.
-fn sorted_by_key(leaves: &[(Hash, Option<Hash>)]) -> Vec<(Hash, Option<Hash>)> {
-    let prefix = |key: &Hash| u64::from_be_bytes(key.0[..8].try_into().expect("8 bytes"));
-    let mut order: Vec<u128> = leaves
+/// `leaves` in the order of their buckets, and within a bucket in their given order (a stable
+/// sort by bucket index: of two entries for one key the later stays later). Sorted as 8-byte
+/// words, each a bucket index (below 2^[`DEPTH_MAX`]) and the entry's position, instead of
+/// moving the 65-byte entries around; the order of keys inside a bucket does not matter here,
+/// since each entry finds its own place in its bucket.
+fn sorted_by_bucket(leaves: &[(Hash, Option<Hash>)], depth: u8) -> Vec<(Hash, Option<Hash>)> {
+    assert!(u32::try_from(leaves.len()).is_ok(), "positions fit 32 bits");
+    let mut order: Vec<u64> = leaves
         .iter()
         .enumerate()
-        .map(|(position, (key, _))| (u128::from(prefix(key)) << 64) | position as u128)
+        .map(|(position, (key, _))| ((bucket_index(key, depth) as u64) << 32) | position as u64)
         .collect();
     if order.len() >= PARALLEL_DIRTY_MIN {
         order.par_sort_unstable();
     } else {
         order.sort_unstable();
     }
-    let entry = |word: u128| &leaves[word as u64 as usize];
-    // Runs of one prefix: by whole key, then (positions being unique) by position.
-    let mut start = 0;
-    while start < order.len() {
-        let run_prefix = order[start] >> 64;
-        let mut end = start + 1;
-        while end < order.len() && order[end] >> 64 == run_prefix {
-            end += 1;
-        }
-        if end - start > 1 {
-            order[start..end].sort_unstable_by(|a, b| entry(*a).0.cmp(&entry(*b).0).then(a.cmp(b)));
-        }
-        start = end;
-    }
-    order.into_iter().map(|word| *entry(word)).collect()
+    order
+        .into_iter()
+        .map(|word| leaves[word as u32 as usize])
+        .collect()
 }
 
-/// Applies `leaves` (sorted by key hash, all falling in `buckets`, the buckets numbered from
+/// Applies `leaves` (sorted by bucket, all falling in `buckets`, the buckets numbered from
 /// `first`) to their buckets; appends the number and new hash of each bucket that changed, in
 /// order, to `changed`, and returns how many leaves were added (negative: removed).
 fn set_sorted(
@@ -921,26 +910,33 @@ mod tests {
         }
     }
 
-    /// The word sort is the stable sort by key, also for keys that share their first 8 bytes
-    /// and for keys given more than once, in a batch small or large enough to be split.
+    /// The word sort is the stable sort by bucket index, at shallow and deep trees, for keys
+    /// that share their bucket (and their first 8 bytes) and for keys given more than once, in
+    /// a batch small or large enough to be split.
     #[test]
-    fn word_sort_is_the_stable_sort_by_key() {
-        for size in [0usize, 1, 2, 7, 300, 3 * PARALLEL_DIRTY_MIN] {
-            let leaves: Vec<(Hash, Option<Hash>)> = (0..size as u64)
-                .map(|i| {
-                    let mut key = Hash::of(&(i % 97).to_be_bytes());
-                    // Every third key shares its first 8 bytes with one of 5 others, and
-                    // differs from them only further on, in an order unrelated to `i`.
-                    if i % 3 == 0 {
-                        key.0[..8].copy_from_slice(&[0x42; 8]);
-                        key.0[31] = (i % 5) as u8;
-                    }
-                    (key, (i % 4 != 0).then(|| Hash::of(&i.to_le_bytes())))
-                })
-                .collect();
-            let mut expected = leaves.clone();
-            expected.sort_by_key(|(key, _)| *key);
-            assert_eq!(sorted_by_key(&leaves), expected, "{size} leaves");
+    fn word_sort_is_the_stable_sort_by_bucket() {
+        for depth in [DEPTH_MIN, 15, DEPTH_MAX] {
+            for size in [0usize, 1, 2, 7, 300, 3 * PARALLEL_DIRTY_MIN] {
+                let leaves: Vec<(Hash, Option<Hash>)> = (0..size as u64)
+                    .map(|i| {
+                        let mut key = Hash::of(&(i % 97).to_be_bytes());
+                        // Every third key shares its first 8 bytes with one of 5 others, and
+                        // differs from them only further on, in an order unrelated to `i`.
+                        if i % 3 == 0 {
+                            key.0[..8].copy_from_slice(&[0x42; 8]);
+                            key.0[31] = (i % 5) as u8;
+                        }
+                        (key, (i % 4 != 0).then(|| Hash::of(&i.to_le_bytes())))
+                    })
+                    .collect();
+                let mut expected = leaves.clone();
+                expected.sort_by_key(|(key, _)| bucket_index(key, depth));
+                assert_eq!(
+                    sorted_by_bucket(&leaves, depth),
+                    expected,
+                    "{size} leaves at depth {depth}"
+                );
+            }
         }
     }
 
