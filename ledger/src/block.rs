@@ -139,8 +139,9 @@ pub fn receipt_leaf_x2(a: &Receipt, b: &Receipt) -> (Hash, Hash) {
     }
 }
 
-/// A receipt's leaf under `outcome_root`: over its MessagePack encoding (streamed into the
-/// hash, the same bytes as `list_leaf(&rmp_serde::to_vec(receipt))`).
+/// A receipt's leaf under `outcome_root`: over its MessagePack encoding, the same bytes as
+/// `list_leaf(&rmp_serde::to_vec(receipt))` (an applied receipt's written directly, any other
+/// streamed into the hash).
 pub fn receipt_leaf(receipt: &Receipt) -> Hash {
     let mut applied = [0u8; Receipt::APPLIED_ENCODED_MAX];
     if let Some(length) = receipt.encode_applied(&mut applied) {

@@ -370,9 +370,9 @@ impl Window {
         record[16..HEAD].copy_from_slice(&height.to_be_bytes());
         // The commonest outcome by far is written as its bytes, no serializer.
         if let Outcome::Applied = outcome {
-            record[HEAD..HEAD + Outcome::APPLIED_MSGPACK.len()].copy_from_slice(Outcome::APPLIED_MSGPACK);
-            self.hasher
-                .update(&record[..HEAD + Outcome::APPLIED_MSGPACK.len()]);
+            let length = HEAD + Outcome::APPLIED_MSGPACK.len();
+            record[HEAD..length].copy_from_slice(Outcome::APPLIED_MSGPACK);
+            self.hasher.update(&record[..length]);
             return;
         }
         let mut rest = std::io::Cursor::new(&mut record[HEAD..]);
