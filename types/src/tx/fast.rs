@@ -57,14 +57,19 @@ impl<'a> Reader<'a> {
         self.take(N)?.try_into().ok()
     }
 
-    /// A string of at most 255 bytes (`fixstr` or `str8`), as UTF-8.
-    fn str(&mut self) -> Option<&'a str> {
+    /// The bytes of a string of at most 255 bytes (`fixstr` or `str8`), not checked as UTF-8.
+    fn str_bytes(&mut self) -> Option<&'a [u8]> {
         let length = match self.byte()? {
             fix @ 0xa0..=0xbf => usize::from(fix & 0x1f),
             0xd9 => usize::from(self.byte()?),
             _ => return None,
         };
-        std::str::from_utf8(self.take(length)?).ok()
+        self.take(length)
+    }
+
+    /// A string of at most 255 bytes (`fixstr` or `str8`), as UTF-8.
+    fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.str_bytes()?).ok()
     }
 
     /// The length of an array of at most 15 elements (`fixarray`).
@@ -86,10 +91,12 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// A one-entry map's key: an enum's variant name.
-    fn variant(&mut self) -> Option<&'a str> {
+    /// A one-entry map's key: an enum's variant name, as bytes. Callers compare it with the
+    /// ASCII names they know, so bytes that are not UTF-8 match none and go to rmp-serde, which
+    /// rejects them: no UTF-8 check is needed here.
+    fn variant(&mut self) -> Option<&'a [u8]> {
         self.marker(0x81)?;
-        self.str()
+        self.str_bytes()
     }
 
     fn key(&mut self) -> Option<PublicKey> {
@@ -109,11 +116,11 @@ impl<'a> Reader<'a> {
 
     fn asset(&mut self) -> Option<Asset> {
         match self.variant()? {
-            "currency" => {
+            b"currency" => {
                 let (currency, amount) = self.currency_amount()?;
                 Some(Asset::Currency { currency, amount })
             }
-            "item" => {
+            b"item" => {
                 self.marker(0x91)?;
                 Some(Asset::Item {
                     item: ItemId(self.uint()?),
@@ -129,16 +136,20 @@ impl<'a> Reader<'a> {
         if count > self.0.len() / 4 {
             return None;
         }
-        (0..count).map(|_| self.asset()).collect()
+        let mut assets = Vec::with_capacity(count);
+        for _ in 0..count {
+            assets.push(self.asset()?);
+        }
+        Some(assets)
     }
 
     fn grant(&mut self) -> Option<Grant> {
         match self.variant()? {
-            "currency" => {
+            b"currency" => {
                 let (currency, amount) = self.currency_amount()?;
                 Some(Grant::Currency { currency, amount })
             }
-            "unique" => {
+            b"unique" => {
                 self.marker(0x93)?;
                 let class = ClassId(self.str()?.to_owned());
                 let item = ItemId(self.uint()?);
@@ -149,7 +160,7 @@ impl<'a> Reader<'a> {
                     attributes_hash,
                 })
             }
-            "stack" => {
+            b"stack" => {
                 self.marker(0x93)?;
                 let class = ClassId(self.str()?.to_owned());
                 let item = ItemId(self.uint()?);
@@ -166,40 +177,39 @@ impl<'a> Reader<'a> {
 
     fn body(&mut self) -> Option<TxBody> {
         match self.variant()? {
-            "transfer" => {
+            b"transfer" => {
                 self.marker(0x93)?;
                 let from = self.key()?;
                 let to = self.key()?;
                 let assets = self.assets()?;
                 Some(TxBody::Transfer { from, to, assets })
             }
-            "burn" => {
+            b"burn" => {
                 self.marker(0x92)?;
                 let from = self.key()?;
                 let assets = self.assets()?;
                 Some(TxBody::Burn { from, assets })
             }
-            "mint" => {
+            b"mint" => {
                 self.marker(0x92)?;
                 let to = self.key()?;
                 let grant = self.grant()?;
                 Some(TxBody::Mint { to, grant })
             }
-            "settle" => {
+            b"settle" => {
                 self.marker(0x91)?;
                 let count = self.array()?;
                 // Each entry takes at least 40 bytes (a key and a grant).
                 if count > self.0.len() / 40 {
                     return None;
                 }
-                let entries = (0..count)
-                    .map(|_| {
-                        self.marker(0x92)?;
-                        let to = self.key()?;
-                        let grant = self.grant()?;
-                        Some(Settlement { to, grant })
-                    })
-                    .collect::<Option<Vec<_>>>()?;
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    self.marker(0x92)?;
+                    let to = self.key()?;
+                    let grant = self.grant()?;
+                    entries.push(Settlement { to, grant });
+                }
                 Some(TxBody::Settle { entries })
             }
             _ => None,
@@ -355,6 +365,32 @@ mod tests {
         let named = rmp_serde::to_vec_named(&transfer).unwrap();
         assert_eq!(super::payload(&named), None);
         assert_eq!(serde(&named), Some(transfer));
+    }
+
+    #[test]
+    fn variant_names_are_matched_as_bytes() {
+        let transfer = with(TxBody::Transfer {
+            from: key(1),
+            to: key(2),
+            assets: vec![gold(5)],
+        });
+        let bytes = transfer.encode();
+        // Each variant name this decoder knows, replaced by bytes of the same length that are
+        // not UTF-8 (0xff never is), and by a different ASCII name: none is read here, and
+        // serde rejects both.
+        for name in [&b"transfer"[..], b"currency"] {
+            let at = bytes
+                .windows(name.len())
+                .position(|window| window == name)
+                .expect("the name is in the payload");
+            for replacement in [vec![0xff; name.len()], b"x".repeat(name.len())] {
+                let mut changed = bytes.clone();
+                changed[at..at + name.len()].copy_from_slice(&replacement);
+                assert_eq!(super::payload(&changed), None);
+                assert_eq!(serde(&changed), None);
+            }
+        }
+        assert_eq!(super::payload(&bytes), Some(transfer));
     }
 
     #[test]
