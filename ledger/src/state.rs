@@ -626,19 +626,10 @@ fn moved_assets(payload: &TxPayload) -> &[Asset] {
     }
 }
 
-/// Starts loading a transaction's asset list (the first step before
-/// [`Ledger::prefetch_transaction`]).
+/// Starts loading a transaction's asset list, currency symbols included (they are held inline),
+/// the first step before [`Ledger::prefetch_transaction`].
 fn prefetch_assets(payload: &TxPayload) {
     prefetch_slice(moved_assets(payload));
-}
-
-/// Starts loading the names of the currencies a transaction moves (the second step).
-fn prefetch_currency_names(payload: &TxPayload) {
-    for asset in moved_assets(payload) {
-        if let Asset::Currency { currency, .. } = asset {
-            prefetch_slice(currency.0.as_bytes());
-        }
-    }
 }
 
 impl Ledger {
@@ -855,13 +846,10 @@ impl Ledger {
                     // Set when the apply ends, also by unwinding: the receipts' hasher stops then.
                     let _applied = SetOnDrop(&applied);
                     for (index, tx) in transactions.iter().enumerate() {
-                        // In three steps, as each reads what the one before loaded: the
-                        // transaction's asset list, the currency names in it, then the state.
-                        if let Some(ahead) = decoded(index + 3 * PREFETCH_AHEAD) {
-                            prefetch_assets(ahead);
-                        }
+                        // In two steps, as the second reads what the first loaded: the
+                        // transaction's asset list, then the state.
                         if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
-                            prefetch_currency_names(ahead);
+                            prefetch_assets(ahead);
                         }
                         if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
                             self.prefetch_transaction(ahead);

@@ -313,7 +313,7 @@ pub fn record_applied(ledger: &hoard_ledger::Ledger, tenant: TenantId, kind: &'s
             match asset {
                 Asset::Currency { currency, amount } => {
                     let units = u64::try_from(amount.0).unwrap_or(u64::MAX);
-                    metrics::counter!(CURRENCY_TRANSFERRED_TOTAL, "tenant" => label.clone(), "currency" => currency.0.clone())
+                    metrics::counter!(CURRENCY_TRANSFERRED_TOTAL, "tenant" => label.clone(), "currency" => currency.to_string())
                         .increment(units);
                 }
                 Asset::Item { item } => {
@@ -341,9 +341,9 @@ pub fn record_supply(ledger: &hoard_ledger::Ledger, tenant: TenantId) {
     let label = tenant.0.to_string();
     let units = |amount: hoard_types::Amount| u64::try_from(amount.0).unwrap_or(u64::MAX);
     for (currency, info) in ledger.currencies(tenant) {
-        metrics::counter!(CURRENCY_MINTED_TOTAL, "tenant" => label.clone(), "currency" => currency.0.clone())
+        metrics::counter!(CURRENCY_MINTED_TOTAL, "tenant" => label.clone(), "currency" => currency.to_string())
             .absolute(units(info.minted));
-        metrics::counter!(CURRENCY_BURNED_TOTAL, "tenant" => label.clone(), "currency" => currency.0)
+        metrics::counter!(CURRENCY_BURNED_TOTAL, "tenant" => label.clone(), "currency" => currency.to_string())
             .absolute(units(info.burned));
     }
     for (class, info) in ledger.classes(tenant) {

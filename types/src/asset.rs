@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::constants::{CLASS_ID_BYTES_MAX, CURRENCY_SYMBOL_BYTES_MAX};
@@ -111,8 +112,10 @@ impl<'de> Deserialize<'de> for Amount {
 }
 
 /// A currency's symbol, its id within a tenant: 1 to 16 bytes of `A-Z`, `0-9` and `_`.
+/// Serialized as a string. Held inline up to 24 bytes (every valid symbol), so a decoded
+/// transfer allocates nothing for it; a longer, invalid one (the ledger rejects it) on the heap.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct CurrencyId(pub String);
+pub struct CurrencyId(pub CompactString);
 
 /// An item class's name, its id within a tenant: 1 to 32 bytes of `a-z`, `0-9`, `_` and `-`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -120,7 +123,7 @@ pub struct ClassId(pub String);
 
 impl CurrencyId {
     pub fn new(symbol: &str) -> CurrencyId {
-        CurrencyId(symbol.to_owned())
+        CurrencyId(CompactString::new(symbol))
     }
 
     pub fn is_valid(&self) -> bool {

@@ -9,6 +9,8 @@
 //! rmp-serde returns the same payload for the same bytes (`decodes_as_serde_does` and the
 //! property tests in `tx.rs` check it on every body kind and on mutated and truncated bytes).
 
+use compact_str::CompactString;
+
 use crate::asset::{Amount, Asset, ClassId, CurrencyId, EventId, Grant, ItemId, TenantId};
 use crate::crypto::{Hash, PublicKey};
 use crate::tx::{Settlement, TxBody, TxPayload};
@@ -110,7 +112,7 @@ impl<'a> Reader<'a> {
     /// The fields of a currency asset or grant: `[currency, amount]`.
     fn currency_amount(&mut self) -> Option<(CurrencyId, Amount)> {
         self.marker(0x92)?;
-        let currency = CurrencyId(self.str()?.to_owned());
+        let currency = CurrencyId(CompactString::new(self.str()?));
         Some((currency, self.amount()?))
     }
 
@@ -427,7 +429,7 @@ mod tests {
     fn asset() -> impl Strategy<Value = Asset> {
         prop_oneof![
             (name(), amount()).prop_map(|(c, amount)| Asset::Currency {
-                currency: CurrencyId(c),
+                currency: CurrencyId(c.into()),
                 amount
             }),
             any::<u64>().prop_map(|i| Asset::Item { item: ItemId(i) }),
@@ -437,7 +439,7 @@ mod tests {
     fn grant() -> impl Strategy<Value = Grant> {
         prop_oneof![
             (name(), amount()).prop_map(|(c, amount)| Grant::Currency {
-                currency: CurrencyId(c),
+                currency: CurrencyId(c.into()),
                 amount
             }),
             (name(), any::<u64>(), any::<[u8; 32]>()).prop_map(|(c, i, h)| Grant::Unique {
