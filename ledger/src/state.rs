@@ -1307,9 +1307,10 @@ impl Ledger {
     }
 
     /// [`Ledger::transfer_assets`] for the commonest transfer, of one currency: the same checks
-    /// in the same order, with the same verdicts and changes, but the currency's slot and the
-    /// giver's balance looked up once each instead of three times and twice (a transfer's apply
-    /// is mostly hash lookups). `transfer_currency_is_transfer_assets` checks the two agree.
+    /// in the same order, with the same verdicts and changes, but the currency's slot looked up
+    /// once instead of three times and, when both accounts hold the currency, both balances in
+    /// one call (a transfer's apply is mostly hash lookups). `transfer_currency_is_transfer_assets`
+    /// checks the two agree.
     fn transfer_currency(
         &mut self,
         tenant: TenantId,
