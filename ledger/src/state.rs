@@ -854,6 +854,11 @@ impl Ledger {
                         if let Some(ahead) = decoded(index + PREFETCH_AHEAD) {
                             self.prefetch_transaction(ahead);
                         }
+                        // Its signers, which step 5 reads: a separate allocation, which
+                        // nothing else reads before the apply.
+                        if let Some(ahead) = transactions.get(index + PREFETCH_AHEAD) {
+                            prefetch_slice(&ahead.signatures);
+                        }
                         let receipt = self.apply_transaction(height, tx, payload(index));
                         assert!(
                             published[index].set(receipt).is_ok(),
