@@ -217,7 +217,7 @@ pub const METRICS: &[(&str, &str, &str, &str)] = &[
         BUSY_TOTAL,
         "counter",
         "reason",
-        "Requests answered busy (events_pending, writer_queue, clicks_pending, offers)",
+        "Requests answered busy (events_pending, writer_queue, clicks_pending, offers, connection_in_flight)",
     ),
     (
         SLOW_CONSUMERS_TOTAL,
@@ -408,7 +408,35 @@ pub fn install() -> Result<PrometheusHandle> {
     for scope in ["connection", "tenant"] {
         metrics::counter!(RATE_LIMITED_TOTAL, "scope" => scope).increment(0);
     }
-    Ok(HANDLE.get_or_init(|| handle).clone())
+    Ok(HANDLE
+        .get_or_init(|| {
+            spawn_upkeep(handle.clone());
+            handle
+        })
+        .clone())
+}
+
+/// How often the recorder's upkeep runs when nothing scrapes `/metrics` (the interval
+/// `PrometheusBuilder::install` uses for its own upkeep).
+pub const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The name of the thread that runs the upkeep (Linux shows it in `/proc/<pid>/task/*/comm`).
+pub const UPKEEP_THREAD: &str = "metrics-upkeep";
+
+/// Starts the recorder's upkeep, once per process. A histogram keeps each sample until a render
+/// or an upkeep drains it into its buckets, and `build_recorder` (which the gateway uses, as it
+/// serves `/metrics` itself) starts no upkeep: without this, a gateway nobody scrapes would hold
+/// every commit latency and flush duration it ever measured.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name(UPKEEP_THREAD.into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            handle.run_upkeep();
+        });
+    if let Err(error) = spawned {
+        tracing::error!(%error, "the metrics upkeep thread did not start: histograms drain only when scraped");
+    }
 }
 
 /// The standard process metric the gateway exports besides [`METRICS`] (set on each scrape).
@@ -514,6 +542,25 @@ pub async fn bind_http(address: SocketAddr) -> Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn install_starts_one_upkeep_thread() {
+        let upkeep_threads = || {
+            std::fs::read_dir("/proc/self/task")
+                .expect("Linux's /proc")
+                .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim_end() == UPKEEP_THREAD)
+                .count()
+        };
+        install().expect("the recorder installs");
+        install().expect("a second install reuses the first");
+        // A thread names itself once it runs.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while upkeep_threads() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(upkeep_threads(), 1);
+    }
 
     #[test]
     fn names_follow_the_conventions() {
