@@ -7,7 +7,7 @@
 //! id = 0
 //! public_key = "<hex>"
 //! address = "127.0.0.1:7100"
-//! metrics = "127.0.0.1:9100"   # optional
+//! metrics = "127.0.0.1:7200"   # optional
 //! ```
 //!
 //! ```toml
