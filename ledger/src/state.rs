@@ -846,6 +846,15 @@ impl Ledger {
                     // Set when the apply ends, also by unwinding: the receipts' hasher stops then.
                     let _applied = SetOnDrop(&applied);
                     for (index, tx) in transactions.iter().enumerate() {
+                        // What the steps below read first, one step further ahead: the decoded
+                        // payload's slot (written by the second core) and the transaction
+                        // itself (its signers' place).
+                        if let Some(slot) = payloads.get(index + 3 * PREFETCH_AHEAD) {
+                            prefetch_slice(std::slice::from_ref(slot));
+                        }
+                        if let Some(ahead) = transactions.get(index + 2 * PREFETCH_AHEAD) {
+                            prefetch_slice(std::slice::from_ref(ahead));
+                        }
                         // In two steps, as the second reads what the first loaded: the
                         // transaction's asset list, then the state.
                         if let Some(ahead) = decoded(index + 2 * PREFETCH_AHEAD) {
