@@ -7,11 +7,49 @@
 
 use std::hash::{BuildHasher, Hash};
 
-use rustc_hash::FxBuildHasher;
+/// The hash of every map of the ledger's state: foldhash (as fast as Fx on these keys), keyed
+/// from the operating system's randomness, per process and per map. Keys are chosen by
+/// clients (event ids by any player who signs a transfer, item ids by studios), and with a hash
+/// anyone can compute (Fx, or any fixed seed) a client can choose thousands that share one hash
+/// value ([`crate::testing::fx_colliding_event_ids`]), which turns each insert and lookup in
+/// that map into a scan of all of them, on every replica at once (hash flooding;
+/// `hoard-ledger-bench --phases h` measures it). The seed is the state machine's one random
+/// input, and it changes no result: nothing the ledger computes depends on a map's order
+/// (snapshots sort their entries; the Merkle tree sorts its leaves by key hash). Two ledgers
+/// hash with different seeds, so every test that compares two replicas' roots and snapshots
+/// (`invariants_hold_and_replicas_agree`) checks that too.
+#[derive(Clone, Debug)]
+pub struct StateHasher(foldhash::fast::SeedableRandomState);
+
+impl Default for StateHasher {
+    fn default() -> StateHasher {
+        static SHARED: std::sync::OnceLock<&'static foldhash::SharedSeed> = std::sync::OnceLock::new();
+        let shared = SHARED.get_or_init(|| Box::leak(Box::new(foldhash::SharedSeed::from_u64(os_random()))));
+        StateHasher(foldhash::fast::SeedableRandomState::with_seed(
+            os_random(),
+            shared,
+        ))
+    }
+}
+
+impl BuildHasher for StateHasher {
+    type Hasher = foldhash::fast::FoldHasher<'static>;
+
+    #[inline(always)]
+    fn build_hasher(&self) -> Self::Hasher {
+        self.0.build_hasher()
+    }
+}
+
+/// 64 bits no one outside the process can predict: std's `RandomState` is keyed from the
+/// operating system's randomness (and each one made differs from the last).
+fn os_random() -> u64 {
+    std::collections::hash_map::RandomState::new().hash_one(0u64)
+}
 
 /// A hash map whose entries can be prefetched ([`prefetch_entry`]): hashbrown's, with the
-/// deterministic Fx hash.
-pub type PrefetchMap<K, V> = hashbrown_raw::HashMap<K, V, FxBuildHasher>;
+/// ledger's [`StateHasher`].
+pub type PrefetchMap<K, V> = hashbrown_raw::HashMap<K, V, StateHasher>;
 
 /// Asks the CPU to start loading the cache line holding `address`. Any address will do: a
 /// prefetch never faults and reads nothing into the program. The target feature it needs (SSE)

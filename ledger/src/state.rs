@@ -43,7 +43,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
-use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -62,7 +61,11 @@ use crate::block::{
 use crate::error::{LedgerError, Result};
 use crate::genesis::Genesis;
 use crate::merkle::{leaf_hash, leaf_hash_x2, MerkleTree, Proof};
-use crate::prefetch::{prefetch_entry, prefetch_slice, PrefetchMap};
+use crate::prefetch::{prefetch_entry, prefetch_slice, PrefetchMap, StateHasher};
+
+/// The state's other maps, with the same hash as [`PrefetchMap`] (see [`StateHasher`]).
+type StateMap<K, V> = std::collections::HashMap<K, V, StateHasher>;
+type StateSet<K> = std::collections::HashSet<K, StateHasher>;
 
 /// Below this many transactions a block is decoded and hashed on one thread.
 const PARALLEL_TRANSACTIONS_MIN: usize = 512;
@@ -335,12 +338,12 @@ struct WindowRecord {
 /// The records are shared with the snapshot views taken since ([`Ledger::snapshot_view`]), so
 /// that a checkpoint takes a reference per window instead of copying every record inside the
 /// consensus step (5 ms at 100,000 records, on every replica at once, and growing with the
-/// window up to its cap of millions). A window that gets another event while a view still
-/// holds it copies its records once (`Arc::make_mut`); windows are keyed by expiry height, so
-/// that is the few windows still being filled.
+/// window up to its cap of millions). They are kept in chunks ([`WindowRecords`]): a window
+/// that gets another event while a view still holds it copies its last chunk only; windows are
+/// keyed by expiry height, so that is the few windows still being filled.
 #[derive(Clone, Debug)]
 struct Window {
-    records: Arc<Vec<WindowRecord>>,
+    records: WindowRecords,
     hasher: Sha256,
     /// The height of the last block that listed this window in [`Ledger::dirty`]: a block lists
     /// it once, not once per event.
@@ -354,7 +357,7 @@ impl Window {
         hasher.update(tenant.0.to_be_bytes());
         hasher.update(expires_at.to_be_bytes());
         Window {
-            records: Arc::new(Vec::new()),
+            records: WindowRecords::default(),
             hasher,
             dirty_at: 0,
         }
@@ -388,17 +391,67 @@ impl Window {
     /// Remembers an event; returns its index in the window.
     fn push(&mut self, event: EventId, height: u64, outcome: Outcome) -> u32 {
         self.absorb(&event, height, &outcome);
-        let records = Arc::make_mut(&mut self.records);
-        records.push(WindowRecord {
+        let index = self.records.push(WindowRecord {
             event,
             height,
             outcome: RecordedOutcome::new(outcome),
         });
-        u32::try_from(records.len() - 1).expect("a window holds fewer than 2^32 events")
+        u32::try_from(index).expect("a window holds fewer than 2^32 events")
     }
 
     fn digest(&self) -> Hash {
         Hash(self.hasher.clone().finalize().into())
+    }
+}
+
+/// Records in a window's chunk, but the first: about 230 KiB of records.
+const WINDOW_CHUNK_RECORDS: usize = 4096;
+
+/// A window's records, in the order remembered, as chunks of [`WINDOW_CHUNK_RECORDS`], each
+/// shared with the snapshot views that hold it. A window never reallocates (and so never
+/// copies) more than a chunk: a window of a million events (a tenant whose clients all chose
+/// one expiry height) grows without ever copying its records to a larger block, and a snapshot
+/// view taken while it fills costs its next event a copy of one chunk, not of the window.
+/// The first chunk grows as a `Vec` does, so that the many small windows stay small.
+#[derive(Clone, Debug, Default)]
+struct WindowRecords(Arc<Vec<Arc<Vec<WindowRecord>>>>);
+
+impl WindowRecords {
+    /// Appends a record; returns its index.
+    fn push(&mut self, record: WindowRecord) -> usize {
+        let chunks = Arc::make_mut(&mut self.0);
+        let full = chunks
+            .last()
+            .is_none_or(|last| last.len() == WINDOW_CHUNK_RECORDS);
+        if full {
+            let capacity = if chunks.is_empty() {
+                0
+            } else {
+                WINDOW_CHUNK_RECORDS
+            };
+            chunks.push(Arc::new(Vec::with_capacity(capacity)));
+        }
+        let before = (chunks.len() - 1) * WINDOW_CHUNK_RECORDS;
+        let last = Arc::make_mut(chunks.last_mut().expect("a chunk to push to"));
+        debug_assert!(last.len() < WINDOW_CHUNK_RECORDS);
+        last.push(record);
+        before + last.len() - 1
+    }
+
+    fn get(&self, index: usize) -> Option<&WindowRecord> {
+        self.0
+            .get(index / WINDOW_CHUNK_RECORDS)?
+            .get(index % WINDOW_CHUNK_RECORDS)
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .last()
+            .map_or(0, |last| (self.0.len() - 1) * WINDOW_CHUNK_RECORDS + last.len())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &WindowRecord> {
+        self.0.iter().flat_map(|chunk| chunk.iter())
     }
 }
 
@@ -589,7 +642,7 @@ pub struct Ledger {
     /// `head` while a pipelined block's commitment is still being computed).
     applying: u64,
     tenants: BTreeMap<TenantId, TenantInfo>,
-    studio_keys: FxHashMap<PublicKey, TenantId>,
+    studio_keys: StateMap<PublicKey, TenantId>,
     accounts: PrefetchMap<(TenantId, PublicKey), Custody>,
     /// Currencies by slot (slots are handed out in definition order, the same on every replica).
     currencies: Vec<CurrencyState>,
@@ -602,18 +655,18 @@ pub struct Ledger {
     /// Balances changed by the block being applied, each once (see [`Balance::dirty_at`]),
     /// with their latest amounts.
     dirty_balances: Vec<DirtyBalance>,
-    items: FxHashMap<(TenantId, ItemId), Item>,
+    items: StateMap<(TenantId, ItemId), Item>,
     inventory: BTreeSet<(TenantId, PublicKey, ItemId)>,
     /// Where each remembered event's record is: its window's expiry height and its index there.
     events: PrefetchMap<(TenantId, EventId), (u64, u32)>,
     /// The deduplication window by `(expires_at, tenant)`: what expires first comes first.
     windows: BTreeMap<(u64, TenantId), Window>,
     /// Events each tenant's window holds (the sum of its windows' lengths).
-    window_counts: FxHashMap<TenantId, u64>,
+    window_counts: StateMap<TenantId, u64>,
     /// The genesis cap on `window_counts` (step 6).
     window_cap: u64,
     tree: MerkleTree,
-    dirty: FxHashSet<Dirty>,
+    dirty: StateSet<Dirty>,
 }
 
 type Check<T = ()> = std::result::Result<T, Rejection>;
@@ -666,13 +719,13 @@ impl Ledger {
     fn empty(chain_id: u64, operator: PublicKey, window_cap: u64, head: BlockHeader) -> Ledger {
         Ledger {
             chain_id,
-            window_counts: FxHashMap::default(),
+            window_counts: StateMap::default(),
             window_cap,
             operator,
             applying: head.height,
             head,
             tenants: BTreeMap::new(),
-            studio_keys: FxHashMap::default(),
+            studio_keys: StateMap::default(),
             accounts: PrefetchMap::default(),
             currencies: Vec::new(),
             currency_slots: Slots::default(),
@@ -680,12 +733,12 @@ impl Ledger {
             class_slots: Slots::default(),
             balances: PrefetchMap::default(),
             dirty_balances: Vec::new(),
-            items: FxHashMap::default(),
+            items: StateMap::default(),
             inventory: BTreeSet::new(),
             events: PrefetchMap::default(),
             windows: BTreeMap::new(),
             tree: MerkleTree::new(),
-            dirty: FxHashSet::default(),
+            dirty: StateSet::default(),
         }
     }
 
@@ -1913,7 +1966,12 @@ impl Ledger {
             .windows
             .get(&(expires_at, tenant))
             .expect("an event's window exists");
-        Some(&window.records[index as usize])
+        Some(
+            window
+                .records
+                .get(index as usize)
+                .expect("an event's record exists"),
+        )
     }
 
     /// Whether the deduplication window holds this event.
@@ -1997,7 +2055,7 @@ impl Ledger {
         if self.inventory.len() != self.items.len() {
             return Err("inventory index out of step with items".into());
         }
-        let mut counts: FxHashMap<TenantId, u64> = FxHashMap::default();
+        let mut counts: StateMap<TenantId, u64> = StateMap::default();
         for ((_, tenant), window) in &self.windows {
             *counts.entry(*tenant).or_default() += window.records.len() as u64;
         }
@@ -2043,11 +2101,11 @@ impl Required {
 
 /// Slot numbers by tenant and name, looked up without cloning the name.
 #[derive(Clone, Debug)]
-struct Slots<K>(FxHashMap<TenantId, FxHashMap<K, u32>>);
+struct Slots<K>(StateMap<TenantId, StateMap<K, u32>>);
 
 impl<K> Default for Slots<K> {
     fn default() -> Self {
-        Slots(FxHashMap::default())
+        Slots(StateMap::default())
     }
 }
 
@@ -2128,7 +2186,7 @@ struct Snapshot {
 
 /// The state copied by [`Ledger::snapshot_view`], not yet encoded: everything but the event
 /// records, and the windows' records (shared, not copied) in window order.
-pub struct SnapshotView(Snapshot, Vec<(TenantId, u64, Arc<Vec<WindowRecord>>)>);
+pub struct SnapshotView(Snapshot, Vec<(TenantId, u64, WindowRecords)>);
 
 impl SnapshotView {
     /// The [`Ledger::snapshot`] bytes: entries sorted by key, events in window order, then
@@ -2189,7 +2247,7 @@ impl Ledger {
             .map(|((t, i), item)| (*t, *i, item.clone()))
             .collect();
         // The windows' records are shared, not copied (see [`Window`]).
-        let windows: Vec<(TenantId, u64, Arc<Vec<WindowRecord>>)> = self
+        let windows: Vec<(TenantId, u64, WindowRecords)> = self
             .windows
             .iter()
             .map(|((expires_at, tenant), window)| (*tenant, *expires_at, window.records.clone()))
@@ -2412,6 +2470,73 @@ mod tests {
         let mut leaves = ledger.take_changes().leaves;
         leaves.sort();
         (verdict, balances, leaves)
+    }
+
+    #[test]
+    fn event_ids_that_flood_fx_spread_under_the_state_hash() {
+        use std::hash::BuildHasher;
+        let ids = crate::testing::fx_colliding_event_ids(2_000);
+        assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), ids.len());
+        // The attack is real: under Fx, as the ledger hashed before, all share one value.
+        let fx: BTreeSet<u64> = ids
+            .iter()
+            .map(|id| rustc_hash::FxBuildHasher.hash_one((T, *id)))
+            .collect();
+        assert_eq!(fx.len(), 1);
+        // The ledger's index spreads them: distinct hashes, and distinct buckets of a table of
+        // 2^14 for nearly all (random placement leaves about 6% sharing one).
+        let ledger = Ledger::new(&World::new(1).genesis());
+        let ours: Vec<u64> = ids
+            .iter()
+            .map(|id| ledger.events.hasher().hash_one((T, *id)))
+            .collect();
+        assert_eq!(ours.iter().collect::<BTreeSet<_>>().len(), ids.len());
+        let buckets: BTreeSet<u64> = ours.iter().map(|h| h & ((1 << 14) - 1)).collect();
+        assert!(buckets.len() > ids.len() * 9 / 10, "{} buckets", buckets.len());
+        // And another ledger (another replica) is keyed differently.
+        let twin = Ledger::new(&World::new(1).genesis());
+        assert_ne!(
+            twin.events.hasher().hash_one((T, ids[0])),
+            ledger.events.hasher().hash_one((T, ids[0]))
+        );
+    }
+
+    #[test]
+    fn window_records_grow_in_chunks_and_share_all_but_the_last() {
+        let record = |n: usize| WindowRecord {
+            event: EventId::from_u128(n as u128),
+            height: n as u64,
+            outcome: RecordedOutcome::new(Outcome::Applied),
+        };
+        let mut records = WindowRecords::default();
+        assert_eq!((records.len(), records.get(0).is_none()), (0, true));
+        let count = 2 * WINDOW_CHUNK_RECORDS + 3;
+        let mut view = None;
+        for n in 0..count {
+            assert_eq!(records.push(record(n)), n);
+            if n == WINDOW_CHUNK_RECORDS + 10 {
+                view = Some(records.clone());
+            }
+        }
+        assert_eq!(records.len(), count);
+        assert_eq!(records.0.len(), 3);
+        assert!(records.0.iter().all(|chunk| chunk.len() <= WINDOW_CHUNK_RECORDS));
+        for n in [0, WINDOW_CHUNK_RECORDS - 1, WINDOW_CHUNK_RECORDS, count - 1] {
+            assert_eq!(records.get(n).map(|r| r.height), Some(n as u64));
+        }
+        assert!(records.get(count).is_none());
+        let heights: Vec<u64> = records.iter().map(|r| r.height).collect();
+        assert_eq!(heights, (0..count as u64).collect::<Vec<_>>());
+        // The view taken mid-way still holds what it held; the full first chunk is shared with
+        // it, the chunk then being filled was copied.
+        let view = view.unwrap();
+        assert_eq!(view.len(), WINDOW_CHUNK_RECORDS + 11);
+        assert_eq!(
+            view.iter().last().map(|r| r.height),
+            Some(WINDOW_CHUNK_RECORDS as u64 + 10)
+        );
+        assert!(Arc::ptr_eq(&view.0[0], &records.0[0]));
+        assert!(!Arc::ptr_eq(&view.0[1], &records.0[1]));
     }
 
     #[test]

@@ -217,6 +217,62 @@ impl World {
     }
 }
 
+/// `count` distinct event ids (at most 184,320) that the Fx hash (`rustc-hash` 2, the
+/// ledger's hash before it was seeded) maps to one value within a tenant: a hash-flooding
+/// attack on the deduplication index, which `hoard-ledger-bench --phases h` applies and a unit
+/// test checks against the ledger's hash. For 16 bytes Fx computes `fold(lo ^ S1, hi ^ S2)`
+/// (a 128-bit product folded to 64 bits) with public constants, so every `(d, Q / d)` for a
+/// divisor `d` of one `Q` below 2^64 gives the same product, `Q`: here the highly composite
+/// 18,401,055,938,125,660,800 (184,320 divisors).
+pub fn fx_colliding_event_ids(count: usize) -> Vec<EventId> {
+    const Q: u64 = 18_401_055_938_125_660_800;
+    const PRIME_POWERS: [(u64, u32); 13] = [
+        (2, 7),
+        (3, 4),
+        (5, 2),
+        (7, 2),
+        (11, 1),
+        (13, 1),
+        (17, 1),
+        (19, 1),
+        (23, 1),
+        (29, 1),
+        (31, 1),
+        (37, 1),
+        (41, 1),
+    ];
+    // rustc-hash 2.1's seeds for its byte hash.
+    const S1: u64 = 0x243f_6a88_85a3_08d3;
+    const S2: u64 = 0x1319_8a2e_0370_7344;
+    let mut divisors = vec![1u64];
+    for (prime, exponent) in PRIME_POWERS {
+        let mut more = Vec::with_capacity(divisors.len() * (exponent as usize + 1));
+        for &d in &divisors {
+            let mut power = 1;
+            for _ in 0..=exponent {
+                more.push(d * power);
+                power *= prime;
+            }
+        }
+        divisors = more;
+        if divisors.len() >= count {
+            break;
+        }
+    }
+    assert!(divisors.len() >= count, "at most 184,320 colliding ids");
+    divisors
+        .into_iter()
+        .take(count)
+        .map(|d| {
+            debug_assert_eq!(Q % d, 0);
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(d ^ S1).to_le_bytes());
+            id[8..].copy_from_slice(&((Q / d) ^ S2).to_le_bytes());
+            EventId(id)
+        })
+        .collect()
+}
+
 /// A free TCP port on 127.0.0.1 for a server that binds it later: a child process, or a
 /// replica whose address goes into a cluster file before it starts.
 ///

@@ -303,6 +303,8 @@ proptest! {
     fn invariants_hold_and_replicas_agree(ops in prop::collection::vec(op(), 1..120), block_size in 1usize..12) {
         let (mut harness, setup) = Harness::new();
         let genesis = harness.world.genesis();
+        // Two replicas: their maps hash with different random keys (`StateHasher`), so their
+        // agreement below also shows that no root, receipt or snapshot depends on a map's order.
         let mut ledger = Ledger::new(&genesis);
         let mut twin = Ledger::new(&genesis);
         let (block, _) = ledger.execute(1, setup);
@@ -368,6 +370,8 @@ proptest! {
             setup.push(harness.world.register(T, &account.public(), Custody::Custodial));
         }
         let genesis = harness.world.genesis();
+        // Two replicas: their maps hash with different random keys (`StateHasher`), so their
+        // agreement below also shows that no root, receipt or snapshot depends on a map's order.
         let mut ledger = Ledger::new(&genesis);
         let mut twin = Ledger::new(&genesis);
         let (block, _) = ledger.execute(1, setup);

@@ -16,6 +16,9 @@
 //! transfer's payload with rmp-serde and with `Transaction::decode_payload`.
 //!
 //! `--phases a` runs only (a) (for instruction counts under callgrind; see BENCHMARKS.md).
+//! Phase `h` (not run by default) applies transfers whose event ids were chosen to share one
+//! hash under Fx, against transfers with ordinary ids: a hash-flooding attack on the
+//! deduplication index, which the ledger's seeded hash (`StateHasher`) defeats.
 
 use std::path::PathBuf;
 use std::sync::mpsc::sync_channel;
@@ -33,7 +36,7 @@ use hoard_ledger::testing::{key, World};
 use hoard_ledger::Ledger;
 use hoard_types::crypto::{verify_batch, SignedMessage};
 use hoard_types::tx::verify_transactions;
-use hoard_types::{Custody, Keypair, Outcome, TenantId, Transaction};
+use hoard_types::{Custody, EventId, Keypair, Outcome, TenantId, Transaction};
 
 /// mimalloc, not the system allocator: ARCHITECTURE.md, "Memory".
 #[global_allocator]
@@ -61,9 +64,13 @@ struct Args {
     /// Rounds of (a), each on a fresh ledger; (a) reports their median.
     #[arg(long, default_value_t = 3)]
     apply_rounds: usize,
-    /// Which figures to measure: any of `s`, `p`, `a`, `b`, `c` (c includes its ceiling d).
+    /// Which figures to measure: any of `s`, `p`, `a`, `b`, `c` (c includes its ceiling d), and
+    /// `h` (hash flooding, not by default).
     #[arg(long, default_value = "s,p,a,b,c", value_delimiter = ',')]
     phases: Vec<String>,
+    /// Blocks of (h)'s flooding transfers (each `--block-size`; at most 184,320 events in all).
+    #[arg(long, default_value_t = 5)]
+    flood_blocks: usize,
     /// Write the results here as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -106,6 +113,10 @@ struct Results {
     snapshot_bytes: u64,
     snapshot_copy_ms: f64,
     snapshot_encode_ms: f64,
+    /// (h) events/s of transfers whose event ids share one Fx hash, and of the same number with
+    /// ordinary ids (medians of 3; 0 when not run).
+    flood_events_per_second: f64,
+    flood_baseline_events_per_second: f64,
 }
 
 const T: TenantId = TenantId(1);
@@ -141,8 +152,8 @@ fn main() -> anyhow::Result<()> {
         setup.push(world.register(T, &player.public(), Custody::SelfCustody));
         setup.push(world.mint_currency(T, &player.public(), "GOLD", 1_000_000_000));
     }
-    let transfers = |world: &World, count: usize, seed: u64| -> Vec<Transaction> {
-        let first_event = seed << 40;
+    // `count` transfers between random players, with the event ids `event` gives.
+    let transfers = |world: &World, count: usize, seed: u64, event: &(dyn Fn(usize) -> EventId + Sync)| {
         (0..count)
             .into_par_iter()
             .map(|i| {
@@ -160,15 +171,15 @@ fn main() -> anyhow::Result<()> {
                         amount: hoard_types::Amount(1 + (i % 7) as u128),
                     }],
                 };
-                let event = hoard_types::EventId::from_u128((first_event + i as u64) as u128);
-                world.tx_with_id(T, event, body, &[&players[from]])
+                world.tx_with_id(T, event(i), body, &[&players[from]])
             })
-            .collect()
+            .collect::<Vec<Transaction>>()
     };
+    let numbered = |seed: u64| move |i: usize| EventId::from_u128(((seed << 40) + i as u64) as u128);
     let started = Instant::now();
-    let unsigned_path = transfers(&world, args.events, 1);
+    let unsigned_path = transfers(&world, args.events, 1, &numbered(1));
     let signed_path = if phase("c") {
-        transfers(&world, args.signed_events, 2)
+        transfers(&world, args.signed_events, 2, &numbered(2))
     } else {
         Vec::new()
     };
@@ -374,6 +385,42 @@ fn main() -> anyhow::Result<()> {
         pipelined[index] = rate;
     }
 
+    // (h) hash flooding: blocks of transfers whose event ids share one hash under Fx (the
+    // ledger's hash before it was keyed at random), against as many with ordinary ids; each
+    // run on a fresh ledger, one block after the other, alternated, medians of 3.
+    let (mut flood, mut flood_baseline) = (0.0, 0.0);
+    if phase("h") {
+        let count = args.flood_blocks * args.block_size;
+        let crafted = hoard_ledger::testing::fx_colliding_event_ids(count);
+        let runs = [
+            transfers(&world, count, 3, &numbered(3)),
+            transfers(&world, count, 3, &|i| crafted[i]),
+        ]
+        .map(|run| run.chunks(args.block_size).map(<[_]>::to_vec).collect::<Vec<_>>());
+        let mut rates = [Vec::new(), Vec::new()];
+        for _ in 0..3 {
+            for (index, run) in runs.iter().enumerate() {
+                let mut ledger = fresh();
+                let run = run.clone();
+                let started = Instant::now();
+                for (n, transactions) in run.into_iter().enumerate() {
+                    let (_, receipts) = ledger.execute(n as u64, transactions);
+                    anyhow::ensure!(
+                        receipts.iter().all(|r| r.outcome.is_applied() && !r.duplicate),
+                        "every flooding transfer applies once"
+                    );
+                }
+                rates[index].push(count as f64 / started.elapsed().as_secs_f64());
+            }
+        }
+        (flood_baseline, flood) = (median(&rates[0]), median(&rates[1]));
+        println!(
+            "(h) {count} transfers whose event ids share one Fx hash: {flood:.0} events/s; \
+             with ordinary ids: {flood_baseline:.0} events/s ({:.2}x; medians of 3)",
+            flood / flood_baseline
+        );
+    }
+
     let mut results = Results {
         events: args.events,
         signed_events: 0,
@@ -400,6 +447,8 @@ fn main() -> anyhow::Result<()> {
         snapshot_bytes,
         snapshot_copy_ms: (snapshot_copy_ms * 10.0).round() / 10.0,
         snapshot_encode_ms: (snapshot_encode_ms * 10.0).round() / 10.0,
+        flood_events_per_second: flood.round(),
+        flood_baseline_events_per_second: flood_baseline.round(),
     };
     if !phase("c") {
         return write_results(&args, results);
