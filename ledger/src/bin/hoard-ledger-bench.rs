@@ -137,9 +137,10 @@ fn main() -> anyhow::Result<()> {
             sha_two / sha_one
         );
     }
+    let signed_events = if phase("c") { args.signed_events } else { 0 };
     eprintln!(
-        "setup: {} players, {} + {} transfers signed by their players (threads: {threads})",
-        args.players, args.events, args.signed_events
+        "setup: {} players, {} + {signed_events} transfers signed by their players (threads: {threads})",
+        args.players, args.events
     );
     let mut world = World::new(1);
     world.expires_at = 90_000;
@@ -185,7 +186,7 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!(
         "setup: signed {} transactions in {:.1?}",
-        args.events + args.signed_events,
+        args.events + signed_events,
         started.elapsed()
     );
 
