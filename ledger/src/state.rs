@@ -404,7 +404,7 @@ impl Window {
     }
 }
 
-/// Records in a window's chunk, but the first: about 230 KiB of records.
+/// Records per chunk of a window's records (the first chunk grows up to it as a `Vec` does).
 const WINDOW_CHUNK_RECORDS: usize = 4096;
 
 /// A window's records, in the order remembered, as chunks of [`WINDOW_CHUNK_RECORDS`], each
