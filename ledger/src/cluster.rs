@@ -33,6 +33,7 @@ use crate::store::Engine;
 
 /// One replica as the cluster file lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicaInfo {
     pub id: u32,
     /// Hex ed25519 public key.
@@ -43,8 +44,10 @@ pub struct ReplicaInfo {
     pub metrics: Option<SocketAddr>,
 }
 
-/// The cluster file.
+/// The cluster file. Like every configuration file of a replica, it refuses keys it does not
+/// know (a misspelt key would otherwise be ignored without a word).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterFile {
     /// Path of the genesis file, relative to the cluster file.
     pub genesis: PathBuf,
@@ -113,6 +116,7 @@ impl Cluster {
 
 /// One replica's own configuration file.
 #[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeFile {
     pub id: u32,
     /// Path of the cluster file (relative to this file).
@@ -164,7 +168,7 @@ fn default_retention_bytes() -> u64 {
 
 /// The consensus parameters an operator may tune.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ConsensusTuning {
     pub checkpoint_interval: u64,
     pub window: u64,
@@ -376,6 +380,48 @@ mod tests {
                 Err(LedgerError::Config(message)) => assert!(message.contains(because), "{message}"),
                 other => panic!("engine {refused}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_misspelt_key_in_any_replica_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<Keypair> = (0..4).map(|i| key("replica", i)).collect();
+        let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..4)
+            .map(|i| (SocketAddr::from(([127, 0, 0, 1], 7100 + i)), None))
+            .collect();
+        write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys).unwrap();
+        let node = dir.path().join("replica-0.toml");
+        let cluster = dir.path().join("cluster.toml");
+        let genesis = dir.path().join("genesis.toml");
+        assert!(cluster.exists() && genesis.exists(), "the files this test edits");
+        let originals: Vec<(PathBuf, String)> = [&node, &cluster, &genesis]
+            .into_iter()
+            .map(|path| (path.clone(), std::fs::read_to_string(path).unwrap()))
+            .collect();
+        NodeConfig::load(&node).unwrap();
+        // Each edit adds one key that no file of a replica has, in a different table.
+        let edits: [(&PathBuf, &str, &str); 5] = [
+            (&node, "id = 0", "id = 0\ncache_byte = 1"),
+            (&node, "[consensus]", "[consensus]\nwindw = 9"),
+            (&cluster, "[[replicas]]", "[[replicas]]\nmetric = \"127.0.0.1:1\""),
+            (&cluster, "genesis = ", "genesiss = 1\ngenesis = "),
+            (&genesis, "chain_id = ", "chainid = 2\nchain_id = "),
+        ];
+        for (path, anchor, replacement) in edits {
+            let original = &originals.iter().find(|(p, _)| p == path).unwrap().1;
+            assert!(original.contains(anchor), "{anchor} in {}", path.display());
+            std::fs::write(path, original.replacen(anchor, replacement, 1)).unwrap();
+            let misspelt = replacement.lines().find(|line| !anchor.contains(line)).unwrap();
+            let name = misspelt.split(' ').next().unwrap();
+            match NodeConfig::load(&node) {
+                Err(LedgerError::Config(message)) => {
+                    assert!(message.contains(name), "{name}: {message}")
+                }
+                other => panic!("{name} in {}: {other:?}", path.display()),
+            }
+            std::fs::write(path, original).unwrap();
+            NodeConfig::load(&node).unwrap();
         }
     }
 }

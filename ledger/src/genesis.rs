@@ -34,8 +34,9 @@ pub struct GenesisTenant {
     pub studio_key: PublicKey,
 }
 
-/// TOML form: keys as hex strings.
+/// TOML form: keys as hex strings. Unknown keys are refused.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GenesisFile {
     chain_id: u64,
     operator: String,
@@ -46,6 +47,7 @@ struct GenesisFile {
 }
 
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct GenesisTenantFile {
     id: u64,
     name: String,

@@ -3,10 +3,16 @@
 //!
 //! Environment overrides: `HOARD_GATEWAY_LISTEN`, `HOARD_GATEWAY_HTTP_LISTEN`,
 //! `HOARD_GATEWAY_STORE` (`redis` or `embedded`), `HOARD_GATEWAY_REDIS_URL`,
-//! `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_STRICT_CLICKS`,
+//! `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_FLUSH_INTERVAL_MAX_MS`,
+//! `HOARD_GATEWAY_FLUSH_BUSY_PERCENT`, `HOARD_GATEWAY_STRICT_CLICKS`,
 //! `HOARD_GATEWAY_GENESIS`, `HOARD_GATEWAY_CLUSTER` (selects the `cluster` backend),
-//! `HOARD_GATEWAY_INSTANCE`, and per tenant
-//! `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED` (the studio key's 32-byte seed in hex).
+//! `HOARD_GATEWAY_INSTANCE`, and per tenant listed in the file's `[[tenants]]`
+//! `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED` (the studio key's 32-byte seed in hex). A
+//! `HOARD_GATEWAY_TENANT_...` variable that names no listed tenant, or no such setting, is refused
+//! ([`GatewayConfig::load`]), not ignored.
+//!
+//! A file that lists no `[[tenants]]` has none: the demo tenant, whose studio seed is public, is
+//! the default of no file at all (`hoard demo`, `hoard dev`), never of a file that left it out.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,7 +54,9 @@ pub struct GatewayConfig {
     pub events: EventsConfig,
     pub limits: RateLimits,
     pub chain: ChainConfig,
-    /// Per-tenant settings (studio key for settlement and tokens, conversion rules).
+    /// Per-tenant settings (studio key for settlement and tokens, conversion rules). None when
+    /// a file lists none (the field's own default, not the demo tenant of [`Default`]).
+    #[serde(default)]
     pub tenants: Vec<TenantConfig>,
 }
 
@@ -289,7 +297,34 @@ impl GatewayConfig {
             .map_err(|e| ServerError::Config(format!("cannot read {}: {e}", path.display())))?;
         let mut config = GatewayConfig::from_toml(&text)?;
         config.apply_env(|name| std::env::var(name).ok())?;
+        let names: Vec<String> = std::env::vars_os()
+            .filter_map(|(name, _)| name.into_string().ok())
+            .collect();
+        config.check_tenant_env(names.iter().map(String::as_str))?;
         Ok(config)
+    }
+
+    /// Refuses a `HOARD_GATEWAY_TENANT_...` variable among `names` that [`Self::apply_env`] does
+    /// not apply: one for a tenant the configuration does not list, or for a setting that does
+    /// not exist. Ignored, it would leave the studio key the operator meant to set unset.
+    pub fn check_tenant_env<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<()> {
+        for name in names {
+            let Some(rest) = name.strip_prefix("HOARD_GATEWAY_TENANT_") else {
+                continue;
+            };
+            let listed = rest
+                .strip_suffix("_STUDIO_SEED")
+                .and_then(|id| id.parse::<u64>().ok())
+                .is_some_and(|id| self.tenants.iter().any(|tenant| tenant.id == id));
+            if !listed {
+                return Err(ServerError::Config(format!(
+                    "{name}: not applied: only HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED is read, for a \
+                     tenant the configuration lists in [[tenants]] (listed: {:?})",
+                    self.tenants.iter().map(|tenant| tenant.id).collect::<Vec<_>>()
+                )));
+            }
+        }
+        Ok(())
     }
 
     pub fn from_toml(text: &str) -> Result<GatewayConfig> {
@@ -526,6 +561,40 @@ mod tests {
             GatewayConfig::from_toml(&text).unwrap().store,
             StoreBackend::Embedded
         );
+    }
+
+    #[test]
+    fn a_file_without_tenants_has_none_not_the_public_demo_tenant() {
+        let config = GatewayConfig::from_toml("listen = \"127.0.0.1:1\"\n").unwrap();
+        assert!(config.tenants.is_empty(), "{:?}", config.tenants);
+        // No file at all is the demo: its tenant, with the public seed.
+        assert_eq!(GatewayConfig::default().tenants[0].id, 1);
+    }
+
+    #[test]
+    fn a_tenant_variable_that_would_not_apply_is_refused() {
+        let config = GatewayConfig::default();
+        config
+            .check_tenant_env([
+                "HOARD_GATEWAY_TENANT_1_STUDIO_SEED",
+                "HOARD_GATEWAY_LISTEN",
+                "PATH",
+            ])
+            .unwrap();
+        for name in [
+            "HOARD_GATEWAY_TENANT_2_STUDIO_SEED",
+            "HOARD_GATEWAY_TENANT_1_SEED",
+            "HOARD_GATEWAY_TENANT_one_STUDIO_SEED",
+        ] {
+            match config.check_tenant_env([name]) {
+                Err(ServerError::Config(message)) => assert!(message.contains(name), "{message}"),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let none = GatewayConfig::from_toml("").unwrap();
+        assert!(none
+            .check_tenant_env(["HOARD_GATEWAY_TENANT_1_STUDIO_SEED"])
+            .is_err());
     }
 
     #[test]
