@@ -941,6 +941,14 @@ class Suite:
             await c.send_raw(pack(raw))
             m = await c.wait(lambda m, rid=rid: m[0] == "error" or m[1].get("request_id") == rid, timeout=10)
             check(f"{label} -> malformed", m[0] == "error" and m[1].get("code") == "malformed", short(m))
+        await c.send_raw(pack({"ping": {"request_id": 86}}) + b"\xc0")
+        m = await c.wait(lambda m: m[0] == "error" or m[1].get("request_id") == 86, timeout=10)
+        check("bytes after the message in its frame -> malformed with the message's request_id",
+              m[0] == "error" and m[1].get("code") == "malformed" and m[1].get("request_id") == 86, short(m))
+        await c.send_raw(pack({"balances": [87, b"\x01" * 31]}))
+        m = await c.wait(lambda m: m[0] == "error" or m[1].get("request_id") == 87, timeout=10)
+        check("an array body that does not decode -> malformed with request_id from its first element",
+              m[0] == "error" and m[1].get("code") == "malformed" and m[1].get("request_id") == 87, short(m))
         await c.send_raw(pack({"ping": {"request_id": 83}, "head": {"request_id": 84}}))
         m = await c.wait(lambda m: m[0] == "error" or m[1].get("request_id") in (83, 84), timeout=10)
         check("a message map with two entries -> malformed", m[0] == "error" and m[1].get("code") == "malformed", short(m))

@@ -359,7 +359,9 @@ impl Connection {
         match frame {
             None => Flow::Close(close_code::NORMAL, ""),
             Some(Ok(Message::Binary(bytes))) => self.on_message(&bytes).await,
-            Some(Ok(Message::Text(_))) => {
+            // A text frame whose payload is not UTF-8 is still a text frame (tungstenite
+            // reports it as an error instead of a message): the same answer and close code.
+            Some(Ok(Message::Text(_))) | Some(Err(tungstenite::Error::Utf8(_))) => {
                 self.error(
                     0,
                     ErrorCode::Malformed,
@@ -992,7 +994,7 @@ impl Connection {
             return Err(Flow::Continue);
         }
         let head = self.shared.view.height();
-        if payload.expires_at <= head {
+        if expired_at(payload.expires_at, head) {
             self.error(request_id, ErrorCode::Expired, "expires_at has passed", None);
             return Err(Flow::Continue);
         }
@@ -1253,6 +1255,25 @@ impl Connection {
         if offer.taker != me {
             return self.forbidden(request_id, "only the taker may accept");
         }
+        let Ok(payload) = offer.tx.decode_payload() else {
+            return self.protocol_error(request_id, ErrorCode::Malformed, "offer payload");
+        };
+        // The swap's `expires_at` was checked when the offer opened; blocks committed since may
+        // have passed it. Such a swap can never apply: refuse it as `submit` would, and close the
+        // offer for both parties (the sweeper closes only offers whose `ttl_ms` ran out).
+        if expired_at(payload.expires_at, self.shared.view.height()) {
+            self.error(
+                request_id,
+                ErrorCode::Expired,
+                "the swap's expires_at has passed",
+                None,
+            );
+            if let Some(offer) = self.shared.offers.remove(tenant, &offer_id) {
+                tracing::debug!(tenant = tenant.0, offer_id = %offer_id, "offer closed: its swap expired");
+                self.close_offer(tenant, &offer, OfferCloseReason::Expired);
+            }
+            return Flow::Continue;
+        }
         let mut tx = offer.tx.clone();
         match self.shared.view.read(|l| l.account(tenant, &me)) {
             None => {
@@ -1298,9 +1319,6 @@ impl Connection {
                 }
             }
         }
-        let Ok(payload) = tx.decode_payload() else {
-            return self.protocol_error(request_id, ErrorCode::Malformed, "offer payload");
-        };
         if self.shared.offers.remove(tenant, &offer_id).is_none() {
             self.error(request_id, ErrorCode::NotFound, "the offer just closed", None);
             return Flow::Continue;
@@ -1330,6 +1348,13 @@ impl Connection {
     fn close_offer(&mut self, tenant: TenantId, offer: &OfferInfo, reason: OfferCloseReason) {
         close_offer_everywhere(&self.shared, tenant, offer, reason);
     }
+}
+
+/// Whether a transaction whose last height is `expires_at` has expired at committed height
+/// `head`: the earliest block that could still take it is `head + 1`. The gateway's one rule for
+/// `expired` (`submit` and `offer` through `check_envelope`, and `accept`).
+fn expired_at(expires_at: u64, head: u64) -> bool {
+    expires_at <= head
 }
 
 /// Tells maker and taker (every connection of each) that an offer closed.
@@ -1364,5 +1389,18 @@ impl<T: PartialEq> NoneOrNot<T> for Option<T> {
             None => true,
             Some(value) => Some(value) != other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transaction_expires_once_the_head_reaches_its_expires_at() {
+        assert!(!expired_at(11, 10), "may still apply in block 11");
+        assert!(expired_at(10, 10), "block 10 is committed: the next is 11");
+        assert!(expired_at(0, 0));
+        assert!(expired_at(9, 10));
     }
 }

@@ -516,6 +516,92 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
     gw.shutdown().await;
 }
 
+/// An offer whose swap's `expires_at` the chain passed while it was open (its `ttl_ms` has not
+/// run out): `accept` is refused with `expired`, as `submit` refuses an expired transaction,
+/// before the chain sees the swap, and the offer closes as `expired` for maker and taker.
+#[tokio::test]
+async fn an_accept_after_the_swap_expired_is_refused_and_closes_the_offer() {
+    let redis = RedisServer::start();
+    let mut gw = TestGateway::start(&redis, |_| {}).await;
+    let alice = key("alice", 0);
+    let bob = key("bob", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
+        gw.world.register(T1, &bob.public(), Custody::SelfCustody),
+        gw.world.define_currency(T1, "GOLD", 1_000),
+        gw.world.define_class(T1, "sword", false, 10),
+        gw.world.mint_currency(T1, &alice.public(), "GOLD", 100),
+        gw.world.mint_unique(T1, &bob.public(), "sword", 7),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    let mut alice_conn = player(&gw, T1, &alice).await;
+    let mut bob_conn = player(&gw, T1, &bob).await;
+    let head = request(&mut studio1, |request_id| ClientMessage::Head { request_id }).await;
+    let ServerMessage::Head { height, .. } = head else {
+        panic!("{head:?}")
+    };
+    // A swap that may apply up to two blocks from now, in an offer open for a minute.
+    let expires_at = height + 2;
+    let usual_expiry = std::mem::replace(&mut gw.world.expires_at, expires_at);
+    let offer_tx = gold_for_item(&mut gw.world, &alice, &bob.public(), 7, 40);
+    gw.world.expires_at = usual_expiry;
+    let offer = open_offer(&mut alice_conn, offer_tx, 60_000).await;
+    // Blocks go by until the head reaches the swap's last height.
+    for index in 0..expires_at - height {
+        let tx = gw
+            .world
+            .register(T1, &key("filler", index).public(), Custody::Custodial);
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    gw.wait_height(expires_at).await;
+
+    let signature = bob.sign(hoard_types::tx::TX_SIGNING_DOMAIN, &offer.tx.payload);
+    let accept = |request_id| ClientMessage::Accept {
+        request_id,
+        offer_id: offer.offer_id,
+        signature: Some(signature),
+    };
+    let refused = request(&mut bob_conn, accept).await;
+    assert_error(&refused, ErrorCode::Expired);
+    for conn in [&mut bob_conn, &mut alice_conn] {
+        let closed = conn
+            .recv_until(|m| matches!(m, ServerMessage::OfferClosed { .. }))
+            .await;
+        assert_eq!(
+            closed,
+            ServerMessage::OfferClosed {
+                offer_id: offer.offer_id,
+                reason: hoard_types::wire::OfferCloseReason::Expired,
+            }
+        );
+    }
+    let listed = request(&mut alice_conn, |request_id| ClientMessage::Offers { request_id }).await;
+    assert!(
+        matches!(listed, ServerMessage::Offers { ref offers, .. } if offers.is_empty()),
+        "{listed:?}"
+    );
+    assert_error(&request(&mut bob_conn, accept).await, ErrorCode::NotFound);
+    // The swap never went to the chain.
+    let status = request(&mut bob_conn, |request_id| ClientMessage::EventStatus {
+        request_id,
+        event_id: offer.offer_id,
+    })
+    .await;
+    assert!(
+        matches!(
+            status,
+            ServerMessage::EventStatus {
+                state: EventState::Unknown,
+                ..
+            }
+        ),
+        "{status:?}"
+    );
+    gw.shutdown().await;
+}
+
 /// Backpressure on the real cluster: with two of four replicas down nothing commits (2f+1 = 3),
 /// accepted events stay in flight up to `pending_max`, the next gets `busy`; once the replicas
 /// are back, every accepted event commits once.

@@ -8,6 +8,8 @@ use hoard_ledger::testing::key;
 use hoard_server::testing::{RedisServer, TestGateway, WsClient};
 use hoard_types::wire::{self, close_code, Click, ClientMessage, ErrorCode, ServerMessage, SessionToken};
 use hoard_types::{Custody, Outcome, TenantId};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::Message;
 
 async fn assert_alive(client: &mut WsClient) {
@@ -65,6 +67,41 @@ async fn bad_input_gets_typed_errors_and_the_right_close_codes() {
             answer,
             ServerMessage::Error {
                 request_id: 78,
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    // Bytes after the message: one frame holds exactly one MessagePack value.
+    let mut trailing = wire::encode(&ClientMessage::Ping { request_id: 79 });
+    trailing.push(0xc0);
+    client.send_raw(trailing).await;
+    let answer = client.recv().await;
+    assert!(
+        matches!(
+            answer,
+            ServerMessage::Error {
+                request_id: 79,
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    // A body as an array that does not decode, `{"balances": [80, <31-byte bin>]}`: the request
+    // id is recovered from its first element.
+    let mut short_key = vec![0x81, 0xa8];
+    short_key.extend_from_slice(b"balances");
+    short_key.extend_from_slice(&[0x92, 80, 0xc4, 31]);
+    short_key.extend_from_slice(&[1; 31]);
+    client.send_raw(short_key).await;
+    let answer = client.recv().await;
+    assert!(
+        matches!(
+            answer,
+            ServerMessage::Error {
+                request_id: 80,
                 code: ErrorCode::Malformed,
                 ..
             }
@@ -178,6 +215,30 @@ async fn bad_input_gets_typed_errors_and_the_right_close_codes() {
         .await
         .unwrap();
     closed_with(text.closed().await, close_code::UNSUPPORTED_DATA);
+    // A text frame whose payload is not UTF-8 (sent as a raw frame: `Message::Text` holds only
+    // UTF-8) is a text frame too: `malformed`, then 1003.
+    let mut not_utf8 = studio(&gw, T1).await;
+    not_utf8
+        .send_message(Message::Frame(Frame::message(
+            vec![b'{', 0xff, 0xfe, b'}'],
+            OpCode::Data(Data::Text),
+            true,
+        )))
+        .await
+        .unwrap();
+    let answer = not_utf8.recv().await;
+    assert!(
+        matches!(
+            answer,
+            ServerMessage::Error {
+                request_id: 0,
+                code: ErrorCode::Malformed,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    closed_with(not_utf8.closed().await, close_code::UNSUPPORTED_DATA);
     // An expired token: typed error, then 1008.
     let mut late = WsClient::connect(&gw.url()).await;
     let token = SessionToken::issue(gw.studio(T1), T1, key("p", 3).public(), 1_000);

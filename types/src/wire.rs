@@ -621,7 +621,11 @@ impl ErrorCode {
 pub enum EventState {
     /// Not known to this gateway (never seen, or outside the ledger's deduplication window).
     Unknown,
-    /// Accepted (durable in the gateway's stream), not yet committed.
+    /// Held in flight by this gateway, not yet committed: from the moment it takes the event (a
+    /// `submit`, an `accept`'s swap, a settlement), so before the stream append is durable and
+    /// possibly before `accepted`; or since it claimed the event from the stream. Not necessarily
+    /// durable: an append that fails answers the submit with `unavailable`, and the event is
+    /// `Unknown` again.
     Pending,
     /// Committed in a block (applied or rejected: see `outcome`).
     Committed,
@@ -873,8 +877,25 @@ pub fn decode_client(frame: &[u8]) -> Result<ClientMessage, DecodeError> {
             limit: FRAME_BYTES_MAX,
         });
     }
-    match rmp_serde::from_slice::<ClientMessage>(frame) {
-        Ok(message) => Ok(message),
+    // A frame holds exactly one MessagePack value. The message is decoded from the slice, as
+    // `rmp_serde::from_slice` does (strings and binaries borrowed, not copied: a `clicks` frame
+    // decodes without allocating per entry), which stops at the message's end without looking
+    // further; then the same deserializer reads on. Only the end of the frame (no marker left to
+    // read) means nothing follows; anything else there, a whole value or a broken one, is bytes
+    // after the message.
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(frame);
+    match ClientMessage::deserialize(&mut deserializer) {
+        Ok(message) => match serde::de::IgnoredAny::deserialize(&mut deserializer) {
+            Err(rmp_serde::decode::Error::InvalidMarkerRead(end))
+                if end.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                Ok(message)
+            }
+            _ => Err(DecodeError::Malformed {
+                reason: "bytes after the message (a frame holds exactly one MessagePack value)".into(),
+                request_id: message.request_id(),
+            }),
+        },
         Err(error) => Err(classify(frame, error.to_string(), CLIENT_MESSAGE_NAMES)),
     }
 }
@@ -887,11 +908,76 @@ pub fn decode_server(frame: &[u8]) -> Result<ServerMessage, DecodeError> {
     })
 }
 
-/// Only the request id of a message, for error answers.
-#[derive(Deserialize)]
-struct RequestIdOnly {
-    #[serde(default)]
-    request_id: Option<u64>,
+/// Only the request id of a message body, for error answers: the `request_id` entry of a map
+/// body (the first, if repeated), or the first element of an array body (structs as arrays list
+/// their fields in order, and `request_id` comes first in every request). The other entries and
+/// elements are skipped whatever they hold, so a body that fails to decode as its message still
+/// yields its id. `None` for a map without the key or an empty array; an error (the answer then
+/// carries 0) when that value is not a u64 or the body is neither a map nor an array.
+struct RequestIdOnly(Option<u64>);
+
+impl<'de> Deserialize<'de> for RequestIdOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+        /// A map key: whether it is `request_id` (as a str, or a bin holding its UTF-8).
+        struct IsRequestId(bool);
+
+        impl<'de> Deserialize<'de> for IsRequestId {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct KeyVisitor;
+                impl Visitor<'_> for KeyVisitor {
+                    type Value = IsRequestId;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a field name")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<IsRequestId, E> {
+                        Ok(IsRequestId(key == "request_id"))
+                    }
+                    fn visit_bytes<E: serde::de::Error>(self, key: &[u8]) -> Result<IsRequestId, E> {
+                        Ok(IsRequestId(key == b"request_id"))
+                    }
+                    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<IsRequestId, E> {
+                        Ok(IsRequestId(false))
+                    }
+                    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<IsRequestId, E> {
+                        Ok(IsRequestId(false))
+                    }
+                }
+                deserializer.deserialize_identifier(KeyVisitor)
+            }
+        }
+
+        struct BodyVisitor;
+
+        impl<'de> Visitor<'de> for BodyVisitor {
+            type Value = RequestIdOnly;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a message body (map or array)")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RequestIdOnly, A::Error> {
+                let mut request_id = None;
+                while let Some(IsRequestId(is_request_id)) = map.next_key()? {
+                    if is_request_id && request_id.is_none() {
+                        request_id = Some(map.next_value::<u64>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(RequestIdOnly(request_id))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RequestIdOnly, A::Error> {
+                let request_id = seq.next_element::<u64>()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(RequestIdOnly(request_id))
+            }
+        }
+
+        deserializer.deserialize_any(BodyVisitor)
+    }
 }
 
 fn classify(frame: &[u8], reason: String, known: &[&str]) -> DecodeError {
@@ -906,7 +992,7 @@ fn classify(frame: &[u8], reason: String, known: &[&str]) -> DecodeError {
     let request_id = rmp_serde::from_slice::<BTreeMap<String, RequestIdOnly>>(frame)
         .ok()
         .and_then(|map| map.into_values().next())
-        .and_then(|body| body.request_id)
+        .and_then(|RequestIdOnly(request_id)| request_id)
         .unwrap_or(0);
     match outer.keys().next() {
         Some(name) if outer.len() == 1 && !known.contains(&name.as_str()) => DecodeError::UnknownMessage {
@@ -1159,6 +1245,100 @@ mod tests {
         assert_eq!(decode_client(&[]).unwrap_err().code(), ErrorCode::Malformed);
         let huge = vec![0u8; FRAME_BYTES_MAX + 1];
         assert_eq!(decode_client(&huge).unwrap_err().code(), ErrorCode::TooLarge);
+    }
+
+    /// A frame holds exactly one MessagePack value: bytes after the message (junk, or a second
+    /// message) make the frame `malformed`, answered with the message's request id.
+    #[test]
+    fn bytes_after_the_message_are_malformed_and_keep_the_request_id() {
+        let ping = encode(&ClientMessage::Ping { request_id: 7 });
+        assert_eq!(decode_client(&ping), Ok(ClientMessage::Ping { request_id: 7 }));
+        let head = encode(&ClientMessage::Head { request_id: 8 });
+        let compact = rmp_serde::to_vec(&ClientMessage::Ping { request_id: 9 }).unwrap();
+        for (frame, request_id) in [
+            ([ping.as_slice(), &[0x00]].concat(), 7),
+            ([ping.as_slice(), &[0xc1, 0xff]].concat(), 7),
+            ([ping.as_slice(), &head].concat(), 7),
+            ([compact.as_slice(), &[0xc0]].concat(), 9),
+        ] {
+            let error = decode_client(&frame).unwrap_err();
+            assert_eq!(error.code(), ErrorCode::Malformed, "{error}");
+            assert_eq!(error.request_id(), request_id, "{error}");
+            assert!(error.to_string().contains("after the message"), "{error}");
+        }
+    }
+
+    /// A body that does not decode as its message still yields its request id, from a map (by
+    /// key, wherever it sits) or from an array (its first element), whatever the rest holds.
+    #[test]
+    fn request_ids_are_recovered_from_map_and_array_bodies() {
+        fn frame<T: Serialize>(name: &str, body: T) -> Vec<u8> {
+            let mut map = std::collections::BTreeMap::new();
+            map.insert(name, body);
+            rmp_serde::to_vec(&map).unwrap()
+        }
+        fn bin(bytes: &[u8]) -> &serde_bytes::Bytes {
+            serde_bytes::Bytes::new(bytes)
+        }
+        #[derive(Serialize)]
+        struct AccountFirst<'a> {
+            account: &'a serde_bytes::Bytes,
+            request_id: u64,
+        }
+        let cases: Vec<(Vec<u8>, ErrorCode, u64)> = vec![
+            // Arrays: a 31-byte key, a missing field, one element too many, an unknown name.
+            (
+                frame("balances", (11u64, bin(&[1; 31]))),
+                ErrorCode::Malformed,
+                11,
+            ),
+            (frame("balances", (12u64,)), ErrorCode::Malformed, 12),
+            (frame("ping", (13u64, 1u8)), ErrorCode::Malformed, 13),
+            (
+                frame("balances", (14u64, bin(&[1; 32]), "x", [1u8, 2])),
+                ErrorCode::Malformed,
+                14,
+            ),
+            (
+                frame("teleport", (15u64, 1u8, "x")),
+                ErrorCode::UnknownMessage,
+                15,
+            ),
+            // Maps: the bad field before the request id.
+            (
+                encode(&std::collections::BTreeMap::from([(
+                    "balances",
+                    AccountFirst {
+                        account: bin(&[1; 31]),
+                        request_id: 16,
+                    },
+                )])),
+                ErrorCode::Malformed,
+                16,
+            ),
+            // Nothing to recover: an array whose first element is not a u64, an empty array,
+            // a map without the key, a body that is neither.
+            (frame("balances", ("x", 17u64)), ErrorCode::Malformed, 0),
+            (frame("ping", ()), ErrorCode::Malformed, 0),
+            (
+                encode(&std::collections::BTreeMap::from([(
+                    "ping",
+                    std::collections::BTreeMap::from([("id", 18u64)]),
+                )])),
+                ErrorCode::Malformed,
+                0,
+            ),
+            (frame("ping", 19u64), ErrorCode::Malformed, 0),
+        ];
+        for (frame, code, request_id) in cases {
+            let error = decode_client(&frame).unwrap_err();
+            assert_eq!(
+                (error.code(), error.request_id()),
+                (code, request_id),
+                "{} -> {error}",
+                hex::encode(&frame)
+            );
+        }
     }
 
     /// A frame nested far deeper than any message (here 200,000 levels, inside the frame
