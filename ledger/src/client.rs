@@ -450,6 +450,9 @@ impl Shared {
                 }
                 self.on_block(from, height, Arc::new(block));
             }
+            // A connection's first frame: a client's hello answers it without using it (only a
+            // replica's hello is authenticated, by signing the nonce).
+            NetMessage::Challenge { .. } => {}
             other => tracing::debug!(replica = from, ?other, "unexpected frame from a replica"),
         }
     }

@@ -1,12 +1,16 @@
 //! The replicas' network: TCP connections carrying length-delimited MessagePack frames.
 //!
-//! Every connection starts with a hello frame saying who is calling: a replica (which then
-//! sends consensus messages, each signed and checked by the consensus core, so a false hello
-//! gains nothing) or a client (a gateway, which sends requests and block subscriptions and
-//! receives replies and blocks). Each replica dials every other replica and sends on that
-//! connection only; what it receives arrives on the connections the others dialled. Dialling
-//! retries with capped backoff forever, and every queue is bounded: when a peer's queue is full
-//! the frame is dropped, which PBFT tolerates (status messages drive retransmission).
+//! The replica that accepts a connection first sends a [`NetMessage::Challenge`], a fresh random
+//! nonce; the caller's first frame is a hello saying who is calling, within [`HELLO_TIMEOUT`] and
+//! [`HELLO_BYTES_MAX`]: a replica, which proves it by signing the nonce with its key
+//! ([`hello_signed_bytes`]; the cluster file lists the keys) and then sends consensus messages
+//! (each also signed, and checked by the consensus core); or a client (a gateway, which sends
+//! requests and block subscriptions and receives replies and blocks; its hello is not
+//! authenticated, see ARCHITECTURE.md, "What the replicas' network trusts"). Each replica dials
+//! every other replica and sends on that connection only; what it receives arrives on the
+//! connections the others dialled. Dialling retries with capped backoff forever, and every queue
+//! is bounded: when a peer's queue is full the frame is dropped, which PBFT tolerates (status
+//! messages drive retransmission).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use hoard_pbft::{ReplicaId, Request};
-use hoard_types::Hash;
+use hoard_types::{Hash, Keypair, Signature};
 
 /// Largest frame on a replica connection (a pre-prepare carries a whole batch of requests).
 pub const FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -54,12 +58,30 @@ impl PeerQueue {
     }
 }
 
-/// Starts the task that dials `address` and sends it every frame queued on the returned queue.
-pub fn spawn_peer(address: SocketAddr, hello: NetMessage) -> PeerQueue {
+/// Starts the task that dials `address` as replica `id` (signing each connection's challenge
+/// with `key`) and sends it every frame queued on the returned queue.
+pub fn spawn_peer(address: SocketAddr, id: ReplicaId, key: Keypair) -> PeerQueue {
     let (frames, receiver) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
     let queued_bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(dial_and_send(address, hello, receiver, queued_bytes.clone()));
+    tokio::spawn(dial_and_send(address, id, key, receiver, queued_bytes.clone()));
     PeerQueue { frames, queued_bytes }
+}
+
+/// How long a connection may take to send its hello after it is accepted; then it is closed.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest first frame (a hello is a few dozen bytes): nothing larger is buffered for a caller
+/// that has not said who it is.
+pub const HELLO_BYTES_MAX: usize = 1024;
+/// The domain of a replica's hello signature.
+pub const HELLO_DOMAIN: &[u8] = b"hoard/net/hello/v1";
+
+/// What a replica's hello signs (under [`HELLO_DOMAIN`]): the nonce of the connection's
+/// challenge, then the replica's id (4 bytes, big-endian).
+pub fn hello_signed_bytes(nonce: &Hash, id: ReplicaId) -> [u8; 36] {
+    let mut bytes = [0u8; 36];
+    bytes[..32].copy_from_slice(&nonce.0);
+    bytes[32..].copy_from_slice(&id.to_be_bytes());
+    bytes
 }
 /// Longest wait between two dial attempts.
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -72,8 +94,11 @@ pub const SOCKET_BUFFER_BYTES: usize = 2 * 1024 * 1024;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetMessage {
-    /// First frame from a replica.
-    HelloReplica { id: ReplicaId },
+    /// First frame from the replica that accepted a connection: a fresh random nonce.
+    Challenge { nonce: Hash },
+    /// First frame from a replica: its id, and its signature over the challenge
+    /// ([`hello_signed_bytes`]).
+    HelloReplica { id: ReplicaId, signature: Signature },
     /// First frame from a client (a gateway).
     HelloClient { client: u64 },
     /// A signed consensus message (`hoard_pbft::SignedMessage::to_bytes`).
@@ -130,11 +155,12 @@ fn socket2_ref(stream: &TcpStream) -> socket2::SockRef<'_> {
 }
 
 /// Keeps a connection to `address` open and writes every frame from `frames` to it, starting
-/// each connection with `hello`. Frames that arrive while disconnected are dropped. Returns
-/// when `frames` closes.
+/// each connection with the hello of replica `id`, signed over the challenge the other side
+/// sent. Frames that arrive while disconnected are dropped. Returns when `frames` closes.
 async fn dial_and_send(
     address: SocketAddr,
-    hello: NetMessage,
+    id: ReplicaId,
+    key: Keypair,
     mut queue: mpsc::Receiver<Bytes>,
     queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
@@ -162,6 +188,18 @@ async fn dial_and_send(
         tune(&stream);
         backoff = DIAL_BACKOFF_MIN;
         let mut framed = Framed::new(stream, codec());
+        let nonce = match read_challenge(&mut framed).await {
+            Ok(nonce) => nonce,
+            Err(error) => {
+                tracing::debug!(%address, %error, "no challenge; redialling");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let hello = NetMessage::HelloReplica {
+            id,
+            signature: key.sign(HELLO_DOMAIN, &hello_signed_bytes(&nonce, id)),
+        };
         if framed.send(hello.encode()).await.is_err() {
             continue;
         }
@@ -184,6 +222,20 @@ async fn dial_and_send(
                 break;
             }
         }
+    }
+}
+
+/// Reads the challenge a replica sends first on a connection it accepted.
+async fn read_challenge(framed: &mut Framed<TcpStream, LengthDelimitedCodec>) -> Result<Hash, String> {
+    use futures::StreamExt;
+    let frame = tokio::time::timeout(HELLO_TIMEOUT, framed.next())
+        .await
+        .map_err(|_| "no challenge in time".to_string())?
+        .ok_or("closed before the challenge")?
+        .map_err(|e| e.to_string())?;
+    match NetMessage::decode(&frame)? {
+        NetMessage::Challenge { nonce } => Ok(nonce),
+        other => Err(format!("expected a challenge, got {other:?}")),
     }
 }
 

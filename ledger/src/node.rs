@@ -49,6 +49,10 @@ pub const ROUND_INPUTS_MAX: usize = 1_024;
 pub const SUBSCRIBER_CATCHUP_BLOCKS_PER_ROUND: u64 = 64;
 /// Client (gateway) connections one replica serves.
 pub const CLIENTS_MAX: usize = 64;
+/// Connections accepted and not yet through their hello (each for at most
+/// [`net::HELLO_TIMEOUT`]): callers that never say who they are hold these, never the slots of
+/// replicas and clients.
+pub const HANDSHAKES_MAX: usize = 64;
 
 /// The driver's inbox, bounded in inputs ([`INBOX_INPUTS_MAX`]) and in bytes ([`INBOX_BYTES_MAX`]).
 #[derive(Clone)]
@@ -165,7 +169,8 @@ pub async fn run(
     tokio::spawn(accept_loop(
         listener,
         inbox_tx.clone(),
-        config.cluster.n(),
+        id,
+        config.cluster.keys.clone(),
         shutdown.clone(),
     ));
 
@@ -173,10 +178,7 @@ pub async fn run(
     let mut peers: HashMap<ReplicaId, net::PeerQueue> = HashMap::new();
     for info in &config.cluster.replicas {
         if info.id != id {
-            peers.insert(
-                info.id,
-                net::spawn_peer(info.address, NetMessage::HelloReplica { id }),
-            );
+            peers.insert(info.id, net::spawn_peer(info.address, id, config.keypair.clone()));
         }
     }
     let mut driver = Driver {
@@ -1122,49 +1124,181 @@ impl Driver {
     }
 }
 
-async fn accept_loop(listener: TcpListener, inbox: Inbox, n: usize, mut shutdown: watch::Receiver<bool>) {
-    let clients = Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX + n));
+/// Why the accepting side closed a connection it accepted (`hoard_replica_connections_refused_total`'s
+/// `reason` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// No room: [`HANDSHAKES_MAX`] or [`CLIENTS_MAX`] reached.
+    TooMany,
+    /// No hello within [`net::HELLO_TIMEOUT`].
+    HelloTimeout,
+    /// A first frame that is not a hello, larger than [`net::HELLO_BYTES_MAX`], or a replica's
+    /// hello with an unknown id or a signature that does not verify.
+    BadHello,
+}
+
+impl Refused {
+    fn as_str(self) -> &'static str {
+        match self {
+            Refused::TooMany => "too_many",
+            Refused::HelloTimeout => "hello_timeout",
+            Refused::BadHello => "bad_hello",
+        }
+    }
+}
+
+/// What a connection may take: its handshake slot until its hello, then a client's slot, or
+/// its replica's place; and what refusals count.
+struct Slots {
+    me: ReplicaId,
+    keys: Vec<hoard_types::PublicKey>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    clients: Arc<tokio::sync::Semaphore>,
+    /// Per peer, the number of its newest authenticated connection: a peer has one connection,
+    /// its newest (it redials when its connection fails, and the one it left may not have
+    /// noticed yet: a half-open connection after a network fault), so each new one closes the
+    /// one before.
+    peers: Vec<watch::Sender<u64>>,
+}
+
+impl Slots {
+    fn refused(&self, reason: Refused) {
+        metrics::counter!(
+            "hoard_replica_connections_refused_total",
+            "replica" => self.me.to_string(),
+            "reason" => reason.as_str()
+        )
+        .increment(1);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    inbox: Inbox,
+    me: ReplicaId,
+    keys: Vec<hoard_types::PublicKey>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Slots {
+        me,
+        peers: keys.iter().map(|_| watch::Sender::new(0)).collect(),
+        keys,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX)),
+        clients: Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX)),
+    });
+    for reason in [Refused::TooMany, Refused::HelloTimeout, Refused::BadHello] {
+        // Every series from the start, at zero, so that rate() sees the first refusal.
+        metrics::counter!("hoard_replica_connections_refused_total", "replica" => me.to_string(), "reason" => reason.as_str()).absolute(0);
+    }
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.changed() => return,
         };
-        let Ok((stream, address)) = accepted else { continue };
-        let Ok(permit) = clients.clone().try_acquire_owned() else {
-            tracing::warn!(%address, "connection refused: too many connections");
+        let (stream, address) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors, typically: wait instead of spinning on the error.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(handshake) = slots.handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(%address, "connection refused: too many connections saying nothing yet");
+            slots.refused(Refused::TooMany);
             continue;
         };
         let inbox = inbox.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
-            if let Err(error) = serve_connection(stream, inbox, n).await {
-                tracing::debug!(%address, %error, "connection closed");
+            if let Err((reason, error)) = serve_connection(stream, inbox, &slots, handshake).await {
+                if let Some(reason) = reason {
+                    slots.refused(reason);
+                    tracing::info!(%address, reason = reason.as_str(), %error, "connection refused");
+                } else {
+                    tracing::debug!(%address, %error, "connection closed");
+                }
             }
-            drop(permit);
         });
     }
 }
 
-async fn serve_connection(stream: TcpStream, inbox: Inbox, n: usize) -> std::result::Result<(), String> {
+/// A connection's end: `Some(reason)` when it was refused before it was served.
+type Closed = (Option<Refused>, String);
+
+async fn serve_connection(
+    stream: TcpStream,
+    inbox: Inbox,
+    slots: &Slots,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> std::result::Result<(), Closed> {
+    use futures::SinkExt;
+    let served = |error: String| (None, error);
+    let refused = |reason: Refused| move |error: String| (Some(reason), error);
     net::tune(&stream);
     let (read, write) = stream.into_split();
-    let mut frames = FramedRead::new(read, net::codec());
-    let hello = frames
-        .next()
+    let mut sink = tokio_util::codec::FramedWrite::new(write, net::codec());
+    let nonce = hoard_types::Hash(rand::random());
+    sink.send(NetMessage::Challenge { nonce }.encode())
         .await
-        .ok_or("closed before hello")?
-        .map_err(|e| e.to_string())?;
-    match NetMessage::decode(&hello)? {
-        NetMessage::HelloReplica { id } => {
-            if id as usize >= n {
-                return Err(format!("unknown replica {id}"));
+        .map_err(|e| served(e.to_string()))?;
+    // Until the hello, a frame is at most a hello's size.
+    let mut frames = FramedRead::new(
+        read,
+        tokio_util::codec::LengthDelimitedCodec::builder()
+            .max_frame_length(net::HELLO_BYTES_MAX)
+            .new_codec(),
+    );
+    let hello = tokio::time::timeout(net::HELLO_TIMEOUT, frames.next())
+        .await
+        .map_err(|_| (Some(Refused::HelloTimeout), "no hello in time".to_string()))?
+        .ok_or_else(|| served("closed before hello".into()))?
+        .map_err(|e| refused(Refused::BadHello)(e.to_string()))?;
+    frames.decoder_mut().set_max_frame_length(net::FRAME_BYTES_MAX);
+    let hello = NetMessage::decode(&hello).map_err(refused(Refused::BadHello))?;
+    drop(handshake);
+    match hello {
+        NetMessage::HelloReplica { id, signature } => {
+            let key = slots
+                .keys
+                .get(id as usize)
+                .filter(|_| id != slots.me)
+                .ok_or_else(|| refused(Refused::BadHello)(format!("unknown replica {id}")))?;
+            key.verify(
+                net::HELLO_DOMAIN,
+                &net::hello_signed_bytes(&nonce, id),
+                &signature,
+            )
+            .map_err(|e| refused(Refused::BadHello)(format!("replica {id}'s hello: {e}")))?;
+            let newest = &slots.peers[id as usize];
+            let mut replaced = newest.subscribe();
+            let mut mine = 0;
+            newest.send_modify(|number| {
+                *number += 1;
+                mine = *number;
+            });
+            replaced.mark_unchanged();
+            if *replaced.borrow() != mine {
+                return Err(served(format!("replica {id} connected again")));
             }
-            while let Some(frame) = frames.next().await {
-                let frame = frame.map_err(|e| e.to_string())?;
-                match NetMessage::decode(&frame)? {
+            loop {
+                let frame = tokio::select! {
+                    frame = frames.next() => frame,
+                    _ = replaced.changed() => {
+                        if *replaced.borrow_and_update() == mine {
+                            continue;
+                        }
+                        return Err(served(format!("replica {id} connected again")));
+                    }
+                };
+                let Some(frame) = frame else { break };
+                let frame = frame.map_err(|e| served(e.to_string()))?;
+                match NetMessage::decode(&frame).map_err(served)? {
                     NetMessage::Consensus(bytes) => {
                         let message =
                             SignedMessage::from_bytes(&bytes, hoard_pbft::constants::MESSAGE_BYTES_MAX)
-                                .map_err(|e| e.to_string())?;
+                                .map_err(|e| served(e.to_string()))?;
                         if inbox
                             .send(Input::Peer { from: id, message }, frame.len())
                             .await
@@ -1173,12 +1307,17 @@ async fn serve_connection(stream: TcpStream, inbox: Inbox, n: usize) -> std::res
                             return Ok(());
                         }
                     }
-                    other => return Err(format!("replica {id} sent {other:?}")),
+                    other => return Err(served(format!("replica {id} sent {other:?}"))),
                 }
             }
             Ok(())
         }
         NetMessage::HelloClient { client } => {
+            let _slot = slots
+                .clients
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| refused(Refused::TooMany)(format!("{CLIENTS_MAX} clients connected")))?;
             let (queue, mut outgoing) = mpsc::channel::<Bytes>(PEER_QUEUE_FRAMES_MAX);
             if inbox
                 .send(
@@ -1194,8 +1333,6 @@ async fn serve_connection(stream: TcpStream, inbox: Inbox, n: usize) -> std::res
                 return Ok(());
             }
             let writer = tokio::spawn(async move {
-                use futures::SinkExt;
-                let mut sink = tokio_util::codec::FramedWrite::new(write, net::codec());
                 while let Some(frame) = outgoing.recv().await {
                     if sink.feed(frame).await.is_err() {
                         return;
@@ -1212,14 +1349,14 @@ async fn serve_connection(stream: TcpStream, inbox: Inbox, n: usize) -> std::res
             });
             let result = async {
                 while let Some(frame) = frames.next().await {
-                    let frame = frame.map_err(|e| e.to_string())?;
-                    let input = match NetMessage::decode(&frame)? {
+                    let frame = frame.map_err(|e| served(e.to_string()))?;
+                    let input = match NetMessage::decode(&frame).map_err(served)? {
                         NetMessage::Request(mut request) => {
                             request.client = client;
                             Input::Request(request)
                         }
                         NetMessage::Subscribe { from_height } => Input::Subscribe { client, from_height },
-                        other => return Err(format!("client {client} sent {other:?}")),
+                        other => return Err(served(format!("client {client} sent {other:?}"))),
                     };
                     if inbox.send(input, frame.len()).await.is_err() {
                         break;
@@ -1232,7 +1369,9 @@ async fn serve_connection(stream: TcpStream, inbox: Inbox, n: usize) -> std::res
             writer.abort();
             result
         }
-        other => Err(format!("expected a hello, got {other:?}")),
+        other => Err(refused(Refused::BadHello)(format!(
+            "expected a hello, got {other:?}"
+        ))),
     }
 }
 

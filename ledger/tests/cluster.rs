@@ -342,3 +342,187 @@ async fn a_replica_that_lost_its_disk_rejoins_by_state_transfer_and_rebuilds_fro
     assert_eq!(rebuilt.state_root(), reference.state_root());
     rebuilt.check_invariants().unwrap();
 }
+
+/// Anyone can reach a replica's port: a caller that never says who it is, sends a first frame
+/// too large for a hello, sends garbage, or claims to be a replica without its key (a stolen
+/// or made-up signature) is closed, without taking the slots that replicas and gateways use;
+/// the cluster keeps committing through it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
+    use futures::{SinkExt, StreamExt};
+    use hoard_ledger::net::{self, NetMessage};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio_util::codec::Framed;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut world = World::new(1);
+    let mut cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
+    let address = cluster.cluster.replicas[0].address;
+    let client = ChainClient::connect(&cluster.cluster, 1);
+    let alice = key("alice", 0);
+    let setup = vec![
+        world.define_currency(T, "GOLD", 1_000_000),
+        world.register(T, &alice.public(), Custody::Custodial),
+    ];
+    let within = Duration::from_secs(20);
+    tokio::time::timeout(within, client.submit(&setup))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut minted = 0;
+    let mut mint = |world: &mut World| {
+        minted += 1;
+        world.mint_currency(T, &alice.public(), "GOLD", 1)
+    };
+
+    // The first frame on every accepted connection is a fresh challenge.
+    async fn challenged(
+        address: std::net::SocketAddr,
+    ) -> (
+        Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+        hoard_types::Hash,
+    ) {
+        let stream = TcpStream::connect(address).await.unwrap();
+        let mut framed = Framed::new(stream, net::codec());
+        let frame = tokio::time::timeout(Duration::from_secs(5), framed.next())
+            .await
+            .expect("a challenge in time")
+            .expect("a frame")
+            .unwrap();
+        match NetMessage::decode(&frame).unwrap() {
+            NetMessage::Challenge { nonce } => (framed, nonce),
+            other => panic!("expected a challenge, got {other:?}"),
+        }
+    }
+    /// Whether the replica closes the connection (reads end) within `wait`.
+    async fn closed_within(
+        framed: &mut Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+        wait: Duration,
+    ) -> bool {
+        matches!(
+            tokio::time::timeout(wait, framed.next()).await,
+            Ok(None) | Ok(Some(Err(_)))
+        )
+    }
+    let (_, first) = challenged(address).await;
+    let (_, second) = challenged(address).await;
+    assert_ne!(first, second, "a nonce per connection");
+
+    // Claims to be replica 1: with another key, with replica 1's key over another nonce (a
+    // replayed hello), and as the replica itself.
+    let quick = Duration::from_secs(3);
+    let forged = [
+        (1, key("mallory", 0), None),
+        (1, key("replica", 1), Some(hoard_types::Hash([7; 32]))),
+        (0, key("replica", 0), None),
+        (9, key("replica", 1), None),
+    ];
+    for (id, signer, other_nonce) in forged {
+        let (mut framed, nonce) = challenged(address).await;
+        let signed = net::hello_signed_bytes(&other_nonce.unwrap_or(nonce), id);
+        let hello = NetMessage::HelloReplica {
+            id,
+            signature: signer.sign(net::HELLO_DOMAIN, &signed),
+        };
+        framed.send(hello.encode()).await.unwrap();
+        assert!(
+            closed_within(&mut framed, quick).await,
+            "hello as replica {id} accepted"
+        );
+    }
+    // A first frame too large for a hello (its length is all it takes), and garbage.
+    let (framed, _) = challenged(address).await;
+    let mut stream = framed.into_inner();
+    stream
+        .write_all(&((64 * 1024 * 1024 - 1) as u32).to_be_bytes())
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        tokio::time::timeout(quick, stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap_or(0),
+        0,
+        "an oversized hello is refused at its length"
+    );
+    let (mut framed, _) = challenged(address).await;
+    framed.send(bytes::Bytes::from_static(b"\xc1\xc1")).await.unwrap();
+    assert!(
+        closed_within(&mut framed, quick).await,
+        "garbage accepted as a hello"
+    );
+
+    let committed = tokio::time::timeout(within, client.submit(&[mint(&mut world)]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(committed.receipts[0].outcome, Outcome::Applied);
+
+    // A genuine hello of replica 1 (its key, this connection's nonce) is served while replica 1
+    // is down; when replica 1 comes back, its new connection takes the place and closes this
+    // one. The cluster commits throughout.
+    cluster.stop(1).await;
+    let (mut framed, nonce) = challenged(address).await;
+    let hello = NetMessage::HelloReplica {
+        id: 1,
+        signature: key("replica", 1).sign(net::HELLO_DOMAIN, &net::hello_signed_bytes(&nonce, 1)),
+    };
+    framed.send(hello.encode()).await.unwrap();
+    let committed = tokio::time::timeout(within, client.submit(&[mint(&mut world)]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(committed.receipts[0].outcome, Outcome::Applied);
+    assert!(
+        !closed_within(&mut framed, Duration::from_secs(1)).await,
+        "a genuine hello refused"
+    );
+    cluster.restart(1);
+    assert!(
+        closed_within(&mut framed, within).await,
+        "replica 1's new connection did not take its place back"
+    );
+
+    // Callers that say nothing fill the handshake slots: one more is turned away at once, and
+    // replicas and gateways still connect (their slots are their own) and commit.
+    let mut silent = Vec::new();
+    for _ in 0..hoard_ledger::node::HANDSHAKES_MAX {
+        silent.push(challenged(address).await.0);
+    }
+    let mut turned_away = Framed::new(TcpStream::connect(address).await.unwrap(), net::codec());
+    assert!(
+        closed_within(&mut turned_away, quick).await,
+        "a handshake beyond the limit"
+    );
+    let late = ChainClient::connect(&cluster.cluster, 2);
+    let committed = tokio::time::timeout(within, late.submit(&[mint(&mut world)]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(committed.receipts[0].outcome, Outcome::Applied);
+    // Then each silent caller is closed after the hello timeout, and the slots are free again.
+    let started = std::time::Instant::now();
+    for framed in &mut silent {
+        assert!(
+            closed_within(framed, net::HELLO_TIMEOUT + Duration::from_secs(5)).await,
+            "a caller that never said hello stays connected"
+        );
+    }
+    assert!(started.elapsed() <= net::HELLO_TIMEOUT + Duration::from_secs(5));
+    drop(silent);
+    let (_, _) = challenged(address).await;
+
+    let committed = tokio::time::timeout(within, client.submit(&[mint(&mut world)]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(committed.receipts[0].outcome, Outcome::Applied);
+    let statuses = cluster
+        .wait_for_height(committed.height, Duration::from_secs(30))
+        .await;
+    assert!(statuses.iter().all(|s| s.state_root == statuses[0].state_root));
+    assert_eq!(minted, 4);
+    cluster.shutdown().await;
+}
