@@ -1477,6 +1477,12 @@ pub fn describe_metrics() {
         "Consensus messages rejected as invalid."
     );
     describe_counter!(
+        "hoard_replica_connections_refused_total",
+        "Connections accepted and closed before being served, by reason: too_many (no slot), \
+         hello_timeout (no hello in time), bad_hello (not a hello, too large, or a replica hello \
+         that does not verify)."
+    );
+    describe_counter!(
         "hoard_replica_messages_received_total",
         "Consensus messages received, by kind."
     );
