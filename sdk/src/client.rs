@@ -116,6 +116,9 @@ impl Client {
         let core = Arc::new(Core::new(options, credentials, url));
         let opened = connection::open(&core).await?;
         let _ = core.session.set(opened.session.clone());
+        // Recorded here, not only by the task: a submit right after `connect` (before the task
+        // first runs, as on a current-thread runtime) must compute its expiry from this head.
+        core.head_read(opened.head);
         core.state.send_replace(ConnectionState::Connected);
         let (commands, receiver) = mpsc::channel(connection::COMMAND_CHANNEL_CAPACITY);
         let (unsubscribes, unsubscribe_receiver) = mpsc::unbounded_channel();
@@ -144,7 +147,12 @@ impl Client {
         self.inner.core.state.subscribe()
     }
 
-    /// The chain head height this client knows (refreshed every second and by every commit).
+    /// The chain head height this client knows. It is read when the client connects and at each
+    /// reconnect, by [`Client::head`], and every `head_refresh_interval` (default 1 s, see
+    /// [`ClientOptions::head_refresh_interval`]) only while asset events are in flight; each
+    /// `committed` or `rejected` push this client receives raises it. An idle client's value can
+    /// therefore lag the chain: a submit or offer reads the head again first when it was last
+    /// read more than 10 s ago.
     pub fn known_head(&self) -> u64 {
         self.inner.core.head.load(Ordering::Relaxed)
     }
@@ -218,7 +226,12 @@ impl Client {
     /// Sends every buffered click now and waits until the gateway acknowledged them. Fails with
     /// [`Error::ConnectionLost`] (retryable) if the connection breaks first; with
     /// [`ClickDelivery::AtMostOnce`](crate::ClickDelivery) the unacknowledged clicks are then
-    /// dropped, not resent.
+    /// dropped, not resent. Fails with [`Error::Server`] if the gateway refused one of the frames
+    /// it waits for: `forbidden` (a player clicking for another player) or `invalid` are final
+    /// and that frame's clicks are dropped; `busy` or `rate_limited` are retryable and the clicks
+    /// stay buffered and are sent again after the delay asked for (also the answer while clicks
+    /// are paused by such a refusal). Fails with [`Error::Timeout`] without an answer within the
+    /// request timeout.
     pub async fn flush_clicks(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
         self.send(Command::FlushClicks(reply)).await?;

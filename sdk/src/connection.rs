@@ -65,6 +65,8 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 const INCOMING_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Capacity of the offer-update broadcast.
 pub(crate) const OFFER_UPDATES_CAPACITY: usize = 256;
+/// `Core::head_read_at_ms` before the head was first read.
+const HEAD_NEVER_READ: u64 = u64::MAX;
 
 type WsStream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -84,7 +86,8 @@ pub(crate) struct Core {
     pub(crate) reconnects: AtomicU64,
     /// Created on the first `offer_updates()` (most clients never ask: no buffer for them).
     pub(crate) offer_updates: OnceLock<broadcast::Sender<OfferUpdate>>,
-    /// When the head was last read from the gateway (milliseconds since `epoch`).
+    /// When the head was last read from the gateway (milliseconds since `epoch`);
+    /// [`HEAD_NEVER_READ`] until the first read.
     head_read_at_ms: AtomicU64,
     epoch: std::time::Instant,
     next_request_id: AtomicU64,
@@ -110,7 +113,7 @@ impl Core {
             closed: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             offer_updates: OnceLock::new(),
-            head_read_at_ms: AtomicU64::new(0),
+            head_read_at_ms: AtomicU64::new(HEAD_NEVER_READ),
             epoch: std::time::Instant::now(),
             next_request_id: AtomicU64::new(1),
         }
@@ -123,10 +126,15 @@ impl Core {
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// How long ago the head was last read from the gateway.
+    /// How long ago the head was last read from the gateway ([`Duration::MAX`] if it never was:
+    /// the initial head of 0 is a placeholder, never a height to compute an expiry from).
     pub(crate) fn head_age(&self) -> Duration {
+        let read_at = self.head_read_at_ms.load(Ordering::Relaxed);
+        if read_at == HEAD_NEVER_READ {
+            return Duration::MAX;
+        }
         let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.head_read_at_ms.load(Ordering::Relaxed)))
+        Duration::from_millis(now.saturating_sub(read_at))
     }
 
     /// The offer-update broadcast, created on first use.
@@ -233,6 +241,14 @@ struct EventEntry {
     expired_refusal: bool,
     /// The gateway said `not_found` to an accept.
     accept_refused: bool,
+}
+
+/// A `flush_clicks` waiting for the acknowledgement of every clicks frame up to `sequence`.
+struct ClickWaiter {
+    sequence: u64,
+    /// Failed with `Timeout` when no answer settled it by then (`request_timeout`).
+    deadline: Instant,
+    reply: oneshot::Sender<Result<()>>,
 }
 
 struct SubscriptionEntry {
@@ -466,7 +482,7 @@ pub(crate) struct Task {
     server_subscriptions: HashMap<u64, u64>,
     offer_waiters: HashMap<EventId, u64>,
     clicks_unacked: VecDeque<(u64, ClickBatch)>,
-    click_waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
+    click_waiters: Vec<ClickWaiter>,
     clicks_paused_until: Option<Instant>,
     click_scratch: Vec<ClickBatch>,
     click_scratch_bodies: Vec<Vec<u8>>,
@@ -687,9 +703,12 @@ impl Task {
     }
 
     /// Whether anything needs the housekeeping timer: requests with deadlines, events in flight,
-    /// paused clicks.
+    /// paused clicks, click flushes waiting for their acknowledgement.
     fn has_timed_work(&self) -> bool {
-        !self.pending.is_empty() || !self.events.is_empty() || self.clicks_paused_until.is_some()
+        !self.pending.is_empty()
+            || !self.events.is_empty()
+            || self.clicks_paused_until.is_some()
+            || !self.click_waiters.is_empty()
     }
 
     async fn write(&mut self, connection: &mut Connection) -> std::result::Result<(), String> {
@@ -782,21 +801,37 @@ impl Task {
         self.core.state.send_replace(ConnectionState::Connected);
     }
 
+    /// The connection broke: answers to what was sent on it will never come. Keeps only the
+    /// external requests sent again after the reconnect (replayable ones, and those not sent yet);
+    /// a non-replayable one that was sent fails with `ConnectionLost`. Every internal entry is
+    /// dropped, as nobody waits on it: events are sent again (re-registering their request ids),
+    /// subscriptions are re-established under new request ids (a caller of `subscribe` keeps
+    /// waiting on its `SubscriptionEntry`, bounded by its own timeout), and head reads, status
+    /// checks and unsubscribes belong to the old connection (the `status_in_flight` flags are
+    /// cleared below, so status checks are sent again).
     fn on_disconnected(&mut self) {
         self.connected = false;
         self.core.state.send_replace(ConnectionState::Disconnected);
         let request_ids: Vec<u64> = self.pending.keys().copied().collect();
         for request_id in request_ids {
-            if let Some(Pending::External(mut request)) = self.pending.remove(&request_id) {
-                if request.sent && !request.replay {
-                    if let Some(offer_id) = request.offer_id {
-                        self.offer_waiters.remove(&offer_id);
+            match self.pending.remove(&request_id) {
+                Some(Pending::External(mut request)) => {
+                    if request.sent && !request.replay {
+                        if let Some(offer_id) = request.offer_id {
+                            self.offer_waiters.remove(&offer_id);
+                        }
+                        let _ = request.reply.send(Err(Error::ConnectionLost));
+                    } else {
+                        request.sent = false;
+                        self.pending.insert(request_id, Pending::External(request));
                     }
-                    let _ = request.reply.send(Err(Error::ConnectionLost));
-                } else {
-                    request.sent = false;
-                    self.pending.insert(request_id, Pending::External(request));
                 }
+                Some(Pending::Head)
+                | Some(Pending::EventStatus(_))
+                | Some(Pending::Event(_))
+                | Some(Pending::Subscribe(_))
+                | Some(Pending::Unsubscribe)
+                | None => {}
             }
         }
         for entry in self.events.values_mut() {
@@ -816,8 +851,8 @@ impl Task {
                 buffer.requeue_front(unacked);
             }
         }
-        for (_, waiter) in self.click_waiters.drain(..) {
-            let _ = waiter.send(Err(Error::ConnectionLost));
+        for waiter in self.click_waiters.drain(..) {
+            let _ = waiter.reply.send(Err(Error::ConnectionLost));
         }
     }
 
@@ -842,8 +877,8 @@ impl Task {
                 *entry.end.error.lock().expect("subscription end lock") = Some(error.clone());
             }
         }
-        for (_, waiter) in self.click_waiters.drain(..) {
-            let _ = waiter.send(Err(error.clone()));
+        for waiter in self.click_waiters.drain(..) {
+            let _ = waiter.reply.send(Err(error.clone()));
         }
         self.commands.close();
         while let Ok(command) = self.commands.try_recv() {
@@ -957,19 +992,27 @@ impl Task {
                     return;
                 }
                 self.send_clicks(true);
+                // Connected, clicks left unsent only while paused after a temporary refusal:
+                // waiting for the frames in flight would report those as delivered.
+                if !self.core.clicks.lock().expect("click buffer lock").is_empty() {
+                    let retry_after_ms = self
+                        .clicks_paused_until
+                        .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64);
+                    let _ = reply.send(Err(Error::server(
+                        ErrorCode::Busy,
+                        "clicks are paused after a refusal".into(),
+                        retry_after_ms,
+                    )));
+                    return;
+                }
                 match self.clicks_unacked.back() {
-                    Some((sequence, _)) => self.click_waiters.push((*sequence, reply)),
+                    Some((sequence, _)) => self.click_waiters.push(ClickWaiter {
+                        sequence: *sequence,
+                        deadline: Instant::now() + self.core.options.request_timeout,
+                        reply,
+                    }),
                     None => {
-                        let empty = self.core.clicks.lock().expect("click buffer lock").is_empty();
-                        let _ = reply.send(if empty {
-                            Ok(())
-                        } else {
-                            Err(Error::server(
-                                ErrorCode::Busy,
-                                "clicks are paused after a refusal".into(),
-                                None,
-                            ))
-                        });
+                        let _ = reply.send(Ok(()));
                     }
                 }
             }
@@ -1074,11 +1117,16 @@ impl Task {
                 buffer.recycle(body);
             }
         }
+        self.settle_click_waiters(|sequence| sequence <= up_to, || Ok(()));
+    }
+
+    /// Answers (and forgets) the click waiters whose sequence `settles` selects.
+    fn settle_click_waiters(&mut self, settles: impl Fn(u64) -> bool, result: impl Fn() -> Result<()>) {
         let mut index = 0;
         while index < self.click_waiters.len() {
-            if self.click_waiters[index].0 <= up_to {
-                let (_, waiter) = self.click_waiters.swap_remove(index);
-                let _ = waiter.send(Ok(()));
+            if settles(self.click_waiters[index].sequence) {
+                let waiter = self.click_waiters.swap_remove(index);
+                let _ = waiter.reply.send(result());
             } else {
                 index += 1;
             }
@@ -1086,22 +1134,36 @@ impl Task {
     }
 
     /// A `clicks` frame was refused: retry it later if the refusal is temporary, else drop it.
-    fn on_clicks_error(&mut self, position: usize, code: ErrorCode, message: &str, retry: Duration) {
+    /// Either way every `flush_clicks` whose frames include it fails with the refusal (a later
+    /// cumulative ack must not report those clicks as delivered): with a temporary refusal the
+    /// clicks stay buffered and are sent again, so the error is retryable.
+    fn on_clicks_error(
+        &mut self,
+        position: usize,
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: Option<u64>,
+        retry: Duration,
+    ) {
         let (sequence, batch) = self.clicks_unacked.remove(position).expect("position is valid");
-        let mut buffer = self.core.clicks.lock().expect("click buffer lock");
-        buffer.unacked_batches -= 1;
-        if code.is_retryable() {
-            buffer.requeue_front(vec![batch]);
-            self.clicks_paused_until = Some(Instant::now() + retry);
-        } else {
-            warn!(
-                sequence,
-                ?code,
-                message,
-                clicks = batch.count,
-                "the gateway refused a clicks frame"
-            );
+        {
+            let mut buffer = self.core.clicks.lock().expect("click buffer lock");
+            buffer.unacked_batches -= 1;
+            if code.is_retryable() {
+                buffer.requeue_front(vec![batch]);
+                self.clicks_paused_until = Some(Instant::now() + retry);
+            } else {
+                warn!(
+                    sequence,
+                    ?code,
+                    message,
+                    clicks = batch.count,
+                    "the gateway refused a clicks frame"
+                );
+            }
         }
+        let error = Error::server(code, message, retry_after_ms);
+        self.settle_click_waiters(|waiting_for| waiting_for >= sequence, || Err(error.clone()));
     }
 
     // ----- incoming -----
@@ -1256,7 +1318,7 @@ impl Task {
             .iter()
             .position(|(sequence, _)| *sequence == request_id)
         {
-            self.on_clicks_error(position, code, &message, retry);
+            self.on_clicks_error(position, code, message, retry_after_ms, retry);
             return;
         }
         let now = Instant::now();
@@ -1489,6 +1551,16 @@ impl Task {
                 let _ = request.reply.send(Err(Error::Timeout(timeout)));
             }
         }
+        // Click flushes: an acknowledgement the gateway never sends must not leave one waiting.
+        let mut index = 0;
+        while index < self.click_waiters.len() {
+            if self.click_waiters[index].deadline <= now {
+                let waiter = self.click_waiters.swap_remove(index);
+                let _ = waiter.reply.send(Err(Error::Timeout(timeout)));
+            } else {
+                index += 1;
+            }
+        }
         if !self.connected {
             return;
         }
@@ -1584,5 +1656,244 @@ fn answer_request_id(message: &ServerMessage) -> Option<u64> {
         | ServerMessage::OfferReceived { .. }
         | ServerMessage::OfferClosed { .. }
         | ServerMessage::Activity { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hoard_types::{Keypair, TenantId};
+    use tokio::sync::oneshot::error::TryRecvError;
+
+    /// A task with no connection behind it (its command senders are returned to keep it open).
+    fn task(options: ClientOptions) -> (Task, mpsc::Sender<Command>, mpsc::UnboundedSender<u64>) {
+        let credentials = Credentials::studio(TenantId(1), Keypair::generate());
+        let core = Arc::new(Core::new(options, credentials, "ws://127.0.0.1:1/v1".to_owned()));
+        let (commands, receiver) = mpsc::channel(8);
+        let (unsubscribes, unsubscribe_receiver) = mpsc::unbounded_channel();
+        (
+            Task::new(core, receiver, unsubscribe_receiver),
+            commands,
+            unsubscribes,
+        )
+    }
+
+    fn request(task: &mut Task, replay: bool) -> oneshot::Receiver<Result<ServerMessage>> {
+        let (reply, answer) = oneshot::channel();
+        let request_id = task.core.next_request_id();
+        task.on_command(Command::Request(Box::new(Request {
+            request_id,
+            frame: Bytes::from_static(b"request"),
+            replay,
+            offer_id: None,
+            reply,
+        })));
+        answer
+    }
+
+    fn subscribe(
+        task: &mut Task,
+        local_id: u64,
+    ) -> (oneshot::Receiver<Result<()>>, mpsc::Receiver<Activity>) {
+        let (sender, activities) = mpsc::channel(4);
+        let (reply, answer) = oneshot::channel();
+        task.on_command(Command::Subscribe(Box::new(SubscribeCommand {
+            local_id,
+            account: None,
+            from_height: Some(1),
+            sender,
+            end: Arc::new(SubscriptionEnd::default()),
+            reply,
+        })));
+        (answer, activities)
+    }
+
+    fn submit(task: &mut Task) -> (EventId, oneshot::Receiver<Result<Committed>>) {
+        let event_id = EventId::random();
+        let (accepted, _) = oneshot::channel();
+        let (committed, outcome) = oneshot::channel();
+        let permit = task.core.permits.clone().try_acquire_owned().expect("a permit");
+        task.on_command(Command::Submit(Box::new(Submission {
+            event_id,
+            request_id: task.core.next_request_id(),
+            frame: Bytes::from_static(b"submit"),
+            kind: EventKind::Submit,
+            expires_at: 100,
+            permit,
+            accepted,
+            committed,
+        })));
+        (event_id, outcome)
+    }
+
+    fn flush(task: &mut Task) -> oneshot::Receiver<Result<()>> {
+        let (reply, done) = oneshot::channel();
+        task.on_command(Command::FlushClicks(reply));
+        done
+    }
+
+    fn click(task: &Task) {
+        task.core
+            .clicks
+            .lock()
+            .expect("click buffer lock")
+            .push(&Keypair::generate().public(), "gold", 1)
+            .expect("room for a click");
+    }
+
+    fn count(task: &Task, which: impl Fn(&Pending) -> bool) -> usize {
+        task.pending.values().filter(|pending| which(pending)).count()
+    }
+
+    #[test]
+    fn the_head_counts_as_never_read_until_it_is() {
+        let (task, _commands, _unsubscribes) = task(ClientOptions::new());
+        assert_eq!(task.core.head_age(), Duration::MAX);
+        task.core.head_read(0);
+        assert!(task.core.head_age() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_disconnect_keeps_only_what_is_sent_again() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let mut read = request(&mut task, true);
+        let mut offer = request(&mut task, false);
+        let (mut subscribed, _activities) = subscribe(&mut task, 1);
+        let (event_id, mut committed) = submit(&mut task);
+        // What the task asks for itself: a head refresh, a status check, an unsubscribe.
+        let head_id = task.core.next_request_id();
+        task.pending.insert(head_id, Pending::Head);
+        let status_id = task.core.next_request_id();
+        task.pending.insert(status_id, Pending::EventStatus(event_id));
+        task.events.get_mut(&event_id).expect("tracked").status_in_flight = true;
+        let unsubscribe_id = task.core.next_request_id();
+        task.pending.insert(unsubscribe_id, Pending::Unsubscribe);
+        click(&task);
+        let mut flushed = flush(&mut task);
+        assert_eq!(task.pending.len(), 7);
+        task.outbox.clear();
+
+        task.on_disconnected();
+        // The non-replayable request and the flush fail; the read waits to be sent again.
+        assert_eq!(offer.try_recv().expect("answered"), Err(Error::ConnectionLost));
+        assert_eq!(flushed.try_recv().expect("answered"), Err(Error::ConnectionLost));
+        assert_eq!(read.try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(task.pending.len(), 1, "only the replayable read is left");
+        assert_eq!(
+            count(
+                &task,
+                |p| matches!(p, Pending::External(r) if !r.sent && r.replay)
+            ),
+            1
+        );
+        // The subscription and the event are kept (outside the table), not failed.
+        assert_eq!(subscribed.try_recv(), Err(TryRecvError::Empty));
+        assert_eq!(committed.try_recv(), Err(TryRecvError::Empty));
+        let entry = &task.events[&event_id];
+        assert!(!entry.sent && !entry.status_in_flight);
+
+        // The reconnect sends again exactly what was kept: the read, the subscription, the event.
+        task.on_connected(6, &Limits::default());
+        assert_eq!(task.pending.len(), 3);
+        assert_eq!(count(&task, |p| matches!(p, Pending::External(r) if r.sent)), 1);
+        assert_eq!(count(&task, |p| matches!(p, Pending::Subscribe(1))), 1);
+        assert_eq!(
+            count(&task, |p| matches!(p, Pending::Event(id) if *id == event_id)),
+            1
+        );
+        assert_eq!(task.outbox.len(), 3);
+    }
+
+    #[test]
+    fn internal_requests_lost_with_the_connection_leave_no_timed_work() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        for pending in [
+            Pending::Head,
+            Pending::EventStatus(EventId::random()),
+            Pending::Event(EventId::random()),
+            Pending::Subscribe(9),
+            Pending::Unsubscribe,
+        ] {
+            let request_id = task.core.next_request_id();
+            task.pending.insert(request_id, pending);
+        }
+        assert!(task.has_timed_work());
+        task.on_disconnected();
+        assert!(task.pending.is_empty());
+        assert!(
+            !task.has_timed_work(),
+            "no answer can come: the housekeeping tick must stop"
+        );
+    }
+
+    #[test]
+    fn a_final_click_refusal_fails_the_flushes_waiting_for_it() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        click(&task);
+        let mut first = flush(&mut task);
+        let refused = task.clicks_unacked.back().expect("sent").0;
+        click(&task);
+        let mut second = flush(&mut task);
+        let later = task.clicks_unacked.back().expect("sent").0;
+        assert!(later > refused);
+
+        task.on_error(refused, ErrorCode::Forbidden, "not yours".into(), None);
+        for done in [&mut first, &mut second] {
+            let error = done.try_recv().expect("answered").unwrap_err();
+            assert_eq!(error.kind(), crate::ErrorKind::Server(ErrorCode::Forbidden));
+            assert!(!error.is_retryable());
+        }
+        assert!(task.click_waiters.is_empty());
+        // The later frame's ack settles nothing more, and the refused clicks are not resent.
+        task.on_message(ServerMessage::ClicksAck { up_to: later });
+        assert!(task.clicks_unacked.is_empty());
+        assert!(task.core.clicks.lock().expect("click buffer lock").is_empty());
+        assert_eq!(
+            task.core
+                .clicks
+                .lock()
+                .expect("click buffer lock")
+                .unacked_batches,
+            0
+        );
+    }
+
+    #[test]
+    fn a_temporary_click_refusal_fails_the_flush_retryably_and_keeps_the_clicks() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        click(&task);
+        let mut done = flush(&mut task);
+        let refused = task.clicks_unacked.back().expect("sent").0;
+        task.on_error(refused, ErrorCode::Busy, "later".into(), Some(10_000));
+        let error = done.try_recv().expect("answered").unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Server(ErrorCode::Busy));
+        assert_eq!(error.retry_after(), Some(Duration::from_secs(10)));
+        assert!(!task.core.clicks.lock().expect("click buffer lock").is_empty());
+        // While paused, a flush cannot be honest about the held-back clicks: it fails at once.
+        let error = flush(&mut task).try_recv().expect("answered").unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Server(ErrorCode::Busy));
+        assert!(error
+            .retry_after()
+            .is_some_and(|after| after > Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_flush_without_an_ack_times_out() {
+        let timeout = Duration::from_millis(20);
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new().request_timeout(timeout));
+        task.on_connected(5, &Limits::default());
+        click(&task);
+        let mut done = flush(&mut task);
+        assert!(task.has_timed_work());
+        task.housekeeping();
+        assert_eq!(done.try_recv(), Err(TryRecvError::Empty));
+        std::thread::sleep(timeout + Duration::from_millis(10));
+        task.housekeeping();
+        assert_eq!(done.try_recv().expect("answered"), Err(Error::Timeout(timeout)));
+        assert!(task.click_waiters.is_empty());
     }
 }

@@ -11,7 +11,7 @@
 //!
 //! # async fn run() -> hoard_sdk::Result<()> {
 //! let studio_key = keys::load("studio.key")?;
-//! let client = Client::connect("ws://127.0.0.1:8080", Credentials::studio(TenantId(1), studio_key)).await?;
+//! let client = Client::connect("ws://127.0.0.1:8080", Credentials::studio(TenantId(1), studio_key.clone())).await?;
 //!
 //! // A new player: an account on the chain (custodial: the studio signs for it).
 //! let player = keys::generate().public();
@@ -26,7 +26,6 @@
 //! println!("granted at height {}", committed.height);
 //!
 //! // A player's view, with a session token the studio signs offline.
-//! # let studio_key = keys::generate();
 //! let token = keys::issue_session_token(&studio_key, TenantId(1), player, std::time::Duration::from_secs(3600))?;
 //! let player_client = Client::connect("ws://127.0.0.1:8080", Credentials::player(token)).await?;
 //! println!("{:?}", player_client.balances(player).await?.balances);

@@ -245,7 +245,8 @@ impl ClientOptions {
         self
     }
 
-    /// How often the client refreshes its view of the chain head. Default 1 s.
+    /// How often the client reads the chain head again while asset events are in flight (an idle
+    /// client does not; see [`crate::Client::known_head`]). Default 1 s.
     pub fn head_refresh_interval(mut self, interval: Duration) -> ClientOptions {
         self.head_refresh_interval = interval.max(Duration::from_millis(10));
         self

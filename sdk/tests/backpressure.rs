@@ -5,6 +5,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use common::{define_gem, fast_options, Proxy, Stack};
 use hoard_sdk::{Amount, CurrencyId, Custody, Error, Keypair};
 
@@ -166,33 +168,39 @@ async fn a_burst_of_thousands_of_events_all_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_gateway_is_retried_after_the_delay_it_asks_for() {
+    // Longer than the backlog below takes to clear, so that a resend before it would be accepted.
+    const RETRY_AFTER: Duration = Duration::from_secs(4);
     // A gateway that holds at most 3 uncommitted events and commits nothing answers `busy`.
     let stack = Stack::start_with(|config| {
         config.events.batcher = false;
         config.events.pending_max = 3;
-        config.events.busy_retry_after_ms = 50;
+        config.events.busy_retry_after_ms = RETRY_AFTER.as_millis() as u64;
     })
     .await;
     let studio = stack.studio_at(&stack.url()).await;
     let mut handles = Vec::new();
-    for _ in 0..5 {
-        handles.push(
+    for _ in 0..3 {
+        let mut handle = studio
+            .register_account(Keypair::generate().public(), Custody::Custodial)
+            .await
+            .unwrap();
+        handle.accepted().await.unwrap();
+        handles.push(handle);
+    }
+    // The gateway is full: these two are refused with `busy`, after `refused_from`.
+    let refused_from = Instant::now();
+    let mut refused = Vec::new();
+    for _ in 0..2 {
+        refused.push(
             studio
                 .register_account(Keypair::generate().public(), Custody::Custodial)
                 .await
                 .unwrap(),
         );
     }
-    for handle in &mut handles[..3] {
-        handle.accepted().await.unwrap();
-    }
-    // The last ones are refused with `busy` and retried, not failed.
-    let last = handles.last_mut().unwrap();
-    assert!(tokio::time::timeout(Duration::from_millis(500), last.accepted())
-        .await
-        .is_err());
 
-    // A gateway with a batcher commits the backlog; the retried events go through.
+    // A gateway with a batcher commits the backlog, which makes room well before the delay asked
+    // for ends...
     let mut config = stack.gateway.config.clone();
     config.events.batcher = true;
     let world = hoard_ledger::testing::World::new(2);
@@ -203,6 +211,32 @@ async fn a_busy_gateway_is_retried_after_the_delay_it_asks_for() {
     let results = tokio::time::timeout(
         Duration::from_secs(30),
         futures::future::join_all(handles.into_iter().map(|handle| handle.committed())),
+    )
+    .await
+    .expect("the backlog commits");
+    assert!(results.iter().all(|result| result.is_ok()), "{results:?}");
+    let room_after = refused_from.elapsed();
+    assert!(
+        room_after + Duration::from_millis(500) < RETRY_AFTER,
+        "the backlog took {room_after:?}: too long to tell an early resend"
+    );
+
+    // ...yet the refused events are not sent again before it: they are accepted only after it,
+    // then commit (retried, not failed).
+    for handle in &mut refused {
+        tokio::time::timeout(Duration::from_secs(30), handle.accepted())
+            .await
+            .expect("the retried event is accepted")
+            .unwrap();
+        let accepted_after = refused_from.elapsed();
+        assert!(
+            accepted_after >= RETRY_AFTER,
+            "resent after {accepted_after:?}, before the {RETRY_AFTER:?} the gateway asked for"
+        );
+    }
+    let results = tokio::time::timeout(
+        Duration::from_secs(30),
+        futures::future::join_all(refused.into_iter().map(|handle| handle.committed())),
     )
     .await
     .expect("every event resolves");

@@ -116,8 +116,40 @@ async fn refusals_and_rejections_are_typed_and_final() {
     let error = player.leaderboard("gold", 10).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Server(ErrorCode::Forbidden), "{error}");
     assert!(!error.is_retryable());
-    // A player clicking for someone else: refused by the gateway (the clicks are dropped), while
+    // A player clicking for someone else: the gateway refuses the frame (its clicks are dropped)
+    // and the flush waiting for it fails with that refusal, within the request timeout, while
     // its own clicks count.
+    player.click(&alice, "gold", 1).unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(10), player.flush_clicks())
+        .await
+        .expect("the flush resolves")
+        .unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::Server(ErrorCode::Forbidden), "{error}");
+    assert!(!error.is_retryable());
+    player.click(&player_key.public(), "gold", 3).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), player.flush_clicks())
+        .await
+        .expect("the flush resolves")
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let alices = studio.counter("gold", Some(alice)).await.unwrap();
+        assert_eq!(
+            alices.player_total.unwrap_or(0),
+            0,
+            "the refused click was dropped"
+        );
+        let own = studio.counter("gold", Some(player_key.public())).await.unwrap();
+        if own.player_total == Some(3) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "own clicks counted: {own:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Nor may it read another account.
     let error = player.balances(alice).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::Server(ErrorCode::Forbidden));
     // A custodial player holds no key: it cannot sign a transfer itself.
@@ -178,22 +210,33 @@ async fn connection_failures_are_retryable_and_urls_are_checked() {
 async fn a_client_that_gives_up_reconnecting_fails_outstanding_work_with_closed() {
     let stack = Stack::start().await;
     let proxy = common::Proxy::start(stack.ws_addr()).await;
+    // Three attempts of at least 100 ms each: the submit below lands well before the client
+    // gives up.
     let studio = fast_options()
         .reconnect(ReconnectPolicy {
-            initial_delay: Duration::from_millis(5),
-            max_delay: Duration::from_millis(10),
+            initial_delay: Duration::from_millis(200),
+            max_delay: Duration::from_millis(400),
             max_attempts: Some(3),
         })
         .connect(&proxy.url(), stack.studio_credentials())
         .await
         .unwrap();
     proxy.set_refusing(true);
-    let handle = studio
+    proxy.cut();
+    let mut state = studio.state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|state| *state != hoard_sdk::ConnectionState::Connected),
+    )
+    .await
+    .expect("the client sees the cut")
+    .unwrap();
+    // Submitted after the cut, so never sent: it can only fail, with Closed, once the client
+    // gives up.
+    let mut handle = studio
         .register_account(Keypair::generate().public(), Custody::Custodial)
         .await
         .unwrap();
-    proxy.cut();
-    let mut state = studio.state();
     tokio::time::timeout(
         Duration::from_secs(10),
         state.wait_for(|state| *state == hoard_sdk::ConnectionState::Closed),
@@ -201,10 +244,8 @@ async fn a_client_that_gives_up_reconnecting_fails_outstanding_work_with_closed(
     .await
     .expect("the client closes")
     .unwrap();
-    // The event may have committed before the cut; if not, it fails with Closed.
-    if let Err(error) = handle.committed().await {
-        assert_eq!(error, Error::Closed);
-    }
+    assert_eq!(handle.accepted().await, Err(Error::Closed));
+    assert_eq!(handle.committed().await, Err(Error::Closed));
     assert_eq!(studio.head().await.unwrap_err(), Error::Closed);
     assert_eq!(
         studio
