@@ -8,6 +8,9 @@
 //!   same bytes (the ledger deduplicates by event id, so it takes effect once);
 //! - accepted events not committed after `status_poll_after`, and events whose fate is unclear
 //!   (an `expired` refusal, an accept after a reconnect) are checked with `event_status`;
+//! - an event past its expiry whose status is `unknown` resolves with `Expired` only if no
+//!   gateway can have taken it (never accepted, and every send refused); otherwise with
+//!   `OutcomeUnknown`, as the ledger forgets event ids after their expiry;
 //! - `busy`, `rate_limited` and `unavailable` refusals are retried after `retry_after_ms`;
 //! - subscriptions are re-established with `from_height` = the last height delivered, and
 //!   duplicates of that height are dropped;
@@ -233,6 +236,10 @@ struct EventEntry {
     /// Accepted on the current connection at this time.
     accepted_at: Option<Instant>,
     ever_accepted: bool,
+    /// A gateway may have taken it: it was accepted, or it was sent and the connection broke
+    /// before any answer. Once set, an expiry can no longer prove that it never applied (the
+    /// ledger forgets event ids after their expiry), so it resolves with `OutcomeUnknown`.
+    maybe_applied: bool,
     resend_at: Option<Instant>,
     needs_status: bool,
     status_in_flight: bool,
@@ -259,6 +266,8 @@ struct SubscriptionEntry {
     server_id: Option<u64>,
     dedup: Dedup,
     reply: Option<oneshot::Sender<Result<()>>>,
+    /// A resume was refused temporarily (`busy`, `rate_limited`, ...): send it again then.
+    resubscribe_at: Option<Instant>,
 }
 
 impl SubscriptionEntry {
@@ -703,12 +712,16 @@ impl Task {
     }
 
     /// Whether anything needs the housekeeping timer: requests with deadlines, events in flight,
-    /// paused clicks, click flushes waiting for their acknowledgement.
+    /// paused clicks, click flushes waiting for their acknowledgement, delayed resumes.
     fn has_timed_work(&self) -> bool {
         !self.pending.is_empty()
             || !self.events.is_empty()
             || self.clicks_paused_until.is_some()
             || !self.click_waiters.is_empty()
+            || self
+                .subscriptions
+                .values()
+                .any(|entry| entry.resubscribe_at.is_some())
     }
 
     async fn write(&mut self, connection: &mut Connection) -> std::result::Result<(), String> {
@@ -761,8 +774,11 @@ impl Task {
         // Subscriptions first, resuming where each left off.
         let subscriptions: Vec<(u64, Option<PublicKey>, Option<u64>)> = self
             .subscriptions
-            .iter()
-            .map(|(local_id, entry)| (*local_id, entry.account, entry.resume_height()))
+            .iter_mut()
+            .map(|(local_id, entry)| {
+                entry.resubscribe_at = None;
+                (*local_id, entry.account, entry.resume_height())
+            })
             .collect();
         for (local_id, account, from_height) in subscriptions {
             self.send_subscribe(local_id, account, from_height);
@@ -835,6 +851,8 @@ impl Task {
             }
         }
         for entry in self.events.values_mut() {
+            // Sent and neither refused nor answered: the gateway may have taken it.
+            entry.maybe_applied |= entry.sent;
             entry.sent = false;
             entry.accepted_at = None;
             entry.status_in_flight = false;
@@ -873,8 +891,14 @@ impl Task {
         for (_, entry) in self.subscriptions.drain() {
             if let Some(reply) = entry.reply {
                 let _ = reply.send(Err(error.clone()));
-            } else if error != Error::Closed {
-                *entry.end.error.lock().expect("subscription end lock") = Some(error.clone());
+            } else {
+                // The stream ends with this error (`Closed` included) once it drained its buffer.
+                entry
+                    .end
+                    .error
+                    .lock()
+                    .expect("subscription end lock")
+                    .get_or_insert_with(|| error.clone());
             }
         }
         for waiter in self.click_waiters.drain(..) {
@@ -956,6 +980,7 @@ impl Task {
                         sent: false,
                         accepted_at: None,
                         ever_accepted: false,
+                        maybe_applied: false,
                         resend_at: None,
                         needs_status: false,
                         status_in_flight: false,
@@ -980,6 +1005,7 @@ impl Task {
                         server_id: None,
                         dedup: Dedup::default(),
                         reply: Some(subscribe.reply),
+                        resubscribe_at: None,
                     },
                 );
                 if self.connected {
@@ -1137,6 +1163,12 @@ impl Task {
     /// Either way every `flush_clicks` whose frames include it fails with the refusal (a later
     /// cumulative ack must not report those clicks as delivered): with a temporary refusal the
     /// clicks stay buffered and are sent again, so the error is retryable.
+    ///
+    /// Except `unavailable` (a strict-mode gateway whose Redis flush failed): the gateway keeps
+    /// those clicks and writes them later, so resending them may count them twice. They are
+    /// resent only under [`ClickDelivery::AtLeastOnce`]; under [`ClickDelivery::AtMostOnce`]
+    /// they are dropped here (the gateway may still count them, once), and the flushes waiting
+    /// on them fail with the refusal all the same.
     fn on_clicks_error(
         &mut self,
         position: usize,
@@ -1149,9 +1181,21 @@ impl Task {
         {
             let mut buffer = self.core.clicks.lock().expect("click buffer lock");
             buffer.unacked_batches -= 1;
+            let kept_by_gateway = code == ErrorCode::Unavailable;
+            let resend = code.is_retryable()
+                && (!kept_by_gateway || self.core.options.click_delivery == ClickDelivery::AtLeastOnce);
             if code.is_retryable() {
-                buffer.requeue_front(vec![batch]);
                 self.clicks_paused_until = Some(Instant::now() + retry);
+            }
+            if resend {
+                buffer.requeue_front(vec![batch]);
+            } else if kept_by_gateway {
+                debug!(
+                    sequence,
+                    clicks = batch.count,
+                    "clicks refused as unavailable: the gateway keeps them; not resent (at most once)"
+                );
+                buffer.recycle(batch.body);
             } else {
                 warn!(
                     sequence,
@@ -1350,6 +1394,19 @@ impl Task {
                 }
             }
             Some(Pending::Subscribe(local_id)) => {
+                // A resume refused temporarily is sent again later (or after the reconnect that
+                // follows `shutting_down`); only a final refusal ends the subscription.
+                if let Some(entry) = self.subscriptions.get_mut(&local_id) {
+                    if entry.reply.is_none() && code.is_retryable() {
+                        debug!(
+                            ?code,
+                            ?retry,
+                            "a subscription's resume was refused for now; retrying"
+                        );
+                        entry.resubscribe_at = Some(now + retry);
+                        return;
+                    }
+                }
                 if let Some(entry) = self.subscriptions.remove(&local_id) {
                     let error = Error::server(code, message, retry_after_ms);
                     match entry.reply {
@@ -1402,6 +1459,7 @@ impl Task {
     fn mark_accepted(&mut self, event_id: EventId) {
         if let Some(entry) = self.events.get_mut(&event_id) {
             entry.ever_accepted = true;
+            entry.maybe_applied = true;
             if entry.accepted_at.is_none() {
                 entry.accepted_at = Some(Instant::now());
             }
@@ -1447,7 +1505,14 @@ impl Task {
             }
             EventState::Unknown => {
                 if entry.expired_refusal || head > entry.expires_at {
-                    self.resolve(event_id, Err(Error::Expired { event_id }));
+                    // The ledger forgets an event id after its expiry: `unknown` proves that it
+                    // never applied only if no gateway can have taken it.
+                    let error = if entry.maybe_applied {
+                        Error::OutcomeUnknown { event_id }
+                    } else {
+                        Error::Expired { event_id }
+                    };
+                    self.resolve(event_id, Err(error));
                 } else if entry.accept_refused {
                     self.resolve(
                         event_id,
@@ -1580,6 +1645,19 @@ impl Task {
         for request_id in due {
             self.send_external(request_id);
         }
+        // Resumes refused for now.
+        let resumes: Vec<(u64, Option<PublicKey>, Option<u64>)> = self
+            .subscriptions
+            .iter_mut()
+            .filter(|(_, entry)| entry.resubscribe_at.is_some_and(|at| at <= now))
+            .map(|(local_id, entry)| {
+                entry.resubscribe_at = None;
+                (*local_id, entry.account, entry.resume_height())
+            })
+            .collect();
+        for (local_id, account, from_height) in resumes {
+            self.send_subscribe(local_id, account, from_height);
+        }
         // The chain head, for expiry heights.
         if !self.events.is_empty()
             && now.duration_since(self.last_head_refresh) >= self.core.options.head_refresh_interval
@@ -1708,6 +1786,24 @@ mod tests {
         (answer, activities)
     }
 
+    fn subscribe_with_end(
+        task: &mut Task,
+        local_id: u64,
+    ) -> (Arc<SubscriptionEnd>, mpsc::Receiver<Activity>) {
+        let (sender, activities) = mpsc::channel(4);
+        let (reply, _) = oneshot::channel();
+        let end = Arc::new(SubscriptionEnd::default());
+        task.on_command(Command::Subscribe(Box::new(SubscribeCommand {
+            local_id,
+            account: None,
+            from_height: Some(1),
+            sender,
+            end: end.clone(),
+            reply,
+        })));
+        (end, activities)
+    }
+
     fn submit(task: &mut Task) -> (EventId, oneshot::Receiver<Result<Committed>>) {
         let event_id = EventId::random();
         let (accepted, _) = oneshot::channel();
@@ -1739,6 +1835,32 @@ mod tests {
             .expect("click buffer lock")
             .push(&Keypair::generate().public(), "gold", 1)
             .expect("room for a click");
+    }
+
+    /// Answers an `event_status` check of `event_id` with `state` (no height, no outcome).
+    fn status(task: &mut Task, event_id: EventId, state: EventState) {
+        let request_id = task.core.next_request_id();
+        task.pending.insert(request_id, Pending::EventStatus(event_id));
+        task.on_message(ServerMessage::EventStatus {
+            request_id,
+            event_id,
+            state,
+            height: None,
+            outcome: None,
+        });
+    }
+
+    /// The request id of the pending subscribe of `local_id`.
+    fn subscribe_request(task: &Task, local_id: u64) -> u64 {
+        let ids: Vec<u64> = task
+            .pending
+            .iter()
+            .filter_map(|(request_id, pending)| {
+                matches!(pending, Pending::Subscribe(id) if *id == local_id).then_some(*request_id)
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "one subscribe in flight");
+        ids[0]
     }
 
     fn count(task: &Task, which: impl Fn(&Pending) -> bool) -> usize {
@@ -1895,5 +2017,189 @@ mod tests {
         task.housekeeping();
         assert_eq!(done.try_recv().expect("answered"), Err(Error::Timeout(timeout)));
         assert!(task.click_waiters.is_empty());
+    }
+
+    #[test]
+    fn an_event_sent_before_a_disconnect_is_of_unknown_outcome_after_its_expiry() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let (event_id, mut committed) = submit(&mut task);
+        // Sent, then the connection broke before any answer: the gateway may have taken it, and
+        // its `committed` push may be what was lost.
+        task.on_disconnected();
+        // Back after the expiry (100): the resend is refused `expired`, the status is `unknown`.
+        task.on_connected(120, &Limits::default());
+        let request_id = task.events[&event_id].request_id;
+        task.on_error(request_id, ErrorCode::Expired, "expired".into(), None);
+        assert_eq!(
+            committed.try_recv(),
+            Err(TryRecvError::Empty),
+            "the status decides"
+        );
+        task.housekeeping();
+        assert_eq!(
+            count(
+                &task,
+                |p| matches!(p, Pending::EventStatus(id) if *id == event_id)
+            ),
+            1,
+            "the status is checked"
+        );
+        status(&mut task, event_id, EventState::Unknown);
+        let error = committed.try_recv().expect("resolved").unwrap_err();
+        assert_eq!(error, Error::OutcomeUnknown { event_id });
+        assert_eq!(error.kind(), crate::ErrorKind::OutcomeUnknown);
+        assert!(!error.is_retryable());
+    }
+
+    #[test]
+    fn an_accepted_event_is_of_unknown_outcome_after_its_expiry() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let (event_id, mut committed) = submit(&mut task);
+        let request_id = task.events[&event_id].request_id;
+        task.on_message(ServerMessage::Accepted { request_id, event_id });
+        task.core.head_read(150);
+        status(&mut task, event_id, EventState::Unknown);
+        assert_eq!(
+            committed.try_recv().expect("resolved"),
+            Err(Error::OutcomeUnknown { event_id })
+        );
+    }
+
+    #[test]
+    fn an_event_no_gateway_took_is_expired_after_its_expiry() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let (event_id, mut committed) = submit(&mut task);
+        // Refused for now, then the connection broke: no gateway took it.
+        let request_id = task.events[&event_id].request_id;
+        task.on_error(request_id, ErrorCode::Busy, "later".into(), Some(10_000));
+        task.on_disconnected();
+        task.on_connected(120, &Limits::default());
+        task.on_error(request_id, ErrorCode::Expired, "expired".into(), None);
+        status(&mut task, event_id, EventState::Unknown);
+        assert_eq!(
+            committed.try_recv().expect("resolved"),
+            Err(Error::Expired { event_id })
+        );
+    }
+
+    #[test]
+    fn an_event_of_unknown_fate_that_committed_is_reported_committed() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let (event_id, mut committed) = submit(&mut task);
+        task.on_disconnected();
+        task.on_connected(100, &Limits::default());
+        let request_id = task.events[&event_id].request_id;
+        task.on_error(request_id, ErrorCode::Expired, "expired".into(), None);
+        let status_id = task.core.next_request_id();
+        task.pending.insert(status_id, Pending::EventStatus(event_id));
+        task.on_message(ServerMessage::EventStatus {
+            request_id: status_id,
+            event_id,
+            state: EventState::Committed,
+            height: Some(40),
+            outcome: Some(Outcome::Applied),
+        });
+        let committed = committed.try_recv().expect("resolved").expect("committed");
+        assert_eq!((committed.height, committed.outcome), (40, Outcome::Applied));
+    }
+
+    /// Sends one click frame and refuses it with `unavailable`; returns the flush's answer.
+    fn refuse_clicks_unavailable(task: &mut Task) -> Result<()> {
+        task.on_connected(5, &Limits::default());
+        click(task);
+        let mut done = flush(task);
+        let refused = task.clicks_unacked.back().expect("sent").0;
+        task.on_error(refused, ErrorCode::Unavailable, "redis".into(), Some(0));
+        done.try_recv().expect("answered")
+    }
+
+    #[test]
+    fn clicks_refused_unavailable_are_dropped_at_most_once() {
+        let (mut task, _commands, _unsubscribes) =
+            task(ClientOptions::new().click_delivery(ClickDelivery::AtMostOnce));
+        let error = refuse_clicks_unavailable(&mut task).unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Server(ErrorCode::Unavailable));
+        // The gateway kept them: sending them again could count them twice.
+        let buffer = task.core.clicks.lock().expect("click buffer lock");
+        assert!(buffer.is_empty(), "not queued to be sent again");
+        assert_eq!(buffer.unacked_batches, 0);
+        drop(buffer);
+        assert!(task.clicks_unacked.is_empty());
+        task.outbox.clear();
+        task.housekeeping();
+        assert!(task.clicks_unacked.is_empty(), "nothing resent");
+    }
+
+    #[test]
+    fn clicks_refused_unavailable_are_resent_at_least_once() {
+        let (mut task, _commands, _unsubscribes) =
+            task(ClientOptions::new().click_delivery(ClickDelivery::AtLeastOnce));
+        let error = refuse_clicks_unavailable(&mut task).unwrap_err();
+        assert_eq!(error.kind(), crate::ErrorKind::Server(ErrorCode::Unavailable));
+        assert!(!task.core.clicks.lock().expect("click buffer lock").is_empty());
+        task.housekeeping();
+        assert_eq!(task.clicks_unacked.len(), 1, "sent again after the pause");
+    }
+
+    #[test]
+    fn a_resume_refused_for_now_is_retried_and_only_a_final_refusal_ends_it() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let (end, _activities) = subscribe_with_end(&mut task, 1);
+        let request_id = subscribe_request(&task, 1);
+        task.on_message(ServerMessage::Subscribed {
+            request_id,
+            subscription_id: 77,
+        });
+        task.on_disconnected();
+        task.on_connected(6, &Limits::default());
+        for code in [ErrorCode::Busy, ErrorCode::RateLimited, ErrorCode::Unavailable] {
+            let request_id = subscribe_request(&task, 1);
+            task.on_error(request_id, code, "later".into(), Some(0));
+            assert!(task.subscriptions.contains_key(&1), "{code:?} does not end it");
+            assert!(end.error.lock().expect("subscription end lock").is_none());
+            assert!(task.has_timed_work());
+            task.housekeeping();
+        }
+        // The retention passed: a final refusal ends it with the error.
+        let request_id = subscribe_request(&task, 1);
+        task.on_error(request_id, ErrorCode::NotFound, "too old".into(), None);
+        assert!(!task.subscriptions.contains_key(&1));
+        let error = end.error.lock().expect("subscription end lock").clone();
+        assert_eq!(
+            error.map(|error| error.kind()),
+            Some(crate::ErrorKind::Server(ErrorCode::NotFound))
+        );
+    }
+
+    #[test]
+    fn closing_ends_a_subscription_with_closed() {
+        use futures::FutureExt;
+        let (mut task, _commands, unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let (end, receiver) = subscribe_with_end(&mut task, 1);
+        let request_id = subscribe_request(&task, 1);
+        task.on_message(ServerMessage::Subscribed {
+            request_id,
+            subscription_id: 77,
+        });
+        let mut subscription = crate::subscription::Subscription {
+            local_id: 1,
+            receiver,
+            end,
+            unsubscribe: unsubscribes,
+            finished: false,
+        };
+        task.shutdown(Error::Closed);
+        assert_eq!(
+            subscription.next().now_or_never(),
+            Some(Some(Err(Error::Closed))),
+            "one final error"
+        );
+        assert_eq!(subscription.next().now_or_never(), Some(None));
     }
 }

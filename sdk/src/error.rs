@@ -72,9 +72,23 @@ pub enum Error {
         /// Why the ledger refused it.
         reason: Rejection,
     },
-    /// The event's expiry height passed before it committed: it will never apply. Final.
+    /// The event's expiry height passed before this client ever handed it to a gateway (or every
+    /// gateway that got it refused it): it never applied and never will. Final; doing it again
+    /// under a new event id is safe.
     #[error("event {event_id} expired before it committed")]
     Expired {
+        /// The event.
+        event_id: EventId,
+    },
+    /// The event reached a gateway (it may have been accepted, or its answer was lost with the
+    /// connection), but its expiry height passed before this client learnt its outcome, and the
+    /// ledger forgets event ids after their expiry (`event_status` then answers `unknown` even
+    /// for an event that committed). It **may or may not have applied**; it will not apply in the
+    /// future. Final: before doing the same thing again under a new event id, check the chain
+    /// state (balances, inventory, the item's or account's history, a subscription from an
+    /// earlier height), or it may happen twice.
+    #[error("the outcome of event {event_id} is unknown: it may have applied; it expired before its outcome was learnt")]
+    OutcomeUnknown {
         /// The event.
         event_id: EventId,
     },
@@ -87,6 +101,11 @@ pub enum Error {
         reason: OfferCloseReason,
     },
     /// The client was closed (or gave up reconnecting); nothing more can be sent. Final.
+    ///
+    /// For an asset event still in flight, this says nothing about the event: if it was sent
+    /// before the client closed, it may have applied, or may still apply until its expiry height
+    /// (an accepted event still reaches the chain). Follow it with `event_status` from another
+    /// client before doing it again under a new event id.
     #[error("the client is closed")]
     Closed,
     /// The click buffer is full (the gateway is not acknowledging fast enough, or the connection is
@@ -125,8 +144,11 @@ pub enum ErrorKind {
     Server(ErrorCode),
     /// The ledger rejected the event for this reason.
     Rejected(Rejection),
-    /// The event can never apply: its expiry height passed.
+    /// The event can never apply: its expiry height passed (it never applied).
     Expired,
+    /// The event may or may not have applied; its expiry height passed, so it will not apply
+    /// later. Check the chain state before doing it again.
+    OutcomeUnknown,
     /// The offer is closed.
     OfferClosed,
     /// The client is closed.
@@ -155,6 +177,7 @@ impl Error {
             Error::Server { code, .. } => ErrorKind::Server(*code),
             Error::Rejected { reason, .. } => ErrorKind::Rejected(*reason),
             Error::Expired { .. } => ErrorKind::Expired,
+            Error::OutcomeUnknown { .. } => ErrorKind::OutcomeUnknown,
             Error::OfferClosed { .. } => ErrorKind::OfferClosed,
             Error::Closed => ErrorKind::Closed,
             Error::ClicksBackpressure => ErrorKind::Backpressure,
@@ -166,7 +189,7 @@ impl Error {
 
     /// Whether doing the same thing again later can succeed (network trouble, timeouts, a busy or
     /// rate-limiting gateway, a full buffer). Ledger rejections, bad arguments, refused
-    /// credentials and expired events are final.
+    /// credentials, expired events and events of unknown outcome are final.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connection(_) | Error::ConnectionLost | Error::Timeout(_) | Error::ClicksBackpressure => {
@@ -225,6 +248,11 @@ mod tests {
             Some(Duration::from_millis(5))
         );
         assert!(!Error::Closed.is_retryable());
+        let unknown = Error::OutcomeUnknown {
+            event_id: EventId::from_u128(2),
+        };
+        assert!(!unknown.is_retryable());
+        assert_eq!(unknown.kind(), ErrorKind::OutcomeUnknown);
         assert_eq!(Error::TlsUnsupported.kind(), ErrorKind::InvalidArgument);
     }
 }

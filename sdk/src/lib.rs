@@ -37,13 +37,19 @@
 //! - **Exactly once.** Every asset event carries an `event_id` (random unless you give one with
 //!   [`SubmitOptions::event_id`]); the ledger applies an id at most once. The client keeps each
 //!   event's signed bytes until it is known committed and sends them again after a reconnect, so
-//!   each `committed().await` resolves and each event takes effect once.
+//!   each `committed().await` resolves and each event takes effect once. One limit: the ledger
+//!   forgets an event id once its expiry height passes, so an event sent but whose outcome the
+//!   client could not learn before then (a long disconnect) resolves with
+//!   [`Error::OutcomeUnknown`]: it may have applied. Check the chain state before doing it again
+//!   under a new id. [`Error::Expired`] is reserved for events that certainly never applied.
 //! - **Reconnects** use capped exponential backoff with jitter ([`ReconnectPolicy`]), then
 //!   re-authenticate, re-subscribe and resend. [`Client::state`] shows the state.
 //! - **Bounded memory.** At most `max_in_flight_events` events are outstanding: further submits
 //!   wait for a permit. Clicks are bounded by `click_frames_buffered_max` frames. A `busy` gateway
 //!   is retried after the delay it asks for.
-//! - **Subscriptions** resume from the last height delivered, without gaps or duplicates.
+//! - **Subscriptions** resume from the last height delivered, without gaps or duplicates (a
+//!   resume the gateway can no longer replay, older than its last 2048 events, ends the stream
+//!   with an error instead).
 //! - **Errors** are typed: [`Error::kind`] gives a `Copy` [`ErrorKind`], [`Error::is_retryable`]
 //!   says whether trying again can help, and ledger rejections carry a [`Rejection`].
 //!

@@ -124,11 +124,14 @@ impl ReconnectPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClickDelivery {
     /// Drop them (the gateway may or may not have counted them): clicks are never counted twice.
-    /// Clicks not yet sent are always sent after the reconnect. The default, matching the
+    /// Clicks not yet sent are always sent after the reconnect. Likewise, clicks a strict-mode
+    /// gateway refuses with `unavailable` (which it keeps and may still count) are dropped, and
+    /// the `flush_clicks` waiting on them fails with that refusal; clicks refused with `busy` or
+    /// `rate_limited` (which the gateway did not keep) are sent again. The default, matching the
     /// gateway's default (at-most-once) mode.
     AtMostOnce,
-    /// Send them again on the new connection: clicks are never lost, but may be counted twice.
-    /// For gateways in strict mode.
+    /// Send them again on the new connection, and after an `unavailable` refusal: clicks are
+    /// never lost, but may be counted twice. For gateways in strict mode.
     AtLeastOnce,
 }
 

@@ -19,8 +19,17 @@ pub(crate) struct SubscriptionEnd {
 }
 
 /// A live subscription. Yields `Ok(activity)` in commit order, without gaps or duplicates across
-/// reconnects; ends with one `Err` if it cannot go on (its consumer lagged by more than the
-/// subscription buffer, the gateway refused the resume, or the client closed).
+/// reconnects; ends with one `Err` if it cannot go on: its consumer lagged by more than the
+/// subscription buffer ([`Error::Lagged`]), the gateway refused the resume for good, or the client
+/// closed, was dropped or gave up reconnecting ([`Error::Closed`], or the error that closed it).
+/// A resume refused for now (`busy`, `rate_limited`, `unavailable`, `shutting_down`) is retried
+/// after the delay the gateway asks for, so it does not end the stream.
+///
+/// The "no gaps" guarantee holds only as far as the gateway's replay retention: it replays the
+/// last 2048 committed events of the tenant. A resume (after a reconnect) from a height older
+/// than that is refused with `not_found`, and the stream ends with
+/// [`Error::Server`]`{ code: not_found, .. }`: subscribe again without `from_height` and read the
+/// current state (`balances`, `inventory`) to continue.
 #[derive(Debug)]
 pub struct Subscription {
     pub(crate) local_id: u64,
