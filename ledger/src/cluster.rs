@@ -342,14 +342,20 @@ mod tests {
     use super::*;
     use crate::testing::{key, World};
 
-    #[test]
-    fn a_node_file_names_its_engine_redb_by_default_and_never_mem() {
+    /// The files of a local cluster of four replicas, in a temporary directory.
+    fn four_replicas() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         let keys: Vec<Keypair> = (0..4).map(|i| key("replica", i)).collect();
         let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..4)
             .map(|i| (SocketAddr::from(([127, 0, 0, 1], 7100 + i)), None))
             .collect();
         write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_node_file_names_its_engine_redb_by_default_and_never_mem() {
+        let dir = four_replicas();
         let path = dir.path().join("replica-0.toml");
         assert_eq!(NodeConfig::load(&path).unwrap().engine, ENGINE_DEFAULT);
         let written = std::fs::read_to_string(&path).unwrap();
@@ -385,12 +391,7 @@ mod tests {
 
     #[test]
     fn a_misspelt_key_in_any_replica_file_is_refused_by_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys: Vec<Keypair> = (0..4).map(|i| key("replica", i)).collect();
-        let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..4)
-            .map(|i| (SocketAddr::from(([127, 0, 0, 1], 7100 + i)), None))
-            .collect();
-        write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys).unwrap();
+        let dir = four_replicas();
         let node = dir.path().join("replica-0.toml");
         let cluster = dir.path().join("cluster.toml");
         let genesis = dir.path().join("genesis.toml");

@@ -12,7 +12,7 @@ use common::*;
 use hoard_ledger::testing::key;
 use hoard_server::testing::{RedisServer, TestGateway, TestStore, WsClient};
 use hoard_types::wire::{Click, ClientMessage, ErrorCode, EventState, ServerMessage};
-use hoard_types::{Custody, Outcome, TxBody};
+use hoard_types::{Custody, Keypair, Outcome, TxBody};
 
 #[tokio::test]
 async fn events_commit_once_reads_follow_and_players_are_confined() {
@@ -469,21 +469,13 @@ async fn a_graceful_shutdown_pushes_drained_commits_before_it_closes() {
 async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
     let redis = RedisServer::start();
     let mut gw = TestGateway::start(&redis, |c| c.redis.command_timeout_ms = 300).await;
-    let alice = key("alice", 0);
-    let bob = key("bob", 0);
-    let mut studio1 = studio(&gw, T1).await;
-    for tx in [
-        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
-        gw.world.register(T1, &bob.public(), Custody::SelfCustody),
-        gw.world.define_currency(T1, "GOLD", 1_000),
-        gw.world.define_class(T1, "sword", false, 10),
-        gw.world.mint_currency(T1, &alice.public(), "GOLD", 100),
-        gw.world.mint_unique(T1, &bob.public(), "sword", 7),
-    ] {
-        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
-    }
-    let mut alice_conn = player(&gw, T1, &alice).await;
-    let mut bob_conn = player(&gw, T1, &bob).await;
+    let Traders {
+        alice,
+        bob,
+        mut studio1,
+        mut alice_conn,
+        mut bob_conn,
+    } = traders(&mut gw).await;
     let offer_tx = gold_for_item(&mut gw.world, &alice, &bob.public(), 7, 40);
     let offer = open_offer(&mut alice_conn, offer_tx, 60_000).await;
     let signature = bob.sign(hoard_types::tx::TX_SIGNING_DOMAIN, &offer.tx.payload);
@@ -523,21 +515,13 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
 async fn an_accept_after_the_swap_expired_is_refused_and_closes_the_offer() {
     let redis = RedisServer::start();
     let mut gw = TestGateway::start(&redis, |_| {}).await;
-    let alice = key("alice", 0);
-    let bob = key("bob", 0);
-    let mut studio1 = studio(&gw, T1).await;
-    for tx in [
-        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
-        gw.world.register(T1, &bob.public(), Custody::SelfCustody),
-        gw.world.define_currency(T1, "GOLD", 1_000),
-        gw.world.define_class(T1, "sword", false, 10),
-        gw.world.mint_currency(T1, &alice.public(), "GOLD", 100),
-        gw.world.mint_unique(T1, &bob.public(), "sword", 7),
-    ] {
-        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
-    }
-    let mut alice_conn = player(&gw, T1, &alice).await;
-    let mut bob_conn = player(&gw, T1, &bob).await;
+    let Traders {
+        alice,
+        bob,
+        mut studio1,
+        mut alice_conn,
+        mut bob_conn,
+    } = traders(&mut gw).await;
     let head = request(&mut studio1, |request_id| ClientMessage::Head { request_id }).await;
     let ServerMessage::Head { height, .. } = head else {
         panic!("{head:?}")
@@ -922,6 +906,41 @@ async fn an_event_whose_stream_entry_redis_lost_is_forgotten_then_resubmitted_an
 }
 
 /// A swap: `maker` gives `gold` GOLD for `taker`'s unique item `item`, signed by the maker.
+/// Two self-custody players of tenant 1 connected, alice with 100 GOLD and bob with sword 7, and
+/// the studio's connection: the parties of an offer.
+struct Traders {
+    alice: Keypair,
+    bob: Keypair,
+    studio1: WsClient,
+    alice_conn: WsClient,
+    bob_conn: WsClient,
+}
+
+async fn traders(gw: &mut TestGateway) -> Traders {
+    let alice = key("alice", 0);
+    let bob = key("bob", 0);
+    let mut studio1 = studio(&gw, T1).await;
+    for tx in [
+        gw.world.register(T1, &alice.public(), Custody::SelfCustody),
+        gw.world.register(T1, &bob.public(), Custody::SelfCustody),
+        gw.world.define_currency(T1, "GOLD", 1_000),
+        gw.world.define_class(T1, "sword", false, 10),
+        gw.world.mint_currency(T1, &alice.public(), "GOLD", 100),
+        gw.world.mint_unique(T1, &bob.public(), "sword", 7),
+    ] {
+        assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
+    }
+    let mut alice_conn = player(&gw, T1, &alice).await;
+    let mut bob_conn = player(&gw, T1, &bob).await;
+    Traders {
+        alice,
+        bob,
+        studio1,
+        alice_conn,
+        bob_conn,
+    }
+}
+
 fn gold_for_item(
     world: &mut hoard_ledger::testing::World,
     maker: &hoard_types::Keypair,
