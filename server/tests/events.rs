@@ -472,9 +472,9 @@ async fn an_accept_that_is_not_durable_leaves_the_offer_open() {
     let Traders {
         alice,
         bob,
-        mut studio1,
         mut alice_conn,
         mut bob_conn,
+        ..
     } = traders(&mut gw).await;
     let offer_tx = gold_for_item(&mut gw.world, &alice, &bob.public(), 7, 40);
     let offer = open_offer(&mut alice_conn, offer_tx, 60_000).await;
@@ -919,7 +919,7 @@ struct Traders {
 async fn traders(gw: &mut TestGateway) -> Traders {
     let alice = key("alice", 0);
     let bob = key("bob", 0);
-    let mut studio1 = studio(&gw, T1).await;
+    let mut studio1 = studio(gw, T1).await;
     for tx in [
         gw.world.register(T1, &alice.public(), Custody::SelfCustody),
         gw.world.register(T1, &bob.public(), Custody::SelfCustody),
@@ -930,8 +930,8 @@ async fn traders(gw: &mut TestGateway) -> Traders {
     ] {
         assert_eq!(commit(&mut studio1, &tx).await.1, Outcome::Applied);
     }
-    let mut alice_conn = player(&gw, T1, &alice).await;
-    let mut bob_conn = player(&gw, T1, &bob).await;
+    let alice_conn = player(gw, T1, &alice).await;
+    let bob_conn = player(gw, T1, &bob).await;
     Traders {
         alice,
         bob,
