@@ -169,6 +169,10 @@ impl Client {
 
     /// Closes the connection. Outstanding operations fail with [`Error::Closed`]; events already
     /// accepted still reach the chain (follow them with `event_status` from another client).
+    /// Clicks still buffered, or sent and not yet acknowledged, are neither waited for nor sent
+    /// again, whatever the [`ClickDelivery`](crate::ClickDelivery): they may be lost. Call
+    /// [`Client::flush_clicks`] first to keep them. Dropping the last handle of the client ends
+    /// its connection the same way once no asset event is in flight.
     pub async fn close(&self) {
         let (reply, done) = oneshot::channel();
         if self.inner.commands.send(Command::Close(reply)).await.is_ok() {
