@@ -17,7 +17,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
-use hoard_ledger::cluster::{save_key, write_local_cluster, NodeConfig};
+use hoard_ledger::cluster::{local_client_key_file, save_key, write_local_cluster, NodeConfig};
 use hoard_ledger::{Genesis, GenesisTenant};
 use hoard_types::{Keypair, TenantId};
 
@@ -163,9 +163,15 @@ fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id
             )
         })
         .collect();
-    write_local_cluster(dir, &genesis, &addresses, &keys)?;
+    // One gateway (client 1); list more under [[clients]] for more gateways.
+    write_local_cluster(dir, &genesis, &addresses, &keys, &[Keypair::generate()])?;
     let gateway_file = dir.join("gateway.toml");
-    write_gateway_file(&gateway_file, &dir.join("cluster.toml"), &studio)?;
+    write_gateway_file(
+        &gateway_file,
+        &dir.join("cluster.toml"),
+        &dir.join(local_client_key_file(1)),
+        &studio,
+    )?;
     println!("wrote a {replicas}-replica cluster to {}", dir.display());
     for i in 0..replicas {
         println!(
@@ -181,15 +187,18 @@ fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id
     Ok(())
 }
 
-/// A gateway file for a local cluster: the cluster backend, Redis on its default port, and
-/// tenant 1's studio key (which it signs settlements with), so it is written owner-only.
+/// A gateway file for a local cluster: the cluster backend as client 1 with its key file,
+/// Redis on its default port, and tenant 1's studio key (which it signs settlements with), so
+/// it is written owner-only.
 fn write_gateway_file(
     path: &std::path::Path,
     cluster: &std::path::Path,
+    client_key: &std::path::Path,
     studio: &Keypair,
 ) -> anyhow::Result<()> {
     use std::io::Write;
     let cluster = std::fs::canonicalize(cluster)?;
+    let client_key = std::fs::canonicalize(client_key)?;
     let text = format!(
         "# A gateway for this cluster (hoard cluster init). Every other key has its default: see\n\
          # server/config/gateway.toml. This file holds tenant 1's studio key seed: keep it private.\n\
@@ -205,11 +214,13 @@ fn write_gateway_file(
          backend = \"cluster\"\n\
          cluster = {cluster}\n\
          client_id = 1\n\
+         client_key = {client_key}\n\
          \n\
          [[tenants]]\n\
          id = 1\n\
          studio_seed_hex = \"{seed}\"\n",
         cluster = toml::Value::String(cluster.display().to_string()),
+        client_key = toml::Value::String(client_key.display().to_string()),
         seed = studio.seed_hex(),
     );
     let mut options = std::fs::OpenOptions::new();

@@ -64,8 +64,9 @@ struct GatewayChild {
 }
 
 impl GatewayChild {
-    /// Writes the TOML configuration of gateway `instance` (its consumer name; also its chain
-    /// client id) for the cluster and Redis; does not start it.
+    /// Writes the TOML configuration of gateway `instance` (its consumer name) for the cluster
+    /// and Redis, as chain client `client_id` (its key file is beside the cluster file); does
+    /// not start it.
     fn configure(
         dir: &Path,
         cluster: &Path,
@@ -86,6 +87,8 @@ impl GatewayChild {
         config.chain.backend = "cluster".into();
         config.chain.cluster = Some(cluster.to_path_buf());
         config.chain.client_id = client_id;
+        config.chain.client_key =
+            Some(cluster.with_file_name(hoard_ledger::cluster::local_client_key_file(client_id)));
         config.events.claim_idle_ms = 1_000;
         config.limits.connection_messages_per_second = 100_000;
         let config_path = dir.join(format!("{instance}.toml"));
@@ -499,7 +502,7 @@ async fn start_gateway_and_clients(
         &stack.dir.join("cluster/cluster.toml"),
         &redis.url(),
         FIRST_INSTANCE,
-        11,
+        3,
     );
     gateway.start().await;
     let mut clients = Vec::new();
@@ -555,7 +558,7 @@ async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process
             &stack.dir.join("cluster/cluster.toml"),
             &redis.url(),
             SECOND_INSTANCE,
-            12,
+            4,
         );
         if second.ws != gateway.ws && second.http != gateway.http {
             break second;

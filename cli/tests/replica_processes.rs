@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hoard_ledger::client::ChainClient;
-use hoard_ledger::testing::{free_port, key, World};
+use hoard_ledger::testing::{client_key, free_port, key, World};
 use hoard_types::{Amount, CurrencyId, Custody, EventId, Keypair, Outcome, TenantId};
 
 const T: TenantId = TenantId(1);
@@ -96,7 +96,8 @@ fn replicas_survive_kill_9_of_a_backup_and_the_primary() {
         })
         .collect();
     let cluster =
-        hoard_ledger::cluster::write_local_cluster(dir.path(), &genesis, &addresses, &keys).unwrap();
+        hoard_ledger::cluster::write_local_cluster(dir.path(), &genesis, &addresses, &keys, &[client_key(1)])
+            .unwrap();
     let mut nodes: Vec<Node> = (0..4)
         .map(|i| Node {
             child: None,
@@ -114,7 +115,7 @@ fn replicas_survive_kill_9_of_a_backup_and_the_primary() {
         .build()
         .unwrap();
     let alice = key("alice", 0);
-    let client = runtime.block_on(async { ChainClient::connect(&cluster, 7) });
+    let client = runtime.block_on(async { ChainClient::connect(&cluster, 1, client_key(1)) });
     let setup = vec![
         world.define_currency(T, "GOLD", u128::MAX),
         world.register(T, &alice.public(), Custody::Custodial),

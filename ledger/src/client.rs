@@ -130,6 +130,8 @@ struct BlockTally {
 
 struct Shared {
     client: u64,
+    /// Signs each connection's hello (the cluster file lists its public key for `client`).
+    key: hoard_types::Keypair,
     f: usize,
     n: usize,
     pending: Mutex<HashMap<Hash, Pending>>,
@@ -180,13 +182,20 @@ pub struct ChainClient {
 
 impl ChainClient {
     /// Connects to every replica of `cluster` as client `client` (a number unique among the
-    /// cluster's clients: replies are addressed by it).
-    pub fn connect(cluster: &Cluster, client: u64) -> ChainClient {
-        ChainClient::connect_with(cluster, client, ClientLimits::default())
+    /// cluster's clients: replies are addressed by it), proving it on each connection with
+    /// `key`, whose public key the cluster file lists for `client` under `[[clients]]`
+    /// ([`Cluster::check_client`]; a replica refuses any other hello).
+    pub fn connect(cluster: &Cluster, client: u64, key: hoard_types::Keypair) -> ChainClient {
+        ChainClient::connect_with(cluster, client, key, ClientLimits::default())
     }
 
     /// [`ChainClient::connect`] with other in-flight limits.
-    pub fn connect_with(cluster: &Cluster, client: u64, limits: ClientLimits) -> ChainClient {
+    pub fn connect_with(
+        cluster: &Cluster,
+        client: u64,
+        key: hoard_types::Keypair,
+        limits: ClientLimits,
+    ) -> ChainClient {
         let n = cluster.n();
         let mut queues = Vec::with_capacity(n);
         let mut receivers = Vec::with_capacity(n);
@@ -197,6 +206,7 @@ impl ChainClient {
         }
         let shared = Arc::new(Shared {
             client,
+            key,
             f: cluster.f(),
             n,
             pending: Mutex::new(HashMap::new()),
@@ -450,9 +460,6 @@ impl Shared {
                 }
                 self.on_block(from, height, Arc::new(block));
             }
-            // A connection's first frame: a client's hello answers it without using it (only a
-            // replica's hello is authenticated, by signing the nonce).
-            NetMessage::Challenge { .. } => {}
             other => tracing::debug!(replica = from, ?other, "unexpected frame from a replica"),
         }
     }
@@ -570,7 +577,7 @@ async fn connection(
 ) {
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
-        let Some(client) = shared.upgrade().map(|s| s.client) else {
+        let Some((client, key)) = shared.upgrade().map(|s| (s.client, s.key.clone())) else {
             return;
         };
         let stream = match TcpStream::connect(address).await {
@@ -585,8 +592,20 @@ async fn connection(
         backoff = DIAL_BACKOFF_MIN;
         net::tune(&stream);
         let mut framed = Framed::new(stream, net::codec());
+        let nonce = match net::read_challenge(&mut framed).await {
+            Ok(nonce) => nonce,
+            Err(error) => {
+                tracing::debug!(replica, %address, %error, "no challenge; redialling");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let signature = key.sign(
+            net::HELLO_CLIENT_DOMAIN,
+            &net::client_hello_signed_bytes(&nonce, client),
+        );
         if framed
-            .send(NetMessage::HelloClient { client }.encode())
+            .send(NetMessage::HelloClient { client, signature }.encode())
             .await
             .is_err()
         {

@@ -8,6 +8,9 @@
 //! public_key = "<hex>"
 //! address = "127.0.0.1:7100"
 //! metrics = "127.0.0.1:7200"   # optional
+//! [[clients]]                    # each gateway: its client id and public key
+//! id = 1
+//! public_key = "<hex>"
 //! ```
 //!
 //! ```toml
@@ -44,6 +47,16 @@ pub struct ReplicaInfo {
     pub metrics: Option<SocketAddr>,
 }
 
+/// One client (a gateway) as the cluster file lists it: a replica serves a connection as
+/// client `id` only when its hello is signed with this key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientInfo {
+    pub id: u64,
+    /// Hex ed25519 public key.
+    pub public_key: String,
+}
+
 /// The cluster file. Like every configuration file of a replica, it refuses keys it does not
 /// know (a misspelt key would otherwise be ignored without a word).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,14 +65,21 @@ pub struct ClusterFile {
     /// Path of the genesis file, relative to the cluster file.
     pub genesis: PathBuf,
     pub replicas: Vec<ReplicaInfo>,
+    /// The clients (gateways) the replicas serve; none listed, none served.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientInfo>,
 }
 
-/// A loaded, checked cluster: replicas by id, their keys, and the genesis.
+/// A loaded, checked cluster: replicas by id, their keys, the clients, and the genesis.
 #[derive(Clone, Debug)]
 pub struct Cluster {
     pub genesis: Genesis,
     pub replicas: Vec<ReplicaInfo>,
     pub keys: Vec<PublicKey>,
+    /// The clients as listed, by id.
+    pub clients: Vec<ClientInfo>,
+    /// Their keys, by id.
+    pub client_keys: std::collections::BTreeMap<u64, PublicKey>,
 }
 
 impl Cluster {
@@ -68,7 +88,9 @@ impl Cluster {
         let file: ClusterFile = toml::from_str(&text).map_err(|e| config(path, e))?;
         let genesis_path = relative_to(path, &file.genesis);
         let genesis = Genesis::load(&genesis_path)?;
-        Cluster::new(genesis, file.replicas)
+        Cluster::new(genesis, file.replicas)?
+            .with_clients(file.clients)
+            .map_err(|e| config(path, e))
     }
 
     /// Checks that ids are `0..n`, in order, and that n = 3f+1 with f >= 1.
@@ -93,7 +115,43 @@ impl Cluster {
             genesis,
             replicas,
             keys,
+            clients: Vec::new(),
+            client_keys: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// The cluster with these clients, each id once with a well-formed key.
+    pub fn with_clients(mut self, mut clients: Vec<ClientInfo>) -> Result<Cluster> {
+        clients.sort_by_key(|c| c.id);
+        let mut client_keys = std::collections::BTreeMap::new();
+        for client in &clients {
+            let key = PublicKey::from_hex(&client.public_key)
+                .map_err(|e| LedgerError::Config(format!("client {}: {e}", client.id)))?;
+            if client_keys.insert(client.id, key).is_some() {
+                return Err(LedgerError::Config(format!(
+                    "client {} is listed twice",
+                    client.id
+                )));
+            }
+        }
+        self.clients = clients;
+        self.client_keys = client_keys;
+        Ok(self)
+    }
+
+    /// Checks that the cluster lists client `id` with `key`'s public key: what a replica will
+    /// ask of its hello. A gateway checks it at start, so that a wrong key file says so then,
+    /// not as connections the replicas refuse.
+    pub fn check_client(&self, id: u64, key: &Keypair) -> Result<()> {
+        match self.client_keys.get(&id) {
+            None => Err(LedgerError::Config(format!(
+                "client {id} is not listed in the cluster file's [[clients]]: the replicas would refuse it"
+            ))),
+            Some(listed) if *listed != key.public() => Err(LedgerError::Config(format!(
+                "the client key's public key is not the one the cluster file lists for client {id}"
+            ))),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The cluster file's text, with the genesis file beside it named `genesis_file`.
@@ -101,6 +159,7 @@ impl Cluster {
         let file = ClusterFile {
             genesis: PathBuf::from(genesis_file),
             replicas: self.replicas.clone(),
+            clients: self.clients.clone(),
         };
         toml::to_string_pretty(&file).expect("cluster serialises")
     }
@@ -293,14 +352,21 @@ fn relative_to(file: &Path, path: &Path) -> PathBuf {
     }
 }
 
-/// Writes everything a local cluster needs into `dir`: genesis, cluster file, and for each
-/// replica its key and node file (`replica-<id>.toml`). Returns the cluster. Used by
-/// `hoard cluster init`, the demo and the tests.
+/// The key file of client `id` that [`write_local_cluster`] writes.
+pub fn local_client_key_file(id: u64) -> String {
+    format!("client-{id}.key")
+}
+
+/// Writes everything a local cluster needs into `dir`: genesis, cluster file, for each
+/// replica its key and node file (`replica-<id>.toml`), and for each of `clients` (client ids
+/// 1, 2, ... in order) its key file ([`local_client_key_file`]), listed in the cluster file.
+/// Returns the cluster. Used by `hoard cluster init`, the demo and the tests.
 pub fn write_local_cluster(
     dir: &Path,
     genesis: &Genesis,
     addresses: &[(SocketAddr, Option<SocketAddr>)],
     keys: &[Keypair],
+    clients: &[Keypair],
 ) -> Result<Cluster> {
     assert_eq!(addresses.len(), keys.len());
     std::fs::create_dir_all(dir).map_err(|e| config(dir, e))?;
@@ -315,7 +381,19 @@ pub fn write_local_cluster(
             metrics: *metrics,
         })
         .collect();
-    let cluster = Cluster::new(genesis.clone(), replicas)?;
+    let cluster = Cluster::new(genesis.clone(), replicas)?.with_clients(
+        clients
+            .iter()
+            .zip(1u64..)
+            .map(|(key, id)| ClientInfo {
+                id,
+                public_key: key.public().to_hex(),
+            })
+            .collect(),
+    )?;
+    for (key, id) in clients.iter().zip(1u64..) {
+        save_key(&dir.join(local_client_key_file(id)), key)?;
+    }
     std::fs::write(dir.join("genesis.toml"), genesis.to_toml()).map_err(|e| config(dir, e))?;
     std::fs::write(dir.join("cluster.toml"), cluster.to_toml("genesis.toml")).map_err(|e| config(dir, e))?;
     for (id, key) in keys.iter().enumerate() {
@@ -349,7 +427,8 @@ mod tests {
         let addresses: Vec<(SocketAddr, Option<SocketAddr>)> = (0..4)
             .map(|i| (SocketAddr::from(([127, 0, 0, 1], 7100 + i)), None))
             .collect();
-        write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys).unwrap();
+        let clients = [key("client", 1)];
+        write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys, &clients).unwrap();
         dir
     }
 
@@ -390,6 +469,55 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_file_lists_its_clients_and_a_gateway_key_is_checked_against_them() {
+        let dir = four_replicas();
+        let cluster = Cluster::load(&dir.path().join("cluster.toml")).unwrap();
+        let client = key("client", 1);
+        assert_eq!(cluster.client_keys.len(), 1);
+        cluster.check_client(1, &client).unwrap();
+        assert_eq!(
+            load_key(&dir.path().join(local_client_key_file(1)))
+                .unwrap()
+                .public(),
+            client.public(),
+            "the client's key file"
+        );
+        for (id, key, because) in [
+            (2, key("client", 2), "not listed"),
+            (1, key("client", 2), "not the one the cluster file lists"),
+        ] {
+            match cluster.check_client(id, &key) {
+                Err(LedgerError::Config(message)) => assert!(message.contains(because), "{message}"),
+                other => panic!("client {id}: {other:?}"),
+            }
+        }
+        let listed = ClientInfo {
+            id: 5,
+            public_key: client.public().to_hex(),
+        };
+        let refused = [
+            (vec![listed.clone(), listed.clone()], "listed twice"),
+            (
+                vec![ClientInfo {
+                    public_key: "zz".into(),
+                    ..listed.clone()
+                }],
+                "client 5",
+            ),
+        ];
+        for (clients, because) in refused {
+            match cluster.clone().with_clients(clients) {
+                Err(LedgerError::Config(message)) => assert!(message.contains(because), "{message}"),
+                other => panic!("{because}: {other:?}"),
+            }
+        }
+        // A cluster file written from a loaded one keeps its clients.
+        let again = dir.path().join("again.toml");
+        std::fs::write(&again, cluster.to_toml("genesis.toml")).unwrap();
+        assert_eq!(Cluster::load(&again).unwrap().clients, cluster.clients);
+    }
+
+    #[test]
     fn a_misspelt_key_in_any_replica_file_is_refused_by_name() {
         let dir = four_replicas();
         let node = dir.path().join("replica-0.toml");
@@ -402,10 +530,11 @@ mod tests {
             .collect();
         NodeConfig::load(&node).unwrap();
         // Each edit adds one key that no file of a replica has, in a different table.
-        let edits: [(&PathBuf, &str, &str); 5] = [
+        let edits: [(&PathBuf, &str, &str); 6] = [
             (&node, "id = 0", "id = 0\ncache_byte = 1"),
             (&node, "[consensus]", "[consensus]\nwindw = 9"),
             (&cluster, "[[replicas]]", "[[replicas]]\nmetric = \"127.0.0.1:1\""),
+            (&cluster, "[[clients]]", "[[clients]]\npublickey = \"00\""),
             (&cluster, "genesis = ", "genesiss = 1\ngenesis = "),
             (&genesis, "chain_id = ", "chainid = 2\nchain_id = "),
         ];

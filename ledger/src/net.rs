@@ -5,8 +5,9 @@
 //! [`HELLO_BYTES_MAX`]: a replica, which proves it by signing the nonce with its key
 //! ([`hello_signed_bytes`]; the cluster file lists the keys) and then sends consensus messages
 //! (each also signed, and checked by the consensus core); or a client (a gateway, which sends
-//! requests and block subscriptions and receives replies and blocks; its hello is not
-//! authenticated, see ARCHITECTURE.md, "What the replicas' network trusts"). Each replica dials
+//! requests and block subscriptions and receives replies and blocks), which proves its id the
+//! same way with the key the cluster file lists for it under `[[clients]]`
+//! ([`client_hello_signed_bytes`]; ARCHITECTURE.md, "What the replicas' network trusts"). Each replica dials
 //! every other replica and sends on that connection only; what it receives arrives on the
 //! connections the others dialled. Dialling retries with capped backoff forever, and every queue
 //! is bounded: when a peer's queue is full the frame is dropped, which PBFT tolerates (status
@@ -58,13 +59,26 @@ impl PeerQueue {
     }
 }
 
+/// A queue of frames for one peer or client, bounded by [`PEER_QUEUE_FRAMES_MAX`] frames and
+/// [`PEER_QUEUE_BYTES_MAX`] bytes.
+pub fn peer_queue() -> (PeerQueue, QueueReceiver) {
+    let (frames, queue) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
+    let queued_bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    (
+        PeerQueue {
+            frames,
+            queued_bytes: queued_bytes.clone(),
+        },
+        QueueReceiver { queue, queued_bytes },
+    )
+}
+
 /// Starts the task that dials `address` as replica `id` (signing each connection's challenge
 /// with `key`) and sends it every frame queued on the returned queue.
 pub fn spawn_peer(address: SocketAddr, id: ReplicaId, key: Keypair) -> PeerQueue {
-    let (frames, receiver) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
-    let queued_bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(dial_and_send(address, id, key, receiver, queued_bytes.clone()));
-    PeerQueue { frames, queued_bytes }
+    let (queue, receiver) = peer_queue();
+    tokio::spawn(dial_and_send(address, id, key, receiver));
+    queue
 }
 
 /// How long a connection may take to send its hello after it is accepted; then it is closed.
@@ -83,6 +97,20 @@ pub fn hello_signed_bytes(nonce: &Hash, id: ReplicaId) -> [u8; 36] {
     bytes[32..].copy_from_slice(&id.to_be_bytes());
     bytes
 }
+
+/// The domain of a client's (a gateway's) hello signature: apart from a replica's, so that
+/// neither hello can stand for the other.
+pub const HELLO_CLIENT_DOMAIN: &[u8] = b"hoard/net/hello-client/v1";
+
+/// What a client's hello signs (under [`HELLO_CLIENT_DOMAIN`]): the nonce of the connection's
+/// challenge, then the client's id (8 bytes, big-endian), with the key the cluster file lists
+/// for that id under `[[clients]]`.
+pub fn client_hello_signed_bytes(nonce: &Hash, client: u64) -> [u8; 40] {
+    let mut bytes = [0u8; 40];
+    bytes[..32].copy_from_slice(&nonce.0);
+    bytes[32..].copy_from_slice(&client.to_be_bytes());
+    bytes
+}
 /// Longest wait between two dial attempts.
 pub const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// First wait after a failed dial.
@@ -99,8 +127,9 @@ pub enum NetMessage {
     /// First frame from a replica: its id, and its signature over the challenge
     /// ([`hello_signed_bytes`]).
     HelloReplica { id: ReplicaId, signature: Signature },
-    /// First frame from a client (a gateway).
-    HelloClient { client: u64 },
+    /// First frame from a client (a gateway): its id, and its signature over the challenge
+    /// ([`client_hello_signed_bytes`]).
+    HelloClient { client: u64, signature: Signature },
     /// A signed consensus message (`hoard_pbft::SignedMessage::to_bytes`).
     Consensus(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Client to replica: order this request.
@@ -157,18 +186,7 @@ fn socket2_ref(stream: &TcpStream) -> socket2::SockRef<'_> {
 /// Keeps a connection to `address` open and writes every frame from `frames` to it, starting
 /// each connection with the hello of replica `id`, signed over the challenge the other side
 /// sent. Frames that arrive while disconnected are dropped. Returns when `frames` closes.
-async fn dial_and_send(
-    address: SocketAddr,
-    id: ReplicaId,
-    key: Keypair,
-    mut queue: mpsc::Receiver<Bytes>,
-    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
-    // Every frame taken off the queue gives its bytes back.
-    let mut frames = Taken {
-        queue: &mut queue,
-        queued_bytes: &queued_bytes,
-    };
+async fn dial_and_send(address: SocketAddr, id: ReplicaId, key: Keypair, mut frames: QueueReceiver) {
     let mut backoff = DIAL_BACKOFF_MIN;
     loop {
         let stream = match TcpStream::connect(address).await {
@@ -226,7 +244,9 @@ async fn dial_and_send(
 }
 
 /// Reads the challenge a replica sends first on a connection it accepted.
-async fn read_challenge(framed: &mut Framed<TcpStream, LengthDelimitedCodec>) -> Result<Hash, String> {
+pub(crate) async fn read_challenge(
+    framed: &mut Framed<TcpStream, LengthDelimitedCodec>,
+) -> Result<Hash, String> {
     use futures::StreamExt;
     let frame = tokio::time::timeout(HELLO_TIMEOUT, framed.next())
         .await
@@ -239,25 +259,27 @@ async fn read_challenge(framed: &mut Framed<TcpStream, LengthDelimitedCodec>) ->
     }
 }
 
-/// A peer queue's receiving side that keeps its byte count.
-struct Taken<'a> {
-    queue: &'a mut mpsc::Receiver<Bytes>,
-    queued_bytes: &'a std::sync::atomic::AtomicUsize,
+/// A peer queue's receiving side: every frame taken off it gives its bytes back.
+pub struct QueueReceiver {
+    queue: mpsc::Receiver<Bytes>,
+    queued_bytes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
-impl Taken<'_> {
+impl QueueReceiver {
     fn taken(&self, frame: Bytes) -> Bytes {
         self.queued_bytes
             .fetch_sub(frame.len(), std::sync::atomic::Ordering::Relaxed);
         frame
     }
 
-    async fn recv(&mut self) -> Option<Bytes> {
+    /// The next frame; None once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Bytes> {
         let frame = self.queue.recv().await?;
         Some(self.taken(frame))
     }
 
-    fn try_recv(&mut self) -> Result<Bytes, mpsc::error::TryRecvError> {
+    /// The next frame if one is queued.
+    pub fn try_recv(&mut self) -> Result<Bytes, mpsc::error::TryRecvError> {
         let frame = self.queue.try_recv()?;
         Ok(self.taken(frame))
     }
@@ -275,19 +297,11 @@ mod peer_queue_tests {
     /// bytes back.
     #[tokio::test]
     async fn a_peer_queue_drops_frames_beyond_its_bytes_and_frees_them_when_sent() {
-        let (frames, mut receiver) = mpsc::channel(PEER_QUEUE_FRAMES_MAX);
-        let queued_bytes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let queue = PeerQueue {
-            frames,
-            queued_bytes: queued_bytes.clone(),
-        };
+        let (queue, mut taken) = peer_queue();
+        let queued_bytes = queue.queued_bytes.clone();
         assert!(queue.try_send(Bytes::from(vec![0u8; PEER_QUEUE_BYTES_MAX - 10])));
         assert!(!queue.try_send(Bytes::from(vec![1u8; 20])), "over the byte bound");
         assert!(queue.try_send(Bytes::from(vec![2u8; 10])));
-        let mut taken = Taken {
-            queue: &mut receiver,
-            queued_bytes: &queued_bytes,
-        };
         assert_eq!(taken.recv().await.unwrap().len(), PEER_QUEUE_BYTES_MAX - 10);
         assert!(queue.try_send(Bytes::from(vec![3u8; 20])));
         assert_eq!(taken.try_recv().unwrap()[0], 2);

@@ -33,7 +33,7 @@ use crate::app::LedgerApp;
 use crate::block::Block;
 use crate::cluster::NodeConfig;
 use crate::error::{LedgerError, Result};
-use crate::net::{self, NetMessage, PEER_QUEUE_FRAMES_MAX};
+use crate::net::{self, NetMessage};
 use crate::state::Ledger;
 use crate::store::{Engine, Store, StoreConfig};
 
@@ -104,12 +104,18 @@ enum Input {
         message: SignedMessage,
     },
     Request(Request),
+    /// Client `client` said hello on connection number `connection` (numbers are unique in
+    /// this process): its replies and blocks go to `frames` from now on.
     ClientConnected {
         client: u64,
-        frames: mpsc::Sender<Bytes>,
+        connection: u64,
+        frames: net::PeerQueue,
     },
+    /// Connection number `connection` of `client` ended: forgotten unless a newer one replaced
+    /// it meanwhile.
     ClientGone {
         client: u64,
+        connection: u64,
     },
     Subscribe {
         client: u64,
@@ -171,6 +177,7 @@ pub async fn run(
         inbox_tx.clone(),
         id,
         config.cluster.keys.clone(),
+        config.cluster.client_keys.clone(),
         shutdown.clone(),
     ));
 
@@ -541,7 +548,8 @@ struct Driver {
     replica: Replica<LedgerApp>,
     store: Box<dyn Store>,
     peers: HashMap<ReplicaId, net::PeerQueue>,
-    clients: HashMap<u64, mpsc::Sender<Bytes>>,
+    /// Per client, its newest connection's number and queue.
+    clients: HashMap<u64, (u64, net::PeerQueue)>,
     subscribers: HashMap<u64, Subscriber>,
     timers: [Option<Instant>; 4],
     status: Option<watch::Sender<NodeStatus>>,
@@ -613,6 +621,7 @@ struct ReplicaMetrics {
     state_transfers: metrics::Counter,
     messages_invalid: metrics::Counter,
     replies_resent: metrics::Counter,
+    requests_dropped: metrics::Counter,
     /// By [`MessageKind::index`].
     messages_received: Vec<metrics::Counter>,
     messages_sent: Vec<metrics::Counter>,
@@ -648,6 +657,7 @@ impl ReplicaMetrics {
             state_transfers: metrics::counter!("hoard_replica_state_transfers_total", "replica" => label.clone()),
             messages_invalid: metrics::counter!("hoard_replica_messages_invalid_total", "replica" => label.clone()),
             replies_resent: metrics::counter!("hoard_replica_replies_resent_total", "replica" => label.clone()),
+            requests_dropped: metrics::counter!("hoard_replica_requests_dropped_total", "replica" => label.clone()),
             messages_received: by_kind("hoard_replica_messages_received_total"),
             messages_sent: by_kind("hoard_replica_messages_sent_total"),
             resident_memory: metrics::gauge!("process_resident_memory_bytes"),
@@ -676,6 +686,7 @@ impl ReplicaMetrics {
             .absolute(stats.state_transfers_completed_total);
         self.messages_invalid.absolute(stats.messages_invalid_total);
         self.replies_resent.absolute(stats.replies_resent_total);
+        self.requests_dropped.absolute(stats.requests_dropped_total);
         for kind in MessageKind::ALL {
             self.messages_received[kind.index()].absolute(stats.messages_received_total[kind.index()]);
             self.messages_sent[kind.index()].absolute(stats.messages_sent_total[kind.index()]);
@@ -801,12 +812,24 @@ impl Driver {
             match input {
                 Input::Peer { from, message } => outputs.extend(self.replica.on_message(from, message)),
                 Input::Request(request) => outputs.extend(self.replica.on_request(request)),
-                Input::ClientConnected { client, frames } => {
-                    self.clients.insert(client, frames);
+                Input::ClientConnected {
+                    client,
+                    connection,
+                    frames,
+                } => {
+                    // A client has one connection, its newest: it redials when its connection
+                    // fails, and the one it left may not have ended here yet.
+                    self.clients.insert(client, (connection, frames));
                 }
-                Input::ClientGone { client } => {
-                    self.clients.remove(&client);
-                    self.subscribers.remove(&client);
+                Input::ClientGone { client, connection } => {
+                    if self
+                        .clients
+                        .get(&client)
+                        .is_some_and(|(newest, _)| *newest == connection)
+                    {
+                        self.clients.remove(&client);
+                        self.subscribers.remove(&client);
+                    }
                 }
                 Input::Subscribe { client, from_height } => {
                     self.subscribers.insert(
@@ -912,8 +935,8 @@ impl Driver {
                         reply,
                     }
                     .encode();
-                    if let Some(queue) = self.clients.get(&client) {
-                        if queue.try_send(frame).is_err() {
+                    if let Some((_, queue)) = self.clients.get(&client) {
+                        if !queue.try_send(frame) {
                             self.metrics.frames_dropped_to_client.increment(1);
                         }
                     }
@@ -1068,7 +1091,7 @@ impl Driver {
         let head = self.replica.last_executed();
         let clients: Vec<u64> = self.subscribers.keys().copied().collect();
         for client in clients {
-            let Some(queue) = self.clients.get(&client).cloned() else {
+            let Some(queue) = self.clients.get(&client).map(|(_, queue)| queue.clone()) else {
                 continue;
             };
             let subscriber = self.subscribers.get_mut(&client).expect("listed");
@@ -1092,9 +1115,8 @@ impl Driver {
                     block: bytes,
                 }
                 .encode();
-                match queue.try_reserve() {
-                    Ok(permit) => permit.send(frame),
-                    Err(_) => break,
+                if !queue.try_send(frame) {
+                    break;
                 }
                 subscriber.next_height += 1;
                 sent += 1;
@@ -1133,7 +1155,7 @@ enum Refused {
     /// No hello within [`net::HELLO_TIMEOUT`].
     HelloTimeout,
     /// A first frame that is not a hello, larger than [`net::HELLO_BYTES_MAX`], or a replica's
-    /// hello with an unknown id or a signature that does not verify.
+    /// or client's hello with an unknown id or a signature that does not verify.
     BadHello,
 }
 
@@ -1152,6 +1174,10 @@ impl Refused {
 struct Slots {
     me: ReplicaId,
     keys: Vec<hoard_types::PublicKey>,
+    /// The clients' keys, by client id (the cluster file's `[[clients]]`).
+    client_keys: std::collections::BTreeMap<u64, hoard_types::PublicKey>,
+    /// The number of the last client connection (see [`Input::ClientConnected`]).
+    client_connections: std::sync::atomic::AtomicU64,
     handshakes: Arc<tokio::sync::Semaphore>,
     clients: Arc<tokio::sync::Semaphore>,
     /// Per peer, the number of its newest authenticated connection: a peer has one connection,
@@ -1177,12 +1203,15 @@ async fn accept_loop(
     inbox: Inbox,
     me: ReplicaId,
     keys: Vec<hoard_types::PublicKey>,
+    client_keys: std::collections::BTreeMap<u64, hoard_types::PublicKey>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Slots {
         me,
         peers: keys.iter().map(|_| watch::Sender::new(0)).collect(),
         keys,
+        client_keys,
+        client_connections: std::sync::atomic::AtomicU64::new(0),
         handshakes: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX)),
         clients: Arc::new(tokio::sync::Semaphore::new(CLIENTS_MAX)),
     });
@@ -1312,17 +1341,32 @@ async fn serve_connection(
             }
             Ok(())
         }
-        NetMessage::HelloClient { client } => {
+        NetMessage::HelloClient { client, signature } => {
+            let key = slots
+                .client_keys
+                .get(&client)
+                .ok_or_else(|| refused(Refused::BadHello)(format!("unknown client {client}")))?;
+            key.verify(
+                net::HELLO_CLIENT_DOMAIN,
+                &net::client_hello_signed_bytes(&nonce, client),
+                &signature,
+            )
+            .map_err(|e| refused(Refused::BadHello)(format!("client {client}'s hello: {e}")))?;
             let _slot = slots
                 .clients
                 .clone()
                 .try_acquire_owned()
                 .map_err(|_| refused(Refused::TooMany)(format!("{CLIENTS_MAX} clients connected")))?;
-            let (queue, mut outgoing) = mpsc::channel::<Bytes>(PEER_QUEUE_FRAMES_MAX);
+            let connection = slots
+                .client_connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            let (queue, mut outgoing) = net::peer_queue();
             if inbox
                 .send(
                     Input::ClientConnected {
                         client,
+                        connection,
                         frames: queue,
                     },
                     0,
@@ -1365,7 +1409,7 @@ async fn serve_connection(
                 Ok(())
             }
             .await;
-            let _ = inbox.send(Input::ClientGone { client }, 0).await;
+            let _ = inbox.send(Input::ClientGone { client, connection }, 0).await;
             writer.abort();
             result
         }
@@ -1473,14 +1517,19 @@ pub fn describe_metrics() {
         "Client retransmissions of executed requests answered with the reply remembered."
     );
     describe_counter!(
+        "hoard_replica_requests_dropped_total",
+        "Client requests the consensus core did not take: its pending requests full (count or \
+         bytes), or the request failed the ledger's check."
+    );
+    describe_counter!(
         "hoard_replica_messages_invalid_total",
         "Consensus messages rejected as invalid."
     );
     describe_counter!(
         "hoard_replica_connections_refused_total",
         "Connections accepted and closed before being served, by reason: too_many (no slot), \
-         hello_timeout (no hello in time), bad_hello (not a hello, too large, or a replica hello \
-         that does not verify)."
+         hello_timeout (no hello in time), bad_hello (not a hello, too large, or a replica or \
+         client hello that names an unknown id or does not verify)."
     );
     describe_counter!(
         "hoard_replica_messages_received_total",
@@ -1589,7 +1638,10 @@ mod tests {
     #[tokio::test]
     async fn the_inbox_makes_a_sender_wait_for_room_in_bytes() {
         let (inbox, mut receiver) = Inbox::new(4 * 1024);
-        let gone = |client| Input::ClientGone { client };
+        let gone = |client| Input::ClientGone {
+            client,
+            connection: 0,
+        };
         inbox.send(gone(1), 3 * 1024).await.unwrap();
         let waiting = tokio::spawn({
             let inbox = inbox.clone();
@@ -1603,10 +1655,10 @@ mod tests {
         // Inputs without a frame of their own (connections coming and going) never wait.
         inbox.send(gone(3), 0).await.unwrap();
         let first = receiver.recv().await.unwrap();
-        assert!(matches!(first.input, Input::ClientGone { client: 1 }));
+        assert!(matches!(first.input, Input::ClientGone { client: 1, .. }));
         assert!(matches!(
             receiver.recv().await.unwrap().input,
-            Input::ClientGone { client: 3 }
+            Input::ClientGone { client: 3, .. }
         ));
         drop(first);
         tokio::time::timeout(Duration::from_secs(5), waiting)
@@ -1616,7 +1668,7 @@ mod tests {
             .unwrap();
         assert!(matches!(
             receiver.recv().await.unwrap().input,
-            Input::ClientGone { client: 2 }
+            Input::ClientGone { client: 2, .. }
         ));
     }
 }

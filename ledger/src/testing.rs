@@ -324,8 +324,26 @@ pub struct LocalCluster {
     tasks: Vec<Option<tokio::task::JoinHandle<crate::Result<()>>>>,
 }
 
+/// The clients a [`LocalCluster`] lists: ids `1..=LOCAL_CLIENTS`, keys [`client_key`].
+pub const LOCAL_CLIENTS: u64 = 8;
+
+/// The key of client `id` of a [`LocalCluster`] (deterministic; also in `dir/client-<id>.key`).
+pub fn client_key(id: u64) -> Keypair {
+    key("client", id)
+}
+
 impl LocalCluster {
-    /// Writes a cluster of `n` replicas for `genesis` into `dir` and starts every replica.
+    /// A client of these replicas as client `id` (`1..=LOCAL_CLIENTS`).
+    pub fn client(&self, id: u64) -> crate::client::ChainClient {
+        assert!(
+            (1..=LOCAL_CLIENTS).contains(&id),
+            "a local cluster lists clients 1..={LOCAL_CLIENTS}"
+        );
+        crate::client::ChainClient::connect(&self.cluster, id, client_key(id))
+    }
+
+    /// Writes a cluster of `n` replicas for `genesis` into `dir` (with [`LOCAL_CLIENTS`]
+    /// clients) and starts every replica.
     pub fn start(dir: &std::path::Path, genesis: &Genesis, n: usize) -> LocalCluster {
         // A failing test shows the replicas' view changes and warnings (captured otherwise);
         // `RUST_LOG` overrides. The chain benchmark installs its own subscriber first.
@@ -340,8 +358,9 @@ impl LocalCluster {
         let addresses: Vec<_> = (0..n)
             .map(|_| (std::net::SocketAddr::from(([127, 0, 0, 1], free_port())), None))
             .collect();
-        let cluster =
-            crate::cluster::write_local_cluster(dir, genesis, &addresses, &keys).expect("write cluster");
+        let clients: Vec<Keypair> = (1..=LOCAL_CLIENTS).map(client_key).collect();
+        let cluster = crate::cluster::write_local_cluster(dir, genesis, &addresses, &keys, &clients)
+            .expect("write cluster");
         let mut local = LocalCluster {
             dir: dir.to_path_buf(),
             cluster,
@@ -444,7 +463,7 @@ impl MintingCluster {
     pub async fn start(dir: &std::path::Path) -> MintingCluster {
         let mut world = World::new(1);
         let cluster = LocalCluster::start(dir, &world.genesis(), 4);
-        let client = crate::client::ChainClient::connect(&cluster.cluster, 1);
+        let client = cluster.client(1);
         let alice = key("alice", 0);
         let setup = vec![
             world.define_currency(Self::TENANT, "GOLD", 1_000_000),

@@ -14,7 +14,7 @@ async fn four_replicas_commit_agree_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut world = World::new(1);
     let mut cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
-    let client = ChainClient::connect(&cluster.cluster, 1);
+    let client = cluster.client(1);
     let mut blocks = client.blocks(1);
 
     let alice = key("alice", 0);
@@ -102,7 +102,7 @@ async fn the_client_keeps_at_most_its_byte_budget_in_flight() {
         requests_in_flight_max: 1_000,
         bytes_in_flight_max: 1024 * 1024,
     };
-    let client = ChainClient::connect_with(&cluster, 1, limits);
+    let client = ChainClient::connect_with(&cluster, 1, hoard_ledger::testing::client_key(1), limits);
     // Distinct requests of about 300 KB: three fit in 1 MiB, the other seven wait in `submit`.
     let request = |n: u8| -> Vec<Transaction> {
         (0..5)
@@ -149,7 +149,7 @@ async fn a_request_sent_again_after_it_committed_gets_its_original_reply() {
         world.define_currency(T, "GOLD", 1_000_000),
         world.register(T, &alice.public(), Custody::Custodial),
     ];
-    let first = ChainClient::connect(&cluster.cluster, 7);
+    let first = cluster.client(7);
     let committed = tokio::time::timeout(Duration::from_secs(20), first.submit(&setup))
         .await
         .expect("committed in time")
@@ -159,7 +159,7 @@ async fn a_request_sent_again_after_it_committed_gets_its_original_reply() {
         .wait_for_height(committed.height, Duration::from_secs(10))
         .await;
 
-    let restarted = ChainClient::connect(&cluster.cluster, 7);
+    let restarted = cluster.client(7);
     let answered = tokio::time::timeout(Duration::from_secs(10), restarted.submit(&setup))
         .await
         .expect("answered from the remembered replies")
@@ -177,7 +177,7 @@ async fn a_request_sent_again_after_it_committed_gets_its_original_reply() {
 
 #[tokio::test]
 async fn when_the_primary_connection_drops_pending_requests_go_to_every_replica_at_once() {
-    use futures::StreamExt;
+    use futures::{SinkExt, StreamExt};
     use hoard_ledger::cluster::{Cluster, ReplicaInfo};
     use hoard_ledger::net::{codec, NetMessage};
     use hoard_types::Transaction;
@@ -204,18 +204,27 @@ async fn when_the_primary_connection_drops_pending_requests_go_to_every_replica_
     let cluster = Cluster::new(world.genesis(), replicas).unwrap();
     let [primary, backup] = listeners;
     let (backup_got, mut backup_requests) = tokio::sync::mpsc::unbounded_channel();
+    // Each stand-in replica opens its connection as a replica does, with a challenge (the
+    // client's hello is not checked here).
+    let challenge = NetMessage::Challenge {
+        nonce: hoard_types::Hash([3; 32]),
+    }
+    .encode();
+    let backup_challenge = challenge.clone();
     tokio::spawn(async move {
         let (stream, _) = backup.accept().await.unwrap();
         let mut framed = Framed::new(stream, codec());
+        framed.send(backup_challenge).await.unwrap();
         while let Some(Ok(frame)) = framed.next().await {
             if let Ok(NetMessage::Request(request)) = NetMessage::decode(&frame) {
                 let _ = backup_got.send((request, tokio::time::Instant::now()));
             }
         }
     });
-    let client = ChainClient::connect(&cluster, 1);
+    let client = ChainClient::connect(&cluster, 1, hoard_ledger::testing::client_key(1));
     let (stream, _) = primary.accept().await.unwrap();
     let mut framed = Framed::new(stream, codec());
+    framed.send(challenge).await.unwrap();
     // Both connections up (the client sends to all replicas while it has none to the primary).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let submission = {
@@ -359,7 +368,7 @@ async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
     let mut world = World::new(1);
     let mut cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
     let address = cluster.cluster.replicas[0].address;
-    let client = ChainClient::connect(&cluster.cluster, 1);
+    let client = cluster.client(1);
     let alice = key("alice", 0);
     let setup = vec![
         world.define_currency(T, "GOLD", 1_000_000),
@@ -431,6 +440,38 @@ async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
             "hello as replica {id} accepted"
         );
     }
+    // Claims to be a gateway: client 1 with another key, with client 1's key over another
+    // nonce, a client the cluster file does not list, and replica 1's genuine replica hello
+    // signature presented as client 1's (the domains differ).
+    let forged_clients = [
+        (1, key("mallory", 0), None, net::HELLO_CLIENT_DOMAIN),
+        (
+            1,
+            hoard_ledger::testing::client_key(1),
+            Some(hoard_types::Hash([7; 32])),
+            net::HELLO_CLIENT_DOMAIN,
+        ),
+        (99, key("client", 99), None, net::HELLO_CLIENT_DOMAIN),
+        (1, hoard_ledger::testing::client_key(1), None, net::HELLO_DOMAIN),
+    ];
+    for (client, signer, other_nonce, domain) in forged_clients {
+        let (mut framed, nonce) = challenged(address).await;
+        let signed = net::client_hello_signed_bytes(&other_nonce.unwrap_or(nonce), client);
+        let hello = NetMessage::HelloClient {
+            client,
+            signature: signer.sign(domain, &signed),
+        };
+        framed.send(hello.encode()).await.unwrap();
+        // Had it been served, a subscription from height 1 would bring blocks.
+        let _ = framed
+            .send(NetMessage::Subscribe { from_height: 1 }.encode())
+            .await;
+        assert!(
+            closed_within(&mut framed, quick).await,
+            "hello as client {client} accepted"
+        );
+    }
+
     // A first frame too large for a hello (its length is all it takes), and garbage.
     let (framed, _) = challenged(address).await;
     let mut stream = framed.into_inner();
@@ -459,6 +500,65 @@ async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
         .unwrap()
         .unwrap();
     assert_eq!(committed.receipts[0].outcome, Outcome::Applied);
+
+    // A client that connects again while its old connection is still open is served on the
+    // new one, also after the old one ends.
+    async fn client_connection(
+        address: std::net::SocketAddr,
+        client: u64,
+    ) -> Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec> {
+        let (mut framed, nonce) = challenged(address).await;
+        let hello = NetMessage::HelloClient {
+            client,
+            signature: hoard_ledger::testing::client_key(client).sign(
+                net::HELLO_CLIENT_DOMAIN,
+                &net::client_hello_signed_bytes(&nonce, client),
+            ),
+        };
+        framed.send(hello.encode()).await.unwrap();
+        framed
+    }
+    /// The next block frame's height on `framed`, within `wait`.
+    async fn next_block(
+        framed: &mut Framed<TcpStream, tokio_util::codec::LengthDelimitedCodec>,
+        wait: Duration,
+    ) -> Option<u64> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, framed.next())
+                .await
+                .ok()??
+                .ok()?;
+            if let Ok(NetMessage::Block { height, .. }) = NetMessage::decode(&frame) {
+                return Some(height);
+            }
+        }
+    }
+    let old = client_connection(address, 3).await;
+    // The old connection is taken in before the new one says hello.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut new = client_connection(address, 3).await;
+    new.send(NetMessage::Subscribe { from_height: 1 }.encode())
+        .await
+        .unwrap();
+    assert_eq!(
+        next_block(&mut new, within).await,
+        Some(1),
+        "the new connection is served"
+    );
+    drop(old);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let committed = tokio::time::timeout(within, client.submit(&[mint(&mut world)]))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut newest = 0;
+    while newest < committed.height {
+        newest = next_block(&mut new, within)
+            .await
+            .expect("the new connection still gets blocks after the old one ended");
+    }
+    drop(new);
 
     // A genuine hello of replica 1 (its key, this connection's nonce) is served while replica 1
     // is down; when replica 1 comes back, its new connection takes the place and closes this
@@ -496,7 +596,7 @@ async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
         closed_within(&mut turned_away, quick).await,
         "a handshake beyond the limit"
     );
-    let late = ChainClient::connect(&cluster.cluster, 2);
+    let late = cluster.client(2);
     let committed = tokio::time::timeout(within, late.submit(&[mint(&mut world)]))
         .await
         .unwrap()
@@ -523,6 +623,6 @@ async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
         .wait_for_height(committed.height, Duration::from_secs(30))
         .await;
     assert!(statuses.iter().all(|s| s.state_root == statuses[0].state_root));
-    assert_eq!(minted, 4);
+    assert_eq!(minted, 5);
     cluster.shutdown().await;
 }

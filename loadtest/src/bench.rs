@@ -579,17 +579,19 @@ async fn submit_all(
     Ok((outcomes, started.elapsed().as_secs_f64()))
 }
 
-/// The chain alone: defines GOLD and registers accounts (not measured), then measures
-/// settlements of [`CHAIN_SETTLE_ENTRIES`] entries and individually signed transfers.
+/// The chain alone, as client [`crate::stack::BENCH_CLIENT`] with `client_key`: defines GOLD
+/// and registers accounts (not measured), then measures settlements of
+/// [`CHAIN_SETTLE_ENTRIES`] entries and individually signed transfers.
 pub async fn chain_once(
     cluster: &Cluster,
+    client_key: Keypair,
     studio: &Keypair,
     tenant: TenantId,
     head: u64,
     settlements: usize,
     transfers: usize,
 ) -> anyhow::Result<ChainFigure> {
-    let client = ChainClient::connect(cluster, rand::random::<u64>() >> 1);
+    let client = ChainClient::connect(cluster, crate::stack::BENCH_CLIENT, client_key);
     let chain_id = cluster.genesis.chain_id;
     let expires = head + hoard_types::constants::EXPIRY_HORIZON_BLOCKS_MAX / 2;
     let gold = CurrencyId::new("CHAINBENCH");

@@ -154,7 +154,7 @@ pub async fn run(config: &Path, cluster: &Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(config).with_context(|| format!("reading {}", config.display()))?;
     let config: GatewayConfig = serde_json::from_slice(&bytes).context("gateway configuration")?;
     let cluster = Cluster::load(cluster).with_context(|| format!("loading {}", cluster.display()))?;
-    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster, rand::random::<u64>() >> 1));
+    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect_configured(&cluster, &config.chain)?);
     hoard_server::run_with_chain(
         config,
         chain,

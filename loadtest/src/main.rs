@@ -509,8 +509,15 @@ async fn bench(args: BenchArgs) -> anyhow::Result<()> {
 
     // (3) the chain alone.
     let cluster = hoard_ledger::cluster::Cluster::load(&stack.dir.join("cluster/cluster.toml"))?;
+    let bench_key = hoard_ledger::cluster::load_key(
+        &stack
+            .dir
+            .join("cluster")
+            .join(hoard_ledger::cluster::local_client_key_file(stack::BENCH_CLIENT)),
+    )?;
     let chain = bench::chain_once(
         &cluster,
+        bench_key,
         &stack.studio,
         stack.tenant,
         stack.chain_height().await,

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use hoard_ledger::cluster::{write_local_cluster, Cluster, NodeConfig};
+use hoard_ledger::cluster::{local_client_key_file, write_local_cluster, Cluster, NodeConfig};
 use hoard_ledger::Genesis;
 use hoard_server::chain::ClusterChain;
 use hoard_server::config::{demo_genesis, GatewayConfig, StoreBackend, DEMO_STUDIO_SEED};
@@ -276,6 +276,15 @@ async fn ping(port: u16) -> bool {
     ) && &answer == b"+PONG\r\n"
 }
 
+/// The chain clients a stack's cluster file lists (ids 1, 2, ...; key files
+/// `cluster/client-<id>.key`): the gateway is [`GATEWAY_CLIENT`], the benchmark's own chain
+/// client [`BENCH_CLIENT`]; 3 and 4 are for more gateways (tests start them).
+pub const STACK_CLIENTS: usize = 4;
+/// The gateway's client id towards a stack's replicas.
+pub const GATEWAY_CLIENT: u64 = 1;
+/// The client id `hoard-loadtest bench` measures the chain alone with.
+pub const BENCH_CLIENT: u64 = 2;
+
 /// How many times [`Stack::start`] starts the replicas on fresh ports before it gives up.
 const REPLICA_START_ATTEMPTS: u32 = 3;
 
@@ -299,7 +308,8 @@ async fn start_replicas(
             )
         })
         .collect();
-    let cluster = write_local_cluster(cluster_dir, genesis, &addresses, &keys)?;
+    let clients: Vec<Keypair> = (0..STACK_CLIENTS).map(|_| Keypair::generate()).collect();
+    let cluster = write_local_cluster(cluster_dir, genesis, &addresses, &keys, &clients)?;
     let mut replicas = Vec::new();
     for (id, (address, metrics)) in addresses.iter().enumerate() {
         let config = cluster_dir.join(format!("replica-{id}.toml"));
@@ -455,6 +465,10 @@ impl Stack {
         if redis.is_none() {
             config.store = StoreBackend::Embedded;
         }
+        config.chain.backend = "cluster".into();
+        config.chain.cluster = Some(cluster_dir.join("cluster.toml"));
+        config.chain.client_id = GATEWAY_CLIENT;
+        config.chain.client_key = Some(cluster_dir.join(local_client_key_file(GATEWAY_CLIENT)));
         let (gateway, gateway_process) = if options.gateway_process {
             let process = crate::gateway_process::GatewayProcess::start(
                 &options.node_program,
@@ -466,7 +480,7 @@ impl Stack {
             .await?;
             (None, Some(process))
         } else {
-            let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster, rand::random::<u64>() >> 1));
+            let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect_configured(&cluster, &config.chain)?);
             let gateway = Gateway::start(config, chain, &genesis)
                 .await
                 .context("starting the gateway")?;

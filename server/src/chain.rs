@@ -193,13 +193,36 @@ pub struct ClusterChain {
 }
 
 impl ClusterChain {
-    /// Connects to the replicas of `cluster` as client `client_id` (unique per gateway).
-    pub fn connect(cluster: &hoard_ledger::cluster::Cluster, client_id: u64) -> ClusterChain {
+    /// Connects to the replicas of `cluster` as client `client_id` (unique per gateway),
+    /// signing each connection's hello with `key` (the cluster file lists its public key for
+    /// `client_id`).
+    pub fn connect(
+        cluster: &hoard_ledger::cluster::Cluster,
+        client_id: u64,
+        key: hoard_types::Keypair,
+    ) -> ClusterChain {
         ClusterChain {
-            client: hoard_ledger::client::ChainClient::connect(cluster, client_id),
+            client: hoard_ledger::client::ChainClient::connect(cluster, client_id, key),
             chain_id: cluster.genesis.chain_id,
             in_flight: Arc::new(tokio::sync::Semaphore::new(CLUSTER_BATCHES_IN_FLIGHT_MAX)),
         }
+    }
+
+    /// Connects as the configuration's `chain.client_id`, with the key in `chain.client_key`,
+    /// after checking that `cluster` lists that id with that key (a gateway with the wrong key
+    /// stops at start, instead of being refused by every replica).
+    pub fn connect_configured(
+        cluster: &hoard_ledger::cluster::Cluster,
+        config: &crate::config::ChainConfig,
+    ) -> crate::error::Result<ClusterChain> {
+        let path = config.client_key.as_ref().ok_or_else(|| {
+            crate::error::ServerError::Config(
+                "chain.client_key: the cluster backend needs this gateway's client key file".into(),
+            )
+        })?;
+        let key = hoard_ledger::cluster::load_key(path)?;
+        cluster.check_client(config.client_id, &key)?;
+        Ok(ClusterChain::connect(cluster, config.client_id, key))
     }
 }
 
@@ -290,5 +313,43 @@ mod tests {
             chain.with_ledger(|l| l.account(TenantId(1), &key("bob", 0).public())),
             None
         );
+    }
+
+    /// A gateway on the cluster backend starts only with the key the cluster file lists for its
+    /// client id, and says which check failed.
+    #[tokio::test]
+    async fn a_gateway_connects_only_as_a_client_the_cluster_file_lists_with_its_key() {
+        use hoard_ledger::cluster::{local_client_key_file, save_key, write_local_cluster, Cluster};
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<_> = (0..4).map(|i| key("replica", i)).collect();
+        let addresses: Vec<_> = (0..4)
+            .map(|i| (std::net::SocketAddr::from(([127, 0, 0, 1], 7100 + i)), None))
+            .collect();
+        let clients = [key("client", 1)];
+        write_local_cluster(dir.path(), &World::new(1).genesis(), &addresses, &keys, &clients).unwrap();
+        let cluster = Cluster::load(&dir.path().join("cluster.toml")).unwrap();
+        let listed = dir.path().join(local_client_key_file(1));
+        let other = dir.path().join("other.key");
+        save_key(&other, &key("mallory", 0)).unwrap();
+        let missing = dir.path().join("missing.key");
+        let config = |client_id: u64, client_key: Option<&std::path::Path>| crate::config::ChainConfig {
+            backend: "cluster".into(),
+            cluster: Some(dir.path().join("cluster.toml")),
+            client_id,
+            client_key: client_key.map(|p| p.to_path_buf()),
+            ..crate::config::ChainConfig::default()
+        };
+        assert!(ClusterChain::connect_configured(&cluster, &config(1, Some(&listed))).is_ok());
+        for (client_id, client_key, because) in [
+            (2, Some(listed.as_path()), "not listed"),
+            (1, Some(other.as_path()), "not the one the cluster file lists"),
+            (1, None, "chain.client_key"),
+            (1, Some(missing.as_path()), "missing.key"),
+        ] {
+            match ClusterChain::connect_configured(&cluster, &config(client_id, client_key)) {
+                Err(error) => assert!(error.to_string().contains(because), "{because}: {error}"),
+                Ok(_) => panic!("client {client_id} with {client_key:?} connected"),
+            }
+        }
     }
 }

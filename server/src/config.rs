@@ -6,6 +6,7 @@
 //! `HOARD_GATEWAY_FLUSH_INTERVAL_MS`, `HOARD_GATEWAY_FLUSH_INTERVAL_MAX_MS`,
 //! `HOARD_GATEWAY_FLUSH_BUSY_PERCENT`, `HOARD_GATEWAY_STRICT_CLICKS`,
 //! `HOARD_GATEWAY_GENESIS`, `HOARD_GATEWAY_CLUSTER` (selects the `cluster` backend),
+//! `HOARD_GATEWAY_CLIENT_ID`, `HOARD_GATEWAY_CLIENT_KEY` (its client key file),
 //! `HOARD_GATEWAY_INSTANCE`, and per tenant listed in the file's `[[tenants]]`
 //! `HOARD_GATEWAY_TENANT_<id>_STUDIO_SEED` (the studio key's 32-byte seed in hex). A
 //! `HOARD_GATEWAY_TENANT_...` variable that names no listed tenant, or no such setting, is refused
@@ -158,8 +159,12 @@ pub struct ChainConfig {
     pub genesis: Option<PathBuf>,
     /// The cluster file, for `cluster`.
     pub cluster: Option<PathBuf>,
-    /// This gateway's client id towards the replicas (unique per gateway).
+    /// This gateway's client id towards the replicas (unique per gateway), listed with its
+    /// public key under the cluster file's `[[clients]]`.
     pub client_id: u64,
+    /// The file of this gateway's client key (an ed25519 seed, 64 hex digits, like a replica's
+    /// key file), for `cluster`: each connection's hello to a replica is signed with it.
+    pub client_key: Option<PathBuf>,
 }
 
 /// One tenant's gateway-side settings.
@@ -286,6 +291,7 @@ impl Default for ChainConfig {
             genesis: None,
             cluster: None,
             client_id: 1,
+            client_key: None,
         }
     }
 }
@@ -375,6 +381,12 @@ impl GatewayConfig {
             self.chain.backend = "cluster".into();
             self.chain.cluster = Some(PathBuf::from(v));
         }
+        if let Some(v) = lookup("HOARD_GATEWAY_CLIENT_ID") {
+            self.chain.client_id = v.parse().map_err(|e| parse_err("HOARD_GATEWAY_CLIENT_ID", &e))?;
+        }
+        if let Some(v) = lookup("HOARD_GATEWAY_CLIENT_KEY") {
+            self.chain.client_key = Some(PathBuf::from(v));
+        }
         if let Some(v) = lookup("HOARD_GATEWAY_INSTANCE") {
             self.instance = v;
         }
@@ -409,9 +421,17 @@ impl GatewayConfig {
             return bad("events.pending_max and connections_max must be positive".into());
         }
         match (self.chain.backend.as_str(), &self.chain.cluster) {
-            ("local", _) | ("cluster", Some(_)) => {}
+            ("local", _) => {}
+            ("cluster", Some(_)) if self.chain.client_key.is_some() => {}
             ("cluster", None) => {
                 return bad("chain.backend `cluster` needs chain.cluster (the cluster file)".into())
+            }
+            ("cluster", Some(_)) => {
+                return bad(
+                    "chain.backend `cluster` needs chain.client_key (this gateway's client key file, \
+                     listed in the cluster file's [[clients]])"
+                        .into(),
+                )
             }
             (other, _) => return bad(format!("chain.backend `{other}`: use `local` or `cluster`")),
         }
@@ -501,6 +521,36 @@ mod tests {
         );
         assert!(config
             .apply_env(|n| (n == "HOARD_GATEWAY_FLUSH_INTERVAL_MS").then(|| "0".into()))
+            .is_err());
+    }
+
+    #[test]
+    fn the_cluster_backend_needs_a_client_key_and_takes_both_from_the_environment() {
+        let mut config = GatewayConfig::default();
+        let cluster_without_key = |name: &str| match name {
+            "HOARD_GATEWAY_CLUSTER" => Some("/etc/hoard/cluster.toml".to_string()),
+            _ => None,
+        };
+        match config.apply_env(cluster_without_key) {
+            Err(ServerError::Config(message)) => assert!(message.contains("chain.client_key"), "{message}"),
+            other => panic!("a cluster backend without a client key: {other:?}"),
+        }
+        config
+            .apply_env(|name| match name {
+                "HOARD_GATEWAY_CLUSTER" => Some("/etc/hoard/cluster.toml".into()),
+                "HOARD_GATEWAY_CLIENT_ID" => Some("7".into()),
+                "HOARD_GATEWAY_CLIENT_KEY" => Some("/etc/hoard/client-7.key".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.chain.backend, "cluster");
+        assert_eq!(config.chain.client_id, 7);
+        assert_eq!(
+            config.chain.client_key.as_deref(),
+            Some(Path::new("/etc/hoard/client-7.key"))
+        );
+        assert!(config
+            .apply_env(|n| (n == "HOARD_GATEWAY_CLIENT_ID").then(|| "seven".into()))
             .is_err());
     }
 

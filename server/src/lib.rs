@@ -104,7 +104,7 @@ pub async fn run(config: GatewayConfig, shutdown: impl Future<Output = ()>) -> R
     ) {
         ("cluster", Some(path)) => {
             let cluster = hoard_ledger::cluster::Cluster::load(path)?;
-            let chain = chain::ClusterChain::connect(&cluster, config.chain.client_id);
+            let chain = chain::ClusterChain::connect_configured(&cluster, &config.chain)?;
             (Arc::new(chain), cluster.genesis)
         }
         _ => {

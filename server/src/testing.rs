@@ -280,7 +280,11 @@ impl TestGateway {
         let world = World::new(2);
         let dir = tempfile::tempdir().expect("temporary directory");
         let cluster = hoard_ledger::testing::LocalCluster::start(dir.path(), &world.genesis(), 4);
-        let backend: Arc<dyn Chain> = Arc::new(crate::chain::ClusterChain::connect(&cluster.cluster, 1));
+        let backend: Arc<dyn Chain> = Arc::new(crate::chain::ClusterChain::connect(
+            &cluster.cluster,
+            1,
+            hoard_ledger::testing::client_key(1),
+        ));
         let mut config = test_config(redis, &world);
         tweak(&mut config);
         let gateway = Gateway::start(config.clone(), backend, &world.genesis())

@@ -17,7 +17,11 @@ async fn events_commit_through_the_pbft_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let mut world = World::new(2);
     let cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
-    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster.cluster, 1));
+    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(
+        &cluster.cluster,
+        1,
+        hoard_ledger::testing::client_key(1),
+    ));
     let config = test_config(&redis, &world);
     let gateway = Gateway::start(config, chain, &world.genesis())
         .await
@@ -47,7 +51,11 @@ async fn readiness_needs_f_plus_one_replicas_reachable() {
     let dir = tempfile::tempdir().unwrap();
     let world = World::new(1);
     let mut cluster = LocalCluster::start(dir.path(), &world.genesis(), 4);
-    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(&cluster.cluster, 1));
+    let chain: Arc<dyn Chain> = Arc::new(ClusterChain::connect(
+        &cluster.cluster,
+        1,
+        hoard_ledger::testing::client_key(1),
+    ));
     let gateway = Gateway::start(test_config(&redis, &world), chain, &world.genesis())
         .await
         .expect("gateway starts");

@@ -287,7 +287,9 @@ async fn main() -> anyhow::Result<()> {
                 )
             })
             .collect();
-        let cluster = hoard_ledger::cluster::write_local_cluster(dir.path(), &genesis, &addresses, &keys)?;
+        let clients = [hoard_ledger::testing::client_key(1)];
+        let cluster =
+            hoard_ledger::cluster::write_local_cluster(dir.path(), &genesis, &addresses, &keys, &clients)?;
         let hoard = std::env::current_exe()?.with_file_name("hoard");
         anyhow::ensure!(
             hoard.exists(),
@@ -313,7 +315,7 @@ async fn main() -> anyhow::Result<()> {
         local = Some(started);
         cluster
     };
-    let client = ChainClient::connect(&cluster, 1);
+    let client = ChainClient::connect(&cluster, 1, hoard_ledger::testing::client_key(1));
     let players: Vec<Keypair> = (0..args.players as u64).map(|i| key("player", i)).collect();
     let mut setup = vec![world.define_currency(T, "GOLD", u128::MAX)];
     setup.extend(
