@@ -290,14 +290,17 @@ mod tests {
         let studio = config.tenants[0].studio_key().unwrap().expect("a studio key");
         assert_eq!(config.tenants[0].id, 1);
         assert_eq!(studio.public(), cluster.genesis.tenants[0].studio_key);
+        // The gateway's client key is the one the cluster file lists for its client id.
+        let client_key = config.chain.client_key.clone().expect("a client key file");
+        let key = hoard_ledger::cluster::load_key(&client_key).unwrap();
+        cluster.check_client(config.chain.client_id, &key).unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join("gateway.toml"))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o077, 0, "the gateway file holds a secret: owner only");
+            for secret in [dir.path().join("gateway.toml"), client_key] {
+                let mode = std::fs::metadata(&secret).unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0, "{} holds a secret: owner only", secret.display());
+            }
         }
     }
 }
