@@ -437,7 +437,7 @@ async fn stop_and_check(
     );
     let height = client.head().await.expect("head").height;
     for client in clients {
-        client.close().await;
+        client.close().await.expect("every click acknowledged at close");
     }
     gateway.stop().await;
 
@@ -600,7 +600,7 @@ async fn every_event_commits_exactly_once_across_a_kill_9_of_the_gateway_process
             "an SDK client reached a gateway while the first one was down"
         );
     }
-    observer.close().await;
+    observer.close().await.expect("the observer closes");
     second.stop().await;
 
     // The first gateway again, on its address and consumer name: the SDK clients reconnect and

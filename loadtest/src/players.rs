@@ -512,8 +512,12 @@ impl Simulation {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        for client in &self.clients {
-            client.close().await;
+        // Each close waits for its clicks' acknowledgements: all at once, not one after another.
+        let closes = self.clients.iter().map(|client| client.close());
+        for closed in futures::future::join_all(closes).await {
+            if let Err(error) = closed {
+                self.live.error(reason(&error));
+            }
         }
         report(
             &self.config,
@@ -645,7 +649,8 @@ async fn setup(config: &PlayersConfig, studio: &Client, players: &[PublicKey]) -
             }
         }
         for registrar in &registrars {
-            registrar.close().await;
+            // Registrars send no clicks: their close has nothing to report.
+            let _ = registrar.close().await;
         }
         if failed.is_empty() {
             return Ok(());

@@ -208,7 +208,7 @@ pub async fn run(
         gold_left.push(client.balances(*player).await?.of(&gold).0);
     }
     let leaderboard = client.leaderboard("gold", 10).await?;
-    client.close().await;
+    client.close().await?;
     Ok(ClickerReport {
         players: player_keys,
         gold_left,

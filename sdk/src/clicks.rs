@@ -18,7 +18,10 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub(crate) struct ClickBatch {
     pub(crate) body: Vec<u8>,
+    /// Entries (`click` calls) in the batch.
     pub(crate) count: usize,
+    /// Clicks in the batch: the sum of the entries' counts.
+    pub(crate) clicks: u64,
 }
 
 /// The clicks waiting to be sent.
@@ -41,6 +44,7 @@ impl ClickBuffer {
             open: ClickBatch {
                 body: Vec::new(),
                 count: 0,
+                clicks: 0,
             },
             sealed: VecDeque::new(),
             spare: Vec::new(),
@@ -76,6 +80,7 @@ impl ClickBuffer {
         }
         encode_click(&mut self.open.body, player, counter, count);
         self.open.count += 1;
+        self.open.clicks += u64::from(count);
         if self.open.count >= self.clicks_per_frame {
             self.seal();
             return Ok(true);
@@ -99,6 +104,7 @@ impl ClickBuffer {
                 ClickBatch {
                     body: Vec::new(),
                     count: 0,
+                    clicks: 0,
                 },
             );
             self.sealed.push_back(batch);
@@ -119,6 +125,11 @@ impl ClickBuffer {
         for batch in batches.into_iter().rev() {
             self.sealed.push_front(batch);
         }
+    }
+
+    /// The clicks waiting to be sent (the sum of their counts).
+    pub(crate) fn clicks(&self) -> u64 {
+        self.open.clicks + self.sealed.iter().map(|batch| batch.clicks).sum::<u64>()
     }
 
     /// Whether any click waits to be sent.
@@ -265,5 +276,21 @@ mod tests {
         );
         buffer.unacked_batches = 1;
         assert!(buffer.push(&player, "gold", 1).is_ok());
+    }
+
+    #[test]
+    fn the_buffer_counts_its_clicks_by_their_counts() {
+        let mut buffer = ClickBuffer::new(4, 2);
+        let player = PublicKey([1; 32]);
+        assert_eq!(buffer.clicks(), 0);
+        buffer.push(&player, "gold", 5).unwrap();
+        buffer.push(&player, "gold", 1).unwrap();
+        buffer.push(&player, "gems", 10).unwrap();
+        assert_eq!(buffer.clicks(), 16, "a sealed batch and the open one");
+        let mut batches = Vec::new();
+        buffer.take(true, &mut batches);
+        assert_eq!(buffer.clicks(), 0);
+        let counted: Vec<(usize, u64)> = batches.iter().map(|batch| (batch.count, batch.clicks)).collect();
+        assert_eq!(counted, [(2, 6), (1, 10)]);
     }
 }

@@ -27,8 +27,9 @@ use crate::subscription::{Subscription, SubscriptionEnd};
 /// A connection to a Hoard gateway, as a studio or as a player.
 ///
 /// `Clone` is cheap (an `Arc`); every clone drives the same background connection task, which
-/// reconnects by itself (see [`crate::ReconnectPolicy`]). The task stops when the last clone is
-/// dropped and every event in flight has resolved, or on [`Client::close`].
+/// reconnects by itself (see [`crate::ReconnectPolicy`]). The task stops on [`Client::close`]
+/// (which first delivers the clicks held), or when the last clone is dropped and every event in
+/// flight has resolved (clicks held then are lost: see [`Client::close`]).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -167,17 +168,45 @@ impl Client {
         self.inner.core.permits.available_permits()
     }
 
-    /// Closes the connection. Outstanding operations fail with [`Error::Closed`]; events already
-    /// accepted still reach the chain (follow them with `event_status` from another client).
-    /// Clicks still buffered, or sent and not yet acknowledged, are neither waited for nor sent
-    /// again, whatever the [`ClickDelivery`](crate::ClickDelivery): they may be lost. Call
-    /// [`Client::flush_clicks`] first to keep them. Dropping the last handle of the client ends
-    /// its connection the same way once no asset event is in flight.
-    pub async fn close(&self) {
+    /// Closes the client, first delivering the clicks it holds.
+    ///
+    /// From the call on, `click` and new requests, submissions and subscriptions fail with
+    /// [`Error::Closed`] (a `flush_clicks` still waits for its clicks), and every buffered click
+    /// is sent at once. The connection then stays up, and reconnects if it breaks, until every
+    /// click the client held when `close` was called (buffered, or sent and not yet acknowledged)
+    /// has been acknowledged by the gateway or dropped (a frame the gateway refused, or one sent
+    /// before a connection loss under
+    /// [`ClickDelivery::AtMostOnce`](crate::ClickDelivery::AtMostOnce)), or until
+    /// [`ClientOptions::close_flush_timeout`] (default 5 s) has passed. Answers arriving meanwhile
+    /// resolve their operations as usual. Then the connection closes and the operations still
+    /// outstanding fail with [`Error::Closed`]: an asset event still in flight may have applied,
+    /// or may still apply until its expiry height (an accepted event still reaches the chain;
+    /// follow it with `event_status` from another client).
+    ///
+    /// Returns `Ok(())` if every click held was acknowledged (or there was none), otherwise
+    /// [`Error::ClicksUnacknowledged`] with the number of clicks that were not: those never sent
+    /// were not counted, those sent may or may not have been. The client is closed either way.
+    /// It returns about `close_flush_timeout` after the call at the latest, plus at most 1 s to
+    /// hand the close frame over. Concurrent calls (from clones) wait for the same close and get
+    /// the same answer; a call after the client closed gets it at once. For a client that closed
+    /// by itself (credentials refused at a reconnect, reconnect attempts exhausted), the answer
+    /// counts the clicks it still held when it did (under `AtMostOnce`, clicks sent before the
+    /// connection broke were dropped then, and are not counted).
+    ///
+    /// Dropping the last handle (the last clone) instead cannot wait: the connection closes as
+    /// soon as no asset event is in flight (at once if none is; clicks keep being sent and
+    /// acknowledged until then), and the clicks still held then are lost without a report (those
+    /// buffered are never sent; those sent and not acknowledged may or may not have been
+    /// counted). Call `close` (or [`Client::flush_clicks`]) before dropping it to deliver them.
+    pub async fn close(&self) -> Result<()> {
         let (reply, done) = oneshot::channel();
         if self.inner.commands.send(Command::Close(reply)).await.is_ok() {
-            let _ = done.await;
+            if let Ok(result) = done.await {
+                return result;
+            }
         }
+        // The task had stopped already.
+        self.inner.core.close_result()
     }
 
     async fn send(&self, command: Command) -> Result<()> {
@@ -208,19 +237,18 @@ impl Client {
 
     /// Records `count` clicks of `player` on `counter`. Cheap and non-blocking: the click is packed
     /// with others into one frame, sent when full or every flush interval. Fails only on invalid
-    /// arguments, a full click buffer ([`Error::ClicksBackpressure`], retryable) or a closed client.
+    /// arguments, a full click buffer ([`Error::ClicksBackpressure`], retryable) or a closed client
+    /// ([`Error::Closed`], also from the moment [`Client::close`] is called).
     /// A player connection may only click for itself.
     pub fn click(&self, player: &PublicKey, counter: &str, count: u32) -> Result<()> {
-        if self.inner.core.closed.load(Ordering::Acquire) {
-            return Err(Error::Closed);
-        }
-        let sealed = self
-            .inner
-            .core
-            .clicks
-            .lock()
-            .expect("click buffer lock")
-            .push(player, counter, count)?;
+        let sealed = {
+            let mut buffer = self.inner.core.clicks.lock().expect("click buffer lock");
+            // Under the lock: a click is either counted by a close that begins or refused.
+            if self.inner.core.closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            buffer.push(player, counter, count)?
+        };
         if sealed {
             self.inner.core.click_notify.notify_one();
         }

@@ -14,7 +14,10 @@
 //! - `busy`, `rate_limited` and `unavailable` refusals are retried after `retry_after_ms`;
 //! - subscriptions are re-established with `from_height` = the last height delivered, and
 //!   duplicates of that height are dropped;
-//! - replayable requests (reads) are sent again; the others fail with `ConnectionLost`.
+//! - replayable requests (reads) are sent again; the others fail with `ConnectionLost`;
+//! - `close` refuses new work, sends every buffered click and keeps serving (reconnecting if need
+//!   be) until every click it holds is acknowledged or dropped, or `close_flush_timeout` passes;
+//!   then it reports the clicks left unacknowledged.
 //!
 //! Nothing here blocks on a lock across an await: the only shared lock is the click buffer's,
 //! taken briefly and synchronously.
@@ -68,6 +71,10 @@ const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
 const INCOMING_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Capacity of the offer-update broadcast.
 pub(crate) const OFFER_UPDATES_CAPACITY: usize = 256;
+/// The close's wait for clicks when `close_flush_timeout` is too large to add to an `Instant`.
+const CLOSE_FLUSH_TIMEOUT_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Longest wait to hand the close frame to a gateway that does not read.
+const CLOSE_FRAME_TIMEOUT: Duration = Duration::from_secs(1);
 /// `Core::head_read_at_ms` before the head was first read.
 const HEAD_NEVER_READ: u64 = u64::MAX;
 
@@ -84,7 +91,12 @@ pub(crate) struct Core {
     pub(crate) state: watch::Sender<ConnectionState>,
     pub(crate) session: OnceLock<Session>,
     pub(crate) head: AtomicU64,
+    /// Set when a close begins (or the task stops): `click` is refused from then on. Written and,
+    /// by `click`, read under the click buffer's lock, so that every click is either counted by
+    /// the close or refused.
     pub(crate) closed: AtomicBool,
+    /// Clicks not acknowledged when the task stopped (set once, then).
+    pub(crate) unacknowledged_at_close: OnceLock<u64>,
     /// Successful reconnects so far.
     pub(crate) reconnects: AtomicU64,
     /// Created on the first `offer_updates()` (most clients never ask: no buffer for them).
@@ -114,6 +126,7 @@ impl Core {
             session: OnceLock::new(),
             head: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            unacknowledged_at_close: OnceLock::new(),
             reconnects: AtomicU64::new(0),
             offer_updates: OnceLock::new(),
             head_read_at_ms: AtomicU64::new(HEAD_NEVER_READ),
@@ -149,6 +162,15 @@ impl Core {
     pub(crate) fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// What `close` answers once the task has stopped: `ClicksUnacknowledged` if it stopped with
+    /// clicks not acknowledged.
+    pub(crate) fn close_result(&self) -> Result<()> {
+        match self.unacknowledged_at_close.get() {
+            Some(&clicks) if clicks > 0 => Err(Error::ClicksUnacknowledged { clicks }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A request from a client handle to the task.
@@ -159,7 +181,7 @@ pub(crate) enum Command {
     Submit(Box<Submission>),
     Subscribe(Box<SubscribeCommand>),
     FlushClicks(oneshot::Sender<Result<()>>),
-    Close(oneshot::Sender<()>),
+    Close(oneshot::Sender<Result<()>>),
 }
 
 /// A read or control request; answered by the message carrying its request id.
@@ -256,6 +278,18 @@ struct ClickWaiter {
     /// Failed with `Timeout` when no answer settled it by then (`request_timeout`).
     deadline: Instant,
     reply: oneshot::Sender<Result<()>>,
+}
+
+/// A close in progress: waiting for the clicks held when it began to be acknowledged.
+struct Closing {
+    /// Every `close` waiting for the end.
+    replies: Vec<oneshot::Sender<Result<()>>>,
+    /// When the close stops waiting (`close_flush_timeout` after it began).
+    deadline: Instant,
+    /// Clicks held when the close began (buffered, or sent and not acknowledged).
+    clicks: u64,
+    /// Of those, acknowledged since.
+    acknowledged: u64,
 }
 
 struct SubscriptionEntry {
@@ -497,7 +531,7 @@ pub(crate) struct Task {
     click_scratch_bodies: Vec<Vec<u8>>,
     outbox: Vec<Message>,
     connected: bool,
-    closing: Option<oneshot::Sender<()>>,
+    closing: Option<Closing>,
     last_head_refresh: Instant,
     limits_applied: bool,
 }
@@ -592,8 +626,19 @@ impl Task {
         self.shutdown(Error::Closed);
     }
 
+    /// Whether the task stops now: on a close, once no click it waits for is left (each was
+    /// acknowledged or dropped) or its deadline passed; without one, once every handle is dropped
+    /// and no event is in flight (clicks are not waited for then: those held are lost).
     fn should_exit(&self) -> bool {
-        self.closing.is_some() || (self.commands_closed && self.events.is_empty())
+        match &self.closing {
+            Some(closing) => !self.holds_clicks() || Instant::now() >= closing.deadline,
+            None => self.commands_closed && self.events.is_empty(),
+        }
+    }
+
+    /// Whether a click is buffered or waits for its acknowledgement.
+    fn holds_clicks(&self) -> bool {
+        !self.clicks_unacked.is_empty() || !self.core.clicks.lock().expect("click buffer lock").is_empty()
     }
 
     /// Waits `delay`, then tries to connect, while still taking commands (queued until connected).
@@ -644,13 +689,11 @@ impl Task {
                 }
             }
             if self.should_exit() {
-                let _ = connection
-                    .sink
-                    .send(Message::Close(Some(CloseFrame {
-                        code: CloseCode::Normal,
-                        reason: "client closed".into(),
-                    })))
-                    .await;
+                let close = connection.sink.send(Message::Close(Some(CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "client closed".into(),
+                })));
+                let _ = tokio::time::timeout(CLOSE_FRAME_TIMEOUT, close).await;
                 return End::Closed;
             }
             tokio::select! {
@@ -712,9 +755,11 @@ impl Task {
     }
 
     /// Whether anything needs the housekeeping timer: requests with deadlines, events in flight,
-    /// paused clicks, click flushes waiting for their acknowledgement, delayed resumes.
+    /// paused clicks, click flushes waiting for their acknowledgement, delayed resumes, a close's
+    /// deadline.
     fn has_timed_work(&self) -> bool {
-        !self.pending.is_empty()
+        self.closing.is_some()
+            || !self.pending.is_empty()
             || !self.events.is_empty()
             || self.clicks_paused_until.is_some()
             || !self.click_waiters.is_empty()
@@ -725,7 +770,11 @@ impl Task {
     }
 
     async fn write(&mut self, connection: &mut Connection) -> std::result::Result<(), String> {
-        let timeout = self.core.options.request_timeout;
+        let mut timeout = self.core.options.request_timeout;
+        if let Some(closing) = &self.closing {
+            // A close is bounded by its deadline, writes included.
+            timeout = timeout.min(closing.deadline.saturating_duration_since(Instant::now()));
+        }
         let outbox = &mut self.outbox;
         let sink = &mut connection.sink;
         let written = tokio::time::timeout(timeout, async move {
@@ -874,11 +923,36 @@ impl Task {
         }
     }
 
-    /// Fails everything outstanding and marks the client closed.
+    /// Refuses every click from now on (`Client::click` fails with `Closed`) and counts the clicks
+    /// held: buffered, or sent and not acknowledged.
+    fn stop_clicks(&self) -> u64 {
+        let buffered = {
+            let buffer = self.core.clicks.lock().expect("click buffer lock");
+            self.core.closed.store(true, Ordering::Release);
+            buffer.clicks()
+        };
+        buffered
+            + self
+                .clicks_unacked
+                .iter()
+                .map(|(_, batch)| batch.clicks)
+                .sum::<u64>()
+    }
+
+    /// Fails everything outstanding, marks the client closed (`ConnectionState::Closed` last, once
+    /// every operation has failed and the command channel is closed) and answers the `close`
+    /// calls with the clicks left unacknowledged: of those held when the close began, or, when
+    /// the task stops without one (refused credentials, reconnects given up, every handle
+    /// dropped), of those held now. Clicks held are dropped.
     fn shutdown(&mut self, error: Error) {
         self.connected = false;
-        self.core.closed.store(true, Ordering::Release);
-        self.core.state.send_replace(ConnectionState::Closed);
+        let closing = self.closing.take();
+        let unacknowledged = match &closing {
+            Some(closing) => closing.clicks.saturating_sub(closing.acknowledged),
+            None => self.stop_clicks(),
+        };
+        // Before the command channel closes: a `close` that finds it closed reads it.
+        let _ = self.core.unacknowledged_at_close.set(unacknowledged);
         let event_ids: Vec<EventId> = self.events.keys().copied().collect();
         for event_id in event_ids {
             self.resolve(event_id, Err(error.clone()));
@@ -908,8 +982,12 @@ impl Task {
         while let Ok(command) = self.commands.try_recv() {
             self.refuse(command, &error);
         }
-        if let Some(closing) = self.closing.take() {
-            let _ = closing.send(());
+        // Last: whoever sees `Closed` finds every operation failed, and later ones fail with
+        // `Error::Closed`.
+        self.core.state.send_replace(ConnectionState::Closed);
+        let result = self.core.close_result();
+        for reply in closing.into_iter().flat_map(|closing| closing.replies) {
+            let _ = reply.send(result.clone());
         }
     }
 
@@ -929,7 +1007,7 @@ impl Task {
                 let _ = reply.send(Err(error.clone()));
             }
             Command::Close(reply) => {
-                let _ = reply.send(());
+                let _ = reply.send(self.core.close_result());
             }
         }
     }
@@ -937,7 +1015,12 @@ impl Task {
     // ----- commands -----
 
     fn on_command(&mut self, command: Command) {
+        let closing = self.closing.is_some();
         match command {
+            Command::Close(reply) => self.on_close(reply),
+            Command::FlushClicks(reply) => self.on_flush_clicks(reply),
+            // A close refuses new work; what is outstanding is served until the task stops.
+            command if closing => self.refuse(command, &Error::Closed),
             Command::Request(request) => {
                 if let Some(offer_id) = request.offer_id {
                     self.offer_waiters.insert(offer_id, request.request_id);
@@ -1012,38 +1095,60 @@ impl Task {
                     self.send_subscribe(local_id, subscribe.account, subscribe.from_height);
                 }
             }
-            Command::FlushClicks(reply) => {
-                if !self.connected {
-                    let _ = reply.send(Err(Error::ConnectionLost));
-                    return;
-                }
-                self.send_clicks(true);
-                // Connected, clicks left unsent only while paused after a temporary refusal:
-                // waiting for the frames in flight would report those as delivered.
-                if !self.core.clicks.lock().expect("click buffer lock").is_empty() {
-                    let retry_after_ms = self
-                        .clicks_paused_until
-                        .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64);
-                    let _ = reply.send(Err(Error::server(
-                        ErrorCode::Busy,
-                        "clicks are paused after a refusal".into(),
-                        retry_after_ms,
-                    )));
-                    return;
-                }
-                match self.clicks_unacked.back() {
-                    Some((sequence, _)) => self.click_waiters.push(ClickWaiter {
-                        sequence: *sequence,
-                        deadline: Instant::now() + self.core.options.request_timeout,
-                        reply,
-                    }),
-                    None => {
-                        let _ = reply.send(Ok(()));
-                    }
-                }
-            }
-            Command::Close(reply) => self.closing = Some(reply),
         }
+    }
+
+    fn on_flush_clicks(&mut self, reply: oneshot::Sender<Result<()>>) {
+        if !self.connected {
+            let _ = reply.send(Err(Error::ConnectionLost));
+            return;
+        }
+        self.send_clicks(true);
+        // Connected, clicks left unsent only while paused after a temporary refusal: waiting for
+        // the frames in flight would report those as delivered.
+        if !self.core.clicks.lock().expect("click buffer lock").is_empty() {
+            let retry_after_ms = self
+                .clicks_paused_until
+                .map(|until| until.saturating_duration_since(Instant::now()).as_millis() as u64);
+            let _ = reply.send(Err(Error::server(
+                ErrorCode::Busy,
+                "clicks are paused after a refusal".into(),
+                retry_after_ms,
+            )));
+            return;
+        }
+        match self.clicks_unacked.back() {
+            Some((sequence, _)) => self.click_waiters.push(ClickWaiter {
+                sequence: *sequence,
+                deadline: Instant::now() + self.core.options.request_timeout,
+                reply,
+            }),
+            None => {
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    /// Begins a close (or joins the one in progress): no click is taken from now on, every
+    /// buffered one is sent (or, while disconnected or paused, as soon as possible), and the task
+    /// stops once none is left or `close_flush_timeout` passed (`should_exit`).
+    fn on_close(&mut self, reply: oneshot::Sender<Result<()>>) {
+        if let Some(closing) = self.closing.as_mut() {
+            closing.replies.push(reply);
+            return;
+        }
+        let clicks = self.stop_clicks();
+        let now = Instant::now();
+        let deadline = now
+            .checked_add(self.core.options.close_flush_timeout)
+            .unwrap_or(now + CLOSE_FLUSH_TIMEOUT_MAX);
+        self.closing = Some(Closing {
+            replies: vec![reply],
+            deadline,
+            clicks,
+            acknowledged: 0,
+        });
+        self.send_clicks(true);
     }
 
     fn send_external(&mut self, request_id: u64) {
@@ -1127,6 +1232,7 @@ impl Task {
 
     fn on_clicks_ack(&mut self, up_to: u64) {
         let mut acknowledged = 0;
+        let mut clicks = 0;
         while self
             .clicks_unacked
             .front()
@@ -1134,7 +1240,11 @@ impl Task {
         {
             acknowledged += 1;
             let (_, batch) = self.clicks_unacked.pop_front().expect("checked above");
+            clicks += batch.clicks;
             self.click_scratch_bodies.push(batch.body);
+        }
+        if let Some(closing) = self.closing.as_mut() {
+            closing.acknowledged += clicks;
         }
         if acknowledged > 0 {
             let mut buffer = self.core.clicks.lock().expect("click buffer lock");
@@ -1805,9 +1915,22 @@ mod tests {
     }
 
     fn submit(task: &mut Task) -> (EventId, oneshot::Receiver<Result<Committed>>) {
+        let (event_id, _accepted, committed) = submit_tracked(task);
+        (event_id, committed)
+    }
+
+    /// Submits an event; returns its id and both of its receivers.
+    #[allow(clippy::type_complexity)]
+    fn submit_tracked(
+        task: &mut Task,
+    ) -> (
+        EventId,
+        oneshot::Receiver<Result<()>>,
+        oneshot::Receiver<Result<Committed>>,
+    ) {
         let event_id = EventId::random();
-        let (accepted, _) = oneshot::channel();
-        let (committed, outcome) = oneshot::channel();
+        let (accepted, accepted_receiver) = oneshot::channel();
+        let (committed, committed_receiver) = oneshot::channel();
         let permit = task.core.permits.clone().try_acquire_owned().expect("a permit");
         task.on_command(Command::Submit(Box::new(Submission {
             event_id,
@@ -1819,7 +1942,7 @@ mod tests {
             accepted,
             committed,
         })));
-        (event_id, outcome)
+        (event_id, accepted_receiver, committed_receiver)
     }
 
     fn flush(task: &mut Task) -> oneshot::Receiver<Result<()>> {
@@ -1829,12 +1952,28 @@ mod tests {
     }
 
     fn click(task: &Task) {
+        clicks(task, 1);
+    }
+
+    /// Records one click entry of `count` clicks.
+    fn clicks(task: &Task, count: u32) {
         task.core
             .clicks
             .lock()
             .expect("click buffer lock")
-            .push(&Keypair::generate().public(), "gold", 1)
+            .push(&Keypair::generate().public(), "gold", count)
             .expect("room for a click");
+    }
+
+    fn close(task: &mut Task) -> oneshot::Receiver<Result<()>> {
+        let (reply, done) = oneshot::channel();
+        task.on_command(Command::Close(reply));
+        done
+    }
+
+    /// The sequence of the last clicks frame sent.
+    fn last_clicks_frame(task: &Task) -> u64 {
+        task.clicks_unacked.back().expect("a clicks frame was sent").0
     }
 
     /// Answers an `event_status` check of `event_id` with `state` (no height, no outcome).
@@ -2174,6 +2313,246 @@ mod tests {
             error.map(|error| error.kind()),
             Some(crate::ErrorKind::Server(ErrorCode::NotFound))
         );
+    }
+
+    #[test]
+    fn a_close_sends_the_buffered_clicks_and_waits_for_their_acknowledgement() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        clicks(&task, 2);
+        clicks(&task, 3);
+        assert!(task.clicks_unacked.is_empty(), "still in the open batch");
+        let mut closed = close(&mut task);
+        assert!(
+            task.core.closed.load(Ordering::Acquire),
+            "clicks are refused from the close on"
+        );
+        assert_eq!(
+            task.clicks_unacked.len(),
+            1,
+            "the buffered clicks are sent at once"
+        );
+        assert!(!task.should_exit(), "the close waits for their acknowledgement");
+        assert!(task.has_timed_work(), "the close's deadline is watched");
+        task.housekeeping();
+        assert!(!task.should_exit());
+        task.on_message(ServerMessage::ClicksAck {
+            up_to: last_clicks_frame(&task),
+        });
+        assert!(
+            task.should_exit(),
+            "every click acknowledged: the connection closes"
+        );
+        assert_eq!(
+            closed.try_recv(),
+            Err(TryRecvError::Empty),
+            "answered once closed"
+        );
+        task.shutdown(Error::Closed);
+        assert_eq!(closed.try_recv().expect("answered"), Ok(()));
+        assert_eq!(task.core.close_result(), Ok(()));
+    }
+
+    #[test]
+    fn a_close_that_times_out_reports_the_clicks_not_acknowledged() {
+        let timeout = Duration::from_millis(30);
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new().close_flush_timeout(timeout));
+        task.on_connected(5, &Limits::default());
+        clicks(&task, 3);
+        task.send_clicks(true);
+        let first = last_clicks_frame(&task);
+        clicks(&task, 4);
+        clicks(&task, 5);
+        let mut closed = close(&mut task);
+        assert_eq!(task.clicks_unacked.len(), 2);
+        // The first frame (3 clicks) is acknowledged, the second (9) never is.
+        task.on_message(ServerMessage::ClicksAck { up_to: first });
+        task.housekeeping();
+        assert!(!task.should_exit(), "the deadline has not passed");
+        std::thread::sleep(timeout + Duration::from_millis(10));
+        task.housekeeping();
+        assert!(
+            task.should_exit(),
+            "the deadline passed: the connection closes anyway"
+        );
+        task.shutdown(Error::Closed);
+        let expected = Err(Error::ClicksUnacknowledged { clicks: 9 });
+        assert_eq!(closed.try_recv().expect("answered"), expected);
+        // A later close (whose command finds the task gone) gets the same answer.
+        assert_eq!(task.core.close_result(), expected);
+    }
+
+    #[test]
+    fn a_close_while_disconnected_delivers_the_clicks_after_the_reconnect() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        task.on_disconnected();
+        clicks(&task, 2);
+        let mut closed = close(&mut task);
+        assert!(
+            task.clicks_unacked.is_empty(),
+            "nothing can be sent while disconnected"
+        );
+        assert!(!task.should_exit(), "the close waits for a reconnect");
+        task.on_connected(6, &Limits::default());
+        assert_eq!(task.clicks_unacked.len(), 1, "sent after the reconnect");
+        task.on_message(ServerMessage::ClicksAck {
+            up_to: last_clicks_frame(&task),
+        });
+        assert!(task.should_exit());
+        task.shutdown(Error::Closed);
+        assert_eq!(closed.try_recv().expect("answered"), Ok(()));
+    }
+
+    #[test]
+    fn clicks_dropped_during_a_close_are_reported_not_waited_for() {
+        // At most once: the frame sent before the connection broke is dropped, not resent.
+        let (mut at_most_once, _commands, _unsubscribes) = task(ClientOptions::new());
+        at_most_once.on_connected(5, &Limits::default());
+        clicks(&at_most_once, 2);
+        let mut closed = close(&mut at_most_once);
+        at_most_once.on_disconnected();
+        assert!(at_most_once.should_exit(), "no click is left to deliver");
+        at_most_once.shutdown(Error::Closed);
+        assert_eq!(
+            closed.try_recv().expect("answered"),
+            Err(Error::ClicksUnacknowledged { clicks: 2 })
+        );
+        // At least once: it is sent again after the reconnect, and the close waits for it.
+        let (mut at_least_once, _commands, _unsubscribes) =
+            task(ClientOptions::new().click_delivery(ClickDelivery::AtLeastOnce));
+        at_least_once.on_connected(5, &Limits::default());
+        clicks(&at_least_once, 2);
+        let mut closed = close(&mut at_least_once);
+        at_least_once.on_disconnected();
+        assert!(!at_least_once.should_exit(), "the clicks wait to be sent again");
+        at_least_once.on_connected(6, &Limits::default());
+        at_least_once.on_message(ServerMessage::ClicksAck {
+            up_to: last_clicks_frame(&at_least_once),
+        });
+        assert!(at_least_once.should_exit());
+        at_least_once.shutdown(Error::Closed);
+        assert_eq!(closed.try_recv().expect("answered"), Ok(()));
+        // A frame the gateway refuses for good is dropped and reported too.
+        let (mut refusing, _commands, _unsubscribes) = task(ClientOptions::new());
+        refusing.on_connected(5, &Limits::default());
+        clicks(&refusing, 4);
+        let mut closed = close(&mut refusing);
+        let refused = last_clicks_frame(&refusing);
+        refusing.on_error(refused, ErrorCode::Forbidden, "not yours".into(), None);
+        assert!(refusing.should_exit());
+        refusing.shutdown(Error::Closed);
+        assert_eq!(
+            closed.try_recv().expect("answered"),
+            Err(Error::ClicksUnacknowledged { clicks: 4 })
+        );
+    }
+
+    #[test]
+    fn a_close_refuses_new_work_serves_what_is_outstanding_and_answers_every_close() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        let mut outstanding = request(&mut task, true);
+        click(&task);
+        let mut first = close(&mut task);
+        let mut second = close(&mut task);
+        assert!(task
+            .closing
+            .as_ref()
+            .is_some_and(|closing| closing.replies.len() == 2));
+        // New work is refused at once.
+        let mut late = request(&mut task, true);
+        assert_eq!(late.try_recv().expect("answered"), Err(Error::Closed));
+        let (_, mut committed) = submit(&mut task);
+        assert_eq!(committed.try_recv().expect("answered"), Err(Error::Closed));
+        assert!(task.events.is_empty());
+        let (mut subscribed, _activities) = subscribe(&mut task, 1);
+        assert_eq!(subscribed.try_recv().expect("answered"), Err(Error::Closed));
+        // A flush waits for the same acknowledgement.
+        let mut flushed = flush(&mut task);
+        // What was outstanding is still answered.
+        let request_id = match task
+            .pending
+            .iter()
+            .find(|(_, p)| matches!(p, Pending::External(_)))
+        {
+            Some((request_id, _)) => *request_id,
+            None => panic!("the outstanding request is kept"),
+        };
+        task.on_message(ServerMessage::Pong {
+            request_id,
+            server_unix_ms: 1,
+        });
+        assert!(outstanding.try_recv().expect("answered").is_ok());
+        task.on_message(ServerMessage::ClicksAck {
+            up_to: last_clicks_frame(&task),
+        });
+        assert_eq!(flushed.try_recv().expect("answered"), Ok(()));
+        assert!(task.should_exit());
+        task.shutdown(Error::Closed);
+        assert_eq!(first.try_recv().expect("answered"), Ok(()));
+        assert_eq!(second.try_recv().expect("answered"), Ok(()));
+    }
+
+    #[test]
+    fn a_task_that_stops_by_itself_reports_the_clicks_it_held() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        clicks(&task, 5);
+        task.on_disconnected();
+        task.shutdown(Error::AuthRefused {
+            code: ErrorCode::ExpiredToken,
+            message: "expired".into(),
+        });
+        assert!(task.core.closed.load(Ordering::Acquire));
+        assert_eq!(
+            task.core.close_result(),
+            Err(Error::ClicksUnacknowledged { clicks: 5 })
+        );
+    }
+
+    #[test]
+    fn credentials_refused_at_a_reconnect_fail_every_event_in_flight_with_auth_refused() {
+        let (mut task, _commands, _unsubscribes) = task(ClientOptions::new());
+        task.on_connected(5, &Limits::default());
+        // Accepted: it reached a gateway and still reaches the chain.
+        let (accepted_id, mut accepted_accepted, mut accepted_committed) = submit_tracked(&mut task);
+        let request_id = task.events[&accepted_id].request_id;
+        task.on_message(ServerMessage::Accepted {
+            request_id,
+            event_id: accepted_id,
+        });
+        assert_eq!(accepted_accepted.try_recv().expect("answered"), Ok(()));
+        // Sent, then the connection broke before any answer: a gateway may have taken it.
+        let (sent_id, sent_accepted, sent_committed) = submit_tracked(&mut task);
+        task.on_disconnected();
+        assert!(task.events[&accepted_id].maybe_applied && task.events[&sent_id].maybe_applied);
+        // Submitted while disconnected: no gateway ever received it.
+        let (unsent_id, unsent_accepted, unsent_committed) = submit_tracked(&mut task);
+        assert!(!task.events[&unsent_id].maybe_applied);
+        // The reconnect's authentication is refused (`run` hands the error to `shutdown`).
+        let refused = Error::AuthRefused {
+            code: ErrorCode::ExpiredToken,
+            message: "expired".into(),
+        };
+        task.shutdown(refused.clone());
+        assert!(task.events.is_empty());
+        // Whether or not the event reached a gateway: `AuthRefused`, as `Closed`, says nothing
+        // about it. Not `OutcomeUnknown`, which promises that it can no longer apply, nor
+        // `Expired`, which promises that it never applied.
+        for (mut accepted, mut committed) in [
+            (sent_accepted, sent_committed),
+            (unsent_accepted, unsent_committed),
+        ] {
+            assert_eq!(accepted.try_recv().expect("answered"), Err(refused.clone()));
+            assert_eq!(committed.try_recv().expect("answered"), Err(refused.clone()));
+        }
+        assert_eq!(
+            accepted_committed.try_recv().expect("answered"),
+            Err(refused.clone())
+        );
+        assert_eq!(refused.kind(), crate::ErrorKind::Auth);
+        assert!(!refused.is_retryable());
     }
 
     #[test]

@@ -45,6 +45,23 @@ pub enum Error {
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     /// The gateway refused the credentials (bad signature, expired token, unknown tenant). Final.
+    ///
+    /// From [`Client::connect`](crate::Client::connect), nothing was sent. At a reconnect (a
+    /// session token that expired since the client connected, a tenant or key no longer
+    /// configured) the refusal closes the client: everything outstanding then fails with this
+    /// error (later calls with [`Error::Closed`]), and clicks still held are dropped (see
+    /// [`Client::close`](crate::Client::close)).
+    ///
+    /// For an asset event still in flight, this says nothing about the event, exactly as with
+    /// [`Error::Closed`]: the client holds it until it knows its outcome, so an event that reached
+    /// a gateway before the refusal (its `accepted()` resolved, or it was sent and the connection
+    /// broke before an answer) may have applied, or may still apply until its expiry height (an
+    /// accepted event still reaches the chain). Only an event no gateway ever received is certain
+    /// never to apply, and the error does not tell the two apart (an `accepted()` that fails with
+    /// this error does not mean that no gateway received the event). It is not reported as
+    /// [`Error::OutcomeUnknown`], which promises that the event can no longer apply. Follow it
+    /// with `event_status` from a client that can authenticate (the studio's) before doing it
+    /// again under a new event id.
     #[error("authentication refused ({code:?}): {message}")]
     AuthRefused {
         /// The gateway's error code.
@@ -100,7 +117,9 @@ pub enum Error {
         /// Why it closed.
         reason: OfferCloseReason,
     },
-    /// The client was closed (or gave up reconnecting); nothing more can be sent. Final.
+    /// The client was closed (by [`Client::close`](crate::Client::close), by dropping its last
+    /// handle, by giving up reconnecting, or after credentials refused at a reconnect, which fail
+    /// what was outstanding then with [`Error::AuthRefused`]); nothing more can be sent. Final.
     ///
     /// For an asset event still in flight, this says nothing about the event: if it was sent
     /// before the client closed, it may have applied, or may still apply until its expiry height
@@ -108,6 +127,20 @@ pub enum Error {
     /// client before doing it again under a new event id.
     #[error("the client is closed")]
     Closed,
+    /// From [`Client::close`](crate::Client::close): the client closed, but `clicks` clicks (the
+    /// sum of the `count`s of their `click` calls) were not acknowledged by the gateway. They
+    /// were still buffered, or sent and not acknowledged, when the close timeout
+    /// ([`ClientOptions::close_flush_timeout`](crate::ClientOptions::close_flush_timeout)) ran
+    /// out, or they were dropped on the way (a connection lost under
+    /// [`ClickDelivery::AtMostOnce`](crate::ClickDelivery::AtMostOnce), a frame the gateway
+    /// refused); or the client had closed by itself (credentials refused at a reconnect,
+    /// reconnect attempts exhausted) still holding them. Those never sent were not counted; those
+    /// sent may or may not have been. The client is closed all the same. Final.
+    #[error("the client closed with {clicks} clicks not acknowledged")]
+    ClicksUnacknowledged {
+        /// How many clicks were not acknowledged.
+        clicks: u64,
+    },
     /// The click buffer is full (the gateway is not acknowledging fast enough, or the connection is
     /// down). The click was not recorded. Retryable.
     #[error("the click buffer is full")]
@@ -138,7 +171,9 @@ pub enum ErrorKind {
     Connection,
     /// No answer in time.
     Timeout,
-    /// Credentials refused.
+    /// Credentials refused, at connect or at a reconnect (which closes the client). For an asset
+    /// event in flight then, it says nothing about the event, as [`ErrorKind::Closed`]: if it
+    /// reached a gateway it may have applied, or may still apply until its expiry height.
     Auth,
     /// The gateway refused the request with this code.
     Server(ErrorCode),
@@ -151,8 +186,11 @@ pub enum ErrorKind {
     OutcomeUnknown,
     /// The offer is closed.
     OfferClosed,
-    /// The client is closed.
+    /// The client is closed. For an asset event in flight then, it says nothing about the event:
+    /// if it reached a gateway it may have applied, or may still apply until its expiry height.
     Closed,
+    /// The client closed with clicks the gateway had not acknowledged.
+    ClicksUnacknowledged,
     /// A bounded buffer is full.
     Backpressure,
     /// A subscription fell behind.
@@ -180,6 +218,7 @@ impl Error {
             Error::OutcomeUnknown { .. } => ErrorKind::OutcomeUnknown,
             Error::OfferClosed { .. } => ErrorKind::OfferClosed,
             Error::Closed => ErrorKind::Closed,
+            Error::ClicksUnacknowledged { .. } => ErrorKind::ClicksUnacknowledged,
             Error::ClicksBackpressure => ErrorKind::Backpressure,
             Error::Lagged { .. } => ErrorKind::Lagged,
             Error::Protocol(_) => ErrorKind::Protocol,
@@ -189,7 +228,8 @@ impl Error {
 
     /// Whether doing the same thing again later can succeed (network trouble, timeouts, a busy or
     /// rate-limiting gateway, a full buffer). Ledger rejections, bad arguments, refused
-    /// credentials, expired events and events of unknown outcome are final.
+    /// credentials, expired events, events of unknown outcome and a closed client (clicks left
+    /// unacknowledged by `close` included) are final.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connection(_) | Error::ConnectionLost | Error::Timeout(_) | Error::ClicksBackpressure => {
@@ -254,5 +294,18 @@ mod tests {
         assert!(!unknown.is_retryable());
         assert_eq!(unknown.kind(), ErrorKind::OutcomeUnknown);
         assert_eq!(Error::TlsUnsupported.kind(), ErrorKind::InvalidArgument);
+        let unacknowledged = Error::ClicksUnacknowledged { clicks: 3 };
+        assert!(!unacknowledged.is_retryable());
+        assert_eq!(unacknowledged.kind(), ErrorKind::ClicksUnacknowledged);
+        assert_eq!(
+            unacknowledged.to_string(),
+            "the client closed with 3 clicks not acknowledged"
+        );
+        let refused = Error::AuthRefused {
+            code: ErrorCode::ExpiredToken,
+            message: "expired".into(),
+        };
+        assert!(!refused.is_retryable());
+        assert_eq!(refused.kind(), ErrorKind::Auth);
     }
 }

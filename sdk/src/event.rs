@@ -38,7 +38,10 @@ impl EventHandle {
 
     /// Resolves once the gateway has stored the event durably: from then on it reaches the chain
     /// exactly once, even if the gateway crashes. Errors: final refusals (bad signature,
-    /// forbidden, ...), [`Error::Expired`], [`Error::OutcomeUnknown`], [`Error::Closed`].
+    /// forbidden, ...), [`Error::Expired`], [`Error::OutcomeUnknown`], [`Error::Closed`],
+    /// [`Error::AuthRefused`] (credentials refused at a reconnect). The last two do not mean that
+    /// no gateway received the event: it may have applied, or may still apply until its expiry
+    /// height.
     ///
     /// Cancel-safe: it may be raced against a timeout and called again.
     pub async fn accepted(&mut self) -> Result<()> {
@@ -54,8 +57,9 @@ impl EventHandle {
     /// the ledger's reason, or [`Error::Expired`] if it never applied and never can. Survives
     /// reconnects. If the expiry height passed before the outcome could be learnt after the
     /// event reached a gateway, [`Error::OutcomeUnknown`]: it may have applied (check the chain
-    /// state before doing it again). [`Error::Closed`] if the client closed first: the event
-    /// may have applied, or may still apply until its expiry height.
+    /// state before doing it again). [`Error::Closed`] if the client closed first, or
+    /// [`Error::AuthRefused`] if it closed because a reconnect's authentication was refused: the
+    /// event may have applied, or may still apply until its expiry height.
     pub async fn committed(self) -> Result<Committed> {
         self.committed.await.unwrap_or(Err(Error::Closed))
     }

@@ -29,6 +29,9 @@
 //! let token = keys::issue_session_token(&studio_key, TenantId(1), player, std::time::Duration::from_secs(3600))?;
 //! let player_client = Client::connect("ws://127.0.0.1:8080", Credentials::player(token)).await?;
 //! println!("{:?}", player_client.balances(player).await?.balances);
+//!
+//! // Done: the buffered clicks are delivered first (an error counts those that could not be).
+//! client.close().await?;
 //! # Ok(()) }
 //! ```
 //!
@@ -47,6 +50,15 @@
 //! - **Bounded memory.** At most `max_in_flight_events` events are outstanding: further submits
 //!   wait for a permit. Clicks are bounded by `click_frames_buffered_max` frames. A `busy` gateway
 //!   is retried after the delay it asks for.
+//! - **Closing.** [`Client::close`] sends the clicks still buffered and waits until the gateway
+//!   acknowledged every click the client held (reconnecting if need be, for at most
+//!   [`ClientOptions::close_flush_timeout`], 5 s by default), then closes; it reports clicks that
+//!   were not acknowledged with [`Error::ClicksUnacknowledged`]. Dropping the last handle instead
+//!   cannot wait: the connection closes once no asset event is in flight, and the clicks still
+//!   held then are lost, unreported. An asset event still in flight when the client closes fails
+//!   with [`Error::Closed`] (or [`Error::AuthRefused`] when a reconnect's authentication was
+//!   refused), which says nothing about it: if it reached a gateway it may have applied, or may
+//!   still apply until its expiry height.
 //! - **Subscriptions** resume from the last height delivered, without gaps or duplicates (a
 //!   resume the gateway can no longer replay, older than its last 2048 events, ends the stream
 //!   with an error instead).

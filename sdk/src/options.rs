@@ -77,8 +77,9 @@ pub enum ConnectionState {
         /// The attempt's number, from 1.
         attempt: u32,
     },
-    /// Closed for good (by [`crate::Client::close`], refused credentials, or the reconnect policy
-    /// giving up). Every outstanding operation has failed.
+    /// Closed for good (by [`crate::Client::close`] once it stopped waiting for its clicks, by
+    /// dropping the last handle, by credentials refused at a reconnect, or by the reconnect
+    /// policy giving up). Every operation still outstanding then has failed.
     Closed,
 }
 
@@ -135,6 +136,9 @@ pub enum ClickDelivery {
     AtLeastOnce,
 }
 
+/// How long `close` waits for clicks to be acknowledged by default.
+pub const CLOSE_FLUSH_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
 /// Most click frames the client buffers (sealed but not sent, plus sent but not acknowledged).
 pub const CLICK_FRAMES_BUFFERED_MAX_DEFAULT: usize = 64;
 
@@ -156,6 +160,7 @@ pub const CLICK_FRAMES_BUFFERED_MAX_DEFAULT: usize = 64;
 pub struct ClientOptions {
     pub(crate) connect_timeout: Duration,
     pub(crate) request_timeout: Duration,
+    pub(crate) close_flush_timeout: Duration,
     pub(crate) reconnect: ReconnectPolicy,
     pub(crate) max_in_flight_events: usize,
     pub(crate) click_flush_interval: Duration,
@@ -173,6 +178,7 @@ impl Default for ClientOptions {
         ClientOptions {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
+            close_flush_timeout: CLOSE_FLUSH_TIMEOUT_DEFAULT,
             reconnect: ReconnectPolicy::default(),
             max_in_flight_events: EVENTS_IN_FLIGHT_PER_CONNECTION_MAX,
             click_flush_interval: Duration::from_millis(10),
@@ -204,6 +210,15 @@ impl ClientOptions {
     /// have no timeout: they resolve when they commit or expire). Default 30 s.
     pub fn request_timeout(mut self, timeout: Duration) -> ClientOptions {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// How long [`crate::Client::close`] waits for the clicks it holds (buffered, or sent and not
+    /// yet acknowledged) to be acknowledged, reconnects included, before it closes anyway and
+    /// reports those left with [`Error::ClicksUnacknowledged`]. `Duration::ZERO` does not wait
+    /// (buffered clicks are still sent if connected, but reported unacknowledged). Default 5 s.
+    pub fn close_flush_timeout(mut self, timeout: Duration) -> ClientOptions {
+        self.close_flush_timeout = timeout;
         self
     }
 

@@ -254,3 +254,73 @@ async fn a_client_that_gives_up_reconnecting_fails_outstanding_work_with_closed(
         Error::Closed
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_refused_at_a_reconnect_close_the_client_and_fail_outstanding_work_with_auth_refused() {
+    let stack = Stack::start().await;
+    let proxy = common::Proxy::start(stack.ws_addr()).await;
+    // A self-custody player whose session token expires soon after it connects: the connection
+    // stays authenticated, but a reconnect after the expiry is refused.
+    let player_key = Keypair::generate();
+    let ttl = Duration::from_millis(1500);
+    let issued = tokio::time::Instant::now();
+    let token = keys::issue_session_token(&stack.studio_key(), TENANT, player_key.public(), ttl).unwrap();
+    let player = fast_options()
+        .connect(
+            &proxy.url(),
+            Credentials::player_with_key(token, player_key.clone()),
+        )
+        .await
+        .unwrap();
+    proxy.set_refusing(true);
+    proxy.cut();
+    let mut state = player.state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|state| *state != hoard_sdk::ConnectionState::Connected),
+    )
+    .await
+    .expect("the client sees the cut")
+    .unwrap();
+    // Submitted while disconnected (never sent), and a click held.
+    let mut handle = player
+        .transfer(player_key.public(), Keypair::generate().public(), Vec::new())
+        .await
+        .unwrap();
+    player.click(&player_key.public(), "gold", 2).unwrap();
+    tokio::time::sleep_until(issued + ttl + Duration::from_millis(200)).await;
+    proxy.set_refusing(false);
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|state| *state == hoard_sdk::ConnectionState::Closed),
+    )
+    .await
+    .expect("the refused reconnect closes the client")
+    .unwrap();
+    let error = handle.accepted().await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::AuthRefused {
+                code: ErrorCode::ExpiredToken,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(error.kind(), ErrorKind::Auth);
+    assert_eq!(handle.committed().await.unwrap_err(), error);
+    assert_eq!(
+        player.balances(player_key.public()).await.unwrap_err(),
+        Error::Closed
+    );
+    assert_eq!(
+        player.click(&player_key.public(), "gold", 1).unwrap_err(),
+        Error::Closed
+    );
+    // The click it held was dropped with it: `close` reports it.
+    assert_eq!(
+        player.close().await,
+        Err(Error::ClicksUnacknowledged { clicks: 2 })
+    );
+}
