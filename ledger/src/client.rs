@@ -589,14 +589,15 @@ async fn connection(
                 continue;
             }
         };
-        backoff = DIAL_BACKOFF_MIN;
         net::tune(&stream);
         let mut framed = Framed::new(stream, net::codec());
         let nonce = match net::read_challenge(&mut framed).await {
             Ok(nonce) => nonce,
             Err(error) => {
+                // No slot for us, or not a replica: back off as if the dial had failed.
                 tracing::debug!(replica, %address, %error, "no challenge; redialling");
                 tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
                 continue;
             }
         };
@@ -629,6 +630,7 @@ async fn connection(
         if let Some(shared) = shared.upgrade() {
             shared.connected[replica as usize].store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        let opened = Instant::now();
         loop {
             tokio::select! {
                 frame = outgoing.recv() => {
@@ -645,9 +647,24 @@ async fn connection(
                 }
             }
         }
-        tracing::debug!(replica, %address, "replica connection lost; redialling");
         if let Some(shared) = shared.upgrade() {
             shared.on_connection_lost(replica);
+        }
+        if opened.elapsed() >= DIAL_BACKOFF_MAX {
+            tracing::debug!(replica, %address, "replica connection lost; redialling");
+            backoff = DIAL_BACKOFF_MIN;
+        } else {
+            // Closed right after the hello: most likely refused (a client id or key the
+            // replica's cluster file does not list), so redial with backoff, not in a loop.
+            tracing::warn!(
+                replica,
+                %address,
+                client,
+                "replica closed the connection after the hello (is this client id listed with this \
+                 key in that replica's cluster file?); redialling"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
         }
     }
 }

@@ -204,13 +204,13 @@ async fn dial_and_send(address: SocketAddr, id: ReplicaId, key: Keypair, mut fra
             }
         };
         tune(&stream);
-        backoff = DIAL_BACKOFF_MIN;
         let mut framed = Framed::new(stream, codec());
         let nonce = match read_challenge(&mut framed).await {
             Ok(nonce) => nonce,
             Err(error) => {
                 tracing::debug!(%address, %error, "no challenge; redialling");
                 tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
                 continue;
             }
         };
@@ -222,6 +222,7 @@ async fn dial_and_send(address: SocketAddr, id: ReplicaId, key: Keypair, mut fra
             continue;
         }
         tracing::debug!(%address, "connected");
+        let opened = std::time::Instant::now();
         loop {
             let Some(frame) = frames.recv().await else { return };
             if let Err(error) = framed.feed(frame).await {
@@ -239,6 +240,15 @@ async fn dial_and_send(address: SocketAddr, id: ReplicaId, key: Keypair, mut fra
             if failed || SinkExt::<Bytes>::flush(&mut framed).await.is_err() {
                 break;
             }
+        }
+        if opened.elapsed() >= DIAL_BACKOFF_MAX {
+            backoff = DIAL_BACKOFF_MIN;
+        } else {
+            // Lost right after the hello (refused, most likely: a key the peer's cluster file
+            // does not list): redial with backoff, not in a loop.
+            tracing::warn!(%address, "peer closed the connection soon after the hello; redialling");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(DIAL_BACKOFF_MAX);
         }
     }
 }

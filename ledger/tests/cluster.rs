@@ -626,3 +626,54 @@ async fn hostile_connections_are_refused_and_the_cluster_keeps_committing() {
     assert_eq!(minted, 5);
     cluster.shutdown().await;
 }
+
+/// A client whose hello a replica refuses (here: a stand-in that closes every connection right
+/// after the hello) redials with backoff, not in a loop.
+#[tokio::test]
+async fn a_client_refused_after_its_hello_redials_with_backoff() {
+    use futures::{SinkExt, StreamExt};
+    use hoard_ledger::cluster::{Cluster, ReplicaInfo};
+    use hoard_ledger::net::{codec, NetMessage};
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let world = World::new(1);
+    let replicas = (0..4u32)
+        .map(|id| ReplicaInfo {
+            id,
+            public_key: key("replica", u64::from(id)).public().to_hex(),
+            address: if id == 0 {
+                listener.local_addr().unwrap()
+            } else {
+                std::net::SocketAddr::from(([127, 0, 0, 1], hoard_ledger::testing::free_port()))
+            },
+            metrics: None,
+        })
+        .collect();
+    let cluster = Cluster::new(world.genesis(), replicas).unwrap();
+    let hellos = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hellos.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut framed = Framed::new(stream, codec());
+            let challenge = NetMessage::Challenge {
+                nonce: hoard_types::Hash([5; 32]),
+            };
+            if framed.send(challenge.encode()).await.is_ok() {
+                if let Some(Ok(frame)) = framed.next().await {
+                    if let Ok(NetMessage::HelloClient { .. }) = NetMessage::decode(&frame) {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            // Refused: closed.
+        }
+    });
+    let client = ChainClient::connect(&cluster, 1, hoard_ledger::testing::client_key(1));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = hellos.load(std::sync::atomic::Ordering::Relaxed);
+    // Backoff 50, 100, 200, 400, 800 ms...: about 5 hellos in 2 s; a loop would make thousands.
+    assert!((2..=10).contains(&seen), "{seen} hellos in 2 s");
+    drop(client);
+}
