@@ -88,6 +88,19 @@ enum ClusterCommand {
         #[arg(long, default_value_t = 1)]
         chain_id: u64,
     },
+    /// Add a gateway: make its client key and list it under the cluster file's [[clients]]
+    /// (the file is written again whole; restart every replica with it).
+    AddClient {
+        /// The cluster file to add the client to.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The client id (unique among the cluster's clients; the gateway's chain.client_id).
+        #[arg(long)]
+        id: u64,
+        /// Where to write the client's secret key (mode 0600; the gateway's chain.client_key).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,6 +132,9 @@ fn main() -> anyhow::Result<()> {
                     chain_id,
                 },
         } => cluster_init(&dir, replicas, base_port, chain_id),
+        Command::Cluster {
+            command: ClusterCommand::AddClient { cluster, id, out },
+        } => cluster_add_client(&cluster, id, &out),
         Command::Node { config, metrics } => runtime()?.block_on(node(config, metrics)),
         Command::Gateway { config } => runtime()?.block_on(gateway(config)),
         Command::Demo(args) => exit_with(runtime()?.block_on(demo::run(args))),
@@ -184,6 +200,31 @@ fn cluster_init(dir: &std::path::Path, replicas: usize, base_port: u16, chain_id
         gateway_file.display()
     );
     println!("studio key (tenant 1): {}", dir.join("studio-1.key").display());
+    Ok(())
+}
+
+fn cluster_add_client(cluster: &std::path::Path, id: u64, out: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !out.exists(),
+        "{} exists: not overwriting a key file",
+        out.display()
+    );
+    let key = Keypair::generate();
+    save_key(out, &key)?;
+    if let Err(error) = hoard_ledger::cluster::add_client(cluster, id, &key.public()) {
+        let _ = std::fs::remove_file(out);
+        return Err(error.into());
+    }
+    println!(
+        "listed client {id} in {}; its key is in {}",
+        cluster.display(),
+        out.display()
+    );
+    println!("  restart every replica with this cluster file (they read it at start);");
+    println!(
+        "  the gateway's [chain]: client_id = {id}, client_key = {:?}",
+        out.display().to_string()
+    );
     Ok(())
 }
 
@@ -278,6 +319,33 @@ mod tests {
 
     /// `hoard cluster init` writes a gateway file that loads, runs the cluster backend on the
     /// cluster file it wrote, and holds the studio key of the genesis tenant.
+    #[test]
+    fn cluster_add_client_lists_a_second_gateway_and_refuses_its_id_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        cluster_init(dir.path(), 4, 47_100, 9).unwrap();
+        let cluster_file = dir.path().join("cluster.toml");
+        let out = dir.path().join("client-2.key");
+        cluster_add_client(&cluster_file, 2, &out).unwrap();
+        let key = hoard_ledger::cluster::load_key(&out).unwrap();
+        let cluster = hoard_ledger::cluster::Cluster::load(&cluster_file).unwrap();
+        cluster.check_client(2, &key).unwrap();
+        assert_eq!(
+            cluster.clients.len(),
+            2,
+            "client 1 (cluster init's gateway) is kept"
+        );
+        // The same id again: refused, and no key file is left for it.
+        let again = dir.path().join("again.key");
+        assert!(cluster_add_client(&cluster_file, 2, &again).is_err());
+        assert!(!again.exists());
+        // An existing key file is not overwritten.
+        assert!(cluster_add_client(&cluster_file, 3, &out).is_err());
+        assert_eq!(
+            hoard_ledger::cluster::load_key(&out).unwrap().public(),
+            key.public()
+        );
+    }
+
     #[test]
     fn cluster_init_writes_a_gateway_file_for_the_cluster() {
         let dir = tempfile::tempdir().unwrap();

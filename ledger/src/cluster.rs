@@ -352,6 +352,32 @@ fn relative_to(file: &Path, path: &Path) -> PathBuf {
     }
 }
 
+/// Lists client `id` with `key` under the `[[clients]]` of the cluster file at `path` (written
+/// again whole, through a temporary file and a rename: comments in it are not kept). Refuses an
+/// id already listed. Replicas read the cluster file at start: each must be restarted with the
+/// new file before it serves the new client.
+pub fn add_client(path: &Path, id: u64, key: &PublicKey) -> Result<()> {
+    let text = read(path)?;
+    let mut file: ClusterFile = toml::from_str(&text).map_err(|e| config(path, e))?;
+    if file.clients.iter().any(|client| client.id == id) {
+        return Err(LedgerError::Config(format!(
+            "{}: client {id} is listed already",
+            path.display()
+        )));
+    }
+    file.clients.push(ClientInfo {
+        id,
+        public_key: key.to_hex(),
+    });
+    file.clients.sort_by_key(|client| client.id);
+    let text = toml::to_string_pretty(&file).expect("cluster file serialises");
+    let temporary = path.with_extension("toml.new");
+    std::fs::write(&temporary, text).map_err(|e| config(&temporary, e))?;
+    std::fs::rename(&temporary, path).map_err(|e| config(path, e))?;
+    // What a replica will load: the genesis, the replicas and the clients still check.
+    Cluster::load(path).map(|_| ())
+}
+
 /// The key file of client `id` that [`write_local_cluster`] writes.
 pub fn local_client_key_file(id: u64) -> String {
     format!("client-{id}.key")
@@ -515,6 +541,23 @@ mod tests {
         let again = dir.path().join("again.toml");
         std::fs::write(&again, cluster.to_toml("genesis.toml")).unwrap();
         assert_eq!(Cluster::load(&again).unwrap().clients, cluster.clients);
+    }
+
+    #[test]
+    fn a_client_added_to_the_cluster_file_is_listed_once() {
+        let dir = four_replicas();
+        let path = dir.path().join("cluster.toml");
+        let second = key("client", 2);
+        add_client(&path, 2, &second.public()).unwrap();
+        let cluster = Cluster::load(&path).unwrap();
+        cluster.check_client(2, &second).unwrap();
+        cluster.check_client(1, &key("client", 1)).unwrap();
+        assert_eq!(cluster.n(), 4, "the replicas are kept");
+        match add_client(&path, 2, &key("client", 3).public()) {
+            Err(LedgerError::Config(message)) => assert!(message.contains("listed already"), "{message}"),
+            other => panic!("client 2 added twice: {other:?}"),
+        }
+        Cluster::load(&path).unwrap().check_client(2, &second).unwrap();
     }
 
     #[test]
