@@ -62,16 +62,7 @@ async fn close_waits_for_a_reconnect_to_deliver_clicks_buffered_while_disconnect
         .connect(&proxy.url(), stack.studio_credentials())
         .await
         .unwrap();
-    proxy.set_refusing(true);
-    proxy.cut();
-    let mut state = studio.state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|state| *state != ConnectionState::Connected),
-    )
-    .await
-    .expect("the client sees the cut")
-    .unwrap();
+    proxy.cut_and_refuse(&studio).await;
     let player = Keypair::generate().public();
     studio.click(&player, "gold", 7).unwrap();
     let (closed, ()) = tokio::join!(
@@ -99,16 +90,7 @@ async fn close_reports_the_clicks_it_could_not_deliver_and_closes_anyway() {
         .connect(&proxy.url(), stack.studio_credentials())
         .await
         .unwrap();
-    proxy.set_refusing(true);
-    proxy.cut();
-    let mut state = studio.state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|state| *state != ConnectionState::Connected),
-    )
-    .await
-    .expect("the client sees the cut")
-    .unwrap();
+    proxy.cut_and_refuse(&studio).await;
     let player = Keypair::generate().public();
     studio.click(&player, "gold", 3).unwrap();
     studio.click(&player, "gold", 4).unwrap();

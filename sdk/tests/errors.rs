@@ -221,16 +221,7 @@ async fn a_client_that_gives_up_reconnecting_fails_outstanding_work_with_closed(
         .connect(&proxy.url(), stack.studio_credentials())
         .await
         .unwrap();
-    proxy.set_refusing(true);
-    proxy.cut();
-    let mut state = studio.state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|state| *state != hoard_sdk::ConnectionState::Connected),
-    )
-    .await
-    .expect("the client sees the cut")
-    .unwrap();
+    proxy.cut_and_refuse(&studio).await;
     // Submitted after the cut, so never sent: it can only fail, with Closed, once the client
     // gives up.
     let mut handle = studio
@@ -239,7 +230,9 @@ async fn a_client_that_gives_up_reconnecting_fails_outstanding_work_with_closed(
         .unwrap();
     tokio::time::timeout(
         Duration::from_secs(10),
-        state.wait_for(|state| *state == hoard_sdk::ConnectionState::Closed),
+        studio
+            .state()
+            .wait_for(|state| *state == hoard_sdk::ConnectionState::Closed),
     )
     .await
     .expect("the client closes")
@@ -272,16 +265,7 @@ async fn credentials_refused_at_a_reconnect_close_the_client_and_fail_outstandin
         )
         .await
         .unwrap();
-    proxy.set_refusing(true);
-    proxy.cut();
-    let mut state = player.state();
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        state.wait_for(|state| *state != hoard_sdk::ConnectionState::Connected),
-    )
-    .await
-    .expect("the client sees the cut")
-    .unwrap();
+    proxy.cut_and_refuse(&player).await;
     // Submitted while disconnected (never sent), and a click held.
     let mut handle = player
         .transfer(player_key.public(), Keypair::generate().public(), Vec::new())
@@ -292,7 +276,9 @@ async fn credentials_refused_at_a_reconnect_close_the_client_and_fail_outstandin
     proxy.set_refusing(false);
     tokio::time::timeout(
         Duration::from_secs(10),
-        state.wait_for(|state| *state == hoard_sdk::ConnectionState::Closed),
+        player
+            .state()
+            .wait_for(|state| *state == hoard_sdk::ConnectionState::Closed),
     )
     .await
     .expect("the refused reconnect closes the client")

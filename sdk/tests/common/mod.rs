@@ -128,6 +128,20 @@ impl Proxy {
     }
 
     /// While refusing, new connections are closed at once.
+    /// Refuses new connections, cuts the open ones, and waits until `client` sees the cut.
+    pub async fn cut_and_refuse(&self, client: &hoard_sdk::Client) {
+        self.set_refusing(true);
+        self.cut();
+        let mut state = client.state();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            state.wait_for(|state| *state != hoard_sdk::ConnectionState::Connected),
+        )
+        .await
+        .expect("the client sees the cut")
+        .unwrap();
+    }
+
     pub fn set_refusing(&self, refusing: bool) {
         self.refusing.store(refusing, Ordering::Relaxed);
     }
